@@ -1,0 +1,1 @@
+"""Model-free agents whose Q-values we invert."""

@@ -1,0 +1,53 @@
+"""Every metric key and results column, in one place.
+
+One name per concept across code, YAML, metric keys, parquet columns and docs
+(see DESIGN.md "Naming"). Import the constants instead of spelling strings.
+"""
+
+# --- grid cell (the columns that identify a trial) ---------------------------------
+SWEEP = "sweep"
+TRIAL_ID = "trial_id"
+ENV = "env"
+VARIANT = "variant"
+GOAL_TYPE = "goal_type"
+NUM_GOALS = "num_goals"
+HEAD = "head"
+SEED = "seed"
+GRID_COLUMNS = (SWEEP, TRIAL_ID, ENV, VARIANT, GOAL_TYPE, NUM_GOALS, HEAD, SEED)
+
+# --- where in training ----------------------------------------------------------------
+CHECKPOINT_INDEX = "checkpoint_index"
+ENV_STEPS = "env_steps"  # env steps sampled so far (all envs together)
+METHOD = "method"  # extraction method: pinv | known_support | sparse_search | column_match | sgd
+
+# --- world-model quality ---------------------------------------------------------------
+P_MSE = "p_mse"  # mean over all (s, a, s') of (P_hat - P)^2, as the paper plots
+P_TV = "p_tv"  # mean over (s, a) of total variation distance
+P_MAX_ERR = "p_max_err"  # max abs error over all entries
+Q_NMSE = "q_nmse"  # agent Q vs exact Q of its own greedy policy, MSE / Var(truth)
+WM_NMSE = "wm_nmse"  # continuous world model: NMSE on s'
+
+# --- identifiability diagnosis of M -----------------------------------------------------
+M_RANK = "m_rank"
+M_COND = "m_cond"
+M_GAP = "m_gap"
+IDENTIFIABLE_CASE = "identifiable_case"
+
+# --- planning with the extracted model ---------------------------------------------------
+TASK = "task"
+PLAN_SUCCESS = "plan_success"  # probability the plan reaches the goal (true MDP)
+PLAN_EXCESS_STEPS = "plan_excess_steps"  # expected steps minus the optimal plan's
+UNSAFE_VISITS = "unsafe_visits"  # probability of ever entering a forbidden state
+RETURN_RATIO = "return_ratio"  # R_WM / R*
+
+# --- bookkeeping -------------------------------------------------------------------------
+FIT_SECONDS = "fit_seconds"
+ERROR = "error"
+
+# --- training metrics reported by the PQN algorithm (prefix groups as in CleanRL) -------
+TRAIN_ENV_STEPS = "num_env_steps_sampled_lifetime"
+TRAIN_LOSS = "learner/td_loss"
+TRAIN_Q_MEAN = "learner/q_mean"
+TRAIN_EPSILON = "learner/epsilon"
+TRAIN_EPISODE_RETURN = "env_runners/episode_return_mean"
+TRAIN_EPISODE_SUCCESS = "env_runners/episode_success_mean"
