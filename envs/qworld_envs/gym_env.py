@@ -1,0 +1,134 @@
+"""Goal-conditioned gymnasium env over a finite task (registered as ``qworld/FourRooms-v0``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium
+import numpy as np
+from gymnasium import spaces
+
+from qworld_envs.goals import start_states
+from qworld_envs.tasks import FOUR_ROOMS_ID, FiniteTask, make_finite_task
+
+
+class FourRoomsGoalEnv(gymnasium.Env):
+    """Goal-conditioned FourRooms (or any finite task built by ``make_finite_task``).
+
+    ## Action space
+    ``Discrete(A)``; for FourRooms 0 up, 1 right, 2 down, 3 left.
+
+    ## Observation space
+    ``Box(0, 1, (S + L,), float32)``: ``concat(one_hot(state) [S], goal_features[goal] [L])``
+    with ``goal_features`` the one-hot rows of the L goals.
+
+    ## Dynamics
+    ``s' ~ task.mdp.P[s, a]``, drawn with ``self.np_random`` (see ``four_rooms`` for the
+    deterministic / windy / teleport variants).
+
+    ## Reward
+    ``task.goals.rewards[goal, s']`` for the commanded goal; ``info["rewards"]`` holds
+    the reward of every goal for the same transition.
+
+    ## Starting state
+    The commanded goal is uniform over the L goals (or ``options={"goal": g}``); the
+    start state is uniform over the states that are not terminal for that goal (or
+    ``options={"state": s}``, which must not be terminal for it).
+
+    ## Episode end
+    Terminated on arriving in a terminal state of the commanded goal (indicator goals:
+    the goal cell; dense goals never terminate); truncated after
+    ``task.max_episode_steps`` steps.
+
+    ## Info
+    ``state``, ``goal`` (ints); after a step also ``rewards [L]`` float32,
+    ``terminals [L]`` bool (every goal's), ``success`` (commanded goal reached).
+
+    Args:
+        task: a ``FiniteTask``; None to build one from ``env_kwargs``.
+        render_mode: None or "ansi" (a text picture of the grid).
+        **env_kwargs: passed to ``make_finite_task(FOUR_ROOMS_ID, ...)`` when ``task`` is None.
+    """
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(self, task: FiniteTask | None = None, render_mode: str | None = None, **env_kwargs: Any):
+        if task is None:
+            task = make_finite_task(FOUR_ROOMS_ID, **env_kwargs)
+        elif env_kwargs:
+            raise TypeError(f"give either a task or env kwargs, not both (got {sorted(env_kwargs)})")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.task = task
+        self.render_mode = render_mode
+        mdp, goals = task.mdp, task.goals
+        self.obs_dim = mdp.num_states
+        self.goal_dim = goals.num_goals
+        self.num_goals = goals.num_goals
+        self.max_episode_steps = task.max_episode_steps
+        self.goal_features = np.eye(self.num_goals, dtype=np.float32)
+        self._rewards = goals.rewards.astype(np.float32)
+        self._terminal = goals.terminal
+        self._starts = start_states(goals.terminal)
+        self.observation_space = spaces.Box(0.0, 1.0, shape=(self.obs_dim + self.goal_dim,), dtype=np.float32)
+        self.action_space = spaces.Discrete(mdp.num_actions)
+        self._state = 0
+        self._goal = 0
+        self._t = 0
+
+    def _obs(self) -> np.ndarray:
+        obs = np.zeros(self.obs_dim + self.goal_dim, dtype=np.float32)
+        obs[self._state] = 1.0
+        obs[self.obs_dim + self._goal] = 1.0
+        return obs
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        goal = options.get("goal")
+        if goal is None:
+            goal = int(self.np_random.integers(self.num_goals))
+        elif not 0 <= int(goal) < self.num_goals:
+            raise ValueError(f"options['goal']={goal} is not in [0, {self.num_goals})")
+        self._goal = int(goal)
+        state = options.get("state")
+        if state is None:
+            state = int(self.np_random.choice(self._starts[self._goal]))
+        elif not 0 <= int(state) < self.obs_dim or self._terminal[self._goal, int(state)]:
+            raise ValueError(f"options['state']={state} is not a non-terminal state of goal {self._goal}")
+        self._state = int(state)
+        self._t = 0
+        return self._obs(), {"state": self._state, "goal": self._goal}
+
+    def step(self, action):
+        if not self.action_space.contains(action):
+            raise ValueError(f"invalid action {action!r} for {self.action_space}")
+        s2 = self.task.mdp.sample_next(self._state, int(action), self.np_random)
+        self._state = s2
+        self._t += 1
+        reward = float(self._rewards[self._goal, s2])
+        terminated = bool(self._terminal[self._goal, s2])
+        truncated = self._t >= self.max_episode_steps and not terminated
+        info = {
+            "state": s2,
+            "goal": self._goal,
+            "rewards": self._rewards[:, s2].copy(),
+            "terminals": self._terminal[:, s2].copy(),
+            "success": terminated,
+        }
+        return self._obs(), reward, terminated, truncated, info
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi":
+            return None
+        mdp = self.task.mdp
+        if mdp.coords is None or "layout" not in mdp.meta:
+            return f"state {self._state}, goal {self._goal}"
+        rows = [list(line) for line in mdp.meta["layout"].splitlines()]
+        goal_state = self.task.goals.goal_states
+        if goal_state is not None:
+            r, c = mdp.coords[goal_state[self._goal]]
+            rows[r][c] = "G"
+        r, c = mdp.coords[self._state]
+        rows[r][c] = "A"
+        return "\n".join("".join(row) for row in rows) + "\n"

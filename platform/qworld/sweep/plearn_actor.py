@@ -1,0 +1,95 @@
+"""The P-learning actors: score checkpoints as Tune writes them, off the training path.
+
+A small pool of named Ray actors. The Tune callback hands each new checkpoint to the pool
+and returns at once (training never waits); the driver drains the pool at the end of the
+sweep. Actors restart when they die (``max_restarts=-1``) and Ray retries the task that was
+running (``max_task_retries=-1``); since each score is written under its (trial, checkpoint)
+key and an actor skips keys already in the store, every checkpoint ends scored exactly once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import ray
+
+from qworld.sweep import store
+from qworld.sweep.score import checkpoint_index, score_checkpoint
+
+NAMESPACE = "qworld"
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)
+class PLearningActor:
+    """Loads Q from a checkpoint, extracts P^ with every method, writes the scored rows."""
+
+    def __init__(self, experiment_dir: str, sweep: str, methods: Sequence[str],
+                 tasks: Sequence[str], options: Mapping[str, Mapping[str, Any]]):
+        import torch
+
+        torch.set_num_threads(1)
+        self.experiment_dir = experiment_dir
+        self.sweep = sweep
+        self.methods = tuple(methods)
+        self.tasks = tuple(tasks)
+        self.options = dict(options)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def score(self, trial_id: str, checkpoint_path: str, env_steps: int | None = None,
+              force: bool = False) -> tuple[str, int, bool]:
+        """Score one checkpoint unless already scored. Returns (trial_id, index, did_score)."""
+        index = checkpoint_index(checkpoint_path)
+        if not force and (trial_id, index) in store.scored_keys(self.experiment_dir):
+            return trial_id, index, False
+        rows = score_checkpoint(checkpoint_path, sweep=self.sweep, trial_id=trial_id,
+                                methods=self.methods, tasks=self.tasks, options=self.options,
+                                env_steps=env_steps)
+        store.write_rows(self.experiment_dir, rows)
+        return trial_id, index, True
+
+
+class PLearningPool:
+    """Round-robin over named actors; holds the futures of checkpoints not yet scored."""
+
+    def __init__(self, experiment_dir: str | Path, sweep: str, methods: Sequence[str],
+                 tasks: Sequence[str] = (), options: Mapping | None = None, size: int = 1):
+        self.actors = [
+            PLearningActor.options(name=f"plearn-{sweep}-{i}", namespace=NAMESPACE,
+                                   get_if_exists=True).remote(
+                str(experiment_dir), sweep, list(methods), list(tasks), dict(options or {}))
+            for i in range(size)
+        ]
+        self._next = itertools.cycle(range(size))
+        self.pending: dict[Any, tuple[str, str]] = {}
+        self.done: list[tuple[str, int, bool]] = []
+
+    def submit(self, trial_id: str, checkpoint_path: str, env_steps: int | None = None,
+               force: bool = False) -> None:
+        actor = self.actors[next(self._next)]
+        ref = actor.score.remote(trial_id, str(checkpoint_path), env_steps, force)
+        self.pending[ref] = (trial_id, str(checkpoint_path))
+
+    def poll(self) -> list[tuple[str, int, bool]]:
+        """Collect finished scores without waiting."""
+        return self._collect(timeout=0)
+
+    def drain(self, timeout: float | None = None) -> list[tuple[str, int, bool]]:
+        """Wait until every submitted checkpoint is scored."""
+        return self._collect(timeout=timeout)
+
+    def _collect(self, timeout: float | None) -> list:
+        if not self.pending:
+            return []
+        refs = list(self.pending)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        out = []
+        for ref in ready:
+            self.pending.pop(ref)
+            out.append(ray.get(ref))
+        self.done.extend(out)
+        return out

@@ -1,0 +1,263 @@
+"""Run, resume and re-score sweeps: Tune over PQN trials, P-learning actors on the side.
+
+``run_sweep`` is what ``qworld sweep`` calls. The spec is validated before this module is
+reached; from here on, Ray is started (or joined), one PQN trial runs per grid cell, each
+checkpoint goes to the P-learning pool as it is written, and at the end every checkpoint on
+disk that has no rows in the store is scored before returning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qworld import metrics as K
+from qworld.sweep import store
+from qworld.sweep.spec import ENV_AXES, GOAL_AXES, STOP_KEYS, TRIAL_AXES, SweepSpec, load_sweep
+
+SPEC_FILE = "sweep.yaml"  # the validated sweep file, kept in the experiment dir for resume
+DEFAULT_STORAGE = "results"
+
+
+@dataclass
+class SweepOutcome:
+    experiment_dir: Path
+    num_trials: int
+    num_errors: int
+    num_checkpoints: int
+    num_scored: int
+
+
+def experiment_dir_for(spec: SweepSpec, storage: str | None) -> Path:
+    return Path(storage or DEFAULT_STORAGE).expanduser().resolve() / spec.name
+
+
+# --------------------------------------------------------------------------------------
+# Ray
+
+
+def init_ray(spec: SweepSpec, address: str | None, experiment_dir: Path) -> None:
+    """Start a local Ray sized to this machine, or join ``address`` (or $RAY_ADDRESS)."""
+    import ray
+
+    # W&B reads WANDB_MODE when a run starts inside an actor: it must be in the env of the
+    # driver *and* of every worker before Ray starts them, or offline runs log nothing.
+    os.environ["WANDB_MODE"] = spec.wandb.mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    env_vars = {"WANDB_MODE": spec.wandb.mode, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = dict(runtime_env={"env_vars": env_vars}, log_to_driver=True,
+                                  include_dashboard=False)
+    if address or os.environ.get("RAY_ADDRESS"):
+        kwargs.pop("include_dashboard")
+        ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count(), **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# Tune pieces
+
+
+def param_space(spec: SweepSpec) -> dict:
+    """The PQN config dict with a ``tune.grid_search`` at every sweep axis."""
+    from ray import tune
+
+    from qworld.agents.pqn import PQNConfig
+
+    env_id, env_kwargs, agent = spec.cell_task({})
+    total = spec.stop.get("env_steps")
+    config = (
+        PQNConfig()
+        .environment(env=env_id)
+        .training(env_id=env_id, env_kwargs=env_kwargs,
+                  **({"total_env_steps": int(total)} if total else {}), **agent)
+        .learners(num_gpus_per_learner=spec.resources.gpus_per_trial)
+        .resources(num_cpus_for_main_process=spec.resources.cpus_per_trial)
+        .env_runners(num_env_runners=0)
+        .debugging(seed=0)
+    )
+    space = config.to_dict()
+    space["env_kwargs"] = dict(space["env_kwargs"])
+    for axis, values in spec.sweep.items():
+        if axis in ENV_AXES or axis in GOAL_AXES:
+            space["env_kwargs"][axis] = tune.grid_search(list(values))
+        elif axis in TRIAL_AXES:
+            space[axis] = tune.grid_search(list(values))
+        else:
+            space[axis] = tune.grid_search(list(values))
+    return space
+
+
+def _tune_stop(spec: SweepSpec) -> dict:
+    return {STOP_KEYS[k]: v for k, v in spec.stop.items()}
+
+
+def _run_config(spec: SweepSpec, experiment_dir: Path, pool):
+    from ray import tune
+
+    from qworld.sweep.callbacks import GridWandbCallback, PLearningCallback
+
+    callbacks = [PLearningCallback(pool)]
+    if spec.wandb.mode != "disabled":
+        callbacks.append(GridWandbCallback(
+            project=spec.wandb.project, group=spec.wandb_group, grid_axes=tuple(spec.sweep),
+            dir=str(experiment_dir), mode=spec.wandb.mode))
+    reporter = tune.CLIReporter(
+        metric_columns={K.TRAIN_ENV_STEPS: "env_steps", K.TRAIN_EPISODE_SUCCESS: "success",
+                        K.TRAIN_LOSS: "td_loss"},
+        parameter_columns=[f"env_kwargs/{a}" if a in ENV_AXES + GOAL_AXES else a for a in spec.sweep],
+        max_report_frequency=15, print_intermediate_tables=True)
+    return tune.RunConfig(
+        name=spec.name,
+        storage_path=str(experiment_dir.parent),
+        stop=_tune_stop(spec),
+        checkpoint_config=tune.CheckpointConfig(
+            checkpoint_frequency=spec.checkpoint.every,
+            checkpoint_at_end=spec.checkpoint.at_end),
+        failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+        callbacks=callbacks,
+        progress_reporter=reporter,
+        verbose=1,
+    )
+
+
+def _pool(spec: SweepSpec, experiment_dir: Path):
+    from qworld.sweep.plearn_actor import PLearningPool
+
+    return PLearningPool(experiment_dir, spec.name, spec.extract.methods, spec.extract.tasks,
+                         spec.extract.options, size=spec.resources.plearn_actors)
+
+
+# --------------------------------------------------------------------------------------
+# entry points
+
+
+def run_sweep(spec: SweepSpec, address: str | None = None, storage: str | None = None) -> SweepOutcome:
+    """Train every grid cell, score every checkpoint; returns when all are scored."""
+    from ray import tune
+
+    from qworld.agents.pqn import PQN
+
+    experiment_dir = experiment_dir_for(spec, storage)
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    (experiment_dir / SPEC_FILE).write_text(spec.source)
+    init_ray(spec, address, experiment_dir)
+    pool = _pool(spec, experiment_dir)
+    tuner = tune.Tuner(
+        PQN,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials),
+        run_config=_run_config(spec, experiment_dir, pool),
+    )
+    results = tuner.fit()
+    return _finish(spec, experiment_dir, pool, num_trials=len(results), num_errors=len(results.errors))
+
+
+def resume_sweep(experiment_dir: str | Path, address: str | None = None) -> SweepOutcome:
+    """Continue an interrupted sweep: finished trials stay finished, the rest resume from
+    their last checkpoint, and every unscored checkpoint is scored."""
+    from ray import tune
+
+    from qworld.agents.pqn import PQN
+
+    experiment_dir = Path(experiment_dir).resolve()
+    spec = load_spec_of(experiment_dir)
+    init_ray(spec, address, experiment_dir)
+    pool = _pool(spec, experiment_dir)
+    if tune.Tuner.can_restore(str(experiment_dir)):
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=PQN, resume_errored=True,
+                                   param_space=param_space(spec))
+        # The restored run config holds the pickled callback without its pool: attach ours.
+        for cb in tuner._local_tuner.get_run_config().callbacks or []:
+            if hasattr(cb, "pool"):
+                cb.pool = pool
+        results = tuner.fit()
+        num_trials, num_errors = len(results), len(results.errors)
+    else:
+        num_trials, num_errors = len(list_trials(experiment_dir)), 0
+    return _finish(spec, experiment_dir, pool, num_trials=num_trials, num_errors=num_errors)
+
+
+def extract_sweep(experiment_dir: str | Path, methods=None, tasks=None, address=None,
+                  rescore: bool = True) -> SweepOutcome:
+    """Re-score every checkpoint of a finished sweep with (new) methods, no retraining."""
+    import dataclasses
+
+    experiment_dir = Path(experiment_dir).resolve()
+    spec = load_spec_of(experiment_dir)
+    extract = spec.extract
+    if methods:
+        extract = dataclasses.replace(extract, methods=tuple(methods))
+    if tasks is not None:
+        extract = dataclasses.replace(extract, tasks=tuple(tasks))
+    spec = dataclasses.replace(spec, extract=extract)
+    from qworld.sweep.spec import _validate_cells
+
+    _validate_cells(spec)
+    init_ray(spec, address, experiment_dir)
+    pool = _pool(spec, experiment_dir)
+    for trial_id, ckpt, env_steps in list_checkpoints(experiment_dir):
+        pool.submit(trial_id, ckpt, env_steps, force=rescore)
+    pool.drain()
+    return _finish(spec, experiment_dir, pool, num_trials=len(list_trials(experiment_dir)),
+                   num_errors=0)
+
+
+def _finish(spec, experiment_dir: Path, pool, num_trials: int, num_errors: int) -> SweepOutcome:
+    pool.drain()
+    # Anything Tune wrote that the callback did not hand over (a resumed driver, a
+    # checkpoint written while the driver died) is scored now.
+    scored = store.scored_keys(experiment_dir)
+    checkpoints = list_checkpoints(experiment_dir)
+    from qworld.sweep.score import checkpoint_index
+
+    for trial_id, ckpt, env_steps in checkpoints:
+        if (trial_id, checkpoint_index(ckpt)) not in scored:
+            pool.submit(trial_id, ckpt, env_steps)
+    pool.drain()
+    return SweepOutcome(experiment_dir, num_trials, num_errors, len(checkpoints),
+                        len(store.scored_keys(experiment_dir)))
+
+
+# --------------------------------------------------------------------------------------
+# reading an experiment dir (no Ray needed)
+
+
+def load_spec_of(experiment_dir: str | Path) -> SweepSpec:
+    path = Path(experiment_dir) / SPEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{experiment_dir} is not a qworld experiment dir (no {SPEC_FILE})")
+    return load_sweep(path)
+
+
+def list_trials(experiment_dir: str | Path) -> list[tuple[str, Path]]:
+    """(trial_id, trial dir) of every trial that reported at least once."""
+    out = []
+    for result_file in sorted(Path(experiment_dir).glob("*/result.json")):
+        with result_file.open() as fh:
+            first = fh.readline()
+        if first.strip():
+            out.append((json.loads(first)["trial_id"], result_file.parent))
+    return out
+
+
+def list_checkpoints(experiment_dir: str | Path) -> list[tuple[str, str, int | None]]:
+    """(trial_id, checkpoint path, env steps at that checkpoint) for every checkpoint."""
+    out = []
+    for trial_id, trial_dir in list_trials(experiment_dir):
+        steps_at = {}
+        with (trial_dir / "result.json").open() as fh:
+            for line in fh:
+                if line.strip():
+                    row = json.loads(line)
+                    if row.get("checkpoint_dir_name"):
+                        steps_at[row["checkpoint_dir_name"]] = row.get(K.TRAIN_ENV_STEPS)
+        for ckpt in sorted(trial_dir.glob("checkpoint_*")):
+            if ckpt.is_dir():
+                out.append((trial_id, str(ckpt), steps_at.get(ckpt.name)))
+    return out

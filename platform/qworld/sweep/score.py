@@ -1,0 +1,123 @@
+"""Score one checkpoint: Q out of it, P extracted by every method, scored and planned with.
+
+No Ray here: the P-learning actor, ``qworld extract`` and tests all call
+:func:`score_checkpoint`. It returns one row per extraction method; a method that fails
+gives a row with its ``error`` filled in, and a checkpoint that cannot be read gives one
+row with ``method = "load"`` and the error, so a sweep goes on past a corrupt checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from qworld import metrics as K
+
+LOAD_METHOD = "load"  # the method column of the row reporting an unreadable checkpoint
+
+
+def checkpoint_index(checkpoint_path: str | Path) -> int:
+    """Tune names checkpoints ``checkpoint_000007``; the number is the index."""
+    match = re.search(r"checkpoint_(\d+)", str(checkpoint_path))
+    if not match:
+        raise ValueError(f"cannot read a checkpoint index from {checkpoint_path!r}")
+    return int(match.group(1))
+
+
+def grid_columns(sweep: str, trial_id: str, config: Mapping[str, Any], seed: Any = None) -> dict:
+    """The grid-cell columns of a row, read from a trial's resolved config."""
+    env_kwargs = dict(config.get("env_kwargs") or {})
+    return {
+        K.SWEEP: sweep,
+        K.TRIAL_ID: trial_id,
+        K.ENV: config.get("env_id"),
+        K.VARIANT: env_kwargs.get("variant"),
+        K.GOAL_TYPE: env_kwargs.get("goal_type"),
+        K.NUM_GOALS: env_kwargs.get("num_goals"),
+        K.HEAD: config.get("head"),
+        K.SEED: seed if seed is not None else config.get("seed"),
+    }
+
+
+def score_checkpoint(
+    checkpoint_path: str | Path,
+    *,
+    sweep: str,
+    trial_id: str,
+    methods: Sequence[str],
+    tasks: Sequence[str] = (),
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    env_steps: int | None = None,
+    seed: Any = None,
+) -> list[dict]:
+    """Rows of (trial, checkpoint, method) with world-model, diagnosis and planning metrics."""
+    options = options or {}
+    index = checkpoint_index(checkpoint_path)
+    base = {K.SWEEP: sweep, K.TRIAL_ID: trial_id, K.CHECKPOINT_INDEX: index,
+            K.ENV_STEPS: env_steps, "checkpoint_path": str(checkpoint_path)}
+    try:
+        from qworld.agents import load_q
+
+        qfun = load_q(checkpoint_path)
+        config = dict(qfun.config)
+    except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint is data, not a crash
+        return [{**base, K.METHOD: LOAD_METHOD, K.ERROR: _error_text(exc)}]
+    base = {**grid_columns(sweep, trial_id, config, seed), **base}
+    from qworld_envs.tasks import FINITE_ENVS
+
+    if config.get("env_id") in FINITE_ENVS:
+        return _score_finite(qfun, config, base, methods, tasks, options)
+    from qworld.plearn.continuous import score_checkpoint_continuous
+
+    return score_checkpoint_continuous(qfun, config, base, methods, tasks, options)
+
+
+def _score_finite(qfun, config, base, methods, tasks, options) -> list[dict]:
+    from qworld.bellman import greedy_policy, m_matrix, solve_goal_q
+    from qworld.planning import run_safety_task
+    from qworld.plearn.finite import diagnose, extract
+    from qworld.scoring import nmse, score_p
+    from qworld_envs import make_finite_task
+
+    task = make_finite_task(config["env_id"], **config["env_kwargs"])
+    P, goals = task.mdp.P, task.goals
+    gamma = float(config["gamma"])
+    Q = np.asarray(qfun.q_table(), dtype=np.float64)  # [L, S, A]
+    V = Q.max(axis=-1)  # greedy V, the reference code's choice
+    M = m_matrix(goals.rewards, V, gamma, goals.terminal)
+    # The agent's Q is scored against the exact Q of its own greedy policy.
+    Q_pi, _ = solve_goal_q(P, goals.rewards, gamma, goals.terminal, policy=greedy_policy(Q))
+    diag = diagnose(M)
+    shared = {**base, K.Q_NMSE: float(nmse(Q, Q_pi)),
+              **{k: diag[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE)}}
+
+    rows = []
+    for method in methods:
+        row = {**shared, K.METHOD: method, K.ERROR: None}
+        try:
+            start = time.perf_counter()
+            opts = dict(options.get(method, {}))
+            if method == "known_support":
+                opts.setdefault("support", P > 0)  # the support is the assumption, given
+            if method == "sparse_search":
+                opts.setdefault("max_support", int((P > 0).sum(-1).max()))
+            P_hat = extract(Q, M, method, **opts)
+            row[K.FIT_SECONDS] = time.perf_counter() - start
+            row.update(score_p(P_hat, P))
+            for task_name in tasks:
+                plan = run_safety_task(task.mdp, P_hat, task_name, gamma=gamma)
+                row.update({f"{task_name}/{k}": v for k, v in plan.items()})
+        except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
+            row[K.ERROR] = _error_text(exc)
+        rows.append(row)
+    return rows
+
+
+def _error_text(exc: BaseException) -> str:
+    last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+    return last[:2000]

@@ -1,0 +1,388 @@
+"""Sweep files: one YAML file per sweep, loaded into frozen dataclasses and validated.
+
+Everything here runs before Ray starts. A bad file raises :class:`SweepSpecError` whose
+message names the field (``goals.num_goals``), the bad value and what is allowed; the CLI
+turns it into exit code 2 with nothing launched.
+
+A sweep file (all sections but ``name`` and ``env`` optional)::
+
+    name: fourrooms_demo            # W&B group and experiment dir name
+    env:                            # env id + its kwargs (variant, layout, ...)
+      id: qworld/FourRooms-v0
+      variant: deterministic
+    goals:                          # the goal family every trial trains on
+      goal_type: indicator          # indicator | dense (finite); position | velocity | ...
+      num_goals: 68                 # L; null = every state (indicator goals)
+      seed: 0                       # goal placement seed
+    agent: {lr: 0.001, ...}         # PQNConfig.training keywords
+    sweep:                          # grid_search axes (Tune grid, cartesian product)
+      variant: [deterministic, windy]
+      num_goals: [4, 68]
+      seed: [0, 1]
+    stop: {env_steps: 200000}       # env_steps | training_iteration | time_total_s
+    checkpoint: {every: 5, at_end: true}
+    extract: {methods: [pinv, column_match], tasks: [corner_9_9_doorway]}
+    resources: {cpus_per_trial: 1, gpus_per_trial: 0, plearn_actors: 1}
+    wandb: {project: qworld, group: null, mode: offline}
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class SweepSpecError(ValueError):
+    """A sweep file is invalid; the message names the field and the allowed values."""
+
+
+# Axes a sweep may grid over, and where each lands. Agent keywords are axes too.
+ENV_AXES = ("variant", "layout")
+GOAL_AXES = ("goal_type", "num_goals", "goal_seed")
+TRIAL_AXES = ("seed",)
+# Tune stop keys a user may write, and the real metric each maps to.
+STOP_KEYS = {
+    "env_steps": "num_env_steps_sampled_lifetime",
+    "training_iteration": "training_iteration",
+    "time_total_s": "time_total_s",
+}
+WANDB_MODES = ("offline", "online", "disabled")
+SECTIONS = ("name", "env", "goals", "agent", "sweep", "stop", "checkpoint", "extract",
+            "resources", "wandb")
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    id: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  # variant, layout, ...
+
+
+@dataclass(frozen=True)
+class GoalsSpec:
+    goal_type: str = "indicator"
+    num_goals: int | None = None  # None: every state (indicator) / env default
+    seed: int = 0  # goal placement
+    cells: tuple | None = None  # explicit goal cells (finite envs)
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    every: int = 0  # training iterations between checkpoints; 0 = only at the end
+    at_end: bool = True
+
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    methods: tuple[str, ...] = ("pinv", "column_match")
+    tasks: tuple[str, ...] = ()  # safety tasks (finite) / unseen-goal tasks (continuous)
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per method
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # becomes num_gpus_per_learner
+    plearn_actors: int = 1  # P-learning actors scoring checkpoints
+    max_concurrent_trials: int | None = None
+    max_failures: int = 2  # Tune retries of a failed trial
+
+
+@dataclass(frozen=True)
+class WandbSpec:
+    project: str = "qworld"
+    group: str | None = None  # None: the sweep name
+    mode: str = "offline"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    env: EnvSpec
+    goals: GoalsSpec = GoalsSpec()
+    agent: Mapping[str, Any] = field(default_factory=dict)
+    sweep: Mapping[str, tuple] = field(default_factory=dict)
+    stop: Mapping[str, float] = field(default_factory=lambda: {"env_steps": 100_000})
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    extract: ExtractSpec = ExtractSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    wandb: WandbSpec = WandbSpec()
+    source: str = ""  # the YAML text after --set overrides, kept for reports
+
+    @property
+    def wandb_group(self) -> str:
+        return self.wandb.group or self.name
+
+    def cells(self) -> list[dict[str, Any]]:
+        """Every grid cell as a flat dict of axis -> value (cartesian product, file order)."""
+        axes = list(self.sweep)
+        return [dict(zip(axes, values)) for values in itertools.product(*self.sweep.values())]
+
+    def cell_task(self, cell: Mapping[str, Any]) -> tuple[str, dict, dict]:
+        """(env_id, env_kwargs, agent keywords) of one grid cell, defaults filled in."""
+        env_kwargs = dict(self.env.kwargs)
+        env_kwargs.update(goal_type=self.goals.goal_type, num_goals=self.goals.num_goals,
+                          goal_seed=self.goals.seed)
+        if self.goals.cells is not None:
+            env_kwargs["goal_cells"] = [tuple(c) for c in self.goals.cells]
+        agent = dict(self.agent)
+        for axis, value in cell.items():
+            if axis in ENV_AXES or axis in GOAL_AXES:
+                env_kwargs[axis] = value
+            elif axis not in TRIAL_AXES:
+                agent[axis] = value
+        return self.env.id, env_kwargs, agent
+
+
+# --------------------------------------------------------------------------------------
+# loading
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> SweepSpec:
+    """Read, override (``--set a.b=value``) and validate a sweep file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepSpecError(f"sweep file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SweepSpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SweepSpecError(f"{path}: the top level must be a mapping of sections {SECTIONS}")
+    for item in overrides:
+        apply_override(raw, item)
+    spec = parse_sweep(raw)
+    return dataclasses.replace(spec, source=yaml.safe_dump(raw, sort_keys=False))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """``agent.lr=0.001`` -> raw["agent"]["lr"] = 0.001 (the value parsed as YAML)."""
+    if "=" not in item:
+        raise SweepSpecError(f"--set {item!r}: expected KEY=VALUE, e.g. stop.env_steps=10000")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if parts[0] not in SECTIONS:
+        raise SweepSpecError(f"--set {key}: unknown section {parts[0]!r}; allowed: {SECTIONS}")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SweepSpecError(f"--set {key}: {part!r} is not a mapping")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def parse_sweep(raw: Mapping[str, Any]) -> SweepSpec:
+    """Validate a sweep mapping (already parsed YAML) into a :class:`SweepSpec`."""
+    raw = copy.deepcopy(dict(raw))
+    _no_unknown(raw, SECTIONS, "")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise SweepSpecError(f"name: {name!r} must be a non-empty string of letters, digits, _ or -")
+
+    env = _section(raw, "env", required=True)
+    env = dict(env)
+    env_id = env.pop("id", None)
+    env_ids = _env_ids()
+    if env_id not in env_ids:
+        raise SweepSpecError(f"env.id: {env_id!r} is not a known env; allowed: {sorted(env_ids)}")
+    env_spec = EnvSpec(id=env_id, kwargs=env)
+
+    goals_raw = _section(raw, "goals")
+    _no_unknown(goals_raw, [f.name for f in dataclasses.fields(GoalsSpec)], "goals.")
+    goals = GoalsSpec(**goals_raw)
+    if goals.cells is not None:
+        goals = dataclasses.replace(goals, cells=tuple(tuple(c) for c in goals.cells))
+
+    agent = dict(_section(raw, "agent"))
+    agent_keys = _agent_keywords()
+    _no_unknown(agent, agent_keys, "agent.")
+    for reserved in ("env_id", "env_kwargs"):
+        if reserved in agent:
+            raise SweepSpecError(f"agent.{reserved}: set the task in the env/goals sections")
+
+    sweep_raw = dict(_section(raw, "sweep"))
+    allowed_axes = ENV_AXES + GOAL_AXES + TRIAL_AXES + tuple(sorted(agent_keys))
+    _no_unknown(sweep_raw, allowed_axes, "sweep.")
+    sweep = {}
+    for axis, values in sweep_raw.items():
+        if isinstance(values, dict) and "grid_search" in values:
+            values = values["grid_search"]
+        if not isinstance(values, list) or not values:
+            raise SweepSpecError(f"sweep.{axis}: {values!r} must be a non-empty list of values")
+        if len(set(map(repr, values))) != len(values):
+            raise SweepSpecError(f"sweep.{axis}: {values!r} has repeated values")
+        sweep[axis] = tuple(values)
+
+    stop = dict(_section(raw, "stop") or {"env_steps": 100_000})
+    if not stop:
+        raise SweepSpecError(f"stop: give at least one of {sorted(STOP_KEYS)}")
+    for key, value in stop.items():
+        if key not in STOP_KEYS:
+            raise SweepSpecError(f"stop.{key}: not a metric Tune can stop on; allowed: {sorted(STOP_KEYS)}")
+        _positive(value, f"stop.{key}")
+
+    ckpt_raw = _section(raw, "checkpoint")
+    _no_unknown(ckpt_raw, ("every", "at_end"), "checkpoint.")
+    checkpoint = CheckpointSpec(**ckpt_raw)
+    if not isinstance(checkpoint.every, int) or checkpoint.every < 0:
+        raise SweepSpecError(f"checkpoint.every: {checkpoint.every!r} must be an integer >= 0 (0 = only at the end)")
+    if checkpoint.every == 0 and not checkpoint.at_end:
+        raise SweepSpecError("checkpoint: every=0 and at_end=false would write no checkpoint to score")
+
+    extract_raw = dict(_section(raw, "extract"))
+    _no_unknown(extract_raw, ("methods", "tasks", "options"), "extract.")
+    extract = ExtractSpec(
+        methods=tuple(extract_raw.get("methods", ExtractSpec.methods)),
+        tasks=tuple(extract_raw.get("tasks", ())),
+        options=extract_raw.get("options", {}) or {},
+    )
+
+    res_raw = _section(raw, "resources")
+    _no_unknown(res_raw, [f.name for f in dataclasses.fields(ResourcesSpec)], "resources.")
+    resources = ResourcesSpec(**res_raw)
+    _positive(resources.cpus_per_trial, "resources.cpus_per_trial")
+    if not isinstance(resources.gpus_per_trial, (int, float)) or resources.gpus_per_trial < 0:
+        raise SweepSpecError(f"resources.gpus_per_trial: {resources.gpus_per_trial!r} must be >= 0")
+    if not isinstance(resources.plearn_actors, int) or resources.plearn_actors < 1:
+        raise SweepSpecError(f"resources.plearn_actors: {resources.plearn_actors!r} must be an integer >= 1")
+    if not isinstance(resources.max_failures, int) or resources.max_failures < 1:
+        raise SweepSpecError(f"resources.max_failures: {resources.max_failures!r} must be an integer >= 1")
+
+    wandb_raw = _section(raw, "wandb")
+    _no_unknown(wandb_raw, ("project", "group", "mode"), "wandb.")
+    wandb_spec = WandbSpec(**wandb_raw)
+    if wandb_spec.mode not in WANDB_MODES:
+        raise SweepSpecError(f"wandb.mode: {wandb_spec.mode!r}; allowed: {WANDB_MODES}")
+
+    spec = SweepSpec(name=name, env=env_spec, goals=goals, agent=agent, sweep=sweep, stop=stop,
+                     checkpoint=checkpoint, extract=extract, resources=resources, wandb=wandb_spec)
+    _validate_cells(spec)
+    return spec
+
+
+# --------------------------------------------------------------------------------------
+# per-cell checks: the task each grid cell would train on must exist
+
+
+def _validate_cells(spec: SweepSpec) -> None:
+    from qworld_envs import GOAL_TYPES, make_finite_task
+
+    finite = spec.env.id in _finite_env_ids()
+    methods, tasks = _allowed_methods_and_tasks(spec.env.id, finite)
+    for m in spec.extract.methods:
+        if m not in methods:
+            raise SweepSpecError(f"extract.methods: {m!r} is not an extraction method for {spec.env.id}; allowed: {methods}")
+    for t in spec.extract.tasks:
+        if t not in tasks:
+            raise SweepSpecError(f"extract.tasks: {t!r} is not a task for {spec.env.id}; allowed: {tasks}")
+    for m in spec.extract.options:
+        if m not in spec.extract.methods:
+            raise SweepSpecError(f"extract.options.{m}: options for a method not in extract.methods {spec.extract.methods}")
+
+    for cell in spec.cells():
+        where = f" (grid cell {cell})" if cell else ""
+        env_id, env_kwargs, agent = spec.cell_task(cell)
+        if finite:
+            goal_type = env_kwargs.get("goal_type")
+            if goal_type not in GOAL_TYPES:
+                field_name = "sweep.goal_type" if "goal_type" in cell else "goals.goal_type"
+                raise SweepSpecError(f"{field_name}: {goal_type!r}{where}; allowed: {GOAL_TYPES}")
+            num_goals = env_kwargs.get("num_goals")
+            field_name = "sweep.num_goals" if "num_goals" in cell else "goals.num_goals"
+            if num_goals is not None and (not isinstance(num_goals, int) or num_goals < 1):
+                raise SweepSpecError(f"{field_name}: {num_goals!r}{where} must be a positive integer")
+            try:
+                task = make_finite_task(env_id, **_env_kwargs_for_task(env_kwargs))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise SweepSpecError(f"env/goals{where}: {exc}") from None
+            S = task.mdp.num_states
+            if goal_type == "indicator" and num_goals is not None and num_goals > S:
+                raise SweepSpecError(f"{field_name}: {num_goals}{where} indicator goals but {spec.env.id} has only {S} states; allowed 1..{S}")
+        else:
+            try:
+                import gymnasium
+
+                gymnasium.make(env_id, **_env_kwargs_for_task(env_kwargs)).close()
+            except Exception as exc:  # noqa: BLE001 - any construction failure is a spec error
+                raise SweepSpecError(f"env/goals{where}: {env_id} cannot be built: {exc}") from None
+        _validate_agent(agent, where)
+
+
+def _env_kwargs_for_task(env_kwargs: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in env_kwargs.items() if v is not None or k != "num_goals"}
+
+
+def _validate_agent(agent: Mapping[str, Any], where: str) -> None:
+    from qworld.agents.pqn import PQNConfig
+
+    config = PQNConfig()
+    try:
+        config.training(**agent)
+        config.validate_training()
+    except (ValueError, TypeError) as exc:
+        raise SweepSpecError(f"agent{where}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------
+# small helpers
+
+
+def _section(raw: Mapping[str, Any], key: str, required: bool = False) -> dict:
+    value = raw.get(key)
+    if value is None:
+        if required:
+            raise SweepSpecError(f"{key}: this section is required")
+        return {}
+    if not isinstance(value, dict):
+        raise SweepSpecError(f"{key}: must be a mapping, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _no_unknown(mapping: Mapping[str, Any], allowed, prefix: str) -> None:
+    unknown = [k for k in mapping if k not in allowed]
+    if unknown:
+        raise SweepSpecError(f"{prefix}{unknown[0]}: unknown key; allowed: {sorted(allowed)}")
+
+
+def _positive(value: Any, field_name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise SweepSpecError(f"{field_name}: {value!r} must be a positive number")
+
+
+def _env_ids() -> set[str]:
+    import gymnasium
+    import qworld_envs  # noqa: F401 - registers the qworld/ ids
+
+    return {k for k in gymnasium.registry if k.startswith("qworld/")}
+
+
+def _finite_env_ids() -> set[str]:
+    from qworld_envs.tasks import FINITE_ENVS
+
+    return set(FINITE_ENVS)
+
+
+def _allowed_methods_and_tasks(env_id: str, finite: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if finite:
+        from qworld.planning import SAFETY_TASKS
+        from qworld.plearn.finite import METHODS
+
+        return tuple(METHODS), tuple(SAFETY_TASKS)
+    try:
+        from qworld.plearn.continuous import METHODS as CMETHODS, UNSEEN_GOAL_TASKS
+    except ImportError:
+        return ("successor",), ()
+    return tuple(CMETHODS), tuple(UNSEEN_GOAL_TASKS.get(env_id, ()))
+
+
+def _agent_keywords() -> tuple[str, ...]:
+    from qworld.agents.pqn import PQNConfig
+
+    params = inspect.signature(PQNConfig.training).parameters
+    return tuple(p for p in params if p not in ("self", "kwargs"))
