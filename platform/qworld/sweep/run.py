@@ -83,7 +83,13 @@ def param_space(spec: SweepSpec) -> dict:
     )
     space = config.to_dict()
     space["env_kwargs"] = dict(space["env_kwargs"])
+    if "cases" in spec.sweep:
+        # Each case is a whole env_kwargs dict, so Tune crosses cases with the other axes.
+        space["env_kwargs"] = tune.grid_search(
+            [{**space["env_kwargs"], **case} for case in spec.sweep["cases"]])
     for axis, values in spec.sweep.items():
+        if axis == "cases":
+            continue
         if axis in ENV_AXES or axis in GOAL_AXES:
             space["env_kwargs"][axis] = tune.grid_search(list(values))
         elif axis in TRIAL_AXES:
@@ -105,12 +111,13 @@ def _run_config(spec: SweepSpec, experiment_dir: Path, pool):
     callbacks = [PLearningCallback(pool)]
     if spec.wandb.mode != "disabled":
         callbacks.append(GridWandbCallback(
-            project=spec.wandb.project, group=spec.wandb_group, grid_axes=tuple(spec.sweep),
+            project=spec.wandb.project, group=spec.wandb_group, grid_axes=spec.grid_axes,
             dir=str(experiment_dir), mode=spec.wandb.mode))
     reporter = tune.CLIReporter(
         metric_columns={K.TRAIN_ENV_STEPS: "env_steps", K.TRAIN_EPISODE_SUCCESS: "success",
                         K.TRAIN_LOSS: "td_loss"},
-        parameter_columns=[f"env_kwargs/{a}" if a in ENV_AXES + GOAL_AXES else a for a in spec.sweep],
+        parameter_columns=[f"env_kwargs/{a}" if a in ENV_AXES + GOAL_AXES else a
+                           for a in spec.grid_axes],
         max_report_frequency=15, print_intermediate_tables=True)
     return tune.RunConfig(
         name=spec.name,

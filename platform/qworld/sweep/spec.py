@@ -19,6 +19,8 @@ A sweep file (all sections but ``name`` and ``env`` optional)::
       variant: [deterministic, windy]
       num_goals: [4, 68]
       seed: [0, 1]
+      # cases: [{variant: windy, num_goals: 4}, ...]   explicit env/goal cells, crossed
+      #                                                 with the other axes
     stop: {env_steps: 200000}       # env_steps | training_iteration | time_total_s
     checkpoint: {every: 5, at_end: true}
     extract: {methods: [pinv, column_match], tasks: [corner_9_9_doorway]}
@@ -119,10 +121,21 @@ class SweepSpec:
     def wandb_group(self) -> str:
         return self.wandb.group or self.name
 
+    @property
+    def grid_axes(self) -> tuple[str, ...]:
+        """The axes that vary across cells (the keys of ``cases`` included)."""
+        axes = [a for a in self.sweep if a != "cases"]
+        for case in self.sweep.get("cases", ()):
+            axes += [k for k in case if k not in axes]
+        return tuple(axes)
+
     def cells(self) -> list[dict[str, Any]]:
         """Every grid cell as a flat dict of axis -> value (cartesian product, file order)."""
-        axes = list(self.sweep)
-        return [dict(zip(axes, values)) for values in itertools.product(*self.sweep.values())]
+        axes = [a for a in self.sweep if a != "cases"]
+        cases = self.sweep.get("cases", ({},))
+        return [{**case, **dict(zip(axes, values))}
+                for case in cases
+                for values in itertools.product(*(self.sweep[a] for a in axes))]
 
     def cell_task(self, cell: Mapping[str, Any]) -> tuple[str, dict, dict]:
         """(env_id, env_kwargs, agent keywords) of one grid cell, defaults filled in."""
@@ -207,10 +220,13 @@ def parse_sweep(raw: Mapping[str, Any]) -> SweepSpec:
             raise SweepSpecError(f"agent.{reserved}: set the task in the env/goals sections")
 
     sweep_raw = dict(_section(raw, "sweep"))
-    allowed_axes = ENV_AXES + GOAL_AXES + TRIAL_AXES + tuple(sorted(agent_keys))
+    allowed_axes = ("cases",) + ENV_AXES + GOAL_AXES + TRIAL_AXES + tuple(sorted(agent_keys))
     _no_unknown(sweep_raw, allowed_axes, "sweep.")
     sweep = {}
     for axis, values in sweep_raw.items():
+        if axis == "cases":
+            sweep[axis] = _parse_cases(values, sweep_raw)
+            continue
         if isinstance(values, dict) and "grid_search" in values:
             values = values["grid_search"]
         if not isinstance(values, list) or not values:
@@ -331,6 +347,21 @@ def _validate_agent(agent: Mapping[str, Any], where: str) -> None:
 
 # --------------------------------------------------------------------------------------
 # small helpers
+
+
+def _parse_cases(cases: Any, sweep_raw: Mapping[str, Any]) -> tuple[dict, ...]:
+    """``sweep.cases``: explicit env/goal cells, e.g. each variant with its own goal counts."""
+    allowed = ENV_AXES + GOAL_AXES
+    if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) and c for c in cases):
+        raise SweepSpecError(f"sweep.cases: {cases!r} must be a non-empty list of mappings over {allowed}")
+    for i, case in enumerate(cases):
+        _no_unknown(case, allowed, f"sweep.cases[{i}].")
+    outside = [a for a in sweep_raw if a in allowed]
+    if outside:
+        raise SweepSpecError(f"sweep.{outside[0]}: with sweep.cases, env/goal axes go inside the cases")
+    if len(set(map(repr, cases))) != len(cases):
+        raise SweepSpecError("sweep.cases: repeated cases")
+    return tuple(dict(c) for c in cases)
 
 
 def _section(raw: Mapping[str, Any], key: str, required: bool = False) -> dict:

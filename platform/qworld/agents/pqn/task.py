@@ -1,0 +1,140 @@
+"""What a PQN trial is trained on: env id + env kwargs -> sizes and goal features.
+
+The RLModule needs ``obs_dim``, ``goal_dim``, ``num_goals``, ``num_actions`` and the goal
+features before any env runner exists (the Learner builds its module from the config),
+so the config probes the task once per process (cached) and copies the answer into the
+module's ``model_config``; a checkpoint then says by itself what it was trained on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Sizes and goal set of a goal-conditioned task.
+
+    Attributes:
+        env_id: gymnasium / batched env id.
+        env_kwargs: the kwargs as given, with the env's defaults filled in where the
+            env exposes them (finite tasks).
+        obs_dim: size of the state observation (without goal features).
+        goal_dim: size of one goal's features.
+        num_goals: L.
+        num_actions: A (discrete).
+        goal_features: ``[L][goal_dim]`` nested lists (JSON-able).
+        max_episode_steps: time limit of an episode (None if unknown).
+        batched: whether ``qworld_envs.has_batched(env_id)``.
+        finite: whether ``make_finite_task(env_id, ...)`` works (tabular Q available).
+        goal_states: ``[L]`` state of each indicator goal (finite tasks), else None.
+        goal_type: the goal family, if known.
+    """
+
+    env_id: str
+    env_kwargs: dict[str, Any]
+    obs_dim: int
+    goal_dim: int
+    num_goals: int
+    num_actions: int
+    goal_features: list = field(repr=False)
+    max_episode_steps: int | None
+    batched: bool
+    finite: bool
+    goal_states: list | None = None
+    goal_type: str | None = None
+
+
+def _jsonable(x: Any) -> Any:
+    """Numpy scalars/arrays and tuples -> plain JSON types (recursively)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def jsonable(x: Any) -> Any:
+    """Public alias of the JSON conversion used for configs and checkpoints."""
+    return _jsonable(x)
+
+
+@functools.lru_cache(maxsize=32)
+def _probe(env_id: str, kwargs_json: str) -> TaskInfo:
+    import qworld_envs
+
+    env_kwargs = json.loads(kwargs_json)
+    finite = env_id in getattr(qworld_envs, "FINITE_ENVS", {})
+    goal_states = goal_type = None
+    resolved = dict(env_kwargs)
+    if finite:
+        task = qworld_envs.make_finite_task(env_id, **env_kwargs)
+        resolved = dict(task.env_kwargs)
+        goal_type = task.goals.goal_type
+        if task.goals.goal_states is not None:
+            goal_states = [int(s) for s in task.goals.goal_states]
+    if qworld_envs.has_batched(env_id):
+        env = qworld_envs.make_batched(env_id, 1, seed=0, device="cpu", **env_kwargs)
+        info = dict(
+            obs_dim=int(env.obs_dim),
+            goal_dim=int(env.goal_dim),
+            num_goals=int(env.num_goals),
+            num_actions=int(env.num_actions),
+            goal_features=env.goal_features.detach().cpu().numpy().astype(np.float32).tolist(),
+            max_episode_steps=int(env.max_episode_steps),
+            batched=True,
+        )
+    else:
+        import gymnasium as gym
+
+        env = gym.make(env_id, **env_kwargs)
+        try:
+            base = env.unwrapped
+            missing = [a for a in ("obs_dim", "goal_dim", "num_goals", "goal_features") if not hasattr(base, a)]
+            if missing:
+                raise ValueError(
+                    f"env {env_id!r} is not a qworld goal env: its unwrapped env lacks {missing} "
+                    "(CONTRACTS.md: obs = concat(obs, goal_features[goal]), info rewards/terminals [L])"
+                )
+            if not isinstance(env.action_space, gym.spaces.Discrete):
+                raise ValueError(f"PQN needs a Discrete action space, env {env_id!r} has {env.action_space}")
+            steps = getattr(base, "max_episode_steps", None) or (env.spec.max_episode_steps if env.spec else None)
+            info = dict(
+                obs_dim=int(base.obs_dim),
+                goal_dim=int(base.goal_dim),
+                num_goals=int(base.num_goals),
+                num_actions=int(env.action_space.n),
+                goal_features=np.asarray(base.goal_features, dtype=np.float32).tolist(),
+                max_episode_steps=None if steps is None else int(steps),
+                batched=False,
+            )
+        finally:
+            env.close()
+    return TaskInfo(
+        env_id=env_id,
+        env_kwargs=_jsonable(resolved),
+        finite=finite,
+        goal_states=goal_states,
+        goal_type=goal_type,
+        **info,
+    )
+
+
+def probe_task(env_id: str, env_kwargs: dict[str, Any] | None = None) -> TaskInfo:
+    """Sizes and goal features of ``env_id`` built with ``env_kwargs`` (cached per process).
+
+    Raises:
+        ValueError / TypeError: from the env for a bad id or bad kwargs, or when the env
+            is not a qworld goal env.
+    """
+    kwargs_json = json.dumps(_jsonable(dict(env_kwargs or {})), sort_keys=True)
+    return _probe(env_id, kwargs_json)

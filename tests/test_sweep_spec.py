@@ -1,0 +1,112 @@
+"""Sweep files: every shipped file validates; every bad file fails before Ray, naming its field."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qworld.sweep.spec import SweepSpecError, load_sweep, parse_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "tune_configs").glob("*.yaml"))
+
+
+def smoke_raw() -> dict:
+    return yaml.safe_load((ROOT / "tune_configs" / "smoke.yaml").read_text())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_sweep_files_validate(path):
+    spec = load_sweep(path)
+    assert spec.name == path.stem
+    assert len(spec.cells()) >= 1
+
+
+def test_cells_are_the_cartesian_product_and_land_in_env_kwargs():
+    raw = smoke_raw()
+    raw["sweep"] = {"variant": ["deterministic", "windy"], "num_goals": [1, 8, 68], "seed": [0, 1]}
+    spec = parse_sweep(raw)
+    cells = spec.cells()
+    assert len(cells) == 12
+    env_id, env_kwargs, agent = spec.cell_task(cells[-1])
+    assert env_kwargs["variant"] == "windy" and env_kwargs["num_goals"] == 68
+    assert "seed" not in agent and "variant" not in agent
+
+
+def test_override_changes_a_field():
+    spec = load_sweep(ROOT / "tune_configs" / "smoke.yaml", ["stop.env_steps=999", "agent.lr=0.5"])
+    assert spec.stop["env_steps"] == 999
+    assert spec.agent["lr"] == 0.5
+
+
+def _set(raw, dotted, value):
+    node = raw
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return raw
+
+
+def _delete(raw, dotted):
+    node = raw
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node[p]
+    del node[last]
+    return raw
+
+
+BAD_INPUTS = [
+    # (description, mutation, the field the message must name, a word of the allowed values)
+    ("unknown section", lambda r: _set(r, "trainer", {}), "trainer", "allowed"),
+    ("unknown env", lambda r: _set(r, "env.id", "qworld/Nope-v0"), "env.id", "qworld/FourRooms-v0"),
+    ("unknown variant", lambda r: _set(r, "sweep.variant", ["deterministic", "stormy"]), "variant", "windy"),
+    ("unknown goal type", lambda r: _set(r, "goals.goal_type", "treasure"), "goals.goal_type", "indicator"),
+    ("too many indicator goals", lambda r: _set(r, "sweep.num_goals", [8, 80]), "sweep.num_goals", "1..68"),
+    ("non-positive num_goals", lambda r: _set(r, "goals.num_goals", 0), "goals.num_goals", "positive"),
+    ("unknown method", lambda r: _set(r, "extract.methods", ["pinv", "magic"]), "extract.methods", "column_match"),
+    ("unknown safety task", lambda r: _set(r, "extract.tasks", ["the_moon"]), "extract.tasks", "allowed"),
+    ("stop key that is no metric", lambda r: _set(r, "stop", {"episodes": 10}), "stop.episodes", "env_steps"),
+    ("zero budget", lambda r: _set(r, "stop.env_steps", 0), "stop.env_steps", "positive"),
+    ("negative budget", lambda r: _set(r, "stop.env_steps", -5), "stop.env_steps", "positive"),
+    ("unknown agent key", lambda r: _set(r, "agent.learning_rate", 0.1), "agent.learning_rate", "lr"),
+    ("unknown sweep axis", lambda r: _set(r, "sweep.colour", ["red"]), "sweep.colour", "variant"),
+    ("empty sweep axis", lambda r: _set(r, "sweep.variant", []), "sweep.variant", "non-empty"),
+    ("bad wandb mode", lambda r: _set(r, "wandb.mode", "cloudy"), "wandb.mode", "offline"),
+    ("no checkpoint at all", lambda r: _set(r, "checkpoint", {"every": 0, "at_end": False}), "checkpoint", "no checkpoint"),
+    ("missing env", lambda r: _delete(r, "env"), "env", "required"),
+    ("bad resources", lambda r: _set(r, "resources.plearn_actors", 0), "resources.plearn_actors", ">= 1"),
+    ("bad agent value", lambda r: _set(r, "agent.head", "octopus"), "head", "all_goals"),
+    ("bad name", lambda r: _set(r, "name", "a b/c"), "name", "letters"),
+]
+
+
+@pytest.mark.parametrize("desc,mutate,field,allowed", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_names_field_and_allowed_values(desc, mutate, field, allowed):
+    raw = mutate(copy.deepcopy(smoke_raw()))
+    with pytest.raises(SweepSpecError) as info:
+        parse_sweep(raw)
+    message = str(info.value)
+    assert field in message, message
+    assert allowed in message, message
+
+
+def test_cli_exits_2_and_launches_nothing(tmp_path):
+    raw = smoke_raw()
+    raw["sweep"]["num_goals"] = [8, 80]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    storage = tmp_path / "storage"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qworld.cli", "sweep", str(bad), "--storage", str(storage)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "sweep.num_goals" in proc.stderr
+    assert "Started a local Ray" not in proc.stdout + proc.stderr
+    assert not storage.exists()  # nothing launched, nothing written
