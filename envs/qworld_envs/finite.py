@@ -47,7 +47,7 @@ def validate_transition_tensor(P: np.ndarray) -> np.ndarray:
     if bad.any():
         s, a = np.argwhere(bad)[0]
         raise ValueError(
-            f"P[s={s}, a={a}] sums to {sums[s, a]!r}, not 1 (atol {ROW_SUM_ATOL}): "
+            f"P[s={s}, a={a}] sums to {sums[s, a]:.12g}, not 1 (atol {ROW_SUM_ATOL}): "
             "every row P[s, a] must be a probability vector"
         )
     return P

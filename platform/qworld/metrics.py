@@ -32,6 +32,7 @@ M_RANK = "m_rank"
 M_COND = "m_cond"
 M_GAP = "m_gap"
 IDENTIFIABLE_CASE = "identifiable_case"
+NUM_STATES = "num_states"  # S, reported next to num_goals by the diagnosis
 
 # --- planning with the extracted model ---------------------------------------------------
 TASK = "task"
@@ -39,6 +40,8 @@ PLAN_SUCCESS = "plan_success"  # probability the plan reaches the goal (true MDP
 PLAN_EXCESS_STEPS = "plan_excess_steps"  # expected steps minus the optimal plan's
 UNSAFE_VISITS = "unsafe_visits"  # probability of ever entering a forbidden state
 RETURN_RATIO = "return_ratio"  # R_WM / R*
+PLAN_STEPS = "plan_steps"  # expected steps to the goal, given that it is reached (true MDP)
+PLAN_OPTIMAL_STEPS = "plan_optimal_steps"  # the same for the optimal plan in the true MDP
 
 # --- bookkeeping -------------------------------------------------------------------------
 FIT_SECONDS = "fit_seconds"

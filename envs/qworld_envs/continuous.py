@@ -1,0 +1,566 @@
+"""Continuous goal-conditioned envs: the pieces they share, and their registration.
+
+Shapes: N states (or envs), d state dims, k goal-feature dims, L goals, A actions.
+
+A continuous env is a :class:`ContinuousTask`: true dynamics (:class:`ContinuousDynamics`,
+pure batched torch functions with the randomness passed in) and a goal family
+(:class:`ContinuousGoals`, rewards on arrival at s' for all L goals at once). The gymnasium
+env, the batched env, the grid ground truth and P-learning all build it with
+:func:`make_continuous_task`, so they agree by construction.
+
+Registered here: gymnasium ids ``qworld/MountainCar-v0``, ``qworld/Reacher-v0``,
+``qworld/MujocoReacher-v0`` (lazy entry points) and batched factories for the first two
+in ``qworld_envs.batched.BATCHED_ENVS``. The env modules (``mountain_car``, ``reacher``,
+``mujoco_reacher``) import this one, never the other way round (builders are looked up
+by name), so there is no import cycle.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import gymnasium
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from qworld_envs.batched import BATCHED_ENVS, BatchedGoalEnv
+
+MOUNTAIN_CAR_ID = "qworld/MountainCar-v0"
+REACHER_ID = "qworld/Reacher-v0"
+MUJOCO_REACHER_ID = "qworld/MujocoReacher-v0"
+REWARD_KINDS = ("sparse", "gaussian")
+
+# env id -> "module:function" building its task from env kwargs (looked up lazily).
+CONTINUOUS_ENVS: dict[str, str] = {
+    MOUNTAIN_CAR_ID: "qworld_envs.mountain_car:make_mountain_car_task",
+    REACHER_ID: "qworld_envs.reacher:make_reacher_task",
+    MUJOCO_REACHER_ID: "qworld_envs.mujoco_reacher:make_mujoco_reacher_task",
+}
+
+
+def wrap_angle(x: torch.Tensor) -> torch.Tensor:
+    """Angles wrapped to ``[-pi, pi)`` (differentiable, gradient 1)."""
+    return torch.remainder(x + math.pi, 2 * math.pi) - math.pi
+
+
+def periodic_difference(a: torch.Tensor, b: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
+    """``a - b`` over the last dim ``[..., d]``, wrapped to ``[-pi, pi)`` on the periodic dims."""
+    diff = a - b
+    if any(periodic):
+        mask = torch.as_tensor(periodic, device=diff.device)
+        diff = torch.where(mask, wrap_angle(diff), diff)
+    return diff
+
+
+# --------------------------------------------------------------------------------------
+# goals
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ContinuousGoals:
+    """L goals on a feature of the state, paying on arrival at s'.
+
+    ``reward == "sparse"``: ``r_g(s') = 1[||feature(s') - g|| < threshold]`` and the
+    episode ends there (``terminal_g(s') = r_g(s') == 1``).
+    ``reward == "gaussian"``: ``r_g(s') = exp(-||(feature(s') - g) / sigma||^2 / 2)``,
+    never terminal. Differences are wrapped on the ``periodic`` feature dims.
+
+    Attributes:
+        centers: ``[L, k]`` float64 goal centers g in feature space.
+        feature_fn: ``states [N, d] -> [N, k]`` (torch, differentiable); a module-level
+            function or a ``functools.partial`` of one, so the goals pickle.
+        reward: one of ``REWARD_KINDS``.
+        threshold: radius a of the sparse ball (also the ``success`` radius of gaussian goals).
+        sigma: ``[k]`` per-feature scale of the gaussian reward.
+        goal_type: the family's name (``position``, ``velocity``, ``fingertip``, ...).
+        periodic: ``[k]`` bool, feature dims that are angles.
+        feature_low, feature_high: ``[k]`` bounds of the goal features (observation space).
+    """
+
+    centers: torch.Tensor
+    feature_fn: Callable[[torch.Tensor], torch.Tensor]
+    reward: str
+    threshold: float
+    sigma: tuple[float, ...]
+    goal_type: str
+    periodic: tuple[bool, ...]
+    feature_low: tuple[float, ...]
+    feature_high: tuple[float, ...]
+
+    def __post_init__(self):
+        centers = torch.as_tensor(np.asarray(self.centers, dtype=np.float64))
+        if centers.ndim == 1:
+            centers = centers[:, None]
+        if centers.ndim != 2 or centers.shape[0] == 0:
+            raise ValueError(f"centers must have shape [L, k] with L >= 1, got {tuple(centers.shape)}")
+        k = centers.shape[1]
+        if self.reward not in REWARD_KINDS:
+            raise ValueError(f"reward must be one of {REWARD_KINDS}, got {self.reward!r}")
+        for name in ("sigma", "periodic", "feature_low", "feature_high"):
+            if len(getattr(self, name)) != k:
+                raise ValueError(f"{name} must have {k} entries (one per feature dim), got {getattr(self, name)!r}")
+        if not self.threshold > 0 or min(self.sigma) <= 0:
+            raise ValueError(f"threshold and sigma must be positive, got {self.threshold}, {self.sigma}")
+        object.__setattr__(self, "centers", centers)
+
+    @property
+    def num_goals(self) -> int:
+        """L."""
+        return self.centers.shape[0]
+
+    @property
+    def goal_dim(self) -> int:
+        """k."""
+        return self.centers.shape[1]
+
+    @property
+    def features(self) -> torch.Tensor:
+        """``[L, k]`` float32 goal features (the centers) the agent observes."""
+        return self.centers.float()
+
+    def _diff(self, states: torch.Tensor) -> torch.Tensor:
+        """``[N, L, k]`` wrapped ``feature(s) - g``."""
+        feat = self.feature_fn(states)  # [N, k]
+        centers = self.centers.to(device=feat.device, dtype=feat.dtype)
+        return periodic_difference(feat[:, None, :], centers[None], self.periodic)
+
+    def distance(self, states: torch.Tensor) -> torch.Tensor:
+        """``[N, L]`` Euclidean distance of ``feature(states [N, d])`` to every goal center."""
+        sq = self._diff(states).square().sum(-1)
+        return sq.clamp_min(1e-30).sqrt()  # clamp: finite (zero) gradient at the center
+
+    def success(self, states: torch.Tensor) -> torch.Tensor:
+        """``[N, L]`` bool: within ``threshold`` of each goal."""
+        return self.distance(states) < self.threshold
+
+    def rewards_terminals(
+        self, states: torch.Tensor, smooth: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every goal's reward and termination on arriving in ``states``.
+
+        Args:
+            states: ``[N, d]`` next states s'.
+            smooth: None for the true rewards; a temperature tau > 0 replaces the sparse
+                indicator by ``sigmoid((threshold - distance) / tau)`` in both outputs
+                (a differentiable surrogate for P-learning; gaussian goals ignore it).
+
+        Returns:
+            ``rewards [N, L]`` (dtype of states), ``terminals [N, L]`` (bool; float when
+            smoothed).
+        """
+        if self.reward == "gaussian":
+            sigma = torch.as_tensor(self.sigma, dtype=states.dtype, device=states.device)
+            r = torch.exp(-0.5 * (self._diff(states) / sigma).square().sum(-1))
+            return r, torch.zeros(r.shape, dtype=torch.bool, device=r.device)
+        dist = self.distance(states)
+        if smooth is not None and smooth > 0:
+            soft = torch.sigmoid((self.threshold - dist) / smooth)
+            return soft, soft
+        hit = dist < self.threshold
+        return hit.to(states.dtype), hit
+
+
+# --------------------------------------------------------------------------------------
+# dynamics
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ContinuousDynamics:
+    """True dynamics of a continuous env, as pure batched functions.
+
+    Randomness is always passed in, so the gym env (``np_random``) and the batched env
+    (``torch.Generator``) share the same functions.
+
+    Attributes:
+        name: short env name.
+        state_names: ``[d]`` names of the world-model state dims.
+        low, high: ``[d]`` state box (periodic dims: the wrap interval; the box is the
+            uniform sampling region and the grid extent).
+        periodic: ``[d]`` bool, dims that are angles wrapped to ``[-pi, pi)``.
+        num_actions: A.
+        step_fn: ``(states [N, d], actions [N] long, noise [N, noise_dim] | None) -> [N, d]``.
+        no_force_fn: ``(states [N, d], actions [N]) -> [N, d]``, the "no-force" baseline
+            model (the dynamics with the action's effect removed).
+        reset_fn: ``uniforms [N, reset_dim] in [0, 1) -> start states [N, d]``.
+        reset_dim: number of uniforms per reset.
+        observe_fn: ``states [N, d] -> obs [N, obs_dim]`` (differentiable).
+        obs_low, obs_high: ``[obs_dim]`` observation bounds.
+        noise_dim: standard normals per step (0: deterministic).
+        differentiable: whether ``step_fn`` is a torch function (False for MuJoCo).
+    """
+
+    name: str
+    state_names: tuple[str, ...]
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    periodic: tuple[bool, ...]
+    num_actions: int
+    step_fn: Callable[..., torch.Tensor]
+    no_force_fn: Callable[..., torch.Tensor]
+    reset_fn: Callable[[torch.Tensor], torch.Tensor]
+    reset_dim: int
+    observe_fn: Callable[[torch.Tensor], torch.Tensor]
+    obs_low: tuple[float, ...]
+    obs_high: tuple[float, ...]
+    noise_dim: int = 0
+    differentiable: bool = True
+
+    @property
+    def state_dim(self) -> int:
+        """d."""
+        return len(self.state_names)
+
+    @property
+    def obs_dim(self) -> int:
+        return len(self.obs_low)
+
+    @property
+    def is_deterministic(self) -> bool:
+        return self.noise_dim == 0
+
+    def step(self, states: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[N, d]`` next states; noise (if any) drawn from ``generator``."""
+        noise = None
+        if self.noise_dim:
+            noise = torch.randn(states.shape[0], self.noise_dim, generator=generator,
+                                dtype=states.dtype, device=states.device)
+        return self.step_fn(states, actions, noise)
+
+    def branches(self, states: torch.Tensor, actions: torch.Tensor, num_points: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-state distribution as weighted branches (exact for deterministic dynamics).
+
+        Stochastic dynamics use the Gauss-Hermite rule with ``num_points`` nodes per noise
+        dim (a product rule), so expectations over s' become weighted sums.
+
+        Returns:
+            ``next_states [K, N, d]`` and ``weights [K]`` (sum 1).
+        """
+        if self.is_deterministic:
+            return self.step_fn(states, actions, None)[None], torch.ones(1, dtype=states.dtype, device=states.device)
+        nodes, weights = np.polynomial.hermite_e.hermegauss(num_points)  # probabilists': N(0, 1)
+        weights = weights / weights.sum()
+        grids = np.meshgrid(*([nodes] * self.noise_dim), indexing="ij")
+        wgrids = np.meshgrid(*([weights] * self.noise_dim), indexing="ij")
+        z = np.stack([g.ravel() for g in grids], -1)  # [K, noise_dim]
+        w = np.prod(np.stack([g.ravel() for g in wgrids], -1), -1)  # [K]
+        outs = []
+        for zk in z:
+            noise = torch.as_tensor(zk, dtype=states.dtype, device=states.device).expand(states.shape[0], -1)
+            outs.append(self.step_fn(states, actions, noise))
+        return torch.stack(outs), torch.as_tensor(w, dtype=states.dtype, device=states.device)
+
+    def reset_states(self, n: int, generator: torch.Generator | None = None,
+                     dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        """``[n, d]`` start states drawn from the reset distribution."""
+        u = torch.rand(n, self.reset_dim, generator=generator, dtype=dtype, device=device)
+        return self.reset_fn(u)
+
+    def uniform_states(self, n: int, generator: torch.Generator | None = None,
+                       dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        """``[n, d]`` states uniform over the box ``[low, high]``."""
+        low = torch.as_tensor(self.low, dtype=dtype, device=device)
+        high = torch.as_tensor(self.high, dtype=dtype, device=device)
+        return low + (high - low) * torch.rand(n, self.state_dim, generator=generator, dtype=dtype, device=device)
+
+    def delta(self, next_states: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """``[N, d]`` state change ``s' - s`` (wrapped on the periodic dims)."""
+        return periodic_difference(next_states, states, self.periodic)
+
+    def observe(self, states: torch.Tensor) -> torch.Tensor:
+        return self.observe_fn(states)
+
+
+@dataclass(frozen=True)
+class ContinuousTask:
+    """A continuous env's true dynamics, its goal set, and the kwargs that made them.
+
+    Attributes:
+        dynamics: the true dynamics.
+        goals: the L goals.
+        env_id: a key of ``CONTINUOUS_ENVS``.
+        env_kwargs: every kwarg with its default filled in.
+    """
+
+    dynamics: ContinuousDynamics
+    goals: ContinuousGoals
+    env_id: str
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_episode_steps(self) -> int:
+        return int(self.env_kwargs["max_episode_steps"])
+
+    def rewards_terminals(self, next_states: torch.Tensor, smooth: float | None = None):
+        """Shortcut for ``goals.rewards_terminals``."""
+        return self.goals.rewards_terminals(next_states, smooth)
+
+
+def resolve_kwargs(env_id: str, defaults: dict[str, Any], env_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults and reject unknown kwargs (``num_goals=None`` means the default)."""
+    unknown = sorted(set(env_kwargs) - set(defaults))
+    if unknown:
+        raise TypeError(f"{env_id} got unknown kwargs {unknown}; allowed: {sorted(defaults)}")
+    kw = {**defaults, **{k: v for k, v in env_kwargs.items() if not (k == "num_goals" and v is None)}}
+    steps = kw["max_episode_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"max_episode_steps must be a positive int, got {steps!r}")
+    if kw.get("reward") not in REWARD_KINDS:
+        raise ValueError(f"reward must be one of {REWARD_KINDS}, got {kw.get('reward')!r}")
+    num_goals = kw.get("num_goals")
+    if num_goals is not None and (isinstance(num_goals, bool) or not isinstance(num_goals, (int, np.integer)) or num_goals < 1):
+        raise ValueError(f"num_goals must be a positive int, got {num_goals!r}")
+    return kw
+
+
+def make_continuous_task(env_id: str, **env_kwargs: Any) -> ContinuousTask:
+    """Build the true dynamics and goal set of a continuous env from its kwargs.
+
+    See ``make_mountain_car_task``, ``make_reacher_task`` and ``make_mujoco_reacher_task``
+    for each env's kwargs and defaults.
+
+    Raises:
+        ValueError: unknown env id or a bad kwarg value.
+        TypeError: unknown kwargs.
+    """
+    if env_id not in CONTINUOUS_ENVS:
+        raise ValueError(f"unknown continuous env id {env_id!r}; known: {', '.join(sorted(CONTINUOUS_ENVS))}")
+    module, name = CONTINUOUS_ENVS[env_id].split(":")
+    return getattr(importlib.import_module(module), name)(**env_kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# gymnasium env
+# --------------------------------------------------------------------------------------
+class ContinuousGoalEnv(gymnasium.Env):
+    """Goal-conditioned gymnasium env over a :class:`ContinuousTask` (base of the
+    MountainCar and toy-Reacher envs; see their docstrings for spaces and dynamics).
+
+    Observation ``concat(observe(state), goal_features[goal])`` float32; ``info`` carries
+    ``state`` (world-model state, float64), ``goal``, and after a step ``rewards [L]``,
+    ``terminals [L]`` (every goal's) and ``success`` (commanded goal within its radius).
+    ``reset(options={"goal": g, "state": s})`` fixes the commanded goal / start state.
+    The dynamics run in float64 on CPU through the same torch functions as the batched env.
+    """
+
+    metadata = {"render_modes": [], "render_fps": 30}
+    ENV_ID: str = ""
+
+    def __init__(self, task: ContinuousTask | None = None, render_mode: str | None = None, **env_kwargs: Any):
+        if task is None:
+            task = make_continuous_task(self.ENV_ID, **env_kwargs)
+        elif env_kwargs:
+            raise TypeError(f"give either a task or env kwargs, not both (got {sorted(env_kwargs)})")
+        if render_mode is not None:
+            raise ValueError(f"{type(self).__name__} does not render; render_mode must be None, got {render_mode!r}")
+        self.task = task
+        self.render_mode = None
+        dyn, goals = task.dynamics, task.goals
+        self.num_goals = goals.num_goals
+        self.obs_dim = dyn.obs_dim
+        self.goal_dim = goals.goal_dim
+        self.max_episode_steps = task.max_episode_steps
+        self.goal_features = goals.features.numpy()
+        low = np.concatenate([dyn.obs_low, goals.feature_low]).astype(np.float32)
+        high = np.concatenate([dyn.obs_high, goals.feature_high]).astype(np.float32)
+        self.observation_space = spaces.Box(low, high, dtype=np.float32)
+        self.action_space = spaces.Discrete(dyn.num_actions)
+        self._state = np.zeros(dyn.state_dim)
+        self._goal = 0
+        self._t = 0
+
+    def _obs(self) -> np.ndarray:
+        obs = self.task.dynamics.observe(torch.as_tensor(self._state)[None])[0].numpy()
+        obs = np.concatenate([obs, self.goal_features[self._goal]]).astype(np.float32)
+        return np.clip(obs, self.observation_space.low, self.observation_space.high)
+
+    def _sample_start(self) -> np.ndarray:
+        u = self.np_random.random(self.task.dynamics.reset_dim)
+        return self.task.dynamics.reset_fn(torch.as_tensor(u)[None])[0].numpy()
+
+    def _advance(self, action: int) -> np.ndarray:
+        """Next world-model state ``[d]`` after ``action`` (true dynamics)."""
+        dyn = self.task.dynamics
+        noise = None
+        if dyn.noise_dim:
+            noise = torch.as_tensor(self.np_random.standard_normal(dyn.noise_dim))[None]
+        s = torch.as_tensor(self._state)[None]
+        return dyn.step_fn(s, torch.tensor([action]), noise)[0].numpy()
+
+    def _set_state(self, state: np.ndarray) -> None:
+        self._state = np.asarray(state, dtype=np.float64).copy()
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        options = options or {}
+        goal = options.get("goal")
+        if goal is None:
+            goal = int(self.np_random.integers(self.num_goals))
+        elif not 0 <= int(goal) < self.num_goals:
+            raise ValueError(f"options['goal']={goal} is not in [0, {self.num_goals})")
+        self._goal = int(goal)
+        state = options.get("state")
+        if state is None:
+            state = self._sample_start()
+        else:
+            state = np.asarray(state, dtype=np.float64)
+            if state.shape != (self.task.dynamics.state_dim,):
+                raise ValueError(f"options['state'] must have shape [{self.task.dynamics.state_dim}], got {state.shape}")
+        self._set_state(state)
+        self._t = 0
+        return self._obs(), {"state": self._state.copy(), "goal": self._goal}
+
+    def step(self, action):
+        if not self.action_space.contains(action):
+            raise ValueError(f"invalid action {action!r} for {self.action_space}")
+        self._set_state(self._advance(int(action)))
+        self._t += 1
+        s2 = torch.as_tensor(self._state)[None]
+        rewards, terminals = self.task.goals.rewards_terminals(s2)
+        rewards = rewards[0].numpy().astype(np.float32)
+        terminals = terminals[0].numpy()
+        success = bool(self.task.goals.success(s2)[0, self._goal])
+        terminated = bool(terminals[self._goal])
+        truncated = self._t >= self.max_episode_steps and not terminated
+        info = {"state": self._state.copy(), "goal": self._goal, "rewards": rewards,
+                "terminals": terminals, "success": success}
+        return self._obs(), float(rewards[self._goal]), terminated, truncated, info
+
+
+# --------------------------------------------------------------------------------------
+# batched env
+# --------------------------------------------------------------------------------------
+class BatchedContinuousEnv(BatchedGoalEnv):
+    """N copies of a continuous goal-conditioned task on one torch device, same semantics
+    as :class:`ContinuousGoalEnv` (see ``BatchedGoalEnv`` for the step dict).
+
+    ## Observation
+    ``obs = observe(state)`` ``[N, obs_dim]`` float32; ``goal_features = goals.centers``.
+
+    ## Dynamics
+    The task's ``step_fn`` on a float64 state ``[N, d]``; noise (stochastic variants),
+    resets and goals drawn from a seeded ``torch.Generator``.
+
+    ## Reward and episode end
+    ``rewards[:, g] = r_g(s')``; terminated when the commanded goal is terminal at s'
+    (sparse goals); truncated after ``max_episode_steps``. ``success``: the commanded
+    goal is within its radius at s'.
+
+    ## Start state
+    On every reset the goal is uniform over the L goals and the state drawn from the
+    env's reset distribution.
+
+    Attributes (besides ``BatchedGoalEnv``'s):
+        task: the ``ContinuousTask``.
+        state: ``[N, d]`` float64 world-model state (may be overwritten).
+        goal: ``[N]`` long commanded goal.
+    """
+
+    def __init__(self, task: ContinuousTask, num_envs: int, seed: int = 0, device: str | torch.device = "cpu"):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if not task.dynamics.differentiable:
+            raise ValueError(f"{task.env_id} has no batched torch dynamics")
+        self.task = task
+        dyn, goals = task.dynamics, task.goals
+        self.num_envs = int(num_envs)
+        self.num_actions = dyn.num_actions
+        self.num_goals = goals.num_goals
+        self.obs_dim = dyn.obs_dim
+        self.goal_dim = goals.goal_dim
+        self.max_episode_steps = task.max_episode_steps
+        self.device = torch.device(device)
+        self.goal_features = goals.features.to(self.device)
+        self._gen = torch.Generator(device=self.device)
+        self._gen.manual_seed(int(seed))
+        self.state: torch.Tensor | None = None
+        self.goal: torch.Tensor | None = None
+        self._length: torch.Tensor | None = None
+        self._return: torch.Tensor | None = None
+
+    def _draw_resets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n, dyn = self.num_envs, self.task.dynamics
+        goal = torch.randint(self.num_goals, (n,), generator=self._gen, device=self.device)
+        return goal, dyn.reset_states(n, self._gen, torch.float64, self.device)
+
+    def _observe(self, states: torch.Tensor) -> torch.Tensor:
+        return self.task.dynamics.observe(states).float()
+
+    def reset(self, seed: int | None = None) -> dict[str, torch.Tensor]:
+        if seed is not None:
+            self._gen.manual_seed(int(seed))
+        self.goal, self.state = self._draw_resets()
+        self._length = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
+        self._return = torch.zeros(self.num_envs, dtype=torch.float32, device=self.device)
+        return {"obs": self._observe(self.state), "goal": self.goal}
+
+    def step(self, actions: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.state is None:
+            raise RuntimeError("call reset() before step()")
+        actions = torch.as_tensor(actions, device=self.device).long()
+        if actions.shape != (self.num_envs,):
+            raise ValueError(f"actions must have shape [{self.num_envs}], got {tuple(actions.shape)}")
+        lo, hi = torch.aminmax(actions)
+        if lo < 0 or hi >= self.num_actions:
+            raise ValueError(f"actions must lie in [0, {self.num_actions}), got [{int(lo)}, {int(hi)}]")
+        dyn, goals = self.task.dynamics, self.task.goals
+        s2 = dyn.step(self.state, actions, self._gen)
+        rewards, terminals = goals.rewards_terminals(s2)
+        rewards = rewards.float()
+        goal = self.goal
+        reward = rewards.gather(1, goal[:, None]).squeeze(1)
+        terminated = terminals.gather(1, goal[:, None]).squeeze(1)
+        success = goals.success(s2).gather(1, goal[:, None]).squeeze(1)
+        length = self._length + 1
+        ret = self._return + reward
+        truncated = (length >= self.max_episode_steps) & ~terminated
+        done = terminated | truncated
+        # Draw a reset for every env (no data-dependent shapes); keep it only where done.
+        new_goal, new_state = self._draw_resets()
+        self.state = torch.where(done[:, None], new_state, s2)
+        self.goal = torch.where(done, new_goal, goal)
+        self._length = length.masked_fill(done, 0)
+        self._return = ret.masked_fill(done, 0.0)
+        not_done = ~done
+        return {
+            "obs": self._observe(self.state),
+            "next_obs": self._observe(s2),
+            "goal": self.goal,
+            "rewards": rewards,
+            "terminals": terminals,
+            "reward": reward,
+            "terminated": terminated,
+            "truncated": truncated,
+            "episode_return": ret.masked_fill(not_done, 0.0),
+            "episode_length": length.masked_fill(not_done, 0),
+            "success": success,
+        }
+
+
+def _batched_factory(env_id: str) -> Callable[..., BatchedGoalEnv]:
+    def factory(num_envs: int, seed: int = 0, device: str | torch.device = "cpu", **env_kwargs: Any):
+        if env_id == MOUNTAIN_CAR_ID:
+            from qworld_envs.mountain_car import BatchedMountainCar as cls
+        else:
+            from qworld_envs.reacher import BatchedReacher as cls
+        return cls(num_envs, seed=seed, device=device, **env_kwargs)
+
+    factory.__name__ = f"make_batched_{env_id.split('/')[-1].split('-')[0]}"
+    return factory
+
+
+# --------------------------------------------------------------------------------------
+# registration (guarded: re-importing must not warn or fail)
+# --------------------------------------------------------------------------------------
+_GYM_ENTRY_POINTS = {
+    MOUNTAIN_CAR_ID: "qworld_envs.mountain_car:MountainCarGoalEnv",
+    REACHER_ID: "qworld_envs.reacher:ReacherGoalEnv",
+    MUJOCO_REACHER_ID: "qworld_envs.mujoco_reacher:MujocoReacherGoalEnv",
+}
+for _env_id, _entry in _GYM_ENTRY_POINTS.items():
+    if _env_id not in gymnasium.registry:
+        # The env truncates by itself (max_episode_steps kwarg); no TimeLimit wrapper on top.
+        gymnasium.register(id=_env_id, entry_point=_entry)
+for _env_id in (MOUNTAIN_CAR_ID, REACHER_ID):
+    BATCHED_ENVS.setdefault(_env_id, _batched_factory(_env_id))

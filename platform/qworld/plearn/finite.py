@@ -1,0 +1,497 @@
+"""World models of finite MDPs from goal-conditioned Q-values: the inverse Bellman equation.
+
+Shapes: S states, A actions, L goals, K = S * A state-action pairs.
+
+For every (s, a) the Bellman equation with reward on arrival reads
+``Q[:, s, a] = M @ P[s, a, :]`` with ``M[g, s'] = r_g(s') + gamma (1 - term_g(s')) V_g(s')``
+(see :func:`qworld.bellman.m_matrix`), so extracting ``P_hat`` is a linear inverse problem per
+(s, a) over the probability simplex. The methods follow Table 1 of the paper:
+
+==============  ====================  ===========================  ===============================
+method          assumption on P       goals needed                 how
+==============  ====================  ===========================  ===============================
+pinv            none (stochastic)     L >= S, M invertible          ``M^+ Q`` then simplex projection
+known_support   support given         L >= N - 1, affine indep.     least squares on the support
+sparse_search   <= N next states      L >= 2N - 1, general pos.     NNLS, then search over supports
+column_match    deterministic         L >= 1, distinct columns      nearest column of M
+sgd             none                  (as pinv)                     P-learning: Adam on softmax logits
+==============  ====================  ===========================  ===============================
+
+Every method returns ``P_hat[S, A, S]`` whose rows are probability vectors. Numpy / scipy,
+torch only for ``sgd``; no Ray.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from typing import Any
+
+import numpy as np
+from scipy.optimize import nnls
+from scipy.spatial.distance import pdist
+
+from qworld import metrics
+
+METHODS = ("pinv", "known_support", "sparse_search", "column_match", "sgd")
+
+IDENTIFIABLE_CASES = ("stochastic", "sparse_known", "sparse_unknown", "deterministic", "not identifiable")
+
+# Options each method accepts (besides return_info); anything else is a typo worth an error.
+_OPTIONS = {
+    "pinv": {"rcond"},
+    "known_support": {"support", "sum_weight"},
+    "sparse_search": {"max_support", "tol", "max_subsets", "sum_weight", "chunk_size"},
+    "column_match": {"chunk_size"},
+    "sgd": {"steps", "batch_size", "lr", "seed", "init", "dtype", "log_every"},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def project_simplex(X: np.ndarray) -> np.ndarray:
+    """Euclidean projection of every row onto the probability simplex.
+
+    Sort-based (Held et al. / Duchi et al.): with ``u`` the row sorted descending and
+    ``rho`` the last index where ``u_rho > (sum_{i<=rho} u_i - 1) / (rho + 1)``, the projection
+    is ``max(x - theta, 0)`` with ``theta = (sum_{i<=rho} u_i - 1) / (rho + 1)``.
+
+    Args:
+        X: ``[..., S]`` finite.
+
+    Returns:
+        ``[..., S]`` float64, each row non-negative and summing to 1.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    if X.shape[-1] == 0:
+        raise ValueError("cannot project an empty vector onto the simplex")
+    u = -np.sort(-X, axis=-1)
+    css = np.cumsum(u, axis=-1) - 1.0
+    k = np.arange(1, X.shape[-1] + 1, dtype=np.float64)
+    cond = u - css / k > 0
+    # cond is True on a prefix (k = 1 always qualifies), so its count locates rho.
+    rho = cond.sum(axis=-1, keepdims=True) - 1
+    theta = np.take_along_axis(css, rho, axis=-1) / (rho + 1.0)
+    return np.maximum(X - theta, 0.0)
+
+
+def _check_qm(Q: np.ndarray, M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate ``Q[L, S, A]`` and ``M[L, S]`` and return them as float64."""
+    Q = np.asarray(Q, dtype=np.float64)
+    M = np.asarray(M, dtype=np.float64)
+    if Q.ndim != 3:
+        raise ValueError(f"Q must have shape [L, S, A], got {Q.shape}")
+    if M.ndim != 2:
+        raise ValueError(f"M must have shape [L, S], got {M.shape}")
+    if Q.shape[:2] != M.shape:
+        raise ValueError(
+            f"Q [L, S, A] = {Q.shape} and M [L, S] = {M.shape} disagree on L or S "
+            "(Q is indexed [goal, state, action], M [goal, next state])"
+        )
+    if not (np.isfinite(Q).all() and np.isfinite(M).all()):
+        raise ValueError("Q and M must be finite")
+    return Q, M
+
+
+def _pairs(Q: np.ndarray) -> np.ndarray:
+    """``Q[L, S, A]`` -> ``[L, K]`` with column ``k = s * A + a``."""
+    L, S, A = Q.shape
+    return Q.reshape(L, S * A)
+
+
+def _unpairs(X: np.ndarray, S: int, A: int) -> np.ndarray:
+    """``[K, S]`` rows of next-state vectors -> ``[S, A, S]``."""
+    return X.reshape(S, A, S)
+
+
+def _residuals(Q: np.ndarray, M: np.ndarray, P_hat: np.ndarray) -> np.ndarray:
+    """``[S, A]`` Euclidean norm over goals of ``Q(s, a) - M P_hat(s, a)``."""
+    pred = np.einsum("sat,lt->lsa", P_hat, M, optimize=True)
+    return np.linalg.norm(Q - pred, axis=0)
+
+
+def _sum_weight(M: np.ndarray, sum_weight: float | None) -> float:
+    # The sum-to-one row is weighted like the largest entry of M so it is neither ignored
+    # nor dominant when Q is noisy; for exact Q any positive weight gives the same answer.
+    return float(sum_weight) if sum_weight is not None else max(1.0, float(np.abs(M).max()))
+
+
+# --------------------------------------------------------------------------------------------
+# methods: each takes Q[L, S, A], M[L, S] and returns (P_hat[S, A, S], info)
+# --------------------------------------------------------------------------------------------
+
+
+def _extract_pinv(Q, M, rcond=None):
+    L, S, A = Q.shape
+    pinv = np.linalg.pinv(M) if rcond is None else np.linalg.pinv(M, rcond=rcond)  # [S, L]
+    raw = _unpairs((pinv @ _pairs(Q)).T, S, A)
+    return project_simplex(raw), {"unprojected": raw}
+
+
+def _extract_known_support(Q, M, support=None, sum_weight=None):
+    L, S, A = Q.shape
+    if support is None:
+        raise ValueError("method 'known_support' needs the option support=bool[S, A, S]")
+    support = np.asarray(support, dtype=bool)
+    if support.shape != (S, A, S):
+        raise ValueError(f"support must have shape [S, A, S] = {(S, A, S)}, got {support.shape}")
+    if not support.any(axis=-1).all():
+        s, a = np.argwhere(~support.any(axis=-1))[0]
+        raise ValueError(f"support[{s}, {a}] is empty: every (s, a) needs at least one next state")
+    w = _sum_weight(M, sum_weight)
+    aug = np.vstack([M, np.full((1, S), w)])  # [L + 1, S]: the affine system [M; 1] p = [Q; 1]
+    raw = np.zeros((S, A, S))
+    for s in range(S):
+        for a in range(A):
+            cols = np.flatnonzero(support[s, a])
+            rhs = np.append(Q[:, s, a], w)
+            raw[s, a, cols] = np.linalg.lstsq(aug[:, cols], rhs, rcond=None)[0]
+    # Project on the support only: mass outside it is known to be zero.
+    P_hat = np.zeros_like(raw)
+    for s in range(S):
+        for a in range(A):
+            cols = np.flatnonzero(support[s, a])
+            P_hat[s, a, cols] = project_simplex(raw[s, a, cols])
+    return P_hat, {"unprojected": raw}
+
+
+def _num_subsets(S: int, N: int) -> int:
+    return sum(math.comb(S, k) for k in range(1, N + 1))
+
+
+def _support_search(aug, rhs, N, tol_abs, chunk_size):
+    """Exhaustive search over supports of size 1..N for each column of ``rhs``.
+
+    Args:
+        aug: ``[L + 1, S]`` the augmented matrix ``[M; w 1]``.
+        rhs: ``[L + 1, U]`` the augmented targets ``[Q; w]`` of U pairs.
+        N: largest support size.
+        tol_abs: ``[U]`` residual below which a non-negative solution counts as exact.
+        chunk_size: subsets per batch (bounds memory at ``chunk_size * (L + 1) * U`` floats).
+
+    Returns:
+        ``X[U, S]`` the chosen solutions (not yet projected) and ``exact[U]`` bool.
+    """
+    Lp1, S = aug.shape
+    U = rhs.shape[1]
+    X = np.zeros((U, S))
+    exact = np.zeros(U, dtype=bool)
+    best_exact = np.full(U, np.inf)  # residual of the best exact candidate at the smallest size
+    best_valid = np.full(U, np.inf)  # fallback for noisy Q: best non-negative candidate
+    best_any = np.full(U, np.inf)  # last resort: best candidate at all
+    X_valid = np.zeros((U, S))
+    X_any = np.zeros((U, S))
+    # Non-negativity is judged up to round-off of the solve.
+    neg_tol = 1e-9
+    for k in range(1, N + 1):
+        todo = ~exact  # a pair exact at size k keeps it: the smallest support wins
+        if not todo.any():
+            break
+        b = rhs[:, todo]
+        idx_todo = np.flatnonzero(todo)
+        found_k_res = np.full(len(idx_todo), np.inf)
+        found_k_X = np.zeros((len(idx_todo), S))
+        combos = itertools.combinations(range(S), k)
+        while True:
+            J = np.array(list(itertools.islice(combos, chunk_size)), dtype=np.int64).reshape(-1, k)
+            if len(J) == 0:
+                break
+            A_J = aug[:, J].transpose(1, 0, 2)  # [n, L + 1, k]
+            p = np.linalg.pinv(A_J) @ b  # [n, k, u]: least squares (min norm if k > L + 1)
+            res = np.linalg.norm(A_J @ p - b, axis=1)  # [n, u]
+            valid = p.min(axis=1) >= -neg_tol
+            # Best candidate per pair in this chunk, three ways.
+            for score, store_res, store_X, mask in (
+                (np.where(valid & (res <= tol_abs[todo]), res, np.inf), found_k_res, found_k_X, None),
+                (np.where(valid, res, np.inf), best_valid, X_valid, idx_todo),
+                (res, best_any, X_any, idx_todo),
+            ):
+                j = np.argmin(score, axis=0)  # [u]
+                r = score[j, np.arange(len(idx_todo))]
+                cur = store_res if mask is None else store_res[mask]
+                better = r < cur
+                if not better.any():
+                    continue
+                rows = np.flatnonzero(better)
+                sol = np.zeros((len(rows), S))
+                np.put_along_axis(sol, J[j[rows]], p[j[rows], :, rows], axis=1)
+                if mask is None:
+                    store_res[rows] = r[rows]
+                    store_X[rows] = sol
+                else:
+                    store_res[mask[rows]] = r[rows]
+                    store_X[mask[rows]] = sol
+        hit = np.isfinite(found_k_res)
+        X[idx_todo[hit]] = found_k_X[hit]
+        best_exact[idx_todo[hit]] = found_k_res[hit]
+        exact[idx_todo[hit]] = True
+    miss = ~exact
+    use_valid = miss & np.isfinite(best_valid)
+    X[use_valid] = X_valid[use_valid]
+    X[miss & ~use_valid] = X_any[miss & ~use_valid]
+    return X, exact
+
+
+def _extract_sparse_search(
+    Q, M, max_support=None, tol=1e-8, max_subsets=250_000, sum_weight=None, chunk_size=2048
+):
+    L, S, A = Q.shape
+    if max_support is None:
+        raise ValueError("method 'sparse_search' needs the option max_support=N (largest support size)")
+    N = int(max_support)
+    if not 1 <= N <= S:
+        raise ValueError(f"max_support must lie in [1, S={S}], got {max_support}")
+    w = _sum_weight(M, sum_weight)
+    aug = np.vstack([M, np.full((1, S), w)])  # [L + 1, S]
+    rhs = np.vstack([_pairs(Q), np.full((1, S * A), w)])  # [L + 1, K]
+    tol_abs = tol * (1.0 + np.linalg.norm(rhs, axis=0))  # [K]
+    K = S * A
+    X = np.zeros((K, S))
+    how = np.empty(K, dtype=object)
+
+    # 1) NNLS on [M; w 1] p = [Q; w]. Under general position with L >= 2N - 1 an exact
+    #    solution with at most N non-zeros is the unique N-sparse one (two of them would
+    #    differ by a 2N-sparse null vector of [M; 1]), so it is accepted as is.
+    for k in range(K):
+        x, rnorm = nnls(aug, rhs[:, k], maxiter=50 * S)
+        X[k] = x
+        how[k] = "nnls" if (np.count_nonzero(x > 1e-10) <= N and rnorm <= tol_abs[k]) else ""
+    todo = np.flatnonzero(how == "")
+
+    # 2) The rest: exhaustive search over supports while it is affordable, else greedy
+    #    (keep the N largest NNLS weights and refit on them).
+    if len(todo) and _num_subsets(S, N) <= max_subsets:
+        X[todo], exact = _support_search(aug, rhs[:, todo], N, tol_abs[todo], chunk_size)
+        how[todo] = np.where(exact, "search", "search_inexact")
+    elif len(todo):
+        for k in todo:
+            cols = np.argsort(-X[k])[:N]
+            x = np.zeros(S)
+            x[cols] = nnls(aug[:, cols], rhs[:, k], maxiter=50 * N)[0]
+            X[k] = x
+            how[k] = "greedy"
+    P_hat = project_simplex(_unpairs(X, S, A))
+    counts = {f"num_{h}": int(np.sum(how == h)) for h in ("nnls", "search", "search_inexact", "greedy")}
+    return P_hat, {"unprojected": _unpairs(X, S, A), "path": how.reshape(S, A), **counts}
+
+
+def _extract_column_match(Q, M, chunk_size=4096):
+    L, S, A = Q.shape
+    q = _pairs(Q).T  # [K, L]
+    idx = np.empty(S * A, dtype=np.int64)
+    dist = np.empty(S * A)
+    # Direct differences (not the |q|^2 - 2 q.m + |m|^2 expansion) keep close columns apart.
+    for start in range(0, S * A, chunk_size):
+        d = np.linalg.norm(q[start : start + chunk_size, :, None] - M[None], axis=1)  # [k, S]
+        idx[start : start + chunk_size] = np.argmin(d, axis=1)
+        dist[start : start + chunk_size] = d.min(axis=1)
+    P_hat = np.zeros((S * A, S))
+    P_hat[np.arange(S * A), idx] = 1.0
+    return _unpairs(P_hat, S, A), {"match_distance": dist.reshape(S, A)}
+
+
+def _extract_sgd(Q, M, steps=3000, batch_size=4096, lr=0.05, seed=0, init="uniform", dtype="float32", log_every=1):
+    """P-learning: Adam on per-(s, a) softmax logits with minibatches of (g, s, a)."""
+    import torch  # only this method needs it
+
+    L, S, A = Q.shape
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    gen = torch.Generator().manual_seed(int(seed))
+    if init == "uniform":
+        logits0 = torch.zeros(S * A, S, dtype=tdtype)
+    elif init == "random":
+        logits0 = 0.01 * torch.randn(S * A, S, generator=gen, dtype=tdtype)
+    else:
+        raise ValueError(f"unknown sgd init {init!r}; allowed: uniform, random")
+    logits = torch.nn.Parameter(logits0)
+    M_t = torch.as_tensor(M, dtype=tdtype)  # [L, S]
+    Q_t = torch.as_tensor(_pairs(Q), dtype=tdtype)  # [L, K]
+    opt = torch.optim.Adam([logits], lr=lr)
+    curve = []
+    for step in range(int(steps)):
+        g = torch.randint(L, (batch_size,), generator=gen)
+        k = torch.randint(S * A, (batch_size,), generator=gen)  # k = s * A + a: uniform (s, a)
+        pred = (torch.softmax(logits[k], dim=-1) * M_t[g]).sum(-1)
+        loss = torch.mean((pred - Q_t[g, k]) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % log_every == 0:
+            curve.append(loss.item())
+    with torch.no_grad():
+        P_hat = torch.softmax(logits, dim=-1).double().numpy()
+    # softmax rows sum to 1 up to float32 round-off; renormalise in float64.
+    P_hat = P_hat / P_hat.sum(axis=-1, keepdims=True)
+    return _unpairs(P_hat, S, A), {"loss_curve": np.asarray(curve)}
+
+
+_METHOD_FNS = {
+    "pinv": _extract_pinv,
+    "known_support": _extract_known_support,
+    "sparse_search": _extract_sparse_search,
+    "column_match": _extract_column_match,
+    "sgd": _extract_sgd,
+}
+
+
+def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False, **options: Any):
+    """Extract the world model ``P_hat`` from goal-conditioned Q-values.
+
+    Args:
+        Q: ``[L, S, A]`` Q-values of L goals.
+        M: ``[L, S]`` with ``M[g, s'] = r_g(s') + gamma (1 - term_g(s')) V_g(s')``.
+        method: one of ``METHODS``.
+        return_info: also return a dict of diagnostics.
+        **options: per method —
+            pinv: ``rcond`` (pseudo-inverse cutoff);
+            known_support: ``support`` (bool ``[S, A, S]``, required), ``sum_weight``;
+            sparse_search: ``max_support`` (N, required), ``tol`` (relative residual of an exact
+            fit, 1e-8), ``max_subsets`` (exhaustive search only while the number of supports
+            of size <= N is at most this, else greedy; 250000), ``sum_weight``, ``chunk_size``;
+            column_match: ``chunk_size``;
+            sgd: ``steps`` (3000), ``batch_size`` (4096), ``lr`` (Adam, 0.05), ``seed`` (0),
+            ``init`` ("uniform" | "random"), ``dtype`` ("float32" | "float64"), ``log_every`` (1).
+
+    Returns:
+        ``P_hat[S, A, S]`` (rows are probability vectors), or ``(P_hat, info)`` with
+        ``return_info``: ``info["residuals"]`` ``[S, A]`` = ``||Q(s,a) - M P_hat(s,a)||_2``,
+        ``info["fit_seconds"]``, plus per method: ``unprojected`` ``[S, A, S]`` (pinv,
+        known_support, sparse_search), ``loss_curve`` ``[steps]`` (sgd), ``match_distance``
+        ``[S, A]`` (column_match), ``path`` ``[S, A]`` and ``num_*`` counts (sparse_search).
+
+    Raises:
+        ValueError: unknown method or option, bad shapes, a missing required option.
+    """
+    if method not in _METHOD_FNS:
+        raise ValueError(f"unknown extraction method {method!r}; allowed: {', '.join(METHODS)}")
+    unknown = sorted(set(options) - _OPTIONS[method])
+    if unknown:
+        raise ValueError(
+            f"method {method!r} got unknown options {unknown}; allowed: {sorted(_OPTIONS[method]) or 'none'}"
+        )
+    Q, M = _check_qm(Q, M)
+    t0 = time.perf_counter()
+    P_hat, info = _METHOD_FNS[method](Q, M, **options)
+    info[metrics.FIT_SECONDS] = time.perf_counter() - t0
+    if not return_info:
+        return P_hat
+    info["residuals"] = _residuals(Q, M, P_hat)
+    return P_hat, info
+
+
+# --------------------------------------------------------------------------------------------
+# identifiability
+# --------------------------------------------------------------------------------------------
+
+
+def _subsets(S: int, k: int, max_checks: int, rng: np.random.Generator) -> np.ndarray:
+    """All k-subsets of range(S) when there are at most ``max_checks``, else a random sample."""
+    if math.comb(S, k) <= max_checks:
+        return np.array(list(itertools.combinations(range(S), k)), dtype=np.int64).reshape(-1, k)
+    return np.sort(np.argsort(rng.random((max_checks, S)), axis=1)[:, :k], axis=1)
+
+
+def _independent(aug: np.ndarray, J: np.ndarray, tol: float, chunk: int = 4096) -> bool:
+    """True when for every row of ``J`` the columns ``aug[:, J]`` are linearly independent."""
+    if J.shape[1] > aug.shape[0]:
+        return False
+    for start in range(0, len(J), chunk):
+        sv = np.linalg.svd(aug[:, J[start : start + chunk]].transpose(1, 0, 2), compute_uv=False)
+        if np.any(sv[:, -1] <= tol * sv[:, 0]):
+            return False
+    return True
+
+
+def diagnose(
+    M: np.ndarray,
+    max_support: int | None = None,
+    deterministic: bool = False,
+    known_support: bool | np.ndarray = False,
+    tol: float = 1e-10,
+    max_checks: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Identifiability diagnosis of ``M``: which Table-1 case (if any) guarantees recovery.
+
+    The assumptions describe what is known about the true P (they are not checked):
+    ``deterministic``; ``max_support`` N (at most N next states per (s, a));
+    ``known_support`` (True: the support is known; or the bool ``[S, A, S]`` support itself,
+    then affine independence is checked on exactly those supports).
+
+    Cases, first match wins (the assumption-free case first):
+
+    - "stochastic": rank M = S (needs L >= S); pinv recovers any P.
+    - "deterministic": ``deterministic`` and the columns of M are distinct (gap > tol scale).
+    - "sparse_known": ``max_support`` and ``known_support``, L >= N - 1 and the columns of
+      ``[M; 1]`` on each support (every N-subset when the support is only ``True``) are
+      linearly independent, i.e. the columns of M there are affinely independent.
+    - "sparse_unknown": ``max_support``, unknown support, L >= 2N - 1 and any min(2N, S)
+      columns of ``[M; 1]`` linearly independent (general position).
+    - "not identifiable": none of the above.
+
+    Subset conditions are checked exhaustively when there are at most ``max_checks`` subsets,
+    else on ``max_checks`` random subsets (drawn with ``seed``): a pass is then evidence,
+    not proof; a failure is always a real counterexample.
+
+    Args:
+        M: ``[L, S]``.
+        tol: relative tolerance: a singular value below ``tol * largest`` counts as zero,
+            columns closer than ``tol * max(1, |M|max)`` as equal.
+
+    Returns:
+        dict with ``m_rank`` (int), ``m_cond`` (largest / smallest of the min(L, S) singular
+        values; inf when one is zero), ``m_gap`` (smallest Euclidean distance between two
+        columns of M; inf when S = 1), ``identifiable_case``, ``num_goals`` (L), ``num_states`` (S).
+    """
+    M = np.asarray(M, dtype=np.float64)
+    if M.ndim != 2:
+        raise ValueError(f"M must have shape [L, S], got {M.shape}")
+    L, S = M.shape
+    sv = np.linalg.svd(M, compute_uv=False)
+    rank = int(np.sum(sv > tol * sv[0])) if sv[0] > 0 else 0
+    cond = float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf")
+    gap = float(pdist(M.T).min()) if S > 1 else float("inf")
+    scale = max(1.0, float(np.abs(M).max()))
+    aug = np.vstack([M, np.ones((1, S))])
+    rng = np.random.default_rng(seed)
+
+    case = "not identifiable"
+    if rank == S:
+        case = "stochastic"
+    elif deterministic and gap > tol * scale:
+        case = "deterministic"
+    elif max_support is not None:
+        N = int(max_support)
+        if known_support is not False and known_support is not None:
+            if isinstance(known_support, (bool, np.bool_)):
+                J = _subsets(S, min(N, S), max_checks, rng)
+            else:
+                supp = np.asarray(known_support, dtype=bool)
+                if supp.ndim != 3 or supp.shape[-1] != S:
+                    raise ValueError(f"known_support must be a bool or a bool [S, A, S] support, got {supp.shape}")
+                J = [np.flatnonzero(r) for r in np.unique(supp.reshape(-1, S), axis=0)]
+                N = max(len(j) for j in J)
+            ok = L >= N - 1
+            if ok and isinstance(J, list):
+                by_size: dict[int, list] = {}
+                for j in J:
+                    by_size.setdefault(len(j), []).append(j)
+                ok = all(_independent(aug, np.array(js), tol) for js in by_size.values())
+            elif ok:
+                ok = _independent(aug, J, tol)
+            if ok:
+                case = "sparse_known"
+        elif L >= 2 * N - 1 and _independent(aug, _subsets(S, min(2 * N, S), max_checks, rng), tol):
+            case = "sparse_unknown"
+    return {
+        metrics.M_RANK: rank,
+        metrics.M_COND: cond,
+        metrics.M_GAP: gap,
+        metrics.IDENTIFIABLE_CASE: case,
+        metrics.NUM_GOALS: L,
+        metrics.NUM_STATES: S,
+    }

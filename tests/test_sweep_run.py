@@ -1,0 +1,233 @@
+"""Sweeps end to end with a real Ray, real checkpoints, real parquet and real W&B run files.
+
+Each sweep runs as the user runs it (`python -m qworld.cli sweep ...` in a subprocess with
+its own local Ray), so killing its driver is a real kill.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from qworld import metrics as K
+from qworld.sweep import store
+from qworld.sweep.run import list_checkpoints, list_trials
+from qworld.sweep.score import LOAD_METHOD, checkpoint_index, score_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "tune_configs" / "smoke.yaml"
+METHODS = ("pinv", "column_match")
+
+pytestmark = pytest.mark.ray
+
+
+def qworld(*args, timeout=600, check=True, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "qworld.cli", *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qworld {args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def assert_scored_once(experiment_dir: Path, methods=METHODS) -> pd.DataFrame:
+    """Every checkpoint on disk has exactly one row per method, and nothing else is there."""
+    rows = store.read_store(experiment_dir)
+    on_disk = {(t, checkpoint_index(c)) for t, c, _ in list_checkpoints(experiment_dir)}
+    assert on_disk, "no checkpoints were written"
+    keys = set(zip(rows[K.TRIAL_ID], rows[K.CHECKPOINT_INDEX]))
+    assert keys == on_disk
+    per_key = rows.groupby([K.TRIAL_ID, K.CHECKPOINT_INDEX])[K.METHOD].apply(sorted)
+    assert all(list(m) == sorted(methods) for m in per_key), per_key
+    assert len(rows) == len(on_disk) * len(methods)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory) -> Path:
+    storage = tmp_path_factory.mktemp("storage")
+    proc = qworld("sweep", SMOKE, "--storage", storage)
+    assert "scored" in proc.stdout
+    return storage / "smoke"
+
+
+def test_smoke_sweep_scores_every_checkpoint_once(smoke_dir):
+    rows = assert_scored_once(smoke_dir)
+    trials = list_trials(smoke_dir)
+    assert len(trials) == 2  # the two grid cells of smoke.yaml
+    assert set(rows[K.VARIANT]) == {"deterministic", "windy"}
+    assert (rows[K.NUM_GOALS] == 8).all()
+    assert rows[K.ERROR].isna().all(), rows[K.ERROR].dropna().tolist()
+    for col in (K.P_MSE, K.P_TV, K.Q_NMSE, K.M_RANK, K.ENV_STEPS):
+        assert rows[col].notna().all(), col
+    assert ((rows[K.P_MSE] >= 0) & (rows[K.P_MSE] < 1)).all()
+    assert "corner_9_9_doorway/plan_success" in rows.columns
+    # env steps grow with the checkpoint index within each trial
+    for _, g in rows[rows[K.METHOD] == "pinv"].groupby(K.TRIAL_ID):
+        assert g.sort_values(K.CHECKPOINT_INDEX)[K.ENV_STEPS].is_monotonic_increasing
+
+
+def test_wandb_offline_runs_hold_the_logged_keys(smoke_dir):
+    from wandb.sdk.internal.datastore import DataStore
+    from wandb.proto import wandb_internal_pb2
+
+    runs = sorted((smoke_dir / "wandb").glob("offline-run-*"))
+    trial_ids = {t for t, _ in list_trials(smoke_dir)}
+    assert len(runs) >= len(trial_ids)
+    seen_ids, logged_keys = set(), set()
+    for run in runs:
+        [wandb_file] = run.glob("*.wandb")
+        ds = DataStore()
+        ds.open_for_scan(str(wandb_file))
+        while True:
+            data = ds.scan_data()
+            if data is None:
+                break
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(data)
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                seen_ids.add(record.run.run_id)
+                assert record.run.group == "smoke"
+                assert any(t.startswith("variant=") for t in record.run.tags)
+            elif kind == "history":
+                logged_keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
+    assert trial_ids <= seen_ids
+    assert K.TRAIN_ENV_STEPS in logged_keys
+    assert any("td_loss" in k for k in logged_keys), sorted(logged_keys)[:50]
+
+
+def test_status_and_rescore_without_duplicates(smoke_dir, tmp_path):
+    work = tmp_path / "smoke"
+    shutil.copytree(smoke_dir, work)
+    out = qworld("status", work).stdout
+    assert "2 trials" in out and "scored" in out
+    before = store.read_store(work)
+    qworld("extract", work, "--methods", "pinv", "column_match", "sparse_search")
+    after = assert_scored_once(work, methods=("pinv", "column_match", "sparse_search"))
+    merged = before.merge(after, on=[K.TRIAL_ID, K.CHECKPOINT_INDEX, K.METHOD], suffixes=("", "_new"))
+    assert (merged[K.P_MSE] - merged[f"{K.P_MSE}_new"]).abs().max() < 1e-12  # same Q, same P^
+
+
+def test_corrupt_checkpoint_gives_an_error_row_and_the_rest_are_scored(smoke_dir, tmp_path):
+    work = tmp_path / "smoke"
+    shutil.copytree(smoke_dir, work)
+    trial_id, victim, _ = list_checkpoints(work)[0]
+    for f in Path(victim).rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"not a checkpoint")
+    direct = score_checkpoint(victim, sweep="smoke", trial_id=trial_id, methods=METHODS)
+    assert direct[0][K.METHOD] == LOAD_METHOD and direct[0][K.ERROR]
+    qworld("extract", work)
+    rows = store.read_store(work)
+    bad = rows[(rows[K.TRIAL_ID] == trial_id) & (rows[K.CHECKPOINT_INDEX] == checkpoint_index(victim))]
+    assert list(bad[K.METHOD]) == [LOAD_METHOD] and bad[K.ERROR].notna().all()
+    good = rows[rows[K.METHOD] != LOAD_METHOD]
+    assert good[K.ERROR].isna().all() and len(good) == (len(list_checkpoints(work)) - 1) * len(METHODS)
+
+
+def test_killed_plearning_actor_restarts_and_scores_each_checkpoint_once(smoke_dir, tmp_path, ray_session):
+    import ray
+
+    from qworld.sweep.plearn_actor import PLearningPool
+
+    work = tmp_path / "smoke"
+    shutil.copytree(smoke_dir, work)
+    shutil.rmtree(store.store_path(work))
+    pool = PLearningPool(work, "smoke-kill", METHODS, size=1)
+    pid_before = ray.get(pool.actors[0].pid.remote())
+    for trial_id, ckpt, steps in list_checkpoints(work):
+        pool.submit(trial_id, ckpt, steps)
+    os.kill(pid_before, signal.SIGKILL)  # mid-queue: the first score is running or queued
+    pool.drain(timeout=300)
+    assert not pool.pending
+    assert ray.get(pool.actors[0].pid.remote()) != pid_before  # it was restarted
+    assert_scored_once(work)
+    ray.kill(pool.actors[0], no_restart=True)
+
+
+def _find_pids(pattern: str) -> list[int]:
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["name"] or "")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if pattern in text:
+            out.append(proc.info["pid"])
+    return out
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_trial_worker_is_retried_and_the_sweep_completes(tmp_path):
+    storage = tmp_path / "storage"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE), "--storage", str(storage),
+           "--set", "stop.env_steps=8192", "--set", "sweep.variant=[windy]", "--set", "wandb.mode=disabled"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    experiment = storage / "smoke"
+    try:
+        _wait_for(lambda: list(experiment.glob("*/checkpoint_*")), 300, "a first checkpoint")
+        victims = _find_pids("ray::PQN")
+        assert victims, "no trial worker process found"
+        os.kill(victims[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    [(trial_id, trial_dir)] = list_trials(experiment)
+    assert (trial_dir / "error.txt").exists() or "failure" in out.lower() or "error" in out.lower()
+    rows = assert_scored_once(experiment)
+    assert rows[K.ENV_STEPS].max() >= 8192
+
+
+def test_killed_driver_resumes_without_retraining_finished_trials(tmp_path):
+    storage = tmp_path / "storage"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE), "--storage", str(storage),
+           "--set", "stop.env_steps=16384", "--set", "resources.max_concurrent_trials=1",
+           "--set", "wandb.mode=disabled"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    experiment = storage / "smoke"
+
+    def first_trial_done():
+        return any((d / "checkpoint_000002").exists() for d in experiment.glob("PQN_*")) or len(
+            list(experiment.glob("PQN_*"))) >= 2
+
+    try:
+        _wait_for(first_trial_done, 400, "the first trial to finish")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+    finished_before = {}
+    for trial_id, trial_dir in list_trials(experiment):
+        finished_before[trial_id] = sum(1 for _ in (trial_dir / "result.json").open())
+    qworld("resume", experiment, timeout=600)
+    trials = list_trials(experiment)
+    assert len(trials) == 2
+    for trial_id, trial_dir in trials:
+        iterations = [int(l.split('"training_iteration": ')[1].split(",")[0])
+                      for l in (trial_dir / "result.json").open() if l.strip()]
+        # resumed, never retrained: iteration numbers never go back to the start
+        assert iterations == sorted(iterations) and len(set(iterations)) == len(iterations)
+    assert_scored_once(experiment)
