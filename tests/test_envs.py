@@ -455,7 +455,7 @@ def test_batched_reset_distribution():
     env = make_batched(ENV_ID, n, seed=0, num_goals=2, goal_seed=5)
     out = env.reset()
     goal, state = out["goal"], out["obs"].argmax(1)
-    goal_states = torch.as_tensor(env.task.goals.goal_states)
+    goal_states = torch.tensor(env.task.goals.goal_states)
     assert abs(goal.double().mean().item() - 0.5) < 0.01
     assert not (state == goal_states[goal]).any()  # never start on the goal
     freq = torch.bincount(state[goal == 0], minlength=68).double() / (goal == 0).sum()

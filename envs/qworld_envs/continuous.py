@@ -389,6 +389,7 @@ class ContinuousGoalEnv(gymnasium.Env):
         return dyn.step_fn(s, torch.tensor([action]), noise)[0].numpy()
 
     def _set_state(self, state: np.ndarray) -> None:
+        """Put the env in world-model state ``[d]`` (on reset)."""
         self._state = np.asarray(state, dtype=np.float64).copy()
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -414,7 +415,7 @@ class ContinuousGoalEnv(gymnasium.Env):
     def step(self, action):
         if not self.action_space.contains(action):
             raise ValueError(f"invalid action {action!r} for {self.action_space}")
-        self._set_state(self._advance(int(action)))
+        self._state = self._advance(int(action))
         self._t += 1
         s2 = torch.as_tensor(self._state)[None]
         rewards, terminals = self.task.goals.rewards_terminals(s2)

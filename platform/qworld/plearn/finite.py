@@ -236,6 +236,37 @@ def _support_search(aug, rhs, N, tol_abs, chunk_size):
     return X, exact
 
 
+def _backward_elimination(aug, b, x, N, tol_abs, max_tries=8):
+    """Shrink an exact non-negative solution to at most N non-zeros, or return None.
+
+    Drops one column at a time, smallest weight first, keeping the drop only if NNLS on the
+    remaining columns still fits exactly: the true N-sparse solution stays feasible as long as
+    no column of its support is dropped, so when exact fits survive down to N columns they are
+    the unique N-sparse one (general position, L >= 2N - 1).
+
+    Args:
+        aug: ``[L + 1, S]``; b: ``[L + 1]``; x: ``[S]`` exact NNLS solution; tol_abs: float.
+    """
+    S = aug.shape[1]
+    allowed = np.ones(S, dtype=bool)
+    for _ in range(S):
+        support = np.flatnonzero(x > 1e-10)
+        if len(support) <= N:
+            return x
+        for j in support[np.argsort(x[support])][:max_tries]:
+            trial = allowed.copy()
+            trial[j] = False
+            cols = np.flatnonzero(trial)
+            y, rnorm = nnls(aug[:, cols], b, maxiter=50 * S)
+            if rnorm <= tol_abs:
+                allowed, x = trial, np.zeros(S)
+                x[cols] = y
+                break
+        else:
+            return None
+    return None
+
+
 def _extract_sparse_search(
     Q, M, max_support=None, tol=1e-8, max_subsets=250_000, sum_weight=None, chunk_size=2048
 ):
@@ -269,13 +300,16 @@ def _extract_sparse_search(
         how[todo] = np.where(exact, "search", "search_inexact")
     elif len(todo):
         for k in todo:
+            x = _backward_elimination(aug, rhs[:, k], X[k], N, tol_abs[k])
+            if x is not None:
+                X[k], how[k] = x, "elimination"
+                continue
             cols = np.argsort(-X[k])[:N]
             x = np.zeros(S)
             x[cols] = nnls(aug[:, cols], rhs[:, k], maxiter=50 * N)[0]
-            X[k] = x
-            how[k] = "greedy"
+            X[k], how[k] = x, "greedy"
     P_hat = project_simplex(_unpairs(X, S, A))
-    counts = {f"num_{h}": int(np.sum(how == h)) for h in ("nnls", "search", "search_inexact", "greedy")}
+    counts = {f"num_{h}": int(np.sum(how == h)) for h in ("nnls", "search", "search_inexact", "elimination", "greedy")}
     return P_hat, {"unprojected": _unpairs(X, S, A), "path": how.reshape(S, A), **counts}
 
 

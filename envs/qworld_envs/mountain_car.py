@@ -1,0 +1,215 @@
+"""Goal-conditioned MountainCar: gymnasium's MountainCar-v0 physics, rewards replaced.
+
+Shapes: N states, L goals. State ``(p, v)`` in ``[-1.2, 0.6] x [-0.07, 0.07]``; actions
+0 push left, 1 no push, 2 push right.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+
+from qworld_envs.continuous import (
+    MOUNTAIN_CAR_ID,
+    BatchedContinuousEnv,
+    ContinuousDynamics,
+    ContinuousGoalEnv,
+    ContinuousGoals,
+    ContinuousTask,
+    resolve_kwargs,
+)
+
+MIN_POSITION = -1.2
+MAX_POSITION = 0.6
+MAX_SPEED = 0.07
+FORCE = 0.001
+GRAVITY = 0.0025
+GOAL_TYPES = ("position", "velocity")
+# Sparse radius a per goal family, and the gaussian sigma: 0.1 on p; on v the same
+# fraction of the range, 0.1 * (2 * 0.07) / 1.8 = 0.00778.
+THRESHOLDS = {"position": 0.1, "velocity": 0.01}
+SIGMAS = {"position": 0.1, "velocity": 0.1 * (2 * MAX_SPEED) / (MAX_POSITION - MIN_POSITION)}
+_FEATURE_DIM = {"position": 0, "velocity": 1}
+_RANGES = {"position": (MIN_POSITION, MAX_POSITION), "velocity": (-MAX_SPEED, MAX_SPEED)}
+
+DEFAULTS: dict[str, Any] = {
+    "goal_type": "position",  # GOAL_TYPES: goals on p or on v
+    "num_goals": 4,  # L; centers linspace(low, high, L) of the goal dim
+    "goal_seed": 0,  # unused: continuous goals are placed deterministically
+    "goal_centers": None,  # explicit [L] centers (overrides num_goals)
+    "reward": "sparse",  # sparse (indicator, ends the episode) | gaussian (never ends)
+    "threshold": None,  # sparse radius a; None = THRESHOLDS[goal_type]
+    "sigma": None,  # gaussian scale; None = SIGMAS[goal_type]
+    "action_noise": 0.0,  # std of the force noise, in units of FORCE (stochastic variant)
+    "max_episode_steps": 200,
+}
+
+
+def mountain_car_step(
+    state: torch.Tensor,
+    action: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    *,
+    action_noise: float = 0.0,
+    force: float = FORCE,
+    gravity: float = GRAVITY,
+) -> torch.Tensor:
+    """One MountainCar-v0 step for a batch (gymnasium's update, operation for operation).
+
+    ``v' = clip(v + ((a - 1 + action_noise * xi) * force - cos(3 p) * gravity), +-0.07)``,
+    ``p' = clip(p + v', -1.2, 0.6)``, and ``v' = 0`` when ``p'`` hits the left wall
+    moving left.
+
+    Args:
+        state: ``[N, 2]`` (p, v).
+        action: ``[N]`` integer actions in {0, 1, 2}.
+        noise: ``[N, 1]`` standard normals xi, or None (no noise).
+        action_noise: std of the force noise in units of ``force``.
+        force, gravity: physics constants (``force=0`` gives the no-force baseline).
+
+    Returns:
+        ``[N, 2]`` next states, dtype of ``state``.
+    """
+    p, v = state[..., 0], state[..., 1]
+    push = action.to(state.dtype) - 1.0
+    if noise is not None and action_noise:
+        push = push + action_noise * noise[..., 0]
+    v = v + (push * force + torch.cos(3 * p) * (-gravity))
+    v = v.clamp(-MAX_SPEED, MAX_SPEED)
+    p = (p + v).clamp(MIN_POSITION, MAX_POSITION)
+    v = torch.where((p == MIN_POSITION) & (v < 0), torch.zeros_like(v), v)
+    return torch.stack([p, v], -1)
+
+
+def mountain_car_no_force_step(state: torch.Tensor, action: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N, 2]``: the dynamics with force 0 (the no-force baseline model)."""
+    return mountain_car_step(state, action, None, force=0.0)
+
+
+def mountain_car_reset(u: torch.Tensor) -> torch.Tensor:
+    """Start states ``[N, 2]`` from uniforms ``u [N, 1]``: p ~ U[-0.6, -0.4], v = 0 (as gymnasium)."""
+    p = -0.6 + 0.2 * u[:, 0]
+    return torch.stack([p, torch.zeros_like(p)], -1)
+
+
+def mountain_car_observe(state: torch.Tensor) -> torch.Tensor:
+    """The observation is the state ``[N, 2]`` itself."""
+    return state
+
+
+def _select_dim(state: torch.Tensor, dim: int) -> torch.Tensor:
+    return state[:, dim : dim + 1]
+
+
+def mountain_car_goals(
+    goal_type: str = "position",
+    num_goals: int = 4,
+    reward: str = "sparse",
+    centers: Any = None,
+    threshold: float | None = None,
+    sigma: float | None = None,
+) -> ContinuousGoals:
+    """Goals on p (``position``) or on v (``velocity``).
+
+    Default centers ``linspace(low, high, num_goals)`` of that dim; sparse radius 0.1 (p) /
+    0.01 (v); gaussian sigma 0.1 (p) / 0.00778 (v, the same fraction of the range).
+    """
+    if goal_type not in GOAL_TYPES:
+        raise ValueError(f"MountainCar goal_type must be one of {GOAL_TYPES}, got {goal_type!r}")
+    low, high = _RANGES[goal_type]
+    if centers is None:
+        centers = np.linspace(low, high, int(num_goals))
+    centers = np.asarray(centers, dtype=np.float64).reshape(-1, 1)
+    return ContinuousGoals(
+        centers=centers,
+        feature_fn=functools.partial(_select_dim, dim=_FEATURE_DIM[goal_type]),
+        reward=reward,
+        threshold=float(THRESHOLDS[goal_type] if threshold is None else threshold),
+        sigma=(float(SIGMAS[goal_type] if sigma is None else sigma),),
+        goal_type=goal_type,
+        periodic=(False,),
+        feature_low=(min(low, float(centers.min())),),
+        feature_high=(max(high, float(centers.max())),),
+    )
+
+
+def mountain_car_dynamics(action_noise: float = 0.0) -> ContinuousDynamics:
+    """True MountainCar dynamics (stochastic when ``action_noise > 0``)."""
+    if action_noise < 0:
+        raise ValueError(f"action_noise must be >= 0, got {action_noise}")
+    return ContinuousDynamics(
+        name="mountain_car",
+        state_names=("p", "v"),
+        low=(MIN_POSITION, -MAX_SPEED),
+        high=(MAX_POSITION, MAX_SPEED),
+        periodic=(False, False),
+        num_actions=3,
+        step_fn=functools.partial(mountain_car_step, action_noise=float(action_noise)),
+        no_force_fn=mountain_car_no_force_step,
+        reset_fn=mountain_car_reset,
+        reset_dim=1,
+        observe_fn=mountain_car_observe,
+        obs_low=(MIN_POSITION, -MAX_SPEED),
+        obs_high=(MAX_POSITION, MAX_SPEED),
+        noise_dim=1 if action_noise > 0 else 0,
+    )
+
+
+def make_mountain_car_task(**env_kwargs: Any) -> ContinuousTask:
+    """MountainCar task from env kwargs (see ``DEFAULTS`` for names and defaults)."""
+    kw = resolve_kwargs(MOUNTAIN_CAR_ID, DEFAULTS, env_kwargs)
+    goals = mountain_car_goals(kw["goal_type"], kw["num_goals"], kw["reward"], kw["goal_centers"],
+                               kw["threshold"], kw["sigma"])
+    return ContinuousTask(dynamics=mountain_car_dynamics(kw["action_noise"]), goals=goals,
+                          env_id=MOUNTAIN_CAR_ID, env_kwargs=kw)
+
+
+class MountainCarGoalEnv(ContinuousGoalEnv):
+    """Goal-conditioned MountainCar (``qworld/MountainCar-v0``).
+
+    ## Action space
+    ``Discrete(3)``: 0 accelerate left, 1 no acceleration, 2 accelerate right.
+
+    ## Observation space
+    ``Box(float32, (2 + 1,))``: ``concat((p, v), goal_features[goal])`` where the goal
+    feature is the goal's center (a position for ``position`` goals, a velocity for
+    ``velocity`` goals).
+
+    ## Dynamics
+    gymnasium's MountainCar-v0 (force 0.001, gravity 0.0025):
+    ``v' = clip(v + (a - 1) force - cos(3p) gravity, -0.07, 0.07)``,
+    ``p' = clip(p + v', -1.2, 0.6)``, ``v' = 0`` at the left wall. With
+    ``action_noise = sigma > 0`` the force is ``(a - 1 + sigma xi) force``, xi ~ N(0, 1)
+    from ``self.np_random``.
+
+    ## Reward
+    Replaced: for goal g with center c, ``sparse``: ``1[|p' - c| < 0.1]`` (position) /
+    ``1[|v' - c| < 0.01]`` (velocity); ``gaussian``: ``exp(-(x' - c)^2 / 2 sigma^2)``
+    with sigma 0.1 (position) / 0.00778 (velocity). ``info["rewards"]`` holds every goal's.
+
+    ## Starting state
+    Goal uniform over the L goals (or ``options["goal"]``); ``p ~ U[-0.6, -0.4]``,
+    ``v = 0`` (or ``options["state"]``).
+
+    ## Episode end
+    No termination at p = 0.5. Terminated when a sparse goal is reached (gaussian goals
+    never terminate); truncated after 200 steps.
+
+    Args:
+        task: a ``ContinuousTask`` (else built from ``env_kwargs``, see
+            ``mountain_car.DEFAULTS``: goal_type, num_goals, goal_centers, reward,
+            threshold, sigma, action_noise, max_episode_steps).
+    """
+
+    ENV_ID = MOUNTAIN_CAR_ID
+
+
+class BatchedMountainCar(BatchedContinuousEnv):
+    """N MountainCar envs stepped together (auto-reset), same semantics as
+    :class:`MountainCarGoalEnv`; kwargs as ``make_mountain_car_task``."""
+
+    def __init__(self, num_envs: int, seed: int = 0, device: str | torch.device = "cpu", **env_kwargs: Any):
+        super().__init__(make_mountain_car_task(**env_kwargs), num_envs, seed=seed, device=device)

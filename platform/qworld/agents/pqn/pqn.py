@@ -1,0 +1,511 @@
+"""PQN (parallelised Q-network, no replay buffer, no target network), goal-conditioned.
+
+One ``training_step`` = one rollout of ``num_envs x rollout_length`` env steps sampled
+epsilon-greedily on the commanded goal, then ``num_epochs`` passes of minibatch updates
+on Q(lambda) targets computed once from that rollout with the current network.
+
+Two sampling paths share the same RLModule and Learner:
+
+- ``"fast"``: :class:`BatchedEnvRunner` for envs with batched torch dynamics
+  (``qworld_envs.has_batched(env_id)``): every env steps in one tensor op;
+- ``"standard"``: RLlib's ``SingleAgentEnvRunner`` over the gymnasium env (any env
+  that follows CONTRACTS.md); its episodes are converted to the same rollout tensors.
+
+Example::
+
+    config = PQNConfig().training(env_id="qworld/FourRooms-v0", num_envs=64, total_env_steps=200_000)
+    algo = config.build_algo()
+    result = algo.train()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from typing_extensions import Self
+
+import qworld_envs  # noqa: F401  (registers the gymnasium envs in every process that unpickles a config)
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TIMERS,
+)
+
+from qworld import metrics as M
+from qworld.agents.pqn import rollout as R
+from qworld.agents.pqn.fast_env_runner import EPISODE_SUCCESS_MEAN, BatchedEnvRunner
+from qworld.agents.pqn.learner import Q_MEAN_KEY, TD_LOSS_KEY, PQNTorchLearner
+from qworld.agents.pqn.module import HEADS, Q_OUTPUTS, PQNTorchRLModule, linear_epsilon
+from qworld.agents.pqn.task import TaskInfo, jsonable, probe_task
+
+QWORLD_CONFIG_FILE = "qworld_config.json"
+MODULE_SUBDIR = (COMPONENT_LEARNER_GROUP, COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID)
+
+OPTIMIZERS = ("radam", "adam")
+HER_STRATEGIES = ("future", "random_goal")
+ENV_RUNNERS = ("auto", "fast", "standard")
+
+# The PQN fields of the config, in the order the JSON config lists them.
+PQN_FIELDS = (
+    "env_id",
+    "env_kwargs",
+    "env_runner",
+    "num_envs",
+    "rollout_length",
+    "total_env_steps",
+    "gamma",
+    "lambda_",
+    "lr",
+    "anneal_lr",
+    "optimizer",
+    "adam_eps",
+    "grad_clip",
+    "num_epochs",
+    "minibatch_size",
+    "epsilon_start",
+    "epsilon_end",
+    "epsilon_decay_fraction",
+    "hidden_sizes",
+    "q_output",
+    "head",
+    "her_k",
+    "her_strategy",
+    "seed",
+)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+class PQNConfig(AlgorithmConfig):
+    """Configuration of goal-conditioned PQN; set fields with ``training(...)``.
+
+    Defaults follow the paper's agent (RAdam, lr 1e-4 decayed linearly to 0, grad-norm
+    clip 10, epsilon 1 -> 0.1 over half of training, LayerNorm MLP, 1-step targets,
+    256 envs x 64 steps, minibatch 256, 1 epoch, gamma 0.99).
+    """
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or PQN)
+        # --- task
+        self.env_id: str = qworld_envs.FOUR_ROOMS_ID  # gymnasium / batched env id
+        self.env_kwargs: Dict[str, Any] = {}  # env kwargs (variant, goal_type, num_goals, ...)
+        self.env_runner: str = "auto"  # "auto" (fast if has_batched), "fast", "standard"
+        # --- rollout
+        self.num_envs: int = 256  # parallel envs in total (split over the env runners)
+        self.rollout_length: int = 64  # steps per env per rollout (one training_step)
+        self.total_env_steps: int = 10_000_000  # budget: lr and epsilon schedules end here
+        # --- optimisation
+        self.gamma = 0.99  # discount
+        self.lambda_: float = 0.0  # Q(lambda): 0 = 1-step targets (paper), 0.65 = PQN default
+        self.lr = 1e-4  # initial learning rate
+        self.anneal_lr: bool = True  # decay lr linearly to 0 at total_env_steps
+        self.optimizer: str = "radam"  # "radam" | "adam"
+        self.adam_eps: float = 1e-8  # epsilon of (R)Adam
+        self.grad_clip = 10.0  # max global gradient norm (None: no clipping)
+        self.grad_clip_by = "global_norm"
+        self.num_epochs = 1  # passes over each rollout
+        self.minibatch_size = 256  # transitions per gradient step
+        # --- exploration (epsilon-greedy on the commanded goal)
+        self.epsilon_start: float = 1.0
+        self.epsilon_end: float = 0.1
+        self.epsilon_decay_fraction: float = 0.5  # of total_env_steps
+        # --- network
+        self.hidden_sizes: List[int] = [256, 256]  # MLP widths (depth = length), LayerNorm + ReLU
+        self.q_output: str = "linear"  # "linear" | "sigmoid" (returns in [0, 1])
+        self.head: str = "all_goals"  # "all_goals" (Q[L, A] from the state) | "goal_input"
+        # --- hindsight relabelling (goal_input head only)
+        self.her_k: int = 4  # relabelled copies per transition (0: off)
+        self.her_strategy: str = "future"  # "future" | "random_goal"
+        # --- RLlib
+        self.num_env_runners = 0
+
+    @override(AlgorithmConfig)
+    def training(
+        self,
+        *,
+        env_id: Optional[str] = NotProvided,
+        env_kwargs: Optional[Dict[str, Any]] = NotProvided,
+        env_runner: Optional[str] = NotProvided,
+        num_envs: Optional[int] = NotProvided,
+        rollout_length: Optional[int] = NotProvided,
+        total_env_steps: Optional[int] = NotProvided,
+        lambda_: Optional[float] = NotProvided,
+        anneal_lr: Optional[bool] = NotProvided,
+        optimizer: Optional[str] = NotProvided,
+        adam_eps: Optional[float] = NotProvided,
+        epsilon_start: Optional[float] = NotProvided,
+        epsilon_end: Optional[float] = NotProvided,
+        epsilon_decay_fraction: Optional[float] = NotProvided,
+        hidden_sizes: Optional[Sequence[int]] = NotProvided,
+        q_output: Optional[str] = NotProvided,
+        head: Optional[str] = NotProvided,
+        her_k: Optional[int] = NotProvided,
+        her_strategy: Optional[str] = NotProvided,
+        **kwargs,
+    ) -> Self:
+        """Sets the PQN training configuration.
+
+        Args:
+            env_id: the task's env id (e.g. "qworld/FourRooms-v0").
+            env_kwargs: the task's env kwargs (variant, goal_type, num_goals, goal_seed,
+                goal_cells, layout, max_episode_steps, ...).
+            env_runner: "auto" (the fast batched runner when ``has_batched(env_id)``,
+                else RLlib's standard runner), "fast" or "standard".
+            num_envs: parallel envs in total, split evenly over the env runners.
+            rollout_length: steps per env per rollout; a rollout of
+                ``num_envs * rollout_length`` env steps feeds one training_step.
+            total_env_steps: env-step budget; lr (if ``anneal_lr``) reaches 0 and
+                epsilon its end value (after ``epsilon_decay_fraction``) relative to it.
+            gamma: discount factor in (0, 1].
+            lambda_: Q(lambda) in [0, 1]; 0 = 1-step targets (the paper's setting),
+                0.65 = PQN's default.
+            lr: initial learning rate (> 0).
+            anneal_lr: decay lr linearly to 0 over ``total_env_steps``.
+            optimizer: "radam" or "adam".
+            adam_eps: epsilon of the optimizer (> 0).
+            grad_clip: max global gradient norm (> 0), or None for no clipping.
+            num_epochs: passes over each rollout (>= 1).
+            minibatch_size: transitions per gradient step (>= 1, at most one rollout
+                per learner).
+            epsilon_start: exploration rate at step 0, in [0, 1].
+            epsilon_end: exploration rate after the decay, in [0, 1].
+            epsilon_decay_fraction: fraction of ``total_env_steps`` over which epsilon
+                decays linearly, in [0, 1].
+            hidden_sizes: widths of the hidden layers (depth = its length), each
+                Linear -> LayerNorm -> ReLU.
+            q_output: "linear", or "sigmoid" for returns in [0, 1] (sparse indicator goals).
+            head: "all_goals" (state in, Q for every goal of the goal set out, every
+                transition trains every goal) or "goal_input" (state + goal features in).
+            her_k: hindsight relabelled copies per transition (>= 0; goal_input head only).
+            her_strategy: "future" (a goal achieved later in the episode) or
+                "random_goal" (uniform over the goal set).
+
+        Returns:
+            This updated config.
+        """
+        if optimizer is not NotProvided:
+            self.optimizer = optimizer  # handled here: RLlib's own `optimizer` is an old-stack dict
+        super().training(**kwargs)
+        for name, value in dict(
+            env_id=env_id,
+            env_kwargs=env_kwargs,
+            env_runner=env_runner,
+            num_envs=num_envs,
+            rollout_length=rollout_length,
+            total_env_steps=total_env_steps,
+            lambda_=lambda_,
+            anneal_lr=anneal_lr,
+            adam_eps=adam_eps,
+            epsilon_start=epsilon_start,
+            epsilon_end=epsilon_end,
+            epsilon_decay_fraction=epsilon_decay_fraction,
+            hidden_sizes=hidden_sizes,
+            q_output=q_output,
+            head=head,
+            her_k=her_k,
+            her_strategy=her_strategy,
+        ).items():
+            if value is not NotProvided:
+                setattr(self, name, value)
+        if hidden_sizes is not NotProvided and isinstance(hidden_sizes, (list, tuple)):
+            self.hidden_sizes = list(hidden_sizes)
+        if env_kwargs is not NotProvided and env_kwargs is not None:
+            self.env_kwargs = dict(env_kwargs)
+        return self
+
+    # ------------------------------------------------------------------ derived settings
+    def resolved_env_runner(self) -> str:
+        """"fast" or "standard" (``env_runner="auto"`` resolved with ``has_batched``)."""
+        if self.env_runner == "auto":
+            return "fast" if qworld_envs.has_batched(self.env_id) else "standard"
+        return self.env_runner
+
+    def envs_per_env_runner(self) -> int:
+        return int(self.num_envs) // max(1, int(self.num_env_runners))
+
+    def lr_schedule(self) -> List[List[float]]:
+        """RLlib lr schedule: ``[[0, lr], [total_env_steps, 0]]`` (constant without anneal_lr)."""
+        end = 0.0 if self.anneal_lr else float(self.lr)
+        return [[0, float(self.lr)], [int(self.total_env_steps), end]]
+
+    def epsilon_decay_steps(self) -> float:
+        return float(self.epsilon_decay_fraction) * float(self.total_env_steps)
+
+    def epsilon_at(self, env_steps: float) -> float:
+        """Exploration rate after ``env_steps`` env steps."""
+        return linear_epsilon(env_steps, self.epsilon_start, self.epsilon_end, self.epsilon_decay_steps())
+
+    def task(self) -> TaskInfo:
+        """Sizes and goal set of the configured task (probed once per process)."""
+        return probe_task(self.env_id, self.env_kwargs)
+
+    def pqn_model_config(self) -> Dict[str, Any]:
+        """The module's model_config: task sizes, goal set, network and exploration settings."""
+        task = self.task()
+        return {
+            "obs_dim": task.obs_dim,
+            "goal_dim": task.goal_dim,
+            "num_goals": task.num_goals,
+            "num_actions": task.num_actions,
+            "goal_features": task.goal_features,
+            "hidden_sizes": [int(h) for h in self.hidden_sizes],
+            "head": self.head,
+            "q_output": self.q_output,
+            "epsilon_start": float(self.epsilon_start),
+            "epsilon_end": float(self.epsilon_end),
+            "epsilon_decay_steps": self.epsilon_decay_steps(),
+            "env_id": self.env_id,
+            "env_kwargs": task.env_kwargs,
+        }
+
+    def qworld_config(self) -> Dict[str, Any]:
+        """The resolved trial config (JSON-able): PQN fields, task, goal set, sizes."""
+        task = self.task()
+        out = {"algorithm": "PQN"}
+        for name in PQN_FIELDS:
+            out[name] = jsonable(getattr(self, name))
+        out["env_kwargs"] = task.env_kwargs
+        out["env_runner"] = self.resolved_env_runner()
+        out[M.VARIANT] = task.env_kwargs.get(M.VARIANT)
+        out[M.GOAL_TYPE] = task.goal_type or task.env_kwargs.get(M.GOAL_TYPE)
+        out[M.NUM_GOALS] = task.num_goals
+        out.update(
+            obs_dim=task.obs_dim,
+            goal_dim=task.goal_dim,
+            num_actions=task.num_actions,
+            finite=task.finite,
+            goal_states=task.goal_states,
+            goal_features=task.goal_features,
+        )
+        return out
+
+    def _sync_rllib_settings(self) -> None:
+        """Derive RLlib's own settings (env, runner class, batch sizes) from the PQN fields."""
+        self.env = self.env_id
+        self.env_config = dict(self.env_kwargs or {})
+        if self.env_runner in ENV_RUNNERS and self.env_id and isinstance(self.env_id, str):
+            fast = self.resolved_env_runner() == "fast"
+            if self.env_runner_cls in (None, BatchedEnvRunner, SingleAgentEnvRunner):
+                self.env_runner_cls = BatchedEnvRunner if fast else SingleAgentEnvRunner
+        if _is_int(self.num_envs) and _is_int(self.rollout_length) and self.num_envs > 0:
+            self.num_envs_per_env_runner = max(1, self.envs_per_env_runner())
+            self.rollout_fragment_length = int(self.rollout_length)
+            self.train_batch_size_per_learner = max(
+                1, int(self.num_envs) * int(self.rollout_length) // max(1, int(self.num_learners))
+            )
+
+    def pqn_errors(self) -> List[str]:
+        """Every bad PQN field, one message each (empty when the config is valid)."""
+        errors: List[str] = []
+
+        def bad(field: str, allowed: str) -> None:
+            errors.append(f"{field}={getattr(self, field)!r}: must be {allowed}")
+
+        def check_int(field: str, lo: int) -> bool:
+            ok = _is_int(getattr(self, field)) and getattr(self, field) >= lo
+            if not ok:
+                bad(field, f"an int >= {lo}")
+            return ok
+
+        def check_unit(field: str, lo_open: bool = False) -> None:
+            v = getattr(self, field)
+            if not _is_num(v) or not ((0.0 < v) if lo_open else (0.0 <= v)) or v > 1.0:
+                bad(field, "a number in (0, 1]" if lo_open else "a number in [0, 1]")
+
+        def check_choice(field: str, allowed: Sequence[str]) -> bool:
+            ok = getattr(self, field) in allowed
+            if not ok:
+                bad(field, "one of " + ", ".join(repr(a) for a in allowed))
+            return ok
+
+        if not isinstance(self.env_id, str) or not self.env_id:
+            bad("env_id", "a non-empty env id string")
+        if not isinstance(self.env_kwargs, dict):
+            bad("env_kwargs", "a dict of env kwargs")
+        if check_choice("env_runner", ENV_RUNNERS) and self.env_runner == "fast" and isinstance(self.env_id, str):
+            if not qworld_envs.has_batched(self.env_id):
+                bad("env_runner", f"'auto' or 'standard' for {self.env_id!r}, which has no batched dynamics")
+        envs_ok = check_int("num_envs", 1)
+        runners = self.num_env_runners if _is_int(self.num_env_runners) else 0
+        if envs_ok and runners > 0 and self.num_envs % runners:
+            bad("num_envs", f"a multiple of num_env_runners={runners}")
+        length_ok = check_int("rollout_length", 1)
+        check_int("total_env_steps", 1)
+        check_unit("gamma", lo_open=True)
+        check_unit("lambda_")
+        if not _is_num(self.lr) or not self.lr > 0:
+            bad("lr", "a number > 0")
+        if not isinstance(self.anneal_lr, bool):
+            bad("anneal_lr", "True or False")
+        check_choice("optimizer", OPTIMIZERS)
+        if not _is_num(self.adam_eps) or not self.adam_eps > 0:
+            bad("adam_eps", "a number > 0")
+        if self.grad_clip is not None and (not _is_num(self.grad_clip) or not self.grad_clip > 0):
+            bad("grad_clip", "None or a number > 0")
+        check_int("num_epochs", 1)
+        if check_int("minibatch_size", 1) and envs_ok and length_ok:
+            per_learner = self.num_envs * self.rollout_length // max(1, int(self.num_learners or 0))
+            if self.minibatch_size > per_learner:
+                bad("minibatch_size", f"<= num_envs * rollout_length per learner = {per_learner}")
+        check_unit("epsilon_start")
+        check_unit("epsilon_end")
+        check_unit("epsilon_decay_fraction")
+        hs = self.hidden_sizes
+        if not isinstance(hs, (list, tuple)) or not hs or not all(_is_int(h) and h >= 1 for h in hs):
+            bad("hidden_sizes", "a non-empty list of ints >= 1 (layer widths)")
+        check_choice("q_output", Q_OUTPUTS)
+        check_choice("head", HEADS)
+        check_int("her_k", 0)
+        check_choice("her_strategy", HER_STRATEGIES)
+        return errors
+
+    @override(AlgorithmConfig)
+    def validate(self) -> None:
+        """Raises ValueError naming every bad field with its allowed values, then RLlib's checks."""
+        errors = self.pqn_errors()
+        if errors:
+            raise ValueError("invalid PQNConfig:\n  - " + "\n  - ".join(errors))
+        try:
+            self.task()
+        except Exception as e:  # bad env id / kwargs: name the fields
+            raise ValueError(
+                f"invalid PQNConfig: env_id={self.env_id!r} with env_kwargs={self.env_kwargs!r} "
+                f"cannot be built: {type(e).__name__}: {e}"
+            ) from e
+        self._sync_rllib_settings()
+        super().validate()
+
+    # ------------------------------------------------------------------ RLlib hooks
+    @override(AlgorithmConfig)
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        return RLModuleSpec(module_class=PQNTorchRLModule, model_config=self.pqn_model_config())
+
+    @override(AlgorithmConfig)
+    def get_default_learner_class(self):
+        return PQNTorchLearner
+
+
+class PQN(Algorithm):
+    """Goal-conditioned PQN on RLlib's new API stack (see module doc)."""
+
+    @classmethod
+    @override(Algorithm)
+    def get_default_config(cls) -> PQNConfig:
+        return PQNConfig()
+
+    @property
+    def fast(self) -> bool:
+        return self.config.resolved_env_runner() == "fast"
+
+    def env_steps_sampled(self) -> int:
+        return int(self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
+
+    @override(Algorithm)
+    def training_step(self) -> None:
+        """Sample one rollout, update the learner(s) on it, sync weights, report metrics."""
+        cfg: PQNConfig = self.config
+        steps_before = self.env_steps_sampled()
+        epsilon = cfg.epsilon_at(steps_before)
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            rollout, runner_metrics = self._sample_rollout(epsilon)
+        self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
+        env_steps = self.env_steps_sampled()
+
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            learner_results = self.learner_group.update(
+                batch=R.to_train_batch(rollout),
+                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: env_steps},
+                num_epochs=cfg.num_epochs,
+                minibatch_size=cfg.minibatch_size,
+                shuffle_batch_per_epoch=True,
+            )
+        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+
+        # The qworld metric names (qworld.metrics), grouped by prefix as in CleanRL.
+        def log(name: str, value: Any) -> None:
+            if value is not None:
+                self.metrics.log_value(tuple(name.split("/")), value, window=1)
+
+        lr_key = "default_optimizer_lr"
+        log(M.TRAIN_LOSS, self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, TD_LOSS_KEY), default=None))
+        log(M.TRAIN_Q_MEAN, self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, Q_MEAN_KEY), default=None))
+        log(M.TRAIN_EPSILON, epsilon)
+        log(M.TRAIN_LR, self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, lr_key), default=None))
+
+    def _sample_rollout(self, epsilon: float) -> Tuple[Dict[str, Any], List[Any]]:
+        """One rollout from every env runner (tensors), plus each runner's metrics."""
+        group = self.env_runner_group
+        local = group.num_remote_workers() <= 0
+        if self.fast:
+            results = group.foreach_env_runner(
+                lambda er, eps=epsilon: (er.sample(epsilon=eps), er.get_metrics()),
+                local_env_runner=local,
+            )
+            return R.concat_columns([r[0] for r in results]), [r[1] for r in results]
+
+        task = self.config.task()
+        obs_dim, goal_features = task.obs_dim, np.asarray(task.goal_features, np.float32)
+
+        def sample_standard(er, obs_dim=obs_dim, goal_features=goal_features):
+            episodes = er.sample(explore=True)
+            done = [e for e in episodes if e.is_done]
+            success = [float(e.is_terminated) for e in done]
+            rollout = R.episodes_to_rollout(episodes, obs_dim, goal_features)
+            return rollout, success, er.get_metrics()
+
+        results = group.foreach_env_runner(sample_standard, local_env_runner=local)
+        success = [s for r in results for s in r[1]]
+        if success:
+            self.metrics.log_value((ENV_RUNNER_RESULTS, EPISODE_SUCCESS_MEAN), float(np.mean(success)), window=1)
+        return R.concat_columns([r[0] for r in results]), [r[2] for r in results]
+
+    # ------------------------------------------------------------------ checkpoints
+    @override(Algorithm)
+    def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
+        """RLlib's checkpoint plus ``qworld_config.json`` at its root and next to the module."""
+        path = super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
+        cfg = self.config.qworld_config()
+        cfg[M.ENV_STEPS] = self.env_steps_sampled()
+        text = json.dumps(cfg, indent=1)
+        root = pathlib.Path(path)
+        for target in (root, root.joinpath(*MODULE_SUBDIR)):
+            if target.is_dir():
+                (target / QWORLD_CONFIG_FILE).write_text(text)
+        return path
+
+    def q_function(self):
+        """The live learner module as a :class:`qworld.agents.QFunction` (local learner only)."""
+        from qworld.agents import QFunction
+
+        module = self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+        cfg = self.config.qworld_config()
+        cfg[M.ENV_STEPS] = self.env_steps_sampled()
+        return QFunction(module, cfg)
+
+
+def module_dir(checkpoint_path: str | os.PathLike) -> pathlib.Path:
+    """The RLModule sub-directory of an Algorithm checkpoint."""
+    return pathlib.Path(checkpoint_path).joinpath(*MODULE_SUBDIR)
