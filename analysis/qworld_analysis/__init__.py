@@ -1,0 +1,44 @@
+"""qworld_analysis: experiment dirs -> DataFrames -> IQM / bootstrap CIs -> figures, reports.
+
+Reads what ``qworld sweep`` writes (``params.json``, ``result.json``, ``worldmodels.parquet``,
+``sweep.yaml``) with pandas alone: loading imports no Ray, no torch and no agent code.
+
+    import qworld_analysis as qa
+    df = qa.load("results/fourrooms_paper")          # one row per (trial, checkpoint, method)
+    qa.summary(qa.final_checkpoints(df), by=["variant", "num_goals", "method"], metric="p_mse")
+    qa.write_report("results/fourrooms_paper")       # results/fourrooms_paper/report/index.html
+
+Figures are in :mod:`qworld_analysis.plots`; the report functions (which import matplotlib)
+are loaded on first use.
+"""
+
+from qworld_analysis.load import (final_checkpoints, load, load_many, load_training_curves,
+                                  load_trials, plan_columns)
+from qworld_analysis.stats import iqm, mean, stratified_bootstrap_ci, summary
+
+_REPORT = ("compare", "summary_table", "write_report")
+
+
+def __getattr__(name):
+    if name in _REPORT:  # matplotlib is imported only when a report is asked for
+        from qworld_analysis import report
+
+        return getattr(report, name)
+    raise AttributeError(f"module 'qworld_analysis' has no attribute {name!r}")
+
+
+__all__ = [
+    "compare",
+    "final_checkpoints",
+    "iqm",
+    "load",
+    "load_many",
+    "load_training_curves",
+    "load_trials",
+    "mean",
+    "plan_columns",
+    "stratified_bootstrap_ci",
+    "summary",
+    "summary_table",
+    "write_report",
+]

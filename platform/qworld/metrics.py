@@ -26,6 +26,10 @@ P_TV = "p_tv"  # mean over (s, a) of total variation distance
 P_MAX_ERR = "p_max_err"  # max abs error over all entries
 Q_NMSE = "q_nmse"  # agent Q vs exact Q of its own greedy policy, MSE / Var(truth)
 WM_NMSE = "wm_nmse"  # continuous world model: NMSE on s'
+WM_DELTA_NMSE = "wm_delta_nmse"  # continuous: NMSE on Delta s = s' - s, one key per dim: f"{WM_DELTA_NMSE}_{dim}"
+BASELINE_IDENTITY = "identity"  # prefix f"{BASELINE_IDENTITY}/<metric>": the baseline model s' = s
+BASELINE_NO_FORCE = "no_force"  # prefix f"{BASELINE_NO_FORCE}/<metric>": the dynamics with the action's force removed
+WM_STD_RATIO = "wm_std_ratio"  # stochastic sampler: mean predicted / true std of s' on the noisy dim
 
 # --- identifiability diagnosis of M -----------------------------------------------------
 M_RANK = "m_rank"
@@ -40,6 +44,8 @@ PLAN_SUCCESS = "plan_success"  # probability the plan reaches the goal (true MDP
 PLAN_EXCESS_STEPS = "plan_excess_steps"  # expected steps minus the optimal plan's
 UNSAFE_VISITS = "unsafe_visits"  # probability of ever entering a forbidden state
 RETURN_RATIO = "return_ratio"  # R_WM / R*
+RETURN_WM = "return_wm"  # continuous unseen goal: mean discounted return of the plan made in the world model
+RETURN_STAR = "return_star"  # ... and of the plan made in the true dynamics (R*)
 PLAN_STEPS = "plan_steps"  # expected steps to the goal, given that it is reached (true MDP)
 PLAN_OPTIMAL_STEPS = "plan_optimal_steps"  # the same for the optimal plan in the true MDP
 

@@ -1,2 +1,152 @@
+"""Scores of extracted world models, and the paper's perturbation bounds.
+
+Shapes: S states, A actions, L goals. Numpy only; metric keys from :mod:`qworld.metrics`.
+"""
+
+from __future__ import annotations
+
 import numpy as np
-def p_mse(a,b): return float(np.mean((a-b)**2))
+
+from qworld import metrics
+
+
+def _pair(P_hat: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    P_hat = np.asarray(P_hat, dtype=np.float64)
+    P = np.asarray(P, dtype=np.float64)
+    if P_hat.shape != P.shape or P.ndim != 3:
+        raise ValueError(f"P_hat and P must both have shape [S, A, S], got {P_hat.shape} and {P.shape}")
+    return P_hat, P
+
+
+def p_mse(P_hat: np.ndarray, P: np.ndarray) -> float:
+    """Mean over all ``(s, a, s')`` of ``(P_hat - P)^2`` (the paper's plotted MSE).
+
+    Args:
+        P_hat, P: ``[S, A, S]``.
+    """
+    P_hat, P = _pair(P_hat, P)
+    return float(np.mean((P_hat - P) ** 2))
+
+
+def p_tv(P_hat: np.ndarray, P: np.ndarray) -> float:
+    """Mean over ``(s, a)`` of the total variation distance ``0.5 ||P_hat(s,a) - P(s,a)||_1``.
+
+    Args:
+        P_hat, P: ``[S, A, S]``.
+    """
+    P_hat, P = _pair(P_hat, P)
+    return float(np.mean(0.5 * np.abs(P_hat - P).sum(axis=-1)))
+
+
+def p_max_err(P_hat: np.ndarray, P: np.ndarray) -> float:
+    """Largest absolute entry error ``max |P_hat - P|``.
+
+    Args:
+        P_hat, P: ``[S, A, S]``.
+    """
+    P_hat, P = _pair(P_hat, P)
+    return float(np.abs(P_hat - P).max())
+
+
+def nmse(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Normalised MSE: ``mean((pred - truth)^2) / Var(truth)`` over all entries.
+
+    Args:
+        pred, truth: arrays of one shape. A constant ``truth`` gives inf (nan if also exact).
+    """
+    pred = np.asarray(pred, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    if pred.shape != truth.shape:
+        raise ValueError(f"pred and truth must have one shape, got {pred.shape} and {truth.shape}")
+    mse = float(np.mean((pred - truth) ** 2))
+    var = float(np.var(truth))
+    if var == 0.0:
+        return float("nan") if mse == 0.0 else float("inf")
+    return mse / var
+
+
+def score_p(P_hat: np.ndarray, P: np.ndarray) -> dict:
+    """``{p_mse, p_tv, p_max_err}`` of ``P_hat[S, A, S]`` against the true ``P[S, A, S]``."""
+    return {
+        metrics.P_MSE: p_mse(P_hat, P),
+        metrics.P_TV: p_tv(P_hat, P),
+        metrics.P_MAX_ERR: p_max_err(P_hat, P),
+    }
+
+
+def q_error_eps(Q_hat: np.ndarray, Q: np.ndarray) -> float:
+    """The error size ``eps`` used by the bounds below: ``sum_g max_{s,a} |Q_hat - Q|``.
+
+    That is the L1 norm over goals of each goal's sup-norm Q error.
+
+    Args:
+        Q_hat, Q: ``[L, S, A]``.
+    """
+    Q_hat = np.asarray(Q_hat, dtype=np.float64)
+    Q = np.asarray(Q, dtype=np.float64)
+    if Q_hat.shape != Q.shape or Q.ndim != 3:
+        raise ValueError(f"Q_hat and Q must both have shape [L, S, A], got {Q_hat.shape} and {Q.shape}")
+    return float(np.abs(Q_hat - Q).reshape(Q.shape[0], -1).max(axis=1).sum())
+
+
+def pinv_error_bound(M: np.ndarray, gamma: float, eps: float, m: float = 1.0) -> float:
+    """Bound on ``||P_hat(s,a) - P(s,a)||_1`` for pinv extraction from ``eps``-approximate Q.
+
+    ``bound = ||M^+||_1 (1 + gamma m) eps`` (the paper's form), where:
+
+    - ``M`` is the M matrix the extraction used, i.e. built from the *approximate* values
+      (``M_hat = r + gamma (1 - term) V_hat``), with full column rank (L >= S), so that
+      ``M^+ M = I`` and ``P_raw - P = M^+ (E - dM p)`` exactly, with ``E = Q_hat(s,a) - Q(s,a)``,
+      ``dM = M_hat - M_true`` and ``p = P(s, a)``;
+    - ``||M^+||_1`` is the induced 1-norm (largest absolute column sum of the ``[S, L]`` M^+);
+    - ``eps = sum_g max_{s,a} |Q_hat_g - Q_g|`` (see :func:`q_error_eps`): the L1 norm over goals
+      of the per-goal sup errors eps_g, so ``||E||_1 <= eps``;
+    - ``m = 1``: ``V_hat = max_a Q_hat`` (or ``sum_a pi Q_hat``) moves by at most eps_g per goal,
+      so every entry of row g of dM moves by at most ``gamma eps_g``, and since p is a
+      probability vector ``||dM p||_1 <= gamma sum_g eps_g = gamma m eps`` with m = 1.
+      (Measure eps differently and m changes: with ``eps = max_{s,a} ||Q_hat(s,a) - Q(s,a)||_1``,
+      the max over actions inside V makes ``m = |A|`` the valid choice.)
+
+    The bound holds for the unprojected ``M^+ Q_hat``; the simplex projection keeps it in
+    practice but is only non-expansive in L2.
+
+    Args:
+        M: ``[L, S]``.
+        gamma: discount.
+        eps: Q error as defined above.
+        m: see above (1 for the default eps).
+
+    Returns:
+        The bound (float; inf when M has no left inverse).
+    """
+    M = np.asarray(M, dtype=np.float64)
+    if M.ndim != 2:
+        raise ValueError(f"M must have shape [L, S], got {M.shape}")
+    if np.linalg.matrix_rank(M) < M.shape[1]:
+        return float("inf")
+    pinv_norm = float(np.abs(np.linalg.pinv(M)).sum(axis=1).max())  # max column sum of M^+ [S, L]
+    return pinv_norm * (1.0 + gamma * m) * float(eps)
+
+
+def column_match_margin(M: np.ndarray, gamma: float, m: float = 1.0) -> float:
+    """Largest ``eps`` for which column matching is still guaranteed exact: ``gap / (2 (1 + gamma m))``.
+
+    With ``gap`` the smallest Euclidean distance between two columns of M, eps and m as in
+    :func:`pinv_error_bound`: the true column k satisfies ``||M_hat[:, k] - Q_hat(s,a)||_2 <=
+    ||E||_2 + ||dM[:, k]||_2 <= (1 + gamma m) eps`` while every other column is at least
+    ``gap - (1 + gamma m) eps`` away, so the argmin is k whenever ``eps < margin``. Here ``M``
+    is the exact (noise-free) M whose gap is meant.
+
+    Args:
+        M: ``[L, S]``.
+        gamma: discount.
+        m: see :func:`pinv_error_bound`.
+    """
+    M = np.asarray(M, dtype=np.float64)
+    if M.ndim != 2:
+        raise ValueError(f"M must have shape [L, S], got {M.shape}")
+    cols = M.T
+    diff = np.linalg.norm(cols[:, None, :] - cols[None, :, :], axis=-1)
+    np.fill_diagonal(diff, np.inf)
+    gap = float(diff.min())
+    return gap / (2.0 * (1.0 + gamma * m))

@@ -1,1 +1,166 @@
-"""Model-free agents whose Q-values we invert."""
+"""Model-free agents whose Q-values we invert.
+
+``load_q(checkpoint)`` gives the Q-function of a trained PQN agent from its Algorithm
+checkpoint alone: no running Algorithm, no Ray cluster (``RLModule.from_checkpoint`` on
+the module sub-directory, plus the ``qworld_config.json`` written next to it).
+
+Shapes: B batch, S states, L goals, A actions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+
+__all__ = ["QFunction", "load_q"]
+
+_QWORLD_CONFIG_FILE = "qworld_config.json"
+_MODULE_SUBDIR = ("learner_group", "learner", "rl_module", "default_policy")
+
+
+class QFunction:
+    """Q-values of a goal-conditioned PQN module, as numpy.
+
+    Attributes:
+        config: the resolved trial config (env_id, env_kwargs with variant / goal_type /
+            num_goals ..., head, gamma, hidden_sizes, goal_states, env_steps, ...).
+        module: the ``PQNTorchRLModule`` (torch, eval mode, CPU unless moved).
+    """
+
+    def __init__(self, module: Any, config: Dict[str, Any]):
+        self.module = module
+        self.config = dict(config)
+
+    @property
+    def num_goals(self) -> int:
+        return int(self.module.num_goals)
+
+    @property
+    def num_actions(self) -> int:
+        return int(self.module.num_actions)
+
+    @property
+    def goal_features(self) -> np.ndarray:
+        """``[L, goal_dim]`` features of the goal set the agent was trained on."""
+        return self.module.goal_features.detach().cpu().numpy()
+
+    def q(self, obs: np.ndarray, goals: Optional[np.ndarray] = None, batch_size: int = 65536) -> np.ndarray:
+        """Q-values for a batch of states.
+
+        Args:
+            obs: ``[B, obs_dim]`` state observations (without goal features).
+            goals: None for every goal of the goal set; ``[B]`` int goal indices (one
+                goal per state); or ``[B, goal_dim]`` float goal features (goal_input
+                head only, any goal).
+
+        Returns:
+            ``[B, L, A]`` when ``goals`` is None, else ``[B, A]`` (float64).
+        """
+        import torch
+
+        module = self.module
+        param = next(module.parameters())
+        obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=param.device)
+        if obs_t.dim() != 2 or obs_t.shape[1] != module.obs_dim:
+            raise ValueError(f"obs must have shape [B, obs_dim={module.obs_dim}], got {tuple(obs_t.shape)}")
+        goals_t = None
+        if goals is not None:
+            goals_np = np.asarray(goals)
+            if goals_np.shape[0] != obs_t.shape[0]:
+                raise ValueError(f"goals must have B={obs_t.shape[0]} rows, got shape {goals_np.shape}")
+            if np.issubdtype(goals_np.dtype, np.integer):
+                goals_t = torch.as_tensor(goals_np, dtype=torch.long, device=param.device)
+            else:
+                goals_t = torch.as_tensor(goals_np, dtype=torch.float32, device=param.device)
+        outs = []
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                for i in range(0, obs_t.shape[0], batch_size):
+                    s = obs_t[i : i + batch_size]
+                    if goals_t is None:
+                        outs.append(module.q_all_goals(s))
+                    elif goals_t.dtype == torch.long:
+                        outs.append(module.q_goals(s, goals_t[i : i + batch_size]))
+                    else:
+                        outs.append(module.q_features(s, goals_t[i : i + batch_size]))
+        finally:
+            module.train(was_training)
+        if not outs:
+            shape = (0, self.num_goals, self.num_actions) if goals is None else (0, self.num_actions)
+            return np.zeros(shape)
+        return torch.cat(outs).double().cpu().numpy()
+
+    def q_table(self) -> np.ndarray:
+        """``Q[L, S, A]`` over every state and every goal of a finite task.
+
+        The task (true MDP and goal set) is rebuilt with ``qworld_envs.make_finite_task``
+        from the config; the observation of state s is ``one_hot(s)`` (the finite envs'
+        observation, CONTRACTS.md).
+        """
+        import qworld_envs
+
+        task = qworld_envs.make_finite_task(self.config["env_id"], **self.config["env_kwargs"])
+        S = task.mdp.num_states
+        if self.module.obs_dim != S:
+            raise ValueError(f"q_table needs one-hot state observations (obs_dim == S = {S}), got obs_dim {self.module.obs_dim}")
+        if task.goals.num_goals != self.num_goals:
+            raise ValueError(f"task has {task.goals.num_goals} goals but the module {self.num_goals}")
+        q = self.q(np.eye(S, dtype=np.float32))  # [S, L, A]
+        return np.ascontiguousarray(q.transpose(1, 0, 2))
+
+    def greedy_policy(self) -> np.ndarray:
+        """``policy[L, S, A]`` one-hot greedy policy of ``q_table()`` (ties: lowest action)."""
+        q = self.q_table()
+        return np.eye(q.shape[-1])[q.argmax(-1)]
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"QFunction(env_id={c.get('env_id')!r}, head={c.get('head')!r}, L={self.num_goals}, A={self.num_actions})"
+
+
+def _checkpoint_dir(checkpoint: Union[str, os.PathLike, Any]) -> pathlib.Path:
+    path = getattr(checkpoint, "path", checkpoint)  # ray.tune.Checkpoint or a path
+    return pathlib.Path(os.fspath(path))
+
+
+def load_q(checkpoint: Union[str, os.PathLike, Any], device: str = "cpu") -> QFunction:
+    """Restore the Q-function of a PQN Algorithm checkpoint without Ray running.
+
+    Args:
+        checkpoint: the Algorithm checkpoint directory (``algo.save()`` /
+            ``algo.save_to_path()`` / a Tune checkpoint or its path), or directly its
+            RLModule sub-directory ``learner_group/learner/rl_module/default_policy``.
+        device: torch device for the module.
+
+    Returns:
+        A :class:`QFunction` with ``.config``, ``.q_table()`` and ``.q(obs, goals)``.
+
+    Raises:
+        FileNotFoundError: no RLModule checkpoint under ``checkpoint``.
+    """
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    root = _checkpoint_dir(checkpoint)
+    candidates = [root.joinpath(*_MODULE_SUBDIR), root]
+    mod_dir = next((d for d in candidates if (d / "class_and_ctor_args.pkl").is_file()), None)
+    if mod_dir is None:
+        raise FileNotFoundError(f"no PQN RLModule checkpoint under {root} (looked in {[str(c) for c in candidates]})")
+    module = RLModule.from_checkpoint(mod_dir)
+    module.to(device)
+    module.eval()
+    config: Dict[str, Any] = {}
+    for d in (mod_dir, root):
+        f = d / _QWORLD_CONFIG_FILE
+        if f.is_file():
+            config = json.loads(f.read_text())
+            break
+    if not config:  # older checkpoints: what the module itself knows
+        mc = dict(module.model_config)
+        config = {k: mc[k] for k in ("env_id", "env_kwargs", "head", "q_output", "hidden_sizes") if k in mc}
+    return QFunction(module, config)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -172,6 +173,13 @@ class GridQ:
         return self(states, goal).argmax(-1)
 
 
+def _csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n, n]`` CSR matrix (built without invariant checks or the beta warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, val, (n, n), check_invariants=False)
+
+
 def _branches(step_out: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise a step function's output to ``(next [K, n, d], weights [K])``."""
     if isinstance(step_out, tuple):
@@ -262,7 +270,7 @@ def grid_q(
             idx, w = grid.locate(s2)
             corners = idx.shape[1]
             crow = torch.arange(0, n * corners + 1, corners, dtype=torch.int64, device=device)
-            T = torch.sparse_csr_tensor(crow, idx.reshape(-1), w.reshape(-1).to(dtype), (n, n))
+            T = _csr(crow, idx.reshape(-1), w.reshape(-1).to(dtype), n)
             wk = float(wts[k])
             T_list.append((a, T))
             R.append((a, wk * r))

@@ -48,7 +48,14 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
     def __init__(self, *, config, **kwargs):
         super().__init__(config=config, **kwargs)
         self.worker_index = kwargs.get("worker_index") or 0
-        self._device = get_device(self.config, self.config.num_gpus_per_env_runner if self.worker_index else 0)
+        # Remote runners use their own GPU share; the local runner of a run without remote
+        # runners sits with the (local) learner, so a rollout never leaves its device.
+        if self.worker_index:
+            self._device = get_device(self.config, self.config.num_gpus_per_env_runner)
+        elif self.config.num_env_runners == 0 and self.config.num_learners == 0:
+            self._device = get_device(self.config, self.config.num_gpus_per_learner)
+        else:
+            self._device = get_device(self.config, 0)
         self.num_envs = self.config.envs_per_env_runner()
         self.rollout_length = int(self.config.rollout_length)
         self._weights_seq_no = 0

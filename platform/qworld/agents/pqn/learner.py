@@ -248,12 +248,21 @@ class PQNTorchLearner(TorchLearner):
             return
         mb = min(int(minibatch_size or M), M)
         num_minibatches = M // mb
+        if config.num_learners > 1:
+            # DDP: every Learner must take the same number of steps, whatever its shard
+            # holds (the standard runner's columns differ in length): a fixed count from
+            # the config, minibatches drawn cyclically from this shard's rows.
+            mb = int(minibatch_size or M)
+            num_minibatches = config.minibatches_per_learner()
         self._loss_sum = torch.zeros((), device=self._device)
         self._q_sum = torch.zeros((), device=self._device)
         for _ in range(num_epochs):
             perm = torch.randperm(M, device=self._device, generator=self._generator) if shuffle else None
             for i in range(num_minibatches):
-                if perm is None:
+                if (i + 1) * mb > M:  # only with several learners: wrap around
+                    idx = torch.arange(i * mb, (i + 1) * mb, device=self._device) % M
+                    minibatch = {k: v[idx if perm is None else perm[idx]] for k, v in rows.items()}
+                elif perm is None:
                     minibatch = {k: v[i * mb : (i + 1) * mb] for k, v in rows.items()}
                 else:
                     idx = perm[i * mb : (i + 1) * mb]

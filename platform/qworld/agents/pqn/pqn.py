@@ -32,6 +32,7 @@ import qworld_envs  # noqa: F401  (registers the gymnasium envs in every process
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.core.learner.learner import DEFAULT_OPTIMIZER, LR_KEY
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.annotations import override
@@ -149,10 +150,15 @@ class PQNConfig(AlgorithmConfig):
         num_envs: Optional[int] = NotProvided,
         rollout_length: Optional[int] = NotProvided,
         total_env_steps: Optional[int] = NotProvided,
+        gamma: Optional[float] = NotProvided,
         lambda_: Optional[float] = NotProvided,
+        lr: Optional[float] = NotProvided,
         anneal_lr: Optional[bool] = NotProvided,
         optimizer: Optional[str] = NotProvided,
         adam_eps: Optional[float] = NotProvided,
+        grad_clip: Optional[float] = NotProvided,
+        num_epochs: Optional[int] = NotProvided,
+        minibatch_size: Optional[int] = NotProvided,
         epsilon_start: Optional[float] = NotProvided,
         epsilon_end: Optional[float] = NotProvided,
         epsilon_decay_fraction: Optional[float] = NotProvided,
@@ -205,7 +211,14 @@ class PQNConfig(AlgorithmConfig):
         """
         if optimizer is not NotProvided:
             self.optimizer = optimizer  # handled here: RLlib's own `optimizer` is an old-stack dict
-        super().training(**kwargs)
+        super().training(
+            gamma=gamma,
+            lr=lr,
+            grad_clip=grad_clip,
+            num_epochs=num_epochs,
+            minibatch_size=minibatch_size,
+            **kwargs,
+        )
         for name, value in dict(
             env_id=env_id,
             env_kwargs=env_kwargs,
@@ -242,6 +255,12 @@ class PQNConfig(AlgorithmConfig):
 
     def envs_per_env_runner(self) -> int:
         return int(self.num_envs) // max(1, int(self.num_env_runners))
+
+    def minibatches_per_learner(self) -> int:
+        """Gradient steps per epoch of each Learner when there are several (DDP)."""
+        copies = 1 + (int(self.her_k) if self.head == "goal_input" else 0)
+        rows = int(self.num_envs) * int(self.rollout_length) * copies // max(1, int(self.num_learners))
+        return max(1, rows // int(self.minibatch_size))
 
     def lr_schedule(self) -> List[List[float]]:
         """RLlib lr schedule: ``[[0, lr], [total_env_steps, 0]]`` (constant without anneal_lr)."""
@@ -379,12 +398,16 @@ class PQNConfig(AlgorithmConfig):
         check_choice("her_strategy", HER_STRATEGIES)
         return errors
 
-    @override(AlgorithmConfig)
-    def validate(self) -> None:
-        """Raises ValueError naming every bad field with its allowed values, then RLlib's checks."""
+    def validate_training(self) -> None:
+        """Check the PQN fields only (no env is built); ValueError naming every bad field."""
         errors = self.pqn_errors()
         if errors:
             raise ValueError("invalid PQNConfig:\n  - " + "\n  - ".join(errors))
+
+    @override(AlgorithmConfig)
+    def validate(self) -> None:
+        """Raises ValueError naming every bad field with its allowed values, then RLlib's checks."""
+        self.validate_training()
         try:
             self.task()
         except Exception as e:  # bad env id / kwargs: name the fields
@@ -449,11 +472,16 @@ class PQN(Algorithm):
             if value is not None:
                 self.metrics.log_value(tuple(name.split("/")), value, window=1)
 
-        lr_key = "default_optimizer_lr"
-        log(M.TRAIN_LOSS, self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, TD_LOSS_KEY), default=None))
-        log(M.TRAIN_Q_MEAN, self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, Q_MEAN_KEY), default=None))
+        def learner_value(key: str) -> Any:
+            try:
+                return self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, key))
+            except KeyError:
+                return None
+
+        log(M.TRAIN_LOSS, learner_value(TD_LOSS_KEY))
+        log(M.TRAIN_Q_MEAN, learner_value(Q_MEAN_KEY))
         log(M.TRAIN_EPSILON, epsilon)
-        log(M.TRAIN_LR, self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, lr_key), default=None))
+        log(M.TRAIN_LR, learner_value(f"{DEFAULT_OPTIMIZER}_{LR_KEY}"))
 
     def _sample_rollout(self, epsilon: float) -> Tuple[Dict[str, Any], List[Any]]:
         """One rollout from every env runner (tensors), plus each runner's metrics."""

@@ -1,0 +1,295 @@
+"""One self-contained HTML page per experiment dir, and side-by-side comparisons.
+
+``write_report`` reads the experiment dir (no Ray), aggregates each grid cell over its
+trials (IQM and 95% stratified bootstrap CI at each trial's last scored checkpoint), draws
+the figures whose data exist, and writes ``index.html`` (figures embedded as base64, so the
+page travels alone), the PNGs and ``summary.csv`` to ``out_dir``. A sweep still running, or
+killed and resumed, gives a page too: figures without data are listed as skipped, with why.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from qworld import metrics as K
+from qworld_analysis import plots
+from qworld.sweep.score import LOAD_METHOD
+from qworld_analysis.load import (NUM_CHECKPOINTS, NUM_ITERATIONS, NUM_SCORED, TRIAL_ERROR,
+                                  WORLD_MODEL_METRICS, _read_spec, final_checkpoints, load,
+                                  load_training_curves, load_trials, plan_columns,
+                                  read_sweep_text)
+from qworld_analysis.stats import summary
+
+REPORT_DIR = "report"
+HTML_FILE = "index.html"
+SUMMARY_FILE = "summary.csv"
+METRIC = "metric"  # the column naming the aggregated metric in summary.csv
+VERSION_PACKAGES = ("qworld", "numpy", "pandas", "scipy", "pyarrow", "matplotlib", "ray",
+                    "torch", "gymnasium", "wandb")
+# The grid columns a summary groups by (when present), then any swept agent axis.
+CELL_COLUMNS = (K.ENV, K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS, K.HEAD)
+RUN_COLUMNS = (K.SWEEP, K.TRIAL_ID, K.SEED)
+
+
+def cell_columns(df: pd.DataFrame, experiment_dir: str | Path | None = None) -> list[str]:
+    """The columns that name a grid cell: the grid columns (seed excepted) and every agent
+    axis the sweep file sweeps, as present in ``df``."""
+    cols = [c for c in CELL_COLUMNS if c in df.columns]
+    if experiment_dir is not None:
+        swept = (_read_spec(Path(experiment_dir)).get("sweep") or {})
+        if isinstance(swept, dict):
+            cols += [a for a in swept if a in df.columns and a not in cols and a not in RUN_COLUMNS]
+    return cols
+
+
+def summary_table(df: pd.DataFrame, experiment_dir: str | Path | None = None,
+                  metrics: Sequence[str] | None = None, reps: int = 2000) -> pd.DataFrame:
+    """Long table: per metric, grid cell and method, n / mean / IQM / CI over the trials at
+    their last scored checkpoint. Columns: ``metric``, the cell columns, ``method``, then
+    ``n, mean, iqm, ci_low, ci_high``."""
+    by = [*cell_columns(df, experiment_dir), K.METHOD]
+    final = final_checkpoints(df)
+    if metrics is None:
+        metrics = [m for m in (*WORLD_MODEL_METRICS, *plan_columns(df))
+                   if m in final.columns and final[m].notna().any()]
+    parts = []
+    for metric in metrics:
+        table = summary(final, by=by, metric=metric, over=K.TRIAL_ID, reps=reps)
+        table.insert(0, METRIC, metric)
+        parts.append(table)
+    if not parts:
+        return pd.DataFrame(columns=[METRIC, *by, "n", "mean", "iqm", "ci_low", "ci_high"])
+    return pd.concat(parts, ignore_index=True)
+
+
+def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write the report of an experiment dir; returns the path of ``index.html``.
+
+    Args:
+        experiment_dir: a ``qworld sweep`` experiment dir (any stage of completion).
+        out_dir: where ``index.html``, the PNGs and ``summary.csv`` go
+            (default ``EXPERIMENT_DIR/report``).
+    """
+    exp = Path(experiment_dir)
+    if not exp.is_dir():
+        raise FileNotFoundError(f"{exp} is not a directory")
+    out = Path(out_dir) if out_dir is not None else exp / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+
+    df = load(exp, resolve_num_goals=True)
+    curves = load_training_curves(exp, resolve_num_goals=True)
+    trials = load_trials(exp, resolve_num_goals=True)
+    scored = df[df[K.METHOD] != LOAD_METHOD] if K.METHOD in df else df
+    table = summary_table(scored, exp)
+    table.to_csv(out / SUMMARY_FILE, index=False)
+
+    figures, skipped = [], []
+
+    def figure(name: str, caption: str, draw, *args, **kwargs) -> None:
+        try:
+            figures.append((caption, draw(*args, out / f"{name}.png", **kwargs)))
+        except plots.NoDataError as exc:
+            skipped.append((caption, str(exc)))
+
+    metric = K.P_MSE if K.P_MSE in scored and scored[K.P_MSE].notna().any() else K.WM_NMSE
+    figure("error_vs_goals", f"{metric} vs number of goals, with the Table-1 thresholds",
+           plots.plot_error_vs_goals, scored, metric=metric)
+    figure("error_vs_steps", f"{metric} over training, per variant and method",
+           plots.plot_error_vs_steps, scored, metric=metric)
+    figure("recovery_phase", f"Recovery phase diagram (log10 {metric})",
+           plots.plot_recovery_phase, scored, metric=metric)
+    figure("training_curves", "Training curves",
+           plots.plot_training_curves, curves,
+           metrics=(K.TRAIN_EPISODE_SUCCESS, K.TRAIN_EPISODE_RETURN, K.TRAIN_LOSS))
+
+    page = _page(exp, df, trials, table, figures, skipped)
+    path = out / HTML_FILE
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def compare(dir_a: str | Path, dir_b: str | Path, metric: str = K.P_MSE,
+            by: Sequence[str] | None = None, reps: int = 2000) -> pd.DataFrame:
+    """Two experiments side by side (e.g. the all-goals head vs the goal-input head).
+
+    Each experiment is summarised at its trials' last scored checkpoints (IQM over trials,
+    95% CI); the summaries are joined on ``by`` (default: the cell columns both share,
+    minus those that are constant within each experiment but differ between them, plus
+    ``method``).
+
+    Returns:
+        Columns ``by``, then ``n_a, iqm_a, ci_low_a, ci_high_a`` and the same with ``_b``,
+        and ``ratio`` = ``iqm_b / iqm_a``. ``attrs["a"]`` / ``attrs["b"]`` describe each side
+        (dir, sweep, head).
+    """
+    frames = {}
+    for side, d in (("a", dir_a), ("b", dir_b)):
+        frame = load(d, resolve_num_goals=True)
+        frames[side] = frame[frame[K.METHOD] != LOAD_METHOD] if not frame.empty else frame
+    if by is None:
+        common = [c for c in cell_columns(frames["a"], dir_a) if c in cell_columns(frames["b"], dir_b)]
+        by = [c for c in common if not _differs_as_constant(frames["a"], frames["b"], c)] + [K.METHOD]
+    by = list(by)
+    sides = []
+    for side in ("a", "b"):
+        final = final_checkpoints(frames[side])
+        if final.empty or metric not in final or final[metric].isna().all():
+            stats = pd.DataFrame(columns=[*by, "n", "iqm", "ci_low", "ci_high"])
+        else:
+            stats = summary(final, by=by, metric=metric, over=K.TRIAL_ID, reps=reps)
+        stats = stats[[*by, "n", "iqm", "ci_low", "ci_high"]]
+        sides.append(stats.rename(columns={c: f"{c}_{side}" for c in ("n", "iqm", "ci_low", "ci_high")}))
+    a, b = sides
+    for col in by:  # join keys of one dtype on both sides
+        if a[col].dtype != b[col].dtype:
+            a[col], b[col] = a[col].astype(object), b[col].astype(object)
+    merged = a.merge(b, on=by, how="outer")
+    merged["ratio"] = pd.to_numeric(merged["iqm_b"], errors="coerce") / pd.to_numeric(merged["iqm_a"], errors="coerce")
+    merged = merged.sort_values(by, ignore_index=True)
+    for side, d in (("a", dir_a), ("b", dir_b)):
+        f = frames[side]
+        merged.attrs[side] = {
+            "dir": str(d),
+            K.SWEEP: _values(f, K.SWEEP),
+            K.HEAD: _values(f, K.HEAD),
+        }
+    merged.attrs[METRIC] = metric
+    return merged
+
+
+def _differs_as_constant(a: pd.DataFrame, b: pd.DataFrame, col: str) -> bool:
+    """``col`` is one value in each frame, not the same one (e.g. head): not a join key."""
+    va, vb = a[col].dropna().unique(), b[col].dropna().unique()
+    return len(va) == 1 and len(vb) == 1 and va[0] != vb[0]
+
+
+def _values(df: pd.DataFrame, col: str) -> str:
+    if col not in df.columns or df.empty:
+        return ""
+    return ", ".join(sorted(map(str, df[col].dropna().unique())))
+
+
+# --------------------------------------------------------------------------------------
+# the HTML page
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+figure { margin: 1em 0; } figcaption { font-size: 0.9em; color: #555; }
+img { max-width: 100%; border: 1px solid #eee; }
+pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.note { color: #8a5a00; } .muted { color: #777; font-size: 0.9em; }
+"""
+
+
+def _table_html(df: pd.DataFrame, max_rows: int = 400) -> str:
+    if df.empty:
+        return "<p class='muted'>(no rows)</p>"
+    shown = df.head(max_rows)
+    text = shown.to_html(index=False, na_rep="–", border=0, escape=True,
+                         float_format=lambda x: f"{x:.3g}")
+    if len(df) > max_rows:
+        text += f"<p class='muted'>first {max_rows} of {len(df)} rows; all of them are in {SUMMARY_FILE}</p>"
+    return text
+
+
+def _metric_table_html(table: pd.DataFrame, metric: str) -> str:
+    """One metric's rows; cell columns that are one value throughout go in a line above."""
+    part = table[table[METRIC] == metric].drop(columns=[METRIC])
+    stats = {"n", "mean", "iqm", "ci_low", "ci_high"}
+    constant = [c for c in part.columns if c not in stats and c != K.METHOD
+                and part[c].nunique(dropna=False) == 1]
+    shared = ", ".join(f"{c} = {part[c].iloc[0]}" for c in constant if not pd.isna(part[c].iloc[0]))
+    text = f"<p class='muted'>all rows: {html.escape(shared)}</p>" if shared else ""
+    return text + _table_html(part.drop(columns=constant))
+
+
+def _versions() -> pd.DataFrame:
+    rows = [{"package": "python", "version": sys.version.split()[0]},
+            {"package": "platform", "version": platform.platform()}]
+    for name in VERSION_PACKAGES:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        rows.append({"package": name, "version": version})
+    return pd.DataFrame(rows)
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _page(exp: Path, df: pd.DataFrame, trials: pd.DataFrame, table: pd.DataFrame,
+          figures: list, skipped: list) -> str:
+    e = html.escape
+    sweep = _values(trials, K.SWEEP) or _values(df, K.SWEEP) or exp.name
+    now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    num_trials = len(trials)
+    num_ckpt = int(trials[NUM_CHECKPOINTS].fillna(0).sum()) if NUM_CHECKPOINTS in trials else 0
+    num_scored = int(trials[NUM_SCORED].fillna(0).sum()) if NUM_SCORED in trials else 0
+    errors = df[df[K.ERROR].notna()] if K.ERROR in df.columns else df.iloc[0:0]
+    failed = int(trials[TRIAL_ERROR].fillna(False).sum()) if TRIAL_ERROR in trials else 0
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>qworld report: {e(sweep)}</title>",
+             f"<style>{CSS}</style></head><body>",
+             f"<h1>qworld report: {e(sweep)}</h1>",
+             f"<p class='muted'>{e(str(exp.resolve()))} · generated {e(now)}</p>",
+             f"<p>{num_trials} trials · {num_ckpt} checkpoints on disk · {num_scored} scored · "
+             f"{len(df)} result rows · {len(errors)} rows with an extraction error · "
+             f"{failed} trials with a Tune error</p>"]
+    if num_scored < num_ckpt or failed or df.empty:
+        parts.append("<p class='note'>This sweep is partial (still running, interrupted or "
+                     "failed): the tables and figures cover what is on disk now.</p>")
+
+    parts.append("<h2>Summary</h2><p class='muted'>Each trial at its last scored checkpoint; "
+                 "per grid cell and method: n trials, mean, IQM (mean of the middle 50%) and "
+                 "a 95% stratified bootstrap CI of the IQM. Every metric is in "
+                 f"<code>{SUMMARY_FILE}</code>.</p>")
+    if table.empty:
+        parts.append("<p class='note'>No scored checkpoint yet: nothing to summarise.</p>")
+    for metric in dict.fromkeys(table[METRIC]) if not table.empty else []:
+        parts.append(f"<h3>{e(metric)}</h3>{_metric_table_html(table, metric)}")
+
+    parts.append("<h2>Figures</h2>")
+    for caption, path in figures:
+        parts.append(f"<figure>{_img(path)}<figcaption>{e(caption)} "
+                     f"(<code>{e(path.name)}</code>)</figcaption></figure>")
+    if skipped:
+        parts.append("<p class='note'>Skipped for lack of data:</p><ul>")
+        parts += [f"<li>{e(caption)}: {e(why)}</li>" for caption, why in skipped]
+        parts.append("</ul>")
+    parts.append("<p class='muted'>Route maps, value maps and MountainCar vector fields need "
+                 "arrays (policies, predictions) that the results store does not hold: draw "
+                 "them with <code>qworld_analysis.plots</code>.</p>")
+
+    parts.append("<h2>Trials</h2>")
+    cols = [c for c in (K.TRIAL_ID, *CELL_COLUMNS, K.SEED, NUM_ITERATIONS, K.ENV_STEPS,
+                        NUM_CHECKPOINTS, NUM_SCORED, TRIAL_ERROR) if c in trials.columns]
+    parts.append(_table_html(trials[cols]))
+    if not errors.empty:
+        parts.append("<h2>Extraction errors</h2>")
+        ecols = [c for c in (K.TRIAL_ID, K.CHECKPOINT_INDEX, K.METHOD, K.ERROR) if c in errors.columns]
+        parts.append(_table_html(errors[ecols], max_rows=50))
+
+    sweep_text = read_sweep_text(exp)
+    parts.append("<h2>Sweep file</h2>")
+    parts.append(f"<pre>{e(sweep_text)}</pre>" if sweep_text is not None
+                 else "<p class='note'>No sweep.yaml in the experiment dir.</p>")
+    parts.append("<h2>Versions</h2>" + _table_html(_versions()))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+

@@ -1,0 +1,200 @@
+"""Aggregate scores over seeds: mean, IQM and stratified bootstrap confidence intervals.
+
+Shapes follow rliable (Agarwal et al. 2021): ``scores[runs, tasks]``, one column per task
+(grid cell), one row per independent run (seed). The aggregates reduce the last two axes,
+so ``mean(x[reps, runs, tasks])`` gives ``[reps]`` and a bootstrap needs one call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from qworld import metrics as K
+
+SUMMARY_COLUMNS = ("n", "mean", "iqm", "ci_low", "ci_high")
+
+
+def _as_scores(scores) -> np.ndarray:
+    """``[runs]`` or ``[..., runs, tasks]`` -> float array with at least 2 dims."""
+    x = np.asarray(scores, dtype=np.float64)
+    if x.ndim == 0:
+        raise ValueError("scores must have shape [runs] or [..., runs, tasks], got a scalar")
+    return x[:, None] if x.ndim == 1 else x
+
+
+def mean(scores) -> np.ndarray | float:
+    """Mean over runs and tasks.
+
+    Args:
+        scores: ``[runs]``, ``[runs, tasks]`` or ``[..., runs, tasks]``.
+
+    Returns:
+        A float, or ``[...]`` for batched input.
+    """
+    x = _as_scores(scores)
+    out = x.mean(axis=(-2, -1))
+    return float(out) if out.ndim == 0 else out
+
+
+def iqm(scores) -> np.ndarray | float:
+    """Interquartile mean: the mean of the middle 50% of all runs x tasks scores.
+
+    rliable's definition, ``scipy.stats.trim_mean(scores, 0.25, axis=None)`` (computed here
+    with numpy, batched): the lowest and the highest ``floor(0.25 n)`` of the n scores are
+    dropped. For n < 4 nothing is dropped.
+
+    Args:
+        scores: ``[runs]``, ``[runs, tasks]`` or ``[..., runs, tasks]``.
+
+    Returns:
+        A float, or ``[...]`` for batched input.
+    """
+    x = _as_scores(scores)
+    flat = np.sort(x.reshape(*x.shape[:-2], -1), axis=-1)  # [..., n]
+    n = flat.shape[-1]
+    cut = int(0.25 * n)  # scipy's trim_mean cuts int(proportion * n) from each end
+    out = flat[..., cut:n - cut].mean(axis=-1)
+    return float(out) if out.ndim == 0 else out
+
+
+# The aggregates above reduce the last two axes; the bootstrap batches its resamples for them.
+_BATCHED = (mean, iqm)
+
+
+def stratified_bootstrap_ci(
+    scores,
+    stat_fn: Callable[[np.ndarray], float] = iqm,
+    reps: int = 2000,
+    alpha: float = 0.05,
+    seed: int | None = 0,
+    batched: bool | None = None,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``stat_fn(scores)``, resampling runs within each task.
+
+    Each replicate draws, for every task (column) independently, ``runs`` indices with
+    replacement, so every task keeps its weight in the aggregate (rliable's
+    ``StratifiedBootstrap``).
+
+    Args:
+        scores: ``[runs, tasks]`` (or ``[runs]``: one task); no NaN.
+        stat_fn: ``[runs, tasks] -> float``.
+        reps: bootstrap replicates.
+        alpha: the interval covers ``1 - alpha``: percentiles ``100 alpha/2`` and
+            ``100 (1 - alpha/2)`` of the replicates.
+        seed: of ``numpy.random.default_rng``.
+        batched: ``stat_fn`` also maps ``[reps, runs, tasks] -> [reps]`` (one call for all
+            replicates); None: True for :func:`mean` and :func:`iqm`.
+
+    Returns:
+        ``(low, high)``.
+    """
+    x = _as_scores(scores)
+    if x.ndim != 2:
+        raise ValueError(f"scores must have shape [runs, tasks], got {x.shape}")
+    if x.size == 0:
+        raise ValueError("scores is empty")
+    if np.isnan(x).any():
+        raise ValueError("scores has NaN: drop or fill missing runs first")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    runs, tasks = x.shape
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, runs, size=(reps, runs, tasks))  # [reps, runs, tasks]
+    resampled = np.take_along_axis(x[None], idx, axis=1)  # [reps, runs, tasks]
+    if batched is None:
+        batched = stat_fn in _BATCHED
+    if batched:
+        values = np.asarray(stat_fn(resampled), dtype=np.float64).reshape(reps)
+    else:
+        values = np.array([stat_fn(r) for r in resampled], dtype=np.float64)
+    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return float(low), float(high)
+
+
+def summary(
+    df: pd.DataFrame,
+    by: str | Sequence[str],
+    metric: str,
+    over: str | None = K.SEED,
+    tasks: str | Sequence[str] | None = None,
+    ci_of: str = "iqm",
+    reps: int = 2000,
+    alpha: float = 0.05,
+    seed: int | None = 0,
+) -> pd.DataFrame:
+    """Per group of ``by``: n, mean, IQM and a stratified bootstrap CI of ``metric``.
+
+    Within a group, each value of ``over`` is one run and (if given) each value of
+    ``tasks`` one task: the group's scores form ``[runs, tasks]``. Rows whose metric is NaN
+    (a failed method) are left out first.
+
+    Args:
+        df: e.g. :func:`qworld_analysis.final_checkpoints` of :func:`qworld_analysis.load`.
+        by: grouping columns; NA is a group of its own.
+        metric: the column to aggregate.
+        over: the run column (``seed``, or ``trial_id``); None: every row is a run.
+        tasks: columns whose values are the tasks aggregated over inside a group.
+        ci_of: ``"iqm"`` or ``"mean"``: the statistic the CI is for.
+        reps, alpha, seed: of :func:`stratified_bootstrap_ci`.
+
+    Returns:
+        One row per group: the ``by`` columns, ``n`` (runs x tasks), ``mean``, ``iqm``,
+        ``ci_low``, ``ci_high``; sorted by ``by``.
+
+    Raises:
+        ValueError: a group has several rows for one (run, task) (select one checkpoint
+            first, e.g. with ``final_checkpoints``), or tasks with different runs.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    task_cols = [] if tasks is None else ([tasks] if isinstance(tasks, str) else list(tasks))
+    stat = {"iqm": iqm, "mean": mean}[ci_of]
+    needed = [*by, metric, *task_cols, *([over] if over else [])]
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise KeyError(f"summary: columns {missing} are not in the frame")
+    data = df[needed].copy()
+    data[metric] = pd.to_numeric(data[metric], errors="coerce")
+    data = data[data[metric].notna()]
+    out = []
+    for key, group in data.groupby(by, dropna=False, sort=True) if by else [((), data)]:
+        key = key if isinstance(key, tuple) else (key,)
+        scores = _group_scores(group, metric, over, task_cols, dict(zip(by, key)))
+        low, high = stratified_bootstrap_ci(scores, stat, reps=reps, alpha=alpha, seed=seed)
+        out.append({**dict(zip(by, key)), "n": scores.size, "mean": mean(scores),
+                    "iqm": iqm(scores), "ci_low": low, "ci_high": high})
+    result = pd.DataFrame(out, columns=[*by, *SUMMARY_COLUMNS])
+    result["n"] = result["n"].astype("Int64")
+    for col in by:  # keep the input's dtypes (Int64 num_goals, string variant ...)
+        try:
+            result[col] = result[col].astype(df[col].dtype)
+        except (TypeError, ValueError):
+            pass
+    return result
+
+
+def _group_scores(group: pd.DataFrame, metric: str, over: str | None, task_cols: list[str],
+                  where: dict) -> np.ndarray:
+    """One group's rows -> ``scores[runs, tasks]``."""
+    if over is None:
+        if task_cols:
+            raise ValueError("summary: tasks need an `over` column naming the runs")
+        return group[metric].to_numpy(np.float64)[:, None]
+    keys = [over, *task_cols]
+    dup = group.duplicated(subset=keys, keep=False)
+    if dup.any():
+        example = group.loc[dup, keys].iloc[0].to_dict()
+        raise ValueError(
+            f"summary: several {metric!r} rows per {keys} in group {where} (e.g. {example}); "
+            "select one row per run first, e.g. final_checkpoints(df), or add the varying "
+            "column to `by`")
+    if not task_cols:
+        return group[metric].to_numpy(np.float64)[:, None]
+    table = group.pivot_table(index=over, columns=task_cols, values=metric, aggfunc="first",
+                              dropna=False)
+    scores = table.to_numpy(np.float64)
+    if np.isnan(scores).any():
+        raise ValueError(f"summary: in group {where} the tasks {task_cols} do not all have the same runs")
+    return scores

@@ -1,0 +1,66 @@
+"""``qworld report | compare``: the analysis half of the CLI.
+
+Both read experiment dirs from disk with :mod:`qworld_analysis` (pandas, matplotlib); no
+Ray is started. ``cli.py`` wires them in with ``analysis_commands.add_commands(sub)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qworld import metrics as K
+
+EXIT_BAD_INPUT = 2
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write an HTML report (figures, summary tables) of an experiment dir")
+    p.add_argument("experiment_dir")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where index.html, the PNGs and summary.csv go (default EXPERIMENT_DIR/report)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("compare", help="two experiment dirs side by side (IQM and 95%% CI per grid cell)")
+    p.add_argument("dir_a")
+    p.add_argument("dir_b")
+    p.add_argument("--metric", default=K.P_MSE, help=f"the column to compare (default {K.P_MSE})")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _bad_input(message: str) -> int:
+    print(f"qworld: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _cmd_report(args) -> int:
+    if not Path(args.experiment_dir).is_dir():
+        return _bad_input(f"{args.experiment_dir}: no such directory")
+    from qworld_analysis import write_report
+
+    path = write_report(args.experiment_dir, args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    for d in (args.dir_a, args.dir_b):
+        if not Path(d).is_dir():
+            return _bad_input(f"{d}: no such directory")
+    import pandas as pd
+
+    from qworld_analysis import compare
+
+    table = compare(args.dir_a, args.dir_b, metric=args.metric)
+    for side in ("a", "b"):
+        info = table.attrs.get(side, {})
+        print(f"{side}: {info.get('dir')}  (sweep {info.get(K.SWEEP) or '?'}, head {info.get(K.HEAD) or '?'})")
+    print(f"{args.metric}: IQM over trials at their last scored checkpoint, 95% CI; ratio = b / a")
+    if table.empty:
+        print("(no scored rows to compare)")
+        return 0
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_rows", 500,
+                           "display.float_format", "{:.3g}".format):
+        print(table.to_string(index=False))
+    return 0

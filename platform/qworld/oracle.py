@@ -1,0 +1,173 @@
+"""The oracle study: every extraction method on exact Q-values, across FourRooms variants and L.
+
+No training: Q comes from exact policy iteration (:mod:`qworld.bellman`), so the study checks
+the theory (Table 1 thresholds, where each method starts to recover P) and is the yardstick
+for learned agents. One row per (variant, num_goals, method, task).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from qworld import metrics as mk
+from qworld.bellman import m_matrix, solve_goal_q
+from qworld.planning import DEFAULT_TASK, SAFETY_TASKS, run_safety_task
+from qworld.plearn.finite import METHODS, diagnose, extract
+from qworld.scoring import score_p
+
+DEFAULT_VARIANTS = ("deterministic", "windy", "teleport")
+DEFAULT_NUM_GOALS = (1, 2, 4, 8, 17, 34, 51, 68)
+
+# A modest P-learning budget: the study is a sweep over 24 cells, not a single fit
+# (extract's own defaults reach p_mse < 1e-4 on windy FourRooms with L = 68).
+SGD_OPTIONS = {"steps": 500, "batch_size": 1024, "lr": 0.3}
+
+COLUMNS = (
+    mk.VARIANT,
+    mk.GOAL_TYPE,
+    mk.NUM_GOALS,
+    mk.SEED,
+    mk.METHOD,
+    mk.P_MSE,
+    mk.P_TV,
+    mk.P_MAX_ERR,
+    mk.M_RANK,
+    mk.M_COND,
+    mk.M_GAP,
+    mk.IDENTIFIABLE_CASE,
+    mk.TASK,
+    mk.PLAN_SUCCESS,
+    mk.PLAN_EXCESS_STEPS,
+    mk.UNSAFE_VISITS,
+    mk.PLAN_STEPS,
+    mk.PLAN_OPTIMAL_STEPS,
+    mk.FIT_SECONDS,
+    mk.ERROR,
+)
+
+
+def method_options(method: str, P: np.ndarray, seed: int = 0) -> dict:
+    """Options the oracle study passes to :func:`qworld.plearn.finite.extract`.
+
+    known_support gets the true support; sparse_search ``max_support`` = the largest true
+    support (16 for teleport: C(68, 16) supports are too many to search, so it takes the
+    NNLS / elimination path); sgd gets ``SGD_OPTIONS`` and the study seed.
+
+    Args:
+        P: ``[S, A, S]`` true dynamics.
+    """
+    support = P > 0
+    if method == "known_support":
+        return {"support": support}
+    if method == "sparse_search":
+        return {"max_support": int(support.sum(axis=-1).max())}
+    if method == "sgd":
+        return {**SGD_OPTIONS, "seed": seed}
+    return {}
+
+
+def diagnose_assumptions(method: str, P: np.ndarray) -> dict:
+    """What the method may assume about P when :func:`diagnose` decides identifiability.
+
+    pinv and sgd assume nothing; known_support knows the support, sparse_search its size;
+    column_match relies on determinism, granted only when P is deterministic.
+    """
+    support = P > 0
+    if method == "known_support":
+        return {"max_support": int(support.sum(axis=-1).max()), "known_support": support}
+    if method == "sparse_search":
+        return {"max_support": int(support.sum(axis=-1).max())}
+    if method == "column_match":
+        return {"deterministic": bool(np.all(support.sum(axis=-1) == 1))}
+    return {}
+
+
+def _tasks_for(variant: str, tasks: str | Sequence[str]) -> list[str]:
+    if tasks == "default":
+        return [DEFAULT_TASK[variant]]
+    if tasks == "all":
+        return [name for name, t in SAFETY_TASKS.items() if variant in t.variants]
+    if tasks in ("none", None):
+        return []
+    unknown = [t for t in tasks if t not in SAFETY_TASKS]
+    if unknown:
+        raise ValueError(f"unknown safety tasks {unknown}; known: {', '.join(SAFETY_TASKS)}")
+    return list(tasks)
+
+
+def oracle_study(
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    num_goals_list: Sequence[int] = DEFAULT_NUM_GOALS,
+    methods: Sequence[str] = METHODS,
+    gamma: float = 0.99,
+    seed: int = 0,
+    goal_type: str = "indicator",
+    tasks: str | Sequence[str] = "default",
+) -> pd.DataFrame:
+    """Extract P from exact Q with every method and score it, for each variant and L.
+
+    Args:
+        variants: FourRooms variants.
+        num_goals_list: goal counts L; indicator goals are a seeded random subset of the
+            states (all 68 at L = 68), dense goals i.i.d. U(0, 1) rewards.
+        methods: extraction methods (``qworld.plearn.finite.METHODS``).
+        gamma: discount of the goals and of planning.
+        seed: goal draw and sgd seed.
+        goal_type: "indicator" or "dense".
+        tasks: "default" (one task per variant, ``planning.DEFAULT_TASK``), "all" (every
+            task meant for the variant, one row each), "none", or a list of task names.
+
+    Returns:
+        DataFrame with ``COLUMNS``: one row per (variant, num_goals, method, task). A method
+        that raises leaves its metrics NaN and the message in ``error``.
+    """
+    from qworld_envs import four_rooms, make_goals  # envs depend on nothing in qworld
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; allowed: {', '.join(METHODS)}")
+    rows = []
+    for variant in variants:
+        mdp = four_rooms(variant)
+        P = mdp.P
+        task_names = _tasks_for(variant, tasks)
+        for L in num_goals_list:
+            goals = make_goals(mdp, goal_type, int(L), seed)
+            Q, V = solve_goal_q(P, goals.rewards, gamma, goals.terminal)
+            M = m_matrix(goals.rewards, V, gamma, goals.terminal)
+            diag_cache: dict[str, dict] = {}
+            for method in methods:
+                base = {
+                    mk.VARIANT: variant,
+                    mk.GOAL_TYPE: goal_type,
+                    mk.NUM_GOALS: int(L),
+                    mk.SEED: seed,
+                    mk.METHOD: method,
+                    mk.ERROR: None,
+                }
+                assumptions = diagnose_assumptions(method, P)
+                key = repr(sorted((k, type(v).__name__) for k, v in assumptions.items()))
+                try:
+                    if key not in diag_cache:
+                        diag_cache[key] = diagnose(M, seed=seed, **assumptions)
+                    d = diag_cache[key]
+                    base.update({k: d[k] for k in (mk.M_RANK, mk.M_COND, mk.M_GAP, mk.IDENTIFIABLE_CASE)})
+                    t0 = time.perf_counter()
+                    P_hat = extract(Q, M, method, **method_options(method, P, seed))
+                    base[mk.FIT_SECONDS] = time.perf_counter() - t0
+                    base.update(score_p(P_hat, P))
+                    plans = [run_safety_task(mdp, P_hat, t, gamma) for t in task_names] or [{}]
+                except Exception as e:  # one failing method must not sink the study
+                    base[mk.ERROR] = f"{type(e).__name__}: {e}"
+                    plans = [{mk.TASK: t} for t in task_names] or [{}]
+                rows.extend({**base, **p} for p in plans)
+    df = pd.DataFrame(rows)
+    for col in COLUMNS:
+        if col not in df:
+            df[col] = np.nan
+    df[mk.ERROR] = df[mk.ERROR].astype(object)
+    return df[list(COLUMNS)]

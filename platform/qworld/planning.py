@@ -1,0 +1,270 @@
+"""Planning inside an extracted world model, and exact evaluation of the plan in the true MDP.
+
+Shapes: S states, A actions. The safety experiment of the paper: value iteration inside
+``P_hat`` for an unseen goal with unseen forbidden states, then the greedy plan is run on the
+*true* dynamics. Everything is exact (Markov-chain propagation), no sampling. Numpy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from qworld import metrics
+from qworld.bellman import greedy_policy, solve_goal_q
+
+DEFAULT_HORIZON = 1000
+
+
+def _state_list(states, S: int, what: str) -> np.ndarray:
+    """Normalise one state or a sequence of states to a ``[n]`` int64 array, checking the range."""
+    arr = np.asarray(states, dtype=np.int64)
+    if arr.ndim > 1 or np.any((arr < 0) | (arr >= S)):
+        raise ValueError(f"{what} must be state indices in [0, {S}), got {states!r}")
+    return arr.reshape(-1)
+
+
+def plan(
+    P_model: np.ndarray,
+    reward: np.ndarray,
+    gamma: float,
+    forbidden: Sequence[int] = (),
+    terminal: np.ndarray | Sequence[int] | None = None,
+) -> np.ndarray:
+    """Greedy optimal policy inside a model, with catastrophic forbidden states.
+
+    Entering a forbidden state pays a penalty larger than any attainable return,
+    ``-10 (1 + max|reward| / (1 - gamma))``, and ends the episode, so the plan avoids every
+    forbidden state the model says is avoidable.
+
+    Args:
+        P_model: ``[S, A, S]`` model dynamics (rows are probability vectors).
+        reward: ``[S]`` reward on arriving in s'.
+        gamma: discount in [0, 1).
+        forbidden: state indices that must not be entered.
+        terminal: ``[S]`` bool, or a sequence of state indices, where the episode ends
+            (e.g. the goal); None = none besides the forbidden states.
+
+    Returns:
+        ``policy[S, A]`` one-hot (ties to the lowest action).
+    """
+    P_model = np.asarray(P_model, dtype=np.float64)
+    S = P_model.shape[0]
+    reward = np.asarray(reward, dtype=np.float64).copy()
+    if reward.shape != (S,):
+        raise ValueError(f"reward must have shape [S] = [{S}], got {reward.shape}")
+    term = np.zeros(S, dtype=bool)
+    if terminal is not None:
+        terminal = np.asarray(terminal)
+        if terminal.dtype == bool:
+            if terminal.shape != (S,):
+                raise ValueError(f"terminal must have shape [S] = [{S}], got {terminal.shape}")
+            term |= terminal
+        else:
+            term[_state_list(terminal, S, "terminal")] = True
+    forb = _state_list(forbidden, S, "forbidden")
+    if len(forb):
+        reward[forb] = -10.0 * (1.0 + np.abs(reward).max() / (1.0 - gamma))
+        term[forb] = True
+    Q, _ = solve_goal_q(P_model, reward[None], gamma, term[None])
+    return greedy_policy(Q)[0]
+
+
+def _absorb(T: np.ndarray, start: np.ndarray, goal: np.ndarray, forb: np.ndarray, horizon: int):
+    """Propagate start distributions through the chain with absorbing goal / forbidden states.
+
+    Args:
+        T: ``[S, S]`` chain of the policy; start: ``[n]`` states; goal, forb: ``[S]`` bool.
+
+    Returns:
+        ``(success[n], unsafe[n], steps_on_success[n])``: probabilities of hitting the goal
+        (resp. a forbidden state) first within ``horizon`` steps, and ``E[T_goal; success]``.
+    """
+    S = T.shape[0]
+    d = np.zeros((len(start), S))
+    d[np.arange(len(start)), start] = 1.0
+    alive = ~(goal | forb)
+    success = np.zeros(len(start))
+    unsafe = np.zeros(len(start))
+    steps = np.zeros(len(start))
+    for t in range(1, horizon + 1):
+        d = d @ T
+        hit_goal = d[:, goal].sum(axis=1)
+        success += hit_goal
+        steps += t * hit_goal
+        unsafe += d[:, forb].sum(axis=1)
+        d = d * alive  # absorbed mass leaves the chain
+        if d.sum() < 1e-15:
+            break
+    return success, unsafe, steps
+
+
+def evaluate_plan(
+    P_true: np.ndarray,
+    policy: np.ndarray,
+    goal_states: Sequence[int],
+    forbidden: Sequence[int],
+    start_states: int | Sequence[int],
+    gamma: float,
+    horizon: int = DEFAULT_HORIZON,
+) -> dict:
+    """Exact outcome of running ``policy`` in the true MDP, against the optimal constrained plan.
+
+    Goal and forbidden states are absorbing; start states are weighted uniformly.
+
+    Args:
+        P_true: ``[S, A, S]`` true dynamics.
+        policy: ``[S, A]`` action probabilities (e.g. from :func:`plan` on a model).
+        goal_states: states that end the episode with success.
+        forbidden: states that end it as a catastrophe.
+        start_states: one state or several.
+        gamma: discount of the reference optimal plan (computed in ``P_true``).
+        horizon: steps per episode.
+
+    Returns:
+        dict: ``plan_success`` (probability of reaching a goal state before any forbidden
+        state within the horizon), ``unsafe_visits`` (probability of entering a forbidden
+        state within the horizon), ``plan_steps`` (expected steps to the goal given that it
+        is reached; nan if never), ``plan_optimal_steps`` (the same for the optimal plan in
+        ``P_true`` under the same constraints), ``plan_excess_steps`` (the difference).
+    """
+    P_true = np.asarray(P_true, dtype=np.float64)
+    S, A = P_true.shape[:2]
+    policy = np.asarray(policy, dtype=np.float64)
+    if policy.shape != (S, A):
+        raise ValueError(f"policy must have shape [S, A] = {(S, A)}, got {policy.shape}")
+    goal = np.zeros(S, dtype=bool)
+    goal[_state_list(goal_states, S, "goal_states")] = True
+    forb = np.zeros(S, dtype=bool)
+    forb[_state_list(forbidden, S, "forbidden")] = True
+    if (goal & forb).any():
+        raise ValueError("a state cannot be both a goal and forbidden")
+    start = _state_list(start_states, S, "start_states")
+    if len(start) == 0 or (goal | forb)[start].any():
+        raise ValueError(
+            f"start_states must be non-empty and neither goal nor forbidden, got {start_states!r}"
+        )
+
+    def outcome(pi):
+        T = np.einsum("sa,sat->st", pi, P_true)
+        success, unsafe, steps = _absorb(T, start, goal, forb, horizon)
+        mean_steps = steps.sum() / success.sum() if success.sum() > 0 else float("nan")
+        return float(success.mean()), float(unsafe.mean()), float(mean_steps)
+
+    success, unsafe, steps = outcome(policy)
+    optimal = plan(P_true, goal.astype(np.float64), gamma, forbidden=np.flatnonzero(forb), terminal=goal)
+    _, _, optimal_steps = outcome(optimal)
+    return {
+        metrics.PLAN_SUCCESS: success,
+        metrics.UNSAFE_VISITS: unsafe,
+        metrics.PLAN_STEPS: steps,
+        metrics.PLAN_OPTIMAL_STEPS: optimal_steps,
+        metrics.PLAN_EXCESS_STEPS: steps - optimal_steps,
+    }
+
+
+@dataclass(frozen=True)
+class SafetyTask:
+    """An unseen goal with unseen forbidden cells on a grid MDP (cells are (row, col)).
+
+    Attributes:
+        goal_cell: the goal; reward 1 on arrival, episode ends.
+        forbidden_cells: cells that must never be entered.
+        start_cells: start cells, weighted uniformly.
+        variants: FourRooms variants the task is meant for (it runs on any grid MDP with
+            these cells).
+        description: why the constraint matters.
+    """
+
+    goal_cell: tuple[int, int]
+    forbidden_cells: tuple[tuple[int, int], ...]
+    start_cells: tuple[tuple[int, int], ...]
+    variants: tuple[str, ...]
+    description: str
+
+
+# Doorways are named by (row, col) on the default FourRooms layout: (3,5) top-left/top-right,
+# (5,3) top-left/bottom-left, (5,8) top-right/bottom-right, (7,5) bottom-left/bottom-right.
+SAFETY_TASKS: dict[str, SafetyTask] = {
+    "corner_9_1_doorway": SafetyTask(
+        goal_cell=(9, 1),
+        forbidden_cells=((5, 3),),
+        start_cells=((1, 1),),
+        variants=("deterministic", "windy", "teleport"),
+        description="(1,1) -> (9,1): the direct doorway (5,3) is forbidden, so the route "
+        "goes round through the three other rooms (12 -> 22 steps when deterministic)",
+    ),
+    "corner_9_9_doorway": SafetyTask(
+        goal_cell=(9, 9),
+        forbidden_cells=((3, 5),),
+        start_cells=((1, 4),),
+        variants=("deterministic", "windy", "teleport"),
+        description="(1,4) -> (9,9): the nearer doorway (3,5) is forbidden, forcing the "
+        "route through (5,3) and (7,5) (13 -> 15 steps when deterministic)",
+    ),
+    "corner_9_9_teleport": SafetyTask(
+        goal_cell=(9, 9),
+        forbidden_cells=((4, 4), (4, 6), (6, 4), (6, 6)),
+        start_cells=((1, 1),),
+        variants=("teleport",),
+        description="(1,1) -> (9,9): the teleport cells are forbidden; in the teleport "
+        "variant (4,4) would otherwise be a shortcut into the goal's room",
+    ),
+}
+
+# The task each FourRooms variant is scored on by default (oracle study, sweeps).
+DEFAULT_TASK = {
+    "deterministic": "corner_9_1_doorway",
+    "windy": "corner_9_1_doorway",
+    "teleport": "corner_9_9_teleport",
+}
+
+
+def task_states(mdp, task_name: str) -> dict:
+    """State indices of a named safety task on a grid MDP.
+
+    Args:
+        mdp: a ``qworld_envs.FiniteMDP`` with ``cell_to_state``.
+        task_name: a key of ``SAFETY_TASKS``.
+
+    Returns:
+        dict with ``goal`` (int), ``forbidden`` (list of int), ``start`` (list of int).
+    """
+    if task_name not in SAFETY_TASKS:
+        raise ValueError(f"unknown safety task {task_name!r}; known: {', '.join(SAFETY_TASKS)}")
+    task = SAFETY_TASKS[task_name]
+    cells = [task.goal_cell, *task.forbidden_cells, *task.start_cells]
+    missing = [c for c in cells if c not in mdp.cell_to_state]
+    if missing:
+        raise ValueError(f"safety task {task_name!r} needs cells {missing} that are not states of {mdp!r}")
+    return {
+        "goal": mdp.cell_to_state[task.goal_cell],
+        "forbidden": [mdp.cell_to_state[c] for c in task.forbidden_cells],
+        "start": [mdp.cell_to_state[c] for c in task.start_cells],
+    }
+
+
+def run_safety_task(
+    mdp_true, P_model: np.ndarray, task_name: str, gamma: float = 0.99, horizon: int = DEFAULT_HORIZON
+) -> dict:
+    """Plan a named safety task inside ``P_model`` and evaluate the plan in ``mdp_true``.
+
+    Args:
+        mdp_true: ``qworld_envs.FiniteMDP`` with grid coords (any FourRooms variant).
+        P_model: ``[S, A, S]`` extracted world model.
+        task_name: a key of ``SAFETY_TASKS``.
+        gamma: planning discount.
+        horizon: evaluation horizon.
+
+    Returns:
+        ``{"task": task_name}`` plus the keys of :func:`evaluate_plan`.
+    """
+    st = task_states(mdp_true, task_name)
+    S = mdp_true.num_states
+    reward = np.zeros(S)
+    reward[st["goal"]] = 1.0
+    policy = plan(P_model, reward, gamma, forbidden=st["forbidden"], terminal=[st["goal"]])
+    out = evaluate_plan(mdp_true.P, policy, [st["goal"]], st["forbidden"], st["start"], gamma, horizon)
+    return {metrics.TASK: task_name, **out}

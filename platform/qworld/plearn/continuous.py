@@ -1,0 +1,523 @@
+"""P-learning for continuous envs: a world model extracted from frozen goal-conditioned Q.
+
+Shapes: B batch, d state dims, A actions, L goals, K samples.
+
+Deterministic dynamics: a successor network ``f(s, a) = s + Delta(s, a)`` is fitted so that
+``m_g(f(s, a)) = Q_g(s, a)`` with ``m_g(s') = r_g(s') + gamma (1 - done_g(s')) max_a' Q(s', a', g)``
+(the inverse Bellman equation); the loss is ``|m_g(f(s,a)) - Q_g(s,a)|`` (L1, default) or
+its square, and its gradient flows through the frozen Q at s'. Stochastic dynamics: a
+reparameterised Gaussian sampler ``s' = s + mu(s,a) + sigma(s,a) eps`` with the expectation
+inside the residual estimated from K samples: ``(mean_k m_g(s'_k) - Q_g(s,a))^2``.
+
+Torch only, no Ray. ``q_fn(states [B, d], goal [B] long) -> [B, A]`` is any differentiable
+callable (``qworld.plearn.grid.GridQ``, or an agent's network behind an adapter); freeze
+its parameters, only the model's are optimised.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from qworld import metrics as K
+from qworld.planning_continuous import UNSEEN_GOAL_TASKS  # noqa: F401 - re-exported for the sweep spec
+
+QFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+METHODS = ("successor", "sampler")  # deterministic successor network | Gaussian sampler
+LOSSES = ("l1", "l2")
+STATE_SAMPLING = ("uniform", "reset", "replay")
+
+
+@dataclass(frozen=True)
+class PLearnConfig:
+    """Settings of one P-learning fit (defaults: the reference code's MountainCar run)."""
+
+    steps: int = 20_000  # Adam steps
+    batch_size: int = 4096  # (s, a, g) triples per step
+    lr: float = 1e-4  # initial learning rate, cosine-decayed to 0 over `steps`
+    loss: str = "l1"  # "l1": |m - Q| (reference) | "l2": (m - Q)^2
+    hidden: int = 256  # MLP width
+    layers: int = 2  # hidden layers (tanh)
+    init_scale: float = 1e-3  # last-layer weights x this: the model starts at s' = s
+    delta_scale: tuple[float, ...] | None = None  # output scale of Delta per dim; None: (high - low) / 20
+    state_sampling: str = "uniform"  # "uniform" over the box | "reset" distribution | "replay" states given
+    smooth: float | None = None  # sigmoid temperature replacing the sparse indicator in m_g; None: exact
+    all_goals: bool = True  # residuals of all L goals per (s, a) (q_fn(states, None) -> [B, L, A]); False: one random goal
+    num_samples: int = 8  # K, samples per (s, a) for the stochastic sampler
+    init_std: float = 0.1  # sampler: initial sigma, as a fraction of delta_scale
+    seed: int = 0  # model init and sampling
+    log_every: int = 0  # record the loss every this many steps (0: only the last)
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.state_sampling not in STATE_SAMPLING:
+            raise ValueError(f"state_sampling must be one of {STATE_SAMPLING}, got {self.state_sampling!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.num_samples < 1:
+            raise ValueError("steps, batch_size and num_samples must be positive")
+        if self.smooth is not None and self.smooth <= 0:
+            raise ValueError(f"smooth must be None or > 0, got {self.smooth}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "PLearnConfig":
+        """Build from a dict, rejecting unknown keys (``delta_scale`` lists become tuples)."""
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown P-learning options {unknown}; allowed: {sorted(cls.__dataclass_fields__)}")
+        if options.get("delta_scale") is not None:
+            options["delta_scale"] = tuple(float(x) for x in options["delta_scale"])
+        return cls(**options)
+
+
+def _wrap(x: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
+    return torch.where(periodic, torch.remainder(x + math.pi, 2 * math.pi) - math.pi, x)
+
+
+class SuccessorNet(nn.Module):
+    """Deterministic world model ``f(s, a) = s + delta_scale * MLP(enc(s) (+) one_hot(a))``.
+
+    ``enc`` maps non-periodic dims to [-1, 1] over the box and periodic dims to (sin, cos).
+    The last layer starts small, so the model starts at the identity.
+
+    Args:
+        low, high: ``[d]`` state box.
+        periodic: ``[d]`` bool (outputs wrapped to [-pi, pi) there).
+        num_actions: A.
+        hidden, layers: MLP size (tanh).
+        delta_scale: ``[d]`` output scale; None = ``(high - low) / 20``.
+        init_scale: multiplier of the last layer's initial weights.
+        out_factor: outputs per state dim (1 here; 2 for the sampler's mean and log-scale).
+    """
+
+    def __init__(self, low: Sequence[float], high: Sequence[float], periodic: Sequence[bool], num_actions: int,
+                 hidden: int = 256, layers: int = 2, delta_scale: Sequence[float] | None = None,
+                 init_scale: float = 1e-3, out_factor: int = 1):
+        super().__init__()
+        d = len(low)
+        low_t = torch.as_tensor(low, dtype=torch.float32)
+        high_t = torch.as_tensor(high, dtype=torch.float32)
+        self.register_buffer("low", low_t)
+        self.register_buffer("high", high_t)
+        self.register_buffer("periodic", torch.as_tensor(periodic, dtype=torch.bool))
+        scale = (high_t - low_t) / 20 if delta_scale is None else torch.as_tensor(delta_scale, dtype=torch.float32)
+        self.register_buffer("delta_scale", scale)
+        self.state_dim, self.num_actions = d, int(num_actions)
+        n_per = int(self.periodic.sum())
+        in_dim = (d - n_per) + 2 * n_per + self.num_actions
+        mods: list[nn.Module] = []
+        width = in_dim
+        for _ in range(layers):
+            mods += [nn.Linear(width, hidden), nn.Tanh()]
+            width = hidden
+        last = nn.Linear(width, d * out_factor)
+        with torch.no_grad():
+            last.weight.mul_(init_scale)
+            last.bias.zero_()
+        self.mlp = nn.Sequential(*mods, last)
+
+    def encode(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """``[B, in_dim]`` network input."""
+        s = states.to(self.low.dtype)
+        per = self.periodic
+        lin = 2 * (s[:, ~per] - self.low[~per]) / (self.high[~per] - self.low[~per]) - 1
+        ang = s[:, per]
+        onehot = nn.functional.one_hot(actions.long(), self.num_actions).to(s.dtype)
+        return torch.cat([lin, torch.sin(ang), torch.cos(ang), onehot], -1)
+
+    def raw(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.encode(states, actions))
+
+    def delta(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """``[B, d]`` predicted ``s' - s``."""
+        return self.raw(states, actions)[:, : self.state_dim] * self.delta_scale
+
+    def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """``[B, d]`` predicted next states (the mean for the sampler)."""
+        nxt = states.to(self.low.dtype) + self.delta(states, actions)
+        return _wrap(nxt, self.periodic)
+
+
+class GaussianSuccessor(SuccessorNet):
+    """Stochastic world model ``s' = s + mu(s, a) + sigma(s, a) * eps``, eps ~ N(0, I).
+
+    ``mu = delta_scale * head_mu``; ``sigma = delta_scale * init_std * exp(head_logsig)``
+    (both heads start near 0, so sigma starts at ``init_std * delta_scale``).
+    """
+
+    def __init__(self, *args: Any, init_std: float = 0.1, **kwargs: Any):
+        super().__init__(*args, out_factor=2, **kwargs)
+        self.log_init_std = math.log(init_std)
+
+    def std(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """``[B, d]`` predicted per-dim standard deviation of s'."""
+        raw = self.raw(states, actions)[:, self.state_dim :]
+        return self.delta_scale * torch.exp(self.log_init_std + raw)
+
+    def sample(self, states: torch.Tensor, actions: torch.Tensor, num_samples: int,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[K, B, d]`` reparameterised next-state samples."""
+        raw = self.raw(states, actions)
+        mu = raw[:, : self.state_dim] * self.delta_scale
+        sigma = self.delta_scale * torch.exp(self.log_init_std + raw[:, self.state_dim :])
+        eps = torch.randn(num_samples, *mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+        nxt = states.to(mu.dtype)[None] + mu[None] + sigma[None] * eps
+        return _wrap(nxt, self.periodic)
+
+
+def m_values(q_fn: QFn, goals: Any, next_states: torch.Tensor, goal: torch.Tensor | None, gamma: float,
+             smooth: float | None = None) -> torch.Tensor:
+    """``m_g(s') = r_g(s') + gamma (1 - done_g(s')) max_a' Q(s', a', g)``.
+
+    Args:
+        q_fn: ``(states [B, d], goal [B] long) -> [B, A]``; with ``goal=None`` it must
+            return every goal's ``[B, L, A]``.
+        goals: has ``rewards_terminals(states [B, d], smooth) -> ([B, L], [B, L])``
+            (a ``qworld_envs`` ``ContinuousGoals``).
+        next_states: ``[B, d]``.
+        goal: ``[B]`` long, or None for all goals.
+        gamma: discount.
+        smooth: sigmoid temperature for sparse indicators (None: exact).
+
+    Returns:
+        ``[B]`` (``[B, L]`` when ``goal`` is None), differentiable in ``next_states``
+        through Q (and the smoothed rewards).
+    """
+    r, done = goals.rewards_terminals(next_states, smooth)
+    done = done.to(r.dtype)
+    if goal is None:
+        v = q_fn(next_states, None).amax(-1).to(r.dtype)  # [B, L]
+        return r + gamma * (1 - done) * v
+    r = r.gather(1, goal[:, None]).squeeze(1)
+    done = done.gather(1, goal[:, None]).squeeze(1)
+    v = q_fn(next_states, goal).amax(-1).to(r.dtype)
+    return r + gamma * (1 - done) * v
+
+
+@dataclass
+class PLearnResult:
+    """A fitted world model and its training record.
+
+    Attributes:
+        model: the ``SuccessorNet`` / ``GaussianSuccessor`` (eval mode, on its device).
+        history: ``{"step": [...], "loss": [...]}``.
+        config: the resolved config (dict).
+        seconds: wall time of the fit.
+    """
+
+    model: SuccessorNet
+    history: dict[str, list]
+    config: dict
+    seconds: float
+
+    def step_fn(self, chunk: int = 1 << 16) -> ModelFn:
+        """``(states [n, d], actions [n]) -> [n, d]`` mean next state, no grad, chunked
+        (for planning and scoring); returns the input dtype."""
+        model = self.model
+
+        @torch.no_grad()
+        def step(states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+            dev = model.low.device
+            outs = [model(states[i : i + chunk].to(dev), actions[i : i + chunk].to(dev))
+                    for i in range(0, states.shape[0], chunk)]
+            return torch.cat(outs).to(device=states.device, dtype=states.dtype)
+
+        return step
+
+
+def p_learn(
+    q_fn: QFn,
+    task: Any,
+    gamma: float,
+    config: PLearnConfig | None = None,
+    *,
+    stochastic: bool = False,
+    replay_states: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    callback: Callable[[int, SuccessorNet], dict] | None = None,
+) -> PLearnResult:
+    """Fit a world model to frozen Q by P-learning.
+
+    Only the task's goals (rewards on arrival), state box, reset distribution and number of
+    actions are used; its true dynamics are never touched.
+
+    Args:
+        q_fn: ``(states [B, d], goal [B] long) -> [B, A]``, differentiable in the states.
+        task: a ``qworld_envs`` ``ContinuousTask``.
+        gamma: the discount the Q-values were learned with.
+        config: ``PLearnConfig`` (defaults if None).
+        stochastic: fit the Gaussian sampler (else the deterministic successor network).
+        replay_states: ``[M, d]`` states for ``state_sampling="replay"``.
+        device: where to fit.
+        callback: ``(step, model) -> dict`` called at each log step; its dicts are
+            appended to the history.
+
+    Returns:
+        ``PLearnResult``.
+    """
+    cfg = config or PLearnConfig()
+    dyn, goals = task.dynamics, task.goals
+    torch.manual_seed(cfg.seed)
+    cls = GaussianSuccessor if stochastic else SuccessorNet
+    extra = {"init_std": cfg.init_std} if stochastic else {}
+    model = cls(dyn.low, dyn.high, dyn.periodic, dyn.num_actions, hidden=cfg.hidden, layers=cfg.layers,
+                delta_scale=cfg.delta_scale, init_scale=cfg.init_scale, **extra).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed)
+    if cfg.state_sampling == "replay":
+        if replay_states is None or len(replay_states) == 0:
+            raise ValueError("state_sampling='replay' needs replay_states [M, d]")
+        replay_states = torch.as_tensor(replay_states, dtype=torch.float32, device=device)
+    L, A, B = goals.num_goals, dyn.num_actions, cfg.batch_size
+    history: dict[str, list] = {"step": [], "loss": []}
+    start = time.perf_counter()
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        with torch.no_grad():
+            if cfg.state_sampling == "uniform":
+                s = dyn.uniform_states(B, gen, torch.float32, device)
+            elif cfg.state_sampling == "reset":
+                s = dyn.reset_states(B, gen, torch.float32, device)
+            else:
+                s = replay_states[torch.randint(len(replay_states), (B,), generator=gen, device=device)]
+            a = torch.randint(A, (B,), generator=gen, device=device)
+            if cfg.all_goals:
+                g = None
+                target = q_fn(s, None).gather(2, a[:, None, None].expand(-1, L, 1)).squeeze(2).float()  # [B, L]
+            else:
+                g = torch.randint(L, (B,), generator=gen, device=device)
+                target = q_fn(s, g).gather(1, a[:, None]).squeeze(1).float()  # [B]
+        if stochastic:
+            nxt = model.sample(s, a, cfg.num_samples, gen)  # [K, B, d]
+            g_rep = None if g is None else g.repeat(cfg.num_samples)
+            m = m_values(q_fn, goals, nxt.reshape(-1, nxt.shape[-1]), g_rep, gamma, cfg.smooth)
+            m = m.reshape(cfg.num_samples, *target.shape).mean(0)
+        else:
+            m = m_values(q_fn, goals, model(s, a), g, gamma, cfg.smooth)
+        resid = m.float() - target
+        loss = resid.abs().mean() if cfg.loss == "l1" else resid.square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step == cfg.steps or (cfg.log_every and step % cfg.log_every == 0):
+            history["step"].append(step)
+            history["loss"].append(float(loss.detach()))
+            if callback is not None:
+                model.eval()
+                for key, val in callback(step, model).items():
+                    history.setdefault(key, []).append(val)
+                model.train()
+    model.eval()
+    return PLearnResult(model=model, history=history, config=asdict(cfg), seconds=time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------
+# scores
+# --------------------------------------------------------------------------------------
+def _nmse(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """``mean((pred - truth)^2) / Var(truth)`` (float64)."""
+    pred, truth = pred.double(), truth.double()
+    var = float(truth.var(unbiased=False))
+    mse = float((pred - truth).square().mean())
+    if var == 0.0:
+        return float("nan") if mse == 0.0 else float("inf")
+    return mse / var
+
+
+def _wrapped_err(pred: torch.Tensor, truth: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
+    err = pred - truth
+    if any(periodic):
+        err = _wrap(err, torch.as_tensor(periodic, device=err.device))
+    return err
+
+
+def successor_scores(pred_next: torch.Tensor, true_next: torch.Tensor, states: torch.Tensor,
+                     periodic: Sequence[bool] | None = None, state_names: Sequence[str] | None = None) -> dict:
+    """NMSE of predicted next states and state changes against the truth.
+
+    Args:
+        pred_next, true_next, states: ``[B, d]``.
+        periodic: ``[d]`` angle dims (errors and changes wrapped there).
+        state_names: ``[d]`` names used in the per-dim keys (default "0", "1", ...).
+
+    Returns:
+        ``{wm_nmse: mean over dims of NMSE(s'_j), wm_delta_nmse_<name>: NMSE(Delta_j)}``,
+        ``Delta = s' - s``; NMSE = MSE / Var(truth) per dim.
+    """
+    d = states.shape[1]
+    periodic = tuple(periodic or (False,) * d)
+    names = tuple(state_names or (str(j) for j in range(d)))
+    pred_next, true_next, states = pred_next.double(), true_next.double(), states.double()
+    err = _wrapped_err(pred_next, true_next, periodic)  # pred - truth, wrapped
+    true_delta = _wrapped_err(true_next, states, periodic)
+    out, per_dim = {}, []
+    for j in range(d):
+        var_next = float(true_next[:, j].var(unbiased=False))
+        mse = float(err[:, j].square().mean())
+        per_dim.append(mse / var_next if var_next > 0 else (float("nan") if mse == 0 else float("inf")))
+        out[f"{K.WM_DELTA_NMSE}_{names[j]}"] = _nmse(true_delta[:, j] + err[:, j], true_delta[:, j])
+    out[K.WM_NMSE] = float(np.mean(per_dim))
+    return out
+
+
+def score_successor(model_fn: ModelFn, true_fn: ModelFn, states: torch.Tensor, actions: torch.Tensor, *,
+                    no_force_fn: ModelFn | None = None, periodic: Sequence[bool] | None = None,
+                    state_names: Sequence[str] | None = None) -> dict:
+    """Score a world model's next states, with the baselines next to it.
+
+    Args:
+        model_fn: ``(states [B, d], actions [B]) -> [B, d]`` predicted (mean) next states.
+        true_fn: the true (mean) next states, same signature.
+        states, actions: ``[B, d]``, ``[B]`` where to compare.
+        no_force_fn: the "no-force" baseline model (MountainCar: force 0; Reacher: tau = 0).
+        periodic, state_names: as in :func:`successor_scores`.
+
+    Returns:
+        The model's ``successor_scores`` keys, the same keys prefixed ``identity/``
+        (baseline s' = s) and, with ``no_force_fn``, prefixed ``no_force/``.
+    """
+    with torch.no_grad():
+        true_next = true_fn(states, actions).double()
+        out = successor_scores(model_fn(states, actions), true_next, states, periodic, state_names)
+        ident = successor_scores(states, true_next, states, periodic, state_names)
+        out.update({f"{K.BASELINE_IDENTITY}/{k}": v for k, v in ident.items()})
+        if no_force_fn is not None:
+            nf = successor_scores(no_force_fn(states, actions), true_next, states, periodic, state_names)
+            out.update({f"{K.BASELINE_NO_FORCE}/{k}": v for k, v in nf.items()})
+    return out
+
+
+def true_mean_fn(dynamics: Any, quadrature: int = 9) -> ModelFn:
+    """``(states, actions) -> [B, d]`` expected next state of the true dynamics
+    (Gauss-Hermite over the noise; exact for deterministic dynamics)."""
+
+    def fn(states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        nxt, w = dynamics.branches(states.double(), actions, quadrature)
+        if any(dynamics.periodic):  # average the wrapped changes, not the wrapped angles
+            delta = torch.stack([dynamics.delta(n, states.double()) for n in nxt])
+            return _wrap(states.double() + (w[:, None, None] * delta).sum(0), torch.as_tensor(dynamics.periodic))
+        return (w[:, None, None] * nxt).sum(0)
+
+    return fn
+
+
+def score_task_model(model_fn: ModelFn, task: Any, num_states: int = 4096, seed: int = 0,
+                     states: torch.Tensor | None = None) -> dict:
+    """:func:`score_successor` of a model of ``task``'s dynamics on states uniform over the
+    box (or given ``[B, d]``) and uniform actions, with both baselines."""
+    dyn = task.dynamics
+    gen = torch.Generator().manual_seed(seed)
+    if states is None:
+        states = dyn.uniform_states(num_states, gen)
+    actions = torch.randint(dyn.num_actions, (states.shape[0],), generator=gen)
+    return score_successor(model_fn, true_mean_fn(dyn), states.double(), actions,
+                           no_force_fn=dyn.no_force_fn, periodic=dyn.periodic, state_names=dyn.state_names)
+
+
+# --------------------------------------------------------------------------------------
+# scoring a trained agent's checkpoint (called by qworld.sweep.score)
+# --------------------------------------------------------------------------------------
+def agent_q_fn(qfun: Any, task: Any) -> QFn:
+    """Adapt an agent to ``q_fn(states [B, d], goal [B]) -> [B, A]`` (``goal=None``: ``[B, L, A]``).
+
+    The agent sees ``concat(observe(s), goal_features[g])`` (the gym / batched env
+    observation) and must provide ``q_values(obs [B, obs_dim + goal_dim]) -> [B, A]``
+    (a differentiable torch function), or be such a callable itself.
+    """
+    dyn, feats = task.dynamics, task.goals.features
+    net = getattr(qfun, "q_values", qfun)
+
+    def q_fn(states: torch.Tensor, goal: torch.Tensor | None) -> torch.Tensor:
+        obs = dyn.observe(states).float()
+        f = feats.to(obs.device)
+        if goal is None:  # every goal: [B, L, A]
+            return torch.stack([net(torch.cat([obs, f[g].expand(len(obs), -1)], -1)) for g in range(len(f))], 1)
+        goal = torch.as_tensor(goal, device=obs.device).long().expand(obs.shape[0])
+        return net(torch.cat([obs, f[goal]], -1))
+
+    return q_fn
+
+
+def score_checkpoint_continuous(qfun: Any, config: Mapping[str, Any], base: Mapping[str, Any],
+                                methods: Sequence[str], tasks: Sequence[str],
+                                options: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict]:
+    """Rows of (checkpoint, method) for a continuous env: Q NMSE, world-model scores with
+    baselines, and unseen-goal return ratios.
+
+    Args:
+        qfun: the loaded agent (see :func:`agent_q_fn`).
+        config: the trial's resolved config (``env_id``, ``env_kwargs``, ``gamma``).
+        base: columns every row carries.
+        methods: subset of ``METHODS``.
+        tasks: unseen-goal task names of ``UNSEEN_GOAL_TASKS[env_id]``.
+        options: per method, ``PLearnConfig`` fields plus ``grid_shape`` (planning grid),
+            ``num_resets``; under the key ``"q_nmse"``: ``grid_shape`` (0 / None skips it).
+
+    Returns:
+        One dict per method (its ``error`` column set if it failed).
+    """
+    import traceback
+
+    from qworld.planning_continuous import default_grid_shape, evaluate_unseen_goal
+    from qworld.plearn.grid import GridQ, grid_q_for_task
+    from qworld_envs.continuous import make_continuous_task
+
+    options = dict(options or {})
+    task = make_continuous_task(config["env_id"], **dict(config.get("env_kwargs") or {}))
+    gamma = float(config["gamma"])
+    q_fn = agent_q_fn(qfun, task)
+    shared = dict(base)
+    q_error = None
+    q_opts = dict(options.get("q_nmse", {}))
+    q_shape = q_opts.get("grid_shape", default_grid_shape(task.env_id))
+    if q_shape and task.dynamics.differentiable:
+        try:  # the agent's Q against the exact Q of its own greedy policy
+            grid_shape = tuple(q_shape)
+
+            def greedy(points: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    return torch.stack([q_fn(points.float(), torch.full((len(points),), g)).argmax(-1)
+                                        for g in range(task.goals.num_goals)])
+
+            Q_pi, grid = grid_q_for_task(task, grid_shape, gamma, policy=greedy)
+            q_pi = GridQ(Q_pi, grid)
+            gen = torch.Generator().manual_seed(0)
+            s = task.dynamics.uniform_states(4096, gen)
+            g = torch.randint(task.goals.num_goals, (4096,), generator=gen)
+            with torch.no_grad():
+                shared[K.Q_NMSE] = _nmse(q_fn(s.float(), g).double(), q_pi(s, g).double())
+        except Exception as exc:  # noqa: BLE001 - the world-model scores still count
+            shared[K.Q_NMSE] = float("nan")
+            q_error = "q_nmse: " + traceback.format_exception_only(type(exc), exc)[-1].strip()[:2000]
+    rows = []
+    for method in methods:
+        row = {**shared, K.METHOD: method, K.ERROR: q_error}
+        try:
+            if method not in METHODS:
+                raise ValueError(f"unknown continuous method {method!r}; known: {METHODS}")
+            opts = dict(options.get(method, {}))
+            grid_shape = opts.pop("grid_shape", None)
+            num_resets = int(opts.pop("num_resets", 512))
+            cfg = PLearnConfig.from_options(opts)
+            fit = p_learn(q_fn, task, gamma, cfg, stochastic=(method == "sampler"))
+            row[K.FIT_SECONDS] = fit.seconds
+            row.update(score_task_model(fit.step_fn(), task))
+            for name in tasks:
+                res = evaluate_unseen_goal(task, name, fit.step_fn(), gamma=gamma, grid_shape=grid_shape,
+                                           num_resets=num_resets)
+                row.update({f"{name}/{k}": v for k, v in res.items()})
+        except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
+            row[K.ERROR] = traceback.format_exception_only(type(exc), exc)[-1].strip()[:2000]
+        rows.append(row)
+    return rows

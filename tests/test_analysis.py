@@ -1,0 +1,510 @@
+"""qworld_analysis: statistics, loading an experiment dir, figures, the report and the CLI.
+
+The experiment dirs here are SYNTHETIC: built by ``make_experiment`` with the exact on-disk
+layout ``qworld sweep`` writes (``sweep.yaml``; Tune trial dirs ``PQN_*`` holding
+``params.json``, ``result.json`` lines with ``checkpoint_dir_name`` and ``checkpoint_00000k``
+dirs; ``worldmodels.parquet`` written with ``qworld.sweep.store.write_rows``), so the loader is
+checked without training anything.
+
+TODO(lead): a second test on a REAL smoke sweep is still to be added, once the PQN agent
+and the CLI work: ``test_load_real_smoke_sweep`` runs
+``.venv/bin/python -m qworld.cli sweep tune_configs/smoke.yaml --storage TMP`` in a module
+fixture (subprocess) and checks ``load()`` row count = grid cells x checkpoints x methods.
+When this file was written ``qworld.cli`` did not exist yet, so that test is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from qworld import metrics as K
+from qworld.sweep import store
+from qworld_analysis import (compare, final_checkpoints, iqm, load, load_many, load_training_curves,
+                             load_trials, mean, stratified_bootstrap_ci, summary, write_report)
+from qworld_analysis import plots
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = "corner_9_9_doorway"
+ENV_ID = "qworld/FourRooms-v0"
+VARIANTS = ("deterministic", "windy")
+GOALS = (1, 4)
+SEEDS = (0, 1)
+METHODS = ("pinv", "column_match")
+NUM_CKPT = 3
+ITERS_PER_CKPT = 2
+STEPS_PER_ITER = 256
+
+
+# --------------------------------------------------------------------------------------
+# a synthetic experiment dir
+
+
+def p_mse_of(variant: str, num_goals: int, seed: int, ckpt: int, method: str, scale: float = 1.0) -> float:
+    """The p_mse written for a (trial, checkpoint, method): known, so tests can check it."""
+    if method == "column_match" and variant == "deterministic" and ckpt == NUM_CKPT - 1:
+        return 0.0  # exact recovery at the last checkpoint
+    return scale * 10.0 ** -(ckpt + 1) * (1 + seed) * (3 if variant == "windy" else 1) / num_goals
+
+
+def td_loss_of(iteration: int) -> float:
+    return 1.0 / iteration
+
+
+def make_experiment(root: Path, head: str = "all_goals", scale: float = 1.0, name: str = "synth",
+                    checkpoint_names: bool = True, store_steps: bool = True) -> Path:
+    """trials = variants x goals x seeds, NUM_CKPT checkpoints each, one row per method.
+
+    ``checkpoint_names=False`` leaves ``checkpoint_dir_name`` out of result.json (as Tune 2.60
+    does) and writes the agent's ``qworld_config.json`` with ``env_steps`` into each checkpoint;
+    ``store_steps=False`` leaves ``env_steps`` out of the store rows.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.yaml").write_text(
+        f"name: {name}\nenv:\n  id: {ENV_ID}\ngoals:\n  goal_type: indicator\nagent:\n  head: {head}\n"
+        f"  lr: 0.001\nsweep:\n  variant: {list(VARIANTS)}\n  num_goals: {list(GOALS)}\n"
+        f"  seed: {list(SEEDS)}\nextract:\n  methods: {list(METHODS)}\n  tasks: [{TASK}]\n")
+    index = 0
+    for variant in VARIANTS:
+        for num_goals in GOALS:
+            for seed in SEEDS:
+                trial_id = f"a1b2c_{index:05d}"
+                trial_dir = root / f"PQN_qworld_FourRooms-v0_{trial_id}_{index}_num_goals={num_goals},variant={variant}_2026-01-01_00-00-00"
+                trial_dir.mkdir()
+                params = {"env_id": ENV_ID, "env_kwargs": {"variant": variant, "goal_type": "indicator",
+                                                           "num_goals": num_goals, "goal_seed": 0,
+                                                           "max_episode_steps": 100},
+                          "head": head, "seed": seed, "gamma": 0.99, "lr": 0.001,
+                          "hidden_sizes": [64, 64], "num_envs": 32}
+                (trial_dir / "params.json").write_text(json.dumps(params))
+                lines = []
+                for it in range(1, NUM_CKPT * ITERS_PER_CKPT + 1):
+                    ckpt = f"checkpoint_{it // ITERS_PER_CKPT - 1:06d}" if it % ITERS_PER_CKPT == 0 else None
+                    lines.append(json.dumps({
+                        "trial_id": trial_id, "training_iteration": it,
+                        K.TRAIN_ENV_STEPS: STEPS_PER_ITER * it,
+                        "learner": {"td_loss": td_loss_of(it), "q_mean": 0.1 * it},
+                        "env_runners": {"episode_success_mean": it / 10, "episode_return_mean": 0.5 + seed},
+                        "time_total_s": 1.5 * it, "config": params,
+                        **({"checkpoint_dir_name": ckpt} if checkpoint_names else {})}))
+                    if ckpt:
+                        (trial_dir / ckpt).mkdir()
+                        if not checkpoint_names:
+                            (trial_dir / ckpt / "qworld_config.json").write_text(
+                                json.dumps({**params, K.ENV_STEPS: STEPS_PER_ITER * it}))
+                (trial_dir / "result.json").write_text("\n".join(lines) + "\n")
+                for k in range(NUM_CKPT):
+                    rows = []
+                    for method in METHODS:
+                        pm = p_mse_of(variant, num_goals, seed, k, method, scale)
+                        rows.append({
+                            K.SWEEP: name, K.TRIAL_ID: trial_id, K.ENV: ENV_ID, K.VARIANT: variant,
+                            K.GOAL_TYPE: "indicator", K.NUM_GOALS: num_goals, K.HEAD: head, K.SEED: seed,
+                            K.CHECKPOINT_INDEX: k,
+                            K.ENV_STEPS: STEPS_PER_ITER * ITERS_PER_CKPT * (k + 1) if store_steps else None,
+                            "checkpoint_path": str(trial_dir / f"checkpoint_{k:06d}"),
+                            K.METHOD: method, K.ERROR: None, K.P_MSE: pm, K.P_TV: math.sqrt(pm),
+                            K.Q_NMSE: 0.1 / (k + 1), K.M_RANK: num_goals, K.M_COND: 10.0 * num_goals,
+                            K.IDENTIFIABLE_CASE: "deterministic", K.FIT_SECONDS: 0.01,
+                            f"{TASK}/{K.PLAN_SUCCESS}": 1.0 - pm, f"{TASK}/{K.UNSAFE_VISITS}": 0.0})
+                    store.write_rows(root, rows)
+                index += 1
+    return root
+
+
+NUM_TRIALS = len(VARIANTS) * len(GOALS) * len(SEEDS)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Path:
+    return make_experiment(tmp_path_factory.mktemp("exp") / "synth")
+
+
+@pytest.fixture(scope="module")
+def frame(experiment) -> pd.DataFrame:
+    return load(experiment)
+
+
+# --------------------------------------------------------------------------------------
+# statistics, against hand-computed values
+
+
+def test_mean_and_iqm_by_hand():
+    assert mean([[1, 2], [3, 4]]) == 2.5
+    # 8 scores: drop the 2 lowest and the 2 highest -> mean(3, 4, 5, 6)
+    assert iqm([8, 1, 7, 2, 6, 3, 5, 4]) == 4.5
+    # an outlier does not move the IQM: [1, 2, 3, 100] -> mean(2, 3)
+    assert iqm(np.array([[1, 2], [3, 100]])) == 2.5
+    assert mean([1, 2, 3, 100]) == 26.5
+    # 10 scores: int(2.5) = 2 cut from each end -> mean(2..7)
+    assert iqm([0, 1, 2, 3, 4, 5, 6, 7, 8, 1000]) == 4.5
+    # fewer than 4 scores: nothing is cut
+    assert iqm([1, 5]) == 3.0
+    # batched: [reps, runs, tasks] -> [reps]
+    batch = np.array([[[1, 2], [3, 100]], [[0, 0], [0, 4]]], dtype=float)
+    np.testing.assert_allclose(iqm(batch), [2.5, 0.0])
+    np.testing.assert_allclose(mean(batch), [26.5, 1.0])
+
+
+def test_iqm_is_scipy_trim_mean():
+    from scipy.stats import trim_mean
+
+    x = np.random.default_rng(3).normal(size=(7, 5))
+    assert iqm(x) == pytest.approx(trim_mean(x, 0.25, axis=None))
+
+
+def test_bootstrap_ci_of_two_runs_by_hand():
+    # Resampling 2 runs {0, 1}: the mean is 0 (p 1/4), 0.5 (p 1/2) or 1 (p 1/4).
+    scores = np.array([[0.0], [1.0]])
+    assert stratified_bootstrap_ci(scores, mean, reps=4000, alpha=0.05, seed=1) == (0.0, 1.0)
+    # The 30th and 70th percentiles both fall on 0.5.
+    assert stratified_bootstrap_ci(scores, mean, reps=4000, alpha=0.6, seed=1) == (0.5, 0.5)
+    # Runs that agree give a zero-width interval.
+    assert stratified_bootstrap_ci(np.full((5, 3), 2.0), iqm, reps=100) == (2.0, 2.0)
+
+
+def test_bootstrap_is_stratified_by_task():
+    # Task 0 always scores 0, task 1 always 1: resampling runs *within* each task keeps
+    # the mean at exactly 0.5 (a pooled bootstrap would spread over [0, 1]).
+    scores = np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    assert stratified_bootstrap_ci(scores, mean, reps=500, seed=0) == (0.5, 0.5)
+
+
+def test_bootstrap_generic_stat_fn_and_seed():
+    x = np.random.default_rng(0).normal(size=(10, 2))
+    a = stratified_bootstrap_ci(x, lambda s: float(np.median(s)), reps=300, seed=5)
+    b = stratified_bootstrap_ci(x, lambda s: float(np.median(s)), reps=300, seed=5)
+    assert a == b and a[0] < np.median(x) < a[1]
+    # the batched path equals the loop over replicates
+    assert stratified_bootstrap_ci(x, iqm, reps=300, seed=2) == pytest.approx(
+        stratified_bootstrap_ci(x, iqm, reps=300, seed=2, batched=False))
+    with pytest.raises(ValueError, match="NaN"):
+        stratified_bootstrap_ci([[1.0], [np.nan]], mean)
+
+
+def test_summary_by_hand():
+    df = pd.DataFrame({
+        "cell": ["A"] * 4 + ["B"] * 4 + ["C"] * 2,
+        K.SEED: [0, 1, 2, 3] * 2 + [0, 1],
+        K.P_MSE: [1, 2, 3, 4, 0, 0, 0, 10, 7, 7],
+    })
+    out = summary(df, by="cell", metric=K.P_MSE).set_index("cell")
+    assert list(out.columns) == ["n", "mean", "iqm", "ci_low", "ci_high"]
+    assert out.loc["A", "n"] == 4 and out.loc["A", "mean"] == 2.5 and out.loc["A", "iqm"] == 2.5
+    assert out.loc["B", "mean"] == 2.5 and out.loc["B", "iqm"] == 0.0  # mean(0, 0): 0 and 10 cut
+    assert (out.loc["C", "ci_low"], out.loc["C", "ci_high"]) == (7.0, 7.0)
+    assert (out["ci_low"] <= out["iqm"]).all() and (out["iqm"] <= out["ci_high"]).all()
+    # NaN scores (a failed method) are left out of n
+    df.loc[0, K.P_MSE] = np.nan
+    assert summary(df, by="cell", metric=K.P_MSE).set_index("cell").loc["A", "n"] == 3
+    # two rows for one seed in a group is a mistake worth saying out loud
+    with pytest.raises(ValueError, match="final_checkpoints"):
+        summary(pd.concat([df, df]), by="cell", metric=K.P_MSE)
+
+
+def test_summary_with_tasks():
+    df = pd.DataFrame({"g": ["x"] * 4, K.SEED: [0, 1, 0, 1], K.VARIANT: ["d", "d", "w", "w"],
+                       K.P_MSE: [0.0, 0.0, 1.0, 1.0]})
+    out = summary(df, by="g", metric=K.P_MSE, tasks=K.VARIANT, ci_of="mean")
+    assert out.loc[0, "n"] == 4 and out.loc[0, "mean"] == 0.5
+    assert (out.loc[0, "ci_low"], out.loc[0, "ci_high"]) == (0.5, 0.5)
+
+
+# --------------------------------------------------------------------------------------
+# loading
+
+
+def test_load_schema_rows_and_types(frame):
+    assert len(frame) == NUM_TRIALS * NUM_CKPT * len(METHODS)
+    for col in (*K.GRID_COLUMNS, K.CHECKPOINT_INDEX, K.ENV_STEPS, K.METHOD, K.P_MSE, K.P_TV,
+                K.Q_NMSE, K.M_RANK, f"{TASK}/{K.PLAN_SUCCESS}", K.TRAIN_LOSS, K.TRAIN_ENV_STEPS,
+                K.TRAIN_EPISODE_SUCCESS, "training_iteration", "gamma", "lr", "hidden_sizes",
+                "goal_seed"):
+        assert col in frame.columns, col
+    assert list(frame.columns[:len(K.GRID_COLUMNS)]) == list(K.GRID_COLUMNS)
+    for col in (K.NUM_GOALS, K.SEED, K.CHECKPOINT_INDEX, K.ENV_STEPS, K.M_RANK, K.TRAIN_ENV_STEPS):
+        assert str(frame[col].dtype) == "Int64", (col, frame[col].dtype)
+    for col in (K.P_MSE, K.P_TV, K.Q_NMSE, K.M_COND, "gamma", K.TRAIN_LOSS, f"{TASK}/{K.PLAN_SUCCESS}"):
+        assert frame[col].dtype == np.float64, (col, frame[col].dtype)
+    for col in (K.SWEEP, K.TRIAL_ID, K.ENV, K.VARIANT, K.GOAL_TYPE, K.HEAD, K.METHOD):
+        assert isinstance(frame[col].dtype, pd.StringDtype), (col, frame[col].dtype)
+    assert set(frame[K.SWEEP]) == {"synth"} and set(frame[K.ENV]) == {ENV_ID}
+    assert frame.groupby([K.TRIAL_ID, K.CHECKPOINT_INDEX, K.METHOD]).size().eq(1).all()
+
+
+def test_load_values_match_the_store_and_the_training_lines(experiment, frame):
+    raw = store.read_store(experiment)
+    keys = [K.TRIAL_ID, K.CHECKPOINT_INDEX, K.METHOD]
+    raw = raw.astype({K.TRIAL_ID: str, K.METHOD: str, K.CHECKPOINT_INDEX: int})
+    ours = frame.astype({K.TRIAL_ID: str, K.METHOD: str, K.CHECKPOINT_INDEX: int})
+    both = ours.merge(raw, on=keys, suffixes=("", "_raw"))
+    assert len(both) == len(raw) == len(frame)
+    for col in (K.P_MSE, K.P_TV, K.Q_NMSE, f"{TASK}/{K.PLAN_SUCCESS}"):
+        np.testing.assert_array_equal(both[col].to_numpy(float), both[f"{col}_raw"].to_numpy(float))
+    # every row against the formula the store was written with
+    expected = [p_mse_of(v, int(g), int(s), int(k), m) for v, g, s, k, m in
+                frame[[K.VARIANT, K.NUM_GOALS, K.SEED, K.CHECKPOINT_INDEX, K.METHOD]].itertuples(index=False)]
+    np.testing.assert_allclose(frame[K.P_MSE].to_numpy(float), expected)
+    # training metrics come from the result.json line that saved the checkpoint
+    iteration = (frame[K.CHECKPOINT_INDEX].astype(int) + 1) * ITERS_PER_CKPT
+    np.testing.assert_array_equal(frame["training_iteration"].astype(int), iteration)
+    np.testing.assert_allclose(frame[K.TRAIN_LOSS].to_numpy(float), [td_loss_of(i) for i in iteration])
+    np.testing.assert_array_equal(frame[K.TRAIN_ENV_STEPS].astype(int), frame[K.ENV_STEPS].astype(int))
+    # config columns come from params.json
+    assert (frame["gamma"] == 0.99).all() and (frame["hidden_sizes"] == "[64, 64]").all()
+
+
+@pytest.mark.parametrize("store_steps", [True, False], ids=["by_store_env_steps", "by_checkpoint_config"])
+def test_checkpoints_matched_without_checkpoint_dir_name(tmp_path, store_steps):
+    # Tune 2.60 writes no checkpoint_dir_name into result.json: the line is found by env steps.
+    exp = make_experiment(tmp_path / "plain", checkpoint_names=False, store_steps=store_steps)
+    df = load(exp)
+    iteration = (df[K.CHECKPOINT_INDEX].astype(int) + 1) * ITERS_PER_CKPT
+    np.testing.assert_array_equal(df["training_iteration"].astype(int), iteration)
+    np.testing.assert_allclose(df[K.TRAIN_LOSS].to_numpy(float), [td_loss_of(i) for i in iteration])
+    np.testing.assert_array_equal(df[K.ENV_STEPS].astype(int), iteration * STEPS_PER_ITER)
+    curves = load_training_curves(exp)
+    saved = curves.dropna(subset=[K.CHECKPOINT_INDEX])
+    assert len(saved) == NUM_TRIALS * NUM_CKPT
+    assert (saved["training_iteration"] == (saved[K.CHECKPOINT_INDEX] + 1) * ITERS_PER_CKPT).all()
+
+
+def test_training_curves_and_trials(experiment):
+    curves = load_training_curves(experiment)
+    iters = NUM_CKPT * ITERS_PER_CKPT
+    assert len(curves) == NUM_TRIALS * iters
+    assert curves.groupby(K.TRIAL_ID)["training_iteration"].apply(list).map(
+        lambda x: x == list(range(1, iters + 1))).all()
+    assert curves[K.CHECKPOINT_INDEX].notna().sum() == NUM_TRIALS * NUM_CKPT
+    assert {K.VARIANT, K.NUM_GOALS, K.SEED, K.TRAIN_LOSS, K.ENV_STEPS} <= set(curves.columns)
+    assert "config/gamma" not in curves.columns  # Tune's copy of the config is not flattened in
+    trials = load_trials(experiment)
+    assert len(trials) == NUM_TRIALS
+    assert (trials["num_checkpoints"] == NUM_CKPT).all() and (trials["num_scored"] == NUM_CKPT).all()
+
+
+def test_load_many_and_final_checkpoints(experiment, frame, tmp_path):
+    other = make_experiment(tmp_path / "other", head="goal_input")
+    both = load_many([experiment, other])
+    assert len(both) == 2 * len(frame)
+    assert set(both["experiment"]) == {"synth", "other"}
+    final = final_checkpoints(both)
+    assert len(final) == 2 * NUM_TRIALS * len(METHODS)
+    assert (final[K.CHECKPOINT_INDEX] == NUM_CKPT - 1).all()
+    with pytest.raises(ValueError, match="repeat"):
+        load_many([experiment, experiment])
+
+
+def test_load_partial_and_resumed_sweep(tmp_path):
+    exp = make_experiment(tmp_path / "partial")
+    trial_dirs = sorted(exp.glob("PQN_*"))
+    # a resumed trial: iterations 5-6 reported again with other values, plus a line cut by a crash
+    resumed = trial_dirs[0]
+    trial_id = json.loads((resumed / "result.json").read_text().splitlines()[0])["trial_id"]
+    redo = [json.dumps({"trial_id": trial_id, "training_iteration": it, K.TRAIN_ENV_STEPS: STEPS_PER_ITER * it,
+                        "learner": {"td_loss": 99.0},
+                        "checkpoint_dir_name": "checkpoint_000002" if it == 6 else None}) for it in (5, 6)]
+    with (resumed / "result.json").open("a") as fh:
+        fh.write("\n".join(redo) + "\n" + '{"trial_id": "' + trial_id + '", "training_it')
+    # a trial that never reported, a trial whose scores are gone, an unscored checkpoint
+    (exp / "PQN_qworld_FourRooms-v0_a1b2c_00099_99_pending").mkdir()
+    (exp / "PQN_qworld_FourRooms-v0_a1b2c_00099_99_pending" / "params.json").write_text(
+        json.dumps({"env_id": ENV_ID, "env_kwargs": {"variant": "windy", "num_goals": None}, "seed": 7}))
+    for f in store.store_path(exp).glob("trial=a1b2c_00001-*"):
+        f.unlink()
+    (trial_dirs[2] / "checkpoint_000003").mkdir()
+    (exp / "sweep.yaml").unlink()
+
+    df = load(exp)
+    assert len(df) == (NUM_TRIALS - 1) * NUM_CKPT * len(METHODS)
+    last = df[(df[K.TRIAL_ID] == trial_id) & (df[K.CHECKPOINT_INDEX] == 2)]
+    assert (last[K.TRAIN_LOSS] == 99.0).all()  # the resumed report wins
+    assert set(df[K.SWEEP]) == {"partial"}  # no sweep.yaml: named after the dir
+    curves = load_training_curves(exp)
+    assert curves[curves[K.TRIAL_ID] == trial_id]["training_iteration"].tolist() == list(range(1, 7))
+    trials = load_trials(exp).set_index(K.TRIAL_ID)
+    assert len(trials) == NUM_TRIALS + 1
+    assert trials.loc["a1b2c_00099", "num_iterations"] == 0
+    assert pd.isna(trials.loc["a1b2c_00099", K.NUM_GOALS])
+    assert trials.loc["a1b2c_00001", "num_scored"] == 0
+    assert trials.loc["a1b2c_00002", "num_checkpoints"] == NUM_CKPT + 1
+    # num_goals = None resolves to the goal set's L on request (every state: 68)
+    resolved = load_trials(exp, resolve_num_goals=True).set_index(K.TRIAL_ID)
+    assert resolved.loc["a1b2c_00099", K.NUM_GOALS] == 68
+
+
+def test_load_empty_and_missing(tmp_path):
+    empty = load(tmp_path)
+    assert empty.empty and set(K.GRID_COLUMNS) <= set(empty.columns)
+    assert load_training_curves(tmp_path / "nope").empty
+    assert load_trials(tmp_path).empty
+
+
+def test_loading_imports_no_training_code(experiment):
+    code = (
+        "import sys, qworld_analysis as qa\n"
+        f"d = {str(experiment)!r}\n"
+        "assert len(qa.load(d)) > 0 and len(qa.load_training_curves(d)) > 0 and len(qa.load_trials(d)) > 0\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch') or m.startswith('qworld.agents'))\n"
+        "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------
+# figures: every plot writes a PNG whose bytes depend on the data
+
+
+def assert_png(path: Path) -> bytes:
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
+    return data
+
+
+def test_table1_thresholds():
+    assert plots.variant_thresholds("deterministic") == {"deterministic: L ≥ 1": 1}
+    assert sorted(plots.variant_thresholds("windy").values()) == [2, 5, 68]  # N = 3
+    # teleport cells spread over a 16-cell room: N = 16
+    assert sorted(plots.variant_thresholds("teleport").values()) == [15, 31, 68]
+
+
+@pytest.mark.parametrize("plot", ["error_vs_goals", "error_vs_steps", "recovery_phase"])
+def test_frame_plots_depend_on_the_data(plot, frame, tmp_path):
+    draw = {"error_vs_goals": plots.plot_error_vs_goals, "error_vs_steps": plots.plot_error_vs_steps,
+            "recovery_phase": plots.plot_recovery_phase}[plot]
+    other = frame.copy()
+    other[K.P_MSE] = other[K.P_MSE] * 7.0 + 1e-3
+    a = assert_png(draw(frame, tmp_path / "a.png"))
+    b = assert_png(draw(other, tmp_path / "b.png"))
+    assert a != b
+    with pytest.raises(plots.NoDataError):
+        draw(frame.iloc[0:0], tmp_path / "none.png")
+
+
+def test_training_curve_plot(experiment, tmp_path):
+    curves = load_training_curves(experiment)
+    a = assert_png(plots.plot_training_curves(curves, tmp_path / "a.png"))
+    shifted = curves.assign(**{K.TRAIN_LOSS: curves[K.TRAIN_LOSS] * 3})
+    assert a != assert_png(plots.plot_training_curves(shifted, tmp_path / "b.png"))
+
+
+def test_route_plot(tmp_path):
+    from qworld_envs import four_rooms
+
+    mdp = four_rooms("deterministic")
+    start, goal, door = mdp.cell_to_state[(1, 1)], mdp.cell_to_state[(9, 9)], mdp.cell_to_state[(7, 5)]
+    safe = plots.shortest_route(mdp.P, start, goal, forbidden=[door])
+    assert door not in safe and safe[0] == start and safe[-1] == goal
+    assert len(safe) - 1 == 16  # Manhattan distance: 8 down + 8 right through the doorways
+    # a policy that always goes right, then the greedy route hits the wall and stops
+    right = np.zeros((mdp.num_states, 4))
+    right[:, 1] = 1.0
+    rolled = plots.greedy_route(mdp.P, right, start, goal)
+    assert [tuple(mdp.coords[s]) for s in rolled] == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 4)]
+    a = assert_png(plots.plot_routes({"optimal": safe, "policy": right}, tmp_path / "a.png", mdp=mdp,
+                                     start=(1, 1), goal=(9, 9), forbidden=[(7, 5)]))
+    b = assert_png(plots.plot_routes({"optimal": safe}, tmp_path / "b.png", mdp="teleport",
+                                     start=(1, 1), goal=(9, 9), forbidden=[(4, 4), (4, 6)]))
+    assert a != b
+
+
+def test_value_map_plot(tmp_path):
+    S = 68
+    a = assert_png(plots.plot_value_map(np.linspace(0, 1, S), tmp_path / "a.png"))
+    b = assert_png(plots.plot_value_map({"V": np.linspace(0, 1, S), "V in P̂": np.linspace(1, 0, S)},
+                                        tmp_path / "b.png"))
+    assert a != b
+    with pytest.raises(ValueError, match="shape"):
+        plots.plot_value_map(np.zeros(5), tmp_path / "c.png")
+
+
+def test_mountain_car_plots(tmp_path):
+    rng = np.random.default_rng(0)
+    p, v = np.meshgrid(np.linspace(-1.2, 0.6, 12), np.linspace(-0.07, 0.07, 12))
+    states = np.stack([p.ravel(), v.ravel()], axis=1)
+    true_next = states + np.stack([states[:, 1], -0.0025 * np.cos(3 * states[:, 0])], axis=1)
+    pred_a = true_next + rng.normal(0, 1e-3, true_next.shape) * [1, 0.05]
+    pred_b = true_next + rng.normal(0, 1e-2, true_next.shape) * [1, 0.05]
+    a = assert_png(plots.plot_vector_field(states, true_next, pred_a, tmp_path / "a.png"))
+    b = assert_png(plots.plot_vector_field(states, true_next, pred_b, tmp_path / "b.png"))
+    assert a != b
+    x = np.linspace(-1.2, 0.6, 40)
+    t = np.stack([np.stack([x, np.sin(x) * k], axis=1) for k in range(3)])  # [K=3, N, d=2]
+    c = assert_png(plots.plot_next_state_slices(x, t, t + 0.01, tmp_path / "c.png",
+                                                series_labels=["left", "none", "right"]))
+    d = assert_png(plots.plot_next_state_slices(x, t[0], t[0] - 0.2, tmp_path / "d.png"))
+    assert c != d
+
+
+# --------------------------------------------------------------------------------------
+# report, compare, CLI
+
+
+def test_report_is_self_contained(experiment, tmp_path):
+    out = tmp_path / "report"
+    path = write_report(experiment, out)
+    page = path.read_text()
+    assert path == out / "index.html"
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) >= 4
+    assert all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
+    assert "<h2>Summary</h2>" in page and K.P_MSE in page and f"{TASK}/{K.PLAN_SUCCESS}" in page
+    assert "name: synth" in page  # the sweep file
+    assert "pandas" in page and pd.__version__ in page  # package versions
+    for png in ("error_vs_goals", "error_vs_steps", "recovery_phase", "training_curves"):
+        assert_png(out / f"{png}.png")
+    table = pd.read_csv(out / "summary.csv")
+    p = table[table["metric"] == K.P_MSE]
+    assert len(p) == len(VARIANTS) * len(GOALS) * len(METHODS) and (p["n"] == len(SEEDS)).all()
+    # IQM over the 2 seeds at the last checkpoint, windy, L = 4, pinv: mean of the two
+    row = p[(p[K.VARIANT] == "windy") & (p[K.NUM_GOALS] == 4) & (p[K.METHOD] == "pinv")].iloc[0]
+    expected = np.mean([p_mse_of("windy", 4, s, NUM_CKPT - 1, "pinv") for s in SEEDS])
+    assert row["iqm"] == pytest.approx(expected)
+    assert f"{row['iqm']:.3g}" in page
+
+
+def test_report_on_a_sweep_with_nothing_scored(tmp_path):
+    exp = make_experiment(tmp_path / "early")
+    for f in store.store_path(exp).glob("*.parquet"):
+        f.unlink()
+    page = write_report(exp).read_text()
+    assert (exp / "report" / "summary.csv").is_file()
+    assert "No scored checkpoint yet" in page and "Skipped for lack of data" in page
+    assert page.count("data:image/png;base64") == 1  # the training curves still render
+
+
+def test_compare_side_by_side(experiment, tmp_path):
+    other = make_experiment(tmp_path / "goal_input", head="goal_input", scale=2.0)
+    table = compare(experiment, other)
+    assert K.HEAD not in table.columns  # the head is what differs: not a join key
+    assert len(table) == len(VARIANTS) * len(GOALS) * len(METHODS)
+    assert {"n_a", "iqm_a", "ci_low_a", "ci_high_a", "n_b", "iqm_b", "ratio"} <= set(table.columns)
+    nonzero = table[table["iqm_a"] > 0]
+    np.testing.assert_allclose(nonzero["ratio"].to_numpy(float), 2.0)
+    assert table.attrs["a"][K.HEAD] == "all_goals" and table.attrs["b"][K.HEAD] == "goal_input"
+
+
+def test_cli_commands(experiment, tmp_path, capsys):
+    from qworld.analysis_commands import add_commands
+
+    parser = argparse.ArgumentParser(prog="qworld")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["compare", str(experiment), str(experiment)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "ratio" in out and "column_match" in out and "head all_goals" in out
+    args = parser.parse_args(["report", str(experiment), "--out", str(tmp_path / "r")])
+    assert args.func(args) == 0
+    assert (tmp_path / "r" / "index.html").is_file() and "index.html" in capsys.readouterr().out
+    args = parser.parse_args(["report", str(tmp_path / "missing")])
+    assert args.func(args) == 2

@@ -1,0 +1,312 @@
+"""World-model extraction from exact and noisy Q (qworld.plearn.finite, qworld.scoring)."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from qworld import metrics as mk
+from qworld.bellman import m_matrix, solve_goal_q
+from qworld.plearn.finite import METHODS, diagnose, extract, project_simplex
+from qworld.scoring import (
+    column_match_margin,
+    nmse,
+    p_max_err,
+    p_mse,
+    p_tv,
+    pinv_error_bound,
+    q_error_eps,
+    score_p,
+)
+
+torch.set_num_threads(1)
+
+GAMMA = 0.99
+EXACT = 1e-8
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+def stochastic_mdp(S, A, seed):
+    return np.random.default_rng(seed).dirichlet(np.ones(S), size=(S, A))
+
+
+def sparse_mdp(S, A, N, seed):
+    """Every (s, a) has exactly N next states with Dirichlet weights."""
+    rng = np.random.default_rng(seed)
+    P = np.zeros((S, A, S))
+    for s in range(S):
+        for a in range(A):
+            P[s, a, rng.choice(S, N, replace=False)] = rng.dirichlet(np.ones(N))
+    return P
+
+
+def dense_oracle(P, L, seed):
+    """Exact Q and M for L generic dense goals (i.i.d. U(0, 1) rewards on arrival)."""
+    rewards = np.random.default_rng(seed + 1000).uniform(0, 1, (L, P.shape[0]))
+    Q, V = solve_goal_q(P, rewards, GAMMA)
+    return Q, m_matrix(rewards, V, GAMMA), rewards
+
+
+def goal_oracle(mdp, goals):
+    Q, V = solve_goal_q(mdp.P, goals.rewards, GAMMA, goals.terminal)
+    return Q, m_matrix(goals.rewards, V, GAMMA, goals.terminal)
+
+
+def fourrooms(variant):
+    from qworld_envs import four_rooms
+
+    return four_rooms(variant)
+
+
+def assert_valid_rows(P_hat):
+    assert np.all(P_hat >= 0)
+    assert np.allclose(P_hat.sum(-1), 1.0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- simplex projection
+
+
+def test_project_simplex_satisfies_kkt():
+    rng = np.random.default_rng(0)
+    X = rng.normal(0, 2, (200, 7))
+    Y = project_simplex(X)
+    assert_valid_rows(Y)
+    # KKT of min ||y - x||^2 on the simplex: x - y is the same constant theta on the support
+    # of y and x <= theta off it.
+    for x, y in zip(X, Y):
+        on = y > 0
+        theta = (x - y)[on]
+        assert np.ptp(theta) < 1e-12
+        assert np.all(x[~on] <= theta[0] + 1e-12)
+    # Points of the simplex are fixed points.
+    Pts = rng.dirichlet(np.ones(7), size=50)
+    assert np.abs(project_simplex(Pts) - Pts).max() < 1e-15
+
+
+# ---------------------------------------------------------------------------- Table 1, random MDPs
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pinv_exact_at_L_equals_S_and_fails_below(seed):
+    S, A = 14, 3
+    P = stochastic_mdp(S, A, seed)
+    Q, M, _ = dense_oracle(P, S, seed)
+    P_hat = extract(Q, M, "pinv")
+    assert_valid_rows(P_hat)
+    assert p_max_err(P_hat, P) <= EXACT
+    assert diagnose(M)[mk.IDENTIFIABLE_CASE] == "stochastic"
+    # Below the threshold recovery really fails, and the diagnosis says so.
+    Q, M, _ = dense_oracle(P, S - 3, seed)
+    assert p_max_err(extract(Q, M, "pinv"), P) > 1e-2
+    d = diagnose(M)
+    assert d[mk.IDENTIFIABLE_CASE] == "not identifiable" and d[mk.M_RANK] == S - 3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_known_support_exact_at_N_minus_1(seed):
+    S, A, N = 14, 3, 4
+    P = sparse_mdp(S, A, N, seed)
+    Q, M, _ = dense_oracle(P, N - 1, seed)
+    assert p_max_err(extract(Q, M, "known_support", support=P > 0), P) <= EXACT
+    assert diagnose(M, max_support=N, known_support=P > 0)[mk.IDENTIFIABLE_CASE] == "sparse_known"
+    assert diagnose(M, max_support=N, known_support=True)[mk.IDENTIFIABLE_CASE] == "sparse_known"
+    # One goal fewer: the affine system on the support is under-determined.
+    Q, M, _ = dense_oracle(P, N - 2, seed)
+    assert p_max_err(extract(Q, M, "known_support", support=P > 0), P) > 1e-3
+    assert diagnose(M, max_support=N, known_support=P > 0)[mk.IDENTIFIABLE_CASE] == "not identifiable"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_search_exact_at_2N_minus_1(seed):
+    S, A, N = 12, 3, 3
+    P = sparse_mdp(S, A, N, seed)
+    Q, M, _ = dense_oracle(P, 2 * N - 1, seed)
+    P_hat, info = extract(Q, M, "sparse_search", max_support=N, return_info=True)
+    assert p_max_err(P_hat, P) <= EXACT
+    assert info["num_nnls"] + info["num_search"] == S * A and info["num_search_inexact"] == 0
+    assert diagnose(M, max_support=N)[mk.IDENTIFIABLE_CASE] == "sparse_unknown"
+    # Below 2N - 1 the unknown-support guarantee is gone (recovery may still get lucky).
+    Q, M, _ = dense_oracle(P, 2 * N - 2, seed)
+    assert diagnose(M, max_support=N)[mk.IDENTIFIABLE_CASE] == "not identifiable"
+
+
+def test_sparse_search_fails_with_too_few_goals():
+    S, A, N = 12, 3, 3
+    P = sparse_mdp(S, A, N, 0)
+    Q, M, _ = dense_oracle(P, 2, 0)
+    assert p_max_err(extract(Q, M, "sparse_search", max_support=N), P) > 1e-2
+
+
+def test_sparse_search_exhaustive_path_alone_is_exact():
+    # Force every pair through the support search: NNLS may only accept 0-sparse answers.
+    S, A, N = 10, 2, 2
+    P = sparse_mdp(S, A, N, 4)
+    Q, M, _ = dense_oracle(P, 2 * N - 1, 4)
+    aug = np.vstack([M, np.ones((1, S))])
+    from qworld.plearn.finite import _support_search
+
+    rhs = np.vstack([Q.reshape(len(M), -1), np.ones((1, S * A))])
+    X, exact = _support_search(aug, rhs, N, np.full(S * A, 1e-8), chunk_size=7)
+    assert exact.all()
+    assert np.abs(X.reshape(S, A, S) - P).max() <= EXACT
+
+
+# ---------------------------------------------------------------------------- Table 1, FourRooms
+
+
+@pytest.mark.parametrize("variant", ["deterministic", "windy", "teleport"])
+def test_fourrooms_pinv_with_all_indicator_goals(variant):
+    from qworld_envs import indicator_goals
+
+    mdp = fourrooms(variant)
+    Q, M = goal_oracle(mdp, indicator_goals(mdp))  # L = 68
+    assert p_max_err(extract(Q, M, "pinv"), mdp.P) <= EXACT
+    assert diagnose(M)[mk.IDENTIFIABLE_CASE] == "stochastic"
+
+
+@pytest.mark.parametrize(
+    "variant, method, num_goals",
+    [
+        # Table-1 thresholds with N = the largest true support: 1, 3, 16.
+        ("deterministic", "known_support", 1),
+        ("windy", "known_support", 2),
+        ("teleport", "known_support", 15),
+        ("deterministic", "sparse_search", 1),
+        ("windy", "sparse_search", 5),
+        ("teleport", "sparse_search", 31),
+    ],
+)
+def test_fourrooms_sparse_methods_at_threshold(variant, method, num_goals):
+    from qworld_envs import dense_goals
+
+    mdp = fourrooms(variant)
+    support = mdp.P > 0
+    N = int(support.sum(-1).max())
+    Q, M = goal_oracle(mdp, dense_goals(mdp, num_goals, seed=0))
+    opts = {"support": support} if method == "known_support" else {"max_support": N}
+    assert p_max_err(extract(Q, M, method, **opts), mdp.P) <= EXACT
+    known = support if method == "known_support" else False
+    expected = "sparse_known" if method == "known_support" else "sparse_unknown"
+    assert diagnose(M, max_support=N, known_support=known)[mk.IDENTIFIABLE_CASE] == expected
+
+
+def test_fourrooms_column_match_one_dense_goal():
+    from qworld_envs import dense_goals, indicator_goals
+
+    mdp = fourrooms("deterministic")
+    Q, M = goal_oracle(mdp, dense_goals(mdp, 1, seed=0))
+    assert p_max_err(extract(Q, M, "column_match"), mdp.P) == 0.0
+    d = diagnose(M, deterministic=True)
+    assert d[mk.IDENTIFIABLE_CASE] == "deterministic" and d[mk.M_GAP] > 0 and d[mk.NUM_GOALS] == 1
+    # One *sparse* goal is not enough: states at equal distance share a column of M.
+    Q, M = goal_oracle(mdp, indicator_goals(mdp, 1, seed=0))
+    d = diagnose(M, deterministic=True)
+    assert d[mk.M_GAP] == 0.0 and d[mk.IDENTIFIABLE_CASE] == "not identifiable"
+    assert p_max_err(extract(Q, M, "column_match"), mdp.P) == 1.0
+
+
+def test_sgd_windy_fourrooms_all_indicator_goals():
+    from qworld_envs import indicator_goals
+
+    mdp = fourrooms("windy")
+    Q, M = goal_oracle(mdp, indicator_goals(mdp))
+    t0 = time.perf_counter()
+    P_hat, info = extract(Q, M, "sgd", return_info=True, seed=0)
+    seconds = time.perf_counter() - t0
+    assert_valid_rows(P_hat)
+    curve = info["loss_curve"]
+    assert curve.ndim == 1 and len(curve) > 100 and curve[-100:].mean() < 1e-3 * curve[0]
+    assert p_mse(P_hat, mdp.P) <= 1e-4
+    assert seconds < 30
+
+
+# ---------------------------------------------------------------------------- noisy Q
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pinv_error_within_bound_for_noisy_q(seed):
+    S, A = 12, 3
+    P = stochastic_mdp(S, A, seed)
+    Q, M, rewards = dense_oracle(P, S, seed)
+    for delta in (1e-6, 1e-4):
+        Q_hat = Q + np.random.default_rng(seed).uniform(-delta, delta, Q.shape)
+        M_hat = m_matrix(rewards, Q_hat.max(-1), GAMMA)  # what an agent's Q would give
+        P_hat, info = extract(Q_hat, M_hat, "pinv", return_info=True)
+        bound = pinv_error_bound(M_hat, GAMMA, q_error_eps(Q_hat, Q))
+        raw_err = np.abs(info["unprojected"] - P).sum(-1).max()
+        assert 0 < raw_err <= bound
+        assert np.abs(P_hat - P).sum(-1).max() <= bound
+
+
+def test_pinv_error_bound_is_inf_without_left_inverse():
+    assert pinv_error_bound(np.ones((2, 5)), GAMMA, 1e-3) == np.inf
+
+
+def test_column_match_exact_within_margin_and_not_far_beyond():
+    from qworld_envs import dense_goals
+
+    mdp = fourrooms("deterministic")
+    goals = dense_goals(mdp, 1, seed=0)
+    Q, M = goal_oracle(mdp, goals)
+    margin = column_match_margin(M, GAMMA)
+    assert margin > 0
+    rng = np.random.default_rng(0)
+    for scale, exact in ((0.99, True), (50.0, False)):
+        noise = rng.uniform(-1, 1, Q.shape)
+        Q_hat = Q + scale * margin * noise / np.abs(noise).max()
+        assert (q_error_eps(Q_hat, Q) < margin) == exact
+        M_hat = m_matrix(goals.rewards, Q_hat.max(-1), GAMMA, goals.terminal)
+        err = p_max_err(extract(Q_hat, M_hat, "column_match"), mdp.P)
+        assert (err == 0.0) == exact
+
+
+# ---------------------------------------------------------------------------- scores and API
+
+
+def test_scores():
+    P = stochastic_mdp(5, 2, 0)
+    P_hat = stochastic_mdp(5, 2, 1)
+    s = score_p(P_hat, P)
+    assert set(s) == {mk.P_MSE, mk.P_TV, mk.P_MAX_ERR}
+    assert s[mk.P_MSE] == pytest.approx(((P_hat - P) ** 2).sum() / P.size)
+    assert s[mk.P_TV] == pytest.approx(0.5 * np.abs(P_hat - P).sum() / 10)
+    assert s[mk.P_MAX_ERR] == pytest.approx(np.abs(P_hat - P).max())
+    assert p_tv(P, P) == 0 and p_mse(P, P) == 0
+    assert 0 < p_tv(P_hat, P) <= 1
+    x = np.arange(10.0)
+    assert nmse(x + 1, x) == pytest.approx(1 / np.var(x))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_returns_rows_and_info(method):
+    S, A, N = 8, 2, 2
+    P = sparse_mdp(S, A, N, 0)
+    Q, M, _ = dense_oracle(P, S, 0)
+    opts = {"known_support": {"support": P > 0}, "sparse_search": {"max_support": N}, "sgd": {"steps": 20}}
+    P_hat, info = extract(Q, M, method, return_info=True, **opts.get(method, {}))
+    assert P_hat.shape == (S, A, S)
+    assert_valid_rows(P_hat)
+    assert info["residuals"].shape == (S, A)
+    assert info[mk.FIT_SECONDS] >= 0
+    if method == "sgd":
+        assert isinstance(info["loss_curve"], np.ndarray) and len(info["loss_curve"]) == 20
+
+
+def test_extract_errors_are_clear():
+    Q = np.zeros((3, 4, 2))
+    M = np.zeros((3, 4))
+    with pytest.raises(ValueError, match="pinv.*known_support.*sparse_search.*column_match.*sgd"):
+        extract(Q, M, "magic")
+    with pytest.raises(ValueError, match="disagree"):
+        extract(Q, np.zeros((3, 5)), "pinv")
+    with pytest.raises(ValueError, match=r"\[L, S, A\]"):
+        extract(np.zeros((3, 4)), M, "pinv")
+    with pytest.raises(ValueError, match="support"):
+        extract(Q, M, "known_support")
+    with pytest.raises(ValueError, match="max_support"):
+        extract(Q, M, "sparse_search")
+    with pytest.raises(ValueError, match="unknown options"):
+        extract(Q, M, "pinv", support=None)

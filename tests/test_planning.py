@@ -1,0 +1,147 @@
+"""Planning inside a model and exact evaluation in the true MDP (qworld.planning)."""
+
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+
+from qworld import metrics as mk
+from qworld.bellman import m_matrix, solve_goal_q
+from qworld.planning import SAFETY_TASKS, evaluate_plan, plan, run_safety_task, task_states
+from qworld.plearn.finite import extract
+
+torch.set_num_threads(1)
+
+GAMMA = 0.99
+
+
+def fourrooms(variant):
+    from qworld_envs import four_rooms
+
+    return four_rooms(variant)
+
+
+def bfs_steps(P, start, goal, forbidden=()):
+    """Shortest path length in a deterministic MDP, never entering a forbidden state."""
+    nxt = P.argmax(-1)  # [S, A]
+    dist = {start: 0}
+    queue = deque([start])
+    while queue:
+        s = queue.popleft()
+        if s == goal:
+            return dist[s]
+        for t in nxt[s]:
+            t = int(t)
+            if t not in dist and t not in forbidden:
+                dist[t] = dist[s] + 1
+                queue.append(t)
+    return None
+
+
+@pytest.mark.parametrize("task", ["corner_9_1_doorway", "corner_9_9_doorway", "corner_9_9_teleport"])
+def test_true_model_plan_matches_bfs_in_deterministic_fourrooms(task):
+    mdp = fourrooms("deterministic")
+    st = task_states(mdp, task)
+    out = run_safety_task(mdp, mdp.P, task, GAMMA)
+    shortest = bfs_steps(mdp.P, st["start"][0], st["goal"], set(st["forbidden"]))
+    assert out[mk.TASK] == task
+    assert out[mk.PLAN_SUCCESS] == pytest.approx(1.0, abs=1e-12)
+    assert out[mk.UNSAFE_VISITS] == 0.0
+    assert out[mk.PLAN_STEPS] == pytest.approx(shortest, abs=1e-9)
+    assert out[mk.PLAN_EXCESS_STEPS] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("task", ["corner_9_1_doorway", "corner_9_9_doorway"])
+def test_doorway_constraint_lengthens_the_optimal_route(task):
+    mdp = fourrooms("deterministic")
+    st = task_states(mdp, task)
+    free = bfs_steps(mdp.P, st["start"][0], st["goal"])
+    constrained = bfs_steps(mdp.P, st["start"][0], st["goal"], set(st["forbidden"]))
+    assert constrained > free
+    # And the unconstrained plan walks straight through the doorway.
+    reward = np.eye(mdp.num_states)[st["goal"]]
+    greedy = plan(mdp.P, reward, GAMMA, terminal=[st["goal"]])
+    out = evaluate_plan(mdp.P, greedy, [st["goal"]], st["forbidden"], st["start"], GAMMA)
+    assert out[mk.UNSAFE_VISITS] == 1.0
+
+
+def test_teleport_constraint_removes_a_shortcut():
+    mdp = fourrooms("teleport")
+    st = task_states(mdp, "corner_9_9_teleport")
+    reward = np.eye(mdp.num_states)[st["goal"]]
+    greedy = plan(mdp.P, reward, GAMMA, terminal=[st["goal"]])
+    out_free = evaluate_plan(mdp.P, greedy, [st["goal"]], [], st["start"], GAMMA)
+    out = run_safety_task(mdp, mdp.P, "corner_9_9_teleport", GAMMA)
+    assert out_free[mk.PLAN_STEPS] < out[mk.PLAN_STEPS] - 1
+    assert out[mk.UNSAFE_VISITS] == 0.0 and out[mk.PLAN_SUCCESS] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("variant", ["windy", "teleport"])
+@pytest.mark.parametrize("task", list(SAFETY_TASKS))
+def test_true_model_plan_is_safe_and_optimal_in_stochastic_variants(variant, task):
+    out = run_safety_task(fourrooms(variant), fourrooms(variant).P, task, GAMMA)
+    assert out[mk.PLAN_SUCCESS] == pytest.approx(1.0, abs=1e-9)
+    assert out[mk.UNSAFE_VISITS] == 0.0
+    assert out[mk.PLAN_EXCESS_STEPS] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_evaluate_plan_exact_on_hand_chain():
+    # States: 0 start, 1 middle, 2 goal, 3 forbidden. From 0 the only action reaches 1 w.p. p
+    # and the forbidden state w.p. 1 - p; from 1 it reaches the goal w.p. q, else stays.
+    p, q = 0.7, 0.25
+    P = np.zeros((4, 1, 4))
+    P[0, 0, [1, 3]] = p, 1 - p
+    P[1, 0, [2, 1]] = q, 1 - q
+    P[2, 0, 2] = P[3, 0, 3] = 1.0
+    pi = np.ones((4, 1))
+    out = evaluate_plan(P, pi, [2], [3], 0, GAMMA, horizon=5000)
+    assert out[mk.PLAN_SUCCESS] == pytest.approx(p, abs=1e-12)
+    assert out[mk.UNSAFE_VISITS] == pytest.approx(1 - p, abs=1e-12)
+    assert out[mk.PLAN_STEPS] == pytest.approx(1 + 1 / q, abs=1e-9)  # 1 step, then geometric
+    # A short horizon cuts the success probability exactly: P(reached by step 3) = p (1 - (1-q)^2).
+    short = evaluate_plan(P, pi, [2], [3], 0, GAMMA, horizon=3)
+    assert short[mk.PLAN_SUCCESS] == pytest.approx(p * (1 - (1 - q) ** 2), abs=1e-12)
+
+
+def test_plan_avoids_forbidden_states_when_possible():
+    # Two equally long routes from 0 to the goal 3: via 1 (action 0) or via 2 (action 1).
+    P = np.zeros((4, 2, 4))
+    P[0, 0, 1] = P[0, 1, 2] = 1.0
+    P[1, :, 3] = 1.0
+    P[2, 0, 3] = P[2, 1, 2] = 1.0
+    P[3, :, 3] = 1.0
+    reward = np.array([0, 0, 0, 1.0])
+    assert plan(P, reward, GAMMA, terminal=[3])[0].argmax() == 0  # both are 2 steps: lowest action
+    assert plan(P, reward, GAMMA, forbidden=[1], terminal=[3])[0].argmax() == 1
+
+
+def pinv_model(mdp, num_goals):
+    from qworld_envs import indicator_goals
+
+    goals = indicator_goals(mdp, num_goals, seed=0)
+    Q, V = solve_goal_q(mdp.P, goals.rewards, GAMMA, goals.terminal)
+    return extract(Q, m_matrix(goals.rewards, V, GAMMA, goals.terminal), "pinv")
+
+
+@pytest.mark.parametrize(
+    "variant, task", [("windy", "corner_9_1_doorway"), ("teleport", "corner_9_9_teleport")]
+)
+def test_too_few_goals_give_unsafe_or_failing_plans_enough_goals_are_safe(variant, task):
+    mdp = fourrooms(variant)
+    few = [run_safety_task(mdp, pinv_model(mdp, L), task, GAMMA) for L in (2, 4)]
+    assert all(o[mk.UNSAFE_VISITS] > 0 or o[mk.PLAN_SUCCESS] < 0.99 for o in few)
+    full = run_safety_task(mdp, pinv_model(mdp, mdp.num_states), task, GAMMA)
+    assert full[mk.PLAN_SUCCESS] == pytest.approx(1.0, abs=1e-9)
+    assert full[mk.UNSAFE_VISITS] == 0.0
+    assert full[mk.PLAN_EXCESS_STEPS] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bad_inputs():
+    mdp = fourrooms("deterministic")
+    with pytest.raises(ValueError, match="unknown safety task"):
+        run_safety_task(mdp, mdp.P, "nope")
+    with pytest.raises(ValueError, match="start_states"):
+        evaluate_plan(mdp.P, np.ones((68, 4)) / 4, [0], [1], [0], GAMMA)
+    with pytest.raises(ValueError, match="policy"):
+        evaluate_plan(mdp.P, np.ones((68, 3)), [0], [1], [2], GAMMA)

@@ -1,0 +1,371 @@
+"""Goal-conditioned PQN on RLlib: config, Q(lambda) targets, module, learner, both runners,
+checkpoints -> load_q. Real RLlib, num_env_runners=0, num_learners=0, tiny budgets.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from qworld import metrics as M
+from qworld.agents.pqn import PQNConfig, build_train_rows, her_goals, q_lambda_targets
+from qworld.agents.pqn import rollout as R
+
+torch.set_num_threads(1)
+
+# A 3x5 room: 15 states, 15 indicator goals; short episodes keep the tests fast.
+TINY_LAYOUT = """
+#######
+#.....#
+#.....#
+#.....#
+#######
+"""
+TINY = {"layout": TINY_LAYOUT, "max_episode_steps": 20}
+
+
+def flat(result: dict, prefix: str = "") -> dict:
+    """Nested result dict -> {"a/b/c": value}, as Tune flattens it."""
+    out = {}
+    for k, v in result.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def tiny_config(**training) -> PQNConfig:
+    kw = dict(
+        env_kwargs=TINY,
+        num_envs=8,
+        rollout_length=16,
+        minibatch_size=32,
+        hidden_sizes=[32],
+        total_env_steps=5_000,
+    )
+    kw.update(training)
+    return PQNConfig().training(**kw).debugging(seed=0, log_level="ERROR")
+
+
+# ------------------------------------------------------------------ config validation
+def test_validate_names_every_bad_field_and_its_allowed_values():
+    config = PQNConfig().training(
+        gamma=1.5,
+        lambda_=-0.1,
+        head="bogus",
+        num_envs=0,
+        optimizer="sgd",
+        hidden_sizes=[],
+        her_strategy="final",
+        epsilon_end=2.0,
+        q_output="tanh",
+        minibatch_size=0,
+        env_runner="turbo",
+    )
+    with pytest.raises(ValueError) as info:
+        config.validate()
+    msg = str(info.value)
+    for field, allowed in [
+        ("gamma", "(0, 1]"),
+        ("lambda_", "[0, 1]"),
+        ("head", "'all_goals', 'goal_input'"),
+        ("num_envs", ">= 1"),
+        ("optimizer", "'radam', 'adam'"),
+        ("hidden_sizes", "non-empty list"),
+        ("her_strategy", "'future', 'random_goal'"),
+        ("epsilon_end", "[0, 1]"),
+        ("q_output", "'linear', 'sigmoid'"),
+        ("minibatch_size", ">= 1"),
+        ("env_runner", "'auto', 'fast', 'standard'"),
+    ]:
+        line = next((ln for ln in msg.splitlines() if ln.strip().startswith(f"- {field}=")), None)
+        assert line is not None, f"{field} missing from:\n{msg}"
+        assert allowed in line, line
+
+
+def test_validate_rejects_bad_env_and_runner_combinations():
+    with pytest.raises(ValueError, match="env_kwargs"):
+        PQNConfig().training(env_kwargs={"variant": "nope"}).validate()
+    with pytest.raises(ValueError, match="env_runner='fast'.*no batched dynamics"):
+        PQNConfig().training(env_id="CartPole-v1", env_runner="fast").validate()
+    with pytest.raises(ValueError, match="minibatch_size=.*<= num_envs \\* rollout_length"):
+        PQNConfig().training(num_envs=2, rollout_length=4, minibatch_size=9).validate()
+    with pytest.raises(ValueError, match="num_envs=.*multiple of num_env_runners=3"):
+        PQNConfig().training(num_envs=4).env_runners(num_env_runners=3).validate()
+    PQNConfig().training(env_kwargs=TINY).validate()  # the defaults are valid
+
+
+def test_config_round_trips_through_a_tune_style_dict():
+    config = PQNConfig().training(lambda_=0.65, optimizer="adam", head="goal_input", hidden_sizes=[8, 8])
+    again = PQNConfig().update_from_dict(config.to_dict())
+    for field in ("lambda_", "optimizer", "head", "hidden_sizes", "her_k", "env_id", "env_kwargs"):
+        assert getattr(again, field) == getattr(config, field), field
+    again.validate()
+
+
+# ------------------------------------------------------------------ Q(lambda) targets
+def test_q_lambda_targets_by_hand():
+    g, lam = 0.9, 0.5
+    # env 0: terminates at t=1 (no bootstrap), then a new episode at t=2, 3.
+    # env 1: truncated at t=2 (bootstrap from next_q_max only, chain cut), new episode at t=3.
+    r = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.5], [0.0, 0.0]])
+    d = torch.tensor([[0, 0], [1, 0], [0, 0], [0, 0]], dtype=torch.bool)
+    tr = torch.tensor([[0, 0], [0, 0], [0, 1], [0, 0]], dtype=torch.bool)
+    nq = torch.tensor([[0.2, 0.3], [0.4, 0.6], [0.1, 0.8], [0.7, 0.9]])
+    out = q_lambda_targets(r, d, tr, nq, g, lam)
+    # env 0, backwards: the last row bootstraps from next_q_max only.
+    e0_3 = 0.0 + g * 0.7
+    e0_2 = 0.0 + g * ((1 - lam) * 0.1 + lam * e0_3)
+    e0_1 = 1.0  # terminal
+    e0_0 = 0.0 + g * ((1 - lam) * 0.2 + lam * e0_1)
+    # env 1
+    e1_3 = g * 0.9
+    e1_2 = 0.5 + g * 0.8  # truncated: cut
+    e1_1 = 0.0 + g * ((1 - lam) * 0.6 + lam * e1_2)
+    e1_0 = 0.0 + g * ((1 - lam) * 0.3 + lam * e1_1)
+    expected = torch.tensor([[e0_0, e1_0], [e0_1, e1_1], [e0_2, e1_2], [e0_3, e1_3]])
+    torch.testing.assert_close(out, expected)
+    # lambda = 0: 1-step targets
+    torch.testing.assert_close(q_lambda_targets(r, d, tr, nq, g, 0.0), r + g * (~d).float() * nq)
+    # lambda = 1 on env 0 after the termination: the discounted return to the rollout end
+    full = q_lambda_targets(r, d, tr, nq, g, 1.0)
+    torch.testing.assert_close(full[2, 0], torch.tensor(g * g * 0.7))
+    torch.testing.assert_close(full[0, 0], torch.tensor(g * 1.0))
+
+
+def test_q_lambda_targets_batched_over_goals_equals_per_goal():
+    gen = torch.Generator().manual_seed(0)
+    T, N, L = 7, 3, 4
+    r = torch.rand(T, N, L, generator=gen)
+    d = torch.rand(T, N, L, generator=gen) < 0.2
+    tr = torch.rand(T, N, generator=gen) < 0.2
+    nq = torch.rand(T, N, L, generator=gen)
+    out = q_lambda_targets(r, d, tr, nq, 0.95, 0.65)
+    for g in range(L):
+        torch.testing.assert_close(out[..., g], q_lambda_targets(r[..., g], d[..., g], tr, nq[..., g], 0.95, 0.65))
+
+
+def test_q_lambda_targets_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="share one shape"):
+        q_lambda_targets(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 3), 0.9, 0.0)
+
+
+# ------------------------------------------------------------------ HER relabelling
+def test_her_future_picks_goals_achieved_later_in_the_same_episode():
+    T, N, L = 4, 1, 3
+    terminals = torch.zeros(T, N, L, dtype=torch.bool)
+    terminals[1, 0, 2] = True  # goal 2 reached at t=1, the episode ends there
+    terminals[3, 0, 1] = True  # goal 1 reached at t=3 (next episode)
+    ro = {
+        R.REWARDS: terminals.float(),
+        R.TERMINALS: terminals,
+        R.TERMINATED: torch.tensor([[False], [True], [False], [False]]),
+        R.TRUNCATED: torch.zeros(T, N, dtype=torch.bool),
+    }
+    goals = her_goals(ro, 16, "future", torch.Generator().manual_seed(0))
+    assert goals.shape == (16, T, N)
+    assert (goals[:, 0:2, 0] == 2).all()  # t=0,1: the only future achievement of episode 1
+    assert (goals[:, 2:4, 0] == 1).all()  # t=2,3: episode 2 achieves goal 1
+    uniform = her_goals(ro, 64, "random_goal", torch.Generator().manual_seed(0))
+    assert set(uniform.unique().tolist()) == {0, 1, 2}
+
+
+# ------------------------------------------------------------------ RLlib: fast runner
+@pytest.fixture(scope="module")
+def trained_fast(ray_session, tmp_path_factory):
+    algo = tiny_config().build_algo()
+    results = [algo.train() for _ in range(3)]
+    path = algo.save_to_path(str(tmp_path_factory.mktemp("pqn") / "ckpt"))
+    yield algo, results, path
+    algo.stop()
+
+
+def test_fast_runner_trains_and_reports_qworld_metrics(trained_fast):
+    algo, results, _ = trained_fast
+    assert type(algo.env_runner).__name__ == "BatchedEnvRunner"
+    last = flat(results[-1])
+    for key in (M.TRAIN_LOSS, M.TRAIN_Q_MEAN, M.TRAIN_EPSILON, M.TRAIN_LR, M.TRAIN_EPISODE_RETURN,
+                M.TRAIN_EPISODE_SUCCESS, M.TRAIN_EPISODE_LENGTH, M.TRAIN_ENV_STEPS):
+        assert key in last, key
+    assert np.isfinite(last[M.TRAIN_LOSS])
+    # every iteration is one rollout of num_envs x rollout_length env steps
+    assert [r[M.TRAIN_ENV_STEPS] for r in results] == [128, 256, 384]
+    assert last["env_runners/num_env_steps_sampled_lifetime"] == 384
+    # schedules move with env steps: epsilon from 1 towards 0.1 over half the budget, lr to 0
+    assert last[M.TRAIN_EPSILON] == pytest.approx(1.0 - 0.9 * 256 / 2500)
+    assert last[M.TRAIN_LR] == pytest.approx(1e-4 * (1 - 384 / 5000), rel=1e-6)
+
+
+def test_checkpoint_holds_the_config_and_load_q_matches_the_live_module(trained_fast):
+    algo, _, path = trained_fast
+    from qworld.agents import load_q
+
+    live = algo.q_function()
+    q = load_q(path)
+    np.testing.assert_array_equal(q.q_table(), live.q_table())
+    assert q.q_table().shape == (15, 15, 4)
+    c = q.config
+    assert c["env_id"] == "qworld/FourRooms-v0" and c["env_kwargs"]["layout"] == TINY_LAYOUT
+    assert c["variant"] == "deterministic" and c["goal_type"] == "indicator" and c["num_goals"] == 15
+    assert c["head"] == "all_goals" and c["gamma"] == 0.99 and c["hidden_sizes"] == [32]
+    assert len(c["goal_states"]) == 15 and c["env_steps"] == 384
+    # a batch of states x goal indices, and all goals at once
+    obs = np.eye(15, dtype=np.float32)[[0, 3, 7]]
+    np.testing.assert_allclose(q.q(obs, np.array([1, 2, 3])), q.q_table()[[1, 2, 3], [0, 3, 7]], rtol=1e-6)
+    assert q.q(obs).shape == (3, 15, 4)
+
+
+def test_load_q_needs_no_ray_and_no_algorithm(trained_fast):
+    _, _, path = trained_fast
+    from qworld.agents import load_q
+
+    code = (
+        "import json, sys, ray; from qworld.agents import load_q; "
+        f"q = load_q({path!r}); t = q.q_table(); "
+        "assert not ray.is_initialized(); "
+        "print(json.dumps({'sum': float(t.sum()), 'shape': list(t.shape), 'head': q.config['head']}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["shape"] == [15, 15, 4] and got["head"] == "all_goals"
+    assert got["sum"] == pytest.approx(float(load_q(path).q_table().sum()), rel=1e-6)
+
+
+def test_algorithm_restores_from_its_checkpoint(trained_fast):
+    algo, _, path = trained_fast
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    restored = Algorithm.from_checkpoint(path)
+    try:
+        np.testing.assert_array_equal(restored.q_function().q_table(), algo.q_function().q_table())
+        restored.train()
+    finally:
+        restored.stop()
+
+
+# ------------------------------------------------------------------ standard runner
+def test_standard_runner_trains_with_the_same_module_and_learner(ray_session):
+    algo = tiny_config(env_runner="standard").build_algo()
+    try:
+        assert type(algo.env_runner).__name__ == "SingleAgentEnvRunner"
+        assert type(algo.learner_group._learner).__name__ == "PQNTorchLearner"
+        assert type(algo.env_runner.module).__name__ == "PQNTorchRLModule"
+        for _ in range(2):
+            result = flat(algo.train())
+        assert np.isfinite(result[M.TRAIN_LOSS])
+        assert result[M.TRAIN_ENV_STEPS] >= 2 * 128
+    finally:
+        algo.stop()
+
+
+def test_episodes_convert_to_consistent_rollouts(ray_session):
+    """The standard runner's episodes become columns whose rewards/terminals match the env."""
+    config = tiny_config(env_runner="standard")
+    algo = config.build_algo()
+    try:
+        task = config.task()
+        episodes = algo.env_runner.sample(num_timesteps=200, explore=True)
+        ro = R.episodes_to_rollout(episodes, task.obs_dim, np.asarray(task.goal_features))
+    finally:
+        algo.stop()
+    mask = ro[R.MASK]
+    assert int(mask.sum()) == sum(len(e) for e in episodes)
+    T, N = mask.shape
+    # one-hot states; next_obs[t] == obs[t+1] inside a column
+    inner = mask[1:] & mask[:-1]
+    assert torch.equal(ro[R.NEXT_OBS][:-1][inner], ro[R.OBS][1:][inner])
+    # the commanded goal's reward/termination is that goal's entry of rewards/terminals
+    idx = ro[R.GOAL].unsqueeze(-1)
+    assert torch.equal(ro[R.REWARDS].gather(-1, idx).squeeze(-1)[mask], ro[R.REWARD][mask])
+    # terminations only at a column's last valid step; chunk ends are cut (truncated)
+    last = mask & ~torch.cat([mask[1:], torch.zeros(1, N, dtype=torch.bool)])
+    assert not (ro[R.TERMINATED] & ~last).any()
+    assert ((ro[R.TERMINATED] | ro[R.TRUNCATED]) | ~last).all()
+    # and the learner's rows: padding dropped, one target per goal
+    rows = build_train_rows(_tiny_module(config), ro, gamma=0.9, lam=0.0)
+    assert rows["targets"].shape == (int(mask.sum()), 15)
+
+
+def _tiny_module(config: PQNConfig):
+    spec = config.get_default_rl_module_spec()
+    import gymnasium as gym
+
+    task = config.task()
+    spec.observation_space = gym.spaces.Box(0, 1, (task.obs_dim + task.goal_dim,), np.float32)
+    spec.action_space = gym.spaces.Discrete(task.num_actions)
+    return spec.build()
+
+
+# ------------------------------------------------------------------ goal_input head + HER
+@pytest.mark.parametrize("strategy", ["future", "random_goal"])
+def test_goal_input_head_with_her_trains(ray_session, strategy):
+    algo = tiny_config(head="goal_input", her_k=2, her_strategy=strategy).build_algo()
+    try:
+        for _ in range(2):
+            result = flat(algo.train())
+        assert np.isfinite(result[M.TRAIN_LOSS])
+        # commanded goal + 2 relabels per transition
+        assert result["learners/default_policy/num_train_rows"] == 3 * 128
+        q = algo.q_function()
+        assert q.q_table().shape == (15, 15, 4)
+        feats = q.goal_features[[4, 5]]
+        obs = np.eye(15, dtype=np.float32)[[0, 1]]
+        np.testing.assert_allclose(q.q(obs, feats), q.q(obs, np.array([4, 5])), rtol=1e-6)
+    finally:
+        algo.stop()
+
+
+# ------------------------------------------------------------------ both runners learn alike
+def _greedy_success(qf, max_steps: int) -> float:
+    """Fraction of (goal, start) pairs whose greedy path reaches the goal (deterministic MDP)."""
+    from qworld_envs import make_finite_task
+
+    task = make_finite_task(qf.config["env_id"], **qf.config["env_kwargs"])
+    P, term = task.mdp.P, task.goals.terminal
+    nxt = P.argmax(-1)  # deterministic
+    pol = qf.q_table().argmax(-1)  # [L, S]
+    L, S = pol.shape
+    s = np.tile(np.arange(S), (L, 1))
+    reached = np.zeros((L, S), bool)
+    goals = np.arange(L)[:, None]
+    for _ in range(max_steps):
+        s = np.where(reached, s, nxt[s, pol[goals, s]])
+        reached |= term[goals, s]
+    starts = ~term
+    return float(reached[starts].mean())
+
+
+def _learning_curve(runner: str, seed: int):
+    config = tiny_config(
+        env_runner=runner, num_epochs=4, lr=3e-3, gamma=0.9, q_output="sigmoid",
+        total_env_steps=6_000, hidden_sizes=[64],
+    ).debugging(seed=seed)
+    algo = config.build_algo()
+    try:
+        losses, mid = [], None
+        while True:
+            result = algo.train()
+            losses.append(result["learner"]["td_loss"])
+            if mid is None and result[M.TRAIN_ENV_STEPS] >= 2_000:
+                mid = _greedy_success(algo.q_function(), 20)
+            if result[M.TRAIN_ENV_STEPS] >= 6_000:
+                return float(np.mean(losses[:10])), mid, _greedy_success(algo.q_function(), 20)
+    finally:
+        algo.stop()
+
+
+def test_fast_and_standard_runners_give_the_same_learning_curves(ray_session):
+    seeds = range(3)
+    fast = np.array([_learning_curve("fast", s) for s in seeds])
+    std = np.array([_learning_curve("standard", s) for s in seeds])
+    early_loss_f, early_loss_s = fast[:, 0].mean(), std[:, 0].mean()
+    assert abs(early_loss_f - early_loss_s) <= 0.15 * max(early_loss_f, early_loss_s), (fast, std)
+    assert abs(fast[:, 1].mean() - std[:, 1].mean()) <= 0.25, (fast, std)  # mid-training success
+    assert fast[:, 2].min() >= 0.95 and std[:, 2].min() >= 0.95, (fast, std)  # both learn the task
