@@ -418,6 +418,19 @@ def test_route_plot(tmp_path):
     assert a != b
 
 
+def test_safety_task_plot(tmp_path):
+    from qworld_envs import four_rooms
+
+    mdp = four_rooms("deterministic")
+    wrong = mdp.P.copy()  # a model that believes the doorway (5,3) is shut
+    s = mdp.cell_to_state[(4, 3)]
+    wrong[s, 2] = 0.0
+    wrong[s, 2, s] = 1.0
+    a = assert_png(plots.plot_safety_task("corner_9_9_doorway", tmp_path / "a.png", {"P̂": mdp.P}))
+    b = assert_png(plots.plot_safety_task("corner_9_9_doorway", tmp_path / "b.png", {"P̂": wrong}))
+    assert a != b
+
+
 def test_value_map_plot(tmp_path):
     S = 68
     a = assert_png(plots.plot_value_map(np.linspace(0, 1, S), tmp_path / "a.png"))

@@ -66,8 +66,10 @@ FLOAT_COLUMNS = (K.P_MSE, K.P_TV, K.P_MAX_ERR, K.Q_NMSE, K.WM_NMSE, K.M_COND, K.
 STRING_COLUMNS = (K.SWEEP, K.TRIAL_ID, K.ENV, K.VARIANT, K.GOAL_TYPE, K.HEAD, K.METHOD,
                   K.IDENTIFIABLE_CASE, K.ERROR, K.TASK, EXPERIMENT)
 # Planning metrics appear as "<task>/<metric>" columns, one group per safety task.
+# (getattr: keys added to qworld.metrics by the continuous-task work, when present.)
 PLAN_METRICS = (K.PLAN_SUCCESS, K.PLAN_EXCESS_STEPS, K.UNSAFE_VISITS, K.RETURN_RATIO,
-                K.PLAN_STEPS, K.PLAN_OPTIMAL_STEPS)
+                K.PLAN_STEPS, K.PLAN_OPTIMAL_STEPS,
+                *(getattr(K, n) for n in ("RETURN_WM", "RETURN_STAR") if hasattr(K, n)))
 WORLD_MODEL_METRICS = (K.P_MSE, K.P_TV, K.P_MAX_ERR, K.Q_NMSE, K.WM_NMSE)
 
 

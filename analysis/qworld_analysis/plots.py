@@ -11,6 +11,7 @@ d state dims.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -578,7 +579,8 @@ def plot_routes(
             continue
         xy = coords[states][:, ::-1].astype(np.float64) + off  # (col, row) + offset
         unsafe = sum(s in forbidden_set for s in states)
-        text = f"{label}: {len(states) - 1} steps" + (f", {unsafe} forbidden" if unsafe else "")
+        n = len(states) - 1
+        text = f"{label}: {n} step{'s' if n != 1 else ''}" + (f", {unsafe} forbidden" if unsafe else "")
         if goal_s is not None and states[-1] != goal_s:
             text += ", loops" if states.count(states[-1]) > 1 else ", stops short of G"
         for k in range(len(states) - 1):
@@ -598,8 +600,49 @@ def plot_routes(
         ax.text(c, r, "G", ha="center", va="center", fontsize=7, weight="bold")
     ax.add_patch(Rectangle((0, 0), 0, 0, fill=False, hatch="////", edgecolor="#d62728", label="forbidden"))
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize=8, ncol=1, frameon=False)
-    ax.set_title(title or f"Routes on {getattr(mdp, 'name', 'the map')}", fontsize=11)
+    ax.set_title(textwrap.fill(title or f"Routes on {getattr(mdp, 'name', 'the map')}", 70), fontsize=10)
     return _save(fig, path)
+
+
+def plot_safety_task(
+    task: str,
+    path: str | Path,
+    models: Mapping[str, np.ndarray | Sequence[int]] | None = None,
+    variant: str = "deterministic",
+    gamma: float = 0.99,
+    layout: str | None = None,
+) -> Path:
+    """A named safety task (``qworld.planning.SAFETY_TASKS``): the optimal safe route in the
+    true MDP against the routes planned in extracted models.
+
+    Args:
+        task: e.g. ``"corner_9_9_doorway"``.
+        path: the PNG to write.
+        models: label -> ``P_hat[S, A, S]`` (planned in with the task's goal and forbidden
+            cells, then rolled greedily in the true P), a policy ``[S, A]``, or a route.
+        variant, layout: the FourRooms map (true dynamics).
+        gamma: planning discount.
+    """
+    from qworld.planning import SAFETY_TASKS, plan, task_states
+    from qworld_envs import four_rooms
+
+    mdp = four_rooms(variant, layout=layout)
+    cells = task_states(mdp, task)
+    goal, forbidden, start = cells["goal"], cells["forbidden"], cells["start"][0]
+    reward = np.zeros(mdp.num_states)
+    reward[goal] = 1.0
+
+    def route_of(P_model: np.ndarray) -> list[int]:
+        policy = plan(P_model, reward, gamma, forbidden=forbidden, terminal=[goal])
+        return greedy_route(mdp.P, policy, start, goal)
+
+    routes: dict[str, Any] = {"optimal (true P)": route_of(mdp.P)}
+    S, A = mdp.num_states, mdp.num_actions
+    for label, model in (models or {}).items():
+        arr = np.asarray(model)
+        routes[label] = route_of(arr) if arr.shape == (S, A, S) else model
+    return plot_routes(routes, path, mdp=mdp, start=start, goal=goal, forbidden=forbidden,
+                       title=f"{task} ({variant}): {SAFETY_TASKS[task].description}")
 
 
 def plot_value_map(

@@ -1,7 +1,9 @@
 """``qworld report | compare``: the analysis half of the CLI.
 
 Both read experiment dirs from disk with :mod:`qworld_analysis` (pandas, matplotlib); no
-Ray is started. ``cli.py`` wires them in with ``analysis_commands.add_commands(sub)``.
+Ray is started. ``cli.py`` wires them in with ``analysis_commands.add_commands(sub)``; each
+subparser sets its handler ``(args) -> exit status`` as both ``func`` (the convention of
+``qworld.sweep.commands``) and ``run`` (the one of ``cli.build_parser``).
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("experiment_dir")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where index.html, the PNGs and summary.csv go (default EXPERIMENT_DIR/report)")
-    p.set_defaults(func=_cmd_report)
+    p.set_defaults(func=_cmd_report, run=_cmd_report)
 
     p = sub.add_parser("compare", help="two experiment dirs side by side (IQM and 95%% CI per grid cell)")
     p.add_argument("dir_a")
     p.add_argument("dir_b")
     p.add_argument("--metric", default=K.P_MSE, help=f"the column to compare (default {K.P_MSE})")
-    p.set_defaults(func=_cmd_compare)
+    p.set_defaults(func=_cmd_compare, run=_cmd_compare)
 
 
 def _bad_input(message: str) -> int:

@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
         p.set_defaults(func=run)
+    # Imported lazily inside their commands: `qworld oracle` never pays for Ray or RLlib.
+    from qworld import analysis_commands
+    from qworld.sweep import commands as sweep_commands
+
+    sweep_commands.add_commands(sub)
+    analysis_commands.add_commands(sub)
     return parser
 
 

@@ -314,12 +314,16 @@ def _validate_cells(spec: SweepSpec) -> None:
             if num_goals is not None and (not isinstance(num_goals, int) or num_goals < 1):
                 raise SweepSpecError(f"{field_name}: {num_goals!r}{where} must be a positive integer")
             try:
-                task = make_finite_task(env_id, **_env_kwargs_for_task(env_kwargs))
+                S = make_finite_task(env_id, **{**_env_kwargs_for_task(env_kwargs), "num_goals": None,
+                                                "goal_cells": None}).mdp.num_states
             except (ValueError, TypeError, KeyError) as exc:
-                raise SweepSpecError(f"env/goals{where}: {exc}") from None
-            S = task.mdp.num_states
+                raise SweepSpecError(f"env{where}: {exc}") from None
             if goal_type == "indicator" and num_goals is not None and num_goals > S:
                 raise SweepSpecError(f"{field_name}: {num_goals}{where} indicator goals but {spec.env.id} has only {S} states; allowed 1..{S}")
+            try:
+                make_finite_task(env_id, **_env_kwargs_for_task(env_kwargs))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise SweepSpecError(f"goals{where}: {exc}") from None
         else:
             try:
                 import gymnasium
@@ -340,9 +344,11 @@ def _validate_agent(agent: Mapping[str, Any], where: str) -> None:
     config = PQNConfig()
     try:
         config.training(**agent)
-        config.validate_training()
     except (ValueError, TypeError) as exc:
         raise SweepSpecError(f"agent{where}: {exc}") from None
+    errors = config.pqn_errors()
+    if errors:
+        raise SweepSpecError(f"agent.{errors[0]}{where}")
 
 
 # --------------------------------------------------------------------------------------
