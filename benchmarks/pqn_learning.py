@@ -111,11 +111,12 @@ def run(args, seed: int) -> dict:
     algo = config.build_algo()
     t0 = time.perf_counter()
     next_eval = args.eval_every
+    per_iteration = args.num_envs * args.rollout_length
     try:
         while True:
             result = algo.train()
             steps = int(result[TRAIN_ENV_STEPS])
-            done = steps >= args.total_env_steps
+            done = steps + per_iteration > args.total_env_steps  # never exceed the budget
             if steps >= next_eval or done:
                 next_eval += args.eval_every
                 row = {"variant": args.variant, "seed": seed, "env_steps": steps,

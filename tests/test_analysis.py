@@ -2,15 +2,14 @@
 
 The experiment dirs here are SYNTHETIC: built by ``make_experiment`` with the exact on-disk
 layout ``qworld sweep`` writes (``sweep.yaml``; Tune trial dirs ``PQN_*`` holding
-``params.json``, ``result.json`` lines with ``checkpoint_dir_name`` and ``checkpoint_00000k``
-dirs; ``worldmodels.parquet`` written with ``qworld.sweep.store.write_rows``), so the loader is
-checked without training anything.
+``params.json``, ``result.json`` lines with ``checkpoint_dir_name`` (or, as Tune 2.60 really
+writes them, without it) and ``checkpoint_00000k`` dirs; ``worldmodels.parquet`` written with
+``qworld.sweep.store.write_rows``), so the loader is checked without training anything.
 
-TODO(lead): a second test on a REAL smoke sweep is still to be added, once the PQN agent
-and the CLI work: ``test_load_real_smoke_sweep`` runs
-``.venv/bin/python -m qworld.cli sweep tune_configs/smoke.yaml --storage TMP`` in a module
-fixture (subprocess) and checks ``load()`` row count = grid cells x checkpoints x methods.
-When this file was written ``qworld.cli`` did not exist yet, so that test is left out.
+The last test, ``test_load_real_smoke_sweep`` (marked ``ray``: about 100 s on 2 busy cores,
+deselect with ``-m "not ray"``), runs a REAL smoke sweep
+(``python -m qworld.cli sweep tune_configs/smoke.yaml``, PQN on Ray) in a module fixture and
+checks ``load()`` against it: row count = grid cells x checkpoints x methods.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import argparse
 import base64
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -492,7 +492,7 @@ def test_report_on_a_sweep_with_nothing_scored(tmp_path):
         f.unlink()
     page = write_report(exp).read_text()
     assert (exp / "report" / "summary.csv").is_file()
-    assert "No scored checkpoint yet" in page and "Skipped for lack of data" in page
+    assert "No scored checkpoint yet" in page and "Skipped figures" in page and "no data yet" in page
     assert page.count("data:image/png;base64") == 1  # the training curves still render
 
 
@@ -507,8 +507,19 @@ def test_compare_side_by_side(experiment, tmp_path):
     assert table.attrs["a"][K.HEAD] == "all_goals" and table.attrs["b"][K.HEAD] == "goal_input"
 
 
-def test_cli_commands(experiment, tmp_path, capsys):
+def test_cli_commands(experiment, tmp_path, capsys, monkeypatch):
+    import qworld_analysis.report
     from qworld.analysis_commands import add_commands
+
+    calls = []  # the report itself is tested above: here only the wiring
+
+    def fake_report(experiment_dir, out_dir=None):
+        calls.append((str(experiment_dir), out_dir))
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "index.html").write_text("<html></html>")
+        return Path(out_dir) / "index.html"
+
+    monkeypatch.setattr(qworld_analysis.report, "write_report", fake_report)
 
     parser = argparse.ArgumentParser(prog="qworld")
     add_commands(parser.add_subparsers(dest="command", required=True))
@@ -518,6 +529,51 @@ def test_cli_commands(experiment, tmp_path, capsys):
     assert "ratio" in out and "column_match" in out and "head all_goals" in out
     args = parser.parse_args(["report", str(experiment), "--out", str(tmp_path / "r")])
     assert args.func(args) == 0
-    assert (tmp_path / "r" / "index.html").is_file() and "index.html" in capsys.readouterr().out
+    assert calls == [(str(experiment), str(tmp_path / "r"))]
+    assert "index.html" in capsys.readouterr().out
     args = parser.parse_args(["report", str(tmp_path / "missing")])
     assert args.func(args) == 2
+
+
+# --------------------------------------------------------------------------------------
+# a REAL smoke sweep (Ray, PQN, P-learning actor)
+
+
+SMOKE = ROOT / "tune_configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory) -> Path:
+    storage = tmp_path_factory.mktemp("smoke_storage")
+    cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE), "--storage", str(storage),
+           "--set", "wandb.mode=disabled"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return storage / "smoke"
+
+
+@pytest.mark.ray
+def test_load_real_smoke_sweep(smoke_sweep, tmp_path):
+    import yaml
+
+    spec = yaml.safe_load(SMOKE.read_text())
+    cells = math.prod(len(v) for v in spec["sweep"].values())
+    methods = spec["extract"]["methods"]
+    iterations = spec["stop"]["env_steps"] // (spec["agent"]["num_envs"] * spec["agent"]["rollout_length"])
+    every = spec["checkpoint"]["every"]
+    checkpoints = iterations // every + (1 if spec["checkpoint"]["at_end"] and iterations % every else 0)
+
+    df = load(smoke_sweep)
+    assert len(df) == cells * checkpoints * len(methods)
+    assert len(load_trials(smoke_sweep)) == cells
+    assert set(df[K.METHOD]) == set(methods)
+    assert set(df[K.VARIANT]) == set(spec["sweep"]["variant"])
+    assert (df[K.NUM_GOALS] == spec["goals"]["num_goals"]).all() and str(df[K.NUM_GOALS].dtype) == "Int64"
+    assert df[K.P_MSE].notna().all() and df[K.P_MSE].dtype == np.float64
+    # each checkpoint joined to the training iteration that saved it
+    assert (df["training_iteration"] == (df[K.CHECKPOINT_INDEX] + 1) * every).all()
+    assert (df[K.ENV_STEPS] == df[K.TRAIN_ENV_STEPS]).all() and df[K.TRAIN_LOSS].notna().all()
+    assert len(load_training_curves(smoke_sweep)) == cells * iterations
+    page = write_report(smoke_sweep, tmp_path / "report").read_text()
+    assert page.count("data:image/png;base64") >= 4

@@ -250,6 +250,21 @@ def test_algorithm_restores_from_its_checkpoint(trained_fast):
         restored.stop()
 
 
+def test_fast_runner_works_as_a_remote_env_runner(ray_session):
+    algo = tiny_config().env_runners(num_env_runners=1).build_algo()
+    try:
+        result = flat(algo.train())
+        assert result[M.TRAIN_ENV_STEPS] == 128 and np.isfinite(result[M.TRAIN_LOSS])
+        # the remote runner got the learner's weights after the update
+        learner_q = algo.q_function().q(np.eye(15, dtype=np.float32))
+        remote = algo.env_runner_group.foreach_env_runner(
+            lambda er: er.module.q_all_goals(torch.eye(15)).detach().numpy(), local_env_runner=False
+        )
+        np.testing.assert_allclose(remote[0], learner_q, rtol=1e-6)
+    finally:
+        algo.stop()
+
+
 # ------------------------------------------------------------------ standard runner
 def test_standard_runner_trains_with_the_same_module_and_learner(ray_session):
     algo = tiny_config(env_runner="standard").build_algo()

@@ -89,10 +89,10 @@ def _spans_decades(values: np.ndarray) -> bool:
 def _need(df: pd.DataFrame, columns: Sequence[str], what: str) -> pd.DataFrame:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise NoDataError(f"{what}: no column {missing}")
+        raise NoDataError(f"{what}: no data yet (no column {', '.join(missing)})")
     rows = df.dropna(subset=list(columns))
     if rows.empty:
-        raise NoDataError(f"{what}: no rows with {list(columns)}")
+        raise NoDataError(f"{what}: no data yet (no row with all of {', '.join(columns)})")
     return rows
 
 
@@ -126,15 +126,27 @@ def _colors(n: int, cmap: str = "tab10") -> list:
     return [cm(x) for x in np.linspace(0.1, 0.9, max(n, 1))]
 
 
-def _finish_log_axis(ax, values: np.ndarray, floor: float | None, axis: str = "y") -> None:
-    if _spans_decades(values):
-        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+def _error_axis(ax, values: np.ndarray, floor: float | None) -> None:
+    """A log y axis for errors, limits from ``values`` (all panels of a figure alike).
+
+    Values within less than a decade get a decade of room, so that noise in the 7th digit
+    does not look like a trend.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    pos = v[np.isfinite(v) & (v > 0)]
+    if pos.size == 0:  # every value is 0: nothing to put on a log axis
+        ax.ticklabel_format(axis="y", useOffset=False)
+        return
+    ax.set_yscale("log")
+    lo, hi = min(pos.min(), floor or np.inf), pos.max()
+    if hi / lo < 10:
+        pad = np.sqrt(10 * lo / hi)
+        lo, hi = lo / pad, hi * pad
+    ax.set_ylim(lo / 1.5, hi * 1.5)
     if floor is not None:
-        line = ax.axhline if axis == "y" else ax.axvline
-        line(floor, color="0.5", lw=0.8, ls=":")
-        if axis == "y":
-            ax.annotate("0 (exact) drawn here", (0.01, floor), xycoords=("axes fraction", "data"),
-                        fontsize=7, color="0.4", va="bottom")
+        ax.axhline(floor, color="0.5", lw=0.8, ls=":")
+        ax.annotate("0 (exact) drawn here", (0.01, floor), xycoords=("axes fraction", "data"),
+                    fontsize=7, color="0.4", va="bottom")
 
 
 # --------------------------------------------------------------------------------------
@@ -229,7 +241,7 @@ def plot_error_vs_goals(
         ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=8)
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlim(min(ticks) / 1.6, max(ticks) * 1.4)
-        _finish_log_axis(ax, rows[metric].to_numpy(np.float64), floor)
+        _error_axis(ax, rows[metric].to_numpy(np.float64), floor)
         ax.set_xlabel(_label(K.NUM_GOALS))
         ax.set_ylabel(_label(metric))
         ax.set_title(_title(panel_cols, key) or "all trials", fontsize=10)
@@ -306,7 +318,7 @@ def plot_error_vs_steps(
                                  + [str(key_map[c]) for c in _varying(rows, (K.GOAL_TYPE, K.HEAD))])
                 ax.plot(x[order], y, color=colors[key], lw=1.6, marker=".", label=label)
                 ax.fill_between(x[order], lo, hi, color=colors[key], alpha=0.2, lw=0)
-            _finish_log_axis(ax, rows[metric].to_numpy(np.float64), floor)
+            _error_axis(ax, rows[metric].to_numpy(np.float64), floor)
             ax.set_xlabel(_label(K.ENV_STEPS))
             ax.set_ylabel(_label(metric))
             ax.set_title(f"{variant or 'all'} · {method}", fontsize=10)
@@ -401,6 +413,8 @@ def plot_training_curves(
         values = rows[metric].to_numpy(np.float64)
         if metric == K.TRAIN_LOSS and _spans_decades(values) and (values[np.isfinite(values)] > 0).all():
             ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlabel(_label(K.ENV_STEPS))
         ax.set_ylabel(_label(metric))
         ax.set_title(metric, fontsize=10)

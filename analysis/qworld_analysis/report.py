@@ -99,8 +99,12 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
             figures.append((caption, draw(*args, out / f"{name}.png", **kwargs)))
         except plots.NoDataError as exc:
             skipped.append((caption, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one broken figure must not lose the page
+            skipped.append((caption, f"failed to draw: {type(exc).__name__}: {exc}"))
 
-    metric = K.P_MSE if K.P_MSE in scored and scored[K.P_MSE].notna().any() else K.WM_NMSE
+    # finite envs score P (p_mse), continuous ones a successor model (wm_nmse)
+    has = {m: m in scored.columns and scored[m].notna().any() for m in (K.P_MSE, K.WM_NMSE)}
+    metric = K.WM_NMSE if has[K.WM_NMSE] and not has[K.P_MSE] else K.P_MSE
     figure("error_vs_goals", f"{metric} vs number of goals, with the Table-1 thresholds",
            plots.plot_error_vs_goals, scored, metric=metric)
     figure("error_vs_steps", f"{metric} over training, per variant and method",
@@ -269,7 +273,7 @@ def _page(exp: Path, df: pd.DataFrame, trials: pd.DataFrame, table: pd.DataFrame
         parts.append(f"<figure>{_img(path)}<figcaption>{e(caption)} "
                      f"(<code>{e(path.name)}</code>)</figcaption></figure>")
     if skipped:
-        parts.append("<p class='note'>Skipped for lack of data:</p><ul>")
+        parts.append("<p class='note'>Skipped figures:</p><ul>")
         parts += [f"<li>{e(caption)}: {e(why)}</li>" for caption, why in skipped]
         parts.append("</ul>")
     parts.append("<p class='muted'>Route maps, value maps and MountainCar vector fields need "

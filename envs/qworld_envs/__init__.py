@@ -39,3 +39,4 @@ __all__ = [
     "make_goals",
     "true_P",
 ]
+from qworld_envs import continuous  # noqa: E402,F401 - registers the continuous envs (gymnasium ids, batched factories)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from qworld import metrics as mk
 from qworld.bellman import m_matrix, solve_goal_q
-from qworld.planning import DEFAULT_TASK, SAFETY_TASKS, run_safety_task
+from qworld.planning import DEFAULT_TASK, SAFETY_TASKS, run_safety_task, task_optimal_plan
 from qworld.plearn.finite import METHODS, diagnose, extract
 from qworld.scoring import score_p
 
@@ -123,7 +123,10 @@ def oracle_study(
 
     Returns:
         DataFrame with ``COLUMNS``: one row per (variant, num_goals, method, task). A method
-        that raises leaves its metrics NaN and the message in ``error``.
+        that raises leaves its metrics NaN and the message in ``error``. ``identifiable_case``
+        is :func:`diagnose` under what that method may assume (:func:`diagnose_assumptions`):
+        whether M determines P given that knowledge, not whether that method's algorithm is
+        the one that recovers it (column_match on windy at L = 68 reads "stochastic").
     """
     from qworld_envs import four_rooms, make_goals  # envs depend on nothing in qworld
 
@@ -135,6 +138,7 @@ def oracle_study(
         mdp = four_rooms(variant)
         P = mdp.P
         task_names = _tasks_for(variant, tasks)
+        optimal = {t: task_optimal_plan(mdp, t, gamma) for t in task_names}  # one reference per task
         for L in num_goals_list:
             goals = make_goals(mdp, goal_type, int(L), seed)
             Q, V = solve_goal_q(P, goals.rewards, gamma, goals.terminal)
@@ -160,7 +164,9 @@ def oracle_study(
                     P_hat = extract(Q, M, method, **method_options(method, P, seed))
                     base[mk.FIT_SECONDS] = time.perf_counter() - t0
                     base.update(score_p(P_hat, P))
-                    plans = [run_safety_task(mdp, P_hat, t, gamma) for t in task_names] or [{}]
+                    plans = [
+                        run_safety_task(mdp, P_hat, t, gamma, optimal_policy=optimal[t]) for t in task_names
+                    ] or [{}]
                 except Exception as e:  # one failing method must not sink the study
                     base[mk.ERROR] = f"{type(e).__name__}: {e}"
                     plans = [{mk.TASK: t} for t in task_names] or [{}]

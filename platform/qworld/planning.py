@@ -101,6 +101,18 @@ def _absorb(T: np.ndarray, start: np.ndarray, goal: np.ndarray, forb: np.ndarray
     return success, unsafe, steps
 
 
+def optimal_plan(P_true: np.ndarray, goal_states, forbidden, gamma: float) -> np.ndarray:
+    """The reference plan: reward 1 on reaching a goal state (terminal), forbidden states catastrophic.
+
+    Returns:
+        ``policy[S, A]`` one-hot, planned in ``P_true``.
+    """
+    S = np.asarray(P_true).shape[0]
+    goal = np.zeros(S, dtype=bool)
+    goal[_state_list(goal_states, S, "goal_states")] = True
+    return plan(P_true, goal.astype(np.float64), gamma, forbidden=forbidden, terminal=goal)
+
+
 def evaluate_plan(
     P_true: np.ndarray,
     policy: np.ndarray,
@@ -109,6 +121,7 @@ def evaluate_plan(
     start_states: int | Sequence[int],
     gamma: float,
     horizon: int = DEFAULT_HORIZON,
+    optimal_policy: np.ndarray | None = None,
 ) -> dict:
     """Exact outcome of running ``policy`` in the true MDP, against the optimal constrained plan.
 
@@ -122,6 +135,8 @@ def evaluate_plan(
         start_states: one state or several.
         gamma: discount of the reference optimal plan (computed in ``P_true``).
         horizon: steps per episode.
+        optimal_policy: ``[S, A]`` the optimal plan in ``P_true`` under these constraints, if
+            already known (:func:`optimal_plan`); saves re-planning when many models are scored.
 
     Returns:
         dict: ``plan_success`` (probability of reaching a goal state before any forbidden
@@ -154,8 +169,9 @@ def evaluate_plan(
         return float(success.mean()), float(unsafe.mean()), float(mean_steps)
 
     success, unsafe, steps = outcome(policy)
-    optimal = plan(P_true, goal.astype(np.float64), gamma, forbidden=np.flatnonzero(forb), terminal=goal)
-    _, _, optimal_steps = outcome(optimal)
+    if optimal_policy is None:
+        optimal_policy = optimal_plan(P_true, np.flatnonzero(goal), np.flatnonzero(forb), gamma)
+    _, _, optimal_steps = outcome(np.asarray(optimal_policy, dtype=np.float64))
     return {
         metrics.PLAN_SUCCESS: success,
         metrics.UNSAFE_VISITS: unsafe,
@@ -247,7 +263,12 @@ def task_states(mdp, task_name: str) -> dict:
 
 
 def run_safety_task(
-    mdp_true, P_model: np.ndarray, task_name: str, gamma: float = 0.99, horizon: int = DEFAULT_HORIZON
+    mdp_true,
+    P_model: np.ndarray,
+    task_name: str,
+    gamma: float = 0.99,
+    horizon: int = DEFAULT_HORIZON,
+    optimal_policy: np.ndarray | None = None,
 ) -> dict:
     """Plan a named safety task inside ``P_model`` and evaluate the plan in ``mdp_true``.
 
@@ -257,6 +278,8 @@ def run_safety_task(
         task_name: a key of ``SAFETY_TASKS``.
         gamma: planning discount.
         horizon: evaluation horizon.
+        optimal_policy: the task's optimal plan in ``mdp_true`` if already computed
+            (:func:`task_optimal_plan`), to score many models against one reference.
 
     Returns:
         ``{"task": task_name}`` plus the keys of :func:`evaluate_plan`.
@@ -266,5 +289,13 @@ def run_safety_task(
     reward = np.zeros(S)
     reward[st["goal"]] = 1.0
     policy = plan(P_model, reward, gamma, forbidden=st["forbidden"], terminal=[st["goal"]])
-    out = evaluate_plan(mdp_true.P, policy, [st["goal"]], st["forbidden"], st["start"], gamma, horizon)
+    out = evaluate_plan(
+        mdp_true.P, policy, [st["goal"]], st["forbidden"], st["start"], gamma, horizon, optimal_policy
+    )
     return {metrics.TASK: task_name, **out}
+
+
+def task_optimal_plan(mdp_true, task_name: str, gamma: float = 0.99) -> np.ndarray:
+    """``policy[S, A]``: the optimal plan of a named safety task in the true MDP."""
+    st = task_states(mdp_true, task_name)
+    return optimal_plan(mdp_true.P, [st["goal"]], st["forbidden"], gamma)

@@ -52,6 +52,8 @@ class PLearnConfig:
     smooth: float | None = None  # sigmoid temperature replacing the sparse indicator in m_g; None: exact
     all_goals: bool = True  # residuals of all L goals per (s, a) (q_fn(states, None) -> [B, L, A]); False: one random goal
     num_samples: int = 8  # K, samples per (s, a) for the stochastic sampler
+    double_sample: bool = True  # sampler + l2: (mean_K/2 m - Q)(mean_K/2' m - Q) over two independent halves,
+    #   an unbiased estimate of (E m - Q)^2; (mean_K m - Q)^2 adds Var(m)/K and shrinks the noise
     init_std: float = 0.1  # sampler: initial sigma, as a fraction of delta_scale
     seed: int = 0  # model init and sampling
     log_every: int = 0  # record the loss every this many steps (0: only the last)
@@ -95,12 +97,12 @@ class SuccessorNet(nn.Module):
         hidden, layers: MLP size (tanh).
         delta_scale: ``[d]`` output scale; None = ``(high - low) / 20``.
         init_scale: multiplier of the last layer's initial weights.
-        out_factor: outputs per state dim (1 here; 2 for the sampler's mean and log-scale).
+        out_dim: network outputs (default d; the sampler adds its scale outputs).
     """
 
     def __init__(self, low: Sequence[float], high: Sequence[float], periodic: Sequence[bool], num_actions: int,
                  hidden: int = 256, layers: int = 2, delta_scale: Sequence[float] | None = None,
-                 init_scale: float = 1e-3, out_factor: int = 1):
+                 init_scale: float = 1e-3, out_dim: int | None = None):
         super().__init__()
         d = len(low)
         low_t = torch.as_tensor(low, dtype=torch.float32)
@@ -118,7 +120,7 @@ class SuccessorNet(nn.Module):
         for _ in range(layers):
             mods += [nn.Linear(width, hidden), nn.Tanh()]
             width = hidden
-        last = nn.Linear(width, d * out_factor)
+        last = nn.Linear(width, out_dim or d)
         with torch.no_grad():
             last.weight.mul_(init_scale)
             last.bias.zero_()
@@ -147,29 +149,53 @@ class SuccessorNet(nn.Module):
 
 
 class GaussianSuccessor(SuccessorNet):
-    """Stochastic world model ``s' = s + mu(s, a) + sigma(s, a) * eps``, eps ~ N(0, I).
+    """Stochastic world model ``s' = s + mu(s, a) + S(s, a) eps``, eps ~ N(0, I_d).
 
-    ``mu = delta_scale * head_mu``; ``sigma = delta_scale * init_std * exp(head_logsig)``
-    (both heads start near 0, so sigma starts at ``init_std * delta_scale``).
+    ``mu = delta_scale * head_mu``; the scale ``S`` is lower-triangular (full covariance
+    ``S S^T``, so noise shared by several dims, e.g. MountainCar's ``p' = p + v'``, is
+    representable): ``S = init_std * diag(delta_scale) M`` with ``M`` lower-triangular,
+    ``M_jj = exp(head_jj)``, ``M_jk = head_jk`` (j > k). Both heads start near 0, so
+    ``S`` starts at ``init_std * diag(delta_scale)``. ``diagonal=True`` keeps ``M``
+    diagonal (independent noise per dim).
     """
 
-    def __init__(self, *args: Any, init_std: float = 0.1, **kwargs: Any):
-        super().__init__(*args, out_factor=2, **kwargs)
-        self.log_init_std = math.log(init_std)
+    def __init__(self, low: Sequence[float], *args: Any, init_std: float = 0.1, diagonal: bool = False, **kwargs: Any):
+        d = len(low)
+        n_off = 0 if diagonal else d * (d - 1) // 2
+        # outputs: d mean, d log-diagonal, n_off off-diagonal entries of M
+        super().__init__(low, *args, out_dim=2 * d + n_off, **kwargs)
+        self.init_std = float(init_std)
+        self.diagonal = diagonal
+        rows, cols = torch.tril_indices(d, d, offset=-1)
+        self.register_buffer("_off_rows", rows)
+        self.register_buffer("_off_cols", cols)
+
+    def _mu_scale(self, states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self.raw(states, actions)
+        d = self.state_dim
+        mu = raw[:, :d] * self.delta_scale
+        M = torch.diag_embed(torch.exp(raw[:, d : 2 * d]))
+        if not self.diagonal and d > 1:
+            M = M.index_put((torch.arange(len(raw), device=raw.device)[:, None], self._off_rows[None], self._off_cols[None]),
+                            raw[:, 2 * d :])
+        S = self.init_std * self.delta_scale[:, None] * M  # [B, d, d]
+        return mu, S
+
+    def scale_tril(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """``[B, d, d]`` lower-triangular S with ``Cov(s') = S S^T``."""
+        return self._mu_scale(states, actions)[1]
 
     def std(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """``[B, d]`` predicted per-dim standard deviation of s'."""
-        raw = self.raw(states, actions)[:, self.state_dim :]
-        return self.delta_scale * torch.exp(self.log_init_std + raw)
+        """``[B, d]`` predicted marginal standard deviation of each dim of s'."""
+        return self.scale_tril(states, actions).norm(dim=-1)
 
     def sample(self, states: torch.Tensor, actions: torch.Tensor, num_samples: int,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """``[K, B, d]`` reparameterised next-state samples."""
-        raw = self.raw(states, actions)
-        mu = raw[:, : self.state_dim] * self.delta_scale
-        sigma = self.delta_scale * torch.exp(self.log_init_std + raw[:, self.state_dim :])
+        mu, S = self._mu_scale(states, actions)
         eps = torch.randn(num_samples, *mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
-        nxt = states.to(mu.dtype)[None] + mu[None] + sigma[None] * eps
+        noise = torch.einsum("bij,kbj->kbi", S, eps)
+        nxt = states.to(mu.dtype)[None] + mu[None] + noise
         return _wrap(nxt, self.periodic)
 
 
@@ -301,11 +327,16 @@ def p_learn(
             nxt = model.sample(s, a, cfg.num_samples, gen)  # [K, B, d]
             g_rep = None if g is None else g.repeat(cfg.num_samples)
             m = m_values(q_fn, goals, nxt.reshape(-1, nxt.shape[-1]), g_rep, gamma, cfg.smooth)
-            m = m.reshape(cfg.num_samples, *target.shape).mean(0)
+            m = m.reshape(cfg.num_samples, *target.shape).float()
+            if cfg.loss == "l2" and cfg.double_sample and cfg.num_samples >= 2:
+                half = cfg.num_samples // 2
+                loss = ((m[:half].mean(0) - target) * (m[half : 2 * half].mean(0) - target)).mean()
+            else:
+                resid = m.mean(0) - target
+                loss = resid.abs().mean() if cfg.loss == "l1" else resid.square().mean()
         else:
-            m = m_values(q_fn, goals, model(s, a), g, gamma, cfg.smooth)
-        resid = m.float() - target
-        loss = resid.abs().mean() if cfg.loss == "l1" else resid.square().mean()
+            resid = m_values(q_fn, goals, model(s, a), g, gamma, cfg.smooth).float() - target
+            loss = resid.abs().mean() if cfg.loss == "l1" else resid.square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -274,6 +274,20 @@ class PQNTorchLearner(TorchLearner):
         self.metrics.log_value((module_id, TARGET_MEAN_KEY), rows[TARGETS].mean().item(), window=1)
         self.metrics.log_value((module_id, NUM_TRAIN_ROWS_KEY), M, window=1)
 
+    @override(TorchLearner)
+    def apply_gradients(self, gradients_dict: Dict[Any, torch.Tensor]) -> None:
+        """Set the (clipped) gradients and step every optimizer.
+
+        Unlike ``TorchLearner.apply_gradients`` there is no per-parameter ``isfinite``
+        test (two device syncs per parameter and step, ~7% of a CPU update); as in PQN's
+        reference code a non-finite gradient is not special-cased.
+        """
+        for pid, grad in gradients_dict.items():
+            self._params[pid].grad = grad
+        for optimizer_names in self._module_optimizers.values():
+            for optimizer_name in optimizer_names:
+                self._named_optimizers[optimizer_name].step()
+
     @override(Learner)
     def compute_loss_for_module(
         self,

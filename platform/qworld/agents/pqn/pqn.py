@@ -525,10 +525,21 @@ class PQN(Algorithm):
         return path
 
     def q_function(self):
-        """The live learner module as a :class:`qworld.agents.QFunction` (local learner only)."""
+        """The learner's current Q-network as a :class:`qworld.agents.QFunction`.
+
+        With a local learner this is the live module (no copy); with remote learners, a
+        CPU copy built from the learner group's weights.
+        """
         from qworld.agents import QFunction
 
-        module = self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+        if self.learner_group.is_local:
+            module = self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+        else:
+            state = self.learner_group.get_state(
+                components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}"
+            )[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
+            module = self.config.get_rl_module_spec(spaces=self.env_runner_group.get_spaces()).build()
+            module.set_state(state)
         cfg = self.config.qworld_config()
         cfg[M.ENV_STEPS] = self.env_steps_sampled()
         return QFunction(module, cfg)

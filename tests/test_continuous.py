@@ -1,0 +1,310 @@
+"""Continuous envs (MountainCar, toy Reacher, MuJoCo Reacher), grid ground truth,
+P-learning of a successor network from ground-truth Q, and planning on unseen goals."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+import qworld_envs  # noqa: F401 - registers the qworld/ ids
+from qworld import metrics as K
+from qworld.planning_continuous import UNSEEN_GOAL_TASKS, evaluate_unseen_goal
+from qworld.plearn.continuous import (
+    GaussianSuccessor,
+    PLearnConfig,
+    SuccessorNet,
+    m_values,
+    p_learn,
+    score_successor,
+    score_task_model,
+)
+from qworld.plearn.grid import Grid, GridQ, grid_q, grid_q_for_task
+from qworld_envs.batched import has_batched, make_batched
+from qworld_envs.continuous import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, make_continuous_task
+from qworld_envs.mountain_car import mountain_car_step
+from qworld_envs.mujoco_reacher import mujoco_reacher_step
+from qworld_envs.reacher import fingertip, reacher_step
+
+torch.set_num_threads(1)
+GAMMA = 0.99
+
+
+@pytest.fixture(scope="module")
+def mc_task():
+    return make_continuous_task(MOUNTAIN_CAR_ID)
+
+
+@pytest.fixture(scope="module")
+def mc_grid_q(mc_task):
+    Q, grid = grid_q_for_task(mc_task, (200, 200), GAMMA)
+    return Q, grid
+
+
+# --------------------------------------------------------------------------------------
+# envs
+# --------------------------------------------------------------------------------------
+def test_mountain_car_step_matches_gymnasium():
+    env = gymnasium.make("MountainCar-v0").unwrapped
+    rng = np.random.default_rng(0)
+    n = 3000
+    states = np.stack([rng.uniform(-1.2, 0.6, n), rng.uniform(-0.07, 0.07, n)], 1)
+    states[:30, 0], states[30:60, 0] = -1.2, 0.6  # both walls
+    states[60:90, 1], states[90:120, 1] = 0.07, -0.07  # both speed limits
+    states[120:150] = [-1.19, -0.05]  # hits the left wall moving left: v set to 0
+    actions = rng.integers(0, 3, n)
+    ref = np.empty_like(states)
+    for i in range(n):
+        env.state = states[i].copy()
+        env.step(int(actions[i]))
+        ref[i] = env.state
+    out = mountain_car_step(torch.as_tensor(states), torch.as_tensor(actions)).numpy()
+    # torch.cos and math.cos may differ in the last bit of a few results
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-15)
+    assert (out[120:150, 1] == 0).all() and (out[120:150, 0] == -1.2).all()
+
+    # whole episodes from gymnasium's own reset agree too
+    for seed in range(3):
+        obs, _ = env.reset(seed=seed)
+        s = torch.as_tensor(np.asarray(env.state, dtype=np.float64))[None]
+        for t in range(200):
+            a = int(rng.integers(3))
+            env.step(a)
+            s = mountain_car_step(s, torch.tensor([a]))
+            np.testing.assert_allclose(s[0].numpy(), np.asarray(env.state, dtype=np.float64), rtol=0, atol=1e-12)
+
+
+def test_reacher_step_and_fingertip():
+    s = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.pi - 0.01, 0.0, 1.0, 0.0], [0.0, 0.0, 2.99, -2.99]], dtype=torch.float64)
+    a = torch.tensor([8, 4, 8])  # (+1, +1), (0, 0), (+1, +1)
+    s2 = reacher_step(s, a)
+    np.testing.assert_allclose(s2[0].numpy(), [0.0025, 0.0025, 0.05, 0.05], atol=1e-15)
+    assert -math.pi <= s2[1, 0] < -math.pi + 0.05  # wrapped
+    assert s2[2, 2] == 3.0 and s2[2, 3] == pytest.approx(-2.94)  # clipped at max_speed 3
+    np.testing.assert_allclose(fingertip(s)[0].numpy(), [2.0, 0.0], atol=1e-12)
+
+
+@pytest.mark.parametrize("env_id", [MOUNTAIN_CAR_ID, REACHER_ID, MUJOCO_REACHER_ID])
+def test_check_env(env_id):
+    env = gymnasium.make(env_id)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*infinity.*")  # MuJoCo's velocities are unbounded
+        check_env(env.unwrapped, skip_render_check=True)
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    obs, r, term, trunc, info = env.step(0)
+    L = env.unwrapped.num_goals
+    assert info["rewards"].shape == (L,) and info["terminals"].shape == (L,)
+    assert r == info["rewards"][info["goal"]] and term == info["terminals"][info["goal"]]
+    env.close()
+
+
+def test_mountain_car_goals_episode_end(mc_task):
+    goals = mc_task.goals
+    np.testing.assert_allclose(goals.centers[:, 0].numpy(), np.linspace(-1.2, 0.6, 4))
+    env = gymnasium.make(MOUNTAIN_CAR_ID)
+    # goal 3 (p = 0.6) is reached from (0.45, 0.06): sparse reward 1, terminated
+    obs, _ = env.reset(seed=0, options={"goal": 3, "state": [0.45, 0.06]})
+    obs, r, term, trunc, info = env.step(2)
+    assert r == 1.0 and term and info["success"] and info["terminals"][3]
+    # no termination at p = 0.5 for another goal, and truncation at 200 steps
+    env.reset(seed=0, options={"goal": 0, "state": [-0.5, 0.0]})
+    steps = 0
+    term = trunc = False
+    while not (term or trunc):
+        _, _, term, trunc, _ = env.step(1)
+        steps += 1
+    assert trunc and not term and steps == 200
+    # velocity / gaussian variants: documented scales, gaussian never terminates
+    vel = make_continuous_task(MOUNTAIN_CAR_ID, goal_type="velocity", reward="gaussian")
+    assert vel.goals.threshold == 0.01 and vel.goals.sigma[0] == pytest.approx(0.1 * 0.14 / 1.8)
+    r, done = vel.goals.rewards_terminals(torch.tensor([[0.0, 0.07]], dtype=torch.float64))
+    assert r[0, 3] == pytest.approx(1.0) and not done.any()
+    with pytest.raises(TypeError):
+        make_continuous_task(MOUNTAIN_CAR_ID, bogus=1)
+
+
+@pytest.mark.parametrize("env_id", [MOUNTAIN_CAR_ID, REACHER_ID])
+def test_batched_matches_gym_env(env_id):
+    assert has_batched(env_id) and not has_batched(MUJOCO_REACHER_ID)
+    n = 6
+    benv = make_batched(env_id, n, seed=0)
+    out = benv.reset(seed=1)
+    assert out["obs"].shape == (n, benv.obs_dim) and benv.goal_features.shape == (benv.num_goals, benv.goal_dim)
+    start, goal = benv.state.clone(), benv.goal.clone()
+    gym_envs = [gymnasium.make(env_id) for _ in range(n)]
+    for i, e in enumerate(gym_envs):
+        obs, _ = e.reset(seed=i, options={"goal": int(goal[i]), "state": start[i].numpy()})
+        np.testing.assert_allclose(obs[: benv.obs_dim], out["obs"][i].numpy(), atol=1e-6)
+    rng = np.random.default_rng(0)
+    alive = np.ones(n, bool)
+    for _ in range(60):
+        acts = rng.integers(benv.num_actions, size=n)
+        step = benv.step(torch.as_tensor(acts))
+        for i, e in enumerate(gym_envs):
+            if not alive[i]:
+                continue
+            obs, r, term, trunc, info = e.step(int(acts[i]))
+            np.testing.assert_allclose(obs[: benv.obs_dim], step["next_obs"][i].numpy(), atol=1e-5)
+            np.testing.assert_allclose(info["rewards"], step["rewards"][i].numpy(), atol=1e-6)
+            np.testing.assert_array_equal(info["terminals"], step["terminals"][i].numpy())
+            assert (r, term, trunc) == (float(step["reward"][i]), bool(step["terminated"][i]), bool(step["truncated"][i]))
+            alive[i] = not (term or trunc)
+    with pytest.raises(ValueError):
+        make_batched(MUJOCO_REACHER_ID, 2)
+
+
+def test_batched_auto_reset_and_goal_features():
+    benv = make_batched(MOUNTAIN_CAR_ID, 64, seed=3, max_episode_steps=5)
+    benv.reset()
+    for t in range(5):
+        out = benv.step(torch.full((64,), 2))
+    assert out["truncated"].sum() + out["terminated"].sum() > 0
+    ended = out["truncated"] | out["terminated"]
+    assert (out["episode_length"][ended] > 0).all() and (out["episode_length"][~ended] == 0).all()
+    p0 = benv.state[ended, 0]
+    assert ((p0 >= -0.6) & (p0 <= -0.4)).all() and (benv.state[ended, 1] == 0).all()
+
+
+def test_mujoco_step_function_matches_env():
+    env = gymnasium.make(MUJOCO_REACHER_ID)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        s = torch.as_tensor(env.unwrapped._state)[None]
+        a = int(rng.integers(9))
+        _, _, term, trunc, info = env.step(a)
+        pred = mujoco_reacher_step(s, torch.tensor([a]))[0].numpy()
+        np.testing.assert_allclose(pred, info["state"], atol=1e-6)
+        if term or trunc:
+            env.reset()
+    tip = make_continuous_task(MUJOCO_REACHER_ID).goals.feature_fn(torch.as_tensor(info["state"])[None])[0]
+    # MuJoCo's body positions are from the kinematics at the start of the last substep: close, not equal
+    np.testing.assert_allclose(tip.numpy(), env.unwrapped._raw.get_body_com("fingertip")[:2], atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# grid ground truth
+# --------------------------------------------------------------------------------------
+def test_grid_interpolation_linear_periodic_and_gradient():
+    grid = Grid((-1.0, -math.pi), (2.0, math.pi), (7, 12), (False, True))
+    pts = grid.points()
+    table = (3 * pts[:, :1] - 2.0)  # linear in the non-periodic dim: reproduced exactly
+    s = torch.tensor([[0.123, 0.4], [1.9, -3.1], [-0.7, 3.14]], dtype=torch.float64, requires_grad=True)
+    val = grid.interpolate(table, s)
+    np.testing.assert_allclose(val[:, 0].detach().numpy(), 3 * s[:, 0].detach().numpy() - 2, atol=1e-12)
+    val.sum().backward()
+    np.testing.assert_allclose(s.grad[:, 0].numpy(), 3.0, atol=1e-12)
+    # periodic: theta and theta + 2 pi interpolate alike
+    t2 = torch.randn(grid.size, 3, dtype=torch.float64)
+    q = torch.tensor([[0.5, 3.0]], dtype=torch.float64)
+    np.testing.assert_allclose(grid.interpolate(t2, q).numpy(), grid.interpolate(t2, q + torch.tensor([0.0, 2 * math.pi])).numpy(), atol=1e-12)
+
+
+def test_grid_q_bellman_equation(mc_task, mc_grid_q):
+    Q, grid = mc_grid_q
+    assert Q.shape == (4, 200, 200, 3) and float(Q.max()) <= 1.0 + 1e-6
+    q = GridQ(Q.double(), grid)
+    pts = grid.points()
+    dyn, goals = mc_task.dynamics, mc_task.goals
+    for a in range(3):
+        s2 = dyn.step_fn(pts, torch.full((len(pts),), a), None)
+        m = m_values(q, goals, s2, None, GAMMA)  # [n, L]
+        resid = (m - Q.permute(1, 2, 0, 3).reshape(-1, 4, 3)[:, :, a].double()).abs()
+        # exact up to interpolating max_a Q instead of the grid's max_a Q: small, sparse
+        assert float(resid.mean()) < 1e-4 and float(resid.max()) < 0.01
+    # Q of the greedy policy of Q* is Q* again; a fixed policy satisfies its own equation
+    greedy = Q.argmax(-1)
+    Q_pi = grid_q(lambda s, a: dyn.step_fn(s, a, None), grid, lambda s: goals.rewards_terminals(s)[0],
+                  lambda s: goals.rewards_terminals(s)[1], GAMMA, policy=greedy, num_actions=3)
+    assert float((Q_pi - Q).abs().max()) < 1e-3
+    right = torch.full((4, 200, 200), 2)
+    info = {}
+    Q_r = grid_q(lambda s, a: dyn.step_fn(s, a, None), grid, lambda s: goals.rewards_terminals(s)[0],
+                 lambda s: goals.rewards_terminals(s)[1], GAMMA, policy=right, num_actions=3, info=info)
+    assert info["residual"] < 1e-6 and bool((Q_r <= Q + 1e-5).all())
+    s2 = dyn.step_fn(pts, torch.full((len(pts),), 0), None)
+    r, done = goals.rewards_terminals(s2)
+    v_right = GridQ(Q_r.double(), grid)(s2)[..., 2]  # [n, L]
+    lhs = Q_r.permute(1, 2, 0, 3).reshape(-1, 4, 3)[:, :, 0].double()
+    np.testing.assert_allclose(lhs.numpy(), (r + GAMMA * (~done) * v_right).numpy(), atol=1e-4)
+
+
+def test_grid_q_stochastic_branches_and_gridq_goal_index(mc_grid_q):
+    Q, grid = mc_grid_q
+    q = GridQ(Q, grid)
+    s = torch.tensor([[-0.5, 0.0], [0.3, 0.02]], dtype=torch.float64)
+    full = q(s)
+    np.testing.assert_allclose(q(s, 2).numpy(), full[:, 2].numpy())
+    np.testing.assert_allclose(q(s, torch.tensor([1, 3])).numpy(), full[[0, 1], [1, 3]].numpy())
+    noisy = make_continuous_task(MOUNTAIN_CAR_ID, action_noise=1.0)
+    nxt, w = noisy.dynamics.branches(s, torch.tensor([2, 2]), 5)
+    assert nxt.shape == (5, 2, 2) and float(w.sum()) == pytest.approx(1.0)
+    mean_v = (w[:, None] * nxt[..., 1]).sum(0)
+    det = mountain_car_step(s, torch.tensor([2, 2]))
+    np.testing.assert_allclose(mean_v.numpy(), det[:, 1].numpy(), atol=1e-12)  # noise is symmetric, no clipping here
+
+
+# --------------------------------------------------------------------------------------
+# P-learning
+# --------------------------------------------------------------------------------------
+def _interior_states(n: int, seed: int = 1) -> torch.Tensor:
+    """MountainCar states away from the walls (p in [-1.1, 0.5]): no position clipping."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, 2, generator=gen, dtype=torch.float64)
+    return u * torch.tensor([1.6, 0.14], dtype=torch.float64) + torch.tensor([-1.1, -0.07], dtype=torch.float64)
+
+
+def test_successor_net_starts_at_identity():
+    net = SuccessorNet((-1.0, -math.pi), (1.0, math.pi), (False, True), 3)
+    s = torch.tensor([[0.2, 3.1], [-0.5, -3.1]])
+    out = net(s, torch.tensor([0, 2]))
+    assert float((out - s).detach().abs().max()) < 1e-2
+    samp = GaussianSuccessor((-1.0, -1.0), (1.0, 1.0), (False, False), 3, init_std=0.1)
+    x = samp.sample(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), 5)
+    assert x.shape == (5, 4, 2) and samp.scale_tril(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)).shape == (4, 2, 2)
+
+
+def test_p_learning_recovers_mountain_car_dynamics(mc_task, mc_grid_q):
+    Q, grid = mc_grid_q
+    q = GridQ(Q.float(), grid)
+    cfg = PLearnConfig(steps=600, batch_size=256, lr=2e-3, seed=0)
+    fit = p_learn(q, mc_task, GAMMA, cfg)
+    scores = score_task_model(fit.step_fn(), mc_task, states=_interior_states(4096))
+    dv = f"{K.WM_DELTA_NMSE}_v"
+    assert scores[dv] < 0.5 * scores[f"{K.BASELINE_NO_FORCE}/{dv}"]
+    assert scores[dv] < 0.5 * scores[f"{K.BASELINE_IDENTITY}/{dv}"]
+    assert scores[K.WM_NMSE] < scores[f"{K.BASELINE_IDENTITY}/{K.WM_NMSE}"]
+
+
+def test_score_successor_keys_and_perfect_model(mc_task):
+    dyn = mc_task.dynamics
+    s = _interior_states(512)
+    a = torch.randint(3, (512,), generator=torch.Generator().manual_seed(0))
+    true = lambda x, u: dyn.step_fn(x, u, None)  # noqa: E731
+    out = score_successor(true, true, s, a, no_force_fn=dyn.no_force_fn, state_names=dyn.state_names)
+    assert out[K.WM_NMSE] == 0 and out[f"{K.WM_DELTA_NMSE}_v"] == 0
+    assert out[f"{K.BASELINE_IDENTITY}/{K.WM_DELTA_NMSE}_v"] > 0.9
+    assert 0 < out[f"{K.BASELINE_NO_FORCE}/{K.WM_DELTA_NMSE}_v"] < 1
+
+
+# --------------------------------------------------------------------------------------
+# planning on unseen goals
+# --------------------------------------------------------------------------------------
+def test_unseen_goal_return_ratio(mc_task):
+    assert set(UNSEEN_GOAL_TASKS[MOUNTAIN_CAR_ID]) == {"fast_car", "gentle_car", "shortest_path"}
+    assert set(UNSEEN_GOAL_TASKS[REACHER_ID]) == {"far_fingertip", "target_angle", "target_velocity"}
+    dyn = mc_task.dynamics
+    true = evaluate_unseen_goal(mc_task, "fast_car", lambda s, a: dyn.step_fn(s, a, None), num_resets=128)
+    assert true[K.RETURN_RATIO] == pytest.approx(1.0)
+    assert 0.3 < true[K.RETURN_STAR] < 0.6 and true[K.PLAN_SUCCESS] == 1.0  # paper: R* = 0.436
+    wrong = evaluate_unseen_goal(mc_task, "fast_car", dyn.no_force_fn, num_resets=128)
+    assert wrong[K.RETURN_RATIO] < 0.5
+    # a model with the push reversed plans badly too
+    flipped = evaluate_unseen_goal(mc_task, "shortest_path", lambda s, a: dyn.step_fn(s, 2 - a, None), num_resets=128)
+    assert flipped[K.RETURN_RATIO] < 0.9
