@@ -6,7 +6,7 @@ layout ``qworld sweep`` writes (``sweep.yaml``; Tune trial dirs ``PQN_*`` holdin
 writes them, without it) and ``checkpoint_00000k`` dirs; ``worldmodels.parquet`` written with
 ``qworld.sweep.store.write_rows``), so the loader is checked without training anything.
 
-The last test, ``test_load_real_smoke_sweep`` (marked ``ray``: about 100 s on 2 busy cores,
+The last test, ``test_load_real_smoke_sweep`` (marked ``ray``: about 60 s on 2 busy cores,
 deselect with ``-m "not ray"``), runs a REAL smoke sweep
 (``python -m qworld.cli sweep tune_configs/smoke.yaml``, PQN on Ray) in a module fixture and
 checks ``load()`` against it: row count = grid cells x checkpoints x methods.

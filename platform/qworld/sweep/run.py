@@ -257,14 +257,16 @@ def list_checkpoints(experiment_dir: str | Path) -> list[tuple[str, str, int | N
     """(trial_id, checkpoint path, env steps at that checkpoint) for every checkpoint."""
     out = []
     for trial_id, trial_dir in list_trials(experiment_dir):
-        steps_at = {}
-        with (trial_dir / "result.json").open() as fh:
-            for line in fh:
-                if line.strip():
-                    row = json.loads(line)
-                    if row.get("checkpoint_dir_name"):
-                        steps_at[row["checkpoint_dir_name"]] = row.get(K.TRAIN_ENV_STEPS)
         for ckpt in sorted(trial_dir.glob("checkpoint_*")):
             if ckpt.is_dir():
-                out.append((trial_id, str(ckpt), steps_at.get(ckpt.name)))
+                out.append((trial_id, str(ckpt), _checkpoint_env_steps(ckpt)))
     return out
+
+
+def _checkpoint_env_steps(ckpt: Path) -> int | None:
+    """PQN writes its env-step count into every checkpoint (Tune's result.json does not
+    say which iteration a checkpoint belongs to)."""
+    try:
+        return json.loads((ckpt / "qworld_config.json").read_text()).get(K.ENV_STEPS)
+    except (OSError, ValueError):
+        return None
