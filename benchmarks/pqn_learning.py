@@ -140,7 +140,7 @@ def main() -> None:
     p.add_argument("--num-envs", type=int, default=256)
     p.add_argument("--rollout-length", type=int, default=64)
     p.add_argument("--minibatch-size", type=int, default=256)
-    p.add_argument("--num-epochs", type=int, default=1)
+    p.add_argument("--num-epochs", type=int, default=2)
     p.add_argument("--hidden-sizes", type=int, nargs="+", default=[256, 256])
     p.add_argument("--q-output", default="sigmoid", choices=["linear", "sigmoid"])
     p.add_argument("--lr", type=float, default=1e-3)

@@ -157,6 +157,41 @@ def test_q_lambda_targets_rejects_mismatched_shapes():
         q_lambda_targets(torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(3, 3), 0.9, 0.0)
 
 
+def test_all_goals_lambda_traces_follow_only_greedy_actions_of_each_goal():
+    """lambda=1: goal g's target chains on only while the next action is greedy for g."""
+    module = _tiny_module(tiny_config())
+    gen = torch.Generator().manual_seed(1)
+    T, N, S, L = 6, 4, 15, 15
+    states = torch.randint(S, (T + 1, N), generator=gen)
+    eye = torch.eye(S)
+    terminals = torch.rand(T, N, L, generator=gen) < 0.1
+    ro = {
+        R.OBS: eye[states[:-1]],
+        R.NEXT_OBS: eye[states[1:]],
+        R.ACTIONS: torch.randint(4, (T, N), generator=gen),
+        R.GOAL: torch.zeros(T, N, dtype=torch.long),
+        R.REWARDS: terminals.float(),
+        R.TERMINALS: terminals,
+        R.REWARD: terminals[..., 0].float(),
+        R.TERMINATED: terminals[..., 0],
+        R.TRUNCATED: torch.zeros(T, N, dtype=torch.bool),
+    }
+    g = 0.9
+    rows = build_train_rows(module, ro, gamma=g, lam=1.0)
+    tgt = rows["targets"].reshape(T, N, L)
+    with torch.no_grad():
+        q_next = module.q_all_goals(ro[R.NEXT_OBS].reshape(T * N, S)).reshape(T, N, L, 4)
+    nq, greedy = q_next.max(-1)
+    one_step = ro[R.REWARDS] + g * (~terminals).float() * nq
+    for t in range(T):
+        for n in range(N):
+            for k in range(L):
+                ended = bool(ro[R.TERMINATED][t, n])
+                chain = t < T - 1 and not ended and int(ro[R.ACTIONS][t + 1, n]) == int(greedy[t, n, k])
+                want = (ro[R.REWARDS][t, n, k] + g * (~terminals[t, n, k]).float() * tgt[t + 1, n, k]) if chain else one_step[t, n, k]
+                torch.testing.assert_close(tgt[t, n, k], want)
+
+
 # ------------------------------------------------------------------ HER relabelling
 def test_her_future_picks_goals_achieved_later_in_the_same_episode():
     T, N, L = 4, 1, 3

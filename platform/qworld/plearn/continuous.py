@@ -291,11 +291,12 @@ def p_learn(
     """
     cfg = config or PLearnConfig()
     dyn, goals = task.dynamics, task.goals
-    torch.manual_seed(cfg.seed)
     cls = GaussianSuccessor if stochastic else SuccessorNet
     extra = {"init_std": cfg.init_std} if stochastic else {}
-    model = cls(dyn.low, dyn.high, dyn.periodic, dyn.num_actions, hidden=cfg.hidden, layers=cfg.layers,
-                delta_scale=cfg.delta_scale, init_scale=cfg.init_scale, **extra).to(device)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG
+        torch.manual_seed(cfg.seed)
+        model = cls(dyn.low, dyn.high, dyn.periodic, dyn.num_actions, hidden=cfg.hidden, layers=cfg.layers,
+                    delta_scale=cfg.delta_scale, init_scale=cfg.init_scale, **extra).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     gen = torch.Generator(device=device)
@@ -492,8 +493,9 @@ def score_checkpoint_continuous(qfun: Any, config: Mapping[str, Any], base: Mapp
         base: columns every row carries.
         methods: subset of ``METHODS``.
         tasks: unseen-goal task names of ``UNSEEN_GOAL_TASKS[env_id]``.
-        options: per method, ``PLearnConfig`` fields plus ``grid_shape`` (planning grid),
-            ``num_resets``; under the key ``"q_nmse"``: ``grid_shape`` (0 / None skips it).
+        options: per method, ``PLearnConfig`` fields (the sampler defaults to ``loss="l2"``)
+            plus ``grid_shape`` (planning grid) and ``num_resets``; under the key
+            ``"q_nmse"``: ``grid_shape`` (0 / None skips the Q NMSE).
 
     Returns:
         One dict per method (its ``error`` column set if it failed).
@@ -540,6 +542,8 @@ def score_checkpoint_continuous(qfun: Any, config: Mapping[str, Any], base: Mapp
             opts = dict(options.get(method, {}))
             grid_shape = opts.pop("grid_shape", None)
             num_resets = int(opts.pop("num_resets", 512))
+            if method == "sampler":
+                opts.setdefault("loss", "l2")  # the double-sampled square is unbiased; L1 shrinks the noise
             cfg = PLearnConfig.from_options(opts)
             fit = p_learn(q_fn, task, gamma, cfg, stochastic=(method == "sampler"))
             row[K.FIT_SECONDS] = fit.seconds

@@ -276,6 +276,10 @@ def grid_q(
             R.append((a, wk * r))
             C.append((a, wk * gamma * (~done).to(dtype)))
             nbytes += idx.numel() * 8 + w.numel() * w.element_size() + 2 * r.numel() * r.element_size()
+    earned = torch.stack([r.abs().amax(0) for _, r in R]).amax(0)  # [L]
+    if (earned == 0).any():
+        warnings.warn(f"goals {torch.nonzero(earned == 0).flatten().tolist()} pay no reward at any grid point's "
+                      f"successor: the grid {grid.shape} is too coarse for them (their Q is 0)", stacklevel=2)
     probs = None if policy is None else _policy_probs(policy, points, L, A, dtype)  # [n, L, A]
 
     V = torch.zeros(n, L, dtype=dtype, device=device)

@@ -74,3 +74,44 @@ class GridWandbCallback(WandbLoggerCallback):
         init_kwargs.update(self.kwargs)
         exclude = self._exclude_results.copy() + self.excludes + ["config"]
         self._start_logging_actor(trial, exclude, **init_kwargs)
+
+
+def log_worldmodel_runs(experiment_dir, sweep: str, project: str, group: str, mode: str) -> int:
+    """One W&B run per trial with its world-model scores: a history point per checkpoint
+    (``pinv/p_mse``, ... at step = env steps) and the full rows as a table.
+
+    Written by the driver from the results store once every checkpoint is scored, so a
+    restarted actor or a resumed sweep never logs a score twice. Returns the runs written.
+    """
+    import pandas as pd
+    import wandb
+
+    from qworld.sweep import store
+
+    rows = store.read_store(experiment_dir)
+    if rows.empty or mode == "disabled":
+        return 0
+    metric_cols = [c for c in rows.columns if c in (K.P_MSE, K.P_TV, K.P_MAX_ERR, K.Q_NMSE, K.FIT_SECONDS)
+                   or c.endswith(("/" + K.PLAN_SUCCESS, "/" + K.UNSAFE_VISITS, "/" + K.PLAN_EXCESS_STEPS))]
+    written = 0
+    for trial_id, trial_rows in rows.groupby(K.TRIAL_ID):
+        first = trial_rows.iloc[0]
+        tags = [f"{c}={first[c]}" for c in (K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS, K.HEAD, K.SEED)
+                if c in trial_rows and pd.notna(first[c])]
+        run = wandb.init(id=f"{trial_id}-worldmodel", name=f"{trial_id}-worldmodel", project=project,
+                         group=group, job_type="worldmodel", tags=tags, dir=str(experiment_dir),
+                         mode=mode, reinit="create_new",
+                         config={c: first[c] for c in K.GRID_COLUMNS if c in trial_rows})
+        for index, ckpt_rows in trial_rows.sort_values(K.CHECKPOINT_INDEX).groupby(K.CHECKPOINT_INDEX):
+            point = {K.CHECKPOINT_INDEX: int(index)}
+            for _, row in ckpt_rows.iterrows():
+                for col in metric_cols:
+                    if pd.notna(row[col]):
+                        point[f"{row[K.METHOD]}/{col}"] = float(row[col])
+            steps = ckpt_rows[K.ENV_STEPS].dropna()
+            point[K.ENV_STEPS] = int(steps.iloc[0]) if len(steps) else None
+            run.log(point)
+        run.log({"worldmodels": wandb.Table(dataframe=trial_rows.astype(str))})
+        run.finish()
+        written += 1
+    return written

@@ -227,6 +227,11 @@ def _finish(spec, experiment_dir: Path, pool, num_trials: int, num_errors: int) 
         if (trial_id, checkpoint_index(ckpt)) not in scored:
             pool.submit(trial_id, ckpt, env_steps)
     pool.drain()
+    if spec.wandb.mode != "disabled":
+        from qworld.sweep.callbacks import log_worldmodel_runs
+
+        log_worldmodel_runs(experiment_dir, spec.name, spec.wandb.project, spec.wandb_group,
+                            spec.wandb.mode)
     return SweepOutcome(experiment_dir, num_trials, num_errors, len(checkpoints),
                         len(store.scored_keys(experiment_dir)))
 

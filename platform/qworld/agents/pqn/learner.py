@@ -8,8 +8,11 @@ Per ``update`` call (one rollout, see ``rollout.py``):
    before the epochs:
    - all_goals head: every transition trains every goal, each with its own reward
      ``rewards[..., g]`` and termination ``terminals[..., g]``; the lambda chain is also
-     cut where the commanded episode ended (the env reset);
-   - goal_input head: the commanded goal (Q(lambda)) plus ``her_k`` relabelled copies
+     cut where the commanded episode ended (the env reset) and, with ``lambda_ > 0``,
+     where the next action taken is not greedy for goal g (Watkins' Q(lambda): the
+     behaviour policy follows the commanded goal, so Peng's uncut traces would bias the
+     other goals' Q towards the behaviour policy);
+   - goal_input head: the commanded goal (Peng's Q(lambda), as PQN) plus ``her_k`` relabelled copies
      per transition (1-step targets: a relabelled goal changes from step to step, so
      there is no chain to follow), ``random_goal``: uniform goals of the goal set;
      ``future``: a goal achieved later in the same episode (terminal, or positive reward,
@@ -118,8 +121,18 @@ def build_train_rows(
     mask = rollout.get(R.MASK)
     if module.head == "all_goals":
         L = module.num_goals
-        next_q_max = _chunked(lambda s: module.q_all_goals(s).amax(-1), flat_next).reshape(T, N, L)
         cut = rollout[R.TERMINATED] | rollout[R.TRUNCATED]
+        if lam > 0.0:
+            # max and argmax in one pass; argmax travels as float through the chunking
+            both = _chunked(lambda s: torch.stack([t.float() for t in module.q_all_goals(s).max(-1)], -1), flat_next)
+            next_q_max, greedy_next = both[..., 0].reshape(T, N, L), both[..., 1].long().reshape(T, N, L)
+            # Watkins-style: the behaviour follows the commanded goal, so goal g's trace
+            # continues past t only while the next action taken is greedy for g.
+            off_policy = torch.ones((T, N, L), dtype=torch.bool, device=obs.device)
+            off_policy[:-1] = rollout[R.ACTIONS][1:].unsqueeze(-1) != greedy_next[:-1]
+            cut = cut.unsqueeze(-1) | off_policy
+        else:
+            next_q_max = _chunked(lambda s: module.q_all_goals(s).amax(-1), flat_next).reshape(T, N, L)
         targets = q_lambda_targets(rollout[R.REWARDS], rollout[R.TERMINALS], cut, next_q_max, gamma, lam)
         rows = {
             Columns.OBS: obs.reshape(T * N, D),

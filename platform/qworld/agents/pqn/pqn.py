@@ -139,6 +139,7 @@ class PQNConfig(AlgorithmConfig):
         self.her_strategy: str = "future"  # "future" | "random_goal"
         # --- RLlib
         self.num_env_runners = 0
+        self.env = self.env_id  # kept in sync in validate(); names Tune trials
 
     @override(AlgorithmConfig)
     def training(
@@ -244,6 +245,8 @@ class PQNConfig(AlgorithmConfig):
             self.hidden_sizes = list(hidden_sizes)
         if env_kwargs is not NotProvided and env_kwargs is not None:
             self.env_kwargs = dict(env_kwargs)
+        if env_id is not NotProvided:
+            self.env = env_id
         return self
 
     # ------------------------------------------------------------------ derived settings
