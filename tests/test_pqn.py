@@ -285,6 +285,17 @@ def test_algorithm_restores_from_its_checkpoint(trained_fast):
         restored.stop()
 
 
+def test_same_seed_same_q(trained_fast):
+    algo, _, _ = trained_fast
+    again = tiny_config().build_algo()
+    try:
+        for _ in range(3):
+            again.train()
+        np.testing.assert_array_equal(again.q_function().q_table(), algo.q_function().q_table())
+    finally:
+        again.stop()
+
+
 def test_fast_runner_works_as_a_remote_env_runner(ray_session):
     algo = tiny_config().env_runners(num_env_runners=1).build_algo()
     try:
