@@ -50,9 +50,11 @@ def wrap_angle(x: torch.Tensor) -> torch.Tensor:
 def periodic_difference(a: torch.Tensor, b: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
     """``a - b`` over the last dim ``[..., d]``, wrapped to ``[-pi, pi)`` on the periodic dims."""
     diff = a - b
-    if any(periodic):
-        mask = torch.as_tensor(periodic, device=diff.device)
-        diff = torch.where(mask, wrap_angle(diff), diff)
+    if all(periodic):
+        return wrap_angle(diff)
+    if any(periodic):  # wrap only the periodic columns (no mask tensor: nothing copied to the device)
+        cols = [wrap_angle(diff[..., j]) if p else diff[..., j] for j, p in enumerate(periodic)]
+        diff = torch.stack(cols, -1)
     return diff
 
 
@@ -105,6 +107,22 @@ class ContinuousGoals:
         if not self.threshold > 0 or min(self.sigma) <= 0:
             raise ValueError(f"threshold and sigma must be positive, got {self.threshold}, {self.sigma}")
         object.__setattr__(self, "centers", centers)
+        object.__setattr__(self, "_cache", {})  # (device, dtype) -> (centers, sigma): no copy per step on GPU
+
+    def _constants(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = (self.centers.to(device=like.device, dtype=like.dtype),
+                                torch.as_tensor(self.sigma, dtype=like.dtype, device=like.device))
+        return self._cache[key]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
 
     @property
     def num_goals(self) -> int:
@@ -124,7 +142,7 @@ class ContinuousGoals:
     def _diff(self, states: torch.Tensor) -> torch.Tensor:
         """``[N, L, k]`` wrapped ``feature(s) - g``."""
         feat = self.feature_fn(states)  # [N, k]
-        centers = self.centers.to(device=feat.device, dtype=feat.dtype)
+        centers = self._constants(feat)[0]
         return periodic_difference(feat[:, None, :], centers[None], self.periodic)
 
     def distance(self, states: torch.Tensor) -> torch.Tensor:
@@ -152,7 +170,7 @@ class ContinuousGoals:
             smoothed).
         """
         if self.reward == "gaussian":
-            sigma = torch.as_tensor(self.sigma, dtype=states.dtype, device=states.device)
+            sigma = self._constants(states)[1]
             r = torch.exp(-0.5 * (self._diff(states) / sigma).square().sum(-1))
             return r, torch.zeros(r.shape, dtype=torch.bool, device=r.device)
         dist = self.distance(states)

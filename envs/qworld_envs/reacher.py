@@ -48,6 +48,12 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _torques(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``TORQUES`` on a device (cached: no copy per step on GPU)."""
+    return TORQUES.to(device=device, dtype=dtype)
+
+
 def reacher_step(
     state: torch.Tensor,
     action: torch.Tensor,
@@ -70,7 +76,7 @@ def reacher_step(
     Returns:
         ``[N, 4]`` next states (angles wrapped to [-pi, pi)).
     """
-    tau = TORQUES.to(device=state.device, dtype=state.dtype)[action.long()] * torque_scale
+    tau = _torques(state.device, state.dtype)[action.long()] * torque_scale
     omega = (state[..., 2:] + dt * tau).clamp(-max_speed, max_speed)
     theta = wrap_angle(state[..., :2] + dt * omega)
     return torch.cat([theta, omega], -1)
