@@ -76,7 +76,7 @@ def evaluate(qfun, task, gamma: float) -> dict:
 def run(args, seed: int) -> dict:
     from qworld.agents.pqn import PQNConfig
     from qworld.bellman import greedy_policy, solve_goal_q
-    from qworld.metrics import TRAIN_ENV_STEPS, TRAIN_LOSS
+    from qworld.metrics import TRAIN_ENV_STEPS
     from qworld_envs import make_finite_task
 
     env_kwargs = {"variant": args.variant}

@@ -9,7 +9,7 @@ holds ``num_envs // num_env_runners`` envs and returns CPU tensors).
 
 from __future__ import annotations
 
-from typing import Any, Collection, Dict, Optional, Union
+from typing import Collection, Dict, Optional, Union
 
 import gymnasium as gym
 import numpy as np
