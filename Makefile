@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test oracle bench clean
+.PHONY: demo test oracle clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/qworld sweep tune_configs/fourrooms_demo.yaml
+
+oracle: $(STAMP)
 	$(VENV)/bin/qworld oracle
 
 test: $(STAMP)

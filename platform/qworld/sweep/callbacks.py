@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ray.air.integrations.wandb import WandbLoggerCallback, _clean_log
-from ray.tune import Callback
+from ray.tune import Callback, CLIReporter
 
 from qworld import metrics as K
 
@@ -19,7 +19,7 @@ class PLearningCallback(Callback):
 
     def __init__(self, pool=None):
         self.pool = pool
-        self.latest: dict[str, tuple[int, bool]] = {}  # trial_id -> (checkpoint index, scored)
+        self.latest: dict[str, tuple[int, dict]] = {}  # trial_id -> (ckpt index, {method: p_mse})
 
     def __getstate__(self):
         return {"latest": {}, "pool": None}
@@ -32,8 +32,29 @@ class PLearningCallback(Callback):
 
     def on_step_end(self, iteration, trials, **info):
         if self.pool is not None:
-            for trial_id, index, _ in self.pool.poll():
-                self.latest[trial_id] = (index, True)
+            for trial_id, index, scores in self.pool.poll():
+                if scores and index >= self.latest.get(trial_id, (-1, {}))[0]:
+                    self.latest[trial_id] = (index, scores)
+
+
+class WorldModelReporter(CLIReporter):
+    """Tune's progress table, followed by each trial's latest world-model score."""
+
+    def __init__(self, plearn: PLearningCallback, **kwargs):
+        super().__init__(**kwargs)
+        self.plearn = plearn
+
+    def report(self, trials, done, *sys_info):
+        super().report(trials, done, *sys_info)
+        if self.plearn.latest:
+            lines = ["World models (latest scored checkpoint, p_mse per method):"]
+            for trial in trials:
+                if trial.trial_id in self.plearn.latest:
+                    index, scores = self.plearn.latest[trial.trial_id]
+                    text = "  ".join(f"{m}={v:.2e}" if isinstance(v, float) else f"{m}=error"
+                                     for m, v in scores.items())
+                    lines.append(f"  {trial.trial_id} ckpt {index}: {text}")
+            print("\n".join(lines))
 
 
 def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

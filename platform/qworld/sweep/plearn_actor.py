@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import ray
 
+from qworld import metrics as K
 from qworld.sweep import store
 from qworld.sweep.score import checkpoint_index, score_checkpoint
 
@@ -41,16 +42,19 @@ class PLearningActor:
         return os.getpid()
 
     def score(self, trial_id: str, checkpoint_path: str, env_steps: int | None = None,
-              force: bool = False) -> tuple[str, int, bool]:
-        """Score one checkpoint unless already scored. Returns (trial_id, index, did_score)."""
+              force: bool = False) -> tuple[str, int, dict | None]:
+        """Score one checkpoint unless already scored.
+
+        Returns (trial_id, checkpoint index, {method: p_mse} or None if it was scored before).
+        """
         index = checkpoint_index(checkpoint_path)
         if not force and (trial_id, index) in store.scored_keys(self.experiment_dir):
-            return trial_id, index, False
+            return trial_id, index, None
         rows = score_checkpoint(checkpoint_path, sweep=self.sweep, trial_id=trial_id,
                                 methods=self.methods, tasks=self.tasks, options=self.options,
                                 env_steps=env_steps)
         store.write_rows(self.experiment_dir, rows)
-        return trial_id, index, True
+        return trial_id, index, {r[K.METHOD]: r.get(K.P_MSE, r.get(K.WM_NMSE)) for r in rows}
 
 
 class PLearningPool:
@@ -66,7 +70,7 @@ class PLearningPool:
         ]
         self._next = itertools.cycle(range(size))
         self.pending: dict[Any, tuple[str, str]] = {}
-        self.done: list[tuple[str, int, bool]] = []
+        self.done: list[tuple[str, int, dict | None]] = []
 
     def submit(self, trial_id: str, checkpoint_path: str, env_steps: int | None = None,
                force: bool = False) -> None:
@@ -74,11 +78,11 @@ class PLearningPool:
         ref = actor.score.remote(trial_id, str(checkpoint_path), env_steps, force)
         self.pending[ref] = (trial_id, str(checkpoint_path))
 
-    def poll(self) -> list[tuple[str, int, bool]]:
+    def poll(self) -> list[tuple[str, int, dict | None]]:
         """Collect finished scores without waiting."""
         return self._collect(timeout=0)
 
-    def drain(self, timeout: float | None = None) -> list[tuple[str, int, bool]]:
+    def drain(self, timeout: float | None = None) -> list[tuple[str, int, dict | None]]:
         """Wait until every submitted checkpoint is scored."""
         return self._collect(timeout=timeout)
 

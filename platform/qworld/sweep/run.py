@@ -106,14 +106,16 @@ def _tune_stop(spec: SweepSpec) -> dict:
 def _run_config(spec: SweepSpec, experiment_dir: Path, pool):
     from ray import tune
 
-    from qworld.sweep.callbacks import GridWandbCallback, PLearningCallback
+    from qworld.sweep.callbacks import GridWandbCallback, PLearningCallback, WorldModelReporter
 
-    callbacks = [PLearningCallback(pool)]
+    plearn = PLearningCallback(pool)
+    callbacks = [plearn]
     if spec.wandb.mode != "disabled":
         callbacks.append(GridWandbCallback(
             project=spec.wandb.project, group=spec.wandb_group, grid_axes=spec.grid_axes,
             dir=str(experiment_dir), mode=spec.wandb.mode))
-    reporter = tune.CLIReporter(
+    reporter = WorldModelReporter(
+        plearn,
         metric_columns={K.TRAIN_ENV_STEPS: "env_steps", K.TRAIN_EPISODE_SUCCESS: "success",
                         K.TRAIN_LOSS: "td_loss"},
         parameter_columns=[f"env_kwargs/{a}" if a in ENV_AXES + GOAL_AXES else a

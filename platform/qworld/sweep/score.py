@@ -32,13 +32,18 @@ def checkpoint_index(checkpoint_path: str | Path) -> int:
 def grid_columns(sweep: str, trial_id: str, config: Mapping[str, Any], seed: Any = None) -> dict:
     """The grid-cell columns of a row, read from a trial's resolved config."""
     env_kwargs = dict(config.get("env_kwargs") or {})
+
+    def pick(key):  # the resolved value (e.g. num_goals=None resolved to L) wins
+        value = config.get(key)
+        return env_kwargs.get(key) if value is None else value
+
     return {
         K.SWEEP: sweep,
         K.TRIAL_ID: trial_id,
         K.ENV: config.get("env_id"),
-        K.VARIANT: env_kwargs.get("variant"),
-        K.GOAL_TYPE: env_kwargs.get("goal_type"),
-        K.NUM_GOALS: env_kwargs.get("num_goals"),
+        K.VARIANT: pick(K.VARIANT),
+        K.GOAL_TYPE: pick(K.GOAL_TYPE),
+        K.NUM_GOALS: pick(K.NUM_GOALS),
         K.HEAD: config.get("head"),
         K.SEED: seed if seed is not None else config.get("seed"),
     }

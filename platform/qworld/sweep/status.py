@@ -20,6 +20,8 @@ def latest_scores(experiment_dir: str | Path) -> pd.DataFrame:
 
 
 def status_table(experiment_dir: str | Path) -> str:
+    """Counts, then one line per grid cell (seeds averaged): p_mse of each method at the
+    latest scored checkpoint, the agent's q_nmse and how many seeds are in."""
     from qworld.sweep.run import list_checkpoints, list_trials
 
     trials = list_trials(experiment_dir)
@@ -27,12 +29,21 @@ def status_table(experiment_dir: str | Path) -> str:
     scored = store.scored_keys(experiment_dir)
     lines = [f"{len(trials)} trials, {len(checkpoints)} checkpoints, {len(scored)} scored"]
     latest = latest_scores(experiment_dir)
-    if not latest.empty:
-        cols = [c for c in (K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS, K.HEAD, K.SEED, K.ENV_STEPS,
-                            K.METHOD, K.P_MSE, K.Q_NMSE, K.IDENTIFIABLE_CASE, K.ERROR)
-                if c in latest.columns]
-        table = latest[cols].sort_values([c for c in cols if c in (K.VARIANT, K.NUM_GOALS, K.SEED, K.METHOD)])
-        with pd.option_context("display.width", 200, "display.max_columns", 20,
+    if latest.empty:
+        return "\n".join(lines)
+    errors = latest[latest[K.ERROR].notna()] if K.ERROR in latest else latest.iloc[:0]
+    ok = latest[latest[K.ERROR].isna()] if K.ERROR in latest else latest
+    metric = K.P_MSE if K.P_MSE in ok.columns else K.WM_NMSE
+    cell = [c for c in (K.ENV, K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS, K.HEAD) if c in ok and ok[c].notna().any()]
+    if not ok.empty and metric in ok:
+        table = ok.pivot_table(index=cell, columns=K.METHOD, values=metric, aggfunc="mean", dropna=False)
+        table.columns = [f"{metric}[{m}]" for m in table.columns]
+        extra = ok.groupby(cell).agg(**{K.Q_NMSE: (K.Q_NMSE, "mean"), "seeds": (K.TRIAL_ID, "nunique"),
+                                        K.ENV_STEPS: (K.ENV_STEPS, "max")})
+        table = table.join(extra).reset_index()
+        with pd.option_context("display.width", 220, "display.max_columns", 30,
                                "display.float_format", "{:.3g}".format):
-            lines.append(table.to_string(index=False))
+            lines.append(f"latest checkpoint per trial, mean over seeds:\n{table.to_string(index=False)}")
+    if not errors.empty:
+        lines.append(f"{len(errors)} rows with errors, e.g.: {errors[K.ERROR].iloc[0]}")
     return "\n".join(lines)
