@@ -33,6 +33,7 @@ MOUNTAIN_CAR_ID = "qworld/MountainCar-v0"
 REACHER_ID = "qworld/Reacher-v0"
 MUJOCO_REACHER_ID = "qworld/MujocoReacher-v0"
 REWARD_KINDS = ("sparse", "gaussian")
+START_STATES = ("reset", "uniform")  # env kwarg start_states: the reset distribution | uniform over the box
 
 # env id -> "module:function" building its task from env kwargs (looked up lazily).
 CONTINUOUS_ENVS: dict[str, str] = {
@@ -314,6 +315,21 @@ class ContinuousTask:
         """Shortcut for ``goals.rewards_terminals``."""
         return self.goals.rewards_terminals(next_states, smooth)
 
+    @property
+    def uniform_starts(self) -> bool:
+        """Whether episodes start uniformly over the state box (env kwarg
+        ``start_states="uniform"``, exploring starts) instead of from the reset distribution."""
+        return self.env_kwargs.get("start_states", "reset") == "uniform"
+
+    def start_states(self, n: int, generator: torch.Generator | None = None,
+                     dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu") -> torch.Tensor:
+        """``[n, d]`` episode start states of the envs: ``dynamics.reset_states`` or, with
+        ``start_states="uniform"``, ``dynamics.uniform_states``. Evaluations that compare
+        with the paper (unseen goals) always start from ``dynamics.reset_states``."""
+        if self.uniform_starts:
+            return self.dynamics.uniform_states(n, generator, dtype, device)
+        return self.dynamics.reset_states(n, generator, dtype, device)
+
 
 def resolve_kwargs(env_id: str, defaults: dict[str, Any], env_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Fill defaults and reject unknown kwargs (``num_goals=None`` means the default)."""
@@ -324,8 +340,10 @@ def resolve_kwargs(env_id: str, defaults: dict[str, Any], env_kwargs: dict[str, 
     steps = kw["max_episode_steps"]
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"max_episode_steps must be a positive int, got {steps!r}")
-    if kw.get("reward") not in REWARD_KINDS:
+    if kw.get("reward") is not None and kw.get("reward") not in REWARD_KINDS:
         raise ValueError(f"reward must be one of {REWARD_KINDS}, got {kw.get('reward')!r}")
+    if kw.get("start_states", "reset") not in START_STATES:
+        raise ValueError(f"start_states must be one of {START_STATES}, got {kw.get('start_states')!r}")
     num_goals = kw.get("num_goals")
     if num_goals is not None and (isinstance(num_goals, bool) or not isinstance(num_goals, (int, np.integer)) or num_goals < 1):
         raise ValueError(f"num_goals must be a positive int, got {num_goals!r}")
@@ -394,8 +412,11 @@ class ContinuousGoalEnv(gymnasium.Env):
         return np.clip(obs, self.observation_space.low, self.observation_space.high)
 
     def _sample_start(self) -> np.ndarray:
-        u = self.np_random.random(self.task.dynamics.reset_dim)
-        return self.task.dynamics.reset_fn(torch.as_tensor(u)[None])[0].numpy()
+        dyn = self.task.dynamics
+        if self.task.uniform_starts:
+            return np.asarray(dyn.low) + (np.asarray(dyn.high) - np.asarray(dyn.low)) * self.np_random.random(dyn.state_dim)
+        u = self.np_random.random(dyn.reset_dim)
+        return dyn.reset_fn(torch.as_tensor(u)[None])[0].numpy()
 
     def _advance(self, action: int) -> np.ndarray:
         """Next world-model state ``[d]`` after ``action`` (true dynamics)."""
@@ -468,7 +489,7 @@ class BatchedContinuousEnv(BatchedGoalEnv):
 
     ## Start state
     On every reset the goal is uniform over the L goals and the state drawn from the
-    env's reset distribution.
+    env's reset distribution (uniform over the box with ``start_states="uniform"``).
 
     Attributes (besides ``BatchedGoalEnv``'s):
         task: the ``ContinuousTask``.
@@ -499,9 +520,9 @@ class BatchedContinuousEnv(BatchedGoalEnv):
         self._return: torch.Tensor | None = None
 
     def _draw_resets(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n, dyn = self.num_envs, self.task.dynamics
+        n = self.num_envs
         goal = torch.randint(self.num_goals, (n,), generator=self._gen, device=self.device)
-        return goal, dyn.reset_states(n, self._gen, torch.float64, self.device)
+        return goal, self.task.start_states(n, self._gen, torch.float64, self.device)
 
     def _observe(self, states: torch.Tensor) -> torch.Tensor:
         return self.task.dynamics.observe(states).float()

@@ -1,7 +1,8 @@
 """Goal-conditioned MountainCar: gymnasium's MountainCar-v0 physics, rewards replaced.
 
 Shapes: N states, L goals. State ``(p, v)`` in ``[-1.2, 0.6] x [-0.07, 0.07]``; actions
-0 push left, 1 no push, 2 push right.
+0 push left, 1 no push, 2 push right. The agent observes the state scaled to ``[-1, 1]^2``
+(``mountain_car_observe``): raw v is 25x smaller than p, which slows a Q-network down.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ MAX_POSITION = 0.6
 MAX_SPEED = 0.07
 FORCE = 0.001
 GRAVITY = 0.0025
-GOAL_TYPES = ("position", "velocity")
+GOAL_TYPES = ("position", "velocity", "gaussian")
+START_STATES = ("reset", "uniform")
 # Sparse radius a per goal family, and the gaussian sigma: 0.1 on p; on v the same
 # fraction of the range, 0.1 * (2 * 0.07) / 1.8 = 0.00778.
 THRESHOLDS = {"position": 0.1, "velocity": 0.01}
@@ -36,14 +38,17 @@ _FEATURE_DIM = {"position": 0, "velocity": 1}
 _RANGES = {"position": (MIN_POSITION, MAX_POSITION), "velocity": (-MAX_SPEED, MAX_SPEED)}
 
 DEFAULTS: dict[str, Any] = {
-    "goal_type": "position",  # GOAL_TYPES: goals on p or on v
-    "num_goals": 4,  # L; centers linspace(low, high, L) of the goal dim
+    "goal_type": "position",  # GOAL_TYPES: goals on p, on v, or gaussian goals on the state (p, v)
+    "num_goals": 4,  # L; centers linspace(low, high, L) of the goal dim (gaussian: Halton points of the box)
     "goal_seed": 0,  # unused: continuous goals are placed deterministically
-    "goal_centers": None,  # explicit [L] centers (overrides num_goals)
-    "reward": "sparse",  # sparse (indicator, ends the episode) | gaussian (never ends)
+    "goal_centers": None,  # explicit centers, [L] (position / velocity) or [L, 2] (gaussian); overrides num_goals
+    "reward": None,  # sparse (indicator, ends the episode) | gaussian (never ends); None: gaussian for
+    #   goal_type gaussian, else sparse
     "threshold": None,  # sparse radius a; None = THRESHOLDS[goal_type]
-    "sigma": None,  # gaussian scale; None = SIGMAS[goal_type]
+    "sigma": None,  # gaussian scale; None = SIGMAS[goal_type] (gaussian goals: both, one per dim)
     "action_noise": 0.0,  # std of the force noise, in units of FORCE (stochastic variant)
+    "start_states": "reset",  # START_STATES: "reset" (p ~ U[-0.6, -0.4], v = 0) | "uniform" over the
+    #   box (exploring starts, a training aid; world-model evaluation always uses "reset")
     "max_episode_steps": 200,
 }
 
@@ -95,30 +100,83 @@ def mountain_car_reset(u: torch.Tensor) -> torch.Tensor:
     return torch.stack([p, torch.zeros_like(p)], -1)
 
 
+OBS_CENTER = ((MIN_POSITION + MAX_POSITION) / 2, 0.0)
+OBS_HALF_RANGE = ((MAX_POSITION - MIN_POSITION) / 2, MAX_SPEED)
+
+
 def mountain_car_observe(state: torch.Tensor) -> torch.Tensor:
-    """The observation is the state ``[N, 2]`` itself."""
-    return state
+    """``[N, 2]`` observation: the state scaled to ``[-1, 1]^2``,
+    ``((p + 0.3) / 0.9, v / 0.07)`` (differentiable)."""
+    p = (state[..., 0] - OBS_CENTER[0]) / OBS_HALF_RANGE[0]
+    v = state[..., 1] / OBS_HALF_RANGE[1]
+    return torch.stack([p, v], -1)
+
+
+def halton(n: int, bases: tuple[int, ...] = (2, 3)) -> np.ndarray:
+    """``[n, len(bases)]`` the first n points (from index 1) of the Halton sequence in
+    ``[0, 1)^k``: deterministic and evenly spread for every n."""
+    out = np.zeros((n, len(bases)))
+    for j, b in enumerate(bases):
+        for i in range(n):
+            f, r, k = 1.0, 0.0, i + 1
+            while k > 0:
+                f /= b
+                r += f * (k % b)
+                k //= b
+            out[i, j] = r
+    return out
 
 
 def _select_dim(state: torch.Tensor, dim: int) -> torch.Tensor:
     return state[:, dim : dim + 1]
 
 
+def _identity_state(state: torch.Tensor) -> torch.Tensor:
+    return state
+
+
 def mountain_car_goals(
     goal_type: str = "position",
     num_goals: int = 4,
-    reward: str = "sparse",
+    reward: str | None = None,
     centers: Any = None,
     threshold: float | None = None,
     sigma: float | None = None,
 ) -> ContinuousGoals:
-    """Goals on p (``position``) or on v (``velocity``).
+    """Goals on p (``position``), on v (``velocity``), or on the whole state (``gaussian``).
 
-    Default centers ``linspace(low, high, num_goals)`` of that dim; sparse radius 0.1 (p) /
-    0.01 (v); gaussian sigma 0.1 (p) / 0.00778 (v, the same fraction of the range).
+    ``position`` / ``velocity``: default centers ``linspace(low, high, num_goals)`` of that
+    dim; sparse radius 0.1 (p) / 0.01 (v); gaussian sigma 0.1 (p) / 0.00778 (v, the same
+    fraction of the range). ``reward`` None means sparse.
+
+    ``gaussian``: the paper's Gaussian variant, ``r_g(s') = exp(-||(s' - g) / sigma||^2 / 2)``
+    on ``(p, v)`` with per-dim sigma ``(0.1, 0.00778)`` (``sigma`` scales both by
+    ``sigma / 0.1``); never terminal. Default centers: the first ``num_goals`` Halton points
+    (bases 2, 3) of the state box. ``reward`` must be None or ``"gaussian"``.
     """
     if goal_type not in GOAL_TYPES:
         raise ValueError(f"MountainCar goal_type must be one of {GOAL_TYPES}, got {goal_type!r}")
+    if goal_type == "gaussian":
+        if reward not in (None, "gaussian"):
+            raise ValueError(f"MountainCar goal_type 'gaussian' pays gaussian rewards; reward must be None or 'gaussian', got {reward!r}")
+        low = np.array([MIN_POSITION, -MAX_SPEED])
+        high = np.array([MAX_POSITION, MAX_SPEED])
+        if centers is None:
+            centers = low + (high - low) * halton(int(num_goals))
+        centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+        scale = 1.0 if sigma is None else float(sigma) / SIGMAS["position"]
+        return ContinuousGoals(
+            centers=centers,
+            feature_fn=_identity_state,
+            reward="gaussian",
+            threshold=float(THRESHOLDS["position"] if threshold is None else threshold),
+            sigma=(SIGMAS["position"] * scale, SIGMAS["velocity"] * scale),
+            goal_type=goal_type,
+            periodic=(False, False),
+            feature_low=tuple(np.minimum(low, centers.min(0)).tolist()),
+            feature_high=tuple(np.maximum(high, centers.max(0)).tolist()),
+        )
+    reward = "sparse" if reward is None else reward
     low, high = _RANGES[goal_type]
     if centers is None:
         centers = np.linspace(low, high, int(num_goals))
@@ -152,8 +210,8 @@ def mountain_car_dynamics(action_noise: float = 0.0) -> ContinuousDynamics:
         reset_fn=mountain_car_reset,
         reset_dim=1,
         observe_fn=mountain_car_observe,
-        obs_low=(MIN_POSITION, -MAX_SPEED),
-        obs_high=(MAX_POSITION, MAX_SPEED),
+        obs_low=(-1.0, -1.0),
+        obs_high=(1.0, 1.0),
         noise_dim=1 if action_noise > 0 else 0,
     )
 
@@ -161,6 +219,8 @@ def mountain_car_dynamics(action_noise: float = 0.0) -> ContinuousDynamics:
 def make_mountain_car_task(**env_kwargs: Any) -> ContinuousTask:
     """MountainCar task from env kwargs (see ``DEFAULTS`` for names and defaults)."""
     kw = resolve_kwargs(MOUNTAIN_CAR_ID, DEFAULTS, env_kwargs)
+    if kw["start_states"] not in START_STATES:
+        raise ValueError(f"start_states must be one of {START_STATES}, got {kw['start_states']!r}")
     goals = mountain_car_goals(kw["goal_type"], kw["num_goals"], kw["reward"], kw["goal_centers"],
                                kw["threshold"], kw["sigma"])
     return ContinuousTask(dynamics=mountain_car_dynamics(kw["action_noise"]), goals=goals,
@@ -174,9 +234,10 @@ class MountainCarGoalEnv(ContinuousGoalEnv):
     ``Discrete(3)``: 0 accelerate left, 1 no acceleration, 2 accelerate right.
 
     ## Observation space
-    ``Box(float32, (2 + 1,))``: ``concat((p, v), goal_features[goal])`` where the goal
-    feature is the goal's center (a position for ``position`` goals, a velocity for
-    ``velocity`` goals).
+    ``Box(float32, (2 + k,))``: ``concat(((p + 0.3) / 0.9, v / 0.07), goal_features[goal])``
+    (the state scaled to ``[-1, 1]^2``) where the goal feature is the goal's center (a
+    position for ``position`` goals, a velocity for ``velocity`` goals, k = 1; the state
+    ``(p, v)`` for ``gaussian`` goals, k = 2). ``info["state"]`` is the raw state.
 
     ## Dynamics
     gymnasium's MountainCar-v0 (force 0.001, gravity 0.0025):
@@ -188,11 +249,14 @@ class MountainCarGoalEnv(ContinuousGoalEnv):
     ## Reward
     Replaced: for goal g with center c, ``sparse``: ``1[|p' - c| < 0.1]`` (position) /
     ``1[|v' - c| < 0.01]`` (velocity); ``gaussian``: ``exp(-(x' - c)^2 / 2 sigma^2)``
-    with sigma 0.1 (position) / 0.00778 (velocity). ``info["rewards"]`` holds every goal's.
+    with sigma 0.1 (position) / 0.00778 (velocity); goal_type ``gaussian``:
+    ``exp(-((p' - c_p) / 0.1)^2 / 2 - ((v' - c_v) / 0.00778)^2 / 2)``.
+    ``info["rewards"]`` holds every goal's.
 
     ## Starting state
     Goal uniform over the L goals (or ``options["goal"]``); ``p ~ U[-0.6, -0.4]``,
-    ``v = 0`` (or ``options["state"]``).
+    ``v = 0`` (or ``options["state"]``); with ``start_states="uniform"`` the state is
+    uniform over the box instead (exploring starts).
 
     ## Episode end
     No termination at p = 0.5. Terminated when a sparse goal is reached (gaussian goals
@@ -201,7 +265,7 @@ class MountainCarGoalEnv(ContinuousGoalEnv):
     Args:
         task: a ``ContinuousTask`` (else built from ``env_kwargs``, see
             ``mountain_car.DEFAULTS``: goal_type, num_goals, goal_centers, reward,
-            threshold, sigma, action_noise, max_episode_steps).
+            threshold, sigma, action_noise, start_states, max_episode_steps).
     """
 
     ENV_ID = MOUNTAIN_CAR_ID

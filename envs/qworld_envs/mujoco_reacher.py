@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "threshold": 0.02,  # sparse radius a (the toy's 0.2 scaled by the reach, 0.21 / 2)
     "sigma": 0.02,
     "torque_scale": TORQUE_SCALE,  # torque of the actions {-1, 0, 1} x this (Box is [-1, 1])
+    "start_states": "reset",  # "reset" | "uniform" over the state box (exploring starts, a training aid)
     "max_episode_steps": 100,
 }
 

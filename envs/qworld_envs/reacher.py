@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "threshold": THRESHOLD,  # sparse radius a
     "sigma": SIGMA,  # gaussian scale (on x and y)
     "max_speed": MAX_SPEED,  # |omega| clip
+    "start_states": "reset",  # "reset" | "uniform" over the state box (exploring starts, a training aid)
     "max_episode_steps": 100,
 }
 
