@@ -324,3 +324,72 @@ def test_unseen_goal_return_ratio(mc_task):
     # a model with the push reversed plans badly too
     flipped = evaluate_unseen_goal(mc_task, "shortest_path", lambda s, a: dyn.step_fn(s, 2 - a, None), num_resets=128)
     assert flipped[K.RETURN_RATIO] < 0.9
+
+
+# --------------------------------------------------------------------------------------
+# goal families, start states, interior transitions, model agreement, MuJoCo unseen goals
+# --------------------------------------------------------------------------------------
+def test_mountain_car_observation_is_scaled_and_gaussian_goals_cover_the_box():
+    task = make_continuous_task(MOUNTAIN_CAR_ID)
+    corners = torch.tensor([[-1.2, -0.07], [0.6, 0.07], [-0.3, 0.0]], dtype=torch.float64)
+    np.testing.assert_allclose(task.dynamics.observe(corners).numpy(), [[-1, -1], [1, 1], [0, 0]], atol=1e-12)
+    gauss = make_continuous_task(MOUNTAIN_CAR_ID, goal_type="gaussian", num_goals=5)
+    g = gauss.goals
+    assert g.goal_type == "gaussian" and g.reward == "gaussian" and g.centers.shape == (5, 2)
+    assert ((g.centers[:, 0] > -1.2) & (g.centers[:, 0] < 0.6) & (g.centers[:, 1].abs() < 0.07)).all()
+    r, done = g.rewards_terminals(g.centers)  # each center pays 1 to its own goal, never terminal
+    np.testing.assert_allclose(torch.diagonal(r).numpy(), 1.0)
+    assert not done.any() and float(r.max()) <= 1.0
+    # one sigma step along p (0.1) or along v (0.00778) pays exp(-1/2)
+    step = g.centers[:1] + torch.tensor([[0.1, 0.0]], dtype=torch.float64)
+    assert float(g.rewards_terminals(step)[0][0, 0]) == pytest.approx(math.exp(-0.5))
+    with pytest.raises(ValueError):
+        make_continuous_task(MOUNTAIN_CAR_ID, goal_type="gaussian", reward="sparse")
+    env = gymnasium.make(MOUNTAIN_CAR_ID, goal_type="gaussian", num_goals=3)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (4,) and env.observation_space.contains(obs)
+
+
+@pytest.mark.parametrize("env_id", [MOUNTAIN_CAR_ID, REACHER_ID])
+def test_uniform_start_states_cover_the_box(env_id):
+    benv = make_batched(env_id, 2000, seed=0, start_states="uniform")
+    benv.reset()
+    dyn = benv.task.dynamics
+    low, high = torch.tensor(dyn.low, dtype=torch.float64), torch.tensor(dyn.high, dtype=torch.float64)
+    frac = (benv.state - low) / (high - low)
+    assert ((frac >= 0) & (frac <= 1)).all() and (frac.mean(0) - 0.5).abs().max() < 0.05
+    env = gymnasium.make(env_id, start_states="uniform")
+    starts = np.stack([env.reset(seed=i)[1]["state"] for i in range(200)])
+    assert starts[:, 0].std() > 0.2 * (dyn.high[0] - dyn.low[0])  # the reset range alone is much narrower for MountainCar
+    with pytest.raises(ValueError):
+        make_continuous_task(env_id, start_states="everywhere")
+
+
+def test_interior_mask_and_model_agreement(mc_task):
+    from qworld.plearn.continuous import interior_mask, model_agreement
+
+    dyn = mc_task.dynamics
+    s = torch.tensor([[-1.19, -0.05], [-0.5, 0.0], [0.59, 0.05], [-0.5, 0.0699]], dtype=torch.float64)
+    a = torch.tensor([0, 1, 2, 2])
+    assert interior_mask(dyn, s, a).tolist() == [False, True, False, False]  # left wall, free, right wall, speed limit
+    true = lambda x, u: dyn.step_fn(x, u, None)  # noqa: E731
+    same = model_agreement(true, true, mc_task, num_states=1024)
+    assert same[K.WM_NMSE] == 0 and same[f"interior/{K.WM_DELTA_NMSE}_v"] == 0
+    other = model_agreement(dyn.no_force_fn, true, mc_task, num_states=1024)
+    assert 0.1 < other[f"interior/{K.WM_DELTA_NMSE}_v"] < 0.3  # the force is about 1/6 of Delta v's variance inside
+    assert other[f"{K.WM_DELTA_NMSE}_v"] < other[f"interior/{K.WM_DELTA_NMSE}_v"]  # wall bounces dominate the box
+
+
+def test_mujoco_unseen_goals_and_planning_grid():
+    from qworld.planning_continuous import PLAN_BOXES, planning_grid
+
+    task = make_continuous_task(MUJOCO_REACHER_ID)
+    tasks = UNSEEN_GOAL_TASKS[MUJOCO_REACHER_ID]
+    assert set(tasks) == {"far_fingertip", "target_angle", "target_velocity"}
+    grid = planning_grid(task, (4, 4, 4, 4))
+    assert (grid.low, grid.high) == PLAN_BOXES[MUJOCO_REACHER_ID] and grid.periodic == (True, False, False, False)
+    s = torch.tensor([[math.pi / 4, 0.0, 0.0, 0.0],  # stretched at 45 degrees: the far fingertip
+                      [2 * math.pi - 0.05, 2.45, 0.0, 0.0],  # theta1 wraps to -0.05: the target angle
+                      [0.0, 0.0, 2.1, 1.8]], dtype=torch.float64)
+    hits = torch.stack([tasks[n].terminal_fn(s) for n in ("far_fingertip", "target_angle", "target_velocity")])
+    assert hits.tolist() == [[True, False, False], [False, True, False], [False, False, True]]

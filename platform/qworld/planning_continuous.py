@@ -20,11 +20,24 @@ import torch
 
 from qworld import metrics as K
 from qworld.plearn.grid import Grid, GridQ, grid_q
-from qworld_envs.continuous import MOUNTAIN_CAR_ID, REACHER_ID, ContinuousTask, make_continuous_task, wrap_angle
+from qworld_envs.continuous import (
+    MOUNTAIN_CAR_ID,
+    MUJOCO_REACHER_ID,
+    REACHER_ID,
+    ContinuousTask,
+    make_continuous_task,
+    wrap_angle,
+)
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], Any]
 
-DEFAULT_GRID_SHAPES = {MOUNTAIN_CAR_ID: (200, 200), REACHER_ID: (24, 24, 24, 24)}
+DEFAULT_GRID_SHAPES = {MOUNTAIN_CAR_ID: (200, 200), REACHER_ID: (24, 24, 24, 24), MUJOCO_REACHER_ID: (16, 16, 16, 16)}
+# Planning box (low, high) where it differs from the dynamics' state box. MuJoCo Reacher's
+# velocity box (+-10 rad/s) is a sampling box; one full-torque step changes omega by 0.4,
+# so the grid covers +-4 rad/s (spacing 0.53 at 16 points) and clamps beyond.
+PLAN_BOXES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    MUJOCO_REACHER_ID: ((-math.pi, -3.0, -4.0, -4.0), (math.pi, 3.0, 4.0, 4.0)),
+}
 
 
 @dataclass(frozen=True)
@@ -46,10 +59,16 @@ class UnseenGoalTask:
 
 # --- the tasks' reward / terminal functions (module level, so tasks pickle) -------------
 def _ball(states: torch.Tensor, dims: Sequence[int], center: Sequence[float], radius: float,
-          periodic: bool = False) -> torch.Tensor:
+          periodic: bool | Sequence[bool] = False) -> torch.Tensor:
+    """``[N]`` bool: ``states[:, dims]`` within ``radius`` of ``center`` (differences wrapped
+    on the periodic dims: all of them for ``True``, or one flag per dim)."""
     diff = states[:, list(dims)] - torch.as_tensor(center, dtype=states.dtype, device=states.device)
-    if periodic:
+    if isinstance(periodic, bool):
+        periodic = (periodic,) * len(dims)
+    if all(periodic):
         diff = wrap_angle(diff)
+    elif any(periodic):
+        diff = torch.stack([wrap_angle(diff[:, j]) if p else diff[:, j] for j, p in enumerate(periodic)], -1)
     return diff.square().sum(-1).sqrt() < radius
 
 
@@ -77,17 +96,18 @@ def _gentle_terminal(states: torch.Tensor) -> torch.Tensor:
     return _gentle_success(states) | (states[:, 1].abs() > 0.05)
 
 
-def _fingertip_ball(states, center, radius):
+def _fingertip_ball(states, center, radius, links=(1.0, 1.0)):
     from qworld_envs.reacher import fingertip
 
-    return (fingertip(states) - torch.as_tensor(center, dtype=states.dtype, device=states.device)).norm(dim=-1) < radius
+    tip = fingertip(states, *links)
+    return (tip - torch.as_tensor(center, dtype=states.dtype, device=states.device)).norm(dim=-1) < radius
 
 
-def _fingertip_reward(states, center, radius):
-    return _fingertip_ball(states, center, radius).to(states.dtype)
+def _fingertip_reward(states, center, radius, links=(1.0, 1.0)):
+    return _fingertip_ball(states, center, radius, links).to(states.dtype)
 
 
-def _ball_task(name, description, dims, center, radius, periodic=False) -> UnseenGoalTask:
+def _ball_task(name, description, dims, center, radius, periodic: bool | tuple = False) -> UnseenGoalTask:
     return UnseenGoalTask(
         name, description,
         functools.partial(_ball_reward, dims=tuple(dims), center=tuple(center), radius=radius, periodic=periodic),
@@ -96,6 +116,8 @@ def _ball_task(name, description, dims, center, radius, periodic=False) -> Unsee
 
 
 _SQRT2 = math.sqrt(2.0)
+_MJ_LINKS = (0.1, 0.11)  # qworld_envs.mujoco_reacher LINK1, LINK2 (not imported: that module loads MuJoCo)
+_MJ_FAR = sum(_MJ_LINKS) / _SQRT2  # the stretched arm's fingertip at 45 degrees
 UNSEEN_GOAL_TASKS: dict[str, dict[str, UnseenGoalTask]] = {
     MOUNTAIN_CAR_ID: {
         "fast_car": _ball_task("fast_car", "reach velocity v = 0.06 (|v - 0.06| < 0.01); ends there",
@@ -119,12 +141,34 @@ UNSEEN_GOAL_TASKS: dict[str, dict[str, UnseenGoalTask]] = {
         "target_velocity": _ball_task("target_velocity", "joint velocities omega = (2, 2) (||omega - c|| < 0.2); ends there",
                                       (2, 3), (2.0, 2.0), 0.2),
     },
+    # The toy Reacher's three goals carried over to MuJoCo's arm (links 0.1 + 0.11, radius
+    # 0.02 = the env's goal radius; theta2 limited to [-3, 3], so the folded arm is 2.5;
+    # one full-torque step changes omega by about 0.4 rad/s, hence the velocity radius 0.4).
+    MUJOCO_REACHER_ID: {
+        "far_fingertip": UnseenGoalTask(
+            "far_fingertip", f"fingertip at ({_MJ_FAR:.4f}, {_MJ_FAR:.4f}), the arm stretched out (||tip - c|| < 0.02); ends there",
+            functools.partial(_fingertip_reward, center=(_MJ_FAR, _MJ_FAR), radius=0.02, links=_MJ_LINKS),
+            functools.partial(_fingertip_ball, center=(_MJ_FAR, _MJ_FAR), radius=0.02, links=_MJ_LINKS)),
+        "target_angle": _ball_task("target_angle", "joint angles theta = (0, 2.5) (||theta - c|| < 0.2, theta1 wrapped); ends there",
+                                   (0, 1), (0.0, 2.5), 0.2, periodic=(True, False)),
+        "target_velocity": _ball_task("target_velocity", "joint velocities omega = (2, 2) (||omega - c|| < 0.4); ends there",
+                                      (2, 3), (2.0, 2.0), 0.4),
+    },
 }
 
 
 def default_grid_shape(env_id: str) -> tuple[int, ...] | None:
     """The planning / ground-truth grid of an env (None: no default)."""
     return DEFAULT_GRID_SHAPES.get(env_id)
+
+
+def planning_grid(task: ContinuousTask, grid_shape: Sequence[int] | None = None) -> Grid:
+    """The grid value iteration plans on: ``grid_shape`` (default ``DEFAULT_GRID_SHAPES``)
+    over the env's ``PLAN_BOXES`` entry, else its state box."""
+    dyn = task.dynamics
+    shape = tuple(grid_shape or DEFAULT_GRID_SHAPES[task.env_id])
+    low, high = PLAN_BOXES.get(task.env_id, (dyn.low, dyn.high))
+    return Grid(tuple(low), tuple(high), shape, tuple(dyn.periodic))
 
 
 def plan_in(step_fn: StepFn, task: UnseenGoalTask, grid: Grid, gamma: float, num_actions: int, **kwargs: Any) -> GridQ:
@@ -194,7 +238,8 @@ def evaluate_unseen_goal(
         model_step: the world model, ``(states [n, d], actions [n]) -> [n, d]`` (or
             weighted branches ``([K, n, d], [K])``), called on grid points.
         gamma: discount.
-        grid_shape: planning grid (default ``DEFAULT_GRID_SHAPES[env_id]``).
+        grid_shape: planning grid (default ``DEFAULT_GRID_SHAPES[env_id]``, over
+            ``PLAN_BOXES[env_id]`` where given, else the state box).
         num_resets: start states from the env's reset distribution.
         seed: of the start states and the true dynamics' noise.
         horizon: rollout length (default: the env's ``max_episode_steps``).
@@ -211,8 +256,8 @@ def evaluate_unseen_goal(
         raise ValueError(f"unknown unseen-goal task {task_name!r} for {task.env_id}; known: {sorted(env_tasks)}")
     goal_task = env_tasks[task_name]
     dyn = task.dynamics
-    grid_shape = tuple(grid_shape or DEFAULT_GRID_SHAPES[task.env_id])
-    grid = Grid.for_dynamics(dyn, grid_shape)
+    grid = planning_grid(task, grid_shape)
+    grid_shape = grid.shape
     horizon = int(horizon or task.max_episode_steps)
 
     def evaluate(q: GridQ) -> tuple[float, float]:
@@ -221,8 +266,10 @@ def evaluate_unseen_goal(
         ret, succ = rollout_returns(q, dyn, goal_task, starts, gamma, horizon, gen)
         return float(ret.mean()), float(succ.double().mean())
 
-    key = (task.env_id, repr(sorted((k, repr(v)) for k, v in task.env_kwargs.items())), task_name, grid_shape,
-           float(gamma), num_resets, seed, horizon)
+    # start_states only changes where training episodes start, not R*
+    kwargs_key = repr(sorted((k, repr(v)) for k, v in task.env_kwargs.items() if k != "start_states"))
+    key = (task.env_id, kwargs_key, task_name, grid_shape, float(gamma), num_resets, seed, horizon,
+           repr(sorted(vi_kwargs.items())))
     if key not in _STAR_CACHE:
         def true_step(s, a):
             return dyn.branches(s, a)

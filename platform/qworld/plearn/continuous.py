@@ -445,17 +445,84 @@ def true_mean_fn(dynamics: Any, quadrature: int = 9) -> ModelFn:
     return fn
 
 
+INTERIOR = "interior"  # key prefix f"{INTERIOR}/<metric>": scores on the interior transitions only
+
+
+def interior_mask(dynamics: Any, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bool: transitions whose true (mean) next state lies strictly inside the state
+    box on every non-periodic dim, i.e. no wall, speed limit or joint limit acted.
+
+    MountainCar's inelastic left wall (``v' = 0``) is the case in point: about 3% of uniform
+    (s, a) hit it, their velocity change is up to 0.07 (the force is 0.001), so they hold
+    most of the variance of Delta v over the box, and Q barely identifies ``v'`` there
+    (every ``v' < -0.003`` at the wall leads to the same next-next state).
+    """
+    nxt = true_mean_fn(dynamics)(states.double(), actions)
+    ok = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
+    for j, (lo, hi, per) in enumerate(zip(dynamics.low, dynamics.high, dynamics.periodic)):
+        if not per:
+            ok &= (nxt[:, j] > lo) & (nxt[:, j] < hi)
+    return ok
+
+
 def score_task_model(model_fn: ModelFn, task: Any, num_states: int = 4096, seed: int = 0,
-                     states: torch.Tensor | None = None) -> dict:
+                     states: torch.Tensor | None = None, interior: bool = False) -> dict:
     """:func:`score_successor` of a model of ``task``'s dynamics on states uniform over the
-    box (or given ``[B, d]``) and uniform actions, with both baselines."""
+    box (or given ``[B, d]``) and uniform actions, with both baselines.
+
+    With ``interior=True`` the same scores restricted to the :func:`interior_mask`
+    transitions are added under the prefix ``interior/`` (e.g.
+    ``interior/wm_delta_nmse_v``, ``interior/no_force/wm_delta_nmse_v``) with their
+    fraction ``interior/fraction``.
+    """
     dyn = task.dynamics
     gen = torch.Generator().manual_seed(seed)
     if states is None:
         states = dyn.uniform_states(num_states, gen)
+    states = states.double()
     actions = torch.randint(dyn.num_actions, (states.shape[0],), generator=gen)
-    return score_successor(model_fn, true_mean_fn(dyn), states.double(), actions,
-                           no_force_fn=dyn.no_force_fn, periodic=dyn.periodic, state_names=dyn.state_names)
+
+    def score(s: torch.Tensor, a: torch.Tensor) -> dict:
+        return score_successor(model_fn, true_mean_fn(dyn), s, a, no_force_fn=dyn.no_force_fn,
+                               periodic=dyn.periodic, state_names=dyn.state_names)
+
+    out = score(states, actions)
+    if interior:
+        keep = interior_mask(dyn, states, actions)
+        out[f"{INTERIOR}/fraction"] = float(keep.double().mean())
+        if keep.sum() > 1:
+            out.update({f"{INTERIOR}/{k}": v for k, v in score(states[keep], actions[keep]).items()})
+    return out
+
+
+def model_agreement(model_a: ModelFn, model_b: ModelFn, task: Any, num_states: int = 4096, seed: int = 0,
+                    states: torch.Tensor | None = None) -> dict:
+    """How closely two world models of one env agree (the paper's check: the model extracted
+    from position goals against the one from velocity goals, NMSE 1.7e-4).
+
+    Both models predict next states for the same states (uniform over the box, or given
+    ``[B, d]``) and uniform actions; model b is the reference of :func:`successor_scores`.
+
+    Returns:
+        ``{wm_nmse, wm_delta_nmse_<dim>, interior/...}``: NMSE of a's next states and state
+        changes against b's (per dim, normalised by the variance of b's), over all states
+        and over the states whose *true* next state is interior (see :func:`interior_mask`).
+    """
+    dyn = task.dynamics
+    gen = torch.Generator().manual_seed(seed)
+    if states is None:
+        states = dyn.uniform_states(num_states, gen)
+    states = states.double()
+    actions = torch.randint(dyn.num_actions, (states.shape[0],), generator=gen)
+    with torch.no_grad():
+        pred_a = model_a(states, actions).double()
+        pred_b = model_b(states, actions).double()
+    out = successor_scores(pred_a, pred_b, states, dyn.periodic, dyn.state_names)
+    keep = interior_mask(dyn, states, actions)
+    if keep.sum() > 1:
+        inner = successor_scores(pred_a[keep], pred_b[keep], states[keep], dyn.periodic, dyn.state_names)
+        out.update({f"{INTERIOR}/{k}": v for k, v in inner.items()})
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -515,22 +582,31 @@ def agent_q_fn(qfun: Any, task: Any) -> QFn:
 
 def score_checkpoint_continuous(qfun: Any, config: Mapping[str, Any], base: Mapping[str, Any],
                                 methods: Sequence[str], tasks: Sequence[str],
-                                options: Mapping[str, Mapping[str, Any]] | None = None) -> list[dict]:
+                                options: Mapping[str, Mapping[str, Any]] | None = None,
+                                *, fits: dict | None = None) -> list[dict]:
     """Rows of (checkpoint, method) for a continuous env: Q NMSE, world-model scores with
     baselines, and unseen-goal return ratios.
 
     Args:
-        qfun: the loaded agent (see :func:`agent_q_fn`).
+        qfun: the loaded agent: a ``qworld.agents.QFunction`` (its torch module is the
+            differentiable Q of P-learning) or see :func:`agent_q_fn`.
         config: the trial's resolved config (``env_id``, ``env_kwargs``, ``gamma``).
         base: columns every row carries.
         methods: subset of ``METHODS``.
         tasks: unseen-goal task names of ``UNSEEN_GOAL_TASKS[env_id]``.
         options: per method, ``PLearnConfig`` fields (the sampler defaults to ``loss="l2"``)
             plus ``grid_shape`` (planning grid) and ``num_resets``; under the key
-            ``"q_nmse"``: ``grid_shape`` (0 / None skips the Q NMSE).
+            ``"q_nmse"``: ``grid_shape`` (0 / None skips the Q NMSE; the default is the
+            env's planning grid for torch dynamics, and none for MuJoCo, whose grid would
+            be stepped in a Python loop).
+        fits: if given, filled with ``{method: PLearnResult}`` (the fitted world models).
 
     Returns:
-        One dict per method (its ``error`` column set if it failed).
+        One dict per method (its ``error`` column set if it failed) with ``q_nmse``, the
+        :func:`score_task_model` keys (``wm_nmse``, ``wm_delta_nmse_<dim>``, the
+        ``identity/`` and ``no_force/`` baselines, and the same on interior transitions
+        under ``interior/``), ``fit_seconds``, and per task ``<task>/return_ratio``,
+        ``<task>/return_wm``, ``<task>/return_star``, ``<task>/plan_success``.
     """
     import traceback
 
@@ -545,8 +621,8 @@ def score_checkpoint_continuous(qfun: Any, config: Mapping[str, Any], base: Mapp
     shared = dict(base)
     q_error = None
     q_opts = dict(options.get("q_nmse", {}))
-    q_shape = q_opts.get("grid_shape", default_grid_shape(task.env_id))
-    if q_shape and task.dynamics.differentiable:
+    q_shape = q_opts.get("grid_shape", default_grid_shape(task.env_id) if task.dynamics.differentiable else None)
+    if q_shape:
         try:  # the agent's Q against the exact Q of its own greedy policy
             grid_shape = tuple(q_shape)
 
@@ -578,8 +654,10 @@ def score_checkpoint_continuous(qfun: Any, config: Mapping[str, Any], base: Mapp
                 opts.setdefault("loss", "l2")  # the double-sampled square is unbiased; L1 shrinks the noise
             cfg = PLearnConfig.from_options(opts)
             fit = p_learn(q_fn, task, gamma, cfg, stochastic=(method == "sampler"))
+            if fits is not None:
+                fits[method] = fit
             row[K.FIT_SECONDS] = fit.seconds
-            row.update(score_task_model(fit.step_fn(), task))
+            row.update(score_task_model(fit.step_fn(), task, interior=True))
             for name in tasks:
                 res = evaluate_unseen_goal(task, name, fit.step_fn(), gamma=gamma, grid_shape=grid_shape,
                                            num_resets=num_resets)

@@ -1,0 +1,160 @@
+"""PQN on the continuous envs, end to end at tiny budgets: build, train, checkpoint,
+``load_q``, then ``score_checkpoint_continuous`` on the checkpoint (Q NMSE, world-model
+scores with their baselines, an unseen goal). Real RLlib, one local Ray session.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qworld import metrics as K
+from qworld.agents.pqn import PQNConfig
+from qworld_envs.continuous import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, make_continuous_task
+
+torch.set_num_threads(1)
+
+TINY = dict(num_envs=16, rollout_length=8, minibatch_size=64, hidden_sizes=[32], q_output="sigmoid",
+            lr=1e-3, total_env_steps=2_000)
+
+
+def tiny(env_id: str, env_kwargs: dict | None = None, **training) -> PQNConfig:
+    kw = {**TINY, **training}
+    return (PQNConfig().training(env_id=env_id, env_kwargs=env_kwargs or {}, **kw)
+            .env_runners(num_env_runners=0).learners(num_learners=0).debugging(seed=0, log_level="ERROR"))
+
+
+def train_and_save(config: PQNConfig, path, iterations: int = 2):
+    from qworld.agents import load_q
+
+    algo = config.build_algo()
+    try:
+        results = [algo.train() for _ in range(iterations)]
+        ckpt = algo.save_to_path(str(path))
+    finally:
+        algo.stop()
+    return results, load_q(ckpt)
+
+
+def world_model_keys(dims) -> list[str]:
+    keys = [K.WM_NMSE] + [f"{K.WM_DELTA_NMSE}_{d}" for d in dims]
+    return keys + [f"{p}/{k}" for p in (K.BASELINE_IDENTITY, K.BASELINE_NO_FORCE, "interior") for k in keys]
+
+
+@pytest.fixture(scope="module")
+def mountain_car_agent(ray_session, tmp_path_factory):
+    config = tiny(MOUNTAIN_CAR_ID, {"goal_type": "position", "start_states": "uniform"})
+    results, qfun = train_and_save(config, tmp_path_factory.mktemp("mc") / "checkpoint_000001")
+    return results, qfun
+
+
+def test_mountain_car_trains_through_the_fast_runner_and_loads(mountain_car_agent):
+    results, qfun = mountain_car_agent
+    assert results[-1]["num_env_steps_sampled_lifetime"] == 2 * 16 * 8
+    assert np.isfinite(results[-1]["learner"]["td_loss"])
+    c = qfun.config
+    assert c["env_id"] == MOUNTAIN_CAR_ID and c["env_runner"] == "fast" and c["gamma"] == 0.99
+    assert c["goal_type"] == "position" and c["num_goals"] == 4 and c["env_kwargs"]["start_states"] == "uniform"
+    q = qfun.q(np.zeros((5, 2), np.float32))
+    assert q.shape == (5, 4, 3) and ((q > 0) & (q < 1)).all()  # sigmoid Q
+
+
+def test_agent_q_fn_matches_load_q_and_is_differentiable_in_the_state(mountain_car_agent):
+    from qworld.plearn.continuous import agent_q_fn
+
+    _, qfun = mountain_car_agent
+    task = make_continuous_task(MOUNTAIN_CAR_ID)
+    q_fn = agent_q_fn(qfun, task)
+    states = task.dynamics.uniform_states(7, torch.Generator().manual_seed(0)).float().requires_grad_(True)
+    q_all = q_fn(states, None)  # [B, L, A]
+    obs = task.dynamics.observe(states.detach().double()).float().numpy()
+    np.testing.assert_allclose(q_all.detach().numpy(), qfun.q(obs), rtol=1e-5, atol=1e-6)
+    goal = torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    np.testing.assert_allclose(q_fn(states, goal).detach().numpy(), qfun.q(obs, goal.numpy()), rtol=1e-5, atol=1e-6)
+    q_all.sum().backward()
+    assert states.grad is not None and states.grad.abs().sum() > 0
+    # the agent's own module is left alone: no gradients, training mode unchanged
+    assert all(p.grad is None for p in qfun.module.parameters())
+    with pytest.raises(ValueError):
+        agent_q_fn(qfun, make_continuous_task(MOUNTAIN_CAR_ID, num_goals=3))
+
+
+def test_score_checkpoint_continuous_on_a_mountain_car_checkpoint(mountain_car_agent):
+    from qworld.plearn.continuous import score_checkpoint_continuous
+
+    _, qfun = mountain_car_agent
+    base = {K.TRIAL_ID: "t0", K.CHECKPOINT_INDEX: 1}
+    options = {"successor": {"steps": 30, "batch_size": 64, "lr": 2e-3, "grid_shape": [40, 40], "num_resets": 32},
+               "q_nmse": {"grid_shape": [40, 40]}}
+    fits = {}
+    rows = score_checkpoint_continuous(qfun, qfun.config, base, ["successor"], ["fast_car"], options, fits=fits)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row[K.ERROR] is None and row[K.METHOD] == "successor" and row[K.TRIAL_ID] == "t0"
+    assert np.isfinite(row[K.Q_NMSE]) and row[K.FIT_SECONDS] > 0
+    for key in world_model_keys(("p", "v")):
+        assert np.isfinite(row[key]), key
+    # the baselines do not depend on the agent: identity's Delta NMSE is about 1, no-force's small
+    assert row[f"{K.BASELINE_IDENTITY}/{K.WM_DELTA_NMSE}_v"] == pytest.approx(1.0, abs=0.05)
+    assert row[f"interior/{K.BASELINE_NO_FORCE}/{K.WM_DELTA_NMSE}_v"] < 0.5
+    assert 0.9 < row["interior/fraction"] < 1.0  # a few per cent hit the walls or the speed limit
+    for key in (K.RETURN_RATIO, K.RETURN_WM, K.RETURN_STAR, K.PLAN_SUCCESS):
+        assert np.isfinite(row[f"fast_car/{key}"]), key
+    assert row[f"fast_car/{K.RETURN_STAR}"] > 0
+    assert set(fits) == {"successor"}
+
+
+def test_sweep_score_checkpoint_routes_continuous_envs(ray_session, tmp_path):
+    from qworld.sweep.score import score_checkpoint
+
+    config = tiny(REACHER_ID, {"num_goals": 4})
+    algo = config.build_algo()
+    try:
+        algo.train()
+        path = algo.save_to_path(str(tmp_path / "checkpoint_000003"))
+    finally:
+        algo.stop()
+    options = {"successor": {"steps": 10, "batch_size": 32, "grid_shape": [6, 6, 6, 6], "num_resets": 16},
+               "q_nmse": {"grid_shape": [6, 6, 6, 6]}}
+    rows = score_checkpoint(path, sweep="s", trial_id="r0", methods=["successor"], tasks=["far_fingertip"],
+                            options=options)
+    assert len(rows) == 1 and rows[0][K.ERROR] is None, rows[0].get(K.ERROR)
+    row = rows[0]
+    assert row[K.ENV] == REACHER_ID and row[K.GOAL_TYPE] == "fingertip" and row[K.CHECKPOINT_INDEX] == 3
+    for key in world_model_keys(("theta1", "theta2", "omega1", "omega2")):
+        assert np.isfinite(row[key]), key
+    assert f"far_fingertip/{K.RETURN_RATIO}" in row and np.isfinite(row[K.Q_NMSE])
+
+
+def test_mujoco_reacher_trains_through_the_standard_runner_and_scores(ray_session, tmp_path):
+    from qworld.plearn.continuous import score_checkpoint_continuous
+
+    config = tiny(MUJOCO_REACHER_ID, {}, env_runner="standard", num_envs=4, rollout_length=8, minibatch_size=16)
+    results, qfun = train_and_save(config, tmp_path / "checkpoint_000000", iterations=2)
+    assert qfun.config["env_runner"] == "standard" and qfun.config["env_id"] == MUJOCO_REACHER_ID
+    assert results[-1]["num_env_steps_sampled_lifetime"] >= 2 * 4 * 8
+    assert qfun.q(np.zeros((2, 6), np.float32)).shape == (2, 4, 9)
+    options = {"successor": {"steps": 5, "batch_size": 32, "grid_shape": [4, 4, 4, 4], "num_resets": 8}}
+    rows = score_checkpoint_continuous(qfun, qfun.config, {}, ["successor"], ["target_velocity"], options)
+    row = rows[0]
+    assert row[K.ERROR] is None, row[K.ERROR]
+    assert K.Q_NMSE not in row  # MuJoCo: no ground-truth grid unless asked for
+    for key in world_model_keys(("theta1", "theta2", "omega1", "omega2")):
+        assert np.isfinite(row[key]), key
+    assert f"target_velocity/{K.RETURN_RATIO}" in row and math.isfinite(row[f"target_velocity/{K.RETURN_STAR}"])
+
+
+@pytest.mark.parametrize("goal_type", ["velocity", "gaussian"])
+def test_mountain_car_goal_families_build_and_train(ray_session, goal_type):
+    q_output = "linear" if goal_type == "gaussian" else "sigmoid"  # gaussian returns exceed 1
+    algo = tiny(MOUNTAIN_CAR_ID, {"goal_type": goal_type}, q_output=q_output).build_algo()
+    try:
+        result = algo.train()
+        cfg = algo.q_function().config
+    finally:
+        algo.stop()
+    assert result["num_env_steps_sampled_lifetime"] == 16 * 8
+    assert cfg["goal_type"] == goal_type and cfg["goal_dim"] == (2 if goal_type == "gaussian" else 1)
