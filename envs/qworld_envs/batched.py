@@ -61,6 +61,19 @@ class BatchedGoalEnv:
     def step(self, actions: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def _check_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        """``actions`` as a ``[N]`` long tensor on the env's device, or a clear ValueError."""
+        if self.state is None:
+            raise RuntimeError("call reset() before step()")
+        actions = torch.as_tensor(actions, device=self.device).long()
+        if actions.shape != (self.num_envs,):
+            raise ValueError(f"actions must have shape [{self.num_envs}], got {tuple(actions.shape)}")
+        # A bad action would silently index another state's row.
+        lo, hi = torch.aminmax(actions)
+        if lo < 0 or hi >= self.num_actions:
+            raise ValueError(f"actions must lie in [0, {self.num_actions}), got [{int(lo)}, {int(hi)}]")
+        return actions
+
 
 class BatchedFiniteEnv(BatchedGoalEnv):
     """N copies of a finite goal-conditioned task, same semantics as ``FourRoomsGoalEnv``.
@@ -148,15 +161,7 @@ class BatchedFiniteEnv(BatchedGoalEnv):
         return {"obs": self._eye.index_select(0, self.state), "goal": self.goal}
 
     def step(self, actions: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.state is None:
-            raise RuntimeError("call reset() before step()")
-        actions = torch.as_tensor(actions, device=self.device).long()
-        if actions.shape != (self.num_envs,):
-            raise ValueError(f"actions must have shape [{self.num_envs}], got {tuple(actions.shape)}")
-        # A bad action would silently index another state's row.
-        lo, hi = torch.aminmax(actions)
-        if lo < 0 or hi >= self.num_actions:
-            raise ValueError(f"actions must lie in [0, {self.num_actions}), got [{int(lo)}, {int(hi)}]")
+        actions = self._check_actions(actions)
 
         # One draw for the transition and both reset choices keeps the stream simple.
         u = torch.rand(3, self.num_envs, generator=self._gen, device=self.device)

@@ -28,6 +28,7 @@ import torch
 from gymnasium import spaces
 
 from qworld_envs.batched import BATCHED_ENVS, BatchedGoalEnv
+from qworld_envs.gym_env import commanded_goal
 
 MOUNTAIN_CAR_ID = "qworld/MountainCar-v0"
 REACHER_ID = "qworld/Reacher-v0"
@@ -434,12 +435,7 @@ class ContinuousGoalEnv(gymnasium.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         options = options or {}
-        goal = options.get("goal")
-        if goal is None:
-            goal = int(self.np_random.integers(self.num_goals))
-        elif not 0 <= int(goal) < self.num_goals:
-            raise ValueError(f"options['goal']={goal} is not in [0, {self.num_goals})")
-        self._goal = int(goal)
+        self._goal = commanded_goal(self.np_random, self.num_goals, options)
         state = options.get("state")
         if state is None:
             state = self._sample_start()
@@ -536,14 +532,7 @@ class BatchedContinuousEnv(BatchedGoalEnv):
         return {"obs": self._observe(self.state), "goal": self.goal}
 
     def step(self, actions: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.state is None:
-            raise RuntimeError("call reset() before step()")
-        actions = torch.as_tensor(actions, device=self.device).long()
-        if actions.shape != (self.num_envs,):
-            raise ValueError(f"actions must have shape [{self.num_envs}], got {tuple(actions.shape)}")
-        lo, hi = torch.aminmax(actions)
-        if lo < 0 or hi >= self.num_actions:
-            raise ValueError(f"actions must lie in [0, {self.num_actions}), got [{int(lo)}, {int(hi)}]")
+        actions = self._check_actions(actions)
         dyn, goals = self.task.dynamics, self.task.goals
         s2 = dyn.step(self.state, actions, self._gen)
         rewards, terminals = goals.rewards_terminals(s2)

@@ -12,6 +12,16 @@ from qworld_envs.goals import start_states
 from qworld_envs.tasks import FOUR_ROOMS_ID, FiniteTask, make_finite_task
 
 
+def commanded_goal(np_random: np.random.Generator, num_goals: int, options: dict[str, Any]) -> int:
+    """The goal an episode is commanded: ``options["goal"]`` if given, else uniform."""
+    goal = options.get("goal")
+    if goal is None:
+        return int(np_random.integers(num_goals))
+    if not 0 <= int(goal) < num_goals:
+        raise ValueError(f"options['goal']={goal} is not in [0, {num_goals})")
+    return int(goal)
+
+
 class FourRoomsGoalEnv(gymnasium.Env):
     """Goal-conditioned FourRooms (or any finite task built by ``make_finite_task``).
 
@@ -85,12 +95,7 @@ class FourRoomsGoalEnv(gymnasium.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         options = options or {}
-        goal = options.get("goal")
-        if goal is None:
-            goal = int(self.np_random.integers(self.num_goals))
-        elif not 0 <= int(goal) < self.num_goals:
-            raise ValueError(f"options['goal']={goal} is not in [0, {self.num_goals})")
-        self._goal = int(goal)
+        self._goal = commanded_goal(self.np_random, self.num_goals, options)
         state = options.get("state")
         if state is None:
             state = int(self.np_random.choice(self._starts[self._goal]))
