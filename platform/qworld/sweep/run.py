@@ -255,8 +255,10 @@ def list_trials(experiment_dir: str | Path) -> list[tuple[str, Path]]:
     for result_file in sorted(Path(experiment_dir).glob("*/result.json")):
         with result_file.open() as fh:
             first = fh.readline()
-        if first.strip():
+        try:
             out.append((json.loads(first)["trial_id"], result_file.parent))
+        except (ValueError, KeyError):  # nothing reported yet, or a line still being written
+            continue
     return out
 
 
