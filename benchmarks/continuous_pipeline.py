@@ -60,8 +60,8 @@ DEFAULTS = {
         grid_shape=None, q_grid=None,
     ),
     "reacher": dict(
-        pqn=dict(total_env_steps=2_000_000, num_envs=256, rollout_length=64, minibatch_size=512, num_epochs=1,
-                 hidden_sizes=[256, 256], lr=1e-3, lambda_=0.0, q_output="sigmoid", head="all_goals",
+        pqn=dict(total_env_steps=5_000_000, num_envs=256, rollout_length=64, minibatch_size=512, num_epochs=1,
+                 hidden_sizes=[256, 256, 256], lr=1e-3, lambda_=0.0, q_output="sigmoid", head="all_goals",
                  epsilon_end=0.1, epsilon_decay_fraction=0.5),
         env_kwargs=dict(goal_type="fingertip", num_goals=4, start_states="uniform"),
         plearn=dict(steps=1000, batch_size=512, lr=2e-3),
@@ -69,7 +69,7 @@ DEFAULTS = {
     ),
     "mujoco": dict(
         pqn=dict(total_env_steps=300_000, env_runner="standard", num_envs=32, rollout_length=64, minibatch_size=512,
-                 num_epochs=1, hidden_sizes=[256, 256], lr=1e-3, lambda_=0.0, q_output="sigmoid", head="all_goals",
+                 num_epochs=1, hidden_sizes=[256, 256, 256], lr=1e-3, lambda_=0.0, q_output="sigmoid", head="all_goals",
                  epsilon_end=0.1, epsilon_decay_fraction=0.5),
         env_kwargs=dict(goal_type="fingertip", num_goals=4, start_states="uniform"),
         plearn=dict(steps=1000, batch_size=512, lr=2e-3),
