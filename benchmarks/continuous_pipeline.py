@@ -86,6 +86,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="PQN env-step budget (total_env_steps)")
     p.add_argument("--hidden", type=int, nargs="+", help="PQN hidden_sizes")
     p.add_argument("--lr", type=float, help="PQN lr")
+    p.add_argument("--fourier-features", type=int, help="PQN fourier_features (0: raw state)")
+    p.add_argument("--fourier-scale", type=float, help="PQN fourier_scale")
     p.add_argument("--lambda", dest="lambda_", type=float, help="PQN lambda_")
     p.add_argument("--num-epochs", type=int)
     p.add_argument("--num-envs", type=int)
@@ -97,6 +99,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--plearn-batch", type=int)
     p.add_argument("--plearn-lr", type=float)
     p.add_argument("--plearn-hidden", type=int)
+    p.add_argument("--plearn-anneal-noise", type=float)
     p.add_argument("--grid", type=int, nargs="+", help="planning grid shape (default: the env's)")
     p.add_argument("--q-grid", type=int, nargs="+", help="ground-truth grid of the Q NMSE (0: skip)")
     p.add_argument("--tasks", nargs="*", help="unseen goals (default: all three of the env)")
@@ -111,7 +114,8 @@ def settings(args: argparse.Namespace) -> dict:
     pqn = dict(base["pqn"])
     for key, arg in [("total_env_steps", "steps"), ("hidden_sizes", "hidden"), ("lr", "lr"), ("lambda_", "lambda_"),
                      ("num_epochs", "num_epochs"), ("num_envs", "num_envs"), ("rollout_length", "rollout_length"),
-                     ("minibatch_size", "minibatch_size")]:
+                     ("minibatch_size", "minibatch_size"), ("fourier_features", "fourier_features"),
+                     ("fourier_scale", "fourier_scale")]:
         if getattr(args, arg) is not None:
             pqn[key] = getattr(args, arg)
     env_kwargs = dict(base["env_kwargs"])
@@ -121,7 +125,7 @@ def settings(args: argparse.Namespace) -> dict:
         env_kwargs["start_states"] = args.start_states
     plearn = dict(base["plearn"])
     for key, arg in [("steps", "plearn_steps"), ("batch_size", "plearn_batch"), ("lr", "plearn_lr"),
-                     ("hidden", "plearn_hidden")]:
+                     ("hidden", "plearn_hidden"), ("anneal_noise", "plearn_anneal_noise")]:
         if getattr(args, arg) is not None:
             plearn[key] = getattr(args, arg)
     grid = args.grid or base["grid_shape"]

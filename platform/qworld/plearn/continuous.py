@@ -56,6 +56,10 @@ class PLearnConfig:
     double_sample: bool = True  # sampler + l2: (mean_K/2 m - Q)(mean_K/2' m - Q) over two independent halves,
     #   an unbiased estimate of (E m - Q)^2; (mean_K m - Q)^2 adds Var(m)/K and shrinks the noise
     init_std: float = 0.1  # sampler: initial sigma, as a fraction of delta_scale
+    anneal_noise: float = 0.0  # successor: std of Gaussian noise on s' (fraction of delta_scale), decayed
+    #   linearly to 0 over `anneal_fraction` of the steps; a continuation that smooths the sharp
+    #   edges of Q early, so the model is not caught in the local minima next to the identity
+    anneal_fraction: float = 0.5
     seed: int = 0  # model init and sampling
     log_every: int = 0  # record the loss every this many steps (0: only the last)
 
@@ -66,6 +70,9 @@ class PLearnConfig:
             raise ValueError(f"state_sampling must be one of {STATE_SAMPLING}, got {self.state_sampling!r}")
         if self.steps < 1 or self.batch_size < 1 or self.num_samples < 1:
             raise ValueError("steps, batch_size and num_samples must be positive")
+        if self.anneal_noise < 0 or not 0 < self.anneal_fraction <= 1:
+            raise ValueError(f"anneal_noise must be >= 0 and anneal_fraction in (0, 1], got "
+                             f"{self.anneal_noise}, {self.anneal_fraction}")
         if self.smooth is not None and self.smooth <= 0:
             raise ValueError(f"smooth must be None or > 0, got {self.smooth}")
 
@@ -337,7 +344,12 @@ def p_learn(
                 resid = m.mean(0) - target
                 loss = resid.abs().mean() if cfg.loss == "l1" else resid.square().mean()
         else:
-            resid = m_values(q_fn, goals, model(s, a), g, gamma, cfg.smooth).float() - target
+            nxt = model(s, a)
+            noise = cfg.anneal_noise * (1.0 - step / (cfg.anneal_fraction * cfg.steps))
+            if noise > 0:
+                eps = torch.randn(nxt.shape, generator=gen, device=device, dtype=nxt.dtype)
+                nxt = _wrap(nxt + noise * model.delta_scale * eps, model.periodic)
+            resid = m_values(q_fn, goals, nxt, g, gamma, cfg.smooth).float() - target
             loss = resid.abs().mean() if cfg.loss == "l1" else resid.square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -50,6 +50,8 @@ MODEL_CONFIG_KEYS = (
     "num_actions",
     "goal_features",
     "hidden_sizes",
+    "fourier_features",
+    "fourier_scale",
     "head",
     "q_output",
     "epsilon_start",
@@ -79,6 +81,32 @@ def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int) -> nn.Sequential
     return nn.Sequential(*layers)
 
 
+class FourierEncoder(nn.Module):
+    """``x -> concat(x, sin(2 pi x B), cos(2 pi x B))`` with a fixed random ``B``.
+
+    Random Fourier features (Tancik et al. 2020): a ReLU MLP on raw low-dimensional states
+    fits smooth functions first and sharp ones (the goal-reaching value's edges) last, and
+    P-learning needs Q Bellman-consistent to about 1e-3 at the true next state. ``B`` is a
+    buffer, so checkpoints hold it.
+
+    Args:
+        in_dim: width of ``x`` (state observation, scaled to about [-1, 1]).
+        num_features: F, columns of ``B`` (output width ``in_dim + 2 F``).
+        scale: standard deviation of ``B``'s entries, in cycles per unit of ``x``.
+        seed: seed of ``B``.
+    """
+
+    def __init__(self, in_dim: int, num_features: int, scale: float, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(int(seed))
+        self.register_buffer("B", torch.randn(in_dim, num_features, generator=g) * float(scale))
+        self.out_dim = in_dim + 2 * num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = 2.0 * torch.pi * (x @ self.B)
+        return torch.cat([x, torch.sin(z), torch.cos(z)], dim=-1)
+
+
 class PQNTorchRLModule(TorchRLModule, QNetAPI):
     """Goal-conditioned Q-network (MLP with LayerNorm + ReLU), epsilon-greedy acting.
 
@@ -87,6 +115,8 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
         goal_features: ``[L][goal_dim]`` the goal set (kept as a buffer, so the
             checkpoint holds it);
         hidden_sizes: widths of the hidden layers;
+        fourier_features, fourier_scale: random Fourier features of the state before
+            the MLP (0 = the raw state; see FourierEncoder);
         head: "all_goals" | "goal_input";
         q_output: "linear" | "sigmoid" (sigmoid when returns lie in [0, 1]);
         epsilon_start, epsilon_end, epsilon_decay_steps: exploration schedule;
@@ -114,10 +144,17 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
             self.num_goals, self.goal_dim
         )
         self.register_buffer("goal_features", goal_features)
-        if self.head == "all_goals":
-            self.q_net = mlp(self.obs_dim, self.hidden_sizes, self.num_goals * self.num_actions)
+        self.fourier_features = int(mc.get("fourier_features", 0))
+        if self.fourier_features > 0:
+            self.encoder: nn.Module = FourierEncoder(self.obs_dim, self.fourier_features, float(mc.get("fourier_scale", 1.0)))
+            state_width = self.encoder.out_dim
         else:
-            self.q_net = mlp(self.obs_dim + self.goal_dim, self.hidden_sizes, self.num_actions)
+            self.encoder = nn.Identity()
+            state_width = self.obs_dim
+        if self.head == "all_goals":
+            self.q_net = mlp(state_width, self.hidden_sizes, self.num_goals * self.num_actions)
+        else:
+            self.q_net = mlp(state_width + self.goal_dim, self.hidden_sizes, self.num_actions)
         self.epsilon_start = float(mc.get("epsilon_start", 1.0))
         self.epsilon_end = float(mc.get("epsilon_end", 0.1))
         self.epsilon_decay_steps = float(mc.get("epsilon_decay_steps", 0))
@@ -139,11 +176,12 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
         """
         B = state.shape[0]
         if self.head == "all_goals":
-            return self._squash(self.q_net(state)).reshape(B, self.num_goals, self.num_actions)
+            return self._squash(self.q_net(self.encoder(state))).reshape(B, self.num_goals, self.num_actions)
         L = self.num_goals
+        state = self.encoder(state)
         x = torch.cat(
             [
-                state.unsqueeze(1).expand(B, L, self.obs_dim),
+                state.unsqueeze(1).expand(B, L, state.shape[-1]),
                 self.goal_features.unsqueeze(0).expand(B, L, self.goal_dim),
             ],
             dim=-1,
@@ -178,7 +216,7 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
         """
         if self.head != "goal_input":
             raise ValueError("q_features needs head='goal_input'; the all_goals head only knows its goal set")
-        return self._squash(self.q_net(torch.cat([state, goal_features.to(state.dtype)], dim=-1)))
+        return self._squash(self.q_net(torch.cat([self.encoder(state), goal_features.to(state.dtype)], dim=-1)))
 
     def goal_index(self, goal_features: torch.Tensor) -> torch.Tensor:
         """Index of the nearest goal of the goal set, ``[B, goal_dim] -> [B]`` long."""

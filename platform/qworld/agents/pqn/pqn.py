@@ -81,6 +81,8 @@ PQN_FIELDS = (
     "epsilon_end",
     "epsilon_decay_fraction",
     "hidden_sizes",
+    "fourier_features",
+    "fourier_scale",
     "q_output",
     "head",
     "her_k",
@@ -132,6 +134,8 @@ class PQNConfig(AlgorithmConfig):
         self.epsilon_decay_fraction: float = 0.5  # of total_env_steps
         # --- network
         self.hidden_sizes: List[int] = [256, 256]  # MLP widths (depth = length), LayerNorm + ReLU
+        self.fourier_features: int = 0  # random Fourier features of the state (0: raw state)
+        self.fourier_scale: float = 1.0  # std of their frequencies, cycles per unit of obs
         self.q_output: str = "linear"  # "linear" | "sigmoid" (returns in [0, 1])
         self.head: str = "all_goals"  # "all_goals" (Q[L, A] from the state) | "goal_input"
         # --- hindsight relabelling (goal_input head only)
@@ -164,6 +168,8 @@ class PQNConfig(AlgorithmConfig):
         epsilon_end: Optional[float] = NotProvided,
         epsilon_decay_fraction: Optional[float] = NotProvided,
         hidden_sizes: Optional[Sequence[int]] = NotProvided,
+        fourier_features: Optional[int] = NotProvided,
+        fourier_scale: Optional[float] = NotProvided,
         q_output: Optional[str] = NotProvided,
         head: Optional[str] = NotProvided,
         her_k: Optional[int] = NotProvided,
@@ -200,6 +206,12 @@ class PQNConfig(AlgorithmConfig):
                 decays linearly, in [0, 1].
             hidden_sizes: widths of the hidden layers (depth = its length), each
                 Linear -> LayerNorm -> ReLU.
+            fourier_features: F >= 0 random Fourier features ``sin/cos(2 pi s B)`` of
+                the state fed to the MLP with the state (0: the raw state only); they
+                let a small MLP fit the sharp edges of goal-reaching values on
+                low-dimensional continuous states.
+            fourier_scale: standard deviation (> 0) of B's entries, cycles per unit of
+                the observation.
             q_output: "linear", or "sigmoid" for returns in [0, 1] (sparse indicator goals).
             head: "all_goals" (state in, Q for every goal of the goal set out, every
                 transition trains every goal) or "goal_input" (state + goal features in).
@@ -234,6 +246,8 @@ class PQNConfig(AlgorithmConfig):
             epsilon_end=epsilon_end,
             epsilon_decay_fraction=epsilon_decay_fraction,
             hidden_sizes=hidden_sizes,
+            fourier_features=fourier_features,
+            fourier_scale=fourier_scale,
             q_output=q_output,
             head=head,
             her_k=her_k,
@@ -291,6 +305,8 @@ class PQNConfig(AlgorithmConfig):
             "num_actions": task.num_actions,
             "goal_features": task.goal_features,
             "hidden_sizes": [int(h) for h in self.hidden_sizes],
+            "fourier_features": int(self.fourier_features),
+            "fourier_scale": float(self.fourier_scale),
             "head": self.head,
             "q_output": self.q_output,
             "epsilon_start": float(self.epsilon_start),
@@ -395,6 +411,9 @@ class PQNConfig(AlgorithmConfig):
         hs = self.hidden_sizes
         if not isinstance(hs, (list, tuple)) or not hs or not all(_is_int(h) and h >= 1 for h in hs):
             bad("hidden_sizes", "a non-empty list of ints >= 1 (layer widths)")
+        check_int("fourier_features", 0)
+        if not _is_num(self.fourier_scale) or not self.fourier_scale > 0:
+            bad("fourier_scale", "a number > 0 (cycles per unit of observation)")
         check_choice("q_output", Q_OUTPUTS)
         check_choice("head", HEADS)
         check_int("her_k", 0)
