@@ -147,6 +147,22 @@ def test_mujoco_reacher_trains_through_the_standard_runner_and_scores(ray_sessio
     assert f"target_velocity/{K.RETURN_RATIO}" in row and math.isfinite(row[f"target_velocity/{K.RETURN_STAR}"])
 
 
+def test_mujoco_reacher_trains_through_the_fast_runner(ray_session):
+    config = tiny(MUJOCO_REACHER_ID, {"start_states": "uniform"}, num_envs=4, rollout_length=8, minibatch_size=16)
+    assert config.env_runner == "auto" and config.resolved_env_runner() == "fast"
+    algo = config.build_algo()
+    try:
+        assert type(algo.env_runner).__name__ == "BatchedEnvRunner"
+        results = [algo.train() for _ in range(3)]
+        cfg = algo.q_function().config
+    finally:
+        algo.stop()
+    steps = [r["num_env_steps_sampled_lifetime"] for r in results]
+    assert steps == [4 * 8, 2 * 4 * 8, 3 * 4 * 8]
+    assert all(np.isfinite(r["learner"]["td_loss"]) for r in results)
+    assert cfg["env_runner"] == "fast" and cfg["env_id"] == MUJOCO_REACHER_ID and cfg["num_actions"] == 9
+
+
 @pytest.mark.parametrize("goal_type", ["velocity", "gaussian"])
 def test_mountain_car_goal_families_build_and_train(ray_session, goal_type):
     q_output = "linear" if goal_type == "gaussian" else "sigmoid"  # gaussian returns exceed 1

@@ -9,10 +9,10 @@ env, the batched env, the grid ground truth and P-learning all build it with
 :func:`make_continuous_task`, so they agree by construction.
 
 Registered here: gymnasium ids ``qworld/MountainCar-v0``, ``qworld/Reacher-v0``,
-``qworld/MujocoReacher-v0`` (lazy entry points) and batched factories for the first two
-in ``qworld_envs.batched.BATCHED_ENVS``. The env modules (``mountain_car``, ``reacher``,
-``mujoco_reacher``) import this one, never the other way round (builders are looked up
-by name), so there is no import cycle.
+``qworld/MujocoReacher-v0`` (lazy entry points) and batched factories for all three
+in ``qworld_envs.batched.BATCHED_ENVS`` (MuJoCo's on the CPU only). The env modules
+(``mountain_car``, ``reacher``, ``mujoco_reacher``) import this one, never the other way
+round (builders are looked up by name), so there is no import cycle.
 """
 
 from __future__ import annotations
@@ -476,7 +476,9 @@ class BatchedContinuousEnv(BatchedGoalEnv):
 
     ## Dynamics
     The task's ``step_fn`` on a float64 state ``[N, d]``; noise (stochastic variants),
-    resets and goals drawn from a seeded ``torch.Generator``.
+    resets and goals drawn from a seeded ``torch.Generator``. Dynamics that are not torch
+    functions (``differentiable=False``: MuJoCo, a python loop over rows) run on the CPU
+    only; any other device is a ``ValueError``.
 
     ## Reward and episode end
     ``rewards[:, g] = r_g(s')``; terminated when the commanded goal is terminal at s'
@@ -496,8 +498,10 @@ class BatchedContinuousEnv(BatchedGoalEnv):
     def __init__(self, task: ContinuousTask, num_envs: int, seed: int = 0, device: str | torch.device = "cpu"):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        if not task.dynamics.differentiable:
-            raise ValueError(f"{task.env_id} has no batched torch dynamics")
+        self.device = torch.device(device)
+        if not task.dynamics.differentiable and self.device.type != "cpu":
+            raise ValueError(f"{task.env_id} steps its dynamics on the CPU (numpy/MuJoCo, not torch), so its "
+                             f"batched env needs device 'cpu', got {str(self.device)!r}")
         self.task = task
         dyn, goals = task.dynamics, task.goals
         self.num_envs = int(num_envs)
@@ -506,7 +510,6 @@ class BatchedContinuousEnv(BatchedGoalEnv):
         self.obs_dim = dyn.obs_dim
         self.goal_dim = goals.goal_dim
         self.max_episode_steps = task.max_episode_steps
-        self.device = torch.device(device)
         self.goal_features = goals.features.to(self.device)
         self._gen = torch.Generator(device=self.device)
         self._gen.manual_seed(int(seed))
@@ -569,10 +572,13 @@ class BatchedContinuousEnv(BatchedGoalEnv):
 
 def _batched_factory(env_id: str) -> Callable[..., BatchedGoalEnv]:
     def factory(num_envs: int, seed: int = 0, device: str | torch.device = "cpu", **env_kwargs: Any):
+        # imported here: the env modules import this one (and mujoco_reacher loads MuJoCo)
         if env_id == MOUNTAIN_CAR_ID:
             from qworld_envs.mountain_car import BatchedMountainCar as cls
-        else:
+        elif env_id == REACHER_ID:
             from qworld_envs.reacher import BatchedReacher as cls
+        else:
+            from qworld_envs.mujoco_reacher import BatchedMujocoReacher as cls
         return cls(num_envs, seed=seed, device=device, **env_kwargs)
 
     factory.__name__ = f"make_batched_{env_id.split('/')[-1].split('-')[0]}"
@@ -591,5 +597,5 @@ for _env_id, _entry in _GYM_ENTRY_POINTS.items():
     if _env_id not in gymnasium.registry:
         # The env truncates by itself (max_episode_steps kwarg); no TimeLimit wrapper on top.
         gymnasium.register(id=_env_id, entry_point=_entry)
-for _env_id in (MOUNTAIN_CAR_ID, REACHER_ID):
+for _env_id in (MOUNTAIN_CAR_ID, REACHER_ID, MUJOCO_REACHER_ID):
     BATCHED_ENVS.setdefault(_env_id, _batched_factory(_env_id))

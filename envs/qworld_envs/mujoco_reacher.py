@@ -2,8 +2,10 @@
 
 Shapes: N states, L goals. World-model state ``(theta1, theta2, omega1, omega2)`` (the
 arm's joint angles and velocities; theta1 wrapped to [-pi, pi), theta2 limited to
-[-3, 3] by the model). No batched torch dynamics: it runs through RLlib's standard env
-runner. Nothing here renders, so no GL context is ever created.
+[-3, 3] by the model). No torch dynamics: ``mujoco_reacher_step`` simulates a batch
+row by row with MuJoCo, which :class:`BatchedMujocoReacher` (CPU only) uses for PQN's fast
+env runner; the gymnasium env also runs through RLlib's standard runner. Nothing here
+renders, so no GL context is ever created.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from gymnasium.envs.mujoco.reacher_v5 import ReacherEnv
 
 from qworld_envs.continuous import (
     MUJOCO_REACHER_ID,
+    BatchedContinuousEnv,
     ContinuousDynamics,
     ContinuousGoalEnv,
     ContinuousTask,
@@ -107,7 +110,7 @@ def mujoco_reacher_step(state: torch.Tensor, action: torch.Tensor, noise: torch.
     model, data = _sim()
     states = state.detach().cpu().double().numpy()
     acts = action.detach().cpu().long().numpy()
-    torques = TORQUES.numpy() * torque_scale
+    torques = (TORQUES.numpy() * torque_scale).astype(np.float32)  # as DiscretizedTorque hands them to the Box
     out = np.empty_like(states)
     for i, (s, a) in enumerate(zip(states, acts)):
         mujoco.mj_resetData(model, data)
@@ -208,3 +211,18 @@ class MujocoReacherGoalEnv(ContinuousGoalEnv):
     def close(self):
         self._sim.close()
         super().close()
+
+
+class BatchedMujocoReacher(BatchedContinuousEnv):
+    """N MuJoCo Reacher envs stepped together (auto-reset), same semantics as
+    :class:`MujocoReacherGoalEnv`; kwargs as ``make_mujoco_reacher_task``.
+
+    Each step runs ``mujoco_reacher_step`` (one fresh ``MjData`` per row, 20-40 us per
+    env step), so the envs live on the CPU: ``device`` must be ``"cpu"`` (ValueError
+    otherwise). It agrees with the gymnasium env from the same state and actions to
+    round-off, up to the constraint solver's warm start when joint 2 hits its limit
+    (see ``tests/test_continuous.py``).
+    """
+
+    def __init__(self, num_envs: int, seed: int = 0, device: str | torch.device = "cpu", **env_kwargs: Any):
+        super().__init__(make_mujoco_reacher_task(**env_kwargs), num_envs, seed=seed, device=device)
