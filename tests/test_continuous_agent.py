@@ -174,3 +174,14 @@ def test_mountain_car_goal_families_build_and_train(ray_session, goal_type):
         algo.stop()
     assert result["num_env_steps_sampled_lifetime"] == 16 * 8
     assert cfg["goal_type"] == goal_type and cfg["goal_dim"] == (2 if goal_type == "gaussian" else 1)
+
+
+def test_auto_runner_keeps_cpu_only_mujoco_off_a_gpu_learner():
+    from qworld.agents.pqn import PQNConfig
+
+    cfg = PQNConfig().training(env_id="qworld/MujocoReacher-v0")
+    assert cfg.resolved_env_runner() == "fast"
+    cfg.learners(num_gpus_per_learner=1)
+    assert cfg.resolved_env_runner() == "standard"
+    cfg = PQNConfig().training(env_id="qworld/MountainCar-v0").learners(num_gpus_per_learner=1)
+    assert cfg.resolved_env_runner() == "fast"

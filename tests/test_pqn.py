@@ -15,6 +15,8 @@ import torch
 from qworld import metrics as M
 from qworld.agents.pqn import PQNConfig, build_train_rows, her_goals, q_lambda_targets
 from qworld.agents.pqn import rollout as R
+from qworld.agents.pqn.learner import TARGETS
+from ray.rllib.core import DEFAULT_MODULE_ID
 
 torch.set_num_threads(1)
 
@@ -236,6 +238,23 @@ def test_fast_runner_trains_and_reports_qworld_metrics(trained_fast):
     # schedules move with env steps: epsilon from 1 towards 0.1 over half the budget, lr to 0
     assert last[M.TRAIN_EPSILON] == pytest.approx(1.0 - 0.9 * 256 / 2500)
     assert last[M.TRAIN_LR] == pytest.approx(1e-4 * (1 - 384 / 5000), rel=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.65])
+def test_fast_runner_q_at_next_states_equals_the_learners_own_target_pass(trained_fast, lam):
+    algo, _, _ = trained_fast
+    runner = algo.env_runner
+    ro = runner.sample(epsilon=0.5)
+    assert R.NEXT_Q_MAX in ro and ro[R.NEXT_Q_MAX].shape == ro[R.REWARDS].shape
+    done = ro[R.TERMINATED] | ro[R.TRUNCATED]
+    assert done[:-1].any(), "the check needs episodes ending inside the rollout"
+    module = algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+    handed = build_train_rows(module, ro, gamma=0.9, lam=lam)
+    own = build_train_rows(module, {k: v for k, v in ro.items() if k not in (R.NEXT_Q_MAX, R.NEXT_Q_ARGMAX)},
+                           gamma=0.9, lam=lam)
+    torch.testing.assert_close(handed[TARGETS], own[TARGETS], rtol=1e-5, atol=1e-6)
+    greedy = module.q_all_goals(ro[R.NEXT_OBS].reshape(-1, ro[R.NEXT_OBS].shape[-1])).argmax(-1)
+    assert (greedy.reshape(ro[R.NEXT_Q_ARGMAX].shape) == ro[R.NEXT_Q_ARGMAX]).float().mean() > 0.99
 
 
 def test_checkpoint_holds_the_config_and_load_q_matches_the_live_module(trained_fast):

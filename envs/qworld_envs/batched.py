@@ -218,9 +218,15 @@ for _env_id in FINITE_ENVS:
     BATCHED_ENVS[_env_id] = _finite_factory(_env_id)
 
 
-def has_batched(env_id: str) -> bool:
-    """Whether ``env_id`` has batched torch dynamics."""
-    return env_id in BATCHED_ENVS
+# Batched envs whose step runs on the CPU only (MuJoCo in a Python loop).
+CPU_ONLY_BATCHED: set[str] = set()
+
+
+def has_batched(env_id: str, device: str | torch.device = "cpu") -> bool:
+    """Whether ``env_id`` has batched dynamics that can run on ``device``."""
+    if env_id not in BATCHED_ENVS:
+        return False
+    return torch.device(device).type == "cpu" or env_id not in CPU_ONLY_BATCHED
 
 
 def make_batched(

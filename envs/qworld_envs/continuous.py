@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from qworld_envs.batched import BATCHED_ENVS, BatchedGoalEnv
+from qworld_envs.batched import CPU_ONLY_BATCHED, BATCHED_ENVS, BatchedGoalEnv
 from qworld_envs.gym_env import commanded_goal
 
 MOUNTAIN_CAR_ID = "qworld/MountainCar-v0"
@@ -599,3 +599,4 @@ for _env_id, _entry in _GYM_ENTRY_POINTS.items():
         gymnasium.register(id=_env_id, entry_point=_entry)
 for _env_id in (MOUNTAIN_CAR_ID, REACHER_ID, MUJOCO_REACHER_ID):
     BATCHED_ENVS.setdefault(_env_id, _batched_factory(_env_id))
+CPU_ONLY_BATCHED.add(MUJOCO_REACHER_ID)

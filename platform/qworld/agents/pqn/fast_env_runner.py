@@ -36,7 +36,7 @@ from ray.rllib.utils.typing import StateDict
 
 from qworld import metrics as M
 from qworld.agents.pqn import rollout as R
-from qworld.agents.pqn.module import EPSILON, GOAL
+from qworld.agents.pqn.module import EPSILON, GOAL, Q_ALL_GOALS, RETURN_Q_ALL_GOALS
 
 EPISODE_SUCCESS_MEAN = M.TRAIN_EPISODE_SUCCESS.split("/", 1)[1]  # "episode_success_mean"
 
@@ -148,10 +148,16 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
         succ_sum = torch.zeros((), device=dev)
         done_sum = torch.zeros((), device=dev)
         obs, goal = self._state["obs"], self._state["goal"]
+        keep_q = explore and module.head == "all_goals"
+        if keep_q:
+            q_max_b = torch.empty((T, N, env.num_goals), dtype=torch.float32, device=dev)
+            q_arg_b = torch.empty((T, N, env.num_goals), dtype=torch.long, device=dev)
         for t in range(T):
-            batch = {Columns.OBS: obs, GOAL: goal, EPSILON: eps}
+            batch = {Columns.OBS: obs, GOAL: goal, EPSILON: eps, RETURN_Q_ALL_GOALS: keep_q}
             out = module.forward_exploration(batch) if explore else module.forward_inference(batch)
             actions = out[Columns.ACTIONS]
+            if keep_q:
+                q_max_b[t], q_arg_b[t] = out[Q_ALL_GOALS].max(-1)
             step = env.step(actions)
             obs_b[t] = obs
             goal_b[t] = goal
@@ -184,9 +190,28 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
             R.TERMINATED: terminated_b,
             R.TRUNCATED: truncated_b,
         }
+        if keep_q:
+            rollout[R.NEXT_Q_MAX], rollout[R.NEXT_Q_ARGMAX] = self._next_q(q_max_b, q_arg_b, next_obs_b,
+                                                                          terminated_b | truncated_b)
         if self.worker_index > 0 and dev.type != "cpu":
             rollout = {k: v.cpu() for k, v in rollout.items()}
         return rollout
+
+    @torch.no_grad()
+    def _next_q(self, q_max: torch.Tensor, q_arg: torch.Tensor, next_obs: torch.Tensor, done: torch.Tensor):
+        """Q at s_{t+1} from the Q at s_t the rollout computed: ``[T, N, L]`` max and argmax.
+
+        Where the episode went on, s_{t+1} is the next step's s_t; the rows that ended
+        (their next s_t is a reset) and the last step are evaluated here.
+        """
+        next_max, next_arg = torch.empty_like(q_max), torch.empty_like(q_arg)
+        next_max[:-1], next_arg[:-1] = q_max[1:], q_arg[1:]
+        fresh = done.clone()
+        fresh[-1] = True
+        if fresh.any():
+            m, a = self.module.q_all_goals(next_obs[fresh]).max(-1)
+            next_max[fresh], next_arg[fresh] = m, a
+        return next_max, next_arg
 
     def _log_rollout_metrics(self, steps, done_sum, ret_sum, len_sum, succ_sum) -> None:
         stats = torch.stack([done_sum.float(), ret_sum.float(), len_sum.float(), succ_sum.float()]).tolist()

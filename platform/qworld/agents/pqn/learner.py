@@ -122,17 +122,20 @@ def build_train_rows(
     if module.head == "all_goals":
         L = module.num_goals
         cut = rollout[R.TERMINATED] | rollout[R.TRUNCATED]
-        if lam > 0.0:
+        if R.NEXT_Q_MAX in rollout:  # the fast runner's Q at s_{t+1}, same weights (see rollout.py)
+            next_q_max, greedy_next = rollout[R.NEXT_Q_MAX], rollout[R.NEXT_Q_ARGMAX].long()
+        elif lam > 0.0:
             # max and argmax in one pass; argmax travels as float through the chunking
             both = _chunked(lambda s: torch.stack([t.float() for t in module.q_all_goals(s).max(-1)], -1), flat_next)
             next_q_max, greedy_next = both[..., 0].reshape(T, N, L), both[..., 1].long().reshape(T, N, L)
+        else:
+            next_q_max = _chunked(lambda s: module.q_all_goals(s).amax(-1), flat_next).reshape(T, N, L)
+        if lam > 0.0:
             # Watkins-style: the behaviour follows the commanded goal, so goal g's trace
             # continues past t only while the next action taken is greedy for g.
             off_policy = torch.ones((T, N, L), dtype=torch.bool, device=obs.device)
             off_policy[:-1] = rollout[R.ACTIONS][1:].unsqueeze(-1) != greedy_next[:-1]
             cut = cut.unsqueeze(-1) | off_policy
-        else:
-            next_q_max = _chunked(lambda s: module.q_all_goals(s).amax(-1), flat_next).reshape(T, N, L)
         targets = q_lambda_targets(rollout[R.REWARDS], rollout[R.TERMINALS], cut, next_q_max, gamma, lam)
         rows = {
             Columns.OBS: obs.reshape(T * N, D),
@@ -189,7 +192,8 @@ class PQNTorchLearner(TorchLearner):
         module = self._module[module_id]
         params = self.get_parameters(module)
         optim_cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[config.optimizer]
-        optimizer = optim_cls(params, lr=config.lr_schedule()[0][1], eps=config.adam_eps)
+        # foreach: one fused kernel per step instead of a Python loop over the parameters.
+        optimizer = optim_cls(params, lr=config.lr_schedule()[0][1], eps=config.adam_eps, foreach=True)
         self.register_optimizer(
             module_id=module_id,
             optimizer=optimizer,

@@ -38,6 +38,7 @@ from ray.rllib.utils.annotations import override
 GOAL = "goal"  # [B] long: commanded goal index
 EPSILON = "epsilon"  # scalar or [B]: exploration rate for this forward pass
 Q_ALL_GOALS = "q_all_goals"  # [B, L, A]: Q of every goal of the goal set (all_goals head)
+RETURN_Q_ALL_GOALS = "return_q_all_goals"  # batch flag: exploration also returns Q_ALL_GOALS
 
 HEADS = ("all_goals", "goal_input")
 Q_OUTPUTS = ("linear", "sigmoid")
@@ -278,7 +279,8 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
     @override(RLModule)
     def _forward_exploration(self, batch: Dict[str, Any], t: Optional[int] = None, **kwargs) -> Dict[str, Any]:
         with torch.no_grad():
-            q = self.compute_q_values(batch)[QF_PREDS]
+            out = self.compute_q_values(batch)
+            q = out[QF_PREDS]
             greedy = q.argmax(-1)
             eps = batch.get(EPSILON)
             if eps is None:
@@ -286,7 +288,10 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
             B = q.shape[0]
             random_actions = torch.randint(self.num_actions, (B,), device=q.device)
             explore = torch.rand(B, device=q.device) < eps
-            return {Columns.ACTIONS: torch.where(explore, random_actions, greedy)}
+            actions = {Columns.ACTIONS: torch.where(explore, random_actions, greedy)}
+            if batch.get(RETURN_Q_ALL_GOALS) and Q_ALL_GOALS in out:
+                actions[Q_ALL_GOALS] = out[Q_ALL_GOALS]
+            return actions
 
     @override(RLModule)
     def _forward_train(self, batch: Dict[str, Any], **kwargs) -> Dict[str, Any]:

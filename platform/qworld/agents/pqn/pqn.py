@@ -267,7 +267,11 @@ class PQNConfig(AlgorithmConfig):
     def resolved_env_runner(self) -> str:
         """"fast" or "standard" (``env_runner="auto"`` resolved with ``has_batched``)."""
         if self.env_runner == "auto":
-            return "fast" if qworld_envs.has_batched(self.env_id) else "standard"
+            # The local runner shares the learner's device; a CPU-only batched env (MuJoCo)
+            # with a GPU learner goes through the standard runner instead.
+            gpu = bool(self.num_gpus_per_learner) or bool(self.num_gpus_per_env_runner)
+            device = "cuda" if gpu else "cpu"
+            return "fast" if qworld_envs.has_batched(self.env_id, device) else "standard"
         return self.env_runner
 
     def envs_per_env_runner(self) -> int:
