@@ -53,10 +53,10 @@ TASKS = {
 DEFAULTS = {
     "mountaincar": dict(
         pqn=dict(total_env_steps=2_000_000, num_envs=256, rollout_length=64, minibatch_size=512, num_epochs=1,
-                 hidden_sizes=[256, 256], lr=1e-3, lambda_=0.0, q_output="sigmoid", head="all_goals",
-                 epsilon_end=0.1, epsilon_decay_fraction=0.5),
+                 hidden_sizes=[256, 256], fourier_features=64, fourier_scale=0.5, lr=1e-3, lambda_=0.0,
+                 q_output="sigmoid", head="all_goals", epsilon_end=0.1, epsilon_decay_fraction=0.5),
         env_kwargs=dict(goal_type="position", num_goals=4, start_states="uniform"),
-        plearn=dict(steps=1000, batch_size=512, lr=2e-3),
+        plearn=dict(steps=1000, batch_size=512, lr=2e-3, anneal_noise=1.0),
         grid_shape=None, q_grid=None,
     ),
     "reacher": dict(
