@@ -13,7 +13,7 @@ Modes::
     python benchmarks/continuous_pipeline.py mountaincar [--seed 0]   # position goals
     python benchmarks/continuous_pipeline.py agree [--seed 0]         # position vs velocity goals
     python benchmarks/continuous_pipeline.py reacher [--seed 0]       # toy Reacher
-    python benchmarks/continuous_pipeline.py mujoco [--seed 0]        # MuJoCo Reacher, standard runner
+    python benchmarks/continuous_pipeline.py mujoco [--seed 0]        # MuJoCo Reacher (batched MuJoCo, fast runner)
 
 Each mode has the defaults recorded in BENCHMARKS.md; any PQN / P-learning setting can be
 overridden (``--steps``, ``--hidden``, ``--lr``, ``--plearn-steps`` ...). Prints one JSON line
@@ -68,7 +68,7 @@ DEFAULTS = {
         grid_shape=None, q_grid=[16, 16, 16, 16],
     ),
     "mujoco": dict(
-        pqn=dict(total_env_steps=300_000, env_runner="standard", num_envs=32, rollout_length=64, minibatch_size=512,
+        pqn=dict(total_env_steps=2_000_000, num_envs=256, rollout_length=64, minibatch_size=512,
                  num_epochs=1, hidden_sizes=[256, 256, 256], lr=1e-3, lambda_=0.0, q_output="sigmoid", head="all_goals",
                  epsilon_end=0.1, epsilon_decay_fraction=0.5),
         env_kwargs=dict(goal_type="fingertip", num_goals=4, start_states="uniform"),
@@ -91,6 +91,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lambda", dest="lambda_", type=float, help="PQN lambda_")
     p.add_argument("--num-epochs", type=int)
     p.add_argument("--num-envs", type=int)
+    p.add_argument("--env-runner", choices=["auto", "fast", "standard"], help="PQN env_runner")
     p.add_argument("--rollout-length", type=int)
     p.add_argument("--minibatch-size", type=int)
     p.add_argument("--num-goals", type=int)
@@ -114,7 +115,7 @@ def settings(args: argparse.Namespace) -> dict:
     pqn = dict(base["pqn"])
     for key, arg in [("total_env_steps", "steps"), ("hidden_sizes", "hidden"), ("lr", "lr"), ("lambda_", "lambda_"),
                      ("num_epochs", "num_epochs"), ("num_envs", "num_envs"), ("rollout_length", "rollout_length"),
-                     ("minibatch_size", "minibatch_size"), ("fourier_features", "fourier_features"),
+                     ("minibatch_size", "minibatch_size"), ("env_runner", "env_runner"), ("fourier_features", "fourier_features"),
                      ("fourier_scale", "fourier_scale")]:
         if getattr(args, arg) is not None:
             pqn[key] = getattr(args, arg)
