@@ -318,6 +318,19 @@ def test_p_learning_recovers_mountain_car_dynamics(mc_task, mc_grid_q):
     assert scores[K.WM_NMSE] < scores[f"{K.BASELINE_IDENTITY}/{K.WM_NMSE}"]
 
 
+def test_p_learning_with_annealed_noise_recovers_mountain_car_dynamics(mc_task, mc_grid_q):
+    Q, grid = mc_grid_q
+    cfg = PLearnConfig(steps=600, batch_size=256, lr=2e-3, seed=0, anneal_noise=1.0)
+    fit = p_learn(GridQ(Q.float(), grid), mc_task, GAMMA, cfg)
+    scores = score_task_model(fit.step_fn(), mc_task, states=_interior_states(4096))
+    dv = f"{K.WM_DELTA_NMSE}_v"
+    assert scores[dv] < 0.5 * scores[f"{K.BASELINE_NO_FORCE}/{dv}"]
+    assert scores[K.WM_NMSE] < scores[f"{K.BASELINE_IDENTITY}/{K.WM_NMSE}"]
+    for bad in (dict(anneal_noise=-1.0), dict(anneal_fraction=0.0), dict(anneal_fraction=1.5)):
+        with pytest.raises(ValueError, match="anneal"):
+            PLearnConfig(**bad)
+
+
 def test_sampler_recovers_mountain_car_force_noise():
     # force noise std 3 x 0.001: v' gets N(0, 0.003^2) on top of the mean step
     task = make_continuous_task(MOUNTAIN_CAR_ID, action_noise=3.0)

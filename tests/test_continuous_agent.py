@@ -62,6 +62,41 @@ def test_mountain_car_trains_through_the_fast_runner_and_loads(mountain_car_agen
     assert q.shape == (5, 4, 3) and ((q > 0) & (q < 1)).all()  # sigmoid Q
 
 
+def test_fourier_encoder_features():
+    from qworld.agents.pqn.module import FourierEncoder
+
+    enc = FourierEncoder(2, 5, scale=0.5, seed=3)
+    x = torch.tensor([[0.1, -0.4], [0.0, 0.0]])
+    z = 2 * math.pi * (x @ enc.B)
+    out = enc(x)
+    assert out.shape == (2, enc.out_dim) == (2, 12)
+    torch.testing.assert_close(out, torch.cat([x, torch.sin(z), torch.cos(z)], -1))
+    assert not torch.equal(enc.B, FourierEncoder(2, 5, scale=0.5, seed=4).B)  # seeded
+    torch.testing.assert_close(enc.B.std(), torch.tensor(0.5), atol=0.35, rtol=0)
+
+
+def test_fourier_feature_agent_trains_and_its_checkpoint_holds_the_features(ray_session, tmp_path):
+    config = tiny(MOUNTAIN_CAR_ID, {"goal_type": "position"}, fourier_features=8, fourier_scale=0.5)
+    algo = config.build_algo()
+    try:
+        algo.train()
+        live = algo.q_function()
+        ckpt = algo.save_to_path(str(tmp_path / "checkpoint_000001"))
+    finally:
+        algo.stop()
+    from qworld.agents import load_q
+
+    qfun = load_q(ckpt)
+    assert qfun.config["fourier_features"] == 8 and qfun.config["fourier_scale"] == 0.5
+    torch.testing.assert_close(qfun.module.encoder.B, live.module.encoder.B)
+    obs = np.random.default_rng(0).uniform(-1, 1, (6, 2)).astype(np.float32)
+    np.testing.assert_allclose(qfun.q(obs), live.q(obs), rtol=1e-6)
+    # the features are part of the differentiable Q that P-learning steps through
+    s = torch.zeros(3, 2, requires_grad=True)
+    qfun.module.q_all_goals(s).sum().backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
 def test_agent_q_fn_matches_load_q_and_is_differentiable_in_the_state(mountain_car_agent):
     from qworld.plearn.continuous import agent_q_fn
 

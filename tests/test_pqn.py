@@ -70,6 +70,8 @@ def test_validate_names_every_bad_field_and_its_allowed_values():
         q_output="tanh",
         minibatch_size=0,
         env_runner="turbo",
+        fourier_features=-1,
+        fourier_scale=0.0,
     )
     with pytest.raises(ValueError) as info:
         config.validate()
@@ -86,6 +88,8 @@ def test_validate_names_every_bad_field_and_its_allowed_values():
         ("q_output", "'linear', 'sigmoid'"),
         ("minibatch_size", ">= 1"),
         ("env_runner", "'auto', 'fast', 'standard'"),
+        ("fourier_features", "an int >= 0"),
+        ("fourier_scale", "a number > 0"),
     ]:
         line = next((ln for ln in msg.splitlines() if ln.strip().startswith(f"- {field}=")), None)
         assert line is not None, f"{field} missing from:\n{msg}"
