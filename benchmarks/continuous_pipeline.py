@@ -56,7 +56,7 @@ DEFAULTS = {
                  hidden_sizes=[256, 256], fourier_features=64, fourier_scale=0.5, lr=1e-3, lambda_=0.0,
                  q_output="sigmoid", head="all_goals", epsilon_end=0.1, epsilon_decay_fraction=0.5),
         env_kwargs=dict(goal_type="position", num_goals=4, start_states="uniform"),
-        plearn=dict(steps=1000, batch_size=512, lr=2e-3, anneal_noise=1.0),
+        plearn=dict(steps=1000, batch_size=512, lr=2e-3, smooth=0.01),
         grid_shape=None, q_grid=None,
     ),
     "reacher": dict(
@@ -101,6 +101,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--plearn-lr", type=float)
     p.add_argument("--plearn-hidden", type=int)
     p.add_argument("--plearn-anneal-noise", type=float)
+    p.add_argument("--plearn-smooth", type=float, help="sigmoid temperature of the sparse goals in P-learning")
     p.add_argument("--grid", type=int, nargs="+", help="planning grid shape (default: the env's)")
     p.add_argument("--q-grid", type=int, nargs="+", help="ground-truth grid of the Q NMSE (0: skip)")
     p.add_argument("--tasks", nargs="*", help="unseen goals (default: all three of the env)")
@@ -126,7 +127,8 @@ def settings(args: argparse.Namespace) -> dict:
         env_kwargs["start_states"] = args.start_states
     plearn = dict(base["plearn"])
     for key, arg in [("steps", "plearn_steps"), ("batch_size", "plearn_batch"), ("lr", "plearn_lr"),
-                     ("hidden", "plearn_hidden"), ("anneal_noise", "plearn_anneal_noise")]:
+                     ("hidden", "plearn_hidden"), ("anneal_noise", "plearn_anneal_noise"),
+                     ("smooth", "plearn_smooth")]:
         if getattr(args, arg) is not None:
             plearn[key] = getattr(args, arg)
     grid = args.grid or base["grid_shape"]
