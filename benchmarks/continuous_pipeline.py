@@ -56,7 +56,7 @@ DEFAULTS = {
                  hidden_sizes=[256, 256], fourier_features=64, fourier_scale=0.5, lr=1e-3, lambda_=0.0,
                  q_output="sigmoid", head="all_goals", epsilon_end=0.1, epsilon_decay_fraction=0.5),
         env_kwargs=dict(goal_type="position", num_goals=4, start_states="uniform"),
-        plearn=dict(steps=1000, batch_size=512, lr=2e-3, smooth=0.01),
+        plearn=dict(steps=1000, batch_size=512, lr=2e-3, smooth=0.1),
         grid_shape=None, q_grid=None,
     ),
     "reacher": dict(
@@ -101,7 +101,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--plearn-lr", type=float)
     p.add_argument("--plearn-hidden", type=int)
     p.add_argument("--plearn-anneal-noise", type=float)
-    p.add_argument("--plearn-smooth", type=float, help="sigmoid temperature of the sparse goals in P-learning")
+    p.add_argument("--plearn-smooth", type=float, help="P-learning smooth: sigmoid temperature of the sparse goals, a fraction of their radius")
     p.add_argument("--grid", type=int, nargs="+", help="planning grid shape (default: the env's)")
     p.add_argument("--q-grid", type=int, nargs="+", help="ground-truth grid of the Q NMSE (0: skip)")
     p.add_argument("--tasks", nargs="*", help="unseen goals (default: all three of the env)")

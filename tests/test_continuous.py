@@ -331,6 +331,33 @@ def test_p_learning_with_annealed_noise_recovers_mountain_car_dynamics(mc_task, 
             PLearnConfig(**bad)
 
 
+def test_smoothed_indicator_scales_with_the_goal_radius():
+    for goal_type, dim in (("position", 0), ("velocity", 1)):
+        goals = make_continuous_task(MOUNTAIN_CAR_ID, goal_type=goal_type).goals
+        a = float(goals.threshold)
+        c = goals.centers[1].double()
+        s = torch.zeros(3, 2, dtype=torch.float64)
+        s[:, 1 - dim] = 0.0 if dim == 0 else -0.5  # the other coordinate is masked out of the distance
+        s[:, dim] = c[0] + torch.tensor([0.0, a, 0.9 * a], dtype=torch.float64)
+        r, done = goals.rewards_terminals(s, smooth=0.1)
+        expect = torch.sigmoid(torch.tensor([10.0, 0.0, 1.0], dtype=torch.float64))
+        torch.testing.assert_close(r[:, 1], expect)
+        torch.testing.assert_close(done[:, 1], expect)
+
+
+def test_smoothed_p_learning_fits_mountain_car_closer(mc_task, mc_grid_q):
+    Q, grid = mc_grid_q
+    states = _interior_states(4096)
+    dv = f"{K.WM_DELTA_NMSE}_v"
+    got = {}
+    for smooth in (None, 0.1):
+        cfg = PLearnConfig(steps=600, batch_size=256, lr=2e-3, seed=0, smooth=smooth)
+        fit = p_learn(GridQ(Q.float(), grid), mc_task, GAMMA, cfg)
+        got[smooth] = score_task_model(fit.step_fn(), mc_task, states=states)
+    assert got[0.1][dv] < 0.1 * got[0.1][f"{K.BASELINE_NO_FORCE}/{dv}"]
+    assert got[0.1][dv] < got[None][dv], got
+
+
 def test_sampler_recovers_mountain_car_force_noise():
     # force noise std 3 x 0.001: v' gets N(0, 0.003^2) on top of the mean step
     task = make_continuous_task(MOUNTAIN_CAR_ID, action_noise=3.0)

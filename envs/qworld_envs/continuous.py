@@ -163,9 +163,11 @@ class ContinuousGoals:
 
         Args:
             states: ``[N, d]`` next states s'.
-            smooth: None for the true rewards; a temperature tau > 0 replaces the sparse
-                indicator by ``sigmoid((threshold - distance) / tau)`` in both outputs
-                (a differentiable surrogate for P-learning; gaussian goals ignore it).
+            smooth: None for the true rewards; a temperature tau > 0, as a fraction of
+                the goal radius a, replaces the sparse indicator by
+                ``sigmoid((a - distance) / (tau a))`` in both outputs (a differentiable
+                surrogate for P-learning, the same for goals of any radius; gaussian goals
+                ignore it).
 
         Returns:
             ``rewards [N, L]`` (dtype of states), ``terminals [N, L]`` (bool; float when
@@ -177,7 +179,7 @@ class ContinuousGoals:
             return r, torch.zeros(r.shape, dtype=torch.bool, device=r.device)
         dist = self.distance(states)
         if smooth is not None and smooth > 0:
-            soft = torch.sigmoid((self.threshold - dist) / smooth)
+            soft = torch.sigmoid((self.threshold - dist) / (smooth * self.threshold))
             return soft, soft
         hit = dist < self.threshold
         return hit.to(states.dtype), hit

@@ -50,7 +50,9 @@ class PLearnConfig:
     init_scale: float = 1e-3  # last-layer weights x this: the model starts at s' = s
     delta_scale: tuple[float, ...] | None = None  # output scale of Delta per dim; None: (high - low) / 20
     state_sampling: str = "uniform"  # "uniform" over the box | "reset" distribution | "replay" states given
-    smooth: float | None = None  # sigmoid temperature replacing the sparse indicator in m_g; None: exact
+    smooth: float | None = None  # sparse indicators in m_g become sigmoid((a - d) / (smooth a)), a the goal
+    #   radius: without it the reward term passes no gradient and the fit stalls near the
+    #   identity (0.1 on MountainCar and the Reacher, BENCHMARKS.md); None: the exact indicator
     all_goals: bool = True  # residuals of all L goals per (s, a) (q_fn(states, None) -> [B, L, A]); False: one random goal
     num_samples: int = 8  # K, samples per (s, a) for the stochastic sampler
     double_sample: bool = True  # sampler + l2: (mean_K/2 m - Q)(mean_K/2' m - Q) over two independent halves,
@@ -219,7 +221,8 @@ def m_values(q_fn: QFn, goals: Any, next_states: torch.Tensor, goal: torch.Tenso
         next_states: ``[B, d]``.
         goal: ``[B]`` long, or None for all goals.
         gamma: discount.
-        smooth: sigmoid temperature for sparse indicators (None: exact).
+        smooth: sigmoid temperature of sparse indicators, a fraction of the goal radius
+            (None: exact).
 
     Returns:
         ``[B]`` (``[B, L]`` when ``goal`` is None), differentiable in ``next_states``
