@@ -95,6 +95,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rollout-length", type=int)
     p.add_argument("--minibatch-size", type=int)
     p.add_argument("--num-goals", type=int)
+    p.add_argument("--goal-type", help="env goal_type (MountainCar: position, velocity, gaussian)")
+    p.add_argument("--q-output", choices=["linear", "sigmoid"], help="PQN q_output (linear for gaussian goals)")
     p.add_argument("--start-states", choices=["reset", "uniform"])
     p.add_argument("--plearn-steps", type=int)
     p.add_argument("--plearn-batch", type=int)
@@ -116,13 +118,15 @@ def settings(args: argparse.Namespace) -> dict:
     pqn = dict(base["pqn"])
     for key, arg in [("total_env_steps", "steps"), ("hidden_sizes", "hidden"), ("lr", "lr"), ("lambda_", "lambda_"),
                      ("num_epochs", "num_epochs"), ("num_envs", "num_envs"), ("rollout_length", "rollout_length"),
-                     ("minibatch_size", "minibatch_size"), ("env_runner", "env_runner"), ("fourier_features", "fourier_features"),
+                     ("minibatch_size", "minibatch_size"), ("env_runner", "env_runner"), ("q_output", "q_output"), ("fourier_features", "fourier_features"),
                      ("fourier_scale", "fourier_scale")]:
         if getattr(args, arg) is not None:
             pqn[key] = getattr(args, arg)
     env_kwargs = dict(base["env_kwargs"])
     if args.num_goals is not None:
         env_kwargs["num_goals"] = args.num_goals
+    if args.goal_type is not None:
+        env_kwargs["goal_type"] = args.goal_type
     if args.start_states is not None:
         env_kwargs["start_states"] = args.start_states
     plearn = dict(base["plearn"])
