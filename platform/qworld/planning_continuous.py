@@ -63,12 +63,8 @@ def _ball(states: torch.Tensor, dims: Sequence[int], center: Sequence[float], ra
     """``[N]`` bool: ``states[:, dims]`` within ``radius`` of ``center`` (differences wrapped
     on the periodic dims: all of them for ``True``, or one flag per dim)."""
     diff = states[:, list(dims)] - torch.as_tensor(center, dtype=states.dtype, device=states.device)
-    if isinstance(periodic, bool):
-        periodic = (periodic,) * len(dims)
-    if all(periodic):
-        diff = wrap_angle(diff)
-    elif any(periodic):
-        diff = torch.stack([wrap_angle(diff[:, j]) if p else diff[:, j] for j, p in enumerate(periodic)], -1)
+    wrap = torch.as_tensor(periodic, device=states.device).expand(len(dims))
+    diff = torch.where(wrap, wrap_angle(diff), diff)
     return diff.square().sum(-1).sqrt() < radius
 
 

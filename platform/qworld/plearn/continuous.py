@@ -419,6 +419,25 @@ def successor_scores(pred_next: torch.Tensor, true_next: torch.Tensor, states: t
     return out
 
 
+def _scores_with_baselines(preds: Mapping[str, torch.Tensor], true_next: torch.Tensor, states: torch.Tensor,
+                           periodic: Sequence[bool] | None, state_names: Sequence[str] | None) -> dict:
+    """``successor_scores`` of every prediction, keys prefixed by its name ("" = the model)."""
+    out = {}
+    for prefix, pred in preds.items():
+        scores = successor_scores(pred, true_next, states, periodic, state_names)
+        out.update({(f"{prefix}/{k}" if prefix else k): v for k, v in scores.items()})
+    return out
+
+
+def _predictions(model_fn: ModelFn, no_force_fn: ModelFn | None, states: torch.Tensor,
+                 actions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Next states of the model ("") and of the baselines, keyed by score prefix."""
+    preds = {"": model_fn(states, actions), K.BASELINE_IDENTITY: states}
+    if no_force_fn is not None:
+        preds[K.BASELINE_NO_FORCE] = no_force_fn(states, actions)
+    return preds
+
+
 def score_successor(model_fn: ModelFn, true_fn: ModelFn, states: torch.Tensor, actions: torch.Tensor, *,
                     no_force_fn: ModelFn | None = None, periodic: Sequence[bool] | None = None,
                     state_names: Sequence[str] | None = None) -> dict:
@@ -436,14 +455,8 @@ def score_successor(model_fn: ModelFn, true_fn: ModelFn, states: torch.Tensor, a
         (baseline s' = s) and, with ``no_force_fn``, prefixed ``no_force/``.
     """
     with torch.no_grad():
-        true_next = true_fn(states, actions).double()
-        out = successor_scores(model_fn(states, actions), true_next, states, periodic, state_names)
-        ident = successor_scores(states, true_next, states, periodic, state_names)
-        out.update({f"{K.BASELINE_IDENTITY}/{k}": v for k, v in ident.items()})
-        if no_force_fn is not None:
-            nf = successor_scores(no_force_fn(states, actions), true_next, states, periodic, state_names)
-            out.update({f"{K.BASELINE_NO_FORCE}/{k}": v for k, v in nf.items()})
-    return out
+        preds = _predictions(model_fn, no_force_fn, states, actions)
+        return _scores_with_baselines(preds, true_fn(states, actions).double(), states, periodic, state_names)
 
 
 def true_mean_fn(dynamics: Any, quadrature: int = 9) -> ModelFn:
@@ -463,6 +476,15 @@ def true_mean_fn(dynamics: Any, quadrature: int = 9) -> ModelFn:
 INTERIOR = "interior"  # key prefix f"{INTERIOR}/<metric>": scores on the interior transitions only
 
 
+def _inside_box(dynamics: Any, next_states: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bool: next states strictly inside the state box on every non-periodic dim."""
+    ok = torch.ones(next_states.shape[0], dtype=torch.bool, device=next_states.device)
+    for j, (lo, hi, per) in enumerate(zip(dynamics.low, dynamics.high, dynamics.periodic)):
+        if not per:
+            ok &= (next_states[:, j] > lo) & (next_states[:, j] < hi)
+    return ok
+
+
 def interior_mask(dynamics: Any, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """``[B]`` bool: transitions whose true (mean) next state lies strictly inside the state
     box on every non-periodic dim, i.e. no wall, speed limit or joint limit acted.
@@ -472,12 +494,25 @@ def interior_mask(dynamics: Any, states: torch.Tensor, actions: torch.Tensor) ->
     most of the variance of Delta v over the box, and Q barely identifies ``v'`` there
     (every ``v' < -0.003`` at the wall leads to the same next-next state).
     """
-    nxt = true_mean_fn(dynamics)(states.double(), actions)
-    ok = torch.ones(states.shape[0], dtype=torch.bool, device=states.device)
-    for j, (lo, hi, per) in enumerate(zip(dynamics.low, dynamics.high, dynamics.periodic)):
-        if not per:
-            ok &= (nxt[:, j] > lo) & (nxt[:, j] < hi)
-    return ok
+    return _inside_box(dynamics, true_mean_fn(dynamics)(states.double(), actions))
+
+
+def _transitions(dynamics: Any, num_states: int, seed: int,
+                 states: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where models are compared: ``states`` (default uniform over the box) as float64
+    ``[B, d]`` and uniform actions ``[B]``, both from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    if states is None:
+        states = dynamics.uniform_states(num_states, gen)
+    return states.double(), torch.randint(dynamics.num_actions, (states.shape[0],), generator=gen)
+
+
+def _interior_scores(keep: torch.Tensor, score_rows: Callable[[torch.Tensor], dict]) -> dict:
+    """``score_rows(keep)`` under the ``interior/`` prefix, with the interior fraction."""
+    out = {f"{INTERIOR}/fraction": float(keep.double().mean())}
+    if keep.sum() > 1:
+        out.update({f"{INTERIOR}/{k}": v for k, v in score_rows(keep).items()})
+    return out
 
 
 def score_task_model(model_fn: ModelFn, task: Any, num_states: int = 4096, seed: int = 0,
@@ -491,22 +526,18 @@ def score_task_model(model_fn: ModelFn, task: Any, num_states: int = 4096, seed:
     fraction ``interior/fraction``.
     """
     dyn = task.dynamics
-    gen = torch.Generator().manual_seed(seed)
-    if states is None:
-        states = dyn.uniform_states(num_states, gen)
-    states = states.double()
-    actions = torch.randint(dyn.num_actions, (states.shape[0],), generator=gen)
+    states, actions = _transitions(dyn, num_states, seed, states)
+    with torch.no_grad():  # every model is stepped once; the interior scores reuse the rows
+        true_next = true_mean_fn(dyn)(states, actions).double()
+        preds = _predictions(model_fn, dyn.no_force_fn, states, actions)
 
-    def score(s: torch.Tensor, a: torch.Tensor) -> dict:
-        return score_successor(model_fn, true_mean_fn(dyn), s, a, no_force_fn=dyn.no_force_fn,
-                               periodic=dyn.periodic, state_names=dyn.state_names)
+    def score(rows: Any) -> dict:
+        return _scores_with_baselines({k: p[rows] for k, p in preds.items()}, true_next[rows], states[rows],
+                                      dyn.periodic, dyn.state_names)
 
-    out = score(states, actions)
+    out = score(slice(None))
     if interior:
-        keep = interior_mask(dyn, states, actions)
-        out[f"{INTERIOR}/fraction"] = float(keep.double().mean())
-        if keep.sum() > 1:
-            out.update({f"{INTERIOR}/{k}": v for k, v in score(states[keep], actions[keep]).items()})
+        out.update(_interior_scores(_inside_box(dyn, true_next), score))
     return out
 
 
@@ -521,23 +552,19 @@ def model_agreement(model_a: ModelFn, model_b: ModelFn, task: Any, num_states: i
     Returns:
         ``{wm_nmse, wm_delta_nmse_<dim>, interior/...}``: NMSE of a's next states and state
         changes against b's (per dim, normalised by the variance of b's), over all states
-        and over the states whose *true* next state is interior (see :func:`interior_mask`).
+        and over the states whose *true* next state is interior (see :func:`interior_mask`),
+        with ``interior/fraction``.
     """
     dyn = task.dynamics
-    gen = torch.Generator().manual_seed(seed)
-    if states is None:
-        states = dyn.uniform_states(num_states, gen)
-    states = states.double()
-    actions = torch.randint(dyn.num_actions, (states.shape[0],), generator=gen)
+    states, actions = _transitions(dyn, num_states, seed, states)
     with torch.no_grad():
         pred_a = model_a(states, actions).double()
         pred_b = model_b(states, actions).double()
-    out = successor_scores(pred_a, pred_b, states, dyn.periodic, dyn.state_names)
-    keep = interior_mask(dyn, states, actions)
-    if keep.sum() > 1:
-        inner = successor_scores(pred_a[keep], pred_b[keep], states[keep], dyn.periodic, dyn.state_names)
-        out.update({f"{INTERIOR}/{k}": v for k, v in inner.items()})
-    return out
+
+    def score(rows: Any) -> dict:
+        return successor_scores(pred_a[rows], pred_b[rows], states[rows], dyn.periodic, dyn.state_names)
+
+    return {**score(slice(None)), **_interior_scores(interior_mask(dyn, states, actions), score)}
 
 
 # --------------------------------------------------------------------------------------
