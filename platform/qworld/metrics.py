@@ -19,6 +19,8 @@ GRID_COLUMNS = (SWEEP, TRIAL_ID, ENV, VARIANT, GOAL_TYPE, NUM_GOALS, HEAD, SEED)
 CHECKPOINT_INDEX = "checkpoint_index"
 ENV_STEPS = "env_steps"  # env steps sampled so far (all envs together)
 METHOD = "method"  # extraction method: pinv | known_support | sparse_search | column_match | sgd
+# Methods handed the true support of P: yardsticks, not findings; reports label them "(oracle)".
+ORACLE_METHODS = ("known_support",)
 
 # --- world-model quality ---------------------------------------------------------------
 P_MSE = "p_mse"  # mean over all (s, a, s') of (P_hat - P)^2, as the paper plots
