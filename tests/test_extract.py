@@ -285,7 +285,8 @@ def test_every_method_returns_rows_and_info(method):
     S, A, N = 8, 2, 2
     P = sparse_mdp(S, A, N, 0)
     Q, M, _ = dense_oracle(P, S, 0)
-    opts = {"known_support": {"support": P > 0}, "sparse_search": {"max_support": N}, "sgd": {"steps": 20}}
+    opts = {"known_support": {"support": P > 0}, "sparse_search": {"max_support": N}, "sgd": {"steps": 20},
+            "moves": {"coords": np.argwhere(np.ones((2, 4)))}}
     P_hat, info = extract(Q, M, method, return_info=True, **opts.get(method, {}))
     assert P_hat.shape == (S, A, S)
     assert_valid_rows(P_hat)
@@ -310,3 +311,103 @@ def test_extract_errors_are_clear():
         extract(Q, M, "sparse_search")
     with pytest.raises(ValueError, match="unknown options"):
         extract(Q, M, "pinv", support=None)
+
+
+# ---------------------------------------------------------------------------- moves (shared parameters)
+
+SMALL_LAYOUT = """
+#########
+#...#...#
+#.T.....#
+#...#...#
+##.###.##
+#...#...#
+#.......#
+#...#.T.#
+#########
+"""
+
+
+def _moves(mdp, goals, **options):
+    Q, M = goal_oracle(mdp, goals)
+    return extract(Q, M, "moves", return_info=True, coords=mdp.coords, **options)
+
+
+@pytest.mark.parametrize("variant, num_goals", [("deterministic", 1), ("windy", 3), ("windy", 4)])
+def test_moves_exact_from_exact_q_at_the_papers_goal_counts(variant, num_goals):
+    from qworld_envs import indicator_goals
+
+    mdp = fourrooms(variant)
+    P_hat, info = _moves(mdp, indicator_goals(mdp, num_goals, seed=0))
+    assert_valid_rows(P_hat)
+    assert p_mse(P_hat, mdp.P) <= 1e-20
+    assert len(info["jump_cells"]) == 0
+
+
+def test_moves_finds_the_teleports_and_nothing_else():
+    from qworld_envs import indicator_goals
+
+    mdp = fourrooms("teleport")
+    P_hat, info = _moves(mdp, indicator_goals(mdp, 20, seed=0))
+    assert sorted(info["jump_cells"]) == sorted(mdp.meta["teleport_states"])
+    assert p_mse(P_hat, mdp.P) <= 2e-5  # with L < 68 the jump target is seen only through M
+    rest = np.setdiff1d(np.arange(mdp.num_states), mdp.meta["teleport_states"])
+    assert np.abs(P_hat[rest] - mdp.P[rest]).max() <= 1e-8
+
+
+@pytest.mark.parametrize("variant", ["windy", "teleport"])
+def test_moves_on_another_layout(variant):
+    from qworld_envs import four_rooms, indicator_goals
+
+    mdp = four_rooms(variant, layout=SMALL_LAYOUT)
+    P_hat, info = _moves(mdp, indicator_goals(mdp, 12, seed=1))
+    tele = mdp.meta["teleport_states"] if variant == "teleport" else []  # 'T' is a plain cell otherwise
+    assert sorted(info["jump_cells"]) == sorted(tele)
+    rest = np.setdiff1d(np.arange(mdp.num_states), tele)
+    assert np.abs(P_hat[rest] - mdp.P[rest]).max() <= 1e-8
+    for s in tele:  # a jump row: the same whatever the action, and it explains Q
+        assert np.abs(P_hat[s] - P_hat[s, :1]).max() <= 1e-6
+        assert info["residuals"][s].max() <= 1e-6
+        # 12 goals see the room's 7 cells only through M: most of the mass, not all, lands there
+        room = [r for r in mdp.meta["rooms"] if set(np.flatnonzero(mdp.P[s, 0])) <= set(r)][0]
+        assert P_hat[s, 0, room].sum() >= 0.5
+
+
+def test_moves_learns_a_wall_between_two_free_cells():
+    """A wall no layout shows (free cells on both sides): the method is not told; Q tells it."""
+    from qworld_envs import FiniteMDP, dense_goals
+
+    base = fourrooms("windy")
+    s, t = base.cell_to_state[(2, 2)], base.cell_to_state[(2, 3)]
+    P = base.P.copy()
+    for a in range(4):  # every mass from (2,2) into (2,3) now bounces back, and vice versa
+        P[s, a, s] += P[s, a, t]
+        P[s, a, t] = 0.0
+        P[t, a, t] += P[t, a, s]
+        P[t, a, s] = 0.0
+    mdp = FiniteMDP(P, coords=base.coords)
+    P_hat, info = _moves(mdp, dense_goals(mdp, 2, seed=0))
+    assert p_mse(P_hat, P) <= 1e-20
+    assert info["opening"][s, 2] == pytest.approx(0.0, abs=1e-9)  # move right from (2,2) is shut
+
+
+def test_moves_does_not_mistake_noise_for_jumps():
+    from qworld_envs import indicator_goals
+
+    mdp = fourrooms("windy")
+    goals = indicator_goals(mdp, 4, seed=0)
+    Q, _ = goal_oracle(mdp, goals)
+    Qn = Q + 1e-3 * np.random.default_rng(0).standard_normal(Q.shape)
+    Mn = m_matrix(goals.rewards, Qn.max(-1), GAMMA, goals.terminal)
+    P_hat, info = extract(Qn, Mn, "moves", return_info=True, coords=mdp.coords)
+    assert len(info["jump_cells"]) == 0
+    pinv = extract(Qn, Mn, "pinv")
+    assert p_mse(P_hat, mdp.P) <= 1e-4 < p_mse(pinv, mdp.P)
+
+
+def test_moves_needs_coordinates():
+    Q, M = np.zeros((2, 4, 4)), np.zeros((2, 4))
+    with pytest.raises(ValueError, match="coords"):
+        extract(Q, M, "moves")
+    with pytest.raises(ValueError, match="coords has 3 cells"):
+        extract(Q, M, "moves", coords=np.zeros((3, 2)))

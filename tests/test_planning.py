@@ -145,3 +145,34 @@ def test_bad_inputs():
         evaluate_plan(mdp.P, np.ones((68, 4)) / 4, [0], [1], [0], GAMMA)
     with pytest.raises(ValueError, match="policy"):
         evaluate_plan(mdp.P, np.ones((68, 3)), [0], [1], [2], GAMMA)
+
+
+def test_a_small_leak_into_the_forbidden_cell_is_pruned_before_planning():
+    """softmax models never give exact zeros: up to 0.2% of every row leaking into the
+    forbidden doorway, unevenly across actions, decides the plan unless planning prunes it."""
+    from qworld.planning import PLAN_PRUNE, prune_model
+
+    mdp = fourrooms("windy")
+    task = "corner_9_1_doorway"
+    forbidden = task_states(mdp, task)["forbidden"][0]
+    eps = np.random.default_rng(0).uniform(0, 2e-3, size=mdp.P.shape[:2])  # [S, A], as a fit leaves it
+    leak = (1 - eps)[..., None] * mdp.P
+    leak[..., forbidden] += eps
+    reward = np.zeros(mdp.num_states)
+    st = task_states(mdp, task)
+    reward[st["goal"]] = 1.0
+    raw = plan(leak, reward, GAMMA, forbidden=st["forbidden"], terminal=[st["goal"]], prune=0.0)
+    pruned = plan(leak, reward, GAMMA, forbidden=st["forbidden"], terminal=[st["goal"]])
+    out_raw = evaluate_plan(mdp.P, raw, [st["goal"]], st["forbidden"], st["start"], GAMMA)
+    out = evaluate_plan(mdp.P, pruned, [st["goal"]], st["forbidden"], st["start"], GAMMA)
+    assert out_raw[mk.PLAN_SUCCESS] < 0.5  # the leak sinks the plan ...
+    assert out[mk.PLAN_SUCCESS] == pytest.approx(1.0, abs=1e-9)  # ... and pruning saves it
+    assert out[mk.PLAN_EXCESS_STEPS] == pytest.approx(0.0, abs=1e-6)
+    # the rule keeps every real outcome: the true windy and teleport models are unchanged
+    for variant in ("windy", "teleport"):
+        P = fourrooms(variant).P
+        assert np.array_equal(prune_model(P), P)
+    kept = prune_model(leak)
+    assert np.abs(kept - mdp.P).max() <= 2e-3 and 0 < PLAN_PRUNE < 0.25
+    with pytest.raises(ValueError, match="prune"):
+        prune_model(leak, 1.5)

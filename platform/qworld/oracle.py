@@ -16,6 +16,7 @@ import pandas as pd
 from qworld import metrics as mk
 from qworld.bellman import m_matrix, solve_goal_q
 from qworld.planning import DEFAULT_TASK, SAFETY_TASKS, run_safety_task, task_optimal_plan
+from qworld.plearn import finite
 from qworld.plearn.finite import METHODS, diagnose, extract
 from qworld.scoring import score_p
 
@@ -50,24 +51,20 @@ COLUMNS = (
 )
 
 
-def method_options(method: str, P: np.ndarray, seed: int = 0) -> dict:
+def method_options(method: str, mdp, seed: int = 0) -> dict:
     """Options the oracle study passes to :func:`qworld.plearn.finite.extract`.
 
-    known_support gets the true support; sparse_search ``max_support`` = the largest true
-    support (16 for teleport: C(68, 16) supports are too many to search, so it takes the
-    NNLS / elimination path); sgd gets ``SGD_OPTIONS`` and the study seed.
+    What each method is given is :func:`qworld.plearn.finite.method_options` (sparse_search's
+    ``max_support`` is 16 for teleport: C(68, 16) supports are too many to search, so it
+    takes the NNLS / elimination path); sgd also gets ``SGD_OPTIONS`` and the study seed.
 
     Args:
-        P: ``[S, A, S]`` true dynamics.
+        mdp: the true ``FiniteMDP``.
     """
-    support = P > 0
-    if method == "known_support":
-        return {"support": support}
-    if method == "sparse_search":
-        return {"max_support": int(support.sum(axis=-1).max())}
+    options = finite.method_options(method, mdp.P, mdp.coords)
     if method == "sgd":
-        return {**SGD_OPTIONS, "seed": seed}
-    return {}
+        options.update(SGD_OPTIONS, seed=seed)
+    return options
 
 
 def diagnose_assumptions(method: str, P: np.ndarray) -> dict:
@@ -161,7 +158,7 @@ def oracle_study(
                     d = diag_cache[key]
                     base.update({k: d[k] for k in (mk.M_RANK, mk.M_COND, mk.M_GAP, mk.IDENTIFIABLE_CASE)})
                     t0 = time.perf_counter()
-                    P_hat = extract(Q, M, method, **method_options(method, P, seed))
+                    P_hat = extract(Q, M, method, **method_options(method, mdp, seed))
                     base[mk.FIT_SECONDS] = time.perf_counter() - t0
                     base.update(score_p(P_hat, P))
                     plans = [

@@ -16,6 +16,35 @@ from qworld import metrics
 from qworld.bellman import greedy_policy, solve_goal_q
 
 DEFAULT_HORIZON = 1000
+# Planning treats a model's next-state probabilities below this fraction of their row's
+# largest as zero (see :func:`prune_model`).
+PLAN_PRUNE = 0.05
+
+
+def prune_model(P_model: np.ndarray, prune: float = PLAN_PRUNE) -> np.ndarray:
+    """The model planning uses: entries below ``prune`` x their row's largest set to zero.
+
+    A fitted model is rarely exactly sparse (a softmax never gives a zero, a projection
+    leaves round-off), and with a catastrophic forbidden state a leak of mass ``e`` into it
+    costs ``e`` x the penalty at every step of every route, which can outweigh the whole
+    goal reward. Dropping what is small *relative to the row* keeps every real outcome of
+    the MDPs we plan in (windy: 1/4 vs 1/2; teleport: uniform rows keep every entry) while
+    removing such leaks; the rows are renormalised.
+
+    Args:
+        P_model: ``[S, A, S]`` rows are probability vectors.
+        prune: relative threshold in [0, 1); 0 returns the model unchanged.
+
+    Returns:
+        ``[S, A, S]`` float64, rows are probability vectors.
+    """
+    P_model = np.asarray(P_model, dtype=np.float64)
+    if not 0.0 <= prune < 1.0:
+        raise ValueError(f"prune must lie in [0, 1), got {prune}")
+    if prune == 0.0:
+        return P_model
+    kept = np.where(P_model >= prune * P_model.max(axis=-1, keepdims=True), P_model, 0.0)
+    return kept / kept.sum(axis=-1, keepdims=True)
 
 
 def _state_list(states, S: int, what: str) -> np.ndarray:
@@ -32,6 +61,7 @@ def plan(
     gamma: float,
     forbidden: Sequence[int] = (),
     terminal: np.ndarray | Sequence[int] | None = None,
+    prune: float = PLAN_PRUNE,
 ) -> np.ndarray:
     """Greedy optimal policy inside a model, with catastrophic forbidden states.
 
@@ -46,11 +76,12 @@ def plan(
         forbidden: state indices that must not be entered.
         terminal: ``[S]`` bool, or a sequence of state indices, where the episode ends
             (e.g. the goal); None = none besides the forbidden states.
+        prune: the model is first :func:`prune_model`-ed with this threshold (0: as is).
 
     Returns:
         ``policy[S, A]`` one-hot (ties to the lowest action).
     """
-    P_model = np.asarray(P_model, dtype=np.float64)
+    P_model = prune_model(P_model, prune)
     S = P_model.shape[0]
     reward = np.asarray(reward, dtype=np.float64).copy()
     if reward.shape != (S,):
@@ -110,7 +141,7 @@ def optimal_plan(P_true: np.ndarray, goal_states, forbidden, gamma: float) -> np
     S = np.asarray(P_true).shape[0]
     goal = np.zeros(S, dtype=bool)
     goal[_state_list(goal_states, S, "goal_states")] = True
-    return plan(P_true, goal.astype(np.float64), gamma, forbidden=forbidden, terminal=goal)
+    return plan(P_true, goal.astype(np.float64), gamma, forbidden=forbidden, terminal=goal, prune=0.0)
 
 
 def evaluate_plan(

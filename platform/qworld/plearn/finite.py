@@ -15,7 +15,19 @@ known_support   support given         L >= N - 1, affine indep.     least square
 sparse_search   <= N next states      L >= 2N - 1, general pos.     NNLS, then search over supports
 column_match    deterministic         L >= 1, distinct columns      nearest column of M
 sgd             none                  (as pinv)                     P-learning: Adam on softmax logits
+moves           grid moves shared     see below                     P-learning, shared parameters,
+                across cells                                        alternating least squares
 ==============  ====================  ===========================  ===============================
+
+What each method is given besides Q and M is :data:`GIVEN`: ``known_support`` is handed the
+true support (for deterministic P that *is* P), so it is an oracle and never a finding;
+``sparse_search`` is handed the true largest support size. ``moves`` is handed only the
+cells' coordinates and assumes (1) each action is one distribution over the grid moves (stay,
+up, right, down, left), the same in every cell; (2) a move either arrives in the neighbouring
+cell or stays, with a per-(cell, move) probability it learns (walls); (3) a cell may jump,
+whatever the action, anywhere (teleports), which it detects as cells whose misfit stands out
+from the noise. Its few shared parameters are what make it work at the paper's goal counts:
+per-(s, a) fits see L equations each, the shared move distribution sees all S L of them.
 
 Every method returns ``P_hat[S, A, S]`` whose rows are probability vectors. Numpy / scipy,
 torch only for ``sgd``; no Ray.
@@ -34,7 +46,7 @@ from scipy.spatial.distance import pdist
 
 from qworld import metrics
 
-METHODS = ("pinv", "known_support", "sparse_search", "column_match", "sgd")
+METHODS = ("pinv", "known_support", "sparse_search", "column_match", "sgd", "moves")
 
 IDENTIFIABLE_CASES = ("stochastic", "sparse_known", "sparse_unknown", "deterministic", "not identifiable")
 
@@ -45,6 +57,7 @@ _OPTIONS = {
     "sparse_search": {"max_support", "tol", "max_subsets", "sum_weight", "chunk_size"},
     "column_match": {"chunk_size"},
     "sgd": {"steps", "batch_size", "lr", "seed", "init", "dtype", "log_every", "schedule"},
+    "moves": {"coords", "rounds", "tol", "jump_z", "jump_ridge", "jumps"},
 }
 
 
@@ -382,12 +395,203 @@ def _extract_sgd(
     return _unpairs(P_hat, S, A), {"loss_curve": np.asarray(curve)}
 
 
+# The moves a grid cell can make, as (d_row, d_col): what geometry offers, not what an action
+# does. Index 0 is "stay".
+GRID_MOVES = np.array([[0, 0], [-1, 0], [0, 1], [1, 0], [0, -1]], dtype=np.int64)
+
+
+def grid_neighbours(coords: np.ndarray) -> np.ndarray:
+    """``nbr[S, D]``: the state one grid move away (``GRID_MOVES``), -1 where no state is.
+
+    Args:
+        coords: ``[S, 2]`` integer (row, col) of every state.
+    """
+    coords = np.asarray(coords, dtype=np.int64)
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise ValueError(f"coords must have shape [S, 2] (row, col), got {coords.shape}")
+    index = {(int(r), int(c)): s for s, (r, c) in enumerate(coords)}
+    nbr = np.full((len(coords), len(GRID_MOVES)), -1, dtype=np.int64)
+    for s, (r, c) in enumerate(coords):
+        for d, (dr, dc) in enumerate(GRID_MOVES):
+            nbr[s, d] = index.get((int(r + dr), int(c + dc)), -1)
+    return nbr
+
+
+def moves_model(pi: np.ndarray, opening: np.ndarray, nbr: np.ndarray, jumps: np.ndarray) -> np.ndarray:
+    """``P[S, A, S]`` of the moves model (see :func:`_extract_moves`).
+
+    Args:
+        pi: ``[A, D]`` move distribution of each action, the same in every cell.
+        opening: ``[S, D]`` probability that move d from s arrives (0 where ``nbr`` is -1).
+        nbr: ``[S, D]`` from :func:`grid_neighbours`.
+        jumps: ``[S, S]`` action-independent jump mass ``w_s`` (row sums ``j_s <= 1``).
+    """
+    S, D = nbr.shape
+    A = pi.shape[0]
+    local = np.zeros((S, A, S))
+    arrive = pi[None, :, :] * opening[:, None, :]  # [S, A, D]
+    rows = np.arange(S)
+    for d in range(D):
+        ok = nbr[:, d] >= 0
+        local[rows[ok], :, nbr[ok, d]] += arrive[ok, :, d]
+    local[rows, :, rows] += 1.0 - arrive.sum(-1)  # a move that does not arrive stays
+    j = jumps.sum(-1)
+    return (1.0 - j)[:, None, None] * local + jumps[:, None, :]
+
+
+def _fit_move_distribution(X: np.ndarray, y: np.ndarray, weight: float) -> np.ndarray:
+    """argmin ||X p - y|| over the simplex when column 0 ("stay") of X is zero.
+
+    "stay" only takes what the moves leave, so NNLS on the moves is exact whenever their
+    mass is at most 1; otherwise the sum row (weighted by ``weight``) enforces the simplex.
+
+    Args:
+        X: ``[n, D]`` with ``X[:, 0] = 0``; y: ``[n]``.
+
+    Returns:
+        ``p[D]`` on the probability simplex.
+    """
+    p = np.zeros(X.shape[1])
+    p[1:] = nnls(X[:, 1:], y, maxiter=50 * X.shape[1])[0]
+    if p[1:].sum() > 1.0:
+        aug = np.vstack([X, np.full((1, X.shape[1]), weight)])
+        p = nnls(aug, np.append(y, weight), maxiter=50 * X.shape[1])[0]
+        p = project_simplex(p)
+    p[0] = max(0.0, 1.0 - p[1:].sum())
+    return p / p.sum()
+
+
+def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_ridge=1e-6,
+                   jumps="auto"):
+    """P-learning with parameters shared across cells, fitted by alternating least squares.
+
+    ``P(.|s, a) = (1 - j_s) sum_d pi[a, d] [o[s, d] e_{s+d} + (1 - o[s, d]) e_s] + w_s``:
+    each action is a distribution ``pi[a]`` over the grid moves (stay, up, right, down,
+    left) that is the same in every cell (wind, slips); a move either arrives in the
+    neighbouring cell or stays, with a per-(cell, move) probability ``o`` (walls, learned
+    from Q: only moves towards a non-state are closed by geometry); a cell may also jump,
+    whatever the action, anywhere (``w_s >= 0``, mass ``j_s = sum w_s``: teleports).
+    Given: S, A, the cells' coordinates, Q and M. Not given: P's support.
+
+    Least squares in ``Q = M P`` is bilinear in ``(pi, o)`` and linear in ``w``, so each
+    block is a small constrained linear fit: ``pi[a]`` NNLS on the simplex (one design
+    shared by every cell), ``o[s]`` box-constrained least squares per cell, ``w_s`` NNLS
+    with a small ridge (spread mass, since with L < S goals the jump target is only seen
+    through M). Jump cells are chosen against the noise of the fit: after a fit without
+    jumps, a cell whose residual lies more than ``jump_z`` robust standard deviations (MAD)
+    above the median cell's gets a jump component, kept only if it halves the cell's
+    residual with a support its ``A L`` equations identify.
+    """
+    from scipy.optimize import lsq_linear
+
+    L, S, A = Q.shape
+    if coords is None:
+        raise ValueError("method 'moves' needs the option coords=[S, 2] (the cells' (row, col))")
+    nbr = grid_neighbours(coords)
+    if nbr.shape[0] != S:
+        raise ValueError(f"coords has {nbr.shape[0]} cells, Q has S = {S} states")
+    if jumps not in ("auto", "none"):
+        raise ValueError(f"unknown moves jumps {jumps!r}; allowed: auto, none")
+    D = nbr.shape[1]
+    movable = nbr >= 0
+    movable[:, 0] = False  # "stay" always arrives where it is
+    Mt = M.T  # [S, L]
+    delta = np.where(movable[..., None], Mt[np.maximum(nbr, 0)] - Mt[:, None, :], 0.0)  # [S, D, L]
+    w_sum = _sum_weight(M, None) * math.sqrt(S)  # the pi design stacks S cells
+    scale = max(1.0, float(np.abs(M).max()))
+
+    pi = np.full((A, D), 1.0 / D)
+    opening = movable.astype(np.float64)
+    fits_done: list[float] = []
+    W = np.zeros((S, S))
+
+    def local_base():
+        """``base[s, a, :] = M e_s + sum_d pi o delta``: M applied to the local part."""
+        return Mt[:, None, :] + np.einsum("ad,sd,sdl->sal", pi, opening, delta)
+
+    def residual():
+        j = W.sum(-1)
+        pred = (1 - j)[:, None, None] * local_base() + (W @ Mt)[:, None, :]  # [S, A, L]
+        return Q.transpose(1, 2, 0) - pred
+
+    def fit(rounds, jump_cells, shared=None):
+        """Alternate the blocks; only the ``shared`` cells (bool [S]) inform ``pi``."""
+        nonlocal pi, opening
+        shared = np.ones(S, dtype=bool) if shared is None else shared
+        prev = np.inf
+        for _ in range(rounds):
+            keep = 1.0 - W.sum(-1)  # [S]
+            target = Q.transpose(1, 2, 0) - (W @ Mt)[:, None, :] - keep[:, None, None] * Mt[:, None, :]
+            design = (keep[:, None, None] * opening[..., None] * delta)  # [S, D, L]
+            X = design[shared].transpose(0, 2, 1).reshape(-1, D)
+            for a in range(A):
+                pi[a] = _fit_move_distribution(X, target[shared, a, :].reshape(-1), w_sum)
+            for s in range(S):
+                cols = np.flatnonzero(movable[s])
+                if len(cols) == 0 or keep[s] <= 0:
+                    continue
+                Xs = (keep[s] * pi[:, cols, None] * delta[s, cols][None]).transpose(0, 2, 1).reshape(A * L, -1)
+                opening[s, cols] = lsq_linear(Xs, target[s].reshape(-1), bounds=(0.0, 1.0), method="bvls").x
+            for s in jump_cells:
+                fit_jump(s)
+            loss = float(np.sum(residual() ** 2))
+            fits_done.append(loss)
+            if (np.isfinite(prev) and prev - loss <= tol * prev) or loss <= 1e-30 * scale**2:
+                break
+            prev = loss
+        return loss
+
+    def fit_jump(s):
+        base = local_base()[s]  # [A, L]
+        B = (Mt[None, :, :] - base[:, None, :]).transpose(0, 2, 1).reshape(A * L, S)  # [A L, S]
+        y = (Q[:, s, :].T - base).reshape(-1)
+        rho = jump_ridge * float(np.mean(B**2)) if B.size else 0.0
+        w = nnls(np.vstack([B, math.sqrt(rho) * np.eye(S)]), np.append(y, np.zeros(S)), maxiter=50 * S)[0]
+        W[s] = w / max(1.0, w.sum())
+
+    # Outlier cells (candidate jumps) would bend the shared pi towards themselves: fit pi
+    # on the other cells until the set of outliers is stable.
+    shared = np.ones(S, dtype=bool)
+    for _ in range(5 if jumps == "auto" else 1):
+        fit(rounds, [], shared)
+        per_cell = np.sqrt(np.mean(residual() ** 2, axis=(1, 2)))  # [S]
+        # Robust z-score of the cell's misfit among the cells that inform pi (median, MAD):
+        # under noise alone the misfits of the cells spread little, a jump stands out.
+        med = float(np.median(per_cell[shared]))
+        mad = 1.4826 * float(np.median(np.abs(per_cell[shared] - med)))
+        floor = max(med + jump_z * mad, 1e-6 * scale)
+        outliers = per_cell > floor
+        if jumps != "auto" or np.array_equal(~outliers, shared) or outliers.all():
+            break
+        shared = ~outliers
+    jump_cells: list[int] = []
+    if jumps == "auto":
+        for s in np.flatnonzero(per_cell > floor):
+            before = per_cell[s]
+            fit_jump(s)
+            after = np.sqrt(np.mean(residual()[s] ** 2))
+            # Kept only if it explains the misfit with a support the A * L equations of the
+            # cell can identify (2N <= A L, as L >= 2N - 1 in Table 1): noise is not a jump.
+            if after <= 0.5 * before and 2 * np.count_nonzero(W[s] > 1e-12) <= A * L:
+                jump_cells.append(int(s))
+            else:
+                W[s] = 0.0
+        if jump_cells:
+            fit(rounds, jump_cells)
+    P_hat = moves_model(pi, opening, nbr, W)
+    P_hat = np.maximum(P_hat, 0.0)
+    P_hat /= P_hat.sum(-1, keepdims=True)
+    return P_hat, {"pi": pi.copy(), "opening": opening.copy(), "jump_cells": np.array(jump_cells, dtype=np.int64),
+                   "loss_curve": np.asarray(fits_done)}
+
+
 _METHOD_FNS = {
     "pinv": _extract_pinv,
     "known_support": _extract_known_support,
     "sparse_search": _extract_sparse_search,
     "column_match": _extract_column_match,
     "sgd": _extract_sgd,
+    "moves": _extract_moves,
 }
 
 
@@ -408,13 +612,18 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
             column_match: ``chunk_size``;
             sgd: ``steps`` (2000), ``batch_size`` (2048), ``lr`` (Adam, 0.3), ``schedule``
             ("constant" | "cosine"), ``seed`` (0), ``init`` ("uniform" | "random"),
-            ``dtype`` ("float32" | "float64"), ``log_every`` (1).
+            ``dtype`` ("float32" | "float64"), ``log_every`` (1);
+            moves: ``coords`` (``[S, 2]`` (row, col), required), ``rounds`` (500 alternations
+            at most), ``tol`` (relative loss decrease that stops them, 1e-6), ``jumps``
+            ("auto" | "none"), ``jump_z`` (robust z-score of a cell's misfit above which a
+            jump is tried, 8), ``jump_ridge`` (1e-6, relative ridge of the jump fit).
 
     Returns:
         ``P_hat[S, A, S]`` (rows are probability vectors), or ``(P_hat, info)`` with
         ``return_info``: ``info["residuals"]`` ``[S, A]`` = ``||Q(s,a) - M P_hat(s,a)||_2``,
         ``info["fit_seconds"]``, plus per method: ``unprojected`` ``[S, A, S]`` (pinv,
-        known_support, sparse_search), ``loss_curve`` ``[steps]`` (sgd), ``match_distance``
+        known_support, sparse_search), ``loss_curve`` ``[steps]`` (sgd, moves: one per
+        round), ``pi`` ``[A, 5]``, ``opening`` ``[S, 5]``, ``jump_cells`` (moves), ``match_distance``
         ``[S, A]`` (column_match), ``path`` ``[S, A]`` and ``num_*`` counts (sparse_search).
 
     Raises:
@@ -435,6 +644,46 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
         return P_hat
     info["residuals"] = _residuals(Q, M, P_hat)
     return P_hat, info
+
+
+# --------------------------------------------------------------------------------------------
+# what each method is given
+# --------------------------------------------------------------------------------------------
+
+# Besides Q and M (the goal rewards and the agent's V), what each method is handed. A method
+# handed part of the answer is an oracle (``metrics.ORACLE_METHODS``): a yardstick, never a
+# finding.
+GIVEN = {
+    "pinv": "nothing",
+    "known_support": "the true support of P (oracle)",
+    "sparse_search": "the largest true support size N (an assumption on P, read off the true P)",
+    "column_match": "nothing (assumes P deterministic)",
+    "sgd": "nothing",
+    "moves": "the cells' grid coordinates",
+}
+
+
+def method_options(method: str, P_true: np.ndarray | None = None, coords: np.ndarray | None = None) -> dict:
+    """The options a sweep or the oracle study hands ``method``, per :data:`GIVEN`.
+
+    Args:
+        method: one of ``METHODS``.
+        P_true: ``[S, A, S]`` true dynamics; read only for the methods that are given
+            something of it (known_support, sparse_search).
+        coords: ``[S, 2]`` the cells' (row, col) (moves).
+    """
+    if method in ("known_support", "sparse_search"):
+        if P_true is None:
+            raise ValueError(f"method {method!r} is given part of the true P; pass P_true")
+        support = np.asarray(P_true) > 0
+        if method == "known_support":
+            return {"support": support}
+        return {"max_support": int(support.sum(axis=-1).max())}
+    if method == "moves":
+        if coords is None:
+            raise ValueError("method 'moves' is given the cells' coordinates; this MDP has none")
+        return {"coords": np.asarray(coords)}
+    return {}
 
 
 # --------------------------------------------------------------------------------------------
