@@ -411,3 +411,18 @@ def test_moves_needs_coordinates():
         extract(Q, M, "moves")
     with pytest.raises(ValueError, match="coords has 3 cells"):
         extract(Q, M, "moves", coords=np.zeros((3, 2)))
+
+
+def test_diagnosis_says_why_one_indicator_goal_is_not_enough():
+    from qworld_envs import dense_goals, indicator_goals
+
+    mdp = fourrooms("deterministic")
+    _, M = goal_oracle(mdp, indicator_goals(mdp, 1, seed=0))
+    d = diagnose(M, deterministic=True)
+    assert d[mk.IDENTIFIABLE_CASE] == "not identifiable"
+    assert "same distance" in d[mk.IDENTIFIABLE_REASON] and "rank M = 1 < S = 68" in d[mk.IDENTIFIABLE_REASON]
+    _, M = goal_oracle(mdp, dense_goals(mdp, 1, seed=0))
+    assert diagnose(M, deterministic=True)[mk.IDENTIFIABLE_CASE] == "deterministic"
+    # known only up to an error larger than the gap, the same M no longer identifies P
+    noisy = diagnose(M, deterministic=True, gap_tol=1.0)
+    assert noisy[mk.IDENTIFIABLE_CASE] == "not identifiable" and "closer than 1" in noisy[mk.IDENTIFIABLE_REASON]

@@ -38,6 +38,7 @@ M_RANK = "m_rank"
 M_COND = "m_cond"
 M_GAP = "m_gap"
 IDENTIFIABLE_CASE = "identifiable_case"
+IDENTIFIABLE_REASON = "identifiable_reason"  # one line: why that case, or what fails
 NUM_STATES = "num_states"  # S, reported next to num_goals by the diagnosis
 
 # --- planning with the extracted model ---------------------------------------------------

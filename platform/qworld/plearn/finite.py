@@ -717,6 +717,7 @@ def diagnose(
     tol: float = 1e-10,
     max_checks: int = 2000,
     seed: int = 0,
+    gap_tol: float | None = None,
 ) -> dict:
     """Identifiability diagnosis of ``M``: which Table-1 case (if any) guarantees recovery.
 
@@ -744,11 +745,16 @@ def diagnose(
         M: ``[L, S]``.
         tol: relative tolerance: a singular value below ``tol * largest`` counts as zero,
             columns closer than ``tol * max(1, |M|max)`` as equal.
+        gap_tol: absolute distance below which two columns count as equal, when M is only
+            known up to an error (a learned agent: about twice its Q error); overrides the
+            relative ``tol`` for the column gap.
 
     Returns:
         dict with ``m_rank`` (int), ``m_cond`` (largest / smallest of the min(L, S) singular
         values; inf when one is zero), ``m_gap`` (smallest Euclidean distance between two
-        columns of M; inf when S = 1), ``identifiable_case``, ``num_goals`` (L), ``num_states`` (S).
+        columns of M; inf when S = 1), ``identifiable_case``, ``identifiable_reason`` (one
+        line: why this case, or which condition fails for each assumption made),
+        ``num_goals`` (L), ``num_states`` (S).
     """
     M = np.asarray(M, dtype=np.float64)
     if M.ndim != 2:
@@ -762,12 +768,21 @@ def diagnose(
     aug = np.vstack([M, np.ones((1, S))])
     rng = np.random.default_rng(seed)
 
+    gap_floor = tol * scale if gap_tol is None else float(gap_tol)
     case = "not identifiable"
+    why = [f"rank M = {rank} < S = {S} (pinv needs L >= S goals in general position)"]
     if rank == S:
         case = "stochastic"
-    elif deterministic and gap > tol * scale:
+        why = [f"rank M = S = {S}"]
+    elif deterministic and gap > gap_floor:
         case = "deterministic"
-    elif max_support is not None:
+        why = [f"P deterministic and the columns of M are distinct (gap {gap:.3g} > {gap_floor:.3g})"]
+    elif deterministic:
+        pairs = int(np.sum(pdist(M.T) <= gap_floor))
+        why.append(f"P deterministic but {pairs} pairs of next states have columns of M closer than "
+                   f"{gap_floor:.3g} (gap {gap:.3g}): their values agree for every goal, e.g. cells at the "
+                   "same distance from a single indicator goal, so Q cannot tell them apart")
+    if case == "not identifiable" and max_support is not None:
         N = int(max_support)
         if known_support is not False and known_support is not None:
             if isinstance(known_support, (bool, np.bool_)):
@@ -790,13 +805,20 @@ def diagnose(
                 ok = _independent(aug, J, tol)
             if ok:
                 case = "sparse_known"
+                why = [f"support known, L = {L} >= N - 1 = {N - 1}, columns affinely independent on it"]
+            else:
+                why.append(f"support known but L = {L} < N - 1 = {N - 1} or columns affinely dependent on it")
         elif L >= 2 * N - 1 and _independent(aug, _subsets(S, min(2 * N, S), max_checks, rng), tol):
             case = "sparse_unknown"
+            why = [f"L = {L} >= 2N - 1 = {2 * N - 1} and M in general position"]
+        else:
+            why.append(f"N = {N}-sparse with unknown support needs L >= 2N - 1 = {2 * N - 1} in general position")
     return {
         metrics.M_RANK: rank,
         metrics.M_COND: cond,
         metrics.M_GAP: gap,
         metrics.IDENTIFIABLE_CASE: case,
+        metrics.IDENTIFIABLE_REASON: "; ".join(why),
         metrics.NUM_GOALS: L,
         metrics.NUM_STATES: S,
     }
