@@ -24,7 +24,7 @@ true support (for deterministic P that *is* P), so it is an oracle and never a f
 ``sparse_search`` is handed the true largest support size. ``moves`` is handed only the
 cells' coordinates and assumes (1) each action is one distribution over the grid moves (stay,
 up, right, down, left), the same in every cell; (2) a move either arrives in the neighbouring
-cell or stays, with a per-(cell, move) probability it learns (walls); (3) a cell may jump,
+cell or stays (a wall), per (cell, move), which it learns; (3) a cell may jump,
 whatever the action, anywhere (teleports), which it detects as cells whose misfit stands out
 from the noise. Its few shared parameters are what make it work at the paper's goal counts:
 per-(s, a) fits see L equations each, the shared move distribution sees all S L of them.
@@ -57,7 +57,7 @@ _OPTIONS = {
     "sparse_search": {"max_support", "tol", "max_subsets", "sum_weight", "chunk_size"},
     "column_match": {"chunk_size"},
     "sgd": {"steps", "batch_size", "lr", "seed", "init", "dtype", "log_every", "schedule"},
-    "moves": {"coords", "rounds", "tol", "jump_z", "jump_ridge", "jumps"},
+    "moves": {"coords", "rounds", "tol", "jump_z", "jump_ridge", "jumps", "openings"},
 }
 
 
@@ -461,15 +461,21 @@ def _fit_move_distribution(X: np.ndarray, y: np.ndarray, weight: float) -> np.nd
     return p / p.sum()
 
 
+# Every 0/1 pattern of k moves, k = 0..4: _BINARY_PATTERNS[k] is [2^k, k].
+_BINARY_PATTERNS = [np.array(list(itertools.product((0.0, 1.0), repeat=k)), dtype=np.float64).reshape(2**k, k) for k in range(5)]
+
+
 def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_ridge=1e-6,
-                   jumps="auto"):
+                   jumps="auto", openings="binary"):
     """P-learning with parameters shared across cells, fitted by alternating least squares.
 
     ``P(.|s, a) = (1 - j_s) sum_d pi[a, d] [o[s, d] e_{s+d} + (1 - o[s, d]) e_s] + w_s``:
     each action is a distribution ``pi[a]`` over the grid moves (stay, up, right, down,
     left) that is the same in every cell (wind, slips); a move either arrives in the
-    neighbouring cell or stays, with a per-(cell, move) probability ``o`` (walls, learned
-    from Q: only moves towards a non-state are closed by geometry); a cell may also jump,
+    neighbouring cell or stays, per (cell, move): ``o[s, d]`` (walls, learned from Q: only
+    moves towards a non-state are closed by geometry), either 0 or 1 (``openings="binary"``,
+    the best of the cell's at most 16 wall patterns: a choice noise must beat by half the
+    signal to flip) or any probability in [0, 1] (``"free"``); a cell may also jump,
     whatever the action, anywhere (``w_s >= 0``, mass ``j_s = sum w_s``: teleports).
     Given: S, A, the cells' coordinates, Q and M. Not given: P's support.
 
@@ -492,6 +498,8 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
         raise ValueError(f"coords has {nbr.shape[0]} cells, Q has S = {S} states")
     if jumps not in ("auto", "none"):
         raise ValueError(f"unknown moves jumps {jumps!r}; allowed: auto, none")
+    if openings not in ("binary", "free"):
+        raise ValueError(f"unknown moves openings {openings!r}; allowed: binary, free")
     D = nbr.shape[1]
     movable = nbr >= 0
     movable[:, 0] = False  # "stay" always arrives where it is
@@ -531,7 +539,14 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
                 if len(cols) == 0 or keep[s] <= 0:
                     continue
                 Xs = (keep[s] * pi[:, cols, None] * delta[s, cols][None]).transpose(0, 2, 1).reshape(A * L, -1)
-                opening[s, cols] = lsq_linear(Xs, target[s].reshape(-1), bounds=(0.0, 1.0), method="bvls").x
+                ys = target[s].reshape(-1)
+                if openings == "binary":
+                    # every wall pattern of the cell (at most 2^4): the best one
+                    patterns = _BINARY_PATTERNS[len(cols)]  # [2^k, k]
+                    err = np.sum((patterns @ Xs.T - ys) ** 2, axis=1)
+                    opening[s, cols] = patterns[np.argmin(err)]
+                else:
+                    opening[s, cols] = lsq_linear(Xs, ys, bounds=(0.0, 1.0), method="bvls").x
             for s in jump_cells:
                 fit_jump(s)
             loss = float(np.sum(residual() ** 2))
@@ -615,7 +630,7 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
             ``dtype`` ("float32" | "float64"), ``log_every`` (1);
             moves: ``coords`` (``[S, 2]`` (row, col), required), ``rounds`` (500 alternations
             at most), ``tol`` (relative loss decrease that stops them, 1e-6), ``jumps``
-            ("auto" | "none"), ``jump_z`` (robust z-score of a cell's misfit above which a
+            ("auto" | "none"), ``openings`` ("binary" | "free"), ``jump_z`` (robust z-score of a cell's misfit above which a
             jump is tried, 8), ``jump_ridge`` (1e-6, relative ridge of the jump fit).
 
     Returns:
