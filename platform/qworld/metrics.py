@@ -18,9 +18,10 @@ GRID_COLUMNS = (SWEEP, TRIAL_ID, ENV, VARIANT, GOAL_TYPE, NUM_GOALS, HEAD, SEED)
 # --- where in training ----------------------------------------------------------------
 CHECKPOINT_INDEX = "checkpoint_index"
 ENV_STEPS = "env_steps"  # env steps sampled so far (all envs together)
-METHOD = "method"  # extraction method: pinv | known_support | sparse_search | column_match | sgd
+METHOD = "method"  # extraction method: pinv | known_support | sparse_search | column_match | sgd | moves
 # Methods handed the true support of P: yardsticks, not findings; reports label them "(oracle)".
 ORACLE_METHODS = ("known_support",)
+ORACLE = "oracle"  # bool column: the row's method was handed part of the answer (ORACLE_METHODS)
 
 # --- world-model quality ---------------------------------------------------------------
 P_MSE = "p_mse"  # mean over all (s, a, s') of (P_hat - P)^2, as the paper plots

@@ -33,6 +33,7 @@ COLUMNS = (
     mk.NUM_GOALS,
     mk.SEED,
     mk.METHOD,
+    mk.ORACLE,
     mk.P_MSE,
     mk.P_TV,
     mk.P_MAX_ERR,
@@ -148,6 +149,7 @@ def oracle_study(
                     mk.NUM_GOALS: int(L),
                     mk.SEED: seed,
                     mk.METHOD: method,
+                    mk.ORACLE: method in mk.ORACLE_METHODS,
                     mk.ERROR: None,
                 }
                 assumptions = diagnose_assumptions(method, P)
