@@ -59,8 +59,13 @@ def score_checkpoint(
     options: Mapping[str, Mapping[str, Any]] | None = None,
     env_steps: int | None = None,
     seed: Any = None,
+    world_models: dict | None = None,
 ) -> list[dict]:
-    """Rows of (trial, checkpoint, method) with world-model, diagnosis and planning metrics."""
+    """Rows of (trial, checkpoint, method) with world-model, diagnosis and planning metrics.
+
+    ``world_models``, when given, receives method -> ``P_hat[S, A, S]`` of every successful
+    extraction (finite envs), for ``store.write_world_models``.
+    """
     options = options or {}
     index = checkpoint_index(checkpoint_path)
     base = {K.SWEEP: sweep, K.TRIAL_ID: trial_id, K.CHECKPOINT_INDEX: index,
@@ -76,16 +81,16 @@ def score_checkpoint(
     from qworld_envs.tasks import FINITE_ENVS
 
     if config.get("env_id") in FINITE_ENVS:
-        return _score_finite(qfun, config, base, methods, tasks, options)
+        return _score_finite(qfun, config, base, methods, tasks, options, world_models)
     from qworld.plearn.continuous import score_checkpoint_continuous
 
     return score_checkpoint_continuous(qfun, config, base, methods, tasks, options)
 
 
-def _score_finite(qfun, config, base, methods, tasks, options) -> list[dict]:
+def _score_finite(qfun, config, base, methods, tasks, options, world_models=None) -> list[dict]:
     from qworld.bellman import greedy_policy, m_matrix, solve_goal_q
     from qworld.planning import run_safety_task
-    from qworld.plearn.finite import diagnose, extract
+    from qworld.plearn.finite import diagnose, extract, method_options
     from qworld.scoring import nmse, score_p
     from qworld_envs import make_finite_task
 
@@ -97,21 +102,23 @@ def _score_finite(qfun, config, base, methods, tasks, options) -> list[dict]:
     M = m_matrix(goals.rewards, V, gamma, goals.terminal)
     # The agent's Q is scored against the exact Q of its own greedy policy.
     Q_pi, _ = solve_goal_q(P, goals.rewards, gamma, goals.terminal, policy=greedy_policy(Q))
-    diag = diagnose(M)
+    # Identifiability of this case from this agent: the case's structure (deterministic or
+    # not) is read off the true P, and M is known only up to the agent's Q error, so columns
+    # closer than twice that error count as equal (the column-matching margin).
+    deterministic = bool(np.all((P > 0).sum(-1) == 1))
+    diag = diagnose(M, deterministic=deterministic, gap_tol=2.0 * float(np.abs(Q - Q_pi).max()))
     shared = {**base, K.Q_NMSE: float(nmse(Q, Q_pi)),
-              **{k: diag[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE)}}
+              **{k: diag[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE, K.IDENTIFIABLE_REASON)}}
 
     rows = []
     for method in methods:
-        row = {**shared, K.METHOD: method, K.ERROR: None}
+        row = {**shared, K.METHOD: method, K.ORACLE: method in K.ORACLE_METHODS, K.ERROR: None}
         try:
             start = time.perf_counter()
-            opts = dict(options.get(method, {}))
-            if method == "known_support":
-                opts.setdefault("support", P > 0)  # the support is the assumption, given
-            if method == "sparse_search":
-                opts.setdefault("max_support", int((P > 0).sum(-1).max()))
+            opts = {**method_options(method, P, task.mdp.coords), **options.get(method, {})}
             P_hat = extract(Q, M, method, **opts)
+            if world_models is not None:
+                world_models[method] = P_hat
             row[K.FIT_SECONDS] = time.perf_counter() - start
             row.update(score_p(P_hat, P))
             for task_name in tasks:
