@@ -31,7 +31,8 @@ import pytest
 from qworld import metrics as K
 from qworld.sweep import store
 from qworld_analysis import (compare, final_checkpoints, iqm, load, load_many, load_training_curves,
-                             load_trials, mean, stratified_bootstrap_ci, summary, write_report)
+                             load_trials, load_world_model, mean, stratified_bootstrap_ci, summary,
+                             write_report)
 from qworld_analysis import plots
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -556,6 +557,7 @@ def smoke_sweep(tmp_path_factory) -> Path:
 @pytest.mark.ray
 def test_load_real_smoke_sweep(smoke_sweep, tmp_path):
     import yaml
+    from qworld_envs import four_rooms
 
     spec = yaml.safe_load(SMOKE.read_text())
     cells = math.prod(len(v) for v in spec["sweep"].values())
@@ -575,5 +577,12 @@ def test_load_real_smoke_sweep(smoke_sweep, tmp_path):
     assert (df["training_iteration"] == (df[K.CHECKPOINT_INDEX] + 1) * every).all()
     assert (df[K.ENV_STEPS] == df[K.TRAIN_ENV_STEPS]).all() and df[K.TRAIN_LOSS].notna().all()
     assert len(load_training_curves(smoke_sweep)) == cells * iterations
+    # the P-learning actor stored every extracted model under its rows' key
+    assert store.world_model_keys(smoke_sweep) == store.scored_keys(smoke_sweep)
+    for _, row in df.groupby(K.METHOD).tail(1).iterrows():
+        P_hat = load_world_model(smoke_sweep, row[K.TRIAL_ID], int(row[K.CHECKPOINT_INDEX]), row[K.METHOD])
+        P = four_rooms(row[K.VARIANT]).P
+        assert row[K.P_MSE] == pytest.approx(np.mean((P_hat - P) ** 2), rel=1e-4, abs=1e-12)
     page = write_report(smoke_sweep, tmp_path / "report").read_text()
-    assert page.count("data:image/png;base64") >= 4
+    assert page.count("data:image/png;base64") >= 4 + len(spec["sweep"]["variant"])  # + route figures
+    assert "safety_routes_windy.png" in page

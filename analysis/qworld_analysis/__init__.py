@@ -1,10 +1,12 @@
 """qworld_analysis: experiment dirs -> DataFrames -> IQM / bootstrap CIs -> figures, reports.
 
 Reads what ``qworld sweep`` writes (``params.json``, ``result.json``, ``worldmodels.parquet``,
-``sweep.yaml``) with pandas alone: loading imports no Ray, no torch and no agent code.
+``worldmodels_p/``, ``sweep.yaml``) with pandas and numpy alone: loading imports no Ray, no
+torch and no agent code.
 
     import qworld_analysis as qa
     df = qa.load("results/fourrooms_paper")          # one row per (trial, checkpoint, method)
+    P_hat = qa.load_world_model("results/fourrooms_paper", trial_id, 7, "pinv")  # [S, A, S]
     qa.summary(qa.final_checkpoints(df), by=["variant", "num_goals", "method"], metric="p_mse")
     qa.write_report("results/fourrooms_paper")       # results/fourrooms_paper/report/index.html
 
@@ -13,7 +15,7 @@ are loaded on first use.
 """
 
 from qworld_analysis.load import (final_checkpoints, load, load_many, load_training_curves,
-                                  load_trials, plan_columns)
+                                  load_trials, load_world_model, plan_columns)
 from qworld_analysis.stats import iqm, mean, stratified_bootstrap_ci, summary
 
 _REPORT = ("compare", "summary_table", "write_report")
@@ -35,6 +37,7 @@ __all__ = [
     "load_many",
     "load_training_curves",
     "load_trials",
+    "load_world_model",
     "mean",
     "plan_columns",
     "stratified_bootstrap_ci",

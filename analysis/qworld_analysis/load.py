@@ -9,6 +9,8 @@ An experiment dir (written by ``qworld sweep``) holds::
       PQN_*/result.json          one JSON line per training iteration (nested metric dicts;
                                  ``checkpoint_dir_name`` on the lines that saved a checkpoint)
       PQN_*/checkpoint_000007/   checkpoints (only counted here, never opened)
+      worldmodels_p/             the extracted P_hat per (trial, checkpoint): one .npz
+                                 holding method -> [S, A, S] (:func:`load_world_model`)
 
 Nothing here imports Ray, torch or the agents: the files are JSON, YAML and parquet. Every
 file may be missing or half written (a sweep still running, killed, or resumed): what is
@@ -25,6 +27,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 
 from qworld import metrics as K
@@ -224,6 +227,32 @@ def plan_columns(df: pd.DataFrame) -> list[str]:
     """The ``<task>/<planning metric>`` columns of a frame, in frame order."""
     return [c for c in df.columns if "/" in c and c.rsplit("/", 1)[1] in PLAN_METRICS
             and not c.startswith(TRAIN_PREFIX)]
+
+
+def load_world_model(experiment_dir: str | Path, trial_id: str, checkpoint_index: int,
+                     method: str) -> np.ndarray:
+    """The ``P_hat[S, A, S]`` a method extracted at one checkpoint (finite envs).
+
+    Read from ``EXPERIMENT_DIR/worldmodels_p/`` (``qworld.sweep.store.write_world_models``),
+    keyed like the rows of :func:`load` (``trial_id``, ``checkpoint_index``, ``method``).
+
+    Returns:
+        ``[S, A, S]`` float64, each row renormalised to sum to 1 (the store keeps float32).
+
+    Raises:
+        FileNotFoundError: nothing stored for that (trial, checkpoint); the message lists
+            the stored checkpoints of the trial, or the stored trials.
+        KeyError: the method has no model there (it failed, or was not run); the message
+            lists the methods that do.
+    """
+    models = store.read_world_models(experiment_dir, trial_id, checkpoint_index)
+    if method not in models:
+        raise KeyError(f"no world model of method {method!r} for trial {trial_id!r}, checkpoint "
+                       f"{int(checkpoint_index)}; stored methods: {sorted(models)}")
+    P_hat = models[method].astype(np.float64)
+    sums = P_hat.sum(axis=-1, keepdims=True)
+    # float32 rows sum to 1 within ~1e-7; a row summing to 0 would be no distribution at all
+    return P_hat / np.where(sums > 0, sums, 1.0)
 
 
 def read_sweep_text(experiment_dir: str | Path) -> str | None:

@@ -44,6 +44,33 @@ LABELS = {
 }
 
 
+# The paper's FourRooms world-model errors (mean MSE of P_hat vs P over 10M steps, indicator
+# goals; ../shared/PAPER_NOTES.md), keyed (variant, num_goals): the one copy of these numbers.
+PAPER_P_MSE = {
+    ("deterministic", 1): 0.0,
+    ("windy", 1): 6e-3,
+    ("windy", 4): 1.3e-3,
+    ("teleport", 20): 2e-3,
+}
+
+
+def method_label(method: str) -> str:
+    """The method's name, with ``(oracle)`` for a method handed the true support of P."""
+    return f"{method} (oracle)" if method in K.ORACLE_METHODS else str(method)
+
+
+def paper_p_mse(variant, num_goals, goal_type=None,
+                paper: Mapping[tuple[str, int], float] | None = None) -> float | None:
+    """The paper's p_mse for a grid cell, or None (another cell, or goals that are not
+    indicators: the paper's numbers are for indicator goals)."""
+    paper = PAPER_P_MSE if paper is None else paper
+    if variant is None or num_goals is None or pd.isna(variant) or pd.isna(num_goals):
+        return None
+    if goal_type is not None and not pd.isna(goal_type) and goal_type != "indicator":
+        return None
+    return paper.get((str(variant), int(num_goals)))
+
+
 class NoDataError(ValueError):
     """The frame holds nothing a plot could draw (the report skips the plot and says why)."""
 
@@ -59,10 +86,12 @@ def _figure(nrows: int, ncols: int, panel=(4.4, 3.4)):
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path, tight: bool = False) -> Path:
+    """Write the PNG; ``tight`` grows the canvas to what is drawn (maps have a fixed aspect,
+    so constrained layout can leave a legend below them partly off the canvas)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
+    fig.savefig(path, dpi=DPI, format="png", **({"bbox_inches": "tight", "pad_inches": 0.1} if tight else {}))
     return path
 
 
@@ -224,7 +253,7 @@ def plot_error_vs_goals(
             x = m[K.NUM_GOALS].to_numpy(np.float64)
             y, lo, hi = (np.maximum(m[c].to_numpy(np.float64), floor or 0) for c in ("iqm", "ci_low", "ci_high"))
             ax.errorbar(x, y, yerr=[y - lo, hi - y], color=colors[method], marker="o", ms=4,
-                        capsize=2, lw=1.5, label=method)
+                        capsize=2, lw=1.5, label=method_label(method))
             runs = part[part[K.METHOD] == method]
             ax.scatter(runs[K.NUM_GOALS].to_numpy(np.float64),
                        np.maximum(runs[metric].to_numpy(np.float64), floor or 0),
@@ -271,11 +300,14 @@ def plot_error_vs_steps(
     path: str | Path,
     metric: str = K.P_MSE,
     methods: Sequence[str] | None = None,
+    paper: Mapping[tuple[str, int], float] | None = PAPER_P_MSE,
 ) -> Path:
     """World-model error over training, the paper's FourRooms panels.
 
     One panel per variant (columns) and extraction method (rows); a line per number of
-    goals through the IQM over runs at each checkpoint, with a 95% bootstrap CI band.
+    goals through the IQM over runs at each checkpoint, with a 95% bootstrap CI band. A
+    line whose (variant, L) has a value in ``paper`` gets it as a dashed horizontal line of
+    its colour (p_mse only; a paper value of 0 sits on the "0 (exact)" floor).
 
     Args:
         df: rows of :func:`qworld_analysis.load` (``env_steps``, ``checkpoint_index``,
@@ -283,6 +315,8 @@ def plot_error_vs_steps(
         path: the PNG to write.
         metric: the error column.
         methods: the methods to draw (rows of panels); None: every method present.
+        paper: (variant, num_goals) -> the paper's p_mse (default :data:`PAPER_P_MSE`);
+            None draws no reference.
     """
     rows = _need(df, [K.ENV_STEPS, K.CHECKPOINT_INDEX, K.METHOD, metric], "error vs env steps")
     if methods is not None:
@@ -295,7 +329,22 @@ def plot_error_vs_steps(
     line_cols = [c for c in (K.GOAL_TYPE, K.NUM_GOALS) if c in rows.columns] + _varying(rows, (K.HEAD,))
     line_keys = _panel_keys(rows, line_cols)
     colors = dict(zip(line_keys, _colors(len(line_keys), "viridis")))
-    floor = _positive_floor(rows[metric])
+
+    def reference(variant, key) -> float | None:
+        if paper is None or metric != K.P_MSE:
+            return None
+        key_map = dict(zip(line_cols, key))
+        return paper_p_mse(variant, key_map.get(K.NUM_GOALS), key_map.get(K.GOAL_TYPE), paper)
+
+    refs = {}  # (variant, line key) -> the paper's value, for the lines drawn
+    for v in variants:
+        in_v = rows if v is None else _select(rows, [K.VARIANT], (v,))
+        for key in line_keys:
+            ref = reference(v, key)
+            if ref is not None and not _select(in_v, line_cols, key).empty:
+                refs[(v, key)] = ref
+    values = np.concatenate([rows[metric].to_numpy(np.float64), np.array(list(refs.values()), dtype=np.float64)])
+    floor = _positive_floor(values)  # all panels alike, and room for the references
     fig, axes = _figure(len(method_list), len(variants))
     for i, method in enumerate(method_list):
         for j, variant in enumerate(variants):
@@ -314,18 +363,25 @@ def plot_error_vs_steps(
                 y, lo, hi = (np.maximum(stats[c].to_numpy(np.float64)[order], floor or 0)
                              for c in ("iqm", "ci_low", "ci_high"))
                 key_map = dict(zip(line_cols, key))
-                label = " ".join([f"L={key_map.get(K.NUM_GOALS)}"]
-                                 + [str(key_map[c]) for c in _varying(rows, (K.GOAL_TYPE, K.HEAD))])
+                L = key_map.get(K.NUM_GOALS)
+                label = " ".join([f"L={L}"] + [str(key_map[c]) for c in _varying(rows, (K.GOAL_TYPE, K.HEAD))])
                 ax.plot(x[order], y, color=colors[key], lw=1.6, marker=".", label=label)
                 ax.fill_between(x[order], lo, hi, color=colors[key], alpha=0.2, lw=0)
-            _error_axis(ax, rows[metric].to_numpy(np.float64), floor)
+                ref = refs.get((variant, key))
+                if ref is not None:
+                    ax.axhline(max(ref, floor or 0), color=colors[key], ls=(0, (5, 3)), lw=1.3,
+                               label=f"paper L={L}: {'0 (exact)' if ref == 0 else f'{ref:.1e}'}")
+            _error_axis(ax, values, floor)
             ax.set_xlabel(_label(K.ENV_STEPS))
             ax.set_ylabel(_label(metric))
-            ax.set_title(f"{variant or 'all'} · {method}", fontsize=10)
+            ax.set_title(f"{variant or 'all'} · {method_label(method)}", fontsize=10)
             ax.grid(True, alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=7, ncol=2 if len(line_keys) > 6 else 1)
-    fig.suptitle(f"{_label(metric)} over training (IQM over runs, 95% CI band)", fontsize=11)
+            labelled = len(ax.get_legend_handles_labels()[1])
+            if labelled:
+                ax.legend(fontsize=7, ncol=2 if labelled > 6 else 1)
+    note = "; dashed: the paper's value (10M steps)" if refs else ""
+    fig.suptitle(textwrap.fill(f"{_label(metric)} over training (IQM over runs, 95% CI band{note})",
+                               55 * len(variants)), fontsize=11)
     return _save(fig, path)
 
 
@@ -369,7 +425,7 @@ def plot_recovery_phase(
                     ax.text(c, r, text, ha="center", va="center", fontsize=7,
                             color="white" if norm(shown[r, c]) > 0.55 else "black")
         ax.set_xticks(range(len(goals)), [str(g) for g in goals])
-        ax.set_yticks(range(len(methods)), methods)
+        ax.set_yticks(range(len(methods)), [method_label(m) for m in methods])
         ax.set_xlabel(_label(K.NUM_GOALS))
         ax.set_ylabel("method")
         ax.set_title(_title(panel_cols, key) or "all trials", fontsize=10)
@@ -478,6 +534,10 @@ def greedy_route(P: np.ndarray, policy: np.ndarray, start: int, goal: int | None
                  max_steps: int | None = None) -> list[int]:
     """Roll a policy greedily from ``start``: its best action, then the likeliest next state.
 
+    Ties between next states go to one not yet visited: in the windy variant a move through
+    a doorway arrives with 1/2 and stays (the wind blows into the walls) with 1/2, and the
+    route should show the move, not a loop.
+
     Args:
         P: ``[S, A, S]`` dynamics the route is rolled in (the true P, usually).
         policy: ``[S, A]`` action probabilities or Q-values (argmax is taken).
@@ -496,7 +556,9 @@ def greedy_route(P: np.ndarray, policy: np.ndarray, start: int, goal: int | None
     for _ in range(max_steps):
         if goal is not None and s == goal:
             break
-        s = int(np.argmax(P[s, int(np.argmax(policy[s]))]))
+        probs = P[s, int(np.argmax(policy[s]))]
+        likeliest = np.flatnonzero(probs >= probs.max() - 1e-12)
+        s = int(next((t for t in likeliest if int(t) not in seen), likeliest[0]))
         route.append(s)
         if s in seen:
             break
@@ -560,14 +622,22 @@ def plot_routes(
         layout: with a variant name, the ASCII layout (None: the paper's map).
     """
     mdp = _mdp(mdp, layout)
-    coords = np.asarray(mdp.coords)
-    start_s = None if start is None else _state(mdp, start)
-    goal_s = None if goal is None else _state(mdp, goal)
-    forbidden_s = [_state(mdp, f) for f in forbidden]
     if not routes:
         raise NoDataError("routes: nothing to draw")
     fig, axes = _figure(1, 1, panel=(6.0, 6.0))
     ax = axes[0, 0]
+    _draw_routes(ax, mdp, routes, start, goal, forbidden)
+    ax.set_title(textwrap.fill(title or f"Routes on {getattr(mdp, 'name', 'the map')}", 70), fontsize=10)
+    return _save(fig, path, tight=True)
+
+
+def _draw_routes(ax, mdp, routes: Mapping[str, Any], start, goal, forbidden) -> None:
+    """The map, the forbidden cells hatched, each route as arrows with its length in the
+    legend (below the axes); arguments as :func:`plot_routes`."""
+    coords = np.asarray(mdp.coords)
+    start_s = None if start is None else _state(mdp, start)
+    goal_s = None if goal is None else _state(mdp, goal)
+    forbidden_s = [_state(mdp, f) for f in forbidden]
     _draw_map(ax, mdp)
     if mdp.meta.get("variant") == "teleport":
         for s in mdp.meta.get("teleport_states", []):
@@ -614,8 +684,58 @@ def plot_routes(
         ax.text(c, r, "G", ha="center", va="center", fontsize=7, weight="bold")
     ax.add_patch(Rectangle((0, 0), 0, 0, fill=False, hatch="////", edgecolor="#d62728", label="forbidden"))
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), fontsize=8, ncol=1, frameon=False)
-    ax.set_title(textwrap.fill(title or f"Routes on {getattr(mdp, 'name', 'the map')}", 70), fontsize=10)
-    return _save(fig, path)
+
+
+def plot_safety_routes(
+    models: Mapping[str, np.ndarray],
+    path: str | Path,
+    task: str,
+    variant: str = "deterministic",
+    layout: str | None = None,
+    gamma: float = 0.99,
+    model_label: str = "plan in P̂",
+    title: str | None = None,
+) -> Path:
+    """The paper's safety-route figure: one panel per extracted model, each with the route
+    planned in that model for a safety task against the optimal route.
+
+    Both plans are made by value iteration with the task's forbidden cells catastrophic
+    (:func:`qworld.planning.plan` in the model, :func:`qworld.planning.optimal_plan` in the
+    true P) and drawn as their greedy rollout in the true P (:func:`greedy_route`).
+
+    Args:
+        models: panel title -> ``P_hat[S, A, S]`` (e.g. ``{"L = 4": ..., "L = 17": ...}``).
+        path: the PNG to write.
+        task: a key of ``qworld.planning.SAFETY_TASKS``.
+        variant, layout: the FourRooms map and its true dynamics.
+        gamma: planning discount.
+        model_label: the legend label of the model's route (e.g. the method).
+        title: the figure title (default: the task and its description).
+    """
+    from qworld.planning import SAFETY_TASKS, optimal_plan, plan, task_states
+    from qworld_envs import four_rooms
+
+    if not models:
+        raise NoDataError("safety routes: no model to plan in")
+    mdp = four_rooms(variant, layout=layout)
+    cells = task_states(mdp, task)
+    goal, forbidden, start = cells["goal"], cells["forbidden"], cells["start"][0]
+    reward = np.zeros(mdp.num_states)
+    reward[goal] = 1.0
+    optimal = greedy_route(mdp.P, optimal_plan(mdp.P, [goal], forbidden, gamma), start, goal)
+    shape = (mdp.num_states, mdp.num_actions, mdp.num_states)
+    fig, axes = _figure(1, len(models), panel=(4.6, 5.6))
+    for ax, (label, P_hat) in zip(axes[0], models.items()):
+        P_hat = np.asarray(P_hat, dtype=np.float64)
+        if P_hat.shape != shape:
+            raise ValueError(f"model {label!r} must have shape [S, A, S] = {shape}, got {P_hat.shape}")
+        policy = plan(P_hat, reward, gamma, forbidden=forbidden, terminal=[goal])
+        routes = {"optimal (true P)": optimal, model_label: greedy_route(mdp.P, policy, start, goal)}
+        _draw_routes(ax, mdp, routes, start, goal, forbidden)
+        ax.set_title(textwrap.fill(label, 60), fontsize=9)
+    fig.suptitle(textwrap.fill(title or f"{task} ({variant}): {SAFETY_TASKS[task].description}",
+                               60 * len(models) ** 0.5 + 40), fontsize=11)
+    return _save(fig, path, tight=True)
 
 
 def plot_safety_task(

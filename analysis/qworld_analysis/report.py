@@ -18,15 +18,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 
 from qworld import metrics as K
+from qworld.sweep import store
 from qworld_analysis import plots
 from qworld.sweep.score import LOAD_METHOD
 from qworld_analysis.load import (NUM_CHECKPOINTS, NUM_ITERATIONS, NUM_SCORED, TRIAL_ERROR,
                                   WORLD_MODEL_METRICS, _read_spec, final_checkpoints, load,
-                                  load_training_curves, load_trials, plan_columns,
-                                  read_sweep_text)
+                                  load_training_curves, load_trials, load_world_model,
+                                  plan_columns, read_sweep_text)
 from qworld_analysis.stats import summary
 
 REPORT_DIR = "report"
@@ -38,6 +40,7 @@ VERSION_PACKAGES = ("qworld", "numpy", "pandas", "scipy", "pyarrow", "matplotlib
 # The grid columns a summary groups by (when present), then any swept agent axis.
 CELL_COLUMNS = (K.ENV, K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS, K.HEAD)
 RUN_COLUMNS = (K.SWEEP, K.TRIAL_ID, K.SEED)
+MAX_ROUTE_PANELS = 6  # goal counts drawn in a safety-route figure (spread over the sweep's)
 
 
 def cell_columns(df: pd.DataFrame, experiment_dir: str | Path | None = None) -> list[str]:
@@ -114,11 +117,121 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
     figure("training_curves", "Training curves",
            plots.plot_training_curves, curves,
            metrics=(K.TRAIN_EPISODE_SUCCESS, K.TRAIN_EPISODE_RETURN, K.TRAIN_LOSS))
+    variants = sorted(scored[K.VARIANT].dropna().unique()) if K.VARIANT in scored.columns else []
+    for variant in variants:
+        try:
+            choice = route_choice(scored, exp, variant)
+        except plots.NoDataError as exc:
+            skipped.append((f"Safety routes ({variant})", str(exc)))
+            continue
+        figure(f"safety_routes_{variant}",
+               f"Safety routes ({variant}, {choice['task']}): the plan made in P̂ of "
+               f"{plots.method_label(choice['method'])} at each trial's last checkpoint against "
+               "the optimal route, one panel per number of goals (the seed of median p_mse)",
+               draw_safety_routes, choice, exp)
 
     page = _page(exp, df, trials, table, figures, skipped)
     path = out / HTML_FILE
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def route_choice(df: pd.DataFrame, experiment_dir: str | Path, variant: str,
+                 method: str | None = None, task: str | None = None) -> dict:
+    """What the safety-route figure of one variant draws: which task, method and models.
+
+    Args:
+        df: rows of :func:`qworld_analysis.load` (extraction errors are left out here).
+        experiment_dir: where the models are stored (``worldmodels_p/``).
+        variant: the FourRooms variant.
+        method: the extraction method; None: the honest (non-oracle) method with the lowest
+            median p_mse at the last checkpoints (an oracle only if nothing else ran).
+        task: a safety task; None: the variant's default task if it was scored (else the
+            first scored task meant for the variant).
+
+    Returns:
+        ``task``, ``method``, ``variant``, ``layout``, ``gamma`` and ``panels``: a list of
+        (panel title, trial_id, checkpoint_index), one per number of goals (at most
+        ``MAX_ROUTE_PANELS``, spread over the sweep's), each the trial of median p_mse.
+
+    Raises:
+        plots.NoDataError: no world model stored, or none for this variant.
+    """
+    from qworld.planning import DEFAULT_TASK, SAFETY_TASKS
+
+    exp = Path(experiment_dir)
+    if not store.world_model_keys(exp):
+        raise plots.NoDataError(
+            f"no world models stored in {store.world_models_path(exp)} (scored before P̂ was "
+            f"stored); `qworld extract {exp}` re-scores and stores them")
+    rows = df[(df[K.VARIANT] == variant).fillna(False).astype(bool)]
+    if K.ERROR in rows.columns:
+        rows = rows[rows[K.ERROR].isna()]
+    rows = final_checkpoints(rows.dropna(subset=[K.NUM_GOALS]))
+    if rows.empty:
+        raise plots.NoDataError(f"safety routes ({variant}): no scored row")
+    if "layout" in rows.columns and rows["layout"].notna().any():
+        layout = rows["layout"].dropna().mode().iloc[0]  # one map per figure
+        rows = rows[(rows["layout"] == layout).fillna(False).astype(bool)]
+    else:
+        layout = None
+    if method is None:
+        p = rows.dropna(subset=[K.P_MSE]) if K.P_MSE in rows.columns else rows.iloc[0:0]
+        if p.empty:
+            raise plots.NoDataError(f"safety routes ({variant}): no p_mse scored")
+        medians = p.groupby(K.METHOD)[K.P_MSE].median().sort_values(kind="stable")
+        honest = [m for m in medians.index if m not in K.ORACLE_METHODS]
+        method = (honest or list(medians.index))[0]
+    rows = rows[rows[K.METHOD] == method]
+    if task is None:
+        scored_tasks = [c.rsplit("/", 1)[0] for c in plan_columns(rows)
+                        if c.endswith("/" + K.PLAN_SUCCESS) and rows[c].notna().any()]
+        meant = [t for t in scored_tasks if t in SAFETY_TASKS and variant in SAFETY_TASKS[t].variants]
+        default = DEFAULT_TASK.get(variant, "corner_9_1_doorway")
+        task = default if default in meant or not meant else meant[0]
+    goals = sorted(int(g) for g in rows[K.NUM_GOALS].unique())
+    if len(goals) > MAX_ROUTE_PANELS:
+        goals = [goals[i] for i in sorted({round(x) for x in
+                                           np.linspace(0, len(goals) - 1, MAX_ROUTE_PANELS)})]
+    panels = []
+    for L in goals:
+        cell = rows[rows[K.NUM_GOALS] == L].sort_values([K.P_MSE, K.TRIAL_ID], kind="stable")
+        stored = [_has_model(exp, t, c, method) for t, c in
+                  cell[[K.TRIAL_ID, K.CHECKPOINT_INDEX]].itertuples(index=False)]
+        cell = cell[stored]
+        if cell.empty:
+            continue
+        row = cell.iloc[(len(cell) - 1) // 2]  # the lower median: a seed that really ran
+        success = row.get(f"{task}/{K.PLAN_SUCCESS}")
+        title = (f"L = {L} · seed {row.get(K.SEED)} · p_mse {row[K.P_MSE]:.1e}"
+                 + ("" if success is None or pd.isna(success) else f" · plan success {success:.2f}"))
+        panels.append((title, str(row[K.TRIAL_ID]), int(row[K.CHECKPOINT_INDEX])))
+    if not panels:
+        raise plots.NoDataError(f"safety routes ({variant}): no world model of {method} stored "
+                                "at the trials' last checkpoints")
+    gamma = float(rows["gamma"].dropna().iloc[0]) if "gamma" in rows and rows["gamma"].notna().any() else 0.99
+    return {"task": task, "method": method, "variant": variant, "layout": layout,
+            "gamma": gamma, "panels": panels}
+
+
+def _has_model(exp: Path, trial_id: str, checkpoint_index: int, method: str) -> bool:
+    try:
+        load_world_model(exp, trial_id, checkpoint_index, method)
+    except (FileNotFoundError, KeyError):
+        return False
+    return True
+
+
+def draw_safety_routes(choice: dict, experiment_dir: str | Path, path: str | Path) -> Path:
+    """The safety-route figure of a :func:`route_choice`, models read from the store."""
+    models = {title: load_world_model(experiment_dir, trial_id, ckpt, choice["method"])
+              for title, trial_id, ckpt in choice["panels"]}
+    label = plots.method_label(choice["method"])
+    return plots.plot_safety_routes(
+        models, path, choice["task"], variant=choice["variant"], layout=choice["layout"],
+        gamma=choice["gamma"], model_label=f"plan in P̂ ({label})",
+        title=f"{choice['task']} ({choice['variant']}): route planned in P̂ of {label} at the "
+              "last checkpoint vs the optimal route; forbidden cells hatched")
 
 
 def compare(dir_a: str | Path, dir_b: str | Path, metric: str = K.P_MSE,
@@ -218,7 +331,24 @@ def _metric_table_html(table: pd.DataFrame, metric: str) -> str:
                 and part[c].nunique(dropna=False) == 1]
     shared = ", ".join(f"{c} = {part[c].iloc[0]}" for c in constant if not pd.isna(part[c].iloc[0]))
     text = f"<p class='muted'>all rows: {html.escape(shared)}</p>" if shared else ""
-    return text + _table_html(part.drop(columns=constant))
+    part = part.drop(columns=constant)
+    if K.METHOD in part.columns:
+        part[K.METHOD] = part[K.METHOD].map(plots.method_label)
+    return text + _table_html(part)
+
+
+def _methods_html(df: pd.DataFrame) -> str:
+    """One line: which methods are oracles (handed the true support of P) and which are not."""
+    if K.METHOD not in df.columns:
+        return ""
+    methods = sorted(m for m in df[K.METHOD].dropna().unique() if m != LOAD_METHOD)
+    oracles = [m for m in methods if m in K.ORACLE_METHODS]
+    honest = [m for m in methods if m not in K.ORACLE_METHODS]
+    if not methods:
+        return ""
+    return ("<p><b>Methods.</b> Oracle (handed the true support of P, a yardstick, not a "
+            f"finding): {html.escape(', '.join(oracles) or 'none')}. Not handed the support: "
+            f"{html.escape(', '.join(honest) or 'none')}.</p>")
 
 
 def _versions() -> pd.DataFrame:
@@ -265,6 +395,7 @@ def _page(exp: Path, df: pd.DataFrame, trials: pd.DataFrame, table: pd.DataFrame
                  f"<code>{SUMMARY_FILE}</code>.</p>")
     if table.empty:
         parts.append("<p class='note'>No scored checkpoint yet: nothing to summarise.</p>")
+    parts.append(_methods_html(df))
     for metric in dict.fromkeys(table[METRIC]) if not table.empty else []:
         parts.append(f"<h3>{e(metric)}</h3>{_metric_table_html(table, metric)}")
 
@@ -276,9 +407,9 @@ def _page(exp: Path, df: pd.DataFrame, trials: pd.DataFrame, table: pd.DataFrame
         parts.append("<p class='note'>Skipped figures:</p><ul>")
         parts += [f"<li>{e(caption)}: {e(why)}</li>" for caption, why in skipped]
         parts.append("</ul>")
-    parts.append("<p class='muted'>Route maps, value maps and MountainCar vector fields need "
-                 "arrays (policies, predictions) that the results store does not hold: draw "
-                 "them with <code>qworld_analysis.plots</code>.</p>")
+    parts.append("<p class='muted'>Value maps and MountainCar vector fields need arrays "
+                 "(values, predictions) that the results store does not hold: draw them with "
+                 "<code>qworld_analysis.plots</code>.</p>")
 
     parts.append("<h2>Trials</h2>")
     cols = [c for c in (K.TRIAL_ID, *CELL_COLUMNS, K.SEED, NUM_ITERATIONS, K.ENV_STEPS,

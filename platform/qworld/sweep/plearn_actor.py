@@ -25,7 +25,8 @@ NAMESPACE = "qworld"
 
 @ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)
 class PLearningActor:
-    """Loads Q from a checkpoint, extracts P^ with every method, writes the scored rows."""
+    """Loads Q from a checkpoint, extracts P^ with every method, writes the scored rows and
+    the extracted models (``store.write_world_models``)."""
 
     def __init__(self, experiment_dir: str, sweep: str, methods: Sequence[str],
                  tasks: Sequence[str], options: Mapping[str, Mapping[str, Any]]):
@@ -50,9 +51,13 @@ class PLearningActor:
         index = checkpoint_index(checkpoint_path)
         if not force and (trial_id, index) in store.scored_keys(self.experiment_dir):
             return trial_id, index, None
+        models: dict = {}
         rows = score_checkpoint(checkpoint_path, sweep=self.sweep, trial_id=trial_id,
                                 methods=self.methods, tasks=self.tasks, options=self.options,
-                                env_steps=env_steps)
+                                env_steps=env_steps, world_models=models)
+        # Models first: the rows mark the key as scored, so a crash in between leaves the
+        # key unscored and the retry replaces the model file.
+        store.write_world_models(self.experiment_dir, trial_id, index, models)
         store.write_rows(self.experiment_dir, rows)
         return trial_id, index, {r[K.METHOD]: r.get(K.P_MSE, r.get(K.WM_NMSE)) for r in rows}
 

@@ -1,4 +1,4 @@
-"""The results store: ``EXPERIMENT_DIR/worldmodels.parquet``.
+"""The results store: ``EXPERIMENT_DIR/worldmodels.parquet`` and the models ``worldmodels_p/``.
 
 It is a parquet *dataset directory* (pandas and pyarrow read it as one table) holding one
 file per (trial, checkpoint). The file name is the key, and each file is written to a
@@ -8,6 +8,12 @@ temporary name and renamed into place, so:
 - re-scoring a checkpoint (actor restart, ``qworld extract``, ``qworld resume``) replaces
   its rows instead of duplicating them;
 - a crash mid-write leaves no partial file behind.
+
+The extracted ``P_hat`` of finite envs go next to it, one ``.npz`` per (trial, checkpoint)
+under the same key (:func:`write_world_models`)::
+
+    EXPERIMENT_DIR/worldmodels.parquet/trial=<id>-ckpt=000007.parquet   the rows
+    EXPERIMENT_DIR/worldmodels_p/trial=<id>-ckpt=000007.npz             method -> P_hat[S, A, S]
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import numpy as np
 import pandas as pd
 
 from qworld import metrics as K
@@ -29,8 +36,13 @@ def store_path(experiment_dir: str | Path) -> Path:
     return Path(experiment_dir) / STORE_NAME
 
 
+def _safe_id(trial_id: str) -> str:
+    """The trial id as it appears in file names (Tune's ids, ``a1b2c_00003``, are unchanged)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(trial_id))
+
+
 def _key_file(experiment_dir: str | Path, trial_id: str, checkpoint_index: int) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", str(trial_id))
+    safe = _safe_id(trial_id)
     return store_path(experiment_dir) / f"trial={safe}-ckpt={int(checkpoint_index):06d}.parquet"
 
 
@@ -73,3 +85,92 @@ def read_store(experiment_dir: str | Path) -> pd.DataFrame:
         return pd.DataFrame(columns=[*K.GRID_COLUMNS, K.CHECKPOINT_INDEX, K.METHOD])
     frame = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     return frame.sort_values([K.TRIAL_ID, K.CHECKPOINT_INDEX, K.METHOD], ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------
+# extracted world models: EXPERIMENT_DIR/worldmodels_p/trial=<id>-ckpt=<000007>.npz
+
+WORLD_MODELS_NAME = "worldmodels_p"
+WORLD_MODEL_DTYPE = np.float32
+
+
+def world_models_path(experiment_dir: str | Path) -> Path:
+    return Path(experiment_dir) / WORLD_MODELS_NAME
+
+
+def _model_file(experiment_dir: str | Path, trial_id: str, checkpoint_index: int) -> Path:
+    # the same key as the rows' parquet file, so a model file names its rows
+    name = _key_file(experiment_dir, trial_id, checkpoint_index).with_suffix(".npz").name
+    return world_models_path(experiment_dir) / name
+
+
+def write_world_models(experiment_dir: str | Path, trial_id: str, checkpoint_index: int,
+                       models: Mapping[str, np.ndarray]) -> Path | None:
+    """Store the P_hat of every method of ONE (trial, checkpoint), replacing earlier ones.
+
+    One ``.npz`` (``np.savez_compressed``) per (trial, checkpoint), one ``[S, A, S]`` array
+    per method, stored as float32: rows are probability vectors, so float32's 6e-8 relative
+    rounding is far below any error worth reading (the loader renormalises the rows). Cost
+    on FourRooms (S = 68, A = 4; 74 KB raw per method), measured: ~1 KB for an exactly
+    sparse model (column_match, known_support), 8-15 KB for a simplex-projected one (pinv),
+    ~63 KB for a softmax one with no exact zero (sgd): about 100 KB per checkpoint with
+    five methods (float64 would double the dense ones).
+
+    Args:
+        models: method -> ``P_hat[S, A, S]``. Empty (a continuous env, an unreadable
+            checkpoint, every method failed): nothing is written and an earlier file of
+            this key is removed, so the store never holds models the rows do not.
+
+    Returns:
+        The file written, or None when ``models`` is empty.
+    """
+    target = _model_file(experiment_dir, trial_id, checkpoint_index)
+    if not models:
+        target.unlink(missing_ok=True)
+        return None
+    arrays = {}
+    for method, P_hat in models.items():
+        P_hat = np.asarray(P_hat)
+        if P_hat.ndim != 3 or P_hat.shape[0] != P_hat.shape[2]:
+            raise ValueError(f"write_world_models: {method!r} must be P_hat[S, A, S], got {P_hat.shape}")
+        arrays[str(method)] = P_hat.astype(WORLD_MODEL_DTYPE)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as fh:  # a file object: savez would append ".npz" to a tmp name
+        np.savez_compressed(fh, **arrays)
+    os.replace(tmp, target)  # atomic, as write_rows
+    return target
+
+
+def world_model_keys(experiment_dir: str | Path) -> set[tuple[str, int]]:
+    """The (trial_id, checkpoint_index) pairs with stored models (ids as in file names)."""
+    root = world_models_path(experiment_dir)
+    keys = set()
+    for path in root.glob("trial=*-ckpt=*.npz") if root.is_dir() else []:
+        match = re.fullmatch(r"trial=(.*)-ckpt=(\d+)\.npz", path.name)
+        if match:
+            keys.add((match.group(1), int(match.group(2))))
+    return keys
+
+
+def read_world_models(experiment_dir: str | Path, trial_id: str,
+                      checkpoint_index: int) -> dict[str, np.ndarray]:
+    """method -> ``P_hat[S, A, S]`` as stored (float32) for one (trial, checkpoint).
+
+    Raises:
+        FileNotFoundError: no models for that key; the message lists what is stored.
+    """
+    path = _model_file(experiment_dir, trial_id, checkpoint_index)
+    if not path.is_file():
+        keys = world_model_keys(experiment_dir)
+        if not keys:
+            there = (f"no world models are stored in {world_models_path(experiment_dir)} "
+                     "(an experiment scored before P_hat was stored, or a continuous env)")
+        else:
+            mine = sorted(c for t, c in keys if t == _safe_id(trial_id))
+            there = (f"stored checkpoints of this trial: {mine}" if mine else
+                     f"stored trials: {sorted({t for t, _ in keys})}")
+        raise FileNotFoundError(
+            f"no world models for trial {trial_id!r}, checkpoint {int(checkpoint_index)}; {there}")
+    with np.load(path) as data:
+        return {name: data[name] for name in data.files}
