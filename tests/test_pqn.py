@@ -85,7 +85,7 @@ def test_validate_names_every_bad_field_and_its_allowed_values():
         ("hidden_sizes", "non-empty list"),
         ("her_strategy", "'future', 'random_goal'"),
         ("epsilon_end", "[0, 1]"),
-        ("q_output", "'linear', 'sigmoid'"),
+        ("q_output", "'auto', 'linear', 'sigmoid'"),
         ("minibatch_size", ">= 1"),
         ("env_runner", "'auto', 'fast', 'standard'"),
         ("fourier_features", "an int >= 0"),
@@ -106,6 +106,48 @@ def test_validate_rejects_bad_env_and_runner_combinations():
     with pytest.raises(ValueError, match="num_envs=.*multiple of num_env_runners=3"):
         PQNConfig().training(num_envs=4).env_runners(num_env_runners=3).validate()
     PQNConfig().training(env_kwargs=TINY).validate()  # the defaults are valid
+
+
+# ------------------------------------------------------------------ q_output "auto"
+@pytest.mark.parametrize("env_id,env_kwargs,expected", [
+    ("qworld/FourRooms-v0", {"goal_type": "indicator", "num_goals": 4}, "sigmoid"),
+    ("qworld/FourRooms-v0", {**TINY, "goal_type": "indicator"}, "sigmoid"),
+    ("qworld/FourRooms-v0", {"goal_type": "dense", "num_goals": 1}, "linear"),
+    ("qworld/FourRooms-v0", {**TINY, "goal_type": "dense", "num_goals": 3}, "linear"),
+    ("qworld/MountainCar-v0", {"goal_type": "position"}, "sigmoid"),  # sparse: 1 on arrival, terminal
+    ("qworld/MountainCar-v0", {"goal_type": "gaussian"}, "linear"),  # never terminal: returns > 1
+])
+def test_q_output_auto_is_the_default_and_fits_the_goal_family(env_id, env_kwargs, expected):
+    config = PQNConfig().training(env_id=env_id, env_kwargs=env_kwargs)
+    assert config.q_output == "auto"
+    assert config.resolved_q_output() == expected
+    assert config.pqn_model_config()["q_output"] == expected  # what the module is built with
+    assert config.qworld_config()["q_output"] == expected  # what a checkpoint records
+
+
+def test_explicit_q_output_wins_over_the_goal_family():
+    dense = {"goal_type": "dense", "num_goals": 2}
+    assert PQNConfig().training(env_kwargs=dense, q_output="sigmoid").resolved_q_output() == "sigmoid"
+    assert PQNConfig().training(env_kwargs={"num_goals": 2}, q_output="linear").resolved_q_output() == "linear"
+
+
+def test_bad_q_output_names_the_field_and_the_allowed_values():
+    errors = PQNConfig().training(q_output="tanh").pqn_errors()
+    assert errors == ["q_output='tanh': must be one of 'auto', 'linear', 'sigmoid'"]
+
+
+def test_dense_goals_checkpoint_records_linear_outputs(ray_session, tmp_path):
+    from qworld.agents import load_q
+
+    algo = tiny_config(env_kwargs={**TINY, "goal_type": "dense", "num_goals": 3}).build_algo()
+    try:
+        algo.train()
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+    finally:
+        algo.stop()
+    q = load_q(path)
+    assert q.config["q_output"] == "linear" and q.module.q_output == "linear"
+    assert q.config["goal_type"] == "dense"
 
 
 def test_config_round_trips_through_a_tune_style_dict():
@@ -274,6 +316,7 @@ def test_checkpoint_holds_the_config_and_load_q_matches_the_live_module(trained_
     assert c["variant"] == "deterministic" and c["goal_type"] == "indicator" and c["num_goals"] == 15
     assert c["head"] == "all_goals" and c["gamma"] == 0.99 and c["hidden_sizes"] == [32]
     assert len(c["goal_states"]) == 15 and c["env_steps"] == 384
+    assert c["q_output"] == "sigmoid" and q.module.q_output == "sigmoid"  # "auto", indicator goals
     # a batch of states x goal indices, and all goals at once
     obs = np.eye(15, dtype=np.float32)[[0, 3, 7]]
     np.testing.assert_allclose(q.q(obs, np.array([1, 2, 3])), q.q_table()[[1, 2, 3], [0, 3, 7]], rtol=1e-6)

@@ -84,6 +84,8 @@ BAD_INPUTS = [
     ("bad resources", lambda r: _set(r, "resources.plearn_actors", 0), "resources.plearn_actors", ">= 1"),
     ("bad agent value", lambda r: _set(r, "agent.head", "octopus"), "head", "all_goals"),
     ("bad name", lambda r: _set(r, "name", "a b/c"), "name", "letters"),
+    ("bad q_output", lambda r: _set(r, "agent.q_output", "tanh"), "agent.q_output", "'auto', 'linear', 'sigmoid'"),
+    ("bad q_output axis", lambda r: _set(r, "sweep.q_output", ["linear", "relu"]), "agent.q_output", "'auto'"),
 ]
 
 
@@ -110,3 +112,35 @@ def test_cli_exits_2_and_launches_nothing(tmp_path):
     assert "sweep.num_goals" in proc.stderr
     assert "Started a local Ray" not in proc.stdout + proc.stderr
     assert not storage.exists()  # nothing launched, nothing written
+
+
+def _cell_q_output(spec, cell) -> str:
+    from qworld.agents.pqn import PQNConfig
+
+    env_id, env_kwargs, agent = spec.cell_task(cell)
+    return PQNConfig().training(env_id=env_id, env_kwargs=env_kwargs, **agent).resolved_q_output()
+
+
+def test_q_output_auto_fits_each_case_of_one_sweep_file():
+    raw = smoke_raw()
+    raw["sweep"] = {"cases": [{"variant": "windy", "goal_type": "indicator", "num_goals": 4},
+                              {"variant": "deterministic", "goal_type": "dense", "num_goals": 1}],
+                    "seed": [0, 1]}
+    spec = parse_sweep(raw)
+    assert "q_output" not in spec.agent  # the default: "auto"
+    got = {(c["goal_type"], c["seed"]): _cell_q_output(spec, c) for c in spec.cells()}
+    assert got == {("indicator", 0): "sigmoid", ("indicator", 1): "sigmoid",
+                   ("dense", 0): "linear", ("dense", 1): "linear"}
+    explicit = parse_sweep({**raw, "agent": {**raw["agent"], "q_output": "linear"}})
+    assert {_cell_q_output(explicit, c) for c in explicit.cells()} == {"linear"}
+
+
+def test_cli_bad_q_output_exits_2_naming_the_field(tmp_path):
+    storage = tmp_path / "storage"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qworld.cli", "sweep", str(ROOT / "tune_configs" / "smoke.yaml"),
+         "--storage", str(storage), "--set", "agent.q_output=tanh"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "agent.q_output" in proc.stderr and "'auto', 'linear', 'sigmoid'" in proc.stderr
+    assert not storage.exists()

@@ -14,7 +14,8 @@ A sweep file (all sections but ``name`` and ``env`` optional)::
       goal_type: indicator          # indicator | dense (finite); position | velocity | ...
       num_goals: 68                 # L; null = every state (indicator goals)
       seed: 0                       # goal placement seed
-    agent: {lr: 0.001, ...}         # PQNConfig.training keywords
+    agent: {lr: 0.001, ...}         # PQNConfig.training keywords; q_output: auto (default)
+                                    # = sigmoid for indicator goals, linear for dense ones
     sweep:                          # grid_search axes (Tune grid, cartesian product)
       variant: [deterministic, windy]
       num_goals: [4, 68]

@@ -41,7 +41,7 @@ Q_ALL_GOALS = "q_all_goals"  # [B, L, A]: Q of every goal of the goal set (all_g
 RETURN_Q_ALL_GOALS = "return_q_all_goals"  # batch flag: exploration also returns Q_ALL_GOALS
 
 HEADS = ("all_goals", "goal_input")
-Q_OUTPUTS = ("linear", "sigmoid")
+Q_OUTPUTS = ("linear", "sigmoid")  # what the module builds (PQNConfig also takes "auto")
 
 # model_config keys the module reads (the config fills all of them; see PQNConfig).
 MODEL_CONFIG_KEYS = (
@@ -119,7 +119,8 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
         fourier_features, fourier_scale: random Fourier features of the state before
             the MLP (0 = the raw state; see FourierEncoder);
         head: "all_goals" | "goal_input";
-        q_output: "linear" | "sigmoid" (sigmoid when returns lie in [0, 1]);
+        q_output: "linear" | "sigmoid" (sigmoid when returns lie in [0, 1]; a config's
+            "auto" is resolved by ``PQNConfig.resolved_q_output`` before it gets here);
         epsilon_start, epsilon_end, epsilon_decay_steps: exploration schedule;
         env_id, env_kwargs: the task this module is trained on (informational).
     """

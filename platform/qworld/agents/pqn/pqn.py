@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -57,6 +58,9 @@ QWORLD_CONFIG_FILE = "qworld_config.json"
 MODULE_SUBDIR = (COMPONENT_LEARNER_GROUP, COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID)
 
 OPTIMIZERS = ("radam", "adam")
+# q_output choices of the config: "auto" resolves to one of the module's Q_OUTPUTS per task.
+Q_OUTPUT_AUTO = "auto"
+Q_OUTPUT_CHOICES = (Q_OUTPUT_AUTO,) + tuple(Q_OUTPUTS)
 HER_STRATEGIES = ("future", "random_goal")
 ENV_RUNNERS = ("auto", "fast", "standard")
 
@@ -136,7 +140,7 @@ class PQNConfig(AlgorithmConfig):
         self.hidden_sizes: List[int] = [256, 256]  # MLP widths (depth = length), LayerNorm + ReLU
         self.fourier_features: int = 0  # random Fourier features of the state (0: raw state)
         self.fourier_scale: float = 1.0  # std of their frequencies, cycles per unit of obs
-        self.q_output: str = "linear"  # "linear" | "sigmoid" (returns in [0, 1])
+        self.q_output: str = Q_OUTPUT_AUTO  # "auto" | "linear" | "sigmoid"; see resolved_q_output()
         self.head: str = "all_goals"  # "all_goals" (Q[L, A] from the state) | "goal_input"
         # --- hindsight relabelling (goal_input head only)
         self.her_k: int = 4  # relabelled copies per transition (0: off)
@@ -212,7 +216,12 @@ class PQNConfig(AlgorithmConfig):
                 low-dimensional continuous states.
             fourier_scale: standard deviation (> 0) of B's entries, cycles per unit of
                 the observation.
-            q_output: "linear", or "sigmoid" for returns in [0, 1] (sparse indicator goals).
+            q_output: "auto" (default), "linear" or "sigmoid". "sigmoid" squashes Q into
+                (0, 1), right when every goal's discounted return lies in [0, 1]
+                (indicator / sparse goals: reward 1 on arrival, terminal); "linear"
+                for any other family (dense, gaussian). "auto" picks between them
+                from the task's goal family (:meth:`resolved_q_output`), so one sweep
+                can cross indicator and dense goals; checkpoints record the choice.
             head: "all_goals" (state in, Q for every goal of the goal set out, every
                 transition trains every goal) or "goal_input" (state + goal features in).
             her_k: hindsight relabelled copies per transition (>= 0; goal_input head only).
@@ -274,6 +283,17 @@ class PQNConfig(AlgorithmConfig):
             return "fast" if qworld_envs.has_batched(self.env_id, device) else "standard"
         return self.env_runner
 
+    def resolved_q_output(self) -> str:
+        """"linear" or "sigmoid": ``q_output`` with "auto" resolved from the goal family.
+
+        "auto" -> "sigmoid" when every goal's discounted return lies in [0, 1] (see
+        :func:`returns_in_unit_interval`), else "linear". An explicit value is kept.
+        """
+        if self.q_output != Q_OUTPUT_AUTO:
+            return self.q_output
+        unit = returns_in_unit_interval(self.env_id, self.env_kwargs or {})
+        return "sigmoid" if unit else "linear"
+
     def envs_per_env_runner(self) -> int:
         return int(self.num_envs) // max(1, int(self.num_env_runners))
 
@@ -312,7 +332,7 @@ class PQNConfig(AlgorithmConfig):
             "fourier_features": int(self.fourier_features),
             "fourier_scale": float(self.fourier_scale),
             "head": self.head,
-            "q_output": self.q_output,
+            "q_output": self.resolved_q_output(),
             "epsilon_start": float(self.epsilon_start),
             "epsilon_end": float(self.epsilon_end),
             "epsilon_decay_steps": self.epsilon_decay_steps(),
@@ -328,6 +348,7 @@ class PQNConfig(AlgorithmConfig):
             out[name] = jsonable(getattr(self, name))
         out["env_kwargs"] = task.env_kwargs
         out["env_runner"] = self.resolved_env_runner()
+        out["q_output"] = self.resolved_q_output()  # "auto" resolved: what the module uses
         out[M.VARIANT] = task.env_kwargs.get(M.VARIANT)
         out[M.GOAL_TYPE] = task.goal_type or task.env_kwargs.get(M.GOAL_TYPE)
         out[M.NUM_GOALS] = task.num_goals
@@ -418,7 +439,7 @@ class PQNConfig(AlgorithmConfig):
         check_int("fourier_features", 0)
         if not _is_num(self.fourier_scale) or not self.fourier_scale > 0:
             bad("fourier_scale", "a number > 0 (cycles per unit of observation)")
-        check_choice("q_output", Q_OUTPUTS)
+        check_choice("q_output", Q_OUTPUT_CHOICES)
         check_choice("head", HEADS)
         check_int("her_k", 0)
         check_choice("her_strategy", HER_STRATEGIES)
@@ -569,6 +590,35 @@ class PQN(Algorithm):
         cfg = self.config.qworld_config()
         cfg[M.ENV_STEPS] = self.env_steps_sampled()
         return QFunction(module, cfg)
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_returns(env_id: str, kwargs_json: str) -> bool:
+    env_kwargs = json.loads(kwargs_json)
+    if env_id in qworld_envs.FINITE_ENVS:
+        goals = qworld_envs.make_finite_task(env_id, **env_kwargs).goals
+        rewards, terminal = np.asarray(goals.rewards), np.asarray(goals.terminal, dtype=bool)
+        # One reward in [0, 1] at most per episode: every rewarding arrival ends it.
+        return bool(((rewards >= 0) & (rewards <= 1)).all() and terminal[rewards > 0].all())
+    if env_id in qworld_envs.continuous.CONTINUOUS_ENVS:
+        goals = qworld_envs.continuous.make_continuous_task(env_id, **env_kwargs).goals
+        return goals.reward == "sparse"  # 1 on arrival in the ball, terminal; gaussian: never terminal
+    return False
+
+
+def returns_in_unit_interval(env_id: str, env_kwargs: Dict[str, Any] | None = None) -> bool:
+    """Whether every goal's discounted return lies in [0, 1] whatever the policy.
+
+    True when rewards lie in [0, 1] and every state that pays a positive reward ends the
+    episode for that goal (indicator goals of finite envs, sparse goals of continuous
+    envs); False for dense and gaussian goals (returns up to ``r_max / (1 - gamma)``) and
+    for envs without a qworld goal family. Cached per process.
+
+    Raises:
+        ValueError / TypeError: from the env for a bad id or bad kwargs.
+    """
+    kwargs_json = json.dumps(jsonable(dict(env_kwargs or {})), sort_keys=True)
+    return _unit_returns(env_id, kwargs_json)
 
 
 def module_dir(checkpoint_path: str | os.PathLike) -> pathlib.Path:
