@@ -426,3 +426,23 @@ def test_diagnosis_says_why_one_indicator_goal_is_not_enough():
     # known only up to an error larger than the gap, the same M no longer identifies P
     noisy = diagnose(M, deterministic=True, gap_tol=1.0)
     assert noisy[mk.IDENTIFIABLE_CASE] == "not identifiable" and "closer than 1" in noisy[mk.IDENTIFIABLE_REASON]
+
+
+def test_moves_drops_the_mass_noise_spreads_when_the_smaller_model_fits():
+    """From noisy Q a deterministic P comes out exactly deterministic (F-test on pi's support);
+    windy keeps its three moves."""
+    from qworld_envs import indicator_goals
+
+    for variant, exact in (("deterministic", True), ("windy", False)):
+        mdp = fourrooms(variant)
+        goals = indicator_goals(mdp, 4, seed=0)
+        Q, _ = goal_oracle(mdp, goals)
+        Qn = Q + 1e-3 * np.random.default_rng(1).standard_normal(Q.shape)
+        Mn = m_matrix(goals.rewards, Qn.max(-1), GAMMA, goals.terminal)
+        P_hat, info = extract(Qn, Mn, "moves", return_info=True, coords=mdp.coords)
+        assert info["pi_simplified"]
+        assert np.count_nonzero(info["pi"], axis=1).tolist() == ([1] * 4 if exact else [3] * 4)
+        if exact:
+            assert p_mse(P_hat, mdp.P) == 0.0
+        unpruned = extract(Qn, Mn, "moves", coords=mdp.coords, pi_prune=0.0)
+        assert p_mse(P_hat, mdp.P) <= p_mse(unpruned, mdp.P)

@@ -57,7 +57,7 @@ _OPTIONS = {
     "sparse_search": {"max_support", "tol", "max_subsets", "sum_weight", "chunk_size"},
     "column_match": {"chunk_size"},
     "sgd": {"steps", "batch_size", "lr", "seed", "init", "dtype", "log_every", "schedule"},
-    "moves": {"coords", "rounds", "tol", "jump_z", "jump_ridge", "jumps", "openings"},
+    "moves": {"coords", "rounds", "tol", "jump_z", "jump_ridge", "jumps", "openings", "pi_prune"},
 }
 
 
@@ -439,24 +439,32 @@ def moves_model(pi: np.ndarray, opening: np.ndarray, nbr: np.ndarray, jumps: np.
     return (1.0 - j)[:, None, None] * local + jumps[:, None, :]
 
 
-def _fit_move_distribution(X: np.ndarray, y: np.ndarray, weight: float) -> np.ndarray:
+def _fit_move_distribution(X: np.ndarray, y: np.ndarray, weight: float, allowed: np.ndarray | None = None) -> np.ndarray:
     """argmin ||X p - y|| over the simplex when column 0 ("stay") of X is zero.
 
     "stay" only takes what the moves leave, so NNLS on the moves is exact whenever their
-    mass is at most 1; otherwise the sum row (weighted by ``weight``) enforces the simplex.
+    mass is at most 1; otherwise (or when "stay" is not allowed) the sum row, weighted by
+    ``weight``, enforces the simplex.
 
     Args:
         X: ``[n, D]`` with ``X[:, 0] = 0``; y: ``[n]``.
+        allowed: ``[D]`` bool, the moves p may use (default all).
 
     Returns:
-        ``p[D]`` on the probability simplex.
+        ``p[D]`` on the probability simplex, zero outside ``allowed``.
     """
-    p = np.zeros(X.shape[1])
-    p[1:] = nnls(X[:, 1:], y, maxiter=50 * X.shape[1])[0]
-    if p[1:].sum() > 1.0:
-        aug = np.vstack([X, np.full((1, X.shape[1]), weight)])
-        p = nnls(aug, np.append(y, weight), maxiter=50 * X.shape[1])[0]
-        p = project_simplex(p)
+    D = X.shape[1]
+    allowed = np.ones(D, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    cols = np.flatnonzero(allowed[1:]) + 1
+    p = np.zeros(D)
+    if len(cols):
+        p[cols] = nnls(X[:, cols], y, maxiter=50 * D)[0]
+    if p[1:].sum() > 1.0 or not allowed[0]:
+        cols = np.flatnonzero(allowed)
+        aug = np.vstack([X[:, cols], np.full((1, len(cols)), weight)])
+        p = np.zeros(D)
+        p[cols] = project_simplex(nnls(aug, np.append(y, weight), maxiter=50 * D)[0])
+        return p
     p[0] = max(0.0, 1.0 - p[1:].sum())
     return p / p.sum()
 
@@ -466,7 +474,7 @@ _BINARY_PATTERNS = [np.array(list(itertools.product((0.0, 1.0), repeat=k)), dtyp
 
 
 def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_ridge=1e-6,
-                   jumps="auto", openings="binary"):
+                   jumps="auto", openings="binary", pi_prune=0.2):
     """P-learning with parameters shared across cells, fitted by alternating least squares.
 
     ``P(.|s, a) = (1 - j_s) sum_d pi[a, d] [o[s, d] e_{s+d} + (1 - o[s, d]) e_s] + w_s``:
@@ -522,10 +530,12 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
         pred = (1 - j)[:, None, None] * local_base() + (W @ Mt)[:, None, :]  # [S, A, L]
         return Q.transpose(1, 2, 0) - pred
 
-    def fit(rounds, jump_cells, shared=None):
-        """Alternate the blocks; only the ``shared`` cells (bool [S]) inform ``pi``."""
+    def fit(rounds, jump_cells, shared=None, allowed=None):
+        """Alternate the blocks; only the ``shared`` cells (bool [S]) inform ``pi``, whose
+        rows use only the ``allowed`` moves (bool [A, D])."""
         nonlocal pi, opening
         shared = np.ones(S, dtype=bool) if shared is None else shared
+        allowed = np.ones((A, D), dtype=bool) if allowed is None else allowed
         prev = np.inf
         for _ in range(rounds):
             keep = 1.0 - W.sum(-1)  # [S]
@@ -533,7 +543,7 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
             design = (keep[:, None, None] * opening[..., None] * delta)  # [S, D, L]
             X = design[shared].transpose(0, 2, 1).reshape(-1, D)
             for a in range(A):
-                pi[a] = _fit_move_distribution(X, target[shared, a, :].reshape(-1), w_sum)
+                pi[a] = _fit_move_distribution(X, target[shared, a, :].reshape(-1), w_sum, allowed[a])
             for s in range(S):
                 cols = np.flatnonzero(movable[s])
                 if len(cols) == 0 or keep[s] <= 0:
@@ -593,11 +603,35 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
                 W[s] = 0.0
         if jump_cells:
             fit(rounds, jump_cells)
+    # Occam on pi: drop the moves of each action below ``pi_prune`` x its largest and refit;
+    # keep the smaller model unless an F-test says the dropped mass was real (p < 0.001).
+    # Noise spreads a little mass over every move (and into "stay", as errors in M shrink
+    # the fit): this removes it, and a deterministic P comes out exactly deterministic.
+    loss_free = float(np.sum(residual() ** 2))
+    allowed = pi >= pi_prune * pi.max(axis=1, keepdims=True)
+    dropped = int(np.count_nonzero(~allowed & (pi > 0)))
+    pi_simplified = False
+    if dropped:
+        saved = pi.copy(), opening.copy(), W.copy()
+        loss_small = fit(rounds, jump_cells, allowed=allowed)
+        n, k = S * A * L, dropped
+        dof = max(1, n - A * (D - 1))
+        if loss_free <= 1e-24 * scale**2 * n:  # exact fit: only an exact smaller fit will do
+            keep_small = loss_small <= 1e-24 * scale**2 * n
+        else:
+            from scipy.stats import f as f_dist
+
+            stat = ((loss_small - loss_free) / k) / (loss_free / dof)
+            keep_small = stat <= f_dist.ppf(0.999, k, dof)
+        if keep_small:
+            pi_simplified = True
+        else:
+            pi, opening, W[:] = saved[0], saved[1], saved[2]
     P_hat = moves_model(pi, opening, nbr, W)
     P_hat = np.maximum(P_hat, 0.0)
     P_hat /= P_hat.sum(-1, keepdims=True)
     return P_hat, {"pi": pi.copy(), "opening": opening.copy(), "jump_cells": np.array(jump_cells, dtype=np.int64),
-                   "loss_curve": np.asarray(fits_done)}
+                   "loss_curve": np.asarray(fits_done), "pi_simplified": pi_simplified}
 
 
 _METHOD_FNS = {
@@ -630,7 +664,9 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
             ``dtype`` ("float32" | "float64"), ``log_every`` (1);
             moves: ``coords`` (``[S, 2]`` (row, col), required), ``rounds`` (500 alternations
             at most), ``tol`` (relative loss decrease that stops them, 1e-6), ``jumps``
-            ("auto" | "none"), ``openings`` ("binary" | "free"), ``jump_z`` (robust z-score of a cell's misfit above which a
+            ("auto" | "none"), ``openings`` ("binary" | "free"), ``pi_prune`` (0.2: moves of
+            an action below this fraction of its largest are dropped if an F-test allows;
+            0 keeps them all), ``jump_z`` (robust z-score of a cell's misfit above which a
             jump is tried, 8), ``jump_ridge`` (1e-6, relative ridge of the jump fit).
 
     Returns:
