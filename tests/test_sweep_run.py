@@ -53,11 +53,48 @@ def assert_scored_once(experiment_dir: Path, methods=METHODS) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def smoke_dir(tmp_path_factory) -> Path:
+def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     storage = tmp_path_factory.mktemp("storage")
     proc = qworld("sweep", SMOKE, "--storage", storage)
     assert "scored" in proc.stdout
-    return storage / "smoke"
+    return storage / "smoke", proc
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(smoke_run) -> Path:
+    return smoke_run[0]
+
+
+def test_console_is_a_short_progress_view_ending_in_the_final_table(smoke_run):
+    experiment_dir, proc = smoke_run
+    out, err = proc.stdout, proc.stderr
+    for text in (out, err):
+        assert "Traceback" not in text and "ConnectionResetError" not in text
+    # none of Tune's / RLlib's tables: per-trial config tables, progress tables, boxes
+    for marker in ("started with configuration", "Configuration for experiment", "Trial status",
+                   "│", "╭", "new API stack", "WARNING", "Checkpoint successfully created"):
+        assert marker not in out + err, marker
+    lines = out.splitlines()
+    assert len(lines) + len(err.splitlines()) < 60, out + err
+    # header: the sweep, its trials, where results go
+    assert lines[0].startswith("qworld sweep smoke: 2 trials") and f"results -> {experiment_dir}" in out
+    trial_ids = {t for t, _ in list_trials(experiment_dir)}
+    for trial_id in trial_ids:  # one line per event
+        assert any(f"trial {trial_id} started" in ln for ln in lines)
+        assert any(f"trial {trial_id}" in ln and "finished: 8 iterations, 2,048 env steps" in ln for ln in lines)
+        assert sum(f"scored {trial_id}" in ln and "q_nmse" in ln and "p_mse pinv" in ln for ln in lines) == 2
+    # the final table: one block per grid cell, one row per method, plan success per task
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("Final checkpoints"))
+    header = lines[start + 1].split()
+    assert header == ["variant", "seeds", "env_steps", "q_nmse", "method", "p_mse", "corner_9_9_doorway"]
+    rows = lines[start + 2:start + 6]
+    assert [r.split()[0] for r in rows] == ["deterministic", "column_match", "windy", "column_match"]
+    assert rows[0].split()[4] == "pinv" and rows[0].split()[1:3] == ["1", "2,048"]
+
+
+def test_sweep_help_keeps_a_verbose_flag():
+    proc = qworld("sweep", "--help")
+    assert "--verbose" in proc.stdout and "Tune" in proc.stdout
 
 
 def test_smoke_sweep_scores_every_checkpoint_once(smoke_dir):
@@ -88,8 +125,12 @@ def test_wandb_offline_runs_hold_the_logged_keys(smoke_dir):
     runs = sorted((smoke_dir / "wandb").glob("offline-run-*"))
     trial_ids = {t for t, _ in list_trials(smoke_dir)}
     training, worldmodel = {}, {}
+    exit_codes = {}
     for run_dir in runs:
         records = read_wandb_run(run_dir)
+        [wandb_file] = run_dir.glob("run-*.wandb")
+        assert wandb_file.stat().st_size > 0
+        exit_codes[run_dir.name] = [r["exit"].get("exit_code", 0) for r in records if r["type"] == "exit"]
         [run] = [r["run"] for r in records if r["type"] == "run"]
         history = set()
         for r in records:
@@ -103,6 +144,8 @@ def test_wandb_offline_runs_hold_the_logged_keys(smoke_dir):
             training[run["run_id"]] = history
     assert set(training) == trial_ids  # one training run per trial
     assert set(worldmodel) == trial_ids  # and one world-model run per trial
+    # every run was finished (its exit record written), none cut off at teardown
+    assert all(codes == [0] for codes in exit_codes.values()), exit_codes
     for keys in training.values():
         assert {K.TRAIN_ENV_STEPS, K.TRAIN_LOSS, K.TRAIN_EPSILON} <= keys, sorted(keys)
     for keys in worldmodel.values():

@@ -24,11 +24,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="Ray cluster address to join (default: start a local Ray)")
     p.add_argument("--storage", default=None,
                    help="where experiment dirs go (default ./results; shared storage on a cluster)")
+    _add_verbose(p)
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("resume", help="continue an interrupted sweep and score what is unscored")
     p.add_argument("experiment_dir")
     p.add_argument("--address", default=None)
+    _add_verbose(p)
     p.set_defaults(func=_cmd_resume)
 
     p = sub.add_parser("extract", help="re-score every checkpoint of a sweep (no retraining)")
@@ -36,6 +38,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--tasks", nargs="*", default=None)
     p.add_argument("--address", default=None)
+    _add_verbose(p)
     p.set_defaults(func=_cmd_extract)
 
     p = sub.add_parser("status", help="summarise an experiment dir")
@@ -45,6 +48,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sync", help="upload the offline W&B runs of an experiment dir")
     p.add_argument("experiment_dir")
     p.set_defaults(func=_cmd_sync)
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="Tune's and Ray's full output (progress and per-trial config tables, "
+                        "INFO/WARNING logs) on top of the one-line-per-event progress view")
 
 
 def _bad_input(message: str) -> int:
@@ -61,7 +70,7 @@ def _cmd_sweep(args) -> int:
         return _bad_input(str(exc))
     from qworld.sweep.run import run_sweep
 
-    outcome = run_sweep(spec, address=args.address, storage=args.storage)
+    outcome = run_sweep(spec, address=args.address, storage=args.storage, verbose=args.verbose)
     _print_outcome(outcome)
     return 0 if outcome.num_errors == 0 else 1
 
@@ -71,7 +80,7 @@ def _cmd_resume(args) -> int:
 
     if not (Path(args.experiment_dir) / "sweep.yaml").is_file():
         return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no sweep.yaml)")
-    outcome = resume_sweep(args.experiment_dir, address=args.address)
+    outcome = resume_sweep(args.experiment_dir, address=args.address, verbose=args.verbose)
     _print_outcome(outcome)
     return 0 if outcome.num_errors == 0 else 1
 
@@ -84,7 +93,7 @@ def _cmd_extract(args) -> int:
         return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no sweep.yaml)")
     try:
         outcome = extract_sweep(args.experiment_dir, methods=args.methods, tasks=args.tasks,
-                                address=args.address)
+                                address=args.address, verbose=args.verbose)
     except SweepSpecError as exc:
         return _bad_input(str(exc))
     _print_outcome(outcome)
@@ -114,10 +123,88 @@ def _cmd_sync(args) -> int:
 
 
 def _print_outcome(outcome) -> None:
-    from qworld.sweep.status import status_table
-
     print()
-    print(status_table(outcome.experiment_dir))
+    print(final_table(outcome.experiment_dir))
     print(f"\nexperiment dir: {outcome.experiment_dir}")
     print(f"trials: {outcome.num_trials} ({outcome.num_errors} errored), "
-          f"checkpoints: {outcome.num_checkpoints}, scored: {outcome.num_scored}")
+          f"checkpoints: {outcome.num_checkpoints}, scored: {outcome.num_scored}", flush=True)
+
+
+def final_table(experiment_dir) -> str:
+    """One compact table of a sweep's last checkpoints: per grid cell (seeds averaged) and
+    extraction method, the agent's q_nmse, the model's p_mse and its safe-plan success per
+    safety task. Read from the results store; the cell is the sweep file's grid axes."""
+    import pandas as pd
+    import qworld_analysis as qa
+
+    from qworld import metrics as K
+    from qworld.sweep.run import load_spec_of
+
+    df = qa.final_checkpoints(qa.load(experiment_dir))
+    if df.empty:
+        return "no scored checkpoints"
+    try:
+        spec = load_spec_of(experiment_dir)
+        axes, methods = [a for a in spec.grid_axes if a != "seed"], list(spec.extract.methods)
+    except Exception:  # noqa: BLE001 - the table is still worth printing without the spec
+        axes, methods = [], []
+    errors = df[df[K.ERROR].notna()] if K.ERROR in df else df.iloc[:0]
+    ok = df[df[K.ERROR].isna()] if K.ERROR in df else df
+    lines = []
+    if not ok.empty:
+        cell = [a for a in axes if a in ok.columns] or [
+            c for c in (K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS) if c in ok and ok[c].nunique() > 1] or [
+            c for c in (K.VARIANT,) if c in ok]
+        metric = K.P_MSE if K.P_MSE in ok and ok[K.P_MSE].notna().any() else K.WM_NMSE
+        plans = [c for c in ok.columns if c.endswith("/" + K.PLAN_SUCCESS)] or [
+            c for c in ok.columns if c.endswith("/" + K.RETURN_RATIO)]
+        ok = ok.copy()
+        order = methods + sorted(set(ok[K.METHOD]) - set(methods))
+        ok["_method_rank"] = ok[K.METHOD].map({m: i for i, m in enumerate(order)})
+        ok["_cell_rank"] = ok.groupby(cell, dropna=False, sort=False).ngroup() if cell else 0
+        agg = {"seeds": (K.TRIAL_ID, "nunique"), K.ENV_STEPS: (K.ENV_STEPS, "max"),
+               K.Q_NMSE: (K.Q_NMSE, "mean"), metric: (metric, "mean"),
+               **{c: (c, "mean") for c in plans}}
+        agg = {k: v for k, v in agg.items() if v[0] in ok}
+        table = (ok.groupby(["_cell_rank", *cell, "_method_rank", K.METHOD], dropna=False)
+                 .agg(**agg).reset_index().sort_values(["_cell_rank", "_method_rank"]))
+        shown = pd.DataFrame({c: table[c].astype(object) for c in cell})
+        for col in ("seeds", K.ENV_STEPS):
+            if col in table:
+                shown[col] = [f"{int(v):,}" if pd.notna(v) else "-" for v in table[col]]
+        if K.Q_NMSE in table:
+            shown[K.Q_NMSE] = [f"{v:.3g}" if pd.notna(v) else "-" for v in table[K.Q_NMSE]]
+        shown[K.METHOD] = table[K.METHOD].values
+        shown[metric] = [f"{v:.2e}" if pd.notna(v) else "-" for v in table[metric]]
+        for c in plans:
+            shown[c.rsplit("/", 1)[0]] = [f"{v:.2f}" if pd.notna(v) else "-" for v in table[c]]
+        # a cell's values once, on its first method row
+        repeat = table["_cell_rank"].duplicated().values
+        for col in [*cell, "seeds", K.ENV_STEPS, K.Q_NMSE]:
+            if col in shown:
+                shown.loc[repeat, col] = ""
+        what = ("safe-plan success per task" if plans and plans[0].endswith(K.PLAN_SUCCESS)
+                else "return ratio per task")
+        lines.append(f"Final checkpoints (mean over seeds): q_nmse of the agent, {metric} per "
+                     "method" + (f", {what}" if plans else "") + ":")
+        text_cols = [c for c in cell if not pd.api.types.is_numeric_dtype(table[c])]
+        lines.append(_text_table(shown, left=[*text_cols, K.METHOD]))
+    if not errors.empty:
+        first = errors.iloc[0]
+        lines.append(f"{len(errors)} rows with errors at the final checkpoints, e.g. "
+                     f"{first[K.TRIAL_ID]} {first[K.METHOD]}: {first[K.ERROR]}")
+    return "\n".join(lines)
+
+
+def _text_table(frame, left=()) -> str:
+    """Plain text table: the ``left`` columns left-aligned, the others right-aligned."""
+    columns = [str(c) for c in frame.columns]
+    cells = [[("" if v is None else str(v)) for v in row] for row in frame.itertuples(index=False)]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lefts = {str(c) for c in left}
+
+    def fmt(values):
+        return "  ".join(v.ljust(w) if c in lefts else v.rjust(w)
+                         for v, w, c in zip(values, widths, columns)).rstrip()
+
+    return "\n".join([fmt(columns)] + [fmt(r) for r in cells])

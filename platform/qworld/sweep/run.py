@@ -8,6 +8,7 @@ disk that has no rows in the store is scored before returning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -39,8 +40,15 @@ def experiment_dir_for(spec: SweepSpec, storage: str | None) -> Path:
 # Ray
 
 
-def init_ray(spec: SweepSpec, address: str | None, experiment_dir: Path) -> None:
-    """Start a local Ray sized to this machine, or join ``address`` (or $RAY_ADDRESS)."""
+def init_ray(spec: SweepSpec, address: str | None, experiment_dir: Path, verbose: bool = False) -> bool:
+    """Start a local Ray sized to this machine, or join ``address`` (or $RAY_ADDRESS).
+
+    Quiet by default: Python logging of the driver and of every worker (Ray, Tune, RLlib)
+    at ERROR (``ray.LoggingConfig``), so errors and what workers print still reach the
+    console but the INFO/WARNING chatter (RLlib's new-API-stack notice per trial,
+    "Checkpoint successfully created", ...) does not; ``verbose`` keeps Ray's defaults.
+    Returns whether this call started (or joined) Ray, i.e. whether to shut it down.
+    """
     import ray
 
     # W&B reads WANDB_MODE when a run starts inside an actor: it must be in the env of the
@@ -49,14 +57,17 @@ def init_ray(spec: SweepSpec, address: str | None, experiment_dir: Path) -> None
     os.environ.setdefault("WANDB_SILENT", "true")
     env_vars = {"WANDB_MODE": spec.wandb.mode, "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     if ray.is_initialized():
-        return
+        return False
     kwargs: dict[str, Any] = dict(runtime_env={"env_vars": env_vars}, log_to_driver=True,
                                   include_dashboard=False)
+    if not verbose:
+        kwargs["logging_config"] = ray.LoggingConfig(encoding="TEXT", log_level="ERROR")
     if address or os.environ.get("RAY_ADDRESS"):
         kwargs.pop("include_dashboard")
         ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
         ray.init(num_cpus=os.cpu_count(), **kwargs)
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -103,24 +114,31 @@ def _tune_stop(spec: SweepSpec) -> dict:
     return {STOP_KEYS[k]: v for k, v in spec.stop.items()}
 
 
-def _run_config(spec: SweepSpec, experiment_dir: Path, pool):
+def _run_config(spec: SweepSpec, experiment_dir: Path, pool, console=None, verbose: bool = False):
+    """Tune's run config. Quiet (default): Tune prints nothing of its own (``verbose=0``:
+    no per-trial config tables, no progress tables; failed trials are still reported) and
+    ``console`` (a :class:`SweepConsole`) prints one line per event. ``verbose``: Tune's
+    own output as well (``verbose=1``)."""
     from ray import tune
 
     from qworld.sweep.callbacks import GridWandbCallback, PLearningCallback, WorldModelReporter
 
-    plearn = PLearningCallback(pool)
-    callbacks = [plearn]
+    plearn = PLearningCallback(pool, console=console)
+    callbacks = [plearn] + ([console] if console is not None else [])
     if spec.wandb.mode != "disabled":
         callbacks.append(GridWandbCallback(
             project=spec.wandb.project, group=spec.wandb_group, grid_axes=spec.grid_axes,
             dir=str(experiment_dir), mode=spec.wandb.mode))
-    reporter = WorldModelReporter(
-        plearn,
-        metric_columns={K.TRAIN_ENV_STEPS: "env_steps", K.TRAIN_EPISODE_SUCCESS: "success",
-                        K.TRAIN_LOSS: "td_loss"},
-        parameter_columns=[f"env_kwargs/{a}" if a in ENV_AXES + GOAL_AXES else a
-                           for a in spec.grid_axes],
-        max_report_frequency=15, print_intermediate_tables=True)
+    reporter = None
+    if verbose and os.environ.get("RAY_AIR_NEW_OUTPUT", "1") == "0":
+        # Tune's legacy output engine is the only one that takes a progress reporter.
+        reporter = WorldModelReporter(
+            plearn,
+            metric_columns={K.TRAIN_ENV_STEPS: "env_steps", K.TRAIN_EPISODE_SUCCESS: "success",
+                            K.TRAIN_LOSS: "td_loss"},
+            parameter_columns=[f"env_kwargs/{a}" if a in ENV_AXES + GOAL_AXES else a
+                               for a in spec.grid_axes],
+            max_report_frequency=15, print_intermediate_tables=True)
     return tune.RunConfig(
         name=spec.name,
         storage_path=str(experiment_dir.parent),
@@ -131,8 +149,33 @@ def _run_config(spec: SweepSpec, experiment_dir: Path, pool):
         failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
         callbacks=callbacks,
         progress_reporter=reporter,
-        verbose=1,
+        verbose=1 if verbose else 0,
     )
+
+
+@contextlib.contextmanager
+def _tune_output(verbose: bool):
+    """Quiet: Tune's legacy output engine at verbosity 0 prints nothing of its own (the
+    new engine prints an experiment box and result paths even when silent); errors still
+    come through Tune's error log and :class:`SweepConsole`. Verbose: Tune's defaults."""
+    if verbose:
+        yield
+        return
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
+def _console(spec: SweepSpec, experiment_dir: Path):
+    from qworld.sweep.callbacks import SweepConsole
+
+    return SweepConsole(experiment_dir, grid_axes=spec.grid_axes, methods=spec.extract.methods)
 
 
 def _pool(spec: SweepSpec, experiment_dir: Path):
@@ -146,8 +189,14 @@ def _pool(spec: SweepSpec, experiment_dir: Path):
 # entry points
 
 
-def run_sweep(spec: SweepSpec, address: str | None = None, storage: str | None = None) -> SweepOutcome:
-    """Train every grid cell, score every checkpoint; returns when all are scored."""
+def run_sweep(spec: SweepSpec, address: str | None = None, storage: str | None = None,
+              verbose: bool = False) -> SweepOutcome:
+    """Train every grid cell, score every checkpoint; returns when all are scored.
+
+    Prints a header, then one line per event (``verbose``: Tune's and Ray's own output
+    too). Ray is shut down before returning when this call started it, after the W&B
+    runs are finished and their services stopped.
+    """
     from ray import tune
 
     from qworld.agents.pqn import PQN
@@ -155,45 +204,71 @@ def run_sweep(spec: SweepSpec, address: str | None = None, storage: str | None =
     experiment_dir = experiment_dir_for(spec, storage)
     experiment_dir.mkdir(parents=True, exist_ok=True)
     (experiment_dir / SPEC_FILE).write_text(spec.source)
-    init_ray(spec, address, experiment_dir)
-    pool = _pool(spec, experiment_dir)
-    tuner = tune.Tuner(
-        PQN,
-        param_space=param_space(spec),
-        tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials),
-        run_config=_run_config(spec, experiment_dir, pool),
-    )
-    results = tuner.fit()
-    return _finish(spec, experiment_dir, pool, num_trials=len(results), num_errors=len(results.errors))
+    console = _console(spec, experiment_dir)
+    console.header(spec, experiment_dir)
+    started = init_ray(spec, address, experiment_dir, verbose=verbose)
+    try:
+        pool = _pool(spec, experiment_dir)
+        tuner = tune.Tuner(
+            PQN,
+            param_space=param_space(spec),
+            tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials),
+            run_config=_run_config(spec, experiment_dir, pool, console=console, verbose=verbose),
+        )
+        with _tune_output(verbose):
+            results = tuner.fit()
+        return _finish(spec, experiment_dir, pool, num_trials=len(results),
+                       num_errors=len(results.errors), console=console)
+    finally:
+        _shutdown(started)
 
 
-def resume_sweep(experiment_dir: str | Path, address: str | None = None) -> SweepOutcome:
+def resume_sweep(experiment_dir: str | Path, address: str | None = None,
+                 verbose: bool = False) -> SweepOutcome:
     """Continue an interrupted sweep: finished trials stay finished, the rest resume from
     their last checkpoint, and every unscored checkpoint is scored."""
     from ray import tune
 
     from qworld.agents.pqn import PQN
+    from qworld.sweep.callbacks import SweepConsole
 
     experiment_dir = Path(experiment_dir).resolve()
     spec = load_spec_of(experiment_dir)
-    init_ray(spec, address, experiment_dir)
-    pool = _pool(spec, experiment_dir)
-    if tune.Tuner.can_restore(str(experiment_dir)):
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=PQN, resume_errored=True,
-                                   param_space=param_space(spec))
-        # The restored run config holds the pickled callback without its pool: attach ours.
-        for cb in tuner._local_tuner.get_run_config().callbacks or []:
-            if hasattr(cb, "pool"):
-                cb.pool = pool
-        results = tuner.fit()
-        num_trials, num_errors = len(results), len(results.errors)
-    else:
-        num_trials, num_errors = len(list_trials(experiment_dir)), 0
-    return _finish(spec, experiment_dir, pool, num_trials=num_trials, num_errors=num_errors)
+    console = _console(spec, experiment_dir)
+    _label_trials_from_disk(console, experiment_dir)
+    started = init_ray(spec, address, experiment_dir, verbose=verbose)
+    try:
+        pool = _pool(spec, experiment_dir)
+        if tune.Tuner.can_restore(str(experiment_dir)):
+            tuner = tune.Tuner.restore(str(experiment_dir), trainable=PQN, resume_errored=True,
+                                       param_space=param_space(spec))
+            # The restored run config holds the pickled callbacks without the pool: attach ours.
+            for cb in tuner._local_tuner.get_run_config().callbacks or []:
+                if hasattr(cb, "pool"):
+                    cb.pool = pool
+                if isinstance(cb, SweepConsole):
+                    console = cb
+            with _tune_output(verbose):
+                results = tuner.fit()
+            num_trials, num_errors = len(results), len(results.errors)
+        else:
+            num_trials, num_errors = len(list_trials(experiment_dir)), 0
+        return _finish(spec, experiment_dir, pool, num_trials=num_trials, num_errors=num_errors,
+                       console=console)
+    finally:
+        _shutdown(started)
+
+
+def _shutdown(started: bool) -> None:
+    """Stop the Ray this process started (its W&B users have finished by now)."""
+    if started:
+        import ray
+
+        ray.shutdown()
 
 
 def extract_sweep(experiment_dir: str | Path, methods=None, tasks=None, address=None,
-                  rescore: bool = True) -> SweepOutcome:
+                  rescore: bool = True, verbose: bool = False) -> SweepOutcome:
     """Re-score every checkpoint of a finished sweep with (new) methods, no retraining."""
     import dataclasses
 
@@ -208,17 +283,37 @@ def extract_sweep(experiment_dir: str | Path, methods=None, tasks=None, address=
     from qworld.sweep.spec import _validate_cells
 
     _validate_cells(spec)
-    init_ray(spec, address, experiment_dir)
-    pool = _pool(spec, experiment_dir)
-    for trial_id, ckpt, env_steps in list_checkpoints(experiment_dir):
-        pool.submit(trial_id, ckpt, env_steps, force=rescore)
-    pool.drain()
-    return _finish(spec, experiment_dir, pool, num_trials=len(list_trials(experiment_dir)),
-                   num_errors=0)
+    console = _console(spec, experiment_dir)
+    _label_trials_from_disk(console, experiment_dir)
+    started = init_ray(spec, address, experiment_dir, verbose=verbose)
+    try:
+        pool = _pool(spec, experiment_dir)
+        for trial_id, ckpt, env_steps in list_checkpoints(experiment_dir):
+            pool.submit(trial_id, ckpt, env_steps, force=rescore)
+        return _finish(spec, experiment_dir, pool, num_trials=len(list_trials(experiment_dir)),
+                       num_errors=0, console=console)
+    finally:
+        _shutdown(started)
 
 
-def _finish(spec, experiment_dir: Path, pool, num_trials: int, num_errors: int) -> SweepOutcome:
-    pool.drain()
+def _label_trials_from_disk(console, experiment_dir: Path) -> None:
+    """Give the console each trial's grid-cell label from its params.json."""
+    for trial_id, trial_dir in list_trials(experiment_dir):
+        try:
+            config = json.loads((trial_dir / "params.json").read_text())
+        except (OSError, ValueError):
+            continue
+        console.remember(trial_id, config)
+
+
+def _finish(spec, experiment_dir: Path, pool, num_trials: int, num_errors: int,
+            console=None) -> SweepOutcome:
+    def drain():
+        for trial_id, index, scores in pool.drain():
+            if scores is not None and console is not None:
+                console.scored(trial_id, index, scores)
+
+    drain()
     # Anything Tune wrote that the callback did not hand over (a resumed driver, a
     # checkpoint written while the driver died) is scored now.
     scored = store.scored_keys(experiment_dir)
@@ -228,7 +323,7 @@ def _finish(spec, experiment_dir: Path, pool, num_trials: int, num_errors: int) 
     for trial_id, ckpt, env_steps in checkpoints:
         if (trial_id, checkpoint_index(ckpt)) not in scored:
             pool.submit(trial_id, ckpt, env_steps)
-    pool.drain()
+    drain()
     if spec.wandb.mode != "disabled":
         from qworld.sweep.callbacks import log_worldmodel_runs
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import pathlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -53,6 +54,21 @@ from qworld.agents.pqn.fast_env_runner import EPISODE_SUCCESS_MEAN, BatchedEnvRu
 from qworld.agents.pqn.learner import Q_MEAN_KEY, TD_LOSS_KEY, PQNTorchLearner
 from qworld.agents.pqn.module import HEADS, Q_OUTPUTS, PQNTorchRLModule, linear_epsilon
 from qworld.agents.pqn.task import TaskInfo, jsonable, probe_task
+
+
+class _NoNewApiStackNotice(logging.Filter):
+    """Drops RLlib's "You are running PQN on the new API stack!" notice.
+
+    RLlib logs it (at WARNING, once per process: the driver and every trial) for any
+    algorithm whose default moved to the new API stack, telling how to go back to the old
+    one. PQN exists only on the new stack, so the notice says nothing true about it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("You are running PQN on the new API stack")
+
+
+logging.getLogger("ray.rllib.algorithms.algorithm_config").addFilter(_NoNewApiStackNotice())
 
 QWORLD_CONFIG_FILE = "qworld_config.json"
 MODULE_SUBDIR = (COMPONENT_LEARNER_GROUP, COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID)
