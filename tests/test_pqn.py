@@ -131,6 +131,24 @@ def test_explicit_q_output_wins_over_the_goal_family():
     assert PQNConfig().training(env_kwargs={"num_goals": 2}, q_output="linear").resolved_q_output() == "linear"
 
 
+def test_auto_linear_output_is_scaled_to_the_goal_familys_returns():
+    import qworld_envs
+    from qworld.agents.pqn.module import PQNTorchRLModule
+
+    dense = {"goal_type": "dense", "num_goals": 2}
+    config = PQNConfig().training(env_kwargs=dense, gamma=0.9)
+    rewards = qworld_envs.make_finite_task("qworld/FourRooms-v0", **config.env_kwargs).goals.rewards
+    assert config.resolved_q_scale() == pytest.approx(np.abs(rewards).max() / (1 - 0.9))
+    assert PQNConfig().training(env_kwargs=dense, q_output="linear").resolved_q_scale() == 1.0
+    assert PQNConfig().training(env_kwargs={"num_goals": 2}).resolved_q_scale() == 1.0  # sigmoid
+    mc = config.pqn_model_config()
+    module = PQNTorchRLModule(model_config=mc)
+    unscaled = PQNTorchRLModule(model_config={**mc, "q_scale": 1.0})
+    unscaled.load_state_dict(module.state_dict())
+    x = torch.randn(5, mc["obs_dim"])
+    assert torch.allclose(module.q_all_goals(x), mc["q_scale"] * unscaled.q_all_goals(x))
+
+
 def test_bad_q_output_names_the_field_and_the_allowed_values():
     errors = PQNConfig().training(q_output="tanh").pqn_errors()
     assert errors == ["q_output='tanh': must be one of 'auto', 'linear', 'sigmoid'"]

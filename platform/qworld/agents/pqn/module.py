@@ -55,6 +55,7 @@ MODEL_CONFIG_KEYS = (
     "fourier_scale",
     "head",
     "q_output",
+    "q_scale",
     "epsilon_start",
     "epsilon_end",
     "epsilon_decay_steps",
@@ -121,6 +122,8 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
         head: "all_goals" | "goal_input";
         q_output: "linear" | "sigmoid" (sigmoid when returns lie in [0, 1]; a config's
             "auto" is resolved by ``PQNConfig.resolved_q_output`` before it gets here);
+        q_scale: factor on the linear head's output (default 1; see
+            ``PQNConfig.resolved_q_scale``);
         epsilon_start, epsilon_end, epsilon_decay_steps: exploration schedule;
         env_id, env_kwargs: the task this module is trained on (informational).
     """
@@ -137,6 +140,7 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
         self.num_actions = int(mc["num_actions"])
         self.head = mc.get("head", "all_goals")
         self.q_output = mc.get("q_output", "linear")
+        self.q_scale = float(mc.get("q_scale", 1.0))
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.q_output not in Q_OUTPUTS:
@@ -165,7 +169,7 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
 
     # ------------------------------------------------------------------ Q-values
     def _squash(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(x) if self.q_output == "sigmoid" else x
+        return torch.sigmoid(x) if self.q_output == "sigmoid" else self.q_scale * x
 
     def q_all_goals(self, state: torch.Tensor) -> torch.Tensor:
         """Q of every goal of the goal set.

@@ -310,6 +310,21 @@ class PQNConfig(AlgorithmConfig):
         unit = returns_in_unit_interval(self.env_id, self.env_kwargs or {})
         return "sigmoid" if unit else "linear"
 
+    def resolved_q_scale(self) -> float:
+        """The factor on a linear head's output: the size of the goal family's returns.
+
+        ``q_output="auto"`` resolved to "linear" (dense, gaussian goals) scales the network's
+        output by ``max |r| / (1 - gamma)``, so outputs of order 1 cover the returns: Adam
+        moves a bias by about ``lr`` a step, and unscaled returns of ~50 (dense FourRooms
+        goals) would take ~50k steps to reach (the agent ended at q_nmse ~50 within 2M env
+        steps). An explicit "linear" keeps 1.0 (the settings existing sweep files were tuned
+        with); "sigmoid" ignores it.
+        """
+        if self.q_output != Q_OUTPUT_AUTO or self.resolved_q_output() != "linear":
+            return 1.0
+        kwargs_json = json.dumps(jsonable(dict(self.env_kwargs or {})), sort_keys=True)
+        return _max_reward(self.env_id, kwargs_json) / (1.0 - float(self.gamma))
+
     def envs_per_env_runner(self) -> int:
         return int(self.num_envs) // max(1, int(self.num_env_runners))
 
@@ -349,6 +364,7 @@ class PQNConfig(AlgorithmConfig):
             "fourier_scale": float(self.fourier_scale),
             "head": self.head,
             "q_output": self.resolved_q_output(),
+            "q_scale": self.resolved_q_scale(),
             "epsilon_start": float(self.epsilon_start),
             "epsilon_end": float(self.epsilon_end),
             "epsilon_decay_steps": self.epsilon_decay_steps(),
@@ -620,6 +636,16 @@ def _unit_returns(env_id: str, kwargs_json: str) -> bool:
         goals = qworld_envs.continuous.make_continuous_task(env_id, **env_kwargs).goals
         return goals.reward == "sparse"  # 1 on arrival in the ball, terminal; gaussian: never terminal
     return False
+
+
+@functools.lru_cache(maxsize=64)
+def _max_reward(env_id: str, kwargs_json: str) -> float:
+    """Largest |reward| of the goal family (1 for continuous envs: their rewards lie in [0, 1])."""
+    env_kwargs = json.loads(kwargs_json)
+    if env_id in qworld_envs.FINITE_ENVS:
+        rewards = np.asarray(qworld_envs.make_finite_task(env_id, **env_kwargs).goals.rewards)
+        return max(float(np.abs(rewards).max()), 1e-12)
+    return 1.0
 
 
 def returns_in_unit_interval(env_id: str, env_kwargs: Dict[str, Any] | None = None) -> bool:
