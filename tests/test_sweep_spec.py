@@ -144,3 +144,17 @@ def test_cli_bad_q_output_exits_2_naming_the_field(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "agent.q_output" in proc.stderr and "'auto', 'linear', 'sigmoid'" in proc.stderr
     assert not storage.exists()
+
+
+def test_a_case_may_set_its_own_agent_keywords():
+    raw = smoke_raw()
+    raw["sweep"] = {"cases": [{"variant": "windy", "num_goals": 4},
+                              {"variant": "deterministic", "goal_type": "dense", "num_goals": 1, "gamma": 0.9}],
+                    "seed": [0]}
+    spec = parse_sweep(raw)
+    agents = [spec.cell_task(c)[2] for c in spec.cells()]
+    assert [a.get("gamma") for a in agents] == [None, 0.9]
+    with pytest.raises(SweepSpecError, match=r"sweep.cases\[0\].gama: unknown key"):
+        parse_sweep({**raw, "sweep": {"cases": [{"variant": "windy", "gama": 0.9}]}})
+    with pytest.raises(SweepSpecError, match="sweep.gamma: with sweep.cases"):
+        parse_sweep({**raw, "sweep": {**raw["sweep"], "gamma": [0.9, 0.99]}})

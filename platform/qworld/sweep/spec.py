@@ -20,7 +20,8 @@ A sweep file (all sections but ``name`` and ``env`` optional)::
       variant: [deterministic, windy]
       num_goals: [4, 68]
       seed: [0, 1]
-      # cases: [{variant: windy, num_goals: 4}, ...]   explicit env/goal cells, crossed
+      # cases: [{variant: windy, num_goals: 4}, ...]   explicit env/goal cells (and agent
+      #                                                 keywords of a case), crossed
       #                                                 with the other axes
     stop: {env_steps: 200000}       # env_steps | training_iteration | time_total_s
     checkpoint: {every: 5, at_end: true}
@@ -226,7 +227,7 @@ def parse_sweep(raw: Mapping[str, Any]) -> SweepSpec:
     sweep = {}
     for axis, values in sweep_raw.items():
         if axis == "cases":
-            sweep[axis] = _parse_cases(values, sweep_raw)
+            sweep[axis] = _parse_cases(values, sweep_raw, agent_keys)
             continue
         if isinstance(values, dict) and "grid_search" in values:
             values = values["grid_search"]
@@ -356,16 +357,21 @@ def _validate_agent(agent: Mapping[str, Any], where: str) -> None:
 # small helpers
 
 
-def _parse_cases(cases: Any, sweep_raw: Mapping[str, Any]) -> tuple[dict, ...]:
-    """``sweep.cases``: explicit env/goal cells, e.g. each variant with its own goal counts."""
-    allowed = ENV_AXES + GOAL_AXES
+def _parse_cases(cases: Any, sweep_raw: Mapping[str, Any], agent_keys=()) -> tuple[dict, ...]:
+    """``sweep.cases``: explicit env/goal cells, e.g. each variant with its own goal counts.
+
+    A case may also set agent keywords that belong to it (e.g. ``gamma`` for dense goals);
+    an axis is either inside the cases or a sweep axis, never both.
+    """
+    allowed = ENV_AXES + GOAL_AXES + tuple(sorted(agent_keys))
     if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) and c for c in cases):
         raise SweepSpecError(f"sweep.cases: {cases!r} must be a non-empty list of mappings over {allowed}")
     for i, case in enumerate(cases):
         _no_unknown(case, allowed, f"sweep.cases[{i}].")
-    outside = [a for a in sweep_raw if a in allowed]
+    in_cases = {k for case in cases for k in case}
+    outside = [a for a in sweep_raw if a in ENV_AXES + GOAL_AXES or (a != "cases" and a in in_cases)]
     if outside:
-        raise SweepSpecError(f"sweep.{outside[0]}: with sweep.cases, env/goal axes go inside the cases")
+        raise SweepSpecError(f"sweep.{outside[0]}: with sweep.cases, env/goal axes (and any axis a case sets) go inside the cases")
     if len(set(map(repr, cases))) != len(cases):
         raise SweepSpecError("sweep.cases: repeated cases")
     return tuple(dict(c) for c in cases)
