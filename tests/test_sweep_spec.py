@@ -158,3 +158,19 @@ def test_a_case_may_set_its_own_agent_keywords():
         parse_sweep({**raw, "sweep": {"cases": [{"variant": "windy", "gama": 0.9}]}})
     with pytest.raises(SweepSpecError, match="sweep.gamma: with sweep.cases"):
         parse_sweep({**raw, "sweep": {**raw["sweep"], "gamma": [0.9, 0.99]}})
+
+
+def test_agent_keywords_of_a_case_reach_its_trials_through_tune():
+    from ray.tune.search.variant_generator import generate_variants
+
+    from qworld.sweep.run import param_space
+
+    raw = smoke_raw()
+    raw["sweep"] = {"cases": [{"variant": "windy", "num_goals": 4},
+                              {"variant": "deterministic", "goal_type": "dense", "num_goals": 1, "gamma": 0.9}],
+                    "seed": [0, 1]}
+    trials = [cfg["config"] for _, cfg in generate_variants({"config": param_space(parse_sweep(raw))})]
+    got = sorted((c["env_kwargs"]["variant"], c["seed"], c["gamma"]) for c in trials)
+    assert got == [("deterministic", 0, 0.9), ("deterministic", 1, 0.9), ("windy", 0, 0.99), ("windy", 1, 0.99)]
+    with pytest.raises(SweepSpecError, match="share their env/goal keys"):
+        parse_sweep({**raw, "sweep": {"cases": [{"variant": "windy", "gamma": 0.9}, {"variant": "windy", "gamma": 0.99}]}})

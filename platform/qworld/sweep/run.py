@@ -9,6 +9,7 @@ disk that has no rows in the store is scored before returning.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -95,9 +96,15 @@ def param_space(spec: SweepSpec) -> dict:
     space = config.to_dict()
     space["env_kwargs"] = dict(space["env_kwargs"])
     if "cases" in spec.sweep:
-        # Each case is a whole env_kwargs dict, so Tune crosses cases with the other axes.
-        space["env_kwargs"] = tune.grid_search(
-            [{**space["env_kwargs"], **case} for case in spec.sweep["cases"]])
+        # Each case's env/goal part is a whole env_kwargs dict, so Tune crosses cases with
+        # the other axes; agent keywords a case sets follow its env_kwargs (sample_from is
+        # resolved after the grid, with the trial's env_kwargs known).
+        cases = spec.sweep["cases"]
+        env_parts = [{k: v for k, v in c.items() if k in ENV_AXES + GOAL_AXES} for c in cases]
+        space["env_kwargs"] = tune.grid_search([{**space["env_kwargs"], **e} for e in env_parts])
+        for key in sorted({k for c in cases for k in c} - set(ENV_AXES + GOAL_AXES)):
+            space[key] = tune.sample_from(functools.partial(
+                _case_value, key=key, default=space.get(key), env_parts=env_parts, cases=cases))
     for axis, values in spec.sweep.items():
         if axis == "cases":
             continue
@@ -108,6 +115,15 @@ def param_space(spec: SweepSpec) -> dict:
         else:
             space[axis] = tune.grid_search(list(values))
     return space
+
+
+def _case_value(trial_spec, key, default, env_parts, cases):
+    """The value of agent keyword ``key`` for the case whose env/goal part this trial has."""
+    env_kwargs = trial_spec.config["env_kwargs"]
+    for part, case in zip(env_parts, cases):
+        if all(env_kwargs.get(k) == v for k, v in part.items()):
+            return case.get(key, default)
+    return default
 
 
 def _tune_stop(spec: SweepSpec) -> dict:

@@ -374,6 +374,10 @@ def _parse_cases(cases: Any, sweep_raw: Mapping[str, Any], agent_keys=()) -> tup
         raise SweepSpecError(f"sweep.{outside[0]}: with sweep.cases, env/goal axes (and any axis a case sets) go inside the cases")
     if len(set(map(repr, cases))) != len(cases):
         raise SweepSpecError("sweep.cases: repeated cases")
+    env_parts = [repr(sorted((k, v) for k, v in c.items() if k in ENV_AXES + GOAL_AXES)) for c in cases]
+    if len(set(env_parts)) != len(cases):
+        raise SweepSpecError("sweep.cases: two cases share their env/goal keys (a case is named by them; "
+                             "vary agent keywords as sweep axes instead)")
     return tuple(dict(c) for c in cases)
 
 
