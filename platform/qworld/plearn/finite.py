@@ -57,7 +57,8 @@ _OPTIONS = {
     "sparse_search": {"max_support", "tol", "max_subsets", "sum_weight", "chunk_size"},
     "column_match": {"chunk_size"},
     "sgd": {"steps", "batch_size", "lr", "seed", "init", "dtype", "log_every", "schedule"},
-    "moves": {"coords", "rounds", "tol", "jump_z", "jump_ridge", "jumps", "openings", "pi_prune"},
+    "moves": {"coords", "rounds", "tol", "jump_z", "jump_ridge", "jumps", "openings", "pi_prune",
+              "wall_prior"},
 }
 
 
@@ -474,7 +475,7 @@ _BINARY_PATTERNS = [np.array(list(itertools.product((0.0, 1.0), repeat=k)), dtyp
 
 
 def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_ridge=1e-6,
-                   jumps="auto", openings="binary", pi_prune=0.2):
+                   jumps="auto", openings="binary", pi_prune=0.2, wall_prior=1e-3):
     """P-learning with parameters shared across cells, fitted by alternating least squares.
 
     ``P(.|s, a) = (1 - j_s) sum_d pi[a, d] [o[s, d] e_{s+d} + (1 - o[s, d]) e_s] + w_s``:
@@ -482,8 +483,9 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     left) that is the same in every cell (wind, slips); a move either arrives in the
     neighbouring cell or stays, per (cell, move): ``o[s, d]`` (walls, learned from Q: only
     moves towards a non-state are closed by geometry), either 0 or 1 (``openings="binary"``,
-    the best of the cell's at most 16 wall patterns: a choice noise must beat by half the
-    signal to flip) or any probability in [0, 1] (``"free"``); a cell may also jump,
+    the most probable of the cell's at most 16 wall patterns, a wall costing
+    ``2 log((1 - wall_prior) / wall_prior)`` noise variances: a choice noise must beat by
+    half the signal to flip) or any probability in [0, 1] (``"free"``); a cell may also jump,
     whatever the action, anywhere (``w_s >= 0``, mass ``j_s = sum w_s``: teleports).
     Given: S, A, the cells' coordinates, Q and M. Not given: P's support.
 
@@ -542,6 +544,9 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
             target = Q.transpose(1, 2, 0) - (W @ Mt)[:, None, :] - keep[:, None, None] * Mt[:, None, :]
             design = (keep[:, None, None] * opening[..., None] * delta)  # [S, D, L]
             X = design[shared].transpose(0, 2, 1).reshape(-1, D)
+            # the noise variance of one equation, from the typical cell's misfit
+            noise_var = float(np.median(np.mean(residual() ** 2, axis=(1, 2))))
+            wall_cost = 2.0 * math.log((1.0 - wall_prior) / wall_prior) * noise_var
             for a in range(A):
                 pi[a] = _fit_move_distribution(X, target[shared, a, :].reshape(-1), w_sum, allowed[a])
             for s in range(S):
@@ -551,10 +556,11 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
                 Xs = (keep[s] * pi[:, cols, None] * delta[s, cols][None]).transpose(0, 2, 1).reshape(A * L, -1)
                 ys = target[s].reshape(-1)
                 if openings == "binary":
-                    # every wall pattern of the cell (at most 2^4): the best one
+                    # every wall pattern of the cell (at most 2^4): the most probable one,
+                    # each wall costing 2 log((1 - p) / p) noise variances (MAP, prior p)
                     patterns = _BINARY_PATTERNS[len(cols)]  # [2^k, k]
                     err = np.sum((patterns @ Xs.T - ys) ** 2, axis=1)
-                    opening[s, cols] = patterns[np.argmin(err)]
+                    opening[s, cols] = patterns[np.argmin(err + wall_cost * (1.0 - patterns).sum(1))]
                 else:
                     opening[s, cols] = lsq_linear(Xs, ys, bounds=(0.0, 1.0), method="bvls").x
             for s in jump_cells:
@@ -664,7 +670,9 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
             ``dtype`` ("float32" | "float64"), ``log_every`` (1);
             moves: ``coords`` (``[S, 2]`` (row, col), required), ``rounds`` (500 alternations
             at most), ``tol`` (relative loss decrease that stops them, 1e-6), ``jumps``
-            ("auto" | "none"), ``openings`` ("binary" | "free"), ``pi_prune`` (0.2: moves of
+            ("auto" | "none"), ``openings`` ("binary" | "free"), ``wall_prior`` (1e-3: prior
+            probability that a move between two states is walled, binary openings; a wall
+            must lower the misfit by 2 log((1 - p) / p) noise variances), ``pi_prune`` (0.2: moves of
             an action below this fraction of its largest are dropped if an F-test allows;
             0 keeps them all), ``jump_z`` (robust z-score of a cell's misfit above which a
             jump is tried, 8), ``jump_ridge`` (1e-6, relative ridge of the jump fit).
