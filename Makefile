@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/qworld sweep tune_configs/fourrooms_demo.yaml
+	$(VENV)/bin/qworld report results/fourrooms_demo
 
 oracle: $(STAMP)
 	$(VENV)/bin/qworld oracle
