@@ -6,8 +6,9 @@
 
 Trains the sweep ``tune_configs/fourrooms_targets.yaml`` (windy L=3, windy L=4, teleport L=20
 with indicator goals, deterministic L=1 with one dense goal; 3 seeds; 2M env steps) unless
-``--experiment`` names a finished one, re-scores every checkpoint with ``qworld extract``
-(every honest method plus the ``known_support`` oracle as the yardstick), then prints, per
+``--experiment`` names a finished one (then re-scored with ``qworld extract``, unless
+``--no-extract``); the sweep file scores every checkpoint with every honest method plus the
+``known_support`` oracle as the yardstick. It then prints, per
 case, the final checkpoint's p_mse per method (median [min, max] over seeds), the safe-plan
 outcomes and each target, met or not. Only methods outside ``metrics.ORACLE_METHODS`` count.
 """
@@ -118,7 +119,7 @@ def main() -> None:
     if experiment is None:
         qworld("sweep", str(SWEEP_FILE), "--storage", args.storage)
         experiment = Path(args.storage) / "fourrooms_targets"
-    if not args.no_extract:
+    if args.experiment is not None and not args.no_extract:  # the sweep file scores these already
         qworld("extract", str(experiment), "--methods", *METHODS, "--tasks", *TASKS)
     print(summarise(experiment))
 

@@ -373,7 +373,8 @@ def test_moves_on_another_layout(variant):
         assert P_hat[s, 0, room].sum() >= 0.5
 
 
-def test_moves_learns_a_wall_between_two_free_cells():
+@pytest.mark.parametrize("walls", ["one-way", "two-way"])
+def test_moves_learns_a_wall_between_two_free_cells(walls):
     """A wall no layout shows (free cells on both sides): the method is not told; Q tells it."""
     from qworld_envs import FiniteMDP, dense_goals
 
@@ -386,7 +387,7 @@ def test_moves_learns_a_wall_between_two_free_cells():
         P[t, a, t] += P[t, a, s]
         P[t, a, s] = 0.0
     mdp = FiniteMDP(P, coords=base.coords)
-    P_hat, info = _moves(mdp, dense_goals(mdp, 2, seed=0))
+    P_hat, info = _moves(mdp, dense_goals(mdp, 2, seed=0), walls=walls)
     assert p_mse(P_hat, P) <= 1e-20
     assert info["opening"][s, 2] == pytest.approx(0.0, abs=1e-9)  # move right from (2,2) is shut
 
@@ -446,3 +447,19 @@ def test_moves_drops_the_mass_noise_spreads_when_the_smaller_model_fits():
             assert p_mse(P_hat, mdp.P) == 0.0
         unpruned = extract(Qn, Mn, "moves", coords=mdp.coords, pi_prune=0.0)
         assert p_mse(P_hat, mdp.P) <= p_mse(unpruned, mdp.P)
+
+
+def test_two_way_walls_let_the_other_side_outvote_one_bad_q_value():
+    from qworld_envs import dense_goals
+
+    mdp = fourrooms("deterministic")
+    goals = dense_goals(mdp, 2, seed=0)
+    Q, M = goal_oracle(mdp, goals)
+    s, t = mdp.cell_to_state[(2, 2)], mdp.cell_to_state[(2, 3)]
+    Q = Q.copy()
+    g = int(np.argmax(np.abs(M[:, t] - M[:, s])))
+    Q[g, s, 1] = M[g, s]  # for its clearest goal the agent "believes" right from (2,2) stays put
+    one = extract(Q, M, "moves", coords=mdp.coords, walls="one-way")
+    two = extract(Q, M, "moves", coords=mdp.coords, walls="two-way")
+    assert one[s, 1, s] == 1.0  # one-way: that Q-value alone decides
+    assert p_mse(two, mdp.P) == 0.0  # two-way: (2,3) -> (2,2) is open, so is the way back

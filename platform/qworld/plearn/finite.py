@@ -24,7 +24,7 @@ true support (for deterministic P that *is* P), so it is an oracle and never a f
 ``sparse_search`` is handed the true largest support size. ``moves`` is handed only the
 cells' coordinates and assumes (1) each action is one distribution over the grid moves (stay,
 up, right, down, left), the same in every cell; (2) a move either arrives in the neighbouring
-cell or stays (a wall), per (cell, move), which it learns; (3) a cell may jump,
+cell or stays (a wall), which it learns per (cell, move); (3) a cell may jump,
 whatever the action, anywhere (teleports), which it detects as cells whose misfit stands out
 from the noise. Its few shared parameters are what make it work at the paper's goal counts:
 per-(s, a) fits see L equations each, the shared move distribution sees all S L of them.
@@ -58,7 +58,7 @@ _OPTIONS = {
     "column_match": {"chunk_size"},
     "sgd": {"steps", "batch_size", "lr", "seed", "init", "dtype", "log_every", "schedule"},
     "moves": {"coords", "rounds", "tol", "jump_z", "jump_ridge", "jumps", "openings", "pi_prune",
-              "wall_prior"},
+              "wall_prior", "walls"},
 }
 
 
@@ -474,8 +474,45 @@ def _fit_move_distribution(X: np.ndarray, y: np.ndarray, weight: float, allowed:
 _BINARY_PATTERNS = [np.array(list(itertools.product((0.0, 1.0), repeat=k)), dtype=np.float64).reshape(2**k, k) for k in range(5)]
 
 
+def _edges(nbr: np.ndarray) -> np.ndarray:
+    """``[E, 4]`` rows ``(s, d, t, d')``: the move d from s reaches state t, and d' back.
+
+    Only moves between two states (GRID_MOVES 1..4; up/down and right/left are opposite).
+    """
+    back = {1: 3, 3: 1, 2: 4, 4: 2}
+    rows = [(s, d, int(nbr[s, d]), back[d]) for s in range(nbr.shape[0]) for d in (2, 3)
+            if nbr[s, d] >= 0]
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
+def _share_walls(opening, Xs, ys, edges, wall_cost, sweeps=3):
+    """Coordinate descent on walls that block both ways: one open/shut value per edge.
+
+    Both end cells' misfits judge an edge, so one badly learned Q-value (an action the
+    agent rarely takes) is outvoted by the other side. Updates ``opening`` in place.
+
+    Args:
+        opening: ``[S, D]``; Xs: ``[S, A L, D]``; ys: ``[S, A L]``; edges: ``_edges(nbr)``.
+    """
+    def misfit(s):
+        return float(np.sum((Xs[s] @ opening[s] - ys[s]) ** 2))
+
+    for _ in range(sweeps):
+        changed = False
+        for s, d, t, e in edges:
+            costs = []
+            for v in (0.0, 1.0):
+                opening[s, d] = opening[t, e] = v
+                costs.append(misfit(s) + misfit(t) + (wall_cost if v == 0.0 else 0.0))
+            best = 1.0 if costs[1] <= costs[0] else 0.0  # a tie stays open: walls are the rarer case
+            changed |= best != opening[s, d]
+            opening[s, d] = opening[t, e] = best
+        if not changed:
+            break
+
+
 def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_ridge=1e-6,
-                   jumps="auto", openings="binary", pi_prune=0.2, wall_prior=1e-3):
+                   jumps="auto", openings="binary", pi_prune=0.2, wall_prior=1e-3, walls="one-way"):
     """P-learning with parameters shared across cells, fitted by alternating least squares.
 
     ``P(.|s, a) = (1 - j_s) sum_d pi[a, d] [o[s, d] e_{s+d} + (1 - o[s, d]) e_s] + w_s``:
@@ -485,7 +522,11 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     moves towards a non-state are closed by geometry), either 0 or 1 (``openings="binary"``,
     the most probable of the cell's at most 16 wall patterns, a wall costing
     ``2 log((1 - wall_prior) / wall_prior)`` noise variances: a choice noise must beat by
-    half the signal to flip) or any probability in [0, 1] (``"free"``); a cell may also jump,
+    half the signal to flip) or any probability in [0, 1] (``"free"``); with binary
+    openings a wall blocks each way on its own (``walls="one-way"``) or both ways
+    (``"two-way"``: one value per edge, judged by both end cells; on learned FourRooms agents
+    it helped windy and hurt one dense goal, where a badly learned Q-value on one side
+    outweighs the other, so it is not the default); a cell may also jump,
     whatever the action, anywhere (``w_s >= 0``, mass ``j_s = sum w_s``: teleports).
     Given: S, A, the cells' coordinates, Q and M. Not given: P's support.
 
@@ -510,9 +551,12 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
         raise ValueError(f"unknown moves jumps {jumps!r}; allowed: auto, none")
     if openings not in ("binary", "free"):
         raise ValueError(f"unknown moves openings {openings!r}; allowed: binary, free")
+    if walls not in ("two-way", "one-way"):
+        raise ValueError(f"unknown moves walls {walls!r}; allowed: two-way, one-way")
     D = nbr.shape[1]
     movable = nbr >= 0
     movable[:, 0] = False  # "stay" always arrives where it is
+    edges = _edges(nbr)
     Mt = M.T  # [S, L]
     delta = np.where(movable[..., None], Mt[np.maximum(nbr, 0)] - Mt[:, None, :], 0.0)  # [S, D, L]
     w_sum = _sum_weight(M, None) * math.sqrt(S)  # the pi design stacks S cells
@@ -549,20 +593,24 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
             wall_cost = 2.0 * math.log((1.0 - wall_prior) / wall_prior) * noise_var
             for a in range(A):
                 pi[a] = _fit_move_distribution(X, target[shared, a, :].reshape(-1), w_sum, allowed[a])
+            # cell s's misfit is ||Xs[s] o[s] - ys[s]||^2 with Xs[s] = [A L, D]
+            Xs = (keep[:, None, None, None] * pi[None, :, :, None] * delta[:, None, :, :])  # [S, A, D, L]
+            Xs = Xs.transpose(0, 1, 3, 2).reshape(S, A * L, D)
+            ys = target.reshape(S, A * L)
             for s in range(S):
                 cols = np.flatnonzero(movable[s])
                 if len(cols) == 0 or keep[s] <= 0:
                     continue
-                Xs = (keep[s] * pi[:, cols, None] * delta[s, cols][None]).transpose(0, 2, 1).reshape(A * L, -1)
-                ys = target[s].reshape(-1)
                 if openings == "binary":
                     # every wall pattern of the cell (at most 2^4): the most probable one,
                     # each wall costing 2 log((1 - p) / p) noise variances (MAP, prior p)
                     patterns = _BINARY_PATTERNS[len(cols)]  # [2^k, k]
-                    err = np.sum((patterns @ Xs.T - ys) ** 2, axis=1)
+                    err = np.sum((patterns @ Xs[s][:, cols].T - ys[s]) ** 2, axis=1)
                     opening[s, cols] = patterns[np.argmin(err + wall_cost * (1.0 - patterns).sum(1))]
                 else:
-                    opening[s, cols] = lsq_linear(Xs, ys, bounds=(0.0, 1.0), method="bvls").x
+                    opening[s, cols] = lsq_linear(Xs[s][:, cols], ys[s], bounds=(0.0, 1.0), method="bvls").x
+            if openings == "binary" and walls == "two-way":
+                _share_walls(opening, Xs, ys, edges, wall_cost)
             for s in jump_cells:
                 fit_jump(s)
             loss = float(np.sum(residual() ** 2))
@@ -670,7 +718,8 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
             ``dtype`` ("float32" | "float64"), ``log_every`` (1);
             moves: ``coords`` (``[S, 2]`` (row, col), required), ``rounds`` (500 alternations
             at most), ``tol`` (relative loss decrease that stops them, 1e-6), ``jumps``
-            ("auto" | "none"), ``openings`` ("binary" | "free"), ``wall_prior`` (1e-3: prior
+            ("auto" | "none"), ``openings`` ("binary" | "free"), ``walls`` ("one-way" |
+            "two-way", binary openings), ``wall_prior`` (1e-3: prior
             probability that a move between two states is walled, binary openings; a wall
             must lower the misfit by 2 log((1 - p) / p) noise variances), ``pi_prune`` (0.2: moves of
             an action below this fraction of its largest are dropped if an F-test allows;
