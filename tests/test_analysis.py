@@ -586,3 +586,23 @@ def test_load_real_smoke_sweep(smoke_sweep, tmp_path):
     page = write_report(smoke_sweep, tmp_path / "report").read_text()
     assert page.count("data:image/png;base64") >= 4 + len(spec["sweep"]["variant"])  # + route figures
     assert "safety_routes_windy.png" in page
+
+
+def test_identifiability_table_names_each_cells_case_and_reason():
+    from qworld_analysis.report import identifiability_table
+
+    rows = []
+    for trial, (L, case, why) in enumerate([(1, "not identifiable", "rank M = 1 < S = 68"),
+                                            (68, "stochastic", "rank M = S = 68")]):
+        for ckpt in (0, 1):
+            for method in ("moves", "pinv"):
+                rows.append({K.TRIAL_ID: f"t{trial}", K.CHECKPOINT_INDEX: ckpt, K.METHOD: method,
+                             K.ENV: "qworld/FourRooms-v0", K.VARIANT: "windy", K.GOAL_TYPE: "indicator",
+                             K.NUM_GOALS: L, K.HEAD: "all_goals", K.SEED: 0, K.P_MSE: 0.1,
+                             K.IDENTIFIABLE_CASE: case if ckpt == 1 else "stale",
+                             K.IDENTIFIABLE_REASON: why if ckpt == 1 else "stale"})
+    table = identifiability_table(pd.DataFrame(rows))
+    assert table[K.NUM_GOALS].tolist() == [1, 68]
+    assert table[K.IDENTIFIABLE_CASE].tolist() == ["not identifiable", "stochastic"]  # the last checkpoint's
+    assert table[K.IDENTIFIABLE_REASON].tolist() == ["rank M = 1 < S = 68", "rank M = S = 68"]
+    assert identifiability_table(pd.DataFrame(rows).drop(columns=[K.IDENTIFIABLE_CASE])).empty

@@ -368,6 +368,31 @@ def _img(path: Path) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
+def identifiability_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per grid cell: the diagnosis of M at the trials' last scored checkpoints.
+
+    Columns: the cell columns present, ``identifiable_case`` and ``identifiable_reason`` (the
+    most frequent over the cell's trials), ``n`` trials; empty when the rows carry no
+    diagnosis (continuous envs, old experiment dirs).
+    """
+    if K.IDENTIFIABLE_CASE not in df.columns or df[K.IDENTIFIABLE_CASE].isna().all():
+        return pd.DataFrame()
+    final = final_checkpoints(df[df[K.IDENTIFIABLE_CASE].notna()])
+    per_trial = final.drop_duplicates(K.TRIAL_ID)
+    cells = [c for c in CELL_COLUMNS if c in per_trial.columns and per_trial[c].notna().any()]
+    reason = K.IDENTIFIABLE_REASON if K.IDENTIFIABLE_REASON in per_trial.columns else None
+    rows = []
+    for key, group in per_trial.groupby(cells, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(cells, key))
+        row[K.IDENTIFIABLE_CASE] = group[K.IDENTIFIABLE_CASE].mode().iloc[0]
+        if reason:
+            row[K.IDENTIFIABLE_REASON] = group[reason].dropna().mode().iloc[0] if group[reason].notna().any() else ""
+        row["n"] = len(group)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _page(exp: Path, df: pd.DataFrame, trials: pd.DataFrame, table: pd.DataFrame,
           figures: list, skipped: list) -> str:
     e = html.escape
@@ -398,6 +423,15 @@ def _page(exp: Path, df: pd.DataFrame, trials: pd.DataFrame, table: pd.DataFrame
     parts.append(_methods_html(df))
     for metric in dict.fromkeys(table[METRIC]) if not table.empty else []:
         parts.append(f"<h3>{e(metric)}</h3>{_metric_table_html(table, metric)}")
+
+    ident = identifiability_table(df)
+    if not ident.empty:
+        parts.append("<h2>Identifiability</h2><p class='muted'>Per grid cell at its trials' last "
+                     "scored checkpoint: which Table-1 case guarantees recovering P from the "
+                     "agent's M (known up to twice the agent's Q error) without geometry, and why "
+                     "or why not. <code>moves</code> uses the cells' geometry as well, so it can "
+                     "recover P where this reads \"not identifiable\".</p>")
+        parts.append(_table_html(ident))
 
     parts.append("<h2>Figures</h2>")
     for caption, path in figures:

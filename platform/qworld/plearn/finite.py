@@ -888,8 +888,8 @@ def diagnose(
     elif deterministic:
         pairs = int(np.sum(pdist(M.T) <= gap_floor))
         why.append(f"P deterministic but {pairs} pairs of next states have columns of M closer than "
-                   f"{gap_floor:.3g} (gap {gap:.3g}): their values agree for every goal, e.g. cells at the "
-                   "same distance from a single indicator goal, so Q cannot tell them apart")
+                   f"{gap_floor:.3g} (gap {gap:.3g}): within that, Q cannot tell them apart (one indicator "
+                   "goal gives cells at the same distance from it the same value)")
     if case == "not identifiable" and max_support is not None:
         N = int(max_support)
         if known_support is not False and known_support is not None:
