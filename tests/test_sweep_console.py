@@ -153,3 +153,12 @@ def test_driver_wandb_runs_are_finished_with_the_trial_and_hold_every_result(tmp
     import pickle
 
     assert pickle.loads(pickle.dumps(cb))._runs == {}
+
+
+def test_final_table_labels_oracle_methods(tmp_path):
+    base = {K.SWEEP: "s", K.TRIAL_ID: "t_00000", K.CHECKPOINT_INDEX: 0, K.VARIANT: "windy", K.SEED: 0,
+            K.ENV_STEPS: 1024, K.Q_NMSE: 0.1, K.ERROR: None}
+    store.write_rows(tmp_path, [{**base, K.METHOD: "moves", K.P_MSE: 1e-6},
+                                {**base, K.METHOD: "known_support", K.P_MSE: 1e-4}])
+    rows = final_table(tmp_path).splitlines()[2:]
+    assert [("(oracle)" in ln) for ln in rows] == [("known_support" in ln) for ln in rows] == [False, True]

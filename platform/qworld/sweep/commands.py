@@ -174,7 +174,7 @@ def final_table(experiment_dir) -> str:
                 shown[col] = [f"{int(v):,}" if pd.notna(v) else "-" for v in table[col]]
         if K.Q_NMSE in table:
             shown[K.Q_NMSE] = [f"{v:.3g}" if pd.notna(v) else "-" for v in table[K.Q_NMSE]]
-        shown[K.METHOD] = table[K.METHOD].values
+        shown[K.METHOD] = [f"{m} (oracle)" if m in K.ORACLE_METHODS else m for m in table[K.METHOD]]
         shown[metric] = [f"{v:.2e}" if pd.notna(v) else "-" for v in table[metric]]
         for c in plans:
             shown[c.rsplit("/", 1)[0]] = [f"{v:.2f}" if pd.notna(v) else "-" for v in table[c]]
@@ -183,7 +183,7 @@ def final_table(experiment_dir) -> str:
         for col in [*cell, "seeds", K.ENV_STEPS, K.Q_NMSE]:
             if col in shown:
                 shown.loc[repeat, col] = ""
-        what = ("safe-plan success per task" if plans and plans[0].endswith(K.PLAN_SUCCESS)
+        what = ("plan success per safety task" if plans and plans[0].endswith(K.PLAN_SUCCESS)
                 else "return ratio per task")
         lines.append(f"Final checkpoints (mean over seeds): q_nmse of the agent, {metric} per "
                      "method" + (f", {what}" if plans else "") + ":")
