@@ -515,29 +515,29 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
                    jumps="auto", openings="binary", pi_prune=0.2, wall_prior=1e-3, walls="one-way"):
     """P-learning with parameters shared across cells, fitted by alternating least squares.
 
-    ``P(.|s, a) = (1 - j_s) sum_d pi[a, d] [o[s, d] e_{s+d} + (1 - o[s, d]) e_s] + w_s``:
-    each action is a distribution ``pi[a]`` over the grid moves (stay, up, right, down,
-    left) that is the same in every cell (wind, slips); a move either arrives in the
-    neighbouring cell or stays, per (cell, move): ``o[s, d]`` (walls, learned from Q: only
-    moves towards a non-state are closed by geometry), either 0 or 1 (``openings="binary"``,
-    the most probable of the cell's at most 16 wall patterns, a wall costing
-    ``2 log((1 - wall_prior) / wall_prior)`` noise variances: a choice noise must beat by
-    half the signal to flip) or any probability in [0, 1] (``"free"``); with binary
-    openings a wall blocks each way on its own (``walls="one-way"``) or both ways
-    (``"two-way"``: one value per edge, judged by both end cells; on learned FourRooms agents
-    it helped windy and hurt one dense goal, where a badly learned Q-value on one side
-    outweighs the other, so it is not the default); a cell may also jump,
-    whatever the action, anywhere (``w_s >= 0``, mass ``j_s = sum w_s``: teleports).
-    Given: S, A, the cells' coordinates, Q and M. Not given: P's support.
+    Model, with D = 5 grid moves (stay, up, right, down, left)::
 
-    Least squares in ``Q = M P`` is bilinear in ``(pi, o)`` and linear in ``w``, so each
-    block is a small constrained linear fit: ``pi[a]`` NNLS on the simplex (one design
-    shared by every cell), ``o[s]`` box-constrained least squares per cell, ``w_s`` NNLS
-    with a small ridge (spread mass, since with L < S goals the jump target is only seen
-    through M). Jump cells are chosen against the noise of the fit: after a fit without
-    jumps, a cell whose residual lies more than ``jump_z`` robust standard deviations (MAD)
-    above the median cell's gets a jump component, kept only if it halves the cell's
-    residual with a support its ``A L`` equations identify.
+        P(. | s, a) = (1 - j_s) sum_d pi[a, d] (o[s, d] e_{s+d} + (1 - o[s, d]) e_s) + w_s
+
+    - ``pi[a]`` ``[D]``: where action a tries to go, the same in every cell (wind, slips).
+    - ``o[s, d]``: whether move d from s arrives, else the agent stays (a wall). Learned from
+      Q; only moves towards a non-state are shut by geometry. ``openings="binary"`` takes
+      the most probable of the cell's <= 16 wall patterns (MAP: a wall costs
+      ``2 log((1 - wall_prior) / wall_prior)`` noise variances of the fit); ``"free"`` fits
+      probabilities in [0, 1]. ``walls="two-way"`` ties a move to the move back, so both end
+      cells judge an edge (not the default: on learned agents a badly learned Q-value on one
+      side then outvotes a good one as often as the reverse).
+    - ``w_s`` ``[S]`` >= 0 with mass ``j_s``: a jump anywhere whatever the action (teleports).
+
+    Given: S, A, the cells' coordinates, Q and M. Not given: anything of P.
+
+    Fit: least squares in ``Q = M P`` is bilinear in ``(pi, o)`` and linear in ``w``, so
+    each block is a small constrained linear fit: ``pi[a]`` NNLS on the simplex (one design
+    shared by all cells), ``o[s]`` per cell, ``w_s`` NNLS with a small ridge (it spreads
+    the mass: with L < S goals the jump target is seen only through M). Jump cells: after a
+    fit without jumps, a cell whose misfit lies more than ``jump_z`` robust standard
+    deviations (MAD) above the median cell's gets a jump, kept only if that halves its misfit
+    with a support its ``A L`` equations identify. Last, Occam on ``pi`` (below).
     """
     from scipy.optimize import lsq_linear
 
