@@ -567,9 +567,9 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     fits_done: list[float] = []
     W = np.zeros((S, S))
 
-    def local_base():
+    def local_base(cells=slice(None)):
         """``base[s, a, :] = M e_s + sum_d pi o delta``: M applied to the local part."""
-        return Mt[:, None, :] + np.einsum("ad,sd,sdl->sal", pi, opening, delta)
+        return Mt[cells, None, :] + np.einsum("ad,sd,sdl->sal", pi, opening[cells], delta[cells])
 
     def residual():
         j = W.sum(-1)
@@ -621,7 +621,7 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
         return loss
 
     def fit_jump(s):
-        base = local_base()[s]  # [A, L]
+        base = local_base([s])[0]  # [A, L]
         B = (Mt[None, :, :] - base[:, None, :]).transpose(0, 2, 1).reshape(A * L, S)  # [A L, S]
         y = (Q[:, s, :].T - base).reshape(-1)
         rho = jump_ridge * float(np.mean(B**2)) if B.size else 0.0
@@ -871,7 +871,8 @@ def diagnose(
     sv = np.linalg.svd(M, compute_uv=False)
     rank = int(np.sum(sv > tol * sv[0])) if sv[0] > 0 else 0
     cond = float(sv[0] / sv[-1]) if sv[-1] > 0 else float("inf")
-    gap = float(pdist(M.T).min()) if S > 1 else float("inf")
+    dists = pdist(M.T)  # [S (S - 1) / 2] distances between the columns of M
+    gap = float(dists.min()) if S > 1 else float("inf")
     scale = max(1.0, float(np.abs(M).max()))
     aug = np.vstack([M, np.ones((1, S))])
     rng = np.random.default_rng(seed)
@@ -886,7 +887,7 @@ def diagnose(
         case = "deterministic"
         why = [f"P deterministic and the columns of M are distinct (gap {gap:.3g} > {gap_floor:.3g})"]
     elif deterministic:
-        pairs = int(np.sum(pdist(M.T) <= gap_floor))
+        pairs = int(np.sum(dists <= gap_floor))
         why.append(f"P deterministic but {pairs} pairs of next states have columns of M closer than "
                    f"{gap_floor:.3g} (gap {gap:.3g}): within that, Q cannot tell them apart (one indicator "
                    "goal gives cells at the same distance from it the same value)")

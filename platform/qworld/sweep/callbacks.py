@@ -193,21 +193,13 @@ def _error_line(trial) -> str:
 
 
 def _checkpoint_rows(experiment_dir: str, trial_id: str, index: int):
-    """The store's rows of one (trial, checkpoint): its file is named after that key."""
-    import pandas as pd
-
+    """The store's rows of one (trial, checkpoint), None if unreadable or not there."""
     from qworld.sweep import store
 
-    root = store.store_path(experiment_dir)
     try:
-        for path in root.glob(f"trial=*-ckpt={int(index):06d}.parquet"):
-            rows = pd.read_parquet(path)
-            rows = rows[rows[K.TRIAL_ID].astype(str) == str(trial_id)]
-            if not rows.empty:
-                return rows
+        return store.read_rows(experiment_dir, trial_id, index)
     except (OSError, ValueError, KeyError):
         return None
-    return None
 
 
 class WorldModelReporter(CLIReporter):

@@ -89,7 +89,7 @@ def score_checkpoint(
 
 def _score_finite(qfun, config, base, methods, tasks, options, world_models=None) -> list[dict]:
     from qworld.bellman import greedy_policy, m_matrix, solve_goal_q
-    from qworld.planning import run_safety_task
+    from qworld.planning import run_safety_task, task_optimal_plan
     from qworld.plearn.finite import diagnose, extract, method_options
     from qworld.scoring import nmse, score_p
     from qworld_envs import make_finite_task
@@ -110,6 +110,8 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models=None
     shared = {**base, K.Q_NMSE: float(nmse(Q, Q_pi)),
               **{k: diag[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE, K.IDENTIFIABLE_REASON)}}
 
+    # The reference plan of each task in the true MDP: once per checkpoint, not per method.
+    optimal = {t: task_optimal_plan(task.mdp, t, gamma) for t in tasks}
     rows = []
     for method in methods:
         row = {**shared, K.METHOD: method, K.ORACLE: method in K.ORACLE_METHODS, K.ERROR: None}
@@ -122,7 +124,8 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models=None
             row[K.FIT_SECONDS] = time.perf_counter() - start
             row.update(score_p(P_hat, P))
             for task_name in tasks:
-                plan = run_safety_task(task.mdp, P_hat, task_name, gamma=gamma)
+                plan = run_safety_task(task.mdp, P_hat, task_name, gamma=gamma,
+                                       optimal_policy=optimal[task_name])
                 row.update({f"{task_name}/{k}": v for k, v in plan.items()})
         except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
             row[K.ERROR] = _error_text(exc)

@@ -58,11 +58,24 @@ def write_rows(experiment_dir: str | Path, rows: Iterable[Mapping]) -> Path:
         raise ValueError("write_rows: one row per method expected")
     trial_id, index = keys.iloc[0]
     target = _key_file(experiment_dir, trial_id, index)
+    _write_atomic(target, lambda fh: frame.to_parquet(fh, index=False))
+    return target
+
+
+def _write_atomic(target: Path, write) -> None:
+    """``write(file object)`` to a temporary name, then rename it into place: readers see
+    the old file or the new one, never half, and a crash mid-write leaves no partial file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, target)  # atomic: readers see the old rows or the new, never half
-    return target
+    with open(tmp, "wb") as fh:
+        write(fh)
+    os.replace(tmp, target)
+
+
+def read_rows(experiment_dir: str | Path, trial_id: str, checkpoint_index: int) -> pd.DataFrame | None:
+    """The stored rows of one (trial, checkpoint), or None when it is not scored (yet)."""
+    path = _key_file(experiment_dir, trial_id, checkpoint_index)
+    return pd.read_parquet(path) if path.is_file() else None
 
 
 def scored_keys(experiment_dir: str | Path) -> set[tuple[str, int]]:
@@ -134,11 +147,8 @@ def write_world_models(experiment_dir: str | Path, trial_id: str, checkpoint_ind
         if P_hat.ndim != 3 or P_hat.shape[0] != P_hat.shape[2]:
             raise ValueError(f"write_world_models: {method!r} must be P_hat[S, A, S], got {P_hat.shape}")
         arrays[str(method)] = P_hat.astype(WORLD_MODEL_DTYPE)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:  # a file object: savez would append ".npz" to a tmp name
-        np.savez_compressed(fh, **arrays)
-    os.replace(tmp, target)  # atomic, as write_rows
+    # a file object: savez would append ".npz" to a temporary name
+    _write_atomic(target, lambda fh: np.savez_compressed(fh, **arrays))
     return target
 
 
