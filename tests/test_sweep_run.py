@@ -201,17 +201,19 @@ def test_killed_plearning_actor_restarts_and_scores_each_checkpoint_once(smoke_d
     ray.kill(pool.actors[0], no_restart=True)
 
 
-def _find_pids(pattern: str) -> list[int]:
+def _find_pids(pattern: str, root: int) -> list[int]:
+    """Descendants of ``root`` (a driver and the local Ray it started) matching ``pattern``:
+    never another sweep's processes on the same machine."""
     import psutil
 
     out = []
-    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+    for proc in psutil.Process(root).children(recursive=True):
         try:
-            text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["name"] or "")
+            text = " ".join(proc.cmdline() or []) + " " + (proc.name() or "")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         if pattern in text:
-            out.append(proc.info["pid"])
+            out.append(proc.pid)
     return out
 
 
@@ -233,7 +235,7 @@ def test_killed_trial_worker_is_retried_and_the_sweep_completes(tmp_path):
     experiment = storage / "smoke"
     try:
         _wait_for(lambda: list(experiment.glob("*/checkpoint_*")), 300, "a first checkpoint")
-        victims = _find_pids("ray::PQN")
+        victims = _find_pids("ray::PQN", proc.pid)
         assert victims, "no trial worker process found"
         os.kill(victims[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
