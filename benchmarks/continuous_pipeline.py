@@ -3,7 +3,7 @@ P-learning from its Q-network, score it, plan with it on goals the agent never s
 
 Every stage is the code a sweep runs: RLlib PQN (``PQNConfig`` -> ``build_algo`` ->
 ``train``), ``algo.save_to_path`` -> ``qworld.agents.load_q`` (the checkpoint alone), and
-``qworld.plearn.continuous.score_checkpoint_continuous`` (Q NMSE against the exact Q of the
+``qworld.sweep.score.score_q`` (Q NMSE against the exact Q of the
 agent's greedy policy on a grid, successor-network P-learning, NMSE of s' and of every
 Delta s dim over states uniform on the box and over the interior transitions, the identity
 and no-force baselines, and ``R_WM / R*`` per unseen goal from 512 resets).
@@ -177,9 +177,9 @@ def train(env_id: str, env_kwargs: dict, pqn: dict, seed: int, checkpoint_dir: P
 
 
 def score(path: str, s: dict, tasks: list[str], num_resets: int) -> tuple[dict, object, object]:
-    """``load_q`` + ``score_checkpoint_continuous`` (successor method) -> (row, fit, qfun)."""
+    """``load_q`` + ``score_q`` (successor method) -> (row, fit, qfun)."""
     from qworld.agents import load_q
-    from qworld.plearn.continuous import score_checkpoint_continuous
+    from qworld.sweep.score import score_q
 
     qfun = load_q(path)
     options = {"successor": {**s["plearn"], "num_resets": num_resets}}
@@ -188,7 +188,7 @@ def score(path: str, s: dict, tasks: list[str], num_resets: int) -> tuple[dict, 
     if s["q_grid"] is not None:
         options["q_nmse"] = {"grid_shape": list(s["q_grid"])}
     fits: dict = {}
-    row = score_checkpoint_continuous(qfun, qfun.config, {}, ["successor"], tasks, options, fits=fits)[0]
+    row = score_q(qfun, {}, ["successor"], tasks, options, world_models=fits)[0]
     if row.get("error"):
         raise RuntimeError(row["error"])
     return row, fits["successor"], qfun
@@ -254,7 +254,7 @@ def main() -> None:
             print(json.dumps(rounded(out)), flush=True)
             return
         # The paper's check: models extracted from position goals and from velocity goals agree.
-        from qworld.plearn.continuous import model_agreement
+        from qworld.scoring_continuous import model_agreement
         from qworld_envs.continuous import make_continuous_task
 
         fits = {}

@@ -15,16 +15,9 @@ from gymnasium.utils.env_checker import check_env
 import qworld_envs  # noqa: F401 - registers the qworld/ ids
 from qworld import metrics as K
 from qworld.planning_continuous import UNSEEN_GOAL_TASKS, evaluate_unseen_goal
-from qworld.plearn.continuous import (
-    GaussianSuccessor,
-    PLearnConfig,
-    SuccessorNet,
-    m_values,
-    p_learn,
-    score_successor,
-    score_task_model,
-)
-from qworld.plearn.grid import Grid, GridQ, grid_q, grid_q_for_task
+from qworld.bellman_grid import Grid, GridQ, grid_q, grid_q_for_task
+from qworld.plearn.continuous import GaussianSuccessor, PLearnConfig, SuccessorNet, m_values, p_learn
+from qworld.scoring_continuous import score_successor, score_task_model
 from qworld_envs.batched import has_batched, make_batched
 from qworld_envs.continuous import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, make_continuous_task
 from qworld_envs.mountain_car import mountain_car_step
@@ -442,7 +435,7 @@ def test_uniform_start_states_cover_the_box(env_id):
 
 
 def test_interior_mask_and_model_agreement(mc_task):
-    from qworld.plearn.continuous import interior_mask, model_agreement
+    from qworld.scoring_continuous import interior_mask, model_agreement
 
     dyn = mc_task.dynamics
     s = torch.tensor([[-1.19, -0.05], [-0.5, 0.0], [0.59, 0.05], [-0.5, 0.0699]], dtype=torch.float64)

@@ -1,5 +1,5 @@
 """PQN on the continuous envs, end to end at tiny budgets: build, train, checkpoint,
-``load_q``, then ``score_checkpoint_continuous`` on the checkpoint (Q NMSE, world-model
+``load_q``, then ``score_q`` on the checkpoint (Q NMSE, world-model
 scores with their baselines, an unseen goal). Real RLlib, one local Ray session.
 """
 
@@ -98,7 +98,7 @@ def test_fourier_feature_agent_trains_and_its_checkpoint_holds_the_features(ray_
 
 
 def test_agent_q_fn_matches_load_q_and_is_differentiable_in_the_state(mountain_car_agent):
-    from qworld.plearn.continuous import agent_q_fn
+    from qworld.agents.adapter import agent_q_fn
 
     _, qfun = mountain_car_agent
     task = make_continuous_task(MOUNTAIN_CAR_ID)
@@ -117,15 +117,15 @@ def test_agent_q_fn_matches_load_q_and_is_differentiable_in_the_state(mountain_c
         agent_q_fn(qfun, make_continuous_task(MOUNTAIN_CAR_ID, num_goals=3))
 
 
-def test_score_checkpoint_continuous_on_a_mountain_car_checkpoint(mountain_car_agent):
-    from qworld.plearn.continuous import score_checkpoint_continuous
+def test_score_q_on_a_mountain_car_checkpoint(mountain_car_agent):
+    from qworld.sweep.score import score_q
 
     _, qfun = mountain_car_agent
     base = {K.TRIAL_ID: "t0", K.CHECKPOINT_INDEX: 1}
     options = {"successor": {"steps": 30, "batch_size": 64, "lr": 2e-3, "grid_shape": [40, 40], "num_resets": 32},
                "q_nmse": {"grid_shape": [40, 40]}}
     fits = {}
-    rows = score_checkpoint_continuous(qfun, qfun.config, base, ["successor"], ["fast_car"], options, fits=fits)
+    rows = score_q(qfun, base, ["successor"], ["fast_car"], options, world_models=fits)
     assert len(rows) == 1
     row = rows[0]
     assert row[K.ERROR] is None and row[K.METHOD] == "successor" and row[K.TRIAL_ID] == "t0"
@@ -165,7 +165,7 @@ def test_sweep_score_checkpoint_routes_continuous_envs(ray_session, tmp_path):
 
 
 def test_mujoco_reacher_trains_through_the_standard_runner_and_scores(ray_session, tmp_path):
-    from qworld.plearn.continuous import score_checkpoint_continuous
+    from qworld.sweep.score import score_q
 
     config = tiny(MUJOCO_REACHER_ID, {}, env_runner="standard", num_envs=4, rollout_length=8, minibatch_size=16)
     results, qfun = train_and_save(config, tmp_path / "checkpoint_000000", iterations=2)
@@ -173,7 +173,7 @@ def test_mujoco_reacher_trains_through_the_standard_runner_and_scores(ray_sessio
     assert results[-1]["num_env_steps_sampled_lifetime"] >= 2 * 4 * 8
     assert qfun.q(np.zeros((2, 6), np.float32)).shape == (2, 4, 9)
     options = {"successor": {"steps": 5, "batch_size": 32, "grid_shape": [4, 4, 4, 4], "num_resets": 8}}
-    rows = score_checkpoint_continuous(qfun, qfun.config, {}, ["successor"], ["target_velocity"], options)
+    rows = score_q(qfun, {}, ["successor"], ["target_velocity"], options)
     row = rows[0]
     assert row[K.ERROR] is None, row[K.ERROR]
     assert K.Q_NMSE not in row  # MuJoCo: no ground-truth grid unless asked for

@@ -2,7 +2,7 @@
 
 Shapes: N states, d state dims, A actions.
 
-Value iteration inside the model on a grid (``qworld.plearn.grid``) gives a greedy policy
+Value iteration inside the model on a grid (``qworld.bellman_grid``) gives a greedy policy
 for the new goal; it is rolled out on the *true* dynamics from ``num_resets`` start states
 drawn from the env's reset distribution, and its mean discounted return ``R_WM`` is compared
 with ``R*``, the return of the policy planned the same way in the true dynamics:
@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from qworld import metrics as K
-from qworld.plearn.grid import Grid, GridQ, grid_q
+from qworld.bellman_grid import Grid, GridQ, grid_q
 from qworld_envs.continuous import (
     MOUNTAIN_CAR_ID,
     MUJOCO_REACHER_ID,
@@ -239,7 +239,7 @@ def evaluate_unseen_goal(
         num_resets: start states from the env's reset distribution.
         seed: of the start states and the true dynamics' noise.
         horizon: rollout length (default: the env's ``max_episode_steps``).
-        **vi_kwargs: passed to :func:`qworld.plearn.grid.grid_q`.
+        **vi_kwargs: passed to :func:`qworld.bellman_grid.grid_q`.
 
     Returns:
         ``{return_wm, return_star, return_ratio, plan_success, "star/plan_success"}``

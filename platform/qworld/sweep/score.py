@@ -1,9 +1,14 @@
-"""Score one checkpoint: Q out of it, P extracted by every method, scored and planned with.
+"""Where a checkpoint is scored, for finite and continuous envs alike.
 
-No Ray here: the P-learning actor, ``qworld extract`` and tests all call
-:func:`score_checkpoint`. It returns one row per extraction method; a method that fails
-gives a row with its ``error`` filled in, and a checkpoint that cannot be read gives one
-row with ``method = "load"`` and the error, so a sweep goes on past a corrupt checkpoint.
+:func:`score_checkpoint` loads Q out of a checkpoint and :func:`score_q` scores a loaded
+agent: the agent's Q error, a world model extracted by every method (``qworld.plearn``),
+its error against the true dynamics (``qworld.scoring`` / ``qworld.scoring_continuous``)
+and planning with it (``qworld.planning`` / ``qworld.planning_continuous``). One row per
+extraction method; a method that fails gives a row with its ``error`` filled in, and a
+checkpoint that cannot be read gives one row with ``method = "load"`` and the error, so a
+sweep goes on past a corrupt checkpoint.
+
+No Ray here: the P-learning actor, ``qworld extract``, benchmarks and tests all call it.
 """
 
 from __future__ import annotations
@@ -61,12 +66,8 @@ def score_checkpoint(
     seed: Any = None,
     world_models: dict | None = None,
 ) -> list[dict]:
-    """Rows of (trial, checkpoint, method) with world-model, diagnosis and planning metrics.
-
-    ``world_models``, when given, receives method -> ``P_hat[S, A, S]`` of every successful
-    extraction (finite envs), for ``store.write_world_models``.
-    """
-    options = options or {}
+    """Rows of (trial, checkpoint, method): :func:`score_q` of the checkpoint's agent, with
+    the grid-cell columns of its config and ``checkpoint_index`` / ``env_steps``."""
     index = checkpoint_index(checkpoint_path)
     base = {K.SWEEP: sweep, K.TRIAL_ID: trial_id, K.CHECKPOINT_INDEX: index,
             K.ENV_STEPS: env_steps, "checkpoint_path": str(checkpoint_path)}
@@ -78,16 +79,34 @@ def score_checkpoint(
     except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint is data, not a crash
         return [{**base, K.METHOD: LOAD_METHOD, K.ERROR: _error_text(exc)}]
     base = {**grid_columns(sweep, trial_id, config, seed), **base}
+    return score_q(qfun, base, methods, tasks, options, world_models=world_models)
+
+
+def score_q(qfun: Any, base: Mapping[str, Any], methods: Sequence[str], tasks: Sequence[str] = (),
+            options: Mapping[str, Mapping[str, Any]] | None = None, *,
+            world_models: dict | None = None) -> list[dict]:
+    """Rows of (checkpoint, method) for a loaded agent: Q error, world-model scores, plans.
+
+    Args:
+        qfun: the agent, a ``qworld.agents.QFunction`` (``.config`` is its resolved trial
+            config: ``env_id``, ``env_kwargs``, ``gamma``).
+        base: columns every row carries.
+        methods: extraction methods (``plearn.finite.METHODS`` or ``plearn.continuous.METHODS``).
+        tasks: planning tasks (``planning.SAFETY_TASKS`` or the env's ``UNSEEN_GOAL_TASKS``).
+        options: per method, its options (finite: ``extract`` keywords; continuous:
+            ``PLearnConfig`` fields plus ``grid_shape`` and ``num_resets``); continuous
+            envs also read ``options["q_nmse"]["grid_shape"]`` (0 / None skips the Q NMSE).
+        world_models: if given, receives method -> the extracted model of every successful
+            extraction: ``P_hat[S, A, S]`` (finite) or the ``PLearnResult`` (continuous).
+    """
     from qworld_envs.tasks import FINITE_ENVS
 
-    if config.get("env_id") in FINITE_ENVS:
-        return _score_finite(qfun, config, base, methods, tasks, options, world_models)
-    from qworld.plearn.continuous import score_checkpoint_continuous
-
-    return score_checkpoint_continuous(qfun, config, base, methods, tasks, options)
+    config = dict(qfun.config)
+    score = _score_finite if config.get("env_id") in FINITE_ENVS else _score_continuous
+    return score(qfun, config, dict(base), methods, tasks, dict(options or {}), world_models)
 
 
-def _score_finite(qfun, config, base, methods, tasks, options, world_models=None) -> list[dict]:
+def _score_finite(qfun, config, base, methods, tasks, options, world_models) -> list[dict]:
     from qworld.bellman import greedy_policy, m_matrix, solve_goal_q
     from qworld.planning import run_safety_task, task_optimal_plan
     from qworld.plearn.finite import diagnose, extract, method_options
@@ -127,6 +146,72 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models=None
                 plan = run_safety_task(task.mdp, P_hat, task_name, gamma=gamma,
                                        optimal_policy=optimal[task_name])
                 row.update({f"{task_name}/{k}": v for k, v in plan.items()})
+        except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
+            row[K.ERROR] = _error_text(exc)
+        rows.append(row)
+    return rows
+
+
+def _score_continuous(qfun, config, base, methods, tasks, options, world_models) -> list[dict]:
+    """Q NMSE on the env's planning grid, world-model scores with baselines (all and interior
+    transitions, ``scoring_continuous.score_task_model``) and per unseen-goal task
+    ``<task>/return_ratio``, ``return_wm``, ``return_star``, ``plan_success``."""
+    import torch
+
+    from qworld.agents.adapter import agent_q_fn
+    from qworld.bellman_grid import GridQ, grid_q_for_task
+    from qworld.planning_continuous import default_grid_shape, evaluate_unseen_goal
+    from qworld.plearn.continuous import METHODS, PLearnConfig, p_learn
+    from qworld.scoring_continuous import nmse_torch, score_task_model
+    from qworld_envs.continuous import make_continuous_task
+
+    task = make_continuous_task(config["env_id"], **dict(config.get("env_kwargs") or {}))
+    gamma = float(config["gamma"])
+    q_fn = agent_q_fn(qfun, task)
+    shared = dict(base)
+    q_error = None
+    q_opts = dict(options.get("q_nmse", {}))
+    q_shape = q_opts.get("grid_shape", default_grid_shape(task.env_id) if task.dynamics.differentiable else None)
+    if q_shape:
+        try:  # the agent's Q against the exact Q of its own greedy policy
+            grid_shape = tuple(q_shape)
+
+            def greedy(points: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    return torch.stack([q_fn(points.float(), torch.full((len(points),), g)).argmax(-1)
+                                        for g in range(task.goals.num_goals)])
+
+            Q_pi, grid = grid_q_for_task(task, grid_shape, gamma, policy=greedy)
+            q_pi = GridQ(Q_pi, grid)
+            gen = torch.Generator().manual_seed(0)
+            s = task.dynamics.uniform_states(4096, gen)
+            g = torch.randint(task.goals.num_goals, (4096,), generator=gen)
+            with torch.no_grad():
+                shared[K.Q_NMSE] = nmse_torch(q_fn(s.float(), g).double(), q_pi(s, g).double())
+        except Exception as exc:  # noqa: BLE001 - the world-model scores still count
+            shared[K.Q_NMSE] = float("nan")
+            q_error = f"{K.Q_NMSE}: {_error_text(exc)}"
+    rows = []
+    for method in methods:
+        row = {**shared, K.METHOD: method, K.ORACLE: method in K.ORACLE_METHODS, K.ERROR: q_error}
+        try:
+            if method not in METHODS:
+                raise ValueError(f"unknown continuous method {method!r}; known: {METHODS}")
+            opts = dict(options.get(method, {}))
+            grid_shape = opts.pop("grid_shape", None)
+            num_resets = int(opts.pop("num_resets", 512))
+            if method == "sampler":
+                opts.setdefault("loss", "l2")  # the double-sampled square is unbiased; L1 shrinks the noise
+            cfg = PLearnConfig.from_options(opts)
+            fit = p_learn(q_fn, task, gamma, cfg, stochastic=(method == "sampler"))
+            if world_models is not None:
+                world_models[method] = fit
+            row[K.FIT_SECONDS] = fit.seconds
+            row.update(score_task_model(fit.step_fn(), task, interior=True))
+            for name in tasks:
+                res = evaluate_unseen_goal(task, name, fit.step_fn(), gamma=gamma, grid_shape=grid_shape,
+                                           num_resets=num_resets)
+                row.update({f"{name}/{k}": v for k, v in res.items()})
         except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
             row[K.ERROR] = _error_text(exc)
         rows.append(row)

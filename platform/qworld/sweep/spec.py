@@ -422,10 +422,9 @@ def _allowed_methods_and_tasks(env_id: str, finite: bool) -> tuple[tuple[str, ..
         from qworld.plearn.finite import METHODS
 
         return tuple(METHODS), tuple(SAFETY_TASKS)
-    try:
-        from qworld.plearn.continuous import METHODS as CMETHODS, UNSEEN_GOAL_TASKS
-    except ImportError:
-        return ("successor",), ()
+    from qworld.planning_continuous import UNSEEN_GOAL_TASKS
+    from qworld.plearn.continuous import METHODS as CMETHODS
+
     return tuple(CMETHODS), tuple(UNSEEN_GOAL_TASKS.get(env_id, ()))
 
 

@@ -22,7 +22,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -118,7 +118,7 @@ def _model_file(experiment_dir: str | Path, trial_id: str, checkpoint_index: int
 
 
 def write_world_models(experiment_dir: str | Path, trial_id: str, checkpoint_index: int,
-                       models: Mapping[str, np.ndarray]) -> Path | None:
+                       models: Mapping[str, Any]) -> Path | None:
     """Store the P_hat of every method of ONE (trial, checkpoint), replacing earlier ones.
 
     One ``.npz`` (``np.savez_compressed``) per (trial, checkpoint), one ``[S, A, S]`` array
@@ -130,7 +130,9 @@ def write_world_models(experiment_dir: str | Path, trial_id: str, checkpoint_ind
     five methods (float64 would double the dense ones).
 
     Args:
-        models: method -> ``P_hat[S, A, S]``. Empty (a continuous env, an unreadable
+        models: method -> extracted model, as ``score_q``'s ``world_models`` fills it;
+            only the finite ``P_hat[S, A, S]`` arrays are stored (continuous models, torch
+            networks, are not kept yet). None to store (a continuous env, an unreadable
             checkpoint, every method failed): nothing is written and an earlier file of
             this key is removed, so the store never holds models the rows do not.
 
@@ -138,6 +140,7 @@ def write_world_models(experiment_dir: str | Path, trial_id: str, checkpoint_ind
         The file written, or None when ``models`` is empty.
     """
     target = _model_file(experiment_dir, trial_id, checkpoint_index)
+    models = {method: P_hat for method, P_hat in models.items() if isinstance(P_hat, np.ndarray)}
     if not models:
         target.unlink(missing_ok=True)
         return None
