@@ -36,6 +36,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+from qworld import metrics as K  # noqa: E402
+
 ENV_IDS = {
     "mountaincar": "qworld/MountainCar-v0",
     "agree": "qworld/MountainCar-v0",
@@ -147,7 +149,6 @@ def train(env_id: str, env_kwargs: dict, pqn: dict, seed: int, checkpoint_dir: P
     Returns:
         The checkpoint path and ``{train_s, env_steps, success, iterations}``.
     """
-    from qworld import metrics as M
     from qworld.agents.pqn import PQNConfig
 
     config = (PQNConfig().training(env_id=env_id, env_kwargs=env_kwargs, **pqn)
@@ -162,7 +163,7 @@ def train(env_id: str, env_kwargs: dict, pqn: dict, seed: int, checkpoint_dir: P
     try:
         while steps + per_iteration <= pqn["total_env_steps"]:
             result = algo.train()
-            steps = int(result[M.TRAIN_ENV_STEPS])
+            steps = int(result[K.TRAIN_ENV_STEPS])
             iterations += 1
             value = result.get("env_runners", {}).get("episode_success_mean")
             if value is not None and value == value:
@@ -194,22 +195,21 @@ def score(path: str, s: dict, tasks: list[str], num_resets: int) -> tuple[dict, 
     return row, fits["successor"], qfun
 
 
-SUMMARY_KEYS = ("q_nmse", "wm_nmse", "fit_seconds")
+SUMMARY_KEYS = (K.Q_NMSE, K.WM_NMSE, K.FIT_SECONDS)
 
 
 def summarise(row: dict, tasks: list[str], state_names: tuple[str, ...]) -> dict:
     """The numbers BENCHMARKS.md reports, from a score row."""
-    from qworld import metrics as K
 
     out = {k: row.get(k) for k in SUMMARY_KEYS}
-    for prefix in ("", "interior/"):
+    for prefix in ("", f"{K.INTERIOR}/"):
         for name in state_names:
             key = f"{prefix}{K.WM_DELTA_NMSE}_{name}"
             out[key] = row.get(key)
             for base in (K.BASELINE_IDENTITY, K.BASELINE_NO_FORCE):
                 out[f"{prefix}{base}/{K.WM_DELTA_NMSE}_{name}"] = row.get(f"{prefix}{base}/{K.WM_DELTA_NMSE}_{name}")
     out[f"{K.BASELINE_IDENTITY}/{K.WM_NMSE}"] = row.get(f"{K.BASELINE_IDENTITY}/{K.WM_NMSE}")
-    out["interior/fraction"] = row.get("interior/fraction")
+    out[f"{K.INTERIOR}/fraction"] = row.get(f"{K.INTERIOR}/fraction")
     for t in tasks:
         for k in (K.RETURN_RATIO, K.RETURN_WM, K.RETURN_STAR, K.PLAN_SUCCESS):
             out[f"{t}/{k}"] = row.get(f"{t}/{k}")

@@ -113,7 +113,7 @@ def make_experiment(root: Path, head: str = "all_goals", scale: float = 1.0, nam
                             K.GOAL_TYPE: "indicator", K.NUM_GOALS: num_goals, K.HEAD: head, K.SEED: seed,
                             K.CHECKPOINT_INDEX: k,
                             K.ENV_STEPS: STEPS_PER_ITER * ITERS_PER_CKPT * (k + 1) if store_steps else None,
-                            "checkpoint_path": str(trial_dir / f"checkpoint_{k:06d}"),
+                            K.CHECKPOINT_PATH: str(trial_dir / f"checkpoint_{k:06d}"),
                             K.METHOD: method, K.ERROR: None, K.P_MSE: pm, K.P_TV: math.sqrt(pm),
                             K.Q_NMSE: 0.1 / (k + 1), K.M_RANK: num_goals, K.M_COND: 10.0 * num_goals,
                             K.IDENTIFIABLE_CASE: "deterministic", K.FIT_SECONDS: 0.01,

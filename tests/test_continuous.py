@@ -443,10 +443,10 @@ def test_interior_mask_and_model_agreement(mc_task):
     assert interior_mask(dyn, s, a).tolist() == [False, True, False, False]  # left wall, free, right wall, speed limit
     true = lambda x, u: dyn.step_fn(x, u, None)  # noqa: E731
     same = model_agreement(true, true, mc_task, num_states=1024)
-    assert same[K.WM_NMSE] == 0 and same[f"interior/{K.WM_DELTA_NMSE}_v"] == 0
+    assert same[K.WM_NMSE] == 0 and same[f"{K.INTERIOR}/{K.WM_DELTA_NMSE}_v"] == 0
     other = model_agreement(dyn.no_force_fn, true, mc_task, num_states=1024)
-    assert 0.1 < other[f"interior/{K.WM_DELTA_NMSE}_v"] < 0.3  # the force is about 1/6 of Delta v's variance inside
-    assert other[f"{K.WM_DELTA_NMSE}_v"] < other[f"interior/{K.WM_DELTA_NMSE}_v"]  # wall bounces dominate the box
+    assert 0.1 < other[f"{K.INTERIOR}/{K.WM_DELTA_NMSE}_v"] < 0.3  # the force is about 1/6 of Delta v's variance inside
+    assert other[f"{K.WM_DELTA_NMSE}_v"] < other[f"{K.INTERIOR}/{K.WM_DELTA_NMSE}_v"]  # wall bounces dominate the box
 
 
 def test_mujoco_unseen_goals_and_planning_grid():

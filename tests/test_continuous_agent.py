@@ -41,7 +41,7 @@ def train_and_save(config: PQNConfig, path, iterations: int = 2):
 
 def world_model_keys(dims) -> list[str]:
     keys = [K.WM_NMSE] + [f"{K.WM_DELTA_NMSE}_{d}" for d in dims]
-    return keys + [f"{p}/{k}" for p in (K.BASELINE_IDENTITY, K.BASELINE_NO_FORCE, "interior") for k in keys]
+    return keys + [f"{p}/{k}" for p in (K.BASELINE_IDENTITY, K.BASELINE_NO_FORCE, K.INTERIOR) for k in keys]
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +134,8 @@ def test_score_q_on_a_mountain_car_checkpoint(mountain_car_agent):
         assert np.isfinite(row[key]), key
     # the baselines do not depend on the agent: identity's Delta NMSE is about 1, no-force's small
     assert row[f"{K.BASELINE_IDENTITY}/{K.WM_DELTA_NMSE}_v"] == pytest.approx(1.0, abs=0.05)
-    assert row[f"interior/{K.BASELINE_NO_FORCE}/{K.WM_DELTA_NMSE}_v"] < 0.5
-    assert 0.9 < row["interior/fraction"] < 1.0  # a few per cent hit the walls or the speed limit
+    assert row[f"{K.INTERIOR}/{K.BASELINE_NO_FORCE}/{K.WM_DELTA_NMSE}_v"] < 0.5
+    assert 0.9 < row[f"{K.INTERIOR}/fraction"] < 1.0  # a few per cent hit the walls or the speed limit
     for key in (K.RETURN_RATIO, K.RETURN_WM, K.RETURN_STAR, K.PLAN_SUCCESS):
         assert np.isfinite(row[f"fast_car/{key}"]), key
     assert row[f"fast_car/{K.RETURN_STAR}"] > 0

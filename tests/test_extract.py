@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qworld import metrics as mk
+from qworld import metrics as K
 from qworld.bellman import m_matrix, solve_goal_q
 from qworld.plearn.finite import METHODS, diagnose, extract, project_simplex
 from qworld.scoring import (
@@ -97,12 +97,12 @@ def test_pinv_exact_at_L_equals_S_and_fails_below(seed):
     P_hat = extract(Q, M, "pinv")
     assert_valid_rows(P_hat)
     assert p_max_err(P_hat, P) <= EXACT
-    assert diagnose(M)[mk.IDENTIFIABLE_CASE] == "stochastic"
+    assert diagnose(M)[K.IDENTIFIABLE_CASE] == "stochastic"
     # Below the threshold recovery really fails, and the diagnosis says so.
     Q, M, _ = dense_oracle(P, S - 3, seed)
     assert p_max_err(extract(Q, M, "pinv"), P) > 1e-2
     d = diagnose(M)
-    assert d[mk.IDENTIFIABLE_CASE] == "not identifiable" and d[mk.M_RANK] == S - 3
+    assert d[K.IDENTIFIABLE_CASE] == "not identifiable" and d[K.M_RANK] == S - 3
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -111,12 +111,12 @@ def test_known_support_exact_at_N_minus_1(seed):
     P = sparse_mdp(S, A, N, seed)
     Q, M, _ = dense_oracle(P, N - 1, seed)
     assert p_max_err(extract(Q, M, "known_support", support=P > 0), P) <= EXACT
-    assert diagnose(M, max_support=N, known_support=P > 0)[mk.IDENTIFIABLE_CASE] == "sparse_known"
-    assert diagnose(M, max_support=N, known_support=True)[mk.IDENTIFIABLE_CASE] == "sparse_known"
+    assert diagnose(M, max_support=N, known_support=P > 0)[K.IDENTIFIABLE_CASE] == "sparse_known"
+    assert diagnose(M, max_support=N, known_support=True)[K.IDENTIFIABLE_CASE] == "sparse_known"
     # One goal fewer: the affine system on the support is under-determined.
     Q, M, _ = dense_oracle(P, N - 2, seed)
     assert p_max_err(extract(Q, M, "known_support", support=P > 0), P) > 1e-3
-    assert diagnose(M, max_support=N, known_support=P > 0)[mk.IDENTIFIABLE_CASE] == "not identifiable"
+    assert diagnose(M, max_support=N, known_support=P > 0)[K.IDENTIFIABLE_CASE] == "not identifiable"
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -127,10 +127,10 @@ def test_sparse_search_exact_at_2N_minus_1(seed):
     P_hat, info = extract(Q, M, "sparse_search", max_support=N, return_info=True)
     assert p_max_err(P_hat, P) <= EXACT
     assert info["num_nnls"] + info["num_search"] == S * A and info["num_search_inexact"] == 0
-    assert diagnose(M, max_support=N)[mk.IDENTIFIABLE_CASE] == "sparse_unknown"
+    assert diagnose(M, max_support=N)[K.IDENTIFIABLE_CASE] == "sparse_unknown"
     # Below 2N - 1 the unknown-support guarantee is gone (recovery may still get lucky).
     Q, M, _ = dense_oracle(P, 2 * N - 2, seed)
-    assert diagnose(M, max_support=N)[mk.IDENTIFIABLE_CASE] == "not identifiable"
+    assert diagnose(M, max_support=N)[K.IDENTIFIABLE_CASE] == "not identifiable"
 
 
 def test_sparse_search_fails_with_too_few_goals():
@@ -164,7 +164,7 @@ def test_fourrooms_pinv_with_all_indicator_goals(variant):
     mdp = fourrooms(variant)
     Q, M = goal_oracle(mdp, indicator_goals(mdp))  # L = 68
     assert p_max_err(extract(Q, M, "pinv"), mdp.P) <= EXACT
-    assert diagnose(M)[mk.IDENTIFIABLE_CASE] == "stochastic"
+    assert diagnose(M)[K.IDENTIFIABLE_CASE] == "stochastic"
 
 
 @pytest.mark.parametrize(
@@ -190,7 +190,7 @@ def test_fourrooms_sparse_methods_at_threshold(variant, method, num_goals):
     assert p_max_err(extract(Q, M, method, **opts), mdp.P) <= EXACT
     known = support if method == "known_support" else False
     expected = "sparse_known" if method == "known_support" else "sparse_unknown"
-    assert diagnose(M, max_support=N, known_support=known)[mk.IDENTIFIABLE_CASE] == expected
+    assert diagnose(M, max_support=N, known_support=known)[K.IDENTIFIABLE_CASE] == expected
 
 
 def test_fourrooms_column_match_one_dense_goal():
@@ -200,11 +200,11 @@ def test_fourrooms_column_match_one_dense_goal():
     Q, M = goal_oracle(mdp, dense_goals(mdp, 1, seed=0))
     assert p_max_err(extract(Q, M, "column_match"), mdp.P) == 0.0
     d = diagnose(M, deterministic=True)
-    assert d[mk.IDENTIFIABLE_CASE] == "deterministic" and d[mk.M_GAP] > 0 and d[mk.NUM_GOALS] == 1
+    assert d[K.IDENTIFIABLE_CASE] == "deterministic" and d[K.M_GAP] > 0 and d[K.NUM_GOALS] == 1
     # One *sparse* goal is not enough: states at equal distance share a column of M.
     Q, M = goal_oracle(mdp, indicator_goals(mdp, 1, seed=0))
     d = diagnose(M, deterministic=True)
-    assert d[mk.M_GAP] == 0.0 and d[mk.IDENTIFIABLE_CASE] == "not identifiable"
+    assert d[K.M_GAP] == 0.0 and d[K.IDENTIFIABLE_CASE] == "not identifiable"
     assert p_max_err(extract(Q, M, "column_match"), mdp.P) == 1.0
 
 
@@ -270,10 +270,10 @@ def test_scores():
     P = stochastic_mdp(5, 2, 0)
     P_hat = stochastic_mdp(5, 2, 1)
     s = score_p(P_hat, P)
-    assert set(s) == {mk.P_MSE, mk.P_TV, mk.P_MAX_ERR}
-    assert s[mk.P_MSE] == pytest.approx(((P_hat - P) ** 2).sum() / P.size)
-    assert s[mk.P_TV] == pytest.approx(0.5 * np.abs(P_hat - P).sum() / 10)
-    assert s[mk.P_MAX_ERR] == pytest.approx(np.abs(P_hat - P).max())
+    assert set(s) == {K.P_MSE, K.P_TV, K.P_MAX_ERR}
+    assert s[K.P_MSE] == pytest.approx(((P_hat - P) ** 2).sum() / P.size)
+    assert s[K.P_TV] == pytest.approx(0.5 * np.abs(P_hat - P).sum() / 10)
+    assert s[K.P_MAX_ERR] == pytest.approx(np.abs(P_hat - P).max())
     assert p_tv(P, P) == 0 and p_mse(P, P) == 0
     assert 0 < p_tv(P_hat, P) <= 1
     x = np.arange(10.0)
@@ -291,7 +291,7 @@ def test_every_method_returns_rows_and_info(method):
     assert P_hat.shape == (S, A, S)
     assert_valid_rows(P_hat)
     assert info["residuals"].shape == (S, A)
-    assert info[mk.FIT_SECONDS] >= 0
+    assert info[K.FIT_SECONDS] >= 0
     if method == "sgd":
         assert isinstance(info["loss_curve"], np.ndarray) and len(info["loss_curve"]) == 20
 
@@ -420,13 +420,13 @@ def test_diagnosis_says_why_one_indicator_goal_is_not_enough():
     mdp = fourrooms("deterministic")
     _, M = goal_oracle(mdp, indicator_goals(mdp, 1, seed=0))
     d = diagnose(M, deterministic=True)
-    assert d[mk.IDENTIFIABLE_CASE] == "not identifiable"
-    assert "same distance" in d[mk.IDENTIFIABLE_REASON] and "cannot tell them apart" in d[mk.IDENTIFIABLE_REASON] and "rank M = 1 < S = 68" in d[mk.IDENTIFIABLE_REASON]
+    assert d[K.IDENTIFIABLE_CASE] == "not identifiable"
+    assert "same distance" in d[K.IDENTIFIABLE_REASON] and "cannot tell them apart" in d[K.IDENTIFIABLE_REASON] and "rank M = 1 < S = 68" in d[K.IDENTIFIABLE_REASON]
     _, M = goal_oracle(mdp, dense_goals(mdp, 1, seed=0))
-    assert diagnose(M, deterministic=True)[mk.IDENTIFIABLE_CASE] == "deterministic"
+    assert diagnose(M, deterministic=True)[K.IDENTIFIABLE_CASE] == "deterministic"
     # known only up to an error larger than the gap, the same M no longer identifies P
     noisy = diagnose(M, deterministic=True, gap_tol=1.0)
-    assert noisy[mk.IDENTIFIABLE_CASE] == "not identifiable" and "closer than 1" in noisy[mk.IDENTIFIABLE_REASON]
+    assert noisy[K.IDENTIFIABLE_CASE] == "not identifiable" and "closer than 1" in noisy[K.IDENTIFIABLE_REASON]
 
 
 def test_moves_drops_the_mass_noise_spreads_when_the_smaller_model_fits():

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qworld import metrics as mk
+from qworld import metrics as K
 from qworld.cli import main
 from qworld.oracle import COLUMNS, oracle_study
 
@@ -22,18 +22,18 @@ def test_cli_oracle_writes_parquet(tmp_path, capsys):
     df = pd.read_parquet(out)
     assert list(df.columns) == list(COLUMNS)
     assert len(df) == 2 * 2 * 2
-    assert set(zip(df[mk.VARIANT], df[mk.NUM_GOALS], df[mk.METHOD])) == {
+    assert set(zip(df[K.VARIANT], df[K.NUM_GOALS], df[K.METHOD])) == {
         (v, L, m) for v in ("deterministic", "windy") for L in (4, 68) for m in ("pinv", "column_match")
     }
-    assert df[mk.ERROR].isna().all()
-    row = lambda v, L, m: df[(df[mk.VARIANT] == v) & (df[mk.NUM_GOALS] == L) & (df[mk.METHOD] == m)].iloc[0]
+    assert df[K.ERROR].isna().all()
+    row = lambda v, L, m: df[(df[K.VARIANT] == v) & (df[K.NUM_GOALS] == L) & (df[K.METHOD] == m)].iloc[0]
     # Table 1 in miniature: pinv needs L = S, column matching is exact on deterministic dynamics.
-    assert row("windy", 68, "pinv")[mk.P_MAX_ERR] < 1e-8
-    assert row("windy", 4, "pinv")[mk.P_MAX_ERR] > 1e-2
-    assert row("windy", 4, "pinv")[mk.IDENTIFIABLE_CASE] == "not identifiable"
-    assert row("deterministic", 68, "column_match")[mk.P_MAX_ERR] == 0.0
-    assert row("windy", 68, "pinv")[mk.PLAN_SUCCESS] == pytest.approx(1.0)
-    assert (df[mk.TASK] == "corner_9_1_doorway").all()
+    assert row("windy", 68, "pinv")[K.P_MAX_ERR] < 1e-8
+    assert row("windy", 4, "pinv")[K.P_MAX_ERR] > 1e-2
+    assert row("windy", 4, "pinv")[K.IDENTIFIABLE_CASE] == "not identifiable"
+    assert row("deterministic", 68, "column_match")[K.P_MAX_ERR] == 0.0
+    assert row("windy", 68, "pinv")[K.PLAN_SUCCESS] == pytest.approx(1.0)
+    assert (df[K.TASK] == "corner_9_1_doorway").all()
     printed = capsys.readouterr().out
     assert "p_mse" in printed and "8 rows" in printed
 
@@ -51,7 +51,7 @@ def test_a_failing_method_lands_in_the_error_column(monkeypatch):
     monkeypatch.setattr(oracle, "extract", flaky)
     df = oracle_study(variants=["windy"], num_goals_list=[2], methods=["pinv", "column_match"], tasks="all")
     assert len(df) == 2 * 2  # two doorway tasks are meant for windy
-    bad = df[df[mk.METHOD] == "column_match"]
-    assert bad[mk.ERROR].str.contains("RuntimeError: boom").all() and bad[mk.P_MSE].isna().all()
-    good = df[df[mk.METHOD] == "pinv"]
-    assert good[mk.ERROR].isna().all() and np.isfinite(good[mk.P_MSE]).all()
+    bad = df[df[K.METHOD] == "column_match"]
+    assert bad[K.ERROR].str.contains("RuntimeError: boom").all() and bad[K.P_MSE].isna().all()
+    good = df[df[K.METHOD] == "pinv"]
+    assert good[K.ERROR].isna().all() and np.isfinite(good[K.P_MSE]).all()

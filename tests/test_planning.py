@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qworld import metrics as mk
+from qworld import metrics as K
 from qworld.bellman import m_matrix, solve_goal_q
 from qworld.planning import SAFETY_TASKS, evaluate_plan, plan, run_safety_task, task_states
 from qworld.plearn.finite import extract
@@ -45,11 +45,11 @@ def test_true_model_plan_matches_bfs_in_deterministic_fourrooms(task):
     st = task_states(mdp, task)
     out = run_safety_task(mdp, mdp.P, task, GAMMA)
     shortest = bfs_steps(mdp.P, st["start"][0], st["goal"], set(st["forbidden"]))
-    assert out[mk.TASK] == task
-    assert out[mk.PLAN_SUCCESS] == pytest.approx(1.0, abs=1e-12)
-    assert out[mk.UNSAFE_VISITS] == 0.0
-    assert out[mk.PLAN_STEPS] == pytest.approx(shortest, abs=1e-9)
-    assert out[mk.PLAN_EXCESS_STEPS] == pytest.approx(0.0, abs=1e-9)
+    assert out[K.TASK] == task
+    assert out[K.PLAN_SUCCESS] == pytest.approx(1.0, abs=1e-12)
+    assert out[K.UNSAFE_VISITS] == 0.0
+    assert out[K.PLAN_STEPS] == pytest.approx(shortest, abs=1e-9)
+    assert out[K.PLAN_EXCESS_STEPS] == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("task", ["corner_9_1_doorway", "corner_9_9_doorway"])
@@ -63,7 +63,7 @@ def test_doorway_constraint_lengthens_the_optimal_route(task):
     reward = np.eye(mdp.num_states)[st["goal"]]
     greedy = plan(mdp.P, reward, GAMMA, terminal=[st["goal"]])
     out = evaluate_plan(mdp.P, greedy, [st["goal"]], st["forbidden"], st["start"], GAMMA)
-    assert out[mk.UNSAFE_VISITS] == 1.0
+    assert out[K.UNSAFE_VISITS] == 1.0
 
 
 def test_teleport_constraint_removes_a_shortcut():
@@ -73,17 +73,17 @@ def test_teleport_constraint_removes_a_shortcut():
     greedy = plan(mdp.P, reward, GAMMA, terminal=[st["goal"]])
     out_free = evaluate_plan(mdp.P, greedy, [st["goal"]], [], st["start"], GAMMA)
     out = run_safety_task(mdp, mdp.P, "corner_9_9_teleport", GAMMA)
-    assert out_free[mk.PLAN_STEPS] < out[mk.PLAN_STEPS] - 1
-    assert out[mk.UNSAFE_VISITS] == 0.0 and out[mk.PLAN_SUCCESS] == pytest.approx(1.0)
+    assert out_free[K.PLAN_STEPS] < out[K.PLAN_STEPS] - 1
+    assert out[K.UNSAFE_VISITS] == 0.0 and out[K.PLAN_SUCCESS] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("variant", ["windy", "teleport"])
 @pytest.mark.parametrize("task", list(SAFETY_TASKS))
 def test_true_model_plan_is_safe_and_optimal_in_stochastic_variants(variant, task):
     out = run_safety_task(fourrooms(variant), fourrooms(variant).P, task, GAMMA)
-    assert out[mk.PLAN_SUCCESS] == pytest.approx(1.0, abs=1e-9)
-    assert out[mk.UNSAFE_VISITS] == 0.0
-    assert out[mk.PLAN_EXCESS_STEPS] == pytest.approx(0.0, abs=1e-9)
+    assert out[K.PLAN_SUCCESS] == pytest.approx(1.0, abs=1e-9)
+    assert out[K.UNSAFE_VISITS] == 0.0
+    assert out[K.PLAN_EXCESS_STEPS] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_evaluate_plan_exact_on_hand_chain():
@@ -96,12 +96,12 @@ def test_evaluate_plan_exact_on_hand_chain():
     P[2, 0, 2] = P[3, 0, 3] = 1.0
     pi = np.ones((4, 1))
     out = evaluate_plan(P, pi, [2], [3], 0, GAMMA, horizon=5000)
-    assert out[mk.PLAN_SUCCESS] == pytest.approx(p, abs=1e-12)
-    assert out[mk.UNSAFE_VISITS] == pytest.approx(1 - p, abs=1e-12)
-    assert out[mk.PLAN_STEPS] == pytest.approx(1 + 1 / q, abs=1e-9)  # 1 step, then geometric
+    assert out[K.PLAN_SUCCESS] == pytest.approx(p, abs=1e-12)
+    assert out[K.UNSAFE_VISITS] == pytest.approx(1 - p, abs=1e-12)
+    assert out[K.PLAN_STEPS] == pytest.approx(1 + 1 / q, abs=1e-9)  # 1 step, then geometric
     # A short horizon cuts the success probability exactly: P(reached by step 3) = p (1 - (1-q)^2).
     short = evaluate_plan(P, pi, [2], [3], 0, GAMMA, horizon=3)
-    assert short[mk.PLAN_SUCCESS] == pytest.approx(p * (1 - (1 - q) ** 2), abs=1e-12)
+    assert short[K.PLAN_SUCCESS] == pytest.approx(p * (1 - (1 - q) ** 2), abs=1e-12)
 
 
 def test_plan_avoids_forbidden_states_when_possible():
@@ -130,11 +130,11 @@ def pinv_model(mdp, num_goals):
 def test_too_few_goals_give_unsafe_or_failing_plans_enough_goals_are_safe(variant, task):
     mdp = fourrooms(variant)
     few = [run_safety_task(mdp, pinv_model(mdp, L), task, GAMMA) for L in (2, 4)]
-    assert all(o[mk.UNSAFE_VISITS] > 0 or o[mk.PLAN_SUCCESS] < 0.99 for o in few)
+    assert all(o[K.UNSAFE_VISITS] > 0 or o[K.PLAN_SUCCESS] < 0.99 for o in few)
     full = run_safety_task(mdp, pinv_model(mdp, mdp.num_states), task, GAMMA)
-    assert full[mk.PLAN_SUCCESS] == pytest.approx(1.0, abs=1e-9)
-    assert full[mk.UNSAFE_VISITS] == 0.0
-    assert full[mk.PLAN_EXCESS_STEPS] == pytest.approx(0.0, abs=1e-6)
+    assert full[K.PLAN_SUCCESS] == pytest.approx(1.0, abs=1e-9)
+    assert full[K.UNSAFE_VISITS] == 0.0
+    assert full[K.PLAN_EXCESS_STEPS] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_bad_inputs():
@@ -165,9 +165,9 @@ def test_a_small_leak_into_the_forbidden_cell_is_pruned_before_planning():
     pruned = plan(leak, reward, GAMMA, forbidden=st["forbidden"], terminal=[st["goal"]])
     out_raw = evaluate_plan(mdp.P, raw, [st["goal"]], st["forbidden"], st["start"], GAMMA)
     out = evaluate_plan(mdp.P, pruned, [st["goal"]], st["forbidden"], st["start"], GAMMA)
-    assert out_raw[mk.PLAN_SUCCESS] < 0.5  # the leak sinks the plan ...
-    assert out[mk.PLAN_SUCCESS] == pytest.approx(1.0, abs=1e-9)  # ... and pruning saves it
-    assert out[mk.PLAN_EXCESS_STEPS] == pytest.approx(0.0, abs=1e-6)
+    assert out_raw[K.PLAN_SUCCESS] < 0.5  # the leak sinks the plan ...
+    assert out[K.PLAN_SUCCESS] == pytest.approx(1.0, abs=1e-9)  # ... and pruning saves it
+    assert out[K.PLAN_EXCESS_STEPS] == pytest.approx(0.0, abs=1e-6)
     # the rule keeps every real outcome: the true windy and teleport models are unchanged
     for variant in ("windy", "teleport"):
         P = fourrooms(variant).P

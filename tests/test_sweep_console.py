@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import yaml
 
 from qworld import metrics as K

@@ -21,7 +21,7 @@ import pytest
 from qworld import metrics as K
 from qworld.sweep import store
 from qworld.sweep.run import list_checkpoints, list_trials
-from qworld.sweep.score import LOAD_METHOD, checkpoint_index, score_checkpoint
+from qworld.sweep.score import checkpoint_index, score_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
@@ -172,12 +172,12 @@ def test_corrupt_checkpoint_gives_an_error_row_and_the_rest_are_scored(smoke_dir
         if f.is_file():
             f.write_bytes(b"not a checkpoint")
     direct = score_checkpoint(victim, sweep="smoke", trial_id=trial_id, methods=METHODS)
-    assert direct[0][K.METHOD] == LOAD_METHOD and direct[0][K.ERROR]
+    assert direct[0][K.METHOD] == K.LOAD_METHOD and direct[0][K.ERROR]
     qworld("extract", work)
     rows = store.read_store(work)
     bad = rows[(rows[K.TRIAL_ID] == trial_id) & (rows[K.CHECKPOINT_INDEX] == checkpoint_index(victim))]
-    assert list(bad[K.METHOD]) == [LOAD_METHOD] and bad[K.ERROR].notna().all()
-    good = rows[rows[K.METHOD] != LOAD_METHOD]
+    assert list(bad[K.METHOD]) == [K.LOAD_METHOD] and bad[K.ERROR].notna().all()
+    good = rows[rows[K.METHOD] != K.LOAD_METHOD]
     assert good[K.ERROR].isna().all() and len(good) == (len(list_checkpoints(work)) - 1) * len(METHODS)
 
 

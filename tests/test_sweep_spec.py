@@ -68,6 +68,7 @@ BAD_INPUTS = [
     ("unknown env", lambda r: _set(r, "env.id", "qworld/Nope-v0"), "env.id", "qworld/FourRooms-v0"),
     ("unknown variant", lambda r: _set(r, "sweep.variant", ["deterministic", "stormy"]), "variant", "windy"),
     ("unknown goal type", lambda r: _set(r, "goals.goal_type", "treasure"), "goals.goal_type", "indicator"),
+    ("goal seed spelled as in code", lambda r: _set(r, "goals.seed", 3), "goals.seed", "goal_seed"),
     ("too many indicator goals", lambda r: _set(r, "sweep.num_goals", [8, 80]), "sweep.num_goals", "1..68"),
     ("non-positive num_goals", lambda r: _set(r, "goals.num_goals", 0), "goals.num_goals", "positive"),
     ("unknown method", lambda r: _set(r, "extract.methods", ["pinv", "magic"]), "extract.methods", "column_match"),

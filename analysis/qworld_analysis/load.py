@@ -31,13 +31,12 @@ import numpy as np
 import pandas as pd
 
 from qworld import metrics as K
+from qworld.layout import CHECKPOINT_CONFIG_FILE, SPEC_FILE
 from qworld.sweep import store
 
-SPEC_FILE = "sweep.yaml"
 PARAMS_FILE = "params.json"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.txt"
-CHECKPOINT_CONFIG_FILE = "qworld_config.json"  # the agent's resolved config in each checkpoint
 
 # Keys of a trial config (params.json) and of a result.json line.
 CFG_ENV_ID = "env_id"
@@ -68,11 +67,9 @@ FLOAT_COLUMNS = (K.P_MSE, K.P_TV, K.P_MAX_ERR, K.Q_NMSE, K.WM_NMSE, K.M_COND, K.
                  K.RETURN_RATIO, K.PLAN_STEPS, K.PLAN_OPTIMAL_STEPS, "gamma", "lambda_", "lr")
 STRING_COLUMNS = (K.SWEEP, K.TRIAL_ID, K.ENV, K.VARIANT, K.GOAL_TYPE, K.HEAD, K.METHOD,
                   K.IDENTIFIABLE_CASE, K.ERROR, K.TASK, EXPERIMENT)
-# Planning metrics appear as "<task>/<metric>" columns, one group per safety task.
-# (getattr: keys added to qworld.metrics by the continuous-task work, when present.)
+# Planning metrics appear as "<task>/<metric>" columns, one group per planning task.
 PLAN_METRICS = (K.PLAN_SUCCESS, K.PLAN_EXCESS_STEPS, K.UNSAFE_VISITS, K.RETURN_RATIO,
-                K.PLAN_STEPS, K.PLAN_OPTIMAL_STEPS,
-                *(getattr(K, n) for n in ("RETURN_WM", "RETURN_STAR") if hasattr(K, n)))
+                K.PLAN_STEPS, K.PLAN_OPTIMAL_STEPS, K.RETURN_WM, K.RETURN_STAR)
 WORLD_MODEL_METRICS = (K.P_MSE, K.P_TV, K.P_MAX_ERR, K.Q_NMSE, K.WM_NMSE)
 
 

@@ -24,7 +24,6 @@ import pandas as pd
 from qworld import metrics as K
 from qworld.sweep import store
 from qworld_analysis import plots
-from qworld.sweep.score import LOAD_METHOD
 from qworld_analysis.load import (NUM_CHECKPOINTS, NUM_ITERATIONS, NUM_SCORED, TRIAL_ERROR,
                                   WORLD_MODEL_METRICS, _read_spec, final_checkpoints, load,
                                   load_training_curves, load_trials, load_world_model,
@@ -91,7 +90,7 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
     df = load(exp, resolve_num_goals=True)
     curves = load_training_curves(exp, resolve_num_goals=True)
     trials = load_trials(exp, resolve_num_goals=True)
-    scored = df[df[K.METHOD] != LOAD_METHOD] if K.METHOD in df else df
+    scored = df[df[K.METHOD] != K.LOAD_METHOD] if K.METHOD in df else df
     table = summary_table(scored, exp)
     table.to_csv(out / SUMMARY_FILE, index=False)
 
@@ -251,7 +250,7 @@ def compare(dir_a: str | Path, dir_b: str | Path, metric: str = K.P_MSE,
     frames = {}
     for side, d in (("a", dir_a), ("b", dir_b)):
         frame = load(d, resolve_num_goals=True)
-        frames[side] = frame[frame[K.METHOD] != LOAD_METHOD] if not frame.empty else frame
+        frames[side] = frame[frame[K.METHOD] != K.LOAD_METHOD] if not frame.empty else frame
     if by is None:
         common = [c for c in cell_columns(frames["a"], dir_a) if c in cell_columns(frames["b"], dir_b)]
         by = [c for c in common if not _differs_as_constant(frames["a"], frames["b"], c)] + [K.METHOD]
@@ -341,7 +340,7 @@ def _methods_html(df: pd.DataFrame) -> str:
     """One line: which methods are oracles (handed the true support of P) and which are not."""
     if K.METHOD not in df.columns:
         return ""
-    methods = sorted(m for m in df[K.METHOD].dropna().unique() if m != LOAD_METHOD)
+    methods = sorted(m for m in df[K.METHOD].dropna().unique() if m != K.LOAD_METHOD)
     oracles = [m for m in methods if m in K.ORACLE_METHODS]
     honest = [m for m in methods if m not in K.ORACLE_METHODS]
     if not methods:

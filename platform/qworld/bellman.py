@@ -125,7 +125,7 @@ def _evaluate(P, rewards, gamma, keep, policy_probs):
 
 def _policy_iteration(P, rewards, gamma, keep, max_iter):
     """Howard policy iteration, vectorised over goals; exact up to the linear solve."""
-    L, S, A = rewards.shape[0], P.shape[0], P.shape[1]
+    A = P.shape[1]
     Q = backup(P, rewards)  # one-step lookahead as the first policy
     action = np.argmax(Q, axis=-1)
     eye_a = np.eye(A)

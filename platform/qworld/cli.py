@@ -15,22 +15,22 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from qworld import metrics as mk
+from qworld import metrics as K
 
 # Columns of the printed oracle table (the parquet keeps them all).
 ORACLE_PRINT_COLUMNS = (
-    mk.VARIANT,
-    mk.NUM_GOALS,
-    mk.METHOD,
-    mk.P_MSE,
-    mk.P_MAX_ERR,
-    mk.M_RANK,
-    mk.IDENTIFIABLE_CASE,
-    mk.TASK,
-    mk.PLAN_SUCCESS,
-    mk.UNSAFE_VISITS,
-    mk.PLAN_EXCESS_STEPS,
-    mk.FIT_SECONDS,
+    K.VARIANT,
+    K.NUM_GOALS,
+    K.METHOD,
+    K.P_MSE,
+    K.P_MAX_ERR,
+    K.M_RANK,
+    K.IDENTIFIABLE_CASE,
+    K.TASK,
+    K.PLAN_SUCCESS,
+    K.UNSAFE_VISITS,
+    K.PLAN_EXCESS_STEPS,
+    K.FIT_SECONDS,
 )
 
 
@@ -53,10 +53,10 @@ def _add_oracle_args(p: argparse.ArgumentParser) -> None:
 def _format_table(df) -> str:
     """Compact, readable table: few columns, short floats."""
     cols = [c for c in ORACLE_PRINT_COLUMNS if c in df]
-    if mk.ERROR in df and df[mk.ERROR].notna().any():
-        cols.append(mk.ERROR)
+    if K.ERROR in df and df[K.ERROR].notna().any():
+        cols.append(K.ERROR)
     view = df[cols].rename(
-        columns={mk.NUM_GOALS: "L", mk.IDENTIFIABLE_CASE: "case", mk.PLAN_EXCESS_STEPS: "excess_steps"}
+        columns={K.NUM_GOALS: "L", K.IDENTIFIABLE_CASE: "case", K.PLAN_EXCESS_STEPS: "excess_steps"}
     )
     return view.to_string(index=False, float_format=lambda x: f"{x:.3g}", na_rep="-")
 
@@ -81,7 +81,7 @@ def _run_oracle(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_parquet(args.out, index=False)
     print(f"\n{len(df)} rows in {seconds:.1f} s -> {args.out}")
-    return 1 if df[mk.ERROR].notna().any() else 0
+    return 1 if df[K.ERROR].notna().any() else 0
 
 
 # name -> (help, add_arguments, run)

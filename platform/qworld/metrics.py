@@ -17,11 +17,13 @@ GRID_COLUMNS = (SWEEP, TRIAL_ID, ENV, VARIANT, GOAL_TYPE, NUM_GOALS, HEAD, SEED)
 
 # --- where in training ----------------------------------------------------------------
 CHECKPOINT_INDEX = "checkpoint_index"
+CHECKPOINT_PATH = "checkpoint_path"
 ENV_STEPS = "env_steps"  # env steps sampled so far (all envs together)
 METHOD = "method"  # extraction method: pinv | known_support | sparse_search | column_match | sgd | moves
 # Methods handed the true support of P: yardsticks, not findings; reports label them "(oracle)".
 ORACLE_METHODS = ("known_support",)
 ORACLE = "oracle"  # bool column: the row's method was handed part of the answer (ORACLE_METHODS)
+LOAD_METHOD = "load"  # the method of the one row reporting a checkpoint that could not be read
 
 # --- world-model quality ---------------------------------------------------------------
 P_MSE = "p_mse"  # mean over all (s, a, s') of (P_hat - P)^2, as the paper plots
@@ -32,7 +34,7 @@ WM_NMSE = "wm_nmse"  # continuous world model: NMSE on s'
 WM_DELTA_NMSE = "wm_delta_nmse"  # continuous: NMSE on Delta s = s' - s, one key per dim: f"{WM_DELTA_NMSE}_{dim}"
 BASELINE_IDENTITY = "identity"  # prefix f"{BASELINE_IDENTITY}/<metric>": the baseline model s' = s
 BASELINE_NO_FORCE = "no_force"  # prefix f"{BASELINE_NO_FORCE}/<metric>": the dynamics with the action's force removed
-WM_STD_RATIO = "wm_std_ratio"  # stochastic sampler: mean predicted / true std of s' on the noisy dim
+INTERIOR = "interior"  # prefix f"{INTERIOR}/<metric>": continuous scores on the interior transitions only
 
 # --- identifiability diagnosis of M -----------------------------------------------------
 M_RANK = "m_rank"
@@ -50,6 +52,7 @@ UNSAFE_VISITS = "unsafe_visits"  # probability of ever entering a forbidden stat
 RETURN_RATIO = "return_ratio"  # R_WM / R*
 RETURN_WM = "return_wm"  # continuous unseen goal: mean discounted return of the plan made in the world model
 RETURN_STAR = "return_star"  # ... and of the plan made in the true dynamics (R*)
+STAR = "star"  # prefix f"{STAR}/<metric>": the same metric for the plan made in the true dynamics
 PLAN_STEPS = "plan_steps"  # expected steps to the goal, given that it is reached (true MDP)
 PLAN_OPTIMAL_STEPS = "plan_optimal_steps"  # the same for the optimal plan in the true MDP
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from qworld import metrics as mk
+from qworld import metrics as K
 from qworld.bellman import m_matrix, solve_goal_q
 from qworld.planning import DEFAULT_TASK, SAFETY_TASKS, run_safety_task, task_optimal_plan
 from qworld.plearn import finite
@@ -28,27 +28,27 @@ DEFAULT_NUM_GOALS = (1, 2, 4, 8, 17, 34, 51, 68)
 SGD_OPTIONS = {"steps": 500, "batch_size": 1024, "lr": 0.3}
 
 COLUMNS = (
-    mk.VARIANT,
-    mk.GOAL_TYPE,
-    mk.NUM_GOALS,
-    mk.SEED,
-    mk.METHOD,
-    mk.ORACLE,
-    mk.P_MSE,
-    mk.P_TV,
-    mk.P_MAX_ERR,
-    mk.M_RANK,
-    mk.M_COND,
-    mk.M_GAP,
-    mk.IDENTIFIABLE_CASE,
-    mk.TASK,
-    mk.PLAN_SUCCESS,
-    mk.PLAN_EXCESS_STEPS,
-    mk.UNSAFE_VISITS,
-    mk.PLAN_STEPS,
-    mk.PLAN_OPTIMAL_STEPS,
-    mk.FIT_SECONDS,
-    mk.ERROR,
+    K.VARIANT,
+    K.GOAL_TYPE,
+    K.NUM_GOALS,
+    K.SEED,
+    K.METHOD,
+    K.ORACLE,
+    K.P_MSE,
+    K.P_TV,
+    K.P_MAX_ERR,
+    K.M_RANK,
+    K.M_COND,
+    K.M_GAP,
+    K.IDENTIFIABLE_CASE,
+    K.TASK,
+    K.PLAN_SUCCESS,
+    K.PLAN_EXCESS_STEPS,
+    K.UNSAFE_VISITS,
+    K.PLAN_STEPS,
+    K.PLAN_OPTIMAL_STEPS,
+    K.FIT_SECONDS,
+    K.ERROR,
 )
 
 
@@ -144,13 +144,13 @@ def oracle_study(
             diag_cache: dict[str, dict] = {}
             for method in methods:
                 base = {
-                    mk.VARIANT: variant,
-                    mk.GOAL_TYPE: goal_type,
-                    mk.NUM_GOALS: int(L),
-                    mk.SEED: seed,
-                    mk.METHOD: method,
-                    mk.ORACLE: method in mk.ORACLE_METHODS,
-                    mk.ERROR: None,
+                    K.VARIANT: variant,
+                    K.GOAL_TYPE: goal_type,
+                    K.NUM_GOALS: int(L),
+                    K.SEED: seed,
+                    K.METHOD: method,
+                    K.ORACLE: method in K.ORACLE_METHODS,
+                    K.ERROR: None,
                 }
                 assumptions = diagnose_assumptions(method, P)
                 key = repr(sorted((k, type(v).__name__) for k, v in assumptions.items()))
@@ -158,21 +158,21 @@ def oracle_study(
                     if key not in diag_cache:
                         diag_cache[key] = diagnose(M, seed=seed, **assumptions)
                     d = diag_cache[key]
-                    base.update({k: d[k] for k in (mk.M_RANK, mk.M_COND, mk.M_GAP, mk.IDENTIFIABLE_CASE)})
+                    base.update({k: d[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE)})
                     t0 = time.perf_counter()
                     P_hat = extract(Q, M, method, **method_options(method, mdp, seed))
-                    base[mk.FIT_SECONDS] = time.perf_counter() - t0
+                    base[K.FIT_SECONDS] = time.perf_counter() - t0
                     base.update(score_p(P_hat, P))
                     plans = [
                         run_safety_task(mdp, P_hat, t, gamma, optimal_policy=optimal[t]) for t in task_names
                     ] or [{}]
                 except Exception as e:  # one failing method must not sink the study
-                    base[mk.ERROR] = f"{type(e).__name__}: {e}"
-                    plans = [{mk.TASK: t} for t in task_names] or [{}]
+                    base[K.ERROR] = f"{type(e).__name__}: {e}"
+                    plans = [{K.TASK: t} for t in task_names] or [{}]
                 rows.extend({**base, **p} for p in plans)
     df = pd.DataFrame(rows)
     for col in COLUMNS:
         if col not in df:
             df[col] = np.nan
-    df[mk.ERROR] = df[mk.ERROR].astype(object)
+    df[K.ERROR] = df[K.ERROR].astype(object)
     return df[list(COLUMNS)]

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from qworld import metrics
+from qworld import metrics as K
 from qworld.bellman import greedy_policy, solve_goal_q
 
 DEFAULT_HORIZON = 1000
@@ -204,11 +204,11 @@ def evaluate_plan(
         optimal_policy = optimal_plan(P_true, np.flatnonzero(goal), np.flatnonzero(forb), gamma)
     _, _, optimal_steps = outcome(np.asarray(optimal_policy, dtype=np.float64))
     return {
-        metrics.PLAN_SUCCESS: success,
-        metrics.UNSAFE_VISITS: unsafe,
-        metrics.PLAN_STEPS: steps,
-        metrics.PLAN_OPTIMAL_STEPS: optimal_steps,
-        metrics.PLAN_EXCESS_STEPS: steps - optimal_steps,
+        K.PLAN_SUCCESS: success,
+        K.UNSAFE_VISITS: unsafe,
+        K.PLAN_STEPS: steps,
+        K.PLAN_OPTIMAL_STEPS: optimal_steps,
+        K.PLAN_EXCESS_STEPS: steps - optimal_steps,
     }
 
 
@@ -323,7 +323,7 @@ def run_safety_task(
     out = evaluate_plan(
         mdp_true.P, policy, [st["goal"]], st["forbidden"], st["start"], gamma, horizon, optimal_policy
     )
-    return {metrics.TASK: task_name, **out}
+    return {K.TASK: task_name, **out}
 
 
 def task_optimal_plan(mdp_true, task_name: str, gamma: float = 0.99) -> np.ndarray:

@@ -272,11 +272,11 @@ def evaluate_unseen_goal(
 
         q_star = plan_in(true_step, goal_task, grid, gamma, dyn.num_actions, **vi_kwargs)
         r_star, succ_star = evaluate(q_star)
-        _STAR_CACHE[key] = {K.RETURN_STAR: r_star, f"star/{K.PLAN_SUCCESS}": succ_star}
+        _STAR_CACHE[key] = {K.RETURN_STAR: r_star, f"{K.STAR}/{K.PLAN_SUCCESS}": succ_star}
     star = _STAR_CACHE[key]
     q_wm = plan_in(model_step, goal_task, grid, gamma, dyn.num_actions, **vi_kwargs)
     r_wm, succ_wm = evaluate(q_wm)
     r_star = star[K.RETURN_STAR]
     return {K.RETURN_WM: r_wm, K.RETURN_STAR: r_star,
             K.RETURN_RATIO: r_wm / r_star if r_star > 0 else float("nan"),
-            K.PLAN_SUCCESS: succ_wm, f"star/{K.PLAN_SUCCESS}": star[f"star/{K.PLAN_SUCCESS}"]}
+            K.PLAN_SUCCESS: succ_wm, f"{K.STAR}/{K.PLAN_SUCCESS}": star[f"{K.STAR}/{K.PLAN_SUCCESS}"]}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qworld import metrics
+from qworld import metrics as K
 
 
 def _pair(P_hat: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,9 +68,9 @@ def nmse(pred: np.ndarray, truth: np.ndarray) -> float:
 def score_p(P_hat: np.ndarray, P: np.ndarray) -> dict:
     """``{p_mse, p_tv, p_max_err}`` of ``P_hat[S, A, S]`` against the true ``P[S, A, S]``."""
     return {
-        metrics.P_MSE: p_mse(P_hat, P),
-        metrics.P_TV: p_tv(P_hat, P),
-        metrics.P_MAX_ERR: p_max_err(P_hat, P),
+        K.P_MSE: p_mse(P_hat, P),
+        K.P_TV: p_tv(P_hat, P),
+        K.P_MAX_ERR: p_max_err(P_hat, P),
     }
 
 

@@ -107,9 +107,6 @@ def true_mean_fn(dynamics: Any, quadrature: int = 9) -> ModelFn:
     return fn
 
 
-INTERIOR = "interior"  # key prefix f"{INTERIOR}/<metric>": scores on the interior transitions only
-
-
 def _inside_box(dynamics: Any, next_states: torch.Tensor) -> torch.Tensor:
     """``[B]`` bool: next states strictly inside the state box on every non-periodic dim."""
     ok = torch.ones(next_states.shape[0], dtype=torch.bool, device=next_states.device)
@@ -143,9 +140,9 @@ def _transitions(dynamics: Any, num_states: int, seed: int,
 
 def _interior_scores(keep: torch.Tensor, score_rows: Callable[[torch.Tensor], dict]) -> dict:
     """``score_rows(keep)`` under the ``interior/`` prefix, with the interior fraction."""
-    out = {f"{INTERIOR}/fraction": float(keep.double().mean())}
+    out = {f"{K.INTERIOR}/fraction": float(keep.double().mean())}
     if keep.sum() > 1:
-        out.update({f"{INTERIOR}/{k}": v for k, v in score_rows(keep).items()})
+        out.update({f"{K.INTERIOR}/{k}": v for k, v in score_rows(keep).items()})
     return out
 
 

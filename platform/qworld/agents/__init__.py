@@ -18,8 +18,7 @@ import numpy as np
 
 __all__ = ["QFunction", "load_q"]
 
-_QWORLD_CONFIG_FILE = "qworld_config.json"
-_MODULE_SUBDIR = ("learner_group", "learner", "rl_module", "default_policy")
+from qworld.layout import CHECKPOINT_CONFIG_FILE, MODULE_SUBDIR
 
 
 class QFunction:
@@ -114,11 +113,6 @@ class QFunction:
         q = self.q(np.eye(S, dtype=np.float32))  # [S, L, A]
         return np.ascontiguousarray(q.transpose(1, 0, 2))
 
-    def greedy_policy(self) -> np.ndarray:
-        """``policy[L, S, A]`` one-hot greedy policy of ``q_table()`` (ties: lowest action)."""
-        q = self.q_table()
-        return np.eye(q.shape[-1])[q.argmax(-1)]
-
     def __repr__(self) -> str:
         c = self.config
         return f"QFunction(env_id={c.get('env_id')!r}, head={c.get('head')!r}, L={self.num_goals}, A={self.num_actions})"
@@ -147,7 +141,7 @@ def load_q(checkpoint: Union[str, os.PathLike, Any], device: str = "cpu") -> QFu
     from ray.rllib.core.rl_module.rl_module import RLModule
 
     root = _checkpoint_dir(checkpoint)
-    candidates = [root.joinpath(*_MODULE_SUBDIR), root]
+    candidates = [root.joinpath(*MODULE_SUBDIR), root]
     mod_dir = next((d for d in candidates if (d / "class_and_ctor_args.pkl").is_file()), None)
     if mod_dir is None:
         raise FileNotFoundError(f"no PQN RLModule checkpoint under {root} (looked in {[str(c) for c in candidates]})")
@@ -156,7 +150,7 @@ def load_q(checkpoint: Union[str, os.PathLike, Any], device: str = "cpu") -> QFu
     module.eval()
     config: Dict[str, Any] = {}
     for d in (mod_dir, root):
-        f = d / _QWORLD_CONFIG_FILE
+        f = d / CHECKPOINT_CONFIG_FILE
         if f.is_file():
             config = json.loads(f.read_text())
             break

@@ -44,7 +44,7 @@ import numpy as np
 from scipy.optimize import nnls
 from scipy.spatial.distance import pdist
 
-from qworld import metrics
+from qworld import metrics as K
 
 METHODS = ("pinv", "known_support", "sparse_search", "column_match", "sgd", "moves")
 
@@ -285,14 +285,13 @@ def _extract_sparse_search(
     aug = np.vstack([M, np.full((1, S), w)])  # [L + 1, S]
     rhs = np.vstack([_pairs(Q), np.full((1, S * A), w)])  # [L + 1, K]
     tol_abs = tol * (1.0 + np.linalg.norm(rhs, axis=0))  # [K]
-    K = S * A
-    X = np.zeros((K, S))
-    how = np.empty(K, dtype=object)
+    X = np.zeros((S * A, S))
+    how = np.empty(S * A, dtype=object)
 
     # 1) NNLS on [M; w 1] p = [Q; w]. Under general position with L >= 2N - 1 an exact
     #    solution with at most N non-zeros is the unique N-sparse one (two of them would
     #    differ by a 2N-sparse null vector of [M; 1]), so it is accepted as is.
-    for k in range(K):
+    for k in range(S * A):
         x, rnorm = nnls(aug, rhs[:, k], maxiter=50 * S)
         X[k] = x
         how[k] = "nnls" if (np.count_nonzero(x > 1e-10) <= N and rnorm <= tol_abs[k]) else ""
@@ -579,7 +578,6 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     def fit(rounds, jump_cells, shared=None, allowed=None):
         """Alternate the blocks; only the ``shared`` cells (bool [S]) inform ``pi``, whose
         rows use only the ``allowed`` moves (bool [A, D])."""
-        nonlocal pi, opening
         shared = np.ones(S, dtype=bool) if shared is None else shared
         allowed = np.ones((A, D), dtype=bool) if allowed is None else allowed
         prev = np.inf
@@ -747,7 +745,7 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
     Q, M = _check_qm(Q, M)
     t0 = time.perf_counter()
     P_hat, info = _METHOD_FNS[method](Q, M, **options)
-    info[metrics.FIT_SECONDS] = time.perf_counter() - t0
+    info[K.FIT_SECONDS] = time.perf_counter() - t0
     if not return_info:
         return P_hat
     info["residuals"] = _residuals(Q, M, P_hat)
@@ -759,7 +757,7 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
 # --------------------------------------------------------------------------------------------
 
 # Besides Q and M (the goal rewards and the agent's V), what each method is handed. A method
-# handed part of the answer is an oracle (``metrics.ORACLE_METHODS``): a yardstick, never a
+# handed part of the answer is an oracle (``qworld.metrics.ORACLE_METHODS``): a yardstick, never a
 # finding.
 GIVEN = {
     "pinv": "nothing",
@@ -923,11 +921,11 @@ def diagnose(
         else:
             why.append(f"N = {N}-sparse with unknown support needs L >= 2N - 1 = {2 * N - 1} in general position")
     return {
-        metrics.M_RANK: rank,
-        metrics.M_COND: cond,
-        metrics.M_GAP: gap,
-        metrics.IDENTIFIABLE_CASE: case,
-        metrics.IDENTIFIABLE_REASON: "; ".join(why),
-        metrics.NUM_GOALS: L,
-        metrics.NUM_STATES: S,
+        K.M_RANK: rank,
+        K.M_COND: cond,
+        K.M_GAP: gap,
+        K.IDENTIFIABLE_CASE: case,
+        K.IDENTIFIABLE_REASON: "; ".join(why),
+        K.NUM_GOALS: L,
+        K.NUM_STATES: S,
     }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from ray.air.integrations.wandb import WandbLoggerCallback, _clean_log
 from ray.tune import Callback, CLIReporter

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qworld.layout import SPEC_FILE
+
 EXIT_BAD_INPUT = 2
 
 
@@ -75,11 +77,15 @@ def _cmd_sweep(args) -> int:
     return 0 if outcome.num_errors == 0 else 1
 
 
+def _is_experiment_dir(path: str) -> bool:
+    return (Path(path) / SPEC_FILE).is_file()
+
+
 def _cmd_resume(args) -> int:
     from qworld.sweep.run import resume_sweep
 
-    if not (Path(args.experiment_dir) / "sweep.yaml").is_file():
-        return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no sweep.yaml)")
+    if not _is_experiment_dir(args.experiment_dir):
+        return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no {SPEC_FILE})")
     outcome = resume_sweep(args.experiment_dir, address=args.address, verbose=args.verbose)
     _print_outcome(outcome)
     return 0 if outcome.num_errors == 0 else 1
@@ -89,8 +95,8 @@ def _cmd_extract(args) -> int:
     from qworld.sweep.run import extract_sweep
     from qworld.sweep.spec import SweepSpecError
 
-    if not (Path(args.experiment_dir) / "sweep.yaml").is_file():
-        return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no sweep.yaml)")
+    if not _is_experiment_dir(args.experiment_dir):
+        return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no {SPEC_FILE})")
     try:
         outcome = extract_sweep(args.experiment_dir, methods=args.methods, tasks=args.tasks,
                                 address=args.address, verbose=args.verbose)
@@ -103,8 +109,8 @@ def _cmd_extract(args) -> int:
 def _cmd_status(args) -> int:
     from qworld.sweep.status import status_table
 
-    if not (Path(args.experiment_dir) / "sweep.yaml").is_file():
-        return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no sweep.yaml)")
+    if not _is_experiment_dir(args.experiment_dir):
+        return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no {SPEC_FILE})")
     print(status_table(args.experiment_dir))
     return 0
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from qworld import metrics as K
+from qworld.layout import CHECKPOINT_CONFIG_FILE, SPEC_FILE
 from qworld.sweep import store
 from qworld.sweep.spec import ENV_AXES, GOAL_AXES, STOP_KEYS, TRIAL_AXES, SweepSpec, load_sweep
 
-SPEC_FILE = "sweep.yaml"  # the validated sweep file, kept in the experiment dir for resume
 DEFAULT_STORAGE = "results"
 
 
@@ -387,6 +387,6 @@ def _checkpoint_env_steps(ckpt: Path) -> int | None:
     """PQN writes its env-step count into every checkpoint (Tune's result.json does not
     say which iteration a checkpoint belongs to)."""
     try:
-        return json.loads((ckpt / "qworld_config.json").read_text()).get(K.ENV_STEPS)
+        return json.loads((ckpt / CHECKPOINT_CONFIG_FILE).read_text()).get(K.ENV_STEPS)
     except (OSError, ValueError):
         return None

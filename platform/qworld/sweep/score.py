@@ -23,9 +23,6 @@ import numpy as np
 
 from qworld import metrics as K
 
-LOAD_METHOD = "load"  # the method column of the row reporting an unreadable checkpoint
-
-
 def checkpoint_index(checkpoint_path: str | Path) -> int:
     """Tune names checkpoints ``checkpoint_000007``; the number is the index."""
     match = re.search(r"checkpoint_(\d+)", str(checkpoint_path))
@@ -70,14 +67,14 @@ def score_checkpoint(
     the grid-cell columns of its config and ``checkpoint_index`` / ``env_steps``."""
     index = checkpoint_index(checkpoint_path)
     base = {K.SWEEP: sweep, K.TRIAL_ID: trial_id, K.CHECKPOINT_INDEX: index,
-            K.ENV_STEPS: env_steps, "checkpoint_path": str(checkpoint_path)}
+            K.ENV_STEPS: env_steps, K.CHECKPOINT_PATH: str(checkpoint_path)}
     try:
         from qworld.agents import load_q
 
         qfun = load_q(checkpoint_path)
         config = dict(qfun.config)
     except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint is data, not a crash
-        return [{**base, K.METHOD: LOAD_METHOD, K.ERROR: _error_text(exc)}]
+        return [{**base, K.METHOD: K.LOAD_METHOD, K.ERROR: _error_text(exc)}]
     base = {**grid_columns(sweep, trial_id, config, seed), **base}
     return score_q(qfun, base, methods, tasks, options, world_models=world_models)
 

@@ -72,8 +72,8 @@ class EnvSpec:
 class GoalsSpec:
     goal_type: str = "indicator"
     num_goals: int | None = None  # None: every state (indicator) / env default
-    seed: int = 0  # goal placement
-    cells: tuple | None = None  # explicit goal cells (finite envs)
+    goal_seed: int = 0  # goal placement
+    goal_cells: tuple | None = None  # explicit goal cells (finite envs)
 
 
 @dataclass(frozen=True)
@@ -143,9 +143,9 @@ class SweepSpec:
         """(env_id, env_kwargs, agent keywords) of one grid cell, defaults filled in."""
         env_kwargs = dict(self.env.kwargs)
         env_kwargs.update(goal_type=self.goals.goal_type, num_goals=self.goals.num_goals,
-                          goal_seed=self.goals.seed)
-        if self.goals.cells is not None:
-            env_kwargs["goal_cells"] = [tuple(c) for c in self.goals.cells]
+                          goal_seed=self.goals.goal_seed)
+        if self.goals.goal_cells is not None:
+            env_kwargs["goal_cells"] = [tuple(c) for c in self.goals.goal_cells]
         agent = dict(self.agent)
         for axis, value in cell.items():
             if axis in ENV_AXES or axis in GOAL_AXES:
@@ -211,8 +211,8 @@ def parse_sweep(raw: Mapping[str, Any]) -> SweepSpec:
     goals_raw = _section(raw, "goals")
     _no_unknown(goals_raw, [f.name for f in dataclasses.fields(GoalsSpec)], "goals.")
     goals = GoalsSpec(**goals_raw)
-    if goals.cells is not None:
-        goals = dataclasses.replace(goals, cells=tuple(tuple(c) for c in goals.cells))
+    if goals.goal_cells is not None:
+        goals = dataclasses.replace(goals, goal_cells=tuple(tuple(c) for c in goals.goal_cells))
 
     agent = dict(_section(raw, "agent"))
     agent_keys = _agent_keywords()

@@ -28,12 +28,11 @@ import numpy as np
 import pandas as pd
 
 from qworld import metrics as K
-
-STORE_NAME = "worldmodels.parquet"
+from qworld.layout import STORE_DIR, WORLD_MODELS_DIR
 
 
 def store_path(experiment_dir: str | Path) -> Path:
-    return Path(experiment_dir) / STORE_NAME
+    return Path(experiment_dir) / STORE_DIR
 
 
 def _safe_id(trial_id: str) -> str:
@@ -103,12 +102,11 @@ def read_store(experiment_dir: str | Path) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------
 # extracted world models: EXPERIMENT_DIR/worldmodels_p/trial=<id>-ckpt=<000007>.npz
 
-WORLD_MODELS_NAME = "worldmodels_p"
 WORLD_MODEL_DTYPE = np.float32
 
 
 def world_models_path(experiment_dir: str | Path) -> Path:
-    return Path(experiment_dir) / WORLD_MODELS_NAME
+    return Path(experiment_dir) / WORLD_MODELS_DIR
 
 
 def _model_file(experiment_dir: str | Path, trial_id: str, checkpoint_index: int) -> Path:

@@ -1,0 +1,22 @@
+"""Names of the files and folders qworld writes, each spelled once.
+
+An experiment dir (``qworld sweep`` -> ``results/<name>``)::
+
+    EXPERIMENT_DIR/
+      sweep.yaml               SPEC_FILE: the validated sweep file, kept for resume
+      worldmodels.parquet/     STORE_DIR: the scored rows (``qworld.sweep.store``)
+      worldmodels_p/           WORLD_MODELS_DIR: the extracted P_hat per (trial, checkpoint)
+      PQN_<trial>/             Tune trial dirs: params.json, result.json, checkpoint_00000k/
+
+A checkpoint dir::
+
+    checkpoint_00000k/
+      qworld_config.json       CHECKPOINT_CONFIG_FILE: the agent's resolved config (and env_steps)
+      learner_group/learner/rl_module/default_policy/   MODULE_SUBDIR: the RLModule
+"""
+
+SPEC_FILE = "sweep.yaml"
+STORE_DIR = "worldmodels.parquet"
+WORLD_MODELS_DIR = "worldmodels_p"
+CHECKPOINT_CONFIG_FILE = "qworld_config.json"
+MODULE_SUBDIR = ("learner_group", "learner", "rl_module", "default_policy")
