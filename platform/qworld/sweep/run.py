@@ -82,7 +82,7 @@ def param_space(spec: SweepSpec) -> dict:
     from qworld.agents.pqn import PQNConfig
 
     env_id, env_kwargs, agent = spec.cell_task({})
-    total = spec.stop.get("env_steps")
+    total = spec.stop.get(K.ENV_STEPS)
     config = (
         PQNConfig()
         .environment(env=env_id)
@@ -150,7 +150,7 @@ def _run_config(spec: SweepSpec, experiment_dir: Path, pool, console=None, verbo
         # Tune's legacy output engine is the only one that takes a progress reporter.
         reporter = WorldModelReporter(
             plearn,
-            metric_columns={K.TRAIN_ENV_STEPS: "env_steps", K.TRAIN_EPISODE_SUCCESS: "success",
+            metric_columns={K.TRAIN_ENV_STEPS: K.ENV_STEPS, K.TRAIN_EPISODE_SUCCESS: "success",
                             K.TRAIN_LOSS: "td_loss"},
             parameter_columns=[f"env_kwargs/{a}" if a in ENV_AXES + GOAL_AXES else a
                                for a in spec.grid_axes],

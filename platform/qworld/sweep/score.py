@@ -167,7 +167,7 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models)
     q_fn = agent_q_fn(qfun, task)
     shared = dict(base)
     q_error = None
-    q_opts = dict(options.get("q_nmse", {}))
+    q_opts = dict(options.get(K.Q_NMSE, {}))
     q_shape = q_opts.get("grid_shape", default_grid_shape(task.env_id) if task.dynamics.differentiable else None)
     if q_shape:
         try:  # the agent's Q against the exact Q of its own greedy policy

@@ -42,6 +42,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from qworld import metrics as K
+
 
 class SweepSpecError(ValueError):
     """A sweep file is invalid; the message names the field and the allowed values."""
@@ -53,7 +55,7 @@ GOAL_AXES = ("goal_type", "num_goals", "goal_seed")
 TRIAL_AXES = ("seed",)
 # Tune stop keys a user may write, and the real metric each maps to.
 STOP_KEYS = {
-    "env_steps": "num_env_steps_sampled_lifetime",
+    K.ENV_STEPS: K.TRAIN_ENV_STEPS,
     "training_iteration": "training_iteration",
     "time_total_s": "time_total_s",
 }
@@ -112,7 +114,7 @@ class SweepSpec:
     goals: GoalsSpec = GoalsSpec()
     agent: Mapping[str, Any] = field(default_factory=dict)
     sweep: Mapping[str, tuple] = field(default_factory=dict)
-    stop: Mapping[str, float] = field(default_factory=lambda: {"env_steps": 100_000})
+    stop: Mapping[str, float] = field(default_factory=lambda: {K.ENV_STEPS: 100_000})
     checkpoint: CheckpointSpec = CheckpointSpec()
     extract: ExtractSpec = ExtractSpec()
     resources: ResourcesSpec = ResourcesSpec()
@@ -237,7 +239,7 @@ def parse_sweep(raw: Mapping[str, Any]) -> SweepSpec:
             raise SweepSpecError(f"sweep.{axis}: {values!r} has repeated values")
         sweep[axis] = tuple(values)
 
-    stop = dict(_section(raw, "stop") or {"env_steps": 100_000})
+    stop = dict(_section(raw, "stop") or {K.ENV_STEPS: 100_000})
     if not stop:
         raise SweepSpecError(f"stop: give at least one of {sorted(STOP_KEYS)}")
     for key, value in stop.items():
