@@ -39,16 +39,16 @@ def test_cli_oracle_writes_parquet(tmp_path, capsys):
 
 
 def test_a_failing_method_lands_in_the_error_column(monkeypatch):
-    import qworld.oracle as oracle
+    from qworld.plearn import finite
 
-    real = oracle.extract
+    real = finite.extract
 
     def flaky(Q, M, method, **kw):
         if method == "column_match":
             raise RuntimeError("boom")
         return real(Q, M, method, **kw)
 
-    monkeypatch.setattr(oracle, "extract", flaky)
+    monkeypatch.setattr(finite, "extract", flaky)
     df = oracle_study(variants=["windy"], num_goals_list=[2], methods=["pinv", "column_match"], tasks="all")
     assert len(df) == 2 * 2  # two doorway tasks are meant for windy
     bad = df[df[K.METHOD] == "column_match"]

@@ -7,7 +7,6 @@ for learned agents. One row per (variant, num_goals, method, task).
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import numpy as np
@@ -15,10 +14,10 @@ import pandas as pd
 
 from qworld import metrics as K
 from qworld.bellman import m_matrix, solve_goal_q
-from qworld.planning import DEFAULT_TASK, SAFETY_TASKS, run_safety_task, task_optimal_plan
+from qworld.planning import DEFAULT_TASK, SAFETY_TASKS, task_optimal_plan
 from qworld.plearn import finite
-from qworld.plearn.finite import METHODS, diagnose, extract
-from qworld.scoring import score_p
+from qworld.plearn.finite import METHODS, diagnose
+from qworld.sweep.score import extract_and_plan
 
 DEFAULT_VARIANTS = ("deterministic", "windy", "teleport")
 DEFAULT_NUM_GOALS = (1, 2, 4, 8, 17, 34, 51, 68)
@@ -159,13 +158,10 @@ def oracle_study(
                         diag_cache[key] = diagnose(M, seed=seed, **assumptions)
                     d = diag_cache[key]
                     base.update({k: d[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE)})
-                    t0 = time.perf_counter()
-                    P_hat = extract(Q, M, method, **method_options(method, mdp, seed))
-                    base[K.FIT_SECONDS] = time.perf_counter() - t0
-                    base.update(score_p(P_hat, P))
-                    plans = [
-                        run_safety_task(mdp, P_hat, t, gamma, optimal_policy=optimal[t]) for t in task_names
-                    ] or [{}]
+                    _, scores, by_task = extract_and_plan(Q, M, mdp, method, method_options(method, mdp, seed),
+                                                          gamma, optimal)
+                    base.update(scores)
+                    plans = [by_task[t] for t in task_names] or [{}]
                 except Exception as e:  # one failing method must not sink the study
                     base[K.ERROR] = f"{type(e).__name__}: {e}"
                     plans = [{K.TASK: t} for t in task_names] or [{}]

@@ -105,9 +105,9 @@ def score_q(qfun: Any, base: Mapping[str, Any], methods: Sequence[str], tasks: S
 
 def _score_finite(qfun, config, base, methods, tasks, options, world_models) -> list[dict]:
     from qworld.bellman import greedy_policy, m_matrix, solve_goal_q
-    from qworld.planning import run_safety_task, task_optimal_plan
-    from qworld.plearn.finite import diagnose, extract, method_options
-    from qworld.scoring import nmse, score_p
+    from qworld.planning import task_optimal_plan
+    from qworld.plearn.finite import diagnose, method_options
+    from qworld.scoring import nmse
     from qworld_envs import make_finite_task
 
     task = make_finite_task(config["env_id"], **config["env_kwargs"])
@@ -132,21 +132,42 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models) -> 
     for method in methods:
         row = {**shared, K.METHOD: method, K.ORACLE: method in K.ORACLE_METHODS, K.ERROR: None}
         try:
-            start = time.perf_counter()
             opts = {**method_options(method, P, task.mdp.coords), **options.get(method, {})}
-            P_hat = extract(Q, M, method, **opts)
+            P_hat, scores, plans = extract_and_plan(Q, M, task.mdp, method, opts, gamma, optimal)
             if world_models is not None:
                 world_models[method] = P_hat
-            row[K.FIT_SECONDS] = time.perf_counter() - start
-            row.update(score_p(P_hat, P))
-            for task_name in tasks:
-                plan = run_safety_task(task.mdp, P_hat, task_name, gamma=gamma,
-                                       optimal_policy=optimal[task_name])
-                row.update({f"{task_name}/{k}": v for k, v in plan.items()})
+            row.update(scores)
+            row.update({f"{name}/{k}": v for name, plan in plans.items() for k, v in plan.items()})
         except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
             row[K.ERROR] = _error_text(exc)
         rows.append(row)
     return rows
+
+
+def extract_and_plan(Q: np.ndarray, M: np.ndarray, mdp: Any, method: str, options: Mapping[str, Any],
+                     gamma: float, optimal: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict, dict[str, dict]]:
+    """One extraction method on one finite Q, scored and planned with.
+
+    Args:
+        Q: ``[L, S, A]``; M: ``[L, S]`` (``bellman.m_matrix``).
+        mdp: the true ``FiniteMDP``.
+        options: the method's ``extract`` keywords (``plearn.finite.method_options``, ...).
+        optimal: task name -> the task's optimal policy in the true MDP
+            (``planning.task_optimal_plan``); one plan is run per task.
+
+    Returns:
+        ``(P_hat [S, A, S], {fit_seconds, p_mse, p_tv, p_max_err}, {task: plan metrics})``.
+    """
+    from qworld.planning import run_safety_task
+    from qworld.plearn.finite import extract
+    from qworld.scoring import score_p
+
+    start = time.perf_counter()
+    P_hat = extract(Q, M, method, **options)
+    scores = {K.FIT_SECONDS: time.perf_counter() - start, **score_p(P_hat, mdp.P)}
+    plans = {name: run_safety_task(mdp, P_hat, name, gamma=gamma, optimal_policy=policy)
+             for name, policy in optimal.items()}
+    return P_hat, scores, plans
 
 
 def _score_continuous(qfun, config, base, methods, tasks, options, world_models) -> list[dict]:
