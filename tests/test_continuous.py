@@ -25,8 +25,7 @@ from qworld.plearn.continuous import (
     score_task_model,
 )
 from qworld.plearn.grid import Grid, GridQ, grid_q, grid_q_for_task
-from qworld_envs.batched import has_batched, make_batched
-from qworld_envs.continuous import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, make_continuous_task
+from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, has_batched, make_batched, make_continuous_task
 from qworld_envs.mountain_car import mountain_car_step
 from qworld_envs.mujoco_reacher import mujoco_reacher_step
 from qworld_envs.reacher import fingertip, reacher_step

@@ -654,7 +654,7 @@ def score_checkpoint_continuous(qfun: Any, config: Mapping[str, Any], base: Mapp
 
     from qworld.planning_continuous import default_grid_shape, evaluate_unseen_goal
     from qworld.plearn.grid import GridQ, grid_q_for_task
-    from qworld_envs.continuous import make_continuous_task
+    from qworld_envs import make_continuous_task
 
     options = dict(options or {})
     task = make_continuous_task(config["env_id"], **dict(config.get("env_kwargs") or {}))

@@ -78,7 +78,7 @@ def score_checkpoint(
     except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint is data, not a crash
         return [{**base, K.METHOD: LOAD_METHOD, K.ERROR: _error_text(exc)}]
     base = {**grid_columns(sweep, trial_id, config, seed), **base}
-    from qworld_envs.tasks import FINITE_ENVS
+    from qworld_envs import FINITE_ENVS
 
     if config.get("env_id") in FINITE_ENVS:
         return _score_finite(qfun, config, base, methods, tasks, options, world_models)
