@@ -221,7 +221,7 @@ def rounded(d: dict) -> dict:
 
 
 def run_one(env_id: str, s: dict, seed: int, tasks: list[str], num_resets: int, ckpt_root: Path) -> tuple[dict, object]:
-    from qworld_envs.continuous import make_continuous_task
+    from qworld_envs import make_continuous_task
 
     path, stats = train(env_id, s["env_kwargs"], s["pqn"], seed, ckpt_root / f"{env_id.split('/')[-1]}_{s['env_kwargs'].get('goal_type')}_{seed}")
     t0 = time.perf_counter()
@@ -255,7 +255,7 @@ def main() -> None:
             return
         # The paper's check: models extracted from position goals and from velocity goals agree.
         from qworld.scoring_continuous import model_agreement
-        from qworld_envs.continuous import make_continuous_task
+        from qworld_envs import make_continuous_task
 
         fits = {}
         for goal_type in ("position", "velocity"):

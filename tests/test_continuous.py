@@ -12,14 +12,12 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-import qworld_envs  # noqa: F401 - registers the qworld/ ids
 from qworld import metrics as K
 from qworld.planning_continuous import UNSEEN_GOAL_TASKS, evaluate_unseen_goal
 from qworld.bellman_grid import Grid, GridQ, grid_q, grid_q_for_task
 from qworld.plearn.continuous import GaussianSuccessor, PLearnConfig, SuccessorNet, m_values, p_learn
 from qworld.scoring_continuous import score_successor, score_task_model
-from qworld_envs.batched import has_batched, make_batched
-from qworld_envs.continuous import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, make_continuous_task
+from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, has_batched, make_batched, make_continuous_task
 from qworld_envs.mountain_car import mountain_car_step
 from qworld_envs.mujoco_reacher import mujoco_reacher_step
 from qworld_envs.reacher import fingertip, reacher_step

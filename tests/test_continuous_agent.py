@@ -13,7 +13,7 @@ import torch
 
 from qworld import metrics as K
 from qworld.agents.pqn import PQNConfig
-from qworld_envs.continuous import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, make_continuous_task
+from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, make_continuous_task
 
 torch.set_num_threads(1)
 

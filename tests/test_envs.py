@@ -550,3 +550,28 @@ def test_gym_registration_is_idempotent_and_make_passes_kwargs():
 def test_import_does_not_import_ray():
     code = "import sys, qworld_envs; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_base_modules_never_import_concrete_envs_or_the_registry():
+    """Module dependency is one way: base modules -> concrete env modules -> registry."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(qworld_envs.__file__).parent
+    base = ("finite", "goals", "kwargs", "tasks", "batched", "continuous")
+    concrete = ("four_rooms", "gym_env", "mountain_car", "reacher", "mujoco_reacher")
+
+    def imported(module: str) -> set[str]:
+        tree = ast.parse((pkg / f"{module}.py").read_text())
+        names = set()
+        for node in ast.walk(tree):  # also imports inside functions
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return {n.split(".", 1)[1] for n in names if n.startswith("qworld_envs.")}
+
+    for module in base:
+        assert imported(module).isdisjoint((*concrete, "registry")), module
+    for module in concrete:
+        assert "registry" not in imported(module), module

@@ -504,7 +504,7 @@ def _resolved_num_goals(env_id: str, env_kwargs: Mapping[str, Any]) -> int | Non
     key = json.dumps([env_id, env_kwargs], sort_keys=True, default=str)
     if key not in _NUM_GOALS_CACHE:
         try:
-            from qworld_envs.tasks import FINITE_ENVS, make_finite_task
+            from qworld_envs import FINITE_ENVS, make_finite_task
 
             kwargs = {k: (tuple(map(tuple, v)) if k == "goal_cells" and v else v)
                       for k, v in env_kwargs.items()}

@@ -1,31 +1,62 @@
 """qworld environments: finite MDPs, goal families, gymnasium and batched torch envs.
 
-Importing this package registers the gymnasium env ``qworld/FourRooms-v0``; it never
-imports Ray.
+Importing this package registers the gymnasium ids of every env (``qworld_envs.registry``:
+``qworld/FourRooms-v0``, ``qworld/MountainCar-v0``, ``qworld/Reacher-v0``,
+``qworld/MujocoReacher-v0``); it never imports Ray, and MuJoCo only once a MuJoCo env is built.
 """
 
-import gymnasium
-
-from qworld_envs.batched import BATCHED_ENVS, BatchedFiniteEnv, BatchedGoalEnv, has_batched, make_batched
+from qworld_envs import registry
+from qworld_envs.batched import BatchedFiniteEnv, BatchedGoalEnv
+from qworld_envs.continuous import (
+    MOUNTAIN_CAR_ID,
+    MUJOCO_REACHER_ID,
+    REACHER_ID,
+    BatchedContinuousEnv,
+    ContinuousDynamics,
+    ContinuousGoalEnv,
+    ContinuousGoals,
+    ContinuousTask,
+)
 from qworld_envs.finite import FiniteMDP
-from qworld_envs.four_rooms import FOUR_ROOMS_LAYOUT, VARIANTS, four_rooms
+from qworld_envs.four_rooms import FOUR_ROOMS_ID, FOUR_ROOMS_LAYOUT, VARIANTS, four_rooms
 from qworld_envs.goals import GOAL_TYPES, GoalSet, dense_goals, indicator_goals, make_goals
 from qworld_envs.gym_env import FourRoomsGoalEnv
-from qworld_envs.tasks import FINITE_ENVS, FOUR_ROOMS_ID, FiniteTask, make_finite_task, true_P
+from qworld_envs.kwargs import resolve_kwargs
+from qworld_envs.registry import (
+    BATCHED_ENVS,
+    CONTINUOUS_ENVS,
+    CPU_ONLY_BATCHED,
+    FINITE_ENVS,
+    has_batched,
+    make_batched,
+    make_continuous_task,
+    make_finite_task,
+    true_P,
+)
+from qworld_envs.tasks import FiniteTask
 
 # Guarded: re-importing (e.g. importlib.reload in a notebook) must not warn or fail.
-if FOUR_ROOMS_ID not in gymnasium.registry:
-    gymnasium.register(id=FOUR_ROOMS_ID, entry_point="qworld_envs.gym_env:FourRoomsGoalEnv")
+registry.register_gym_envs()
 
 __all__ = [
     "BATCHED_ENVS",
+    "CONTINUOUS_ENVS",
+    "CPU_ONLY_BATCHED",
     "FINITE_ENVS",
     "FOUR_ROOMS_ID",
     "FOUR_ROOMS_LAYOUT",
     "GOAL_TYPES",
+    "MOUNTAIN_CAR_ID",
+    "MUJOCO_REACHER_ID",
+    "REACHER_ID",
     "VARIANTS",
+    "BatchedContinuousEnv",
     "BatchedFiniteEnv",
     "BatchedGoalEnv",
+    "ContinuousDynamics",
+    "ContinuousGoalEnv",
+    "ContinuousGoals",
+    "ContinuousTask",
     "FiniteMDP",
     "FiniteTask",
     "FourRoomsGoalEnv",
@@ -35,8 +66,9 @@ __all__ = [
     "has_batched",
     "indicator_goals",
     "make_batched",
+    "make_continuous_task",
     "make_finite_task",
     "make_goals",
+    "resolve_kwargs",
     "true_P",
 ]
-from qworld_envs import continuous  # noqa: E402,F401 - registers the continuous envs (gymnasium ids, batched factories)

@@ -1,22 +1,24 @@
 """Batched goal-conditioned envs: N envs stepped as one tensor op (for the fast PQN runner).
 
+:class:`BatchedGoalEnv` writes the step contract once (auto-reset, episode bookkeeping, the
+step dict); :class:`BatchedFiniteEnv` and ``continuous.BatchedContinuousEnv`` provide only
+their dynamics. Env ids -> batched envs: ``qworld_envs.registry``.
+
 Shapes: N envs, S states, A actions, L goals.
 """
 
 from __future__ import annotations
-
-from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from qworld_envs.finite import inverse_cdf
 from qworld_envs.goals import start_states
-from qworld_envs.tasks import FINITE_ENVS, FiniteTask, make_finite_task
+from qworld_envs.tasks import FiniteTask
 
 
 class BatchedGoalEnv:
-    """Interface of N goal-conditioned envs stepped together on one torch device.
+    """N goal-conditioned envs stepped together on one torch device: the step contract.
 
     Attributes:
         num_envs: N.
@@ -28,6 +30,8 @@ class BatchedGoalEnv:
             ``concat(obs, goal_features[goal])``.
         max_episode_steps: episodes are truncated after this many steps.
         device: torch device of every tensor.
+        state: ``[N, ...]`` current state of each env (may be overwritten, e.g. to probe P).
+        goal: ``[N]`` long, current commanded goal of each env.
 
     ``reset(seed=None)`` returns ``{"obs": [N, obs_dim] float, "goal": [N] long}``.
 
@@ -44,6 +48,10 @@ class BatchedGoalEnv:
     - ``episode_return [N]``, ``episode_length [N]``: of episodes that ended this
       step, 0 elsewhere;
     - ``success [N]`` bool: the commanded goal was reached this step.
+
+    ``reset`` and ``step`` (auto-reset, episode bookkeeping, the dict) are written here
+    once; a subclass sets the attributes above and provides the dynamics only:
+    ``_draw_resets``, ``_transition``, ``_outcomes`` and ``_observe``.
     """
 
     num_envs: int
@@ -55,11 +63,76 @@ class BatchedGoalEnv:
     max_episode_steps: int
     device: torch.device
 
-    def reset(self, seed: int | None = None) -> dict[str, torch.Tensor]:
+    def __init__(self, num_envs: int, seed: int = 0, device: str | torch.device = "cpu"):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.num_envs = int(num_envs)
+        self.device = torch.device(device)
+        self._gen = torch.Generator(device=self.device)
+        self._gen.manual_seed(int(seed))
+        self.state: torch.Tensor | None = None
+        self.goal: torch.Tensor | None = None
+        self._length: torch.Tensor | None = None
+        self._return: torch.Tensor | None = None
+
+    # ---- dynamics: provided by subclasses ---------------------------------------------
+    def _draw_resets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fresh ``(goal [N], start state [N, ...])`` for every env, from ``self._gen``."""
         raise NotImplementedError
 
-    def step(self, actions: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _transition(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(next state, reset goal, reset state)``: every env's true next state after
+        ``actions`` and a fresh reset for every env (kept only where the episode ends),
+        drawn from ``self._gen``."""
         raise NotImplementedError
+
+    def _outcomes(self, next_state: torch.Tensor, goal: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(rewards [N, L] float32, terminals [N, L] bool, reward [N] float32,
+        terminated [N] bool, success [N] bool)`` of arriving in ``next_state`` with
+        commanded ``goal [N]``."""
+        raise NotImplementedError
+
+    def _observe(self, states: torch.Tensor) -> torch.Tensor:
+        """``[N, obs_dim]`` float32 observation of ``states``."""
+        raise NotImplementedError
+
+    # ---- the contract -----------------------------------------------------------------
+    def reset(self, seed: int | None = None) -> dict[str, torch.Tensor]:
+        if seed is not None:
+            self._gen.manual_seed(int(seed))
+        self.goal, self.state = self._draw_resets()
+        self._length = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
+        self._return = torch.zeros(self.num_envs, dtype=torch.float32, device=self.device)
+        return {"obs": self._observe(self.state), "goal": self.goal}
+
+    def step(self, actions: torch.Tensor) -> dict[str, torch.Tensor]:
+        actions = self._check_actions(actions)
+        # A reset is drawn for every env (no data-dependent shapes) and kept only where done.
+        s2, new_goal, new_state = self._transition(actions)
+        goal = self.goal
+        rewards, terminals, reward, terminated, success = self._outcomes(s2, goal)
+        length = self._length + 1
+        ret = self._return + reward
+        truncated = (length >= self.max_episode_steps) & ~terminated
+        done = terminated | truncated
+        self.state = torch.where(done.view(-1, *([1] * (s2.dim() - 1))), new_state, s2)
+        self.goal = torch.where(done, new_goal, goal)
+        self._length = length.masked_fill(done, 0)
+        self._return = ret.masked_fill(done, 0.0)
+        not_done = ~done
+        return {
+            "obs": self._observe(self.state),
+            "next_obs": self._observe(s2),
+            "goal": self.goal,
+            "rewards": rewards,
+            "terminals": terminals,
+            "reward": reward,
+            "terminated": terminated,
+            "truncated": truncated,
+            "episode_return": ret.masked_fill(not_done, 0.0),
+            "episode_length": length.masked_fill(not_done, 0),
+            "success": success,
+        }
 
     def _check_actions(self, actions: torch.Tensor) -> torch.Tensor:
         """``actions`` as a ``[N]`` long tensor on the env's device, or a clear ValueError."""
@@ -95,23 +168,19 @@ class BatchedFiniteEnv(BatchedGoalEnv):
 
     Attributes (besides ``BatchedGoalEnv``'s):
         task: the ``FiniteTask``.
-        state: ``[N]`` long, current state of each env (may be overwritten, e.g. to probe P).
-        goal: ``[N]`` long, current commanded goal of each env.
+        state: ``[N]`` long, current state of each env.
     """
 
     def __init__(self, task: FiniteTask, num_envs: int, seed: int = 0, device: str | torch.device = "cpu"):
-        if num_envs < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        super().__init__(num_envs, seed=seed, device=device)
         mdp, goals = task.mdp, task.goals
         S, A, L = mdp.num_states, mdp.num_actions, goals.num_goals
         self.task = task
-        self.num_envs = int(num_envs)
         self.num_actions = A
         self.num_goals = L
         self.obs_dim = S
         self.goal_dim = L
         self.max_episode_steps = int(task.max_episode_steps)
-        self.device = torch.device(device)
         dev = self.device
         self.goal_features = torch.eye(L, dtype=torch.float32, device=dev)
         self._eye = torch.eye(S, dtype=torch.float32, device=dev)
@@ -137,32 +206,18 @@ class BatchedFiniteEnv(BatchedGoalEnv):
         self._start_count = torch.as_tensor(counts, dtype=torch.float32, device=dev)
         self._start_last = torch.as_tensor(counts - 1, dtype=torch.long, device=dev)
 
-        self._gen = torch.Generator(device=dev)
-        self._gen.manual_seed(int(seed))
-        self.state: torch.Tensor | None = None
-        self.goal: torch.Tensor | None = None
-        self._length: torch.Tensor | None = None
-        self._return: torch.Tensor | None = None
-
-    def _draw_resets(self, u_goal: torch.Tensor, u_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _resets_from(self, u_goal: torch.Tensor, u_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """New goals and start states from two ``[N]`` uniforms in [0, 1)."""
         # clamps guard against float32 rounding u * n up to n
         goal = (u_goal * self.num_goals).long().clamp_(max=self.num_goals - 1)
         k = torch.minimum((u_start * self._start_count.take(goal)).long(), self._start_last.take(goal))
         return goal, self._start_table.take(goal * self.obs_dim + k)
 
-    def reset(self, seed: int | None = None) -> dict[str, torch.Tensor]:
-        if seed is not None:
-            self._gen.manual_seed(int(seed))
+    def _draw_resets(self) -> tuple[torch.Tensor, torch.Tensor]:
         u = torch.rand(2, self.num_envs, generator=self._gen, device=self.device)
-        self.goal, self.state = self._draw_resets(u[0], u[1])
-        self._length = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
-        self._return = torch.zeros(self.num_envs, dtype=torch.float32, device=self.device)
-        return {"obs": self._eye.index_select(0, self.state), "goal": self.goal}
+        return self._resets_from(u[0], u[1])
 
-    def step(self, actions: torch.Tensor) -> dict[str, torch.Tensor]:
-        actions = self._check_actions(actions)
-
+    def _transition(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # One draw for the transition and both reset choices keeps the stream simple.
         u = torch.rand(3, self.num_envs, generator=self._gen, device=self.device)
         row = self.state * self.num_actions + actions
@@ -170,73 +225,14 @@ class BatchedFiniteEnv(BatchedGoalEnv):
             s2 = self._next_table.take(row)
         else:
             s2 = torch.searchsorted(self._cdf.index_select(0, row), u[0].unsqueeze(1), right=True).squeeze(1)
-        goal = self.goal
-        rewards = self._rewards_t.index_select(0, s2)  # [N, L]
-        terminals = self._terminals_t.index_select(0, s2)  # [N, L]
-        flat = s2 * self.num_goals + goal
-        reward = self._rewards_t.take(flat)
+        return (s2, *self._resets_from(u[1], u[2]))
+
+    def _outcomes(self, next_state: torch.Tensor, goal: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        rewards = self._rewards_t.index_select(0, next_state)  # [N, L]
+        terminals = self._terminals_t.index_select(0, next_state)  # [N, L]
+        flat = next_state * self.num_goals + goal
         terminated = self._terminals_t.take(flat)
-        length = self._length + 1
-        ret = self._return + reward
-        truncated = (length >= self.max_episode_steps) & ~terminated
-        done = terminated | truncated
+        return rewards, terminals, self._rewards_t.take(flat), terminated, terminated
 
-        # Draw a reset for every env (no data-dependent shapes); keep it only where done.
-        new_goal, new_state = self._draw_resets(u[1], u[2])
-        self.state = torch.where(done, new_state, s2)
-        self.goal = torch.where(done, new_goal, goal)
-        self._length = length.masked_fill(done, 0)
-        self._return = ret.masked_fill(done, 0.0)
-        not_done = ~done
-        return {
-            "obs": self._eye.index_select(0, self.state),
-            "next_obs": self._eye.index_select(0, s2),
-            "goal": self.goal,
-            "rewards": rewards,
-            "terminals": terminals,
-            "reward": reward,
-            "terminated": terminated,
-            "truncated": truncated,
-            "episode_return": ret.masked_fill(not_done, 0.0),
-            "episode_length": length.masked_fill(not_done, 0),
-            "success": terminated,
-        }
-
-
-# env id -> factory(num_envs, seed, device, **env_kwargs); continuous envs register here too.
-BATCHED_ENVS: dict[str, Callable[..., BatchedGoalEnv]] = {}
-
-
-def _finite_factory(env_id: str) -> Callable[..., BatchedGoalEnv]:
-    def factory(num_envs: int, seed: int = 0, device: str | torch.device = "cpu", **env_kwargs: Any):
-        return BatchedFiniteEnv(make_finite_task(env_id, **env_kwargs), num_envs, seed=seed, device=device)
-
-    return factory
-
-
-for _env_id in FINITE_ENVS:
-    BATCHED_ENVS[_env_id] = _finite_factory(_env_id)
-
-
-# Batched envs whose step runs on the CPU only (MuJoCo in a Python loop).
-CPU_ONLY_BATCHED: set[str] = set()
-
-
-def has_batched(env_id: str, device: str | torch.device = "cpu") -> bool:
-    """Whether ``env_id`` has batched dynamics that can run on ``device``."""
-    if env_id not in BATCHED_ENVS:
-        return False
-    return torch.device(device).type == "cpu" or env_id not in CPU_ONLY_BATCHED
-
-
-def make_batched(
-    env_id: str, num_envs: int, seed: int = 0, device: str | torch.device = "cpu", **env_kwargs: Any
-) -> BatchedGoalEnv:
-    """Build ``num_envs`` batched envs of ``env_id`` (kwargs as for the gym env).
-
-    Raises:
-        ValueError: ``env_id`` has no batched dynamics.
-    """
-    if env_id not in BATCHED_ENVS:
-        raise ValueError(f"no batched dynamics for env id {env_id!r}; available: {', '.join(sorted(BATCHED_ENVS))}")
-    return BATCHED_ENVS[env_id](num_envs, seed=seed, device=device, **env_kwargs)
+    def _observe(self, states: torch.Tensor) -> torch.Tensor:
+        return self._eye.index_select(0, states)

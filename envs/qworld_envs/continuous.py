@@ -1,4 +1,4 @@
-"""Continuous goal-conditioned envs: the pieces they share, and their registration.
+"""Continuous goal-conditioned envs: the pieces they share.
 
 Shapes: N states (or envs), d state dims, k goal-feature dims, L goals, A actions.
 
@@ -6,18 +6,15 @@ A continuous env is a :class:`ContinuousTask`: true dynamics (:class:`Continuous
 pure batched torch functions with the randomness passed in) and a goal family
 (:class:`ContinuousGoals`, rewards on arrival at s' for all L goals at once). The gymnasium
 env, the batched env, the grid ground truth and P-learning all build it with
-:func:`make_continuous_task`, so they agree by construction.
+:func:`qworld_envs.make_continuous_task`, so they agree by construction.
 
-Registered here: gymnasium ids ``qworld/MountainCar-v0``, ``qworld/Reacher-v0``,
-``qworld/MujocoReacher-v0`` (lazy entry points) and batched factories for all three
-in ``qworld_envs.batched.BATCHED_ENVS`` (MuJoCo's on the CPU only). The env modules
-(``mountain_car``, ``reacher``, ``mujoco_reacher``) import this one, never the other way
-round (builders are looked up by name), so there is no import cycle.
+The env modules (``mountain_car``, ``reacher``, ``mujoco_reacher``) import this one, never
+the other way round; ``qworld_envs.registry`` maps the ids below to them (gymnasium ids,
+task and batched factories).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -27,21 +24,13 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from qworld_envs.batched import CPU_ONLY_BATCHED, BATCHED_ENVS, BatchedGoalEnv
-from qworld_envs.gym_env import commanded_goal
+from qworld_envs.batched import BatchedGoalEnv
+from qworld_envs.goals import commanded_goal
+from qworld_envs.kwargs import REWARD_KINDS
 
 MOUNTAIN_CAR_ID = "qworld/MountainCar-v0"
 REACHER_ID = "qworld/Reacher-v0"
 MUJOCO_REACHER_ID = "qworld/MujocoReacher-v0"
-REWARD_KINDS = ("sparse", "gaussian")
-START_STATES = ("reset", "uniform")  # env kwarg start_states: the reset distribution | uniform over the box
-
-# env id -> "module:function" building its task from env kwargs (looked up lazily).
-CONTINUOUS_ENVS: dict[str, str] = {
-    MOUNTAIN_CAR_ID: "qworld_envs.mountain_car:make_mountain_car_task",
-    REACHER_ID: "qworld_envs.reacher:make_reacher_task",
-    MUJOCO_REACHER_ID: "qworld_envs.mujoco_reacher:make_mujoco_reacher_task",
-}
 
 
 def wrap_angle(x: torch.Tensor) -> torch.Tensor:
@@ -334,41 +323,6 @@ class ContinuousTask:
         return self.dynamics.reset_states(n, generator, dtype, device)
 
 
-def resolve_kwargs(env_id: str, defaults: dict[str, Any], env_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Fill defaults and reject unknown kwargs (``num_goals=None`` means the default)."""
-    unknown = sorted(set(env_kwargs) - set(defaults))
-    if unknown:
-        raise TypeError(f"{env_id} got unknown kwargs {unknown}; allowed: {sorted(defaults)}")
-    kw = {**defaults, **{k: v for k, v in env_kwargs.items() if not (k == "num_goals" and v is None)}}
-    steps = kw["max_episode_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"max_episode_steps must be a positive int, got {steps!r}")
-    if kw.get("reward") is not None and kw.get("reward") not in REWARD_KINDS:
-        raise ValueError(f"reward must be one of {REWARD_KINDS}, got {kw.get('reward')!r}")
-    if kw.get("start_states", "reset") not in START_STATES:
-        raise ValueError(f"start_states must be one of {START_STATES}, got {kw.get('start_states')!r}")
-    num_goals = kw.get("num_goals")
-    if num_goals is not None and (isinstance(num_goals, bool) or not isinstance(num_goals, (int, np.integer)) or num_goals < 1):
-        raise ValueError(f"num_goals must be a positive int, got {num_goals!r}")
-    return kw
-
-
-def make_continuous_task(env_id: str, **env_kwargs: Any) -> ContinuousTask:
-    """Build the true dynamics and goal set of a continuous env from its kwargs.
-
-    See ``make_mountain_car_task``, ``make_reacher_task`` and ``make_mujoco_reacher_task``
-    for each env's kwargs and defaults.
-
-    Raises:
-        ValueError: unknown env id or a bad kwarg value.
-        TypeError: unknown kwargs.
-    """
-    if env_id not in CONTINUOUS_ENVS:
-        raise ValueError(f"unknown continuous env id {env_id!r}; known: {', '.join(sorted(CONTINUOUS_ENVS))}")
-    module, name = CONTINUOUS_ENVS[env_id].split(":")
-    return getattr(importlib.import_module(module), name)(**env_kwargs)
-
-
 # --------------------------------------------------------------------------------------
 # gymnasium env
 # --------------------------------------------------------------------------------------
@@ -381,14 +335,16 @@ class ContinuousGoalEnv(gymnasium.Env):
     ``terminals [L]`` (every goal's) and ``success`` (commanded goal within its radius).
     ``reset(options={"goal": g, "state": s})`` fixes the commanded goal / start state.
     The dynamics run in float64 on CPU through the same torch functions as the batched env.
+    A subclass sets ``make_task`` (env kwargs -> its ``ContinuousTask``), used when no
+    ``task`` is given.
     """
 
     metadata = {"render_modes": [], "render_fps": 30}
-    ENV_ID: str = ""
+    make_task: Callable[..., ContinuousTask]
 
     def __init__(self, task: ContinuousTask | None = None, render_mode: str | None = None, **env_kwargs: Any):
         if task is None:
-            task = make_continuous_task(self.ENV_ID, **env_kwargs)
+            task = self.make_task(**env_kwargs)
         elif env_kwargs:
             raise TypeError(f"give either a task or env kwargs, not both (got {sorted(env_kwargs)})")
         if render_mode is not None:
@@ -480,7 +436,10 @@ class BatchedContinuousEnv(BatchedGoalEnv):
     The task's ``step_fn`` on a float64 state ``[N, d]``; noise (stochastic variants),
     resets and goals drawn from a seeded ``torch.Generator``. Dynamics that are not torch
     functions (``differentiable=False``: MuJoCo, a python loop over rows) run on the CPU
-    only; any other device is a ``ValueError``.
+    only; any other device is a ``ValueError``. MuJoCo Reacher's ``mujoco_reacher_step``
+    simulates each row from a fresh ``MjData`` (20-40 us per env step); it agrees with the
+    gymnasium env from the same state and actions to round-off, up to the constraint
+    solver's warm start when joint 2 hits its limit (see ``tests/test_continuous.py``).
 
     ## Reward and episode end
     ``rewards[:, g] = r_g(s')``; terminated when the commanded goal is terminal at s'
@@ -498,107 +457,36 @@ class BatchedContinuousEnv(BatchedGoalEnv):
     """
 
     def __init__(self, task: ContinuousTask, num_envs: int, seed: int = 0, device: str | torch.device = "cpu"):
-        if num_envs < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        self.device = torch.device(device)
-        if not task.dynamics.differentiable and self.device.type != "cpu":
+        if not task.dynamics.differentiable and torch.device(device).type != "cpu":
             raise ValueError(f"{task.env_id} steps its dynamics on the CPU (numpy/MuJoCo, not torch), so its "
-                             f"batched env needs device 'cpu', got {str(self.device)!r}")
+                             f"batched env needs device 'cpu', got {str(torch.device(device))!r}")
+        super().__init__(num_envs, seed=seed, device=device)
         self.task = task
         dyn, goals = task.dynamics, task.goals
-        self.num_envs = int(num_envs)
         self.num_actions = dyn.num_actions
         self.num_goals = goals.num_goals
         self.obs_dim = dyn.obs_dim
         self.goal_dim = goals.goal_dim
         self.max_episode_steps = task.max_episode_steps
         self.goal_features = goals.features.to(self.device)
-        self._gen = torch.Generator(device=self.device)
-        self._gen.manual_seed(int(seed))
-        self.state: torch.Tensor | None = None
-        self.goal: torch.Tensor | None = None
-        self._length: torch.Tensor | None = None
-        self._return: torch.Tensor | None = None
 
     def _draw_resets(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.num_envs
         goal = torch.randint(self.num_goals, (n,), generator=self._gen, device=self.device)
         return goal, self.task.start_states(n, self._gen, torch.float64, self.device)
 
-    def _observe(self, states: torch.Tensor) -> torch.Tensor:
-        return self.task.dynamics.observe(states).float()
+    def _transition(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s2 = self.task.dynamics.step(self.state, actions, self._gen)
+        return (s2, *self._draw_resets())
 
-    def reset(self, seed: int | None = None) -> dict[str, torch.Tensor]:
-        if seed is not None:
-            self._gen.manual_seed(int(seed))
-        self.goal, self.state = self._draw_resets()
-        self._length = torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
-        self._return = torch.zeros(self.num_envs, dtype=torch.float32, device=self.device)
-        return {"obs": self._observe(self.state), "goal": self.goal}
-
-    def step(self, actions: torch.Tensor) -> dict[str, torch.Tensor]:
-        actions = self._check_actions(actions)
-        dyn, goals = self.task.dynamics, self.task.goals
-        s2 = dyn.step(self.state, actions, self._gen)
-        rewards, terminals = goals.rewards_terminals(s2)
+    def _outcomes(self, next_state: torch.Tensor, goal: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        goals = self.task.goals
+        rewards, terminals = goals.rewards_terminals(next_state)
         rewards = rewards.float()
-        goal = self.goal
         reward = rewards.gather(1, goal[:, None]).squeeze(1)
         terminated = terminals.gather(1, goal[:, None]).squeeze(1)
-        success = goals.success(s2).gather(1, goal[:, None]).squeeze(1)
-        length = self._length + 1
-        ret = self._return + reward
-        truncated = (length >= self.max_episode_steps) & ~terminated
-        done = terminated | truncated
-        # Draw a reset for every env (no data-dependent shapes); keep it only where done.
-        new_goal, new_state = self._draw_resets()
-        self.state = torch.where(done[:, None], new_state, s2)
-        self.goal = torch.where(done, new_goal, goal)
-        self._length = length.masked_fill(done, 0)
-        self._return = ret.masked_fill(done, 0.0)
-        not_done = ~done
-        return {
-            "obs": self._observe(self.state),
-            "next_obs": self._observe(s2),
-            "goal": self.goal,
-            "rewards": rewards,
-            "terminals": terminals,
-            "reward": reward,
-            "terminated": terminated,
-            "truncated": truncated,
-            "episode_return": ret.masked_fill(not_done, 0.0),
-            "episode_length": length.masked_fill(not_done, 0),
-            "success": success,
-        }
+        success = goals.success(next_state).gather(1, goal[:, None]).squeeze(1)
+        return rewards, terminals, reward, terminated, success
 
-
-def _batched_factory(env_id: str) -> Callable[..., BatchedGoalEnv]:
-    def factory(num_envs: int, seed: int = 0, device: str | torch.device = "cpu", **env_kwargs: Any):
-        # imported here: the env modules import this one (and mujoco_reacher loads MuJoCo)
-        if env_id == MOUNTAIN_CAR_ID:
-            from qworld_envs.mountain_car import BatchedMountainCar as cls
-        elif env_id == REACHER_ID:
-            from qworld_envs.reacher import BatchedReacher as cls
-        else:
-            from qworld_envs.mujoco_reacher import BatchedMujocoReacher as cls
-        return cls(num_envs, seed=seed, device=device, **env_kwargs)
-
-    factory.__name__ = f"make_batched_{env_id.split('/')[-1].split('-')[0]}"
-    return factory
-
-
-# --------------------------------------------------------------------------------------
-# registration (guarded: re-importing must not warn or fail)
-# --------------------------------------------------------------------------------------
-_GYM_ENTRY_POINTS = {
-    MOUNTAIN_CAR_ID: "qworld_envs.mountain_car:MountainCarGoalEnv",
-    REACHER_ID: "qworld_envs.reacher:ReacherGoalEnv",
-    MUJOCO_REACHER_ID: "qworld_envs.mujoco_reacher:MujocoReacherGoalEnv",
-}
-for _env_id, _entry in _GYM_ENTRY_POINTS.items():
-    if _env_id not in gymnasium.registry:
-        # The env truncates by itself (max_episode_steps kwarg); no TimeLimit wrapper on top.
-        gymnasium.register(id=_env_id, entry_point=_entry)
-for _env_id in (MOUNTAIN_CAR_ID, REACHER_ID, MUJOCO_REACHER_ID):
-    BATCHED_ENVS.setdefault(_env_id, _batched_factory(_env_id))
-CPU_ONLY_BATCHED.add(MUJOCO_REACHER_ID)
+    def _observe(self, states: torch.Tensor) -> torch.Tensor:
+        return self.task.dynamics.observe(states).float()

@@ -1,12 +1,16 @@
-"""FourRooms gridworlds (and any other ASCII grid) as finite MDPs."""
+"""FourRooms gridworlds (and any other ASCII grid) as finite MDPs, and the ``qworld/FourRooms-v0`` task."""
 
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
 import numpy as np
 
 from qworld_envs.finite import FiniteMDP
+from qworld_envs.tasks import FiniteEnvSpec, FiniteTask, build_finite_task
+
+FOUR_ROOMS_ID = "qworld/FourRooms-v0"
 
 # The paper's 11x11 map: wall row 5 and wall column 5, doorways (3,5), (7,5), (5,3), (5,8),
 # 68 free cells. 'T' marks the teleport cells; they are ordinary cells outside the
@@ -205,3 +209,14 @@ def four_rooms(variant: str = "deterministic", layout: str | None = None) -> Fin
         "rooms": rooms,
     }
     return FiniteMDP(P, coords=coords, name=f"FourRooms-{variant}", meta=meta)
+
+
+# kwargs of qworld/FourRooms-v0 besides tasks.GOAL_KWARGS, with their defaults
+FOUR_ROOMS_SPEC = FiniteEnvSpec(build_mdp=four_rooms, mdp_defaults={"variant": "deterministic", "layout": None})
+
+
+def make_four_rooms_task(**env_kwargs: Any) -> FiniteTask:
+    """The ``qworld/FourRooms-v0`` task: kwargs ``variant`` ("deterministic"), ``layout``
+    (None), ``goal_type`` ("indicator"), ``num_goals`` (None), ``goal_seed`` (0),
+    ``goal_cells`` (None), ``max_episode_steps`` (100)."""
+    return build_finite_task(FOUR_ROOMS_ID, FOUR_ROOMS_SPEC, env_kwargs)

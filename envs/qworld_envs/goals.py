@@ -1,4 +1,5 @@
-"""Goal families for finite MDPs: rewards on arrival and terminal states per goal.
+"""Goal families for finite MDPs: rewards on arrival and terminal states per goal (and the
+commanded goal of an episode, shared by every gymnasium env).
 
 Shapes: S states, L goals. A goal g pays ``rewards[g, s']`` on the transition that
 arrives in ``s'`` and ends the episode there when ``terminal[g, s']``.
@@ -7,7 +8,7 @@ arrives in ``s'`` and ends the episode there when ``terminal[g, s']``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -162,3 +163,13 @@ def make_goals(
             raise ValueError("goal cells are only meaningful for goal_type='indicator', not 'dense'")
         return dense_goals(mdp, num_goals, seed=seed)
     raise ValueError(f"unknown goal_type {goal_type!r} for finite MDPs; allowed: {', '.join(GOAL_TYPES)}")
+
+
+def commanded_goal(np_random: np.random.Generator, num_goals: int, options: dict[str, Any]) -> int:
+    """The goal an episode is commanded: ``options["goal"]`` if given, else uniform."""
+    goal = options.get("goal")
+    if goal is None:
+        return int(np_random.integers(num_goals))
+    if not 0 <= int(goal) < num_goals:
+        raise ValueError(f"options['goal']={goal} is not in [0, {num_goals})")
+    return int(goal)

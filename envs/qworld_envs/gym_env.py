@@ -8,18 +8,9 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from qworld_envs.goals import start_states
-from qworld_envs.tasks import FOUR_ROOMS_ID, FiniteTask, make_finite_task
-
-
-def commanded_goal(np_random: np.random.Generator, num_goals: int, options: dict[str, Any]) -> int:
-    """The goal an episode is commanded: ``options["goal"]`` if given, else uniform."""
-    goal = options.get("goal")
-    if goal is None:
-        return int(np_random.integers(num_goals))
-    if not 0 <= int(goal) < num_goals:
-        raise ValueError(f"options['goal']={goal} is not in [0, {num_goals})")
-    return int(goal)
+from qworld_envs.four_rooms import make_four_rooms_task
+from qworld_envs.goals import commanded_goal, start_states
+from qworld_envs.tasks import FiniteTask
 
 
 class FourRoomsGoalEnv(gymnasium.Env):
@@ -57,14 +48,16 @@ class FourRoomsGoalEnv(gymnasium.Env):
     Args:
         task: a ``FiniteTask``; None to build one from ``env_kwargs``.
         render_mode: None or "ansi" (a text picture of the grid).
-        **env_kwargs: passed to ``make_finite_task(FOUR_ROOMS_ID, ...)`` when ``task`` is None.
+        **env_kwargs: passed to ``make_task`` (``make_finite_task(FOUR_ROOMS_ID, ...)``)
+            when ``task`` is None.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
+    make_task = staticmethod(make_four_rooms_task)  # env kwargs -> FiniteTask
 
     def __init__(self, task: FiniteTask | None = None, render_mode: str | None = None, **env_kwargs: Any):
         if task is None:
-            task = make_finite_task(FOUR_ROOMS_ID, **env_kwargs)
+            task = self.make_task(**env_kwargs)
         elif env_kwargs:
             raise TypeError(f"give either a task or env kwargs, not both (got {sorted(env_kwargs)})")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:

@@ -15,13 +15,12 @@ import torch
 
 from qworld_envs.continuous import (
     MOUNTAIN_CAR_ID,
-    BatchedContinuousEnv,
     ContinuousDynamics,
     ContinuousGoalEnv,
     ContinuousGoals,
     ContinuousTask,
-    resolve_kwargs,
 )
+from qworld_envs.kwargs import resolve_kwargs
 
 MIN_POSITION = -1.2
 MAX_POSITION = 0.6
@@ -29,7 +28,6 @@ MAX_SPEED = 0.07
 FORCE = 0.001
 GRAVITY = 0.0025
 GOAL_TYPES = ("position", "velocity", "gaussian")
-START_STATES = ("reset", "uniform")
 # Sparse radius a per goal family, and the gaussian sigma: 0.1 on p; on v the same
 # fraction of the range, 0.1 * (2 * 0.07) / 1.8 = 0.00778.
 THRESHOLDS = {"position": 0.1, "velocity": 0.01}
@@ -219,8 +217,6 @@ def mountain_car_dynamics(action_noise: float = 0.0) -> ContinuousDynamics:
 def make_mountain_car_task(**env_kwargs: Any) -> ContinuousTask:
     """MountainCar task from env kwargs (see ``DEFAULTS`` for names and defaults)."""
     kw = resolve_kwargs(MOUNTAIN_CAR_ID, DEFAULTS, env_kwargs)
-    if kw["start_states"] not in START_STATES:
-        raise ValueError(f"start_states must be one of {START_STATES}, got {kw['start_states']!r}")
     goals = mountain_car_goals(kw["goal_type"], kw["num_goals"], kw["reward"], kw["goal_centers"],
                                kw["threshold"], kw["sigma"])
     return ContinuousTask(dynamics=mountain_car_dynamics(kw["action_noise"]), goals=goals,
@@ -268,12 +264,4 @@ class MountainCarGoalEnv(ContinuousGoalEnv):
             threshold, sigma, action_noise, start_states, max_episode_steps).
     """
 
-    ENV_ID = MOUNTAIN_CAR_ID
-
-
-class BatchedMountainCar(BatchedContinuousEnv):
-    """N MountainCar envs stepped together (auto-reset), same semantics as
-    :class:`MountainCarGoalEnv`; kwargs as ``make_mountain_car_task``."""
-
-    def __init__(self, num_envs: int, seed: int = 0, device: str | torch.device = "cpu", **env_kwargs: Any):
-        super().__init__(make_mountain_car_task(**env_kwargs), num_envs, seed=seed, device=device)
+    make_task = staticmethod(make_mountain_car_task)

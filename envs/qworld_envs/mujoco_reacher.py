@@ -3,8 +3,8 @@
 Shapes: N states, L goals. World-model state ``(theta1, theta2, omega1, omega2)`` (the
 arm's joint angles and velocities; theta1 wrapped to [-pi, pi), theta2 limited to
 [-3, 3] by the model). No torch dynamics: ``mujoco_reacher_step`` simulates a batch
-row by row with MuJoCo, which :class:`BatchedMujocoReacher` (CPU only) uses for PQN's fast
-env runner; the gymnasium env also runs through RLlib's standard runner. Nothing here
+row by row with MuJoCo, which the batched env (``BatchedContinuousEnv`` over this task,
+CPU only) uses for PQN's fast env runner; the gymnasium env also runs through RLlib's standard runner. Nothing here
 renders, so no GL context is ever created.
 """
 
@@ -24,13 +24,12 @@ from gymnasium.envs.mujoco.reacher_v5 import ReacherEnv
 
 from qworld_envs.continuous import (
     MUJOCO_REACHER_ID,
-    BatchedContinuousEnv,
     ContinuousDynamics,
     ContinuousGoalEnv,
     ContinuousTask,
-    resolve_kwargs,
     wrap_angle,
 )
+from qworld_envs.kwargs import resolve_kwargs
 from qworld_envs.reacher import TORQUES, fingertip, fingertip_goals
 
 LINK1 = 0.1  # body0 -> body1
@@ -188,7 +187,7 @@ class MujocoReacherGoalEnv(ContinuousGoalEnv):
     Terminated when a sparse target is reached; truncated after 100 steps.
     """
 
-    ENV_ID = MUJOCO_REACHER_ID
+    make_task = staticmethod(make_mujoco_reacher_task)
 
     def __init__(self, task: ContinuousTask | None = None, render_mode: str | None = None, **env_kwargs: Any):
         super().__init__(task, render_mode, **env_kwargs)
@@ -212,17 +211,3 @@ class MujocoReacherGoalEnv(ContinuousGoalEnv):
         self._sim.close()
         super().close()
 
-
-class BatchedMujocoReacher(BatchedContinuousEnv):
-    """N MuJoCo Reacher envs stepped together (auto-reset), same semantics as
-    :class:`MujocoReacherGoalEnv`; kwargs as ``make_mujoco_reacher_task``.
-
-    Each step runs ``mujoco_reacher_step`` (one fresh ``MjData`` per row, 20-40 us per
-    env step), so the envs live on the CPU: ``device`` must be ``"cpu"`` (ValueError
-    otherwise). It agrees with the gymnasium env from the same state and actions to
-    round-off, up to the constraint solver's warm start when joint 2 hits its limit
-    (see ``tests/test_continuous.py``).
-    """
-
-    def __init__(self, num_envs: int, seed: int = 0, device: str | torch.device = "cpu", **env_kwargs: Any):
-        super().__init__(make_mujoco_reacher_task(**env_kwargs), num_envs, seed=seed, device=device)

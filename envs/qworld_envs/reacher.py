@@ -16,14 +16,13 @@ import torch
 
 from qworld_envs.continuous import (
     REACHER_ID,
-    BatchedContinuousEnv,
     ContinuousDynamics,
     ContinuousGoalEnv,
     ContinuousGoals,
     ContinuousTask,
-    resolve_kwargs,
     wrap_angle,
 )
+from qworld_envs.kwargs import resolve_kwargs
 
 DT = 0.05
 LINK = 1.0  # both links
@@ -189,12 +188,4 @@ class ReacherGoalEnv(ContinuousGoalEnv):
     Terminated when a sparse target is reached; truncated after 100 steps.
     """
 
-    ENV_ID = REACHER_ID
-
-
-class BatchedReacher(BatchedContinuousEnv):
-    """N toy-Reacher envs stepped together (auto-reset), same semantics as
-    :class:`ReacherGoalEnv`; kwargs as ``make_reacher_task``."""
-
-    def __init__(self, num_envs: int, seed: int = 0, device: str | torch.device = "cpu", **env_kwargs: Any):
-        super().__init__(make_reacher_task(**env_kwargs), num_envs, seed=seed, device=device)
+    make_task = staticmethod(make_reacher_task)

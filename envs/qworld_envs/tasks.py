@@ -1,7 +1,8 @@
-"""Env id + env kwargs -> true P and goal set: the one place where that happens.
+"""Finite tasks: env kwargs -> true P and goal set, for one finite env spec.
 
-The gymnasium env, the batched env and the P-learning actor all call
-:func:`make_finite_task`, so they agree on the MDP and the goals by construction.
+The gymnasium env, the batched env and the P-learning actor all build their task with
+``qworld_envs.make_finite_task`` (the registry looks the env id up and calls
+:func:`build_finite_task`), so they agree on the MDP and the goals by construction.
 """
 
 from __future__ import annotations
@@ -9,13 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-
 from qworld_envs.finite import FiniteMDP
-from qworld_envs.four_rooms import four_rooms
 from qworld_envs.goals import GoalSet, make_goals
-
-FOUR_ROOMS_ID = "qworld/FourRooms-v0"
+from qworld_envs.kwargs import resolve_kwargs
 
 # Kwargs every finite env takes, with their defaults.
 GOAL_KWARGS: dict[str, Any] = {
@@ -39,14 +36,13 @@ class FiniteEnvSpec:
     build_mdp: Callable[..., FiniteMDP]
     mdp_defaults: dict[str, Any]
 
+    def resolve(self, env_id: str, env_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Every kwarg (env-specific and ``GOAL_KWARGS``) with defaults filled in."""
+        return resolve_kwargs(env_id, {**self.mdp_defaults, **GOAL_KWARGS}, env_kwargs)
 
-# env id -> spec; later finite envs register here.
-FINITE_ENVS: dict[str, FiniteEnvSpec] = {
-    FOUR_ROOMS_ID: FiniteEnvSpec(
-        build_mdp=four_rooms,
-        mdp_defaults={"variant": "deterministic", "layout": None},
-    ),
-}
+    def mdp(self, kw: dict[str, Any]) -> FiniteMDP:
+        """The MDP of resolved kwargs ``kw``."""
+        return self.build_mdp(**{k: kw[k] for k in self.mdp_defaults})
 
 
 @dataclass(frozen=True)
@@ -70,40 +66,14 @@ class FiniteTask:
         return self.env_kwargs["max_episode_steps"]
 
 
-def _resolve(env_id: str, env_kwargs: dict[str, Any]) -> tuple[FiniteEnvSpec, dict[str, Any]]:
-    """Look up the spec and fill defaults; reject unknown env ids and kwargs."""
-    if env_id not in FINITE_ENVS:
-        raise ValueError(f"unknown finite env id {env_id!r}; known: {', '.join(sorted(FINITE_ENVS))}")
-    spec = FINITE_ENVS[env_id]
-    defaults = {**spec.mdp_defaults, **GOAL_KWARGS}
-    unknown = sorted(set(env_kwargs) - set(defaults))
-    if unknown:
-        raise TypeError(f"{env_id} got unknown kwargs {unknown}; allowed: {sorted(defaults)}")
-    kw = {**defaults, **env_kwargs}
-    steps = kw["max_episode_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"max_episode_steps must be a positive int, got {steps!r}")
-    return spec, kw
-
-
-def make_finite_task(env_id: str = FOUR_ROOMS_ID, **env_kwargs: Any) -> FiniteTask:
-    """Build the true MDP and the goal set of a finite env.
-
-    For ``"qworld/FourRooms-v0"`` the kwargs are ``variant`` ("deterministic"),
-    ``layout`` (None), ``goal_type`` ("indicator"), ``num_goals`` (None),
-    ``goal_seed`` (0), ``goal_cells`` (None), ``max_episode_steps`` (100).
+def build_finite_task(env_id: str, spec: FiniteEnvSpec, env_kwargs: dict[str, Any]) -> FiniteTask:
+    """The true MDP and goal set of finite env ``env_id`` (built by ``spec``) from its kwargs.
 
     Raises:
-        ValueError: unknown env id or a bad kwarg value.
+        ValueError: a bad kwarg value.
         TypeError: unknown kwargs (named in the message).
     """
-    spec, kw = _resolve(env_id, env_kwargs)
-    mdp = spec.build_mdp(**{k: kw[k] for k in spec.mdp_defaults})
+    kw = spec.resolve(env_id, env_kwargs)
+    mdp = spec.mdp(kw)
     goals = make_goals(mdp, kw["goal_type"], kw["num_goals"], kw["goal_seed"], cells=kw["goal_cells"])
     return FiniteTask(mdp=mdp, goals=goals, env_id=env_id, env_kwargs=kw)
-
-
-def true_P(env_id: str = FOUR_ROOMS_ID, **env_kwargs: Any) -> np.ndarray:
-    """``[S, A, S]`` true transition tensor of a finite env (goal kwargs are checked, then ignored)."""
-    spec, kw = _resolve(env_id, env_kwargs)
-    return spec.build_mdp(**{k: kw[k] for k in spec.mdp_defaults}).P

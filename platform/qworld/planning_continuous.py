@@ -20,14 +20,8 @@ import torch
 
 from qworld import metrics as K
 from qworld.bellman_grid import Grid, GridQ, grid_q
-from qworld_envs.continuous import (
-    MOUNTAIN_CAR_ID,
-    MUJOCO_REACHER_ID,
-    REACHER_ID,
-    ContinuousTask,
-    make_continuous_task,
-    wrap_angle,
-)
+from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, ContinuousTask, make_continuous_task
+from qworld_envs.continuous import wrap_angle
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], Any]
 

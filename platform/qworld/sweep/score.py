@@ -96,7 +96,7 @@ def score_q(qfun: Any, base: Mapping[str, Any], methods: Sequence[str], tasks: S
         world_models: if given, receives method -> the extracted model of every successful
             extraction: ``P_hat[S, A, S]`` (finite) or the ``PLearnResult`` (continuous).
     """
-    from qworld_envs.tasks import FINITE_ENVS
+    from qworld_envs import FINITE_ENVS
 
     config = dict(qfun.config)
     score = _score_finite if config.get("env_id") in FINITE_ENVS else _score_continuous
@@ -181,7 +181,7 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models)
     from qworld.planning_continuous import default_grid_shape, evaluate_unseen_goal
     from qworld.plearn.continuous import METHODS, PLearnConfig, p_learn
     from qworld.scoring_continuous import nmse_torch, score_task_model
-    from qworld_envs.continuous import make_continuous_task
+    from qworld_envs import make_continuous_task
 
     task = make_continuous_task(config["env_id"], **dict(config.get("env_kwargs") or {}))
     gamma = float(config["gamma"])

@@ -413,7 +413,7 @@ def _env_ids() -> set[str]:
 
 
 def _finite_env_ids() -> set[str]:
-    from qworld_envs.tasks import FINITE_ENVS
+    from qworld_envs import FINITE_ENVS
 
     return set(FINITE_ENVS)
 

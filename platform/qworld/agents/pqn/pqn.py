@@ -632,8 +632,8 @@ def _unit_returns(env_id: str, kwargs_json: str) -> bool:
         rewards, terminal = np.asarray(goals.rewards), np.asarray(goals.terminal, dtype=bool)
         # One reward in [0, 1] at most per episode: every rewarding arrival ends it.
         return bool(((rewards >= 0) & (rewards <= 1)).all() and terminal[rewards > 0].all())
-    if env_id in qworld_envs.continuous.CONTINUOUS_ENVS:
-        goals = qworld_envs.continuous.make_continuous_task(env_id, **env_kwargs).goals
+    if env_id in qworld_envs.CONTINUOUS_ENVS:
+        goals = qworld_envs.make_continuous_task(env_id, **env_kwargs).goals
         return goals.reward == "sparse"  # 1 on arrival in the ball, terminal; gaussian: never terminal
     return False
 

@@ -82,8 +82,8 @@ def _probe(env_id: str, kwargs_json: str) -> TaskInfo:
         goal_type = task.goals.goal_type
         if task.goals.goal_states is not None:
             goal_states = [int(s) for s in task.goals.goal_states]
-    elif env_id in qworld_envs.continuous.CONTINUOUS_ENVS:  # continuous: defaults filled, goal family named
-        ctask = qworld_envs.continuous.make_continuous_task(env_id, **env_kwargs)
+    elif env_id in qworld_envs.CONTINUOUS_ENVS:  # continuous: defaults filled, goal family named
+        ctask = qworld_envs.make_continuous_task(env_id, **env_kwargs)
         resolved = dict(ctask.env_kwargs)
         goal_type = ctask.goals.goal_type
     if qworld_envs.has_batched(env_id):
