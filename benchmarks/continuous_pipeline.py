@@ -221,13 +221,13 @@ def rounded(d: dict) -> dict:
 
 
 def run_one(env_id: str, s: dict, seed: int, tasks: list[str], num_resets: int, ckpt_root: Path) -> tuple[dict, object]:
-    from qworld_envs import make_continuous_task
+    from qworld_envs import make_continuous_problem
 
     path, stats = train(env_id, s["env_kwargs"], s["pqn"], seed, ckpt_root / f"{env_id.split('/')[-1]}_{s['env_kwargs'].get('goal_type')}_{seed}")
     t0 = time.perf_counter()
     row, fit, _ = score(path, s, tasks, num_resets)
     score_s = time.perf_counter() - t0
-    names = make_continuous_task(env_id, **s["env_kwargs"]).dynamics.state_names
+    names = make_continuous_problem(env_id, **s["env_kwargs"]).dynamics.state_names
     out = {"kind": "run", "env_id": env_id, "seed": seed, **stats, "score_s": score_s, **summarise(row, tasks, names)}
     return out, fit
 
@@ -255,7 +255,7 @@ def main() -> None:
             return
         # The paper's check: models extracted from position goals and from velocity goals agree.
         from qworld.scoring_continuous import model_agreement
-        from qworld_envs import make_continuous_task
+        from qworld_envs import make_continuous_problem
 
         fits = {}
         for goal_type in ("position", "velocity"):
@@ -263,8 +263,8 @@ def main() -> None:
             out, fits[goal_type] = run_one(env_id, sg, args.seed, tasks, args.num_resets, root)
             out.update(goal_type=goal_type, wall_s=time.perf_counter() - T_PROCESS)
             print(json.dumps(rounded(out)), flush=True)
-        task = make_continuous_task(env_id)
-        agree = model_agreement(fits["position"].step_fn(), fits["velocity"].step_fn(), task, num_states=8192)
+        problem = make_continuous_problem(env_id)
+        agree = model_agreement(fits["position"].step_fn(), fits["velocity"].step_fn(), problem, num_states=8192)
         print(json.dumps(rounded({"kind": "agree", "reference": "velocity-goal model", **agree,
                                   "ray_s": ray_s, "wall_s": time.perf_counter() - T_PROCESS})), flush=True)
     finally:

@@ -77,10 +77,10 @@ def run(args, seed: int) -> dict:
     from qworld.agents.pqn import PQNConfig
     from qworld.bellman import greedy_policy, solve_goal_q
     from qworld.metrics import TRAIN_ENV_STEPS
-    from qworld_envs import make_finite_task
+    from qworld_envs import make_finite_problem
 
     env_kwargs = {"variant": args.variant}
-    task = make_finite_task("qworld/FourRooms-v0", **env_kwargs)
+    task = make_finite_problem("qworld/FourRooms-v0", **env_kwargs)
     Q_star, _ = solve_goal_q(task.mdp.P, task.goals.rewards, args.gamma, task.goals.terminal)
     optimal_success = greedy_success(task.mdp.P, task.goals.terminal, greedy_policy(Q_star), task.max_episode_steps)
     config = (

@@ -14,10 +14,10 @@ from gymnasium.utils.env_checker import check_env
 
 from qworld import metrics as K
 from qworld.planning_continuous import UNSEEN_GOAL_TASKS, evaluate_unseen_goal
-from qworld.bellman_grid import Grid, GridQ, grid_q, grid_q_for_task
+from qworld.bellman_grid import Grid, GridQ, grid_q, grid_q_for_problem
 from qworld.plearn.continuous import GaussianSuccessor, PLearnConfig, SuccessorNet, m_values, p_learn
-from qworld.scoring_continuous import score_successor, score_task_model
-from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, has_batched, make_batched, make_continuous_task
+from qworld.scoring_continuous import score_successor, score_world_model
+from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, has_batched, make_batched, make_continuous_problem
 from qworld_envs.mountain_car import mountain_car_step
 from qworld_envs.mujoco_reacher import mujoco_reacher_step
 from qworld_envs.reacher import fingertip, reacher_step
@@ -27,13 +27,13 @@ GAMMA = 0.99
 
 
 @pytest.fixture(scope="module")
-def mc_task():
-    return make_continuous_task(MOUNTAIN_CAR_ID)
+def mc_problem():
+    return make_continuous_problem(MOUNTAIN_CAR_ID)
 
 
 @pytest.fixture(scope="module")
-def mc_grid_q(mc_task):
-    Q, grid = grid_q_for_task(mc_task, (200, 200), GAMMA)
+def mc_grid_q(mc_problem):
+    Q, grid = grid_q_for_problem(mc_problem, (200, 200), GAMMA)
     return Q, grid
 
 
@@ -95,8 +95,8 @@ def test_check_env(env_id):
     env.close()
 
 
-def test_mountain_car_goals_episode_end(mc_task):
-    goals = mc_task.goals
+def test_mountain_car_goals_episode_end(mc_problem):
+    goals = mc_problem.goals
     np.testing.assert_allclose(goals.centers[:, 0].numpy(), np.linspace(-1.2, 0.6, 4))
     env = gymnasium.make(MOUNTAIN_CAR_ID)
     # goal 3 (p = 0.6) is reached from (0.45, 0.06): sparse reward 1, terminated
@@ -112,12 +112,12 @@ def test_mountain_car_goals_episode_end(mc_task):
         steps += 1
     assert trunc and not term and steps == 200
     # velocity / gaussian variants: documented scales, gaussian never terminates
-    vel = make_continuous_task(MOUNTAIN_CAR_ID, goal_type="velocity", reward="gaussian")
+    vel = make_continuous_problem(MOUNTAIN_CAR_ID, goal_type="velocity", reward="gaussian")
     assert vel.goals.threshold == 0.01 and vel.goals.sigma[0] == pytest.approx(0.1 * 0.14 / 1.8)
     r, done = vel.goals.rewards_terminals(torch.tensor([[0.0, 0.07]], dtype=torch.float64))
     assert r[0, 3] == pytest.approx(1.0) and not done.any()
     with pytest.raises(TypeError):
-        make_continuous_task(MOUNTAIN_CAR_ID, bogus=1)
+        make_continuous_problem(MOUNTAIN_CAR_ID, bogus=1)
 
 
 @pytest.mark.parametrize("env_id", [MOUNTAIN_CAR_ID, REACHER_ID, MUJOCO_REACHER_ID])
@@ -210,7 +210,7 @@ def test_mujoco_step_function_matches_env():
         np.testing.assert_allclose(pred, info["state"], atol=1e-6)
         if term or trunc:
             env.reset()
-    tip = make_continuous_task(MUJOCO_REACHER_ID).goals.feature_fn(torch.as_tensor(info["state"])[None])[0]
+    tip = make_continuous_problem(MUJOCO_REACHER_ID).goals.feature_fn(torch.as_tensor(info["state"])[None])[0]
     # MuJoCo's body positions are from the kinematics at the start of the last substep: close, not equal
     np.testing.assert_allclose(tip.numpy(), env.unwrapped._raw.get_body_com("fingertip")[:2], atol=1e-5)
 
@@ -233,12 +233,12 @@ def test_grid_interpolation_linear_periodic_and_gradient():
     np.testing.assert_allclose(grid.interpolate(t2, q).numpy(), grid.interpolate(t2, q + torch.tensor([0.0, 2 * math.pi], dtype=torch.float64)).numpy(), atol=1e-12)
 
 
-def test_grid_q_bellman_equation(mc_task, mc_grid_q):
+def test_grid_q_bellman_equation(mc_problem, mc_grid_q):
     Q, grid = mc_grid_q
     assert Q.shape == (4, 200, 200, 3) and float(Q.max()) <= 1.0 + 1e-6
     q = GridQ(Q.double(), grid)
     pts = grid.points()
-    dyn, goals = mc_task.dynamics, mc_task.goals
+    dyn, goals = mc_problem.dynamics, mc_problem.goals
     for a in range(3):
         s2 = dyn.step_fn(pts, torch.full((len(pts),), a), None)
         m = m_values(q, goals, s2, None, GAMMA)  # [n, L]
@@ -269,7 +269,7 @@ def test_grid_q_stochastic_branches_and_gridq_goal_index(mc_grid_q):
     full = q(s)
     np.testing.assert_allclose(q(s, 2).numpy(), full[:, 2].numpy())
     np.testing.assert_allclose(q(s, torch.tensor([1, 3])).numpy(), full[[0, 1], [1, 3]].numpy())
-    noisy = make_continuous_task(MOUNTAIN_CAR_ID, action_noise=1.0)
+    noisy = make_continuous_problem(MOUNTAIN_CAR_ID, action_noise=1.0)
     nxt, w = noisy.dynamics.branches(s, torch.tensor([2, 2]), 5)
     assert nxt.shape == (5, 2, 2) and float(w.sum()) == pytest.approx(1.0)
     mean_v = (w[:, None] * nxt[..., 1]).sum(0)
@@ -297,23 +297,23 @@ def test_successor_net_starts_at_identity():
     assert x.shape == (5, 4, 2) and samp.scale_tril(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)).shape == (4, 2, 2)
 
 
-def test_p_learning_recovers_mountain_car_dynamics(mc_task, mc_grid_q):
+def test_p_learning_recovers_mountain_car_dynamics(mc_problem, mc_grid_q):
     Q, grid = mc_grid_q
     q = GridQ(Q.float(), grid)
     cfg = PLearnConfig(steps=600, batch_size=256, lr=2e-3, seed=0)
-    fit = p_learn(q, mc_task, GAMMA, cfg)
-    scores = score_task_model(fit.step_fn(), mc_task, states=_interior_states(4096))
+    fit = p_learn(q, mc_problem, GAMMA, cfg)
+    scores = score_world_model(fit.step_fn(), mc_problem, states=_interior_states(4096))
     dv = f"{K.WM_DELTA_NMSE}_v"
     assert scores[dv] < 0.5 * scores[f"{K.BASELINE_NO_FORCE}/{dv}"]
     assert scores[dv] < 0.5 * scores[f"{K.BASELINE_IDENTITY}/{dv}"]
     assert scores[K.WM_NMSE] < scores[f"{K.BASELINE_IDENTITY}/{K.WM_NMSE}"]
 
 
-def test_p_learning_with_annealed_noise_recovers_mountain_car_dynamics(mc_task, mc_grid_q):
+def test_p_learning_with_annealed_noise_recovers_mountain_car_dynamics(mc_problem, mc_grid_q):
     Q, grid = mc_grid_q
     cfg = PLearnConfig(steps=600, batch_size=256, lr=2e-3, seed=0, anneal_noise=1.0)
-    fit = p_learn(GridQ(Q.float(), grid), mc_task, GAMMA, cfg)
-    scores = score_task_model(fit.step_fn(), mc_task, states=_interior_states(4096))
+    fit = p_learn(GridQ(Q.float(), grid), mc_problem, GAMMA, cfg)
+    scores = score_world_model(fit.step_fn(), mc_problem, states=_interior_states(4096))
     dv = f"{K.WM_DELTA_NMSE}_v"
     assert scores[dv] < 0.5 * scores[f"{K.BASELINE_NO_FORCE}/{dv}"]
     assert scores[K.WM_NMSE] < scores[f"{K.BASELINE_IDENTITY}/{K.WM_NMSE}"]
@@ -324,7 +324,7 @@ def test_p_learning_with_annealed_noise_recovers_mountain_car_dynamics(mc_task, 
 
 def test_smoothed_indicator_scales_with_the_goal_radius():
     for goal_type, dim in (("position", 0), ("velocity", 1)):
-        goals = make_continuous_task(MOUNTAIN_CAR_ID, goal_type=goal_type).goals
+        goals = make_continuous_problem(MOUNTAIN_CAR_ID, goal_type=goal_type).goals
         a = float(goals.threshold)
         c = goals.centers[1].double()
         s = torch.zeros(3, 2, dtype=torch.float64)
@@ -336,27 +336,27 @@ def test_smoothed_indicator_scales_with_the_goal_radius():
         torch.testing.assert_close(done[:, 1], expect)
 
 
-def test_smoothed_p_learning_fits_mountain_car_closer(mc_task, mc_grid_q):
+def test_smoothed_p_learning_fits_mountain_car_closer(mc_problem, mc_grid_q):
     Q, grid = mc_grid_q
     states = _interior_states(4096)
     dv = f"{K.WM_DELTA_NMSE}_v"
     got = {}
     for smooth in (None, 0.1):
         cfg = PLearnConfig(steps=600, batch_size=256, lr=2e-3, seed=0, smooth=smooth)
-        fit = p_learn(GridQ(Q.float(), grid), mc_task, GAMMA, cfg)
-        got[smooth] = score_task_model(fit.step_fn(), mc_task, states=states)
+        fit = p_learn(GridQ(Q.float(), grid), mc_problem, GAMMA, cfg)
+        got[smooth] = score_world_model(fit.step_fn(), mc_problem, states=states)
     assert got[0.1][dv] < 0.1 * got[0.1][f"{K.BASELINE_NO_FORCE}/{dv}"]
     assert got[0.1][dv] < got[None][dv], got
 
 
 def test_sampler_recovers_mountain_car_force_noise():
     # force noise std 3 x 0.001: v' gets N(0, 0.003^2) on top of the mean step
-    task = make_continuous_task(MOUNTAIN_CAR_ID, action_noise=3.0)
-    Q, grid = grid_q_for_task(task, (100, 100), GAMMA)  # 5-point Gauss-Hermite over the noise
+    problem = make_continuous_problem(MOUNTAIN_CAR_ID, action_noise=3.0)
+    Q, grid = grid_q_for_problem(problem, (100, 100), GAMMA)  # 5-point Gauss-Hermite over the noise
     cfg = PLearnConfig(steps=600, batch_size=256, lr=2e-3, loss="l2", seed=0)
-    fit = p_learn(GridQ(Q.float(), grid), task, GAMMA, cfg, stochastic=True)
+    fit = p_learn(GridQ(Q.float(), grid), problem, GAMMA, cfg, stochastic=True)
     states = _interior_states(4096)
-    scores = score_task_model(fit.step_fn(), task, states=states)
+    scores = score_world_model(fit.step_fn(), problem, states=states)
     dv = f"{K.WM_DELTA_NMSE}_v"
     assert scores[dv] < scores[f"{K.BASELINE_NO_FORCE}/{dv}"]
     actions = torch.randint(3, (4096,), generator=torch.Generator().manual_seed(0))
@@ -365,8 +365,8 @@ def test_sampler_recovers_mountain_car_force_noise():
     assert 0.3 < std_v / 0.003 < 2.0  # measured 0.65 at this budget, 1.1 with 1500 steps on 200 x 200
 
 
-def test_score_successor_keys_and_perfect_model(mc_task):
-    dyn = mc_task.dynamics
+def test_score_successor_keys_and_perfect_model(mc_problem):
+    dyn = mc_problem.dynamics
     s = _interior_states(512)
     a = torch.randint(3, (512,), generator=torch.Generator().manual_seed(0))
     true = lambda x, u: dyn.step_fn(x, u, None)  # noqa: E731
@@ -379,17 +379,17 @@ def test_score_successor_keys_and_perfect_model(mc_task):
 # --------------------------------------------------------------------------------------
 # planning on unseen goals
 # --------------------------------------------------------------------------------------
-def test_unseen_goal_return_ratio(mc_task):
+def test_unseen_goal_return_ratio(mc_problem):
     assert set(UNSEEN_GOAL_TASKS[MOUNTAIN_CAR_ID]) == {"fast_car", "gentle_car", "shortest_path"}
     assert set(UNSEEN_GOAL_TASKS[REACHER_ID]) == {"far_fingertip", "target_angle", "target_velocity"}
-    dyn = mc_task.dynamics
-    true = evaluate_unseen_goal(mc_task, "fast_car", lambda s, a: dyn.step_fn(s, a, None), num_resets=128)
+    dyn = mc_problem.dynamics
+    true = evaluate_unseen_goal(mc_problem, "fast_car", lambda s, a: dyn.step_fn(s, a, None), num_resets=128)
     assert true[K.RETURN_RATIO] == pytest.approx(1.0)
     assert 0.3 < true[K.RETURN_STAR] < 0.6 and true[K.PLAN_SUCCESS] == 1.0  # paper: R* = 0.436
-    wrong = evaluate_unseen_goal(mc_task, "fast_car", dyn.no_force_fn, num_resets=128)
+    wrong = evaluate_unseen_goal(mc_problem, "fast_car", dyn.no_force_fn, num_resets=128)
     assert wrong[K.RETURN_RATIO] < 0.5
     # a model with the push reversed plans badly too
-    flipped = evaluate_unseen_goal(mc_task, "shortest_path", lambda s, a: dyn.step_fn(s, 2 - a, None), num_resets=128)
+    flipped = evaluate_unseen_goal(mc_problem, "shortest_path", lambda s, a: dyn.step_fn(s, 2 - a, None), num_resets=128)
     assert flipped[K.RETURN_RATIO] < 0.9
 
 
@@ -397,10 +397,10 @@ def test_unseen_goal_return_ratio(mc_task):
 # goal families, start states, interior transitions, model agreement, MuJoCo unseen goals
 # --------------------------------------------------------------------------------------
 def test_mountain_car_observation_is_scaled_and_gaussian_goals_cover_the_box():
-    task = make_continuous_task(MOUNTAIN_CAR_ID)
+    problem = make_continuous_problem(MOUNTAIN_CAR_ID)
     corners = torch.tensor([[-1.2, -0.07], [0.6, 0.07], [-0.3, 0.0]], dtype=torch.float64)
-    np.testing.assert_allclose(task.dynamics.observe(corners).numpy(), [[-1, -1], [1, 1], [0, 0]], atol=1e-12)
-    gauss = make_continuous_task(MOUNTAIN_CAR_ID, goal_type="gaussian", num_goals=5)
+    np.testing.assert_allclose(problem.dynamics.observe(corners).numpy(), [[-1, -1], [1, 1], [0, 0]], atol=1e-12)
+    gauss = make_continuous_problem(MOUNTAIN_CAR_ID, goal_type="gaussian", num_goals=5)
     g = gauss.goals
     assert g.goal_type == "gaussian" and g.reward == "gaussian" and g.centers.shape == (5, 2)
     assert ((g.centers[:, 0] > -1.2) & (g.centers[:, 0] < 0.6) & (g.centers[:, 1].abs() < 0.07)).all()
@@ -411,7 +411,7 @@ def test_mountain_car_observation_is_scaled_and_gaussian_goals_cover_the_box():
     step = g.centers[:1] + torch.tensor([[0.1, 0.0]], dtype=torch.float64)
     assert float(g.rewards_terminals(step)[0][0, 0]) == pytest.approx(math.exp(-0.5))
     with pytest.raises(ValueError):
-        make_continuous_task(MOUNTAIN_CAR_ID, goal_type="gaussian", reward="sparse")
+        make_continuous_problem(MOUNTAIN_CAR_ID, goal_type="gaussian", reward="sparse")
     env = gymnasium.make(MOUNTAIN_CAR_ID, goal_type="gaussian", num_goals=3)
     obs, _ = env.reset(seed=0)
     assert obs.shape == (4,) and env.observation_space.contains(obs)
@@ -421,7 +421,7 @@ def test_mountain_car_observation_is_scaled_and_gaussian_goals_cover_the_box():
 def test_uniform_start_states_cover_the_box(env_id):
     benv = make_batched(env_id, 2000, seed=0, start_states="uniform")
     benv.reset()
-    dyn = benv.task.dynamics
+    dyn = benv.problem.dynamics
     low, high = torch.tensor(dyn.low, dtype=torch.float64), torch.tensor(dyn.high, dtype=torch.float64)
     frac = (benv.state - low) / (high - low)
     assert ((frac >= 0) & (frac <= 1)).all() and (frac.mean(0) - 0.5).abs().max() < 0.05
@@ -429,20 +429,20 @@ def test_uniform_start_states_cover_the_box(env_id):
     starts = np.stack([env.reset(seed=i)[1]["state"] for i in range(200)])
     assert starts[:, 0].std() > 0.2 * (dyn.high[0] - dyn.low[0])  # the reset range alone is much narrower for MountainCar
     with pytest.raises(ValueError):
-        make_continuous_task(env_id, start_states="everywhere")
+        make_continuous_problem(env_id, start_states="everywhere")
 
 
-def test_interior_mask_and_model_agreement(mc_task):
+def test_interior_mask_and_model_agreement(mc_problem):
     from qworld.scoring_continuous import interior_mask, model_agreement
 
-    dyn = mc_task.dynamics
+    dyn = mc_problem.dynamics
     s = torch.tensor([[-1.19, -0.05], [-0.5, 0.0], [0.59, 0.05], [-0.5, 0.0699]], dtype=torch.float64)
     a = torch.tensor([0, 1, 2, 2])
     assert interior_mask(dyn, s, a).tolist() == [False, True, False, False]  # left wall, free, right wall, speed limit
     true = lambda x, u: dyn.step_fn(x, u, None)  # noqa: E731
-    same = model_agreement(true, true, mc_task, num_states=1024)
+    same = model_agreement(true, true, mc_problem, num_states=1024)
     assert same[K.WM_NMSE] == 0 and same[f"{K.INTERIOR}/{K.WM_DELTA_NMSE}_v"] == 0
-    other = model_agreement(dyn.no_force_fn, true, mc_task, num_states=1024)
+    other = model_agreement(dyn.no_force_fn, true, mc_problem, num_states=1024)
     assert 0.1 < other[f"{K.INTERIOR}/{K.WM_DELTA_NMSE}_v"] < 0.3  # the force is about 1/6 of Delta v's variance inside
     assert other[f"{K.WM_DELTA_NMSE}_v"] < other[f"{K.INTERIOR}/{K.WM_DELTA_NMSE}_v"]  # wall bounces dominate the box
 
@@ -450,10 +450,10 @@ def test_interior_mask_and_model_agreement(mc_task):
 def test_mujoco_unseen_goals_and_planning_grid():
     from qworld.planning_continuous import PLAN_BOXES, planning_grid
 
-    task = make_continuous_task(MUJOCO_REACHER_ID)
+    problem = make_continuous_problem(MUJOCO_REACHER_ID)
     tasks = UNSEEN_GOAL_TASKS[MUJOCO_REACHER_ID]
     assert set(tasks) == {"far_fingertip", "target_angle", "target_velocity"}
-    grid = planning_grid(task, (4, 4, 4, 4))
+    grid = planning_grid(problem, (4, 4, 4, 4))
     assert (grid.low, grid.high) == PLAN_BOXES[MUJOCO_REACHER_ID] and grid.periodic == (True, False, False, False)
     s = torch.tensor([[math.pi / 4, 0.0, 0.0, 0.0],  # stretched at 45 degrees: the far fingertip
                       [2 * math.pi - 0.05, 2.45, 0.0, 0.0],  # theta1 wraps to -0.05: the target angle

@@ -13,7 +13,7 @@ import torch
 
 from qworld import metrics as K
 from qworld.agents.pqn import PQNConfig
-from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, make_continuous_task
+from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, make_continuous_problem
 
 torch.set_num_threads(1)
 
@@ -101,11 +101,11 @@ def test_agent_q_fn_matches_load_q_and_is_differentiable_in_the_state(mountain_c
     from qworld.agents.adapter import agent_q_fn
 
     _, qfun = mountain_car_agent
-    task = make_continuous_task(MOUNTAIN_CAR_ID)
-    q_fn = agent_q_fn(qfun, task)
-    states = task.dynamics.uniform_states(7, torch.Generator().manual_seed(0)).float().requires_grad_(True)
+    problem = make_continuous_problem(MOUNTAIN_CAR_ID)
+    q_fn = agent_q_fn(qfun, problem)
+    states = problem.dynamics.uniform_states(7, torch.Generator().manual_seed(0)).float().requires_grad_(True)
     q_all = q_fn(states, None)  # [B, L, A]
-    obs = task.dynamics.observe(states.detach().double()).float().numpy()
+    obs = problem.dynamics.observe(states.detach().double()).float().numpy()
     np.testing.assert_allclose(q_all.detach().numpy(), qfun.q(obs), rtol=1e-5, atol=1e-6)
     goal = torch.tensor([0, 1, 2, 3, 0, 1, 2])
     np.testing.assert_allclose(q_fn(states, goal).detach().numpy(), qfun.q(obs, goal.numpy()), rtol=1e-5, atol=1e-6)
@@ -114,7 +114,7 @@ def test_agent_q_fn_matches_load_q_and_is_differentiable_in_the_state(mountain_c
     # the agent's own module is left alone: no gradients, training mode unchanged
     assert all(p.grad is None for p in qfun.module.parameters())
     with pytest.raises(ValueError):
-        agent_q_fn(qfun, make_continuous_task(MOUNTAIN_CAR_ID, num_goals=3))
+        agent_q_fn(qfun, make_continuous_problem(MOUNTAIN_CAR_ID, num_goals=3))
 
 
 def test_score_q_on_a_mountain_car_checkpoint(mountain_car_agent):

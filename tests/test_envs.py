@@ -24,7 +24,7 @@ from qworld_envs import (
     has_batched,
     indicator_goals,
     make_batched,
-    make_finite_task,
+    make_finite_problem,
     make_goals,
     true_P,
 )
@@ -284,27 +284,27 @@ def test_goal_errors():
 
 
 def test_make_finite_task_resolves_kwargs():
-    task = make_finite_task(ENV_ID, variant="windy", num_goals=3, goal_seed=7)
-    assert task.env_id == ENV_ID and task.mdp.meta["variant"] == "windy"
-    assert task.env_kwargs == {
+    problem = make_finite_problem(ENV_ID, variant="windy", num_goals=3, goal_seed=7)
+    assert problem.env_id == ENV_ID and problem.mdp.meta["variant"] == "windy"
+    assert problem.env_kwargs == {
         "variant": "windy", "layout": None, "goal_type": "indicator", "num_goals": 3,
         "goal_seed": 7, "goal_cells": None, "max_episode_steps": 100,
     }  # fmt: skip
-    assert task.max_episode_steps == 100
-    np.testing.assert_array_equal(task.goals.goal_states, indicator_goals(task.mdp, 3, seed=7).goal_states)
+    assert problem.max_episode_steps == 100
+    np.testing.assert_array_equal(problem.goals.goal_states, indicator_goals(problem.mdp, 3, seed=7).goal_states)
     np.testing.assert_array_equal(true_P(ENV_ID, variant="teleport"), four_rooms("teleport").P)
-    assert make_finite_task(ENV_ID).goals.num_goals == 68
+    assert make_finite_problem(ENV_ID).goals.num_goals == 68
 
 
 def test_make_finite_task_errors():
     with pytest.raises(TypeError, match="'colour'"):
-        make_finite_task(ENV_ID, colour="red")
+        make_finite_problem(ENV_ID, colour="red")
     with pytest.raises(ValueError, match="qworld/FourRooms-v0"):
-        make_finite_task("qworld/Nope-v0")
+        make_finite_problem("qworld/Nope-v0")
     with pytest.raises(ValueError, match="goal_type"):
-        make_finite_task(ENV_ID, goal_type="fingertip")
+        make_finite_problem(ENV_ID, goal_type="fingertip")
     with pytest.raises(ValueError, match="max_episode_steps"):
-        make_finite_task(ENV_ID, max_episode_steps=0)
+        make_finite_problem(ENV_ID, max_episode_steps=0)
 
 
 # --------------------------------------------------------------------------- gym env
@@ -322,22 +322,22 @@ def test_check_env_passes(kwargs):
     env = gymnasium.make(ENV_ID, **kwargs)
     check_env(env.unwrapped, skip_render_check=True)
     env = env.unwrapped
-    L = env.task.goals.num_goals
+    L = env.problem.goals.num_goals
     assert env.obs_dim == 68 and env.goal_dim == L and env.num_goals == L
     assert env.observation_space.shape == (68 + L,) and env.action_space.n == 4
 
 
 def test_gym_env_reset_and_goal_episode():
-    env = FourRoomsGoalEnv(make_finite_task(ENV_ID, goal_cells=[(9, 1), (1, 9)]))
-    goal_state = state_of(env.task.mdp, (1, 9))
-    obs, info = env.reset(seed=0, options={"goal": 1, "state": state_of(env.task.mdp, (2, 9))})
+    env = FourRoomsGoalEnv(make_finite_problem(ENV_ID, goal_cells=[(9, 1), (1, 9)]))
+    goal_state = state_of(env.problem.mdp, (1, 9))
+    obs, info = env.reset(seed=0, options={"goal": 1, "state": state_of(env.problem.mdp, (2, 9))})
     assert obs.dtype == np.float32 and obs.sum() == 2.0
     assert obs[info["state"]] == 1.0 and obs[68 + 1] == 1.0 and info["goal"] == 1
     obs, reward, terminated, truncated, info = env.step(UP)
     assert (reward, terminated, truncated, info["success"]) == (1.0, True, False, True)
     assert info["state"] == goal_state and obs[goal_state] == 1.0
-    np.testing.assert_array_equal(info["rewards"], env.task.goals.rewards[:, goal_state])
-    np.testing.assert_array_equal(info["terminals"], env.task.goals.terminal[:, goal_state])
+    np.testing.assert_array_equal(info["rewards"], env.problem.goals.rewards[:, goal_state])
+    np.testing.assert_array_equal(info["terminals"], env.problem.goals.terminal[:, goal_state])
     assert info["rewards"].dtype == np.float32 and info["terminals"].dtype == bool
     with pytest.raises(ValueError, match="not a non-terminal state"):
         env.reset(options={"goal": 1, "state": goal_state})
@@ -347,7 +347,7 @@ def test_gym_env_reset_and_goal_episode():
 
 def test_gym_env_start_states_avoid_the_goal_and_cover_the_rest():
     env = FourRoomsGoalEnv(variant="teleport", num_goals=2, goal_seed=1)
-    goal_states = env.task.goals.goal_states
+    goal_states = env.problem.goals.goal_states
     seen = {0: set(), 1: set()}
     env.reset(seed=0)
     for _ in range(3000):
@@ -393,9 +393,9 @@ SAMPLING_CASES = [("windy", (2, 2), UP), ("windy", (1, 1), LEFT), ("teleport", (
 def test_gym_env_samples_from_P(variant, cell, action):
     # dense goals: no state is terminal, so every state is a valid start
     env = FourRoomsGoalEnv(variant=variant, goal_type="dense", num_goals=2)
-    s = state_of(env.task.mdp, cell)
+    s = state_of(env.problem.mdp, cell)
     freq = gym_frequencies(env, s, action, 40_000)
-    P_row = env.task.mdp.P[s, action]
+    P_row = env.problem.mdp.P[s, action]
     assert (freq[P_row == 0] == 0).all()
     assert np.abs(freq - P_row).max() < 0.01
 
@@ -403,9 +403,9 @@ def test_gym_env_samples_from_P(variant, cell, action):
 @pytest.mark.parametrize("variant, cell, action", SAMPLING_CASES)
 def test_batched_env_samples_from_P(variant, cell, action):
     env = make_batched(ENV_ID, 100_000, seed=0, variant=variant, goal_type="dense", num_goals=2)
-    s = state_of(env.task.mdp, cell)
+    s = state_of(env.problem.mdp, cell)
     freq = batched_frequencies(env, s, action, 100_000)
-    P_row = env.task.mdp.P[s, action]
+    P_row = env.problem.mdp.P[s, action]
     assert (freq[P_row == 0] == 0).all()
     assert np.abs(freq - P_row).max() < 0.01
 
@@ -414,7 +414,7 @@ def test_batched_env_samples_from_P(variant, cell, action):
 def test_batched_env_transitions_stay_in_support_for_every_pair(variant):
     S, A, k = 68, 4, 50
     env = make_batched(ENV_ID, S * A * k, seed=0, variant=variant, goal_type="dense", num_goals=1)
-    P = torch.tensor(env.task.mdp.P)
+    P = torch.tensor(env.problem.mdp.P)
     env.reset()
     s = torch.arange(S).repeat_interleave(A * k)
     a = torch.arange(A).repeat_interleave(k).repeat(S)
@@ -455,7 +455,7 @@ def test_batched_reset_distribution():
     env = make_batched(ENV_ID, n, seed=0, num_goals=2, goal_seed=5)
     out = env.reset()
     goal, state = out["goal"], out["obs"].argmax(1)
-    goal_states = torch.tensor(env.task.goals.goal_states)
+    goal_states = torch.tensor(env.problem.goals.goal_states)
     assert abs(goal.double().mean().item() - 0.5) < 0.01
     assert not (state == goal_states[goal]).any()  # never start on the goal
     freq = torch.bincount(state[goal == 0], minlength=68).double() / (goal == 0).sum()
@@ -466,7 +466,7 @@ def test_batched_reset_distribution():
 
 def test_batched_step_outputs_match_goal_set():
     env = make_batched(ENV_ID, 256, seed=0, variant="windy", num_goals=10)
-    goals = env.task.goals
+    goals = env.problem.goals
     out = env.reset()
     for _ in range(30):
         goal = out["goal"]
@@ -484,7 +484,7 @@ def test_batched_step_outputs_match_goal_set():
 
 def test_batched_auto_reset_on_reaching_the_goal():
     env = make_batched(ENV_ID, 4, seed=0, goal_cells=[(1, 9), (9, 1), (9, 9)])
-    mdp = env.task.mdp
+    mdp = env.problem.mdp
     env.reset()
     # env 0 heads for goal 0 at (1, 9) from (3, 9): two steps up; the others wander in room 1
     env.goal = torch.tensor([0, 1, 1, 1])
@@ -501,7 +501,7 @@ def test_batched_auto_reset_on_reaching_the_goal():
     # obs is the start of the new episode: a non-terminal state of the redrawn goal
     new_state, new_goal = int(out["obs"][0].argmax()), int(out["goal"][0])
     assert new_state == int(env.state[0]) and new_goal == int(env.goal[0])
-    assert not env.task.goals.terminal[new_goal, new_state]
+    assert not env.problem.goals.terminal[new_goal, new_state]
     assert torch.equal(out["obs"][1:], out["next_obs"][1:]) and out["goal"][1:].eq(1).all()
 
 
@@ -544,7 +544,7 @@ def test_batched_seeding():
 def test_gym_registration_is_idempotent_and_make_passes_kwargs():
     importlib.reload(qworld_envs)
     env = gymnasium.make(ENV_ID, variant="teleport", num_goals=2)
-    assert env.unwrapped.task.mdp.meta["variant"] == "teleport" and env.unwrapped.num_goals == 2
+    assert env.unwrapped.problem.mdp.meta["variant"] == "teleport" and env.unwrapped.num_goals == 2
 
 
 def test_import_does_not_import_ray():
@@ -558,7 +558,7 @@ def test_base_modules_never_import_concrete_envs_or_the_registry():
     from pathlib import Path
 
     pkg = Path(qworld_envs.__file__).parent
-    base = ("finite", "goals", "kwargs", "tasks", "batched", "continuous")
+    base = ("finite", "goals", "kwargs", "problems", "batched", "continuous")
     concrete = ("four_rooms", "gym_env", "mountain_car", "reacher", "mujoco_reacher")
 
     def imported(module: str) -> set[str]:

@@ -33,7 +33,7 @@ def test_cells_are_the_cartesian_product_and_land_in_env_kwargs():
     spec = parse_sweep(raw)
     cells = spec.cells()
     assert len(cells) == 12
-    env_id, env_kwargs, agent = spec.cell_task(cells[-1])
+    env_id, env_kwargs, agent = spec.cell_config(cells[-1])
     assert env_kwargs["variant"] == "windy" and env_kwargs["num_goals"] == 68
     assert "seed" not in agent and "variant" not in agent
 
@@ -118,7 +118,7 @@ def test_cli_exits_2_and_launches_nothing(tmp_path):
 def _cell_q_output(spec, cell) -> str:
     from qworld.agents.pqn import PQNConfig
 
-    env_id, env_kwargs, agent = spec.cell_task(cell)
+    env_id, env_kwargs, agent = spec.cell_config(cell)
     return PQNConfig().training(env_id=env_id, env_kwargs=env_kwargs, **agent).resolved_q_output()
 
 
@@ -153,7 +153,7 @@ def test_a_case_may_set_its_own_agent_keywords():
                               {"variant": "deterministic", "goal_type": "dense", "num_goals": 1, "gamma": 0.9}],
                     "seed": [0]}
     spec = parse_sweep(raw)
-    agents = [spec.cell_task(c)[2] for c in spec.cells()]
+    agents = [spec.cell_config(c)[2] for c in spec.cells()]
     assert [a.get("gamma") for a in agents] == [None, 0.9]
     with pytest.raises(SweepSpecError, match=r"sweep.cases\[0\].gama: unknown key"):
         parse_sweep({**raw, "sweep": {"cases": [{"variant": "windy", "gama": 0.9}]}})

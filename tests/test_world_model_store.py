@@ -96,10 +96,10 @@ def test_score_checkpoint_hands_out_every_extracted_model(tmp_path, monkeypatch)
     import qworld.agents
     from qworld.bellman import solve_goal_q
     from qworld.sweep.score import score_checkpoint
-    from qworld_envs import make_finite_task
+    from qworld_envs import make_finite_problem
 
     env_kwargs = {"variant": "deterministic", "goal_type": "indicator", "num_goals": 4, "goal_seed": 0}
-    task = make_finite_task(ENV_ID, **env_kwargs)
+    task = make_finite_problem(ENV_ID, **env_kwargs)
     Q, _ = solve_goal_q(task.mdp.P, task.goals.rewards, 0.9, task.goals.terminal)
 
     class ExactQ:  # a checkpoint whose agent knows Q exactly

@@ -504,11 +504,11 @@ def _resolved_num_goals(env_id: str, env_kwargs: Mapping[str, Any]) -> int | Non
     key = json.dumps([env_id, env_kwargs], sort_keys=True, default=str)
     if key not in _NUM_GOALS_CACHE:
         try:
-            from qworld_envs import FINITE_ENVS, make_finite_task
+            from qworld_envs import FINITE_ENVS, make_finite_problem
 
             kwargs = {k: (tuple(map(tuple, v)) if k == "goal_cells" and v else v)
                       for k, v in env_kwargs.items()}
-            _NUM_GOALS_CACHE[key] = (make_finite_task(env_id, **kwargs).goals.num_goals
+            _NUM_GOALS_CACHE[key] = (make_finite_problem(env_id, **kwargs).goals.num_goals
                                      if env_id in FINITE_ENVS else None)
         except Exception:  # noqa: BLE001 - an env we cannot build keeps num_goals NA
             _NUM_GOALS_CACHE[key] = None

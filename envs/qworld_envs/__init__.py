@@ -15,7 +15,7 @@ from qworld_envs.continuous import (
     ContinuousDynamics,
     ContinuousGoalEnv,
     ContinuousGoals,
-    ContinuousTask,
+    ContinuousProblem,
 )
 from qworld_envs.finite import FiniteMDP
 from qworld_envs.four_rooms import FOUR_ROOMS_ID, FOUR_ROOMS_LAYOUT, VARIANTS, four_rooms
@@ -29,11 +29,11 @@ from qworld_envs.registry import (
     FINITE_ENVS,
     has_batched,
     make_batched,
-    make_continuous_task,
-    make_finite_task,
+    make_continuous_problem,
+    make_finite_problem,
     true_P,
 )
-from qworld_envs.tasks import FiniteTask
+from qworld_envs.problems import FiniteProblem
 
 # Guarded: re-importing (e.g. importlib.reload in a notebook) must not warn or fail.
 registry.register_gym_envs()
@@ -56,9 +56,9 @@ __all__ = [
     "ContinuousDynamics",
     "ContinuousGoalEnv",
     "ContinuousGoals",
-    "ContinuousTask",
+    "ContinuousProblem",
     "FiniteMDP",
-    "FiniteTask",
+    "FiniteProblem",
     "FourRoomsGoalEnv",
     "GoalSet",
     "dense_goals",
@@ -66,8 +66,8 @@ __all__ = [
     "has_batched",
     "indicator_goals",
     "make_batched",
-    "make_continuous_task",
-    "make_finite_task",
+    "make_continuous_problem",
+    "make_finite_problem",
     "make_goals",
     "resolve_kwargs",
     "true_P",

@@ -14,7 +14,7 @@ import torch
 
 from qworld_envs.finite import inverse_cdf
 from qworld_envs.goals import start_states
-from qworld_envs.tasks import FiniteTask
+from qworld_envs.problems import FiniteProblem
 
 
 class BatchedGoalEnv:
@@ -149,38 +149,38 @@ class BatchedGoalEnv:
 
 
 class BatchedFiniteEnv(BatchedGoalEnv):
-    """N copies of a finite goal-conditioned task, same semantics as ``FourRoomsGoalEnv``.
+    """N copies of a finite goal-conditioned problem, same semantics as ``FourRoomsGoalEnv``.
 
     ## Observation
     ``obs = one_hot(state)`` ``[N, S]`` float32; ``goal_features = eye(L)``.
 
     ## Dynamics
-    ``s' ~ task.mdp.P[s, a]`` by inverse-CDF sampling on the precomputed row CDFs,
+    ``s' ~ problem.mdp.P[s, a]`` by inverse-CDF sampling on the precomputed row CDFs,
     with a seeded ``torch.Generator``.
 
     ## Reward and episode end
-    ``rewards[:, g] = task.goals.rewards[g, s']``; terminated when ``s'`` is terminal
-    for the commanded goal; truncated after ``task.max_episode_steps`` steps.
+    ``rewards[:, g] = problem.goals.rewards[g, s']``; terminated when ``s'`` is terminal
+    for the commanded goal; truncated after ``problem.max_episode_steps`` steps.
 
     ## Start state
     On every reset the goal is uniform over the L goals and the start state uniform
     over the states that are not terminal for it.
 
     Attributes (besides ``BatchedGoalEnv``'s):
-        task: the ``FiniteTask``.
+        problem: the ``FiniteProblem``.
         state: ``[N]`` long, current state of each env.
     """
 
-    def __init__(self, task: FiniteTask, num_envs: int, seed: int = 0, device: str | torch.device = "cpu"):
+    def __init__(self, problem: FiniteProblem, num_envs: int, seed: int = 0, device: str | torch.device = "cpu"):
         super().__init__(num_envs, seed=seed, device=device)
-        mdp, goals = task.mdp, task.goals
+        mdp, goals = problem.mdp, problem.goals
         S, A, L = mdp.num_states, mdp.num_actions, goals.num_goals
-        self.task = task
+        self.problem = problem
         self.num_actions = A
         self.num_goals = L
         self.obs_dim = S
         self.goal_dim = L
-        self.max_episode_steps = int(task.max_episode_steps)
+        self.max_episode_steps = int(problem.max_episode_steps)
         dev = self.device
         self.goal_features = torch.eye(L, dtype=torch.float32, device=dev)
         self._eye = torch.eye(S, dtype=torch.float32, device=dev)

@@ -2,15 +2,15 @@
 
 Shapes: N states (or envs), d state dims, k goal-feature dims, L goals, A actions.
 
-A continuous env is a :class:`ContinuousTask`: true dynamics (:class:`ContinuousDynamics`,
+A continuous env is a :class:`ContinuousProblem`: true dynamics (:class:`ContinuousDynamics`,
 pure batched torch functions with the randomness passed in) and a goal family
 (:class:`ContinuousGoals`, rewards on arrival at s' for all L goals at once). The gymnasium
 env, the batched env, the grid ground truth and P-learning all build it with
-:func:`qworld_envs.make_continuous_task`, so they agree by construction.
+:func:`qworld_envs.make_continuous_problem`, so they agree by construction.
 
 The env modules (``mountain_car``, ``reacher``, ``mujoco_reacher``) import this one, never
 the other way round; ``qworld_envs.registry`` maps the ids below to them (gymnasium ids,
-task and batched factories).
+problem and batched factories).
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ class ContinuousDynamics:
 
 
 @dataclass(frozen=True)
-class ContinuousTask:
+class ContinuousProblem:
     """A continuous env's true dynamics, its goal set, and the kwargs that made them.
 
     Attributes:
@@ -327,7 +327,7 @@ class ContinuousTask:
 # gymnasium env
 # --------------------------------------------------------------------------------------
 class ContinuousGoalEnv(gymnasium.Env):
-    """Goal-conditioned gymnasium env over a :class:`ContinuousTask` (base of the
+    """Goal-conditioned gymnasium env over a :class:`ContinuousProblem` (base of the
     MountainCar and toy-Reacher envs; see their docstrings for spaces and dynamics).
 
     Observation ``concat(observe(state), goal_features[goal])`` float32; ``info`` carries
@@ -335,27 +335,27 @@ class ContinuousGoalEnv(gymnasium.Env):
     ``terminals [L]`` (every goal's) and ``success`` (commanded goal within its radius).
     ``reset(options={"goal": g, "state": s})`` fixes the commanded goal / start state.
     The dynamics run in float64 on CPU through the same torch functions as the batched env.
-    A subclass sets ``make_task`` (env kwargs -> its ``ContinuousTask``), used when no
-    ``task`` is given.
+    A subclass sets ``make_problem`` (env kwargs -> its ``ContinuousProblem``), used when no
+    ``problem`` is given.
     """
 
     metadata = {"render_modes": [], "render_fps": 30}
-    make_task: Callable[..., ContinuousTask]
+    make_problem: Callable[..., ContinuousProblem]
 
-    def __init__(self, task: ContinuousTask | None = None, render_mode: str | None = None, **env_kwargs: Any):
-        if task is None:
-            task = self.make_task(**env_kwargs)
+    def __init__(self, problem: ContinuousProblem | None = None, render_mode: str | None = None, **env_kwargs: Any):
+        if problem is None:
+            problem = self.make_problem(**env_kwargs)
         elif env_kwargs:
-            raise TypeError(f"give either a task or env kwargs, not both (got {sorted(env_kwargs)})")
+            raise TypeError(f"give either a problem or env kwargs, not both (got {sorted(env_kwargs)})")
         if render_mode is not None:
             raise ValueError(f"{type(self).__name__} does not render; render_mode must be None, got {render_mode!r}")
-        self.task = task
+        self.problem = problem
         self.render_mode = None
-        dyn, goals = task.dynamics, task.goals
+        dyn, goals = problem.dynamics, problem.goals
         self.num_goals = goals.num_goals
         self.obs_dim = dyn.obs_dim
         self.goal_dim = goals.goal_dim
-        self.max_episode_steps = task.max_episode_steps
+        self.max_episode_steps = problem.max_episode_steps
         self.goal_features = goals.features.numpy()
         low = np.concatenate([dyn.obs_low, goals.feature_low]).astype(np.float32)
         high = np.concatenate([dyn.obs_high, goals.feature_high]).astype(np.float32)
@@ -366,20 +366,20 @@ class ContinuousGoalEnv(gymnasium.Env):
         self._t = 0
 
     def _obs(self) -> np.ndarray:
-        obs = self.task.dynamics.observe(torch.as_tensor(self._state)[None])[0].numpy()
+        obs = self.problem.dynamics.observe(torch.as_tensor(self._state)[None])[0].numpy()
         obs = np.concatenate([obs, self.goal_features[self._goal]]).astype(np.float32)
         return np.clip(obs, self.observation_space.low, self.observation_space.high)
 
     def _sample_start(self) -> np.ndarray:
-        dyn = self.task.dynamics
-        if self.task.uniform_starts:
+        dyn = self.problem.dynamics
+        if self.problem.uniform_starts:
             return np.asarray(dyn.low) + (np.asarray(dyn.high) - np.asarray(dyn.low)) * self.np_random.random(dyn.state_dim)
         u = self.np_random.random(dyn.reset_dim)
         return dyn.reset_fn(torch.as_tensor(u)[None])[0].numpy()
 
     def _advance(self, action: int) -> np.ndarray:
         """Next world-model state ``[d]`` after ``action`` (true dynamics)."""
-        dyn = self.task.dynamics
+        dyn = self.problem.dynamics
         noise = None
         if dyn.noise_dim:
             noise = torch.as_tensor(self.np_random.standard_normal(dyn.noise_dim))[None]
@@ -399,8 +399,8 @@ class ContinuousGoalEnv(gymnasium.Env):
             state = self._sample_start()
         else:
             state = np.asarray(state, dtype=np.float64)
-            if state.shape != (self.task.dynamics.state_dim,):
-                raise ValueError(f"options['state'] must have shape [{self.task.dynamics.state_dim}], got {state.shape}")
+            if state.shape != (self.problem.dynamics.state_dim,):
+                raise ValueError(f"options['state'] must have shape [{self.problem.dynamics.state_dim}], got {state.shape}")
         self._set_state(state)
         self._t = 0
         return self._obs(), {"state": self._state.copy(), "goal": self._goal}
@@ -411,10 +411,10 @@ class ContinuousGoalEnv(gymnasium.Env):
         self._state = self._advance(int(action))
         self._t += 1
         s2 = torch.as_tensor(self._state)[None]
-        rewards, terminals = self.task.goals.rewards_terminals(s2)
+        rewards, terminals = self.problem.goals.rewards_terminals(s2)
         rewards = rewards[0].numpy().astype(np.float32)
         terminals = terminals[0].numpy()
-        success = bool(self.task.goals.success(s2)[0, self._goal])
+        success = bool(self.problem.goals.success(s2)[0, self._goal])
         terminated = bool(terminals[self._goal])
         truncated = self._t >= self.max_episode_steps and not terminated
         info = {"state": self._state.copy(), "goal": self._goal, "rewards": rewards,
@@ -426,14 +426,14 @@ class ContinuousGoalEnv(gymnasium.Env):
 # batched env
 # --------------------------------------------------------------------------------------
 class BatchedContinuousEnv(BatchedGoalEnv):
-    """N copies of a continuous goal-conditioned task on one torch device, same semantics
+    """N copies of a continuous goal-conditioned problem on one torch device, same semantics
     as :class:`ContinuousGoalEnv` (see ``BatchedGoalEnv`` for the step dict).
 
     ## Observation
     ``obs = observe(state)`` ``[N, obs_dim]`` float32; ``goal_features = goals.centers``.
 
     ## Dynamics
-    The task's ``step_fn`` on a float64 state ``[N, d]``; noise (stochastic variants),
+    The problem's ``step_fn`` on a float64 state ``[N, d]``; noise (stochastic variants),
     resets and goals drawn from a seeded ``torch.Generator``. Dynamics that are not torch
     functions (``differentiable=False``: MuJoCo, a python loop over rows) run on the CPU
     only; any other device is a ``ValueError``. MuJoCo Reacher's ``mujoco_reacher_step``
@@ -451,36 +451,36 @@ class BatchedContinuousEnv(BatchedGoalEnv):
     env's reset distribution (uniform over the box with ``start_states="uniform"``).
 
     Attributes (besides ``BatchedGoalEnv``'s):
-        task: the ``ContinuousTask``.
+        problem: the ``ContinuousProblem``.
         state: ``[N, d]`` float64 world-model state (may be overwritten).
         goal: ``[N]`` long commanded goal.
     """
 
-    def __init__(self, task: ContinuousTask, num_envs: int, seed: int = 0, device: str | torch.device = "cpu"):
-        if not task.dynamics.differentiable and torch.device(device).type != "cpu":
-            raise ValueError(f"{task.env_id} steps its dynamics on the CPU (numpy/MuJoCo, not torch), so its "
+    def __init__(self, problem: ContinuousProblem, num_envs: int, seed: int = 0, device: str | torch.device = "cpu"):
+        if not problem.dynamics.differentiable and torch.device(device).type != "cpu":
+            raise ValueError(f"{problem.env_id} steps its dynamics on the CPU (numpy/MuJoCo, not torch), so its "
                              f"batched env needs device 'cpu', got {str(torch.device(device))!r}")
         super().__init__(num_envs, seed=seed, device=device)
-        self.task = task
-        dyn, goals = task.dynamics, task.goals
+        self.problem = problem
+        dyn, goals = problem.dynamics, problem.goals
         self.num_actions = dyn.num_actions
         self.num_goals = goals.num_goals
         self.obs_dim = dyn.obs_dim
         self.goal_dim = goals.goal_dim
-        self.max_episode_steps = task.max_episode_steps
+        self.max_episode_steps = problem.max_episode_steps
         self.goal_features = goals.features.to(self.device)
 
     def _draw_resets(self) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.num_envs
         goal = torch.randint(self.num_goals, (n,), generator=self._gen, device=self.device)
-        return goal, self.task.start_states(n, self._gen, torch.float64, self.device)
+        return goal, self.problem.start_states(n, self._gen, torch.float64, self.device)
 
     def _transition(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s2 = self.task.dynamics.step(self.state, actions, self._gen)
+        s2 = self.problem.dynamics.step(self.state, actions, self._gen)
         return (s2, *self._draw_resets())
 
     def _outcomes(self, next_state: torch.Tensor, goal: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        goals = self.task.goals
+        goals = self.problem.goals
         rewards, terminals = goals.rewards_terminals(next_state)
         rewards = rewards.float()
         reward = rewards.gather(1, goal[:, None]).squeeze(1)
@@ -489,4 +489,4 @@ class BatchedContinuousEnv(BatchedGoalEnv):
         return rewards, terminals, reward, terminated, success
 
     def _observe(self, states: torch.Tensor) -> torch.Tensor:
-        return self.task.dynamics.observe(states).float()
+        return self.problem.dynamics.observe(states).float()

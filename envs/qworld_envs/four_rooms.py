@@ -1,4 +1,4 @@
-"""FourRooms gridworlds (and any other ASCII grid) as finite MDPs, and the ``qworld/FourRooms-v0`` task."""
+"""FourRooms gridworlds (and any other ASCII grid) as finite MDPs, and the ``qworld/FourRooms-v0`` problem."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from qworld_envs.finite import FiniteMDP
-from qworld_envs.tasks import FiniteEnvSpec, FiniteTask, build_finite_task
+from qworld_envs.problems import FiniteEnvSpec, FiniteProblem, build_finite_problem
 
 FOUR_ROOMS_ID = "qworld/FourRooms-v0"
 
@@ -133,7 +133,7 @@ def four_rooms(variant: str = "deterministic", layout: str | None = None) -> Fin
     - ``"teleport"``: deterministic moves, except that from a 'T' cell *any* action sends
       the agent to a uniformly random free cell of the diagonally opposite room (the
       room holding cell ``(H-1-r, W-1-c)``). The agent can enter and stand on a 'T'
-      cell, so a safety task can forbid those states.
+      cell, so a safety problem can forbid those states.
 
     ## Rooms and doorways
     A doorway is a free cell with walls on two opposite sides and free cells on the
@@ -211,12 +211,12 @@ def four_rooms(variant: str = "deterministic", layout: str | None = None) -> Fin
     return FiniteMDP(P, coords=coords, name=f"FourRooms-{variant}", meta=meta)
 
 
-# kwargs of qworld/FourRooms-v0 besides tasks.GOAL_KWARGS, with their defaults
+# kwargs of qworld/FourRooms-v0 besides problems.GOAL_KWARGS, with their defaults
 FOUR_ROOMS_SPEC = FiniteEnvSpec(build_mdp=four_rooms, mdp_defaults={"variant": "deterministic", "layout": None})
 
 
-def make_four_rooms_task(**env_kwargs: Any) -> FiniteTask:
-    """The ``qworld/FourRooms-v0`` task: kwargs ``variant`` ("deterministic"), ``layout``
+def make_four_rooms_problem(**env_kwargs: Any) -> FiniteProblem:
+    """The ``qworld/FourRooms-v0`` problem: kwargs ``variant`` ("deterministic"), ``layout``
     (None), ``goal_type`` ("indicator"), ``num_goals`` (None), ``goal_seed`` (0),
     ``goal_cells`` (None), ``max_episode_steps`` (100)."""
-    return build_finite_task(FOUR_ROOMS_ID, FOUR_ROOMS_SPEC, env_kwargs)
+    return build_finite_problem(FOUR_ROOMS_ID, FOUR_ROOMS_SPEC, env_kwargs)

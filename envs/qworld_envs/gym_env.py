@@ -1,4 +1,4 @@
-"""Goal-conditioned gymnasium env over a finite task (registered as ``qworld/FourRooms-v0``)."""
+"""Goal-conditioned gymnasium env over a finite problem (registered as ``qworld/FourRooms-v0``)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from qworld_envs.four_rooms import make_four_rooms_task
+from qworld_envs.four_rooms import make_four_rooms_problem
 from qworld_envs.goals import commanded_goal, start_states
-from qworld_envs.tasks import FiniteTask
+from qworld_envs.problems import FiniteProblem
 
 
 class FourRoomsGoalEnv(gymnasium.Env):
-    """Goal-conditioned FourRooms (or any finite task built by ``make_finite_task``).
+    """Goal-conditioned FourRooms (or any finite problem built by ``make_finite_problem``).
 
     ## Action space
     ``Discrete(A)``; for FourRooms 0 up, 1 right, 2 down, 3 left.
@@ -24,11 +24,11 @@ class FourRoomsGoalEnv(gymnasium.Env):
     with ``goal_features`` the one-hot rows of the L goals.
 
     ## Dynamics
-    ``s' ~ task.mdp.P[s, a]``, drawn with ``self.np_random`` (see ``four_rooms`` for the
+    ``s' ~ problem.mdp.P[s, a]``, drawn with ``self.np_random`` (see ``four_rooms`` for the
     deterministic / windy / teleport variants).
 
     ## Reward
-    ``task.goals.rewards[goal, s']`` for the commanded goal; ``info["rewards"]`` holds
+    ``problem.goals.rewards[goal, s']`` for the commanded goal; ``info["rewards"]`` holds
     the reward of every goal for the same transition.
 
     ## Starting state
@@ -39,36 +39,36 @@ class FourRoomsGoalEnv(gymnasium.Env):
     ## Episode end
     Terminated on arriving in a terminal state of the commanded goal (indicator goals:
     the goal cell; dense goals never terminate); truncated after
-    ``task.max_episode_steps`` steps.
+    ``problem.max_episode_steps`` steps.
 
     ## Info
     ``state``, ``goal`` (ints); after a step also ``rewards [L]`` float32,
     ``terminals [L]`` bool (every goal's), ``success`` (commanded goal reached).
 
     Args:
-        task: a ``FiniteTask``; None to build one from ``env_kwargs``.
+        problem: a ``FiniteProblem``; None to build one from ``env_kwargs``.
         render_mode: None or "ansi" (a text picture of the grid).
-        **env_kwargs: passed to ``make_task`` (``make_finite_task(FOUR_ROOMS_ID, ...)``)
-            when ``task`` is None.
+        **env_kwargs: passed to ``make_problem`` (``make_finite_problem(FOUR_ROOMS_ID, ...)``)
+            when ``problem`` is None.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
-    make_task = staticmethod(make_four_rooms_task)  # env kwargs -> FiniteTask
+    make_problem = staticmethod(make_four_rooms_problem)  # env kwargs -> FiniteProblem
 
-    def __init__(self, task: FiniteTask | None = None, render_mode: str | None = None, **env_kwargs: Any):
-        if task is None:
-            task = self.make_task(**env_kwargs)
+    def __init__(self, problem: FiniteProblem | None = None, render_mode: str | None = None, **env_kwargs: Any):
+        if problem is None:
+            problem = self.make_problem(**env_kwargs)
         elif env_kwargs:
-            raise TypeError(f"give either a task or env kwargs, not both (got {sorted(env_kwargs)})")
+            raise TypeError(f"give either a problem or env kwargs, not both (got {sorted(env_kwargs)})")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
-        self.task = task
+        self.problem = problem
         self.render_mode = render_mode
-        mdp, goals = task.mdp, task.goals
+        mdp, goals = problem.mdp, problem.goals
         self.obs_dim = mdp.num_states
         self.goal_dim = goals.num_goals
         self.num_goals = goals.num_goals
-        self.max_episode_steps = task.max_episode_steps
+        self.max_episode_steps = problem.max_episode_steps
         self.goal_features = np.eye(self.num_goals, dtype=np.float32)
         self._rewards = goals.rewards.astype(np.float32)
         self._terminal = goals.terminal
@@ -101,7 +101,7 @@ class FourRoomsGoalEnv(gymnasium.Env):
     def step(self, action):
         if not self.action_space.contains(action):
             raise ValueError(f"invalid action {action!r} for {self.action_space}")
-        s2 = self.task.mdp.sample_next(self._state, int(action), self.np_random)
+        s2 = self.problem.mdp.sample_next(self._state, int(action), self.np_random)
         self._state = s2
         self._t += 1
         reward = float(self._rewards[self._goal, s2])
@@ -119,11 +119,11 @@ class FourRoomsGoalEnv(gymnasium.Env):
     def render(self) -> str | None:
         if self.render_mode != "ansi":
             return None
-        mdp = self.task.mdp
+        mdp = self.problem.mdp
         if mdp.coords is None or "layout" not in mdp.meta:
             return f"state {self._state}, goal {self._goal}"
         rows = [list(line) for line in mdp.meta["layout"].splitlines()]
-        goal_state = self.task.goals.goal_states
+        goal_state = self.problem.goals.goal_states
         if goal_state is not None:
             r, c = mdp.coords[goal_state[self._goal]]
             rows[r][c] = "G"

@@ -18,7 +18,7 @@ from qworld_envs.continuous import (
     ContinuousDynamics,
     ContinuousGoalEnv,
     ContinuousGoals,
-    ContinuousTask,
+    ContinuousProblem,
 )
 from qworld_envs.kwargs import resolve_kwargs
 
@@ -214,12 +214,12 @@ def mountain_car_dynamics(action_noise: float = 0.0) -> ContinuousDynamics:
     )
 
 
-def make_mountain_car_task(**env_kwargs: Any) -> ContinuousTask:
-    """MountainCar task from env kwargs (see ``DEFAULTS`` for names and defaults)."""
+def make_mountain_car_problem(**env_kwargs: Any) -> ContinuousProblem:
+    """MountainCar problem from env kwargs (see ``DEFAULTS`` for names and defaults)."""
     kw = resolve_kwargs(MOUNTAIN_CAR_ID, DEFAULTS, env_kwargs)
     goals = mountain_car_goals(kw["goal_type"], kw["num_goals"], kw["reward"], kw["goal_centers"],
                                kw["threshold"], kw["sigma"])
-    return ContinuousTask(dynamics=mountain_car_dynamics(kw["action_noise"]), goals=goals,
+    return ContinuousProblem(dynamics=mountain_car_dynamics(kw["action_noise"]), goals=goals,
                           env_id=MOUNTAIN_CAR_ID, env_kwargs=kw)
 
 
@@ -259,9 +259,9 @@ class MountainCarGoalEnv(ContinuousGoalEnv):
     never terminate); truncated after 200 steps.
 
     Args:
-        task: a ``ContinuousTask`` (else built from ``env_kwargs``, see
+        problem: a ``ContinuousProblem`` (else built from ``env_kwargs``, see
             ``mountain_car.DEFAULTS``: goal_type, num_goals, goal_centers, reward,
             threshold, sigma, action_noise, start_states, max_episode_steps).
     """
 
-    make_task = staticmethod(make_mountain_car_task)
+    make_problem = staticmethod(make_mountain_car_problem)

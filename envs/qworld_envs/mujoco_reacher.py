@@ -3,7 +3,7 @@
 Shapes: N states, L goals. World-model state ``(theta1, theta2, omega1, omega2)`` (the
 arm's joint angles and velocities; theta1 wrapped to [-pi, pi), theta2 limited to
 [-3, 3] by the model). No torch dynamics: ``mujoco_reacher_step`` simulates a batch
-row by row with MuJoCo, which the batched env (``BatchedContinuousEnv`` over this task,
+row by row with MuJoCo, which the batched env (``BatchedContinuousEnv`` over this problem,
 CPU only) uses for PQN's fast env runner; the gymnasium env also runs through RLlib's standard runner. Nothing here
 renders, so no GL context is ever created.
 """
@@ -26,7 +26,7 @@ from qworld_envs.continuous import (
     MUJOCO_REACHER_ID,
     ContinuousDynamics,
     ContinuousGoalEnv,
-    ContinuousTask,
+    ContinuousProblem,
     wrap_angle,
 )
 from qworld_envs.kwargs import resolve_kwargs
@@ -145,8 +145,8 @@ def mujoco_reacher_dynamics(torque_scale: float = TORQUE_SCALE) -> ContinuousDyn
     )
 
 
-def make_mujoco_reacher_task(**env_kwargs: Any) -> ContinuousTask:
-    """MuJoCo Reacher task from env kwargs (see ``DEFAULTS``)."""
+def make_mujoco_reacher_problem(**env_kwargs: Any) -> ContinuousProblem:
+    """MuJoCo Reacher problem from env kwargs (see ``DEFAULTS``)."""
     kw = resolve_kwargs(MUJOCO_REACHER_ID, DEFAULTS, env_kwargs)
     if kw["goal_type"] != "fingertip":
         raise ValueError(f"MujocoReacher goal_type must be 'fingertip', got {kw['goal_type']!r}")
@@ -154,7 +154,7 @@ def make_mujoco_reacher_task(**env_kwargs: Any) -> ContinuousTask:
         raise ValueError(f"torque_scale must lie in [0, 1], got {kw['torque_scale']}")
     goals = fingertip_goals(kw["num_goals"], kw["reward"], kw["goal_centers"], kw["threshold"], kw["sigma"],
                             feature_fn=mujoco_fingertip, reach=LINK1 + LINK2, radius=0.1)
-    return ContinuousTask(dynamics=mujoco_reacher_dynamics(kw["torque_scale"]), goals=goals,
+    return ContinuousProblem(dynamics=mujoco_reacher_dynamics(kw["torque_scale"]), goals=goals,
                           env_id=MUJOCO_REACHER_ID, env_kwargs=kw)
 
 
@@ -187,18 +187,18 @@ class MujocoReacherGoalEnv(ContinuousGoalEnv):
     Terminated when a sparse target is reached; truncated after 100 steps.
     """
 
-    make_task = staticmethod(make_mujoco_reacher_task)
+    make_problem = staticmethod(make_mujoco_reacher_problem)
 
-    def __init__(self, task: ContinuousTask | None = None, render_mode: str | None = None, **env_kwargs: Any):
-        super().__init__(task, render_mode, **env_kwargs)
-        self._sim = DiscretizedTorque(ReacherEnv(), float(self.task.env_kwargs["torque_scale"]))
+    def __init__(self, problem: ContinuousProblem | None = None, render_mode: str | None = None, **env_kwargs: Any):
+        super().__init__(problem, render_mode, **env_kwargs)
+        self._sim = DiscretizedTorque(ReacherEnv(), float(self.problem.env_kwargs["torque_scale"]))
         self._raw: ReacherEnv = self._sim.unwrapped
 
     def _set_state(self, state: np.ndarray) -> None:
         super()._set_state(state)
         raw = self._raw
         mujoco.mj_resetData(raw.model, raw.data)
-        target = self.task.goals.centers[self._goal].numpy()
+        target = self.problem.goals.centers[self._goal].numpy()
         raw.set_state(np.concatenate([self._state[:2], target]), np.concatenate([self._state[2:], [0.0, 0.0]]))
 
     def _advance(self, action: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from qworld_envs.continuous import (
     ContinuousDynamics,
     ContinuousGoalEnv,
     ContinuousGoals,
-    ContinuousTask,
+    ContinuousProblem,
     wrap_angle,
 )
 from qworld_envs.kwargs import resolve_kwargs
@@ -150,13 +150,13 @@ def reacher_dynamics(max_speed: float = MAX_SPEED) -> ContinuousDynamics:
     )
 
 
-def make_reacher_task(**env_kwargs: Any) -> ContinuousTask:
-    """Toy-Reacher task from env kwargs (see ``DEFAULTS``)."""
+def make_reacher_problem(**env_kwargs: Any) -> ContinuousProblem:
+    """Toy-Reacher problem from env kwargs (see ``DEFAULTS``)."""
     kw = resolve_kwargs(REACHER_ID, DEFAULTS, env_kwargs)
     if kw["goal_type"] not in GOAL_TYPES:
         raise ValueError(f"Reacher goal_type must be one of {GOAL_TYPES}, got {kw['goal_type']!r}")
     goals = fingertip_goals(kw["num_goals"], kw["reward"], kw["goal_centers"], kw["threshold"], kw["sigma"])
-    return ContinuousTask(dynamics=reacher_dynamics(kw["max_speed"]), goals=goals, env_id=REACHER_ID, env_kwargs=kw)
+    return ContinuousProblem(dynamics=reacher_dynamics(kw["max_speed"]), goals=goals, env_id=REACHER_ID, env_kwargs=kw)
 
 
 class ReacherGoalEnv(ContinuousGoalEnv):
@@ -188,4 +188,4 @@ class ReacherGoalEnv(ContinuousGoalEnv):
     Terminated when a sparse target is reached; truncated after 100 steps.
     """
 
-    make_task = staticmethod(make_reacher_task)
+    make_problem = staticmethod(make_reacher_problem)

@@ -1,11 +1,11 @@
-"""Env ids -> tasks, batched envs and gymnasium envs: the one place where envs are registered.
+"""Env ids -> problems, batched envs and gymnasium envs: the one place where envs are registered.
 
 Every id is a finite env (``FINITE_ENVS``: id -> ``FiniteEnvSpec``) or a continuous env
-(``CONTINUOUS_ENVS``: id -> task factory); ``BATCHED_ENVS`` maps every id to its batched
-factory (``BatchedFiniteEnv`` / ``BatchedContinuousEnv`` over the id's task) and
+(``CONTINUOUS_ENVS``: id -> problem factory); ``BATCHED_ENVS`` maps every id to its batched
+factory (``BatchedFiniteEnv`` / ``BatchedContinuousEnv`` over the id's problem) and
 ``GYM_ENTRY_POINTS`` to its gymnasium env. This module imports the concrete env modules;
 they never import it. ``qworld_envs.mujoco_reacher`` (which loads MuJoCo) is imported
-only when its task or env is first built.
+only when its problem or env is first built.
 """
 
 from __future__ import annotations
@@ -23,30 +23,30 @@ from qworld_envs.continuous import (
     MUJOCO_REACHER_ID,
     REACHER_ID,
     BatchedContinuousEnv,
-    ContinuousTask,
+    ContinuousProblem,
 )
 from qworld_envs.four_rooms import FOUR_ROOMS_ID, FOUR_ROOMS_SPEC
-from qworld_envs.mountain_car import make_mountain_car_task
-from qworld_envs.reacher import make_reacher_task
-from qworld_envs.tasks import FiniteEnvSpec, FiniteTask, build_finite_task
+from qworld_envs.mountain_car import make_mountain_car_problem
+from qworld_envs.reacher import make_reacher_problem
+from qworld_envs.problems import FiniteEnvSpec, FiniteProblem, build_finite_problem
 
 
-def _make_mujoco_reacher_task(**env_kwargs: Any) -> ContinuousTask:
-    from qworld_envs.mujoco_reacher import make_mujoco_reacher_task  # loads MuJoCo: only when used
+def _make_mujoco_reacher_problem(**env_kwargs: Any) -> ContinuousProblem:
+    from qworld_envs.mujoco_reacher import make_mujoco_reacher_problem  # loads MuJoCo: only when used
 
-    return make_mujoco_reacher_task(**env_kwargs)
+    return make_mujoco_reacher_problem(**env_kwargs)
 
 
-# env id -> how to build its MDP (kwargs: the spec's plus tasks.GOAL_KWARGS).
+# env id -> how to build its MDP (kwargs: the spec's plus problems.GOAL_KWARGS).
 FINITE_ENVS: dict[str, FiniteEnvSpec] = {
     FOUR_ROOMS_ID: FOUR_ROOMS_SPEC,
 }
 
-# env id -> factory(**env_kwargs) -> ContinuousTask (kwargs: the env module's DEFAULTS).
-CONTINUOUS_ENVS: dict[str, Callable[..., ContinuousTask]] = {
-    MOUNTAIN_CAR_ID: make_mountain_car_task,
-    REACHER_ID: make_reacher_task,
-    MUJOCO_REACHER_ID: _make_mujoco_reacher_task,
+# env id -> factory(**env_kwargs) -> ContinuousProblem (kwargs: the env module's DEFAULTS).
+CONTINUOUS_ENVS: dict[str, Callable[..., ContinuousProblem]] = {
+    MOUNTAIN_CAR_ID: make_mountain_car_problem,
+    REACHER_ID: make_reacher_problem,
+    MUJOCO_REACHER_ID: _make_mujoco_reacher_problem,
 }
 
 # env id -> "module:class" of its gymnasium env (imported by gymnasium on first make).
@@ -61,7 +61,7 @@ GYM_ENTRY_POINTS: dict[str, str] = {
 CPU_ONLY_BATCHED: set[str] = {MUJOCO_REACHER_ID}
 
 
-def make_finite_task(env_id: str = FOUR_ROOMS_ID, **env_kwargs: Any) -> FiniteTask:
+def make_finite_problem(env_id: str = FOUR_ROOMS_ID, **env_kwargs: Any) -> FiniteProblem:
     """Build the true MDP and the goal set of a finite env.
 
     For ``"qworld/FourRooms-v0"`` the kwargs are ``variant`` ("deterministic"),
@@ -72,7 +72,7 @@ def make_finite_task(env_id: str = FOUR_ROOMS_ID, **env_kwargs: Any) -> FiniteTa
         ValueError: unknown env id or a bad kwarg value.
         TypeError: unknown kwargs (named in the message).
     """
-    return build_finite_task(env_id, _finite_spec(env_id), env_kwargs)
+    return build_finite_problem(env_id, _finite_spec(env_id), env_kwargs)
 
 
 def true_P(env_id: str = FOUR_ROOMS_ID, **env_kwargs: Any) -> np.ndarray:
@@ -87,10 +87,10 @@ def _finite_spec(env_id: str) -> FiniteEnvSpec:
     return FINITE_ENVS[env_id]
 
 
-def make_continuous_task(env_id: str, **env_kwargs: Any) -> ContinuousTask:
+def make_continuous_problem(env_id: str, **env_kwargs: Any) -> ContinuousProblem:
     """Build the true dynamics and goal set of a continuous env from its kwargs.
 
-    See ``make_mountain_car_task``, ``make_reacher_task`` and ``make_mujoco_reacher_task``
+    See ``make_mountain_car_problem``, ``make_reacher_problem`` and ``make_mujoco_reacher_problem``
     (and each module's ``DEFAULTS``) for each env's kwargs and defaults.
 
     Raises:
@@ -104,24 +104,24 @@ def make_continuous_task(env_id: str, **env_kwargs: Any) -> ContinuousTask:
 
 def _build_batched(
     batched_cls: type[BatchedGoalEnv],
-    make_task: Callable[..., Any],
+    make_problem: Callable[..., Any],
     num_envs: int,
     seed: int = 0,
     device: str | torch.device = "cpu",
     **env_kwargs: Any,
 ) -> BatchedGoalEnv:
-    return batched_cls(make_task(**env_kwargs), num_envs, seed=seed, device=device)
+    return batched_cls(make_problem(**env_kwargs), num_envs, seed=seed, device=device)
 
 
 # env id -> factory(num_envs, seed=0, device="cpu", **env_kwargs) -> BatchedGoalEnv.
 BATCHED_ENVS: dict[str, Callable[..., BatchedGoalEnv]] = {
     **{
-        env_id: functools.partial(_build_batched, BatchedFiniteEnv, functools.partial(make_finite_task, env_id))
+        env_id: functools.partial(_build_batched, BatchedFiniteEnv, functools.partial(make_finite_problem, env_id))
         for env_id in FINITE_ENVS
     },
     **{
-        env_id: functools.partial(_build_batched, BatchedContinuousEnv, make_task)
-        for env_id, make_task in CONTINUOUS_ENVS.items()
+        env_id: functools.partial(_build_batched, BatchedContinuousEnv, make_problem)
+        for env_id, make_problem in CONTINUOUS_ENVS.items()
     },
 }
 

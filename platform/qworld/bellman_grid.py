@@ -299,12 +299,12 @@ def grid_q(
     return Q.permute(2, 1, 0).reshape(L, *grid.shape, A).contiguous()
 
 
-def grid_q_for_task(task: Any, grid_shape: Sequence[int], gamma: float, policy: Any = None,
+def grid_q_for_problem(problem: Any, grid_shape: Sequence[int], gamma: float, policy: Any = None,
                     step_fn: StepFn | None = None, quadrature: int = 5, **kwargs: Any) -> tuple[torch.Tensor, Grid]:
-    """Grid Q of a ``qworld_envs`` ``ContinuousTask``'s goals (true dynamics by default).
+    """Grid Q of a ``qworld_envs`` ``ContinuousProblem``'s goals (true dynamics by default).
 
     Args:
-        task: the ``ContinuousTask``.
+        problem: the ``ContinuousProblem``.
         grid_shape: points per state dim.
         gamma: discount.
         policy: as in :func:`grid_q`.
@@ -315,17 +315,17 @@ def grid_q_for_task(task: Any, grid_shape: Sequence[int], gamma: float, policy: 
     Returns:
         ``(Q [L, *grid_shape, A], grid)``.
     """
-    dyn = task.dynamics
+    dyn = problem.dynamics
     grid = Grid.for_dynamics(dyn, grid_shape)
     if step_fn is None:
         def step_fn(s, a):
             return dyn.branches(s, a, quadrature)
 
     def rewards_fn(s2):
-        return task.goals.rewards_terminals(s2)[0]
+        return problem.goals.rewards_terminals(s2)[0]
 
     def terminal_fn(s2):
-        return task.goals.rewards_terminals(s2)[1]
+        return problem.goals.rewards_terminals(s2)[1]
 
     Q = grid_q(step_fn, grid, rewards_fn, terminal_fn, gamma, policy, num_actions=dyn.num_actions, **kwargs)
     return Q, grid

@@ -20,7 +20,7 @@ import torch
 
 from qworld import metrics as K
 from qworld.bellman_grid import Grid, GridQ, grid_q
-from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, ContinuousTask, make_continuous_task
+from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, ContinuousProblem, make_continuous_problem
 from qworld_envs.continuous import wrap_angle
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], Any]
@@ -152,12 +152,12 @@ def default_grid_shape(env_id: str) -> tuple[int, ...] | None:
     return DEFAULT_GRID_SHAPES.get(env_id)
 
 
-def planning_grid(task: ContinuousTask, grid_shape: Sequence[int] | None = None) -> Grid:
+def planning_grid(problem: ContinuousProblem, grid_shape: Sequence[int] | None = None) -> Grid:
     """The grid value iteration plans on: ``grid_shape`` (default ``DEFAULT_GRID_SHAPES``)
     over the env's ``PLAN_BOXES`` entry, else its state box."""
-    dyn = task.dynamics
-    shape = tuple(grid_shape or DEFAULT_GRID_SHAPES[task.env_id])
-    low, high = PLAN_BOXES.get(task.env_id, (dyn.low, dyn.high))
+    dyn = problem.dynamics
+    shape = tuple(grid_shape or DEFAULT_GRID_SHAPES[problem.env_id])
+    low, high = PLAN_BOXES.get(problem.env_id, (dyn.low, dyn.high))
     return Grid(tuple(low), tuple(high), shape, tuple(dyn.periodic))
 
 
@@ -209,7 +209,7 @@ _STAR_CACHE: dict[tuple, dict] = {}
 
 
 def evaluate_unseen_goal(
-    task: ContinuousTask | str,
+    problem: ContinuousProblem | str,
     task_name: str,
     model_step: StepFn,
     *,
@@ -223,7 +223,7 @@ def evaluate_unseen_goal(
     """Plan for an unseen goal inside a world model and score it on the true dynamics.
 
     Args:
-        task: the env's ``ContinuousTask`` or env id (default kwargs).
+        problem: the env's ``ContinuousProblem`` or env id (default kwargs).
         task_name: a key of ``UNSEEN_GOAL_TASKS[env_id]``.
         model_step: the world model, ``(states [n, d], actions [n]) -> [n, d]`` (or
             weighted branches ``([K, n, d], [K])``), called on grid points.
@@ -239,16 +239,16 @@ def evaluate_unseen_goal(
         ``{return_wm, return_star, return_ratio, plan_success, "star/plan_success"}``
         (means over the resets; R* is cached per env, task, grid and seed).
     """
-    if isinstance(task, str):
-        task = make_continuous_task(task)
-    env_tasks = UNSEEN_GOAL_TASKS.get(task.env_id, {})
+    if isinstance(problem, str):
+        problem = make_continuous_problem(problem)
+    env_tasks = UNSEEN_GOAL_TASKS.get(problem.env_id, {})
     if task_name not in env_tasks:
-        raise ValueError(f"unknown unseen-goal task {task_name!r} for {task.env_id}; known: {sorted(env_tasks)}")
+        raise ValueError(f"unknown unseen-goal problem {task_name!r} for {problem.env_id}; known: {sorted(env_tasks)}")
     goal_task = env_tasks[task_name]
-    dyn = task.dynamics
-    grid = planning_grid(task, grid_shape)
+    dyn = problem.dynamics
+    grid = planning_grid(problem, grid_shape)
     grid_shape = grid.shape
-    horizon = int(horizon or task.max_episode_steps)
+    horizon = int(horizon or problem.max_episode_steps)
 
     def evaluate(q: GridQ) -> tuple[float, float]:
         gen = torch.Generator().manual_seed(seed)
@@ -257,8 +257,8 @@ def evaluate_unseen_goal(
         return float(ret.mean()), float(succ.double().mean())
 
     # start_states only changes where training episodes start, not R*
-    kwargs_key = repr(sorted((k, repr(v)) for k, v in task.env_kwargs.items() if k != "start_states"))
-    key = (task.env_id, kwargs_key, task_name, grid_shape, float(gamma), num_resets, seed, horizon,
+    kwargs_key = repr(sorted((k, repr(v)) for k, v in problem.env_kwargs.items() if k != "start_states"))
+    key = (problem.env_id, kwargs_key, task_name, grid_shape, float(gamma), num_resets, seed, horizon,
            repr(sorted(vi_kwargs.items())))
     if key not in _STAR_CACHE:
         def true_step(s, a):

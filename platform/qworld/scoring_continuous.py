@@ -146,9 +146,9 @@ def _interior_scores(keep: torch.Tensor, score_rows: Callable[[torch.Tensor], di
     return out
 
 
-def score_task_model(model_fn: ModelFn, task: Any, num_states: int = 4096, seed: int = 0,
+def score_world_model(model_fn: ModelFn, problem: Any, num_states: int = 4096, seed: int = 0,
                      states: torch.Tensor | None = None, interior: bool = False) -> dict:
-    """:func:`score_successor` of a model of ``task``'s dynamics on states uniform over the
+    """:func:`score_successor` of a model of ``problem``'s dynamics on states uniform over the
     box (or given ``[B, d]``) and uniform actions, with both baselines.
 
     With ``interior=True`` the same scores restricted to the :func:`interior_mask`
@@ -156,7 +156,7 @@ def score_task_model(model_fn: ModelFn, task: Any, num_states: int = 4096, seed:
     ``interior/wm_delta_nmse_v``, ``interior/no_force/wm_delta_nmse_v``) with their
     fraction ``interior/fraction``.
     """
-    dyn = task.dynamics
+    dyn = problem.dynamics
     states, actions = _transitions(dyn, num_states, seed, states)
     with torch.no_grad():  # every model is stepped once; the interior scores reuse the rows
         true_next = true_mean_fn(dyn)(states, actions).double()
@@ -172,7 +172,7 @@ def score_task_model(model_fn: ModelFn, task: Any, num_states: int = 4096, seed:
     return out
 
 
-def model_agreement(model_a: ModelFn, model_b: ModelFn, task: Any, num_states: int = 4096, seed: int = 0,
+def model_agreement(model_a: ModelFn, model_b: ModelFn, problem: Any, num_states: int = 4096, seed: int = 0,
                     states: torch.Tensor | None = None) -> dict:
     """How closely two world models of one env agree (the paper's check: the model extracted
     from position goals against the one from velocity goals, NMSE 1.7e-4).
@@ -186,7 +186,7 @@ def model_agreement(model_a: ModelFn, model_b: ModelFn, task: Any, num_states: i
         and over the states whose *true* next state is interior (see :func:`interior_mask`),
         with ``interior/fraction``.
     """
-    dyn = task.dynamics
+    dyn = problem.dynamics
     states, actions = _transitions(dyn, num_states, seed, states)
     with torch.no_grad():
         pred_a = model_a(states, actions).double()

@@ -98,13 +98,13 @@ class QFunction:
     def q_table(self) -> np.ndarray:
         """``Q[L, S, A]`` over every state and every goal of a finite task.
 
-        The task (true MDP and goal set) is rebuilt with ``qworld_envs.make_finite_task``
+        The task (true MDP and goal set) is rebuilt with ``qworld_envs.make_finite_problem``
         from the config; the observation of state s is ``one_hot(s)`` (the finite envs'
         observation, CONTRACTS.md).
         """
         import qworld_envs
 
-        task = qworld_envs.make_finite_task(self.config["env_id"], **self.config["env_kwargs"])
+        task = qworld_envs.make_finite_problem(self.config["env_id"], **self.config["env_kwargs"])
         S = task.mdp.num_states
         if self.module.obs_dim != S:
             raise ValueError(f"q_table needs one-hot state observations (obs_dim == S = {S}), got obs_dim {self.module.obs_dim}")

@@ -13,7 +13,7 @@ import torch
 from qworld.plearn.continuous import QFn
 
 
-def agent_q_fn(qfun: Any, task: Any) -> QFn:
+def agent_q_fn(qfun: Any, problem: Any) -> QFn:
     """Adapt an agent to ``q_fn(states [B, d], goal [B]) -> [B, A]`` (``goal=None``: ``[B, L, A]``).
 
     Accepted agents, tried in this order:
@@ -26,18 +26,18 @@ def agent_q_fn(qfun: Any, task: Any) -> QFn:
     - an object with ``q_values(obs [B, obs_dim + goal_dim]) -> [B, A]``, or such a
       callable itself (observation ``concat(observe(s), goal_features[g])``).
 
-    States are observed with the task's ``observe`` (float32), exactly as the envs do;
+    States are observed with the problem's ``observe`` (float32), exactly as the envs do;
     outputs are on the states' device.
 
     Raises:
-        ValueError: the module's goal count or observation size does not match the task.
+        ValueError: the module's goal count or observation size does not match the problem.
     """
-    dyn, feats = task.dynamics, task.goals.features
+    dyn, feats = problem.dynamics, problem.goals.features
     module = getattr(qfun, "module", None)
     if module is not None and hasattr(module, "q_all_goals"):
-        if int(module.num_goals) != task.goals.num_goals or int(module.obs_dim) != dyn.obs_dim:
-            raise ValueError(f"agent has L={module.num_goals}, obs_dim={module.obs_dim}; the task "
-                             f"{task.env_id} has L={task.goals.num_goals}, obs_dim={dyn.obs_dim}")
+        if int(module.num_goals) != problem.goals.num_goals or int(module.obs_dim) != dyn.obs_dim:
+            raise ValueError(f"agent has L={module.num_goals}, obs_dim={module.obs_dim}; the problem "
+                             f"{problem.env_id} has L={problem.goals.num_goals}, obs_dim={dyn.obs_dim}")
         frozen = copy.deepcopy(module).eval().requires_grad_(False)
         param = next(frozen.parameters())
 

@@ -268,7 +268,7 @@ class PLearnResult:
 
 def p_learn(
     q_fn: QFn,
-    task: Any,
+    problem: Any,
     gamma: float,
     config: PLearnConfig | None = None,
     *,
@@ -279,12 +279,12 @@ def p_learn(
 ) -> PLearnResult:
     """Fit a world model to frozen Q by P-learning.
 
-    Only the task's goals (rewards on arrival), state box, reset distribution and number of
+    Only the problem's goals (rewards on arrival), state box, reset distribution and number of
     actions are used; its true dynamics are never touched.
 
     Args:
         q_fn: ``(states [B, d], goal [B] long) -> [B, A]``, differentiable in the states.
-        task: a ``qworld_envs`` ``ContinuousTask``.
+        problem: a ``qworld_envs`` ``ContinuousProblem``.
         gamma: the discount the Q-values were learned with.
         config: ``PLearnConfig`` (defaults if None).
         stochastic: fit the Gaussian sampler (else the deterministic successor network).
@@ -297,7 +297,7 @@ def p_learn(
         ``PLearnResult``.
     """
     cfg = config or PLearnConfig()
-    dyn, goals = task.dynamics, task.goals
+    dyn, goals = problem.dynamics, problem.goals
     cls = GaussianSuccessor if stochastic else SuccessorNet
     extra = {"init_std": cfg.init_std} if stochastic else {}
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's global RNG

@@ -81,7 +81,7 @@ def param_space(spec: SweepSpec) -> dict:
 
     from qworld.agents.pqn import PQNConfig
 
-    env_id, env_kwargs, agent = spec.cell_task({})
+    env_id, env_kwargs, agent = spec.cell_config({})
     total = spec.stop.get(K.ENV_STEPS)
     config = (
         PQNConfig()

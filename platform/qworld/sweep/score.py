@@ -108,10 +108,10 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models) -> 
     from qworld.planning import task_optimal_plan
     from qworld.plearn.finite import diagnose, method_options
     from qworld.scoring import nmse
-    from qworld_envs import make_finite_task
+    from qworld_envs import make_finite_problem
 
-    task = make_finite_task(config["env_id"], **config["env_kwargs"])
-    P, goals = task.mdp.P, task.goals
+    problem = make_finite_problem(config["env_id"], **config["env_kwargs"])
+    P, goals = problem.mdp.P, problem.goals
     gamma = float(config["gamma"])
     Q = np.asarray(qfun.q_table(), dtype=np.float64)  # [L, S, A]
     V = Q.max(axis=-1)  # greedy V, the reference code's choice
@@ -127,13 +127,13 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models) -> 
               **{k: diag[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE, K.IDENTIFIABLE_REASON)}}
 
     # The reference plan of each task in the true MDP: once per checkpoint, not per method.
-    optimal = {t: task_optimal_plan(task.mdp, t, gamma) for t in tasks}
+    optimal = {t: task_optimal_plan(problem.mdp, t, gamma) for t in tasks}
     rows = []
     for method in methods:
         row = {**shared, K.METHOD: method, K.ORACLE: method in K.ORACLE_METHODS, K.ERROR: None}
         try:
-            opts = {**method_options(method, P, task.mdp.coords), **options.get(method, {})}
-            P_hat, scores, plans = extract_and_plan(Q, M, task.mdp, method, opts, gamma, optimal)
+            opts = {**method_options(method, P, problem.mdp.coords), **options.get(method, {})}
+            P_hat, scores, plans = extract_and_plan(Q, M, problem.mdp, method, opts, gamma, optimal)
             if world_models is not None:
                 world_models[method] = P_hat
             row.update(scores)
@@ -172,24 +172,24 @@ def extract_and_plan(Q: np.ndarray, M: np.ndarray, mdp: Any, method: str, option
 
 def _score_continuous(qfun, config, base, methods, tasks, options, world_models) -> list[dict]:
     """Q NMSE on the env's planning grid, world-model scores with baselines (all and interior
-    transitions, ``scoring_continuous.score_task_model``) and per unseen-goal task
+    transitions, ``scoring_continuous.score_world_model``) and per unseen-goal task
     ``<task>/return_ratio``, ``return_wm``, ``return_star``, ``plan_success``."""
     import torch
 
     from qworld.agents.adapter import agent_q_fn
-    from qworld.bellman_grid import GridQ, grid_q_for_task
+    from qworld.bellman_grid import GridQ, grid_q_for_problem
     from qworld.planning_continuous import default_grid_shape, evaluate_unseen_goal
     from qworld.plearn.continuous import METHODS, PLearnConfig, p_learn
-    from qworld.scoring_continuous import nmse_torch, score_task_model
-    from qworld_envs import make_continuous_task
+    from qworld.scoring_continuous import nmse_torch, score_world_model
+    from qworld_envs import make_continuous_problem
 
-    task = make_continuous_task(config["env_id"], **dict(config.get("env_kwargs") or {}))
+    problem = make_continuous_problem(config["env_id"], **dict(config.get("env_kwargs") or {}))
     gamma = float(config["gamma"])
-    q_fn = agent_q_fn(qfun, task)
+    q_fn = agent_q_fn(qfun, problem)
     shared = dict(base)
     q_error = None
     q_opts = dict(options.get(K.Q_NMSE, {}))
-    q_shape = q_opts.get("grid_shape", default_grid_shape(task.env_id) if task.dynamics.differentiable else None)
+    q_shape = q_opts.get("grid_shape", default_grid_shape(problem.env_id) if problem.dynamics.differentiable else None)
     if q_shape:
         try:  # the agent's Q against the exact Q of its own greedy policy
             grid_shape = tuple(q_shape)
@@ -197,13 +197,13 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models)
             def greedy(points: torch.Tensor) -> torch.Tensor:
                 with torch.no_grad():
                     return torch.stack([q_fn(points.float(), torch.full((len(points),), g)).argmax(-1)
-                                        for g in range(task.goals.num_goals)])
+                                        for g in range(problem.goals.num_goals)])
 
-            Q_pi, grid = grid_q_for_task(task, grid_shape, gamma, policy=greedy)
+            Q_pi, grid = grid_q_for_problem(problem, grid_shape, gamma, policy=greedy)
             q_pi = GridQ(Q_pi, grid)
             gen = torch.Generator().manual_seed(0)
-            s = task.dynamics.uniform_states(4096, gen)
-            g = torch.randint(task.goals.num_goals, (4096,), generator=gen)
+            s = problem.dynamics.uniform_states(4096, gen)
+            g = torch.randint(problem.goals.num_goals, (4096,), generator=gen)
             with torch.no_grad():
                 shared[K.Q_NMSE] = nmse_torch(q_fn(s.float(), g).double(), q_pi(s, g).double())
         except Exception as exc:  # noqa: BLE001 - the world-model scores still count
@@ -221,13 +221,13 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models)
             if method == "sampler":
                 opts.setdefault("loss", "l2")  # the double-sampled square is unbiased; L1 shrinks the noise
             cfg = PLearnConfig.from_options(opts)
-            fit = p_learn(q_fn, task, gamma, cfg, stochastic=(method == "sampler"))
+            fit = p_learn(q_fn, problem, gamma, cfg, stochastic=(method == "sampler"))
             if world_models is not None:
                 world_models[method] = fit
             row[K.FIT_SECONDS] = fit.seconds
-            row.update(score_task_model(fit.step_fn(), task, interior=True))
+            row.update(score_world_model(fit.step_fn(), problem, interior=True))
             for name in tasks:
-                res = evaluate_unseen_goal(task, name, fit.step_fn(), gamma=gamma, grid_shape=grid_shape,
+                res = evaluate_unseen_goal(problem, name, fit.step_fn(), gamma=gamma, grid_shape=grid_shape,
                                            num_resets=num_resets)
                 row.update({f"{name}/{k}": v for k, v in res.items()})
         except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others

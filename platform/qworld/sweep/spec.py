@@ -141,7 +141,7 @@ class SweepSpec:
                 for case in cases
                 for values in itertools.product(*(self.sweep[a] for a in axes))]
 
-    def cell_task(self, cell: Mapping[str, Any]) -> tuple[str, dict, dict]:
+    def cell_config(self, cell: Mapping[str, Any]) -> tuple[str, dict, dict]:
         """(env_id, env_kwargs, agent keywords) of one grid cell, defaults filled in."""
         env_kwargs = dict(self.env.kwargs)
         env_kwargs.update(goal_type=self.goals.goal_type, num_goals=self.goals.num_goals,
@@ -291,7 +291,7 @@ def parse_sweep(raw: Mapping[str, Any]) -> SweepSpec:
 
 
 def _validate_cells(spec: SweepSpec) -> None:
-    from qworld_envs import GOAL_TYPES, make_finite_task
+    from qworld_envs import GOAL_TYPES, make_finite_problem
 
     finite = spec.env.id in _finite_env_ids()
     methods, tasks = _allowed_methods_and_tasks(spec.env.id, finite)
@@ -307,7 +307,7 @@ def _validate_cells(spec: SweepSpec) -> None:
 
     for cell in spec.cells():
         where = f" (grid cell {cell})" if cell else ""
-        env_id, env_kwargs, agent = spec.cell_task(cell)
+        env_id, env_kwargs, agent = spec.cell_config(cell)
         if finite:
             goal_type = env_kwargs.get("goal_type")
             if goal_type not in GOAL_TYPES:
@@ -318,14 +318,14 @@ def _validate_cells(spec: SweepSpec) -> None:
             if num_goals is not None and (not isinstance(num_goals, int) or num_goals < 1):
                 raise SweepSpecError(f"{field_name}: {num_goals!r}{where} must be a positive integer")
             try:
-                S = make_finite_task(env_id, **{**_env_kwargs_for_task(env_kwargs), "num_goals": None,
+                S = make_finite_problem(env_id, **{**_env_kwargs_for_task(env_kwargs), "num_goals": None,
                                                 "goal_cells": None}).mdp.num_states
             except (ValueError, TypeError, KeyError) as exc:
                 raise SweepSpecError(f"env{where}: {exc}") from None
             if goal_type == "indicator" and num_goals is not None and num_goals > S:
                 raise SweepSpecError(f"{field_name}: {num_goals}{where} indicator goals but {spec.env.id} has only {S} states; allowed 1..{S}")
             try:
-                make_finite_task(env_id, **_env_kwargs_for_task(env_kwargs))
+                make_finite_problem(env_id, **_env_kwargs_for_task(env_kwargs))
             except (ValueError, TypeError, KeyError) as exc:
                 raise SweepSpecError(f"goals{where}: {exc}") from None
         else:

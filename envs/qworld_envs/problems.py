@@ -1,8 +1,8 @@
-"""Finite tasks: env kwargs -> true P and goal set, for one finite env spec.
+"""Finite problems: env kwargs -> true P and goal set, for one finite env spec.
 
-The gymnasium env, the batched env and the P-learning actor all build their task with
-``qworld_envs.make_finite_task`` (the registry looks the env id up and calls
-:func:`build_finite_task`), so they agree on the MDP and the goals by construction.
+The gymnasium env, the batched env and the P-learning actor all build their problem with
+``qworld_envs.make_finite_problem`` (the registry looks the env id up and calls
+:func:`build_finite_problem`), so they agree on the MDP and the goals by construction.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class FiniteEnvSpec:
 
 
 @dataclass(frozen=True)
-class FiniteTask:
+class FiniteProblem:
     """A finite MDP, its goal set, and the env id + resolved kwargs that made them.
 
     Attributes:
@@ -66,7 +66,7 @@ class FiniteTask:
         return self.env_kwargs["max_episode_steps"]
 
 
-def build_finite_task(env_id: str, spec: FiniteEnvSpec, env_kwargs: dict[str, Any]) -> FiniteTask:
+def build_finite_problem(env_id: str, spec: FiniteEnvSpec, env_kwargs: dict[str, Any]) -> FiniteProblem:
     """The true MDP and goal set of finite env ``env_id`` (built by ``spec``) from its kwargs.
 
     Raises:
@@ -76,4 +76,4 @@ def build_finite_task(env_id: str, spec: FiniteEnvSpec, env_kwargs: dict[str, An
     kw = spec.resolve(env_id, env_kwargs)
     mdp = spec.mdp(kw)
     goals = make_goals(mdp, kw["goal_type"], kw["num_goals"], kw["goal_seed"], cells=kw["goal_cells"])
-    return FiniteTask(mdp=mdp, goals=goals, env_id=env_id, env_kwargs=kw)
+    return FiniteProblem(mdp=mdp, goals=goals, env_id=env_id, env_kwargs=kw)
