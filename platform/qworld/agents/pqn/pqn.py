@@ -51,7 +51,7 @@ from ray.rllib.utils.metrics import (
 from qworld import metrics as M
 from qworld.agents.pqn import rollout as R
 from qworld.agents.pqn.fast_env_runner import EPISODE_SUCCESS_MEAN, BatchedEnvRunner
-from qworld.agents.pqn.learner import Q_MEAN_KEY, TD_LOSS_KEY, PQNTorchLearner
+from qworld.agents.pqn.learner import NUM_SKIPPED_STEPS_KEY, Q_MEAN_KEY, TD_LOSS_KEY, PQNTorchLearner
 from qworld.agents.pqn.module import HEADS, Q_OUTPUTS, PQNTorchRLModule, linear_epsilon
 from qworld.agents.pqn.task import TaskInfo, jsonable, probe_task
 
@@ -148,6 +148,9 @@ class PQNConfig(AlgorithmConfig):
         self.grad_clip_by = "global_norm"
         self.num_epochs = 1  # passes over each rollout
         self.minibatch_size = 256  # transitions per gradient step
+        self.shuffle_batch_per_epoch = True  # minibatches of shuffled rows (RLlib's flag)
+        # A step with non-finite gradients is skipped and counted (PQNTorchLearner).
+        self.torch_skip_nan_gradients = True
         # --- exploration (epsilon-greedy on the commanded goal)
         self.epsilon_start: float = 1.0
         self.epsilon_end: float = 0.1
@@ -539,7 +542,7 @@ class PQN(Algorithm):
                 timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: env_steps},
                 num_epochs=cfg.num_epochs,
                 minibatch_size=cfg.minibatch_size,
-                shuffle_batch_per_epoch=True,
+                shuffle_batch_per_epoch=cfg.shuffle_batch_per_epoch,
             )
         self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
 
@@ -561,6 +564,12 @@ class PQN(Algorithm):
         log(M.TRAIN_Q_MEAN, learner_value(Q_MEAN_KEY))
         log(M.TRAIN_EPSILON, epsilon)
         log(M.TRAIN_LR, learner_value(f"{DEFAULT_OPTIMIZER}_{LR_KEY}"))
+        skipped = learner_value(NUM_SKIPPED_STEPS_KEY)
+        log(M.TRAIN_NONFINITE_STEPS_SKIPPED, skipped)
+        if skipped is not None:
+            self.metrics.log_value(
+                tuple(M.TRAIN_NONFINITE_STEPS_SKIPPED_LIFETIME.split("/")), skipped, reduce="lifetime_sum"
+            )
 
     def _sample_rollout(self, epsilon: float) -> Tuple[Dict[str, Any], List[Any]]:
         """One rollout from every env runner (tensors), plus each runner's metrics."""
