@@ -395,6 +395,82 @@ def test_fast_runner_works_as_a_remote_env_runner(ray_session):
         algo.stop()
 
 
+# ------------------------------------------------------------------ learner: RLlib's hooks
+def _learner_module(algo):
+    return algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+
+
+def test_nonfinite_gradient_steps_are_skipped_counted_and_reported(ray_session):
+    """torch_skip_nan_gradients (PQN's default): a NaN step never reaches the weights or RAdam."""
+    algo = tiny_config().build_algo()
+    try:
+        assert algo.config.torch_skip_nan_gradients
+        algo.train()
+        runner = algo.env_runner
+        sample = runner.sample
+
+        def poisoned(**kwargs):
+            ro = sample(**kwargs)
+            ro[R.REWARDS] = torch.full_like(ro[R.REWARDS], float("nan"))  # every target NaN
+            return ro
+
+        module = _learner_module(algo)
+        weights = {k: v.clone() for k, v in module.state_dict().items()}
+        optim = algo.learner_group._learner.get_optimizer()
+        steps = {id(p): float(st["step"]) for p, st in optim.state.items()}
+        runner.sample = poisoned
+        bad = flat(algo.train())
+        for k, v in module.state_dict().items():
+            torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
+        assert {id(p): float(st["step"]) for p, st in optim.state.items()} == steps
+        # 8 envs x 16 steps / minibatch 32: 4 steps, all skipped, reported per iteration
+        assert bad[M.TRAIN_NONFINITE_STEPS_SKIPPED] == 4
+        assert bad[f"learners/{DEFAULT_MODULE_ID}/num_nonfinite_steps_skipped"] == 4
+        runner.sample = sample
+        good = flat(algo.train())
+        assert good[M.TRAIN_NONFINITE_STEPS_SKIPPED] == 0
+        assert good[M.TRAIN_NONFINITE_STEPS_SKIPPED_LIFETIME] == 4
+        assert np.isfinite(good[M.TRAIN_LOSS])
+        assert all(torch.isfinite(v).all() for v in module.state_dict().values())
+        assert any(not torch.equal(v, weights[k]) for k, v in module.state_dict().items())
+    finally:
+        algo.stop()
+
+
+def test_two_learners_train_in_sync_on_cpu(ray_session):
+    """num_learners=2 (DDP on CPU): both train, stay equal, sync to the runner, report as one."""
+    algo = tiny_config().learners(num_learners=2).build_algo()
+    try:
+        assert not algo.learner_group.is_local
+        eye = np.eye(15, dtype=np.float32)
+        before = algo.q_function().q(eye)
+        results = [flat(algo.train()) for _ in range(2)]
+        last = results[-1]
+        assert np.isfinite(last[M.TRAIN_LOSS]) and last[M.TRAIN_ENV_STEPS] == 256
+        assert last[M.TRAIN_NONFINITE_STEPS_SKIPPED] == 0
+        # each learner builds its rows from its half of the columns: 4 envs x 16 steps
+        assert last[f"learners/{DEFAULT_MODULE_ID}/num_train_rows"] == 64
+        after = algo.q_function().q(eye)
+        assert not np.allclose(after, before)
+        tables = algo.learner_group.foreach_learner(
+            lambda learner: learner.module[DEFAULT_MODULE_ID].unwrapped().q_all_goals(torch.eye(15)).detach().numpy()
+        )
+        tables = [t.get() if hasattr(t, "get") else t for t in tables]
+        assert len(tables) == 2
+        np.testing.assert_array_equal(tables[0], tables[1])  # DDP: one set of weights
+        runner_q = algo.env_runner.module.q_all_goals(torch.eye(15)).detach().numpy()
+        np.testing.assert_allclose(runner_q, after, rtol=1e-6)
+    finally:
+        algo.stop()
+    local = tiny_config().build_algo()
+    try:
+        ref = flat(local.train())
+    finally:
+        local.stop()
+    qworld_keys = {k for k in ref if k.startswith(("learner/", "env_runners/", "learners/"))}
+    assert qworld_keys <= set(last), sorted(qworld_keys - set(last))
+
+
 # ------------------------------------------------------------------ standard runner
 def test_standard_runner_trains_with_the_same_module_and_learner(ray_session):
     algo = tiny_config(env_runner="standard").build_algo()
