@@ -108,6 +108,73 @@ def test_validate_rejects_bad_env_and_runner_combinations():
     PQNConfig().training(env_kwargs=TINY).validate()  # the defaults are valid
 
 
+# ------------------------------------------------------------------ RLlib's own settings
+def test_rllib_env_config_is_the_env_pqn_trains(ray_session):
+    """.environment(env_config=...) is honoured (PQN's env_kwargs left at its default follows it)."""
+    config = (
+        PQNConfig()
+        .environment("qworld/FourRooms-v0", env_config={**TINY, "variant": "windy"})
+        .training(num_envs=8, rollout_length=16, minibatch_size=32, hidden_sizes=[32], total_env_steps=5_000)
+        .debugging(seed=0, log_level="ERROR")
+    )
+    algo = config.build_algo()
+    try:
+        assert algo.config.env_kwargs == {**TINY, "variant": "windy"}
+        assert algo.env_runner.config.env_kwargs["variant"] == "windy"  # what the runner's envs are made from
+        assert algo.config.qworld_config()[M.VARIANT] == "windy"  # what a checkpoint records
+        algo.train()
+    finally:
+        algo.stop()
+    # set once, the two stay one: a later env_kwargs moves env_config, and back
+    config = PQNConfig().environment(env_config={"variant": "windy"})
+    config.validate()
+    config.training(env_kwargs={"variant": "teleport"})
+    config.validate()
+    assert config.env_config == {"variant": "teleport"}
+
+
+@pytest.mark.parametrize("make,names", [
+    (lambda: PQNConfig().training(env_kwargs={"variant": "teleport"}).environment(env_config={"variant": "windy"}),
+     ("env_config=", "env_kwargs=")),
+    (lambda: PQNConfig().training(env_id="qworld/MountainCar-v0").environment("qworld/FourRooms-v0"),
+     ("env='qworld/FourRooms-v0'", "env_id='qworld/MountainCar-v0'")),
+    (lambda: PQNConfig().training(num_envs=64).env_runners(num_envs_per_env_runner=16),
+     ("num_envs_per_env_runner=16", "num_envs=64")),
+    (lambda: PQNConfig().training(rollout_length=32).env_runners(rollout_fragment_length=16),
+     ("rollout_fragment_length=16", "rollout_length=32")),
+    (lambda: PQNConfig().training(train_batch_size_per_learner=1000), ("train_batch_size_per_learner=1000", "num_envs=")),
+    (lambda: PQNConfig().training(train_batch_size=1000), ("train_batch_size=1000", "rollout_length=")),
+    (lambda: PQNConfig().training(env_runner="fast").env_runners(
+        env_runner_cls=__import__("ray.rllib.env.single_agent_env_runner", fromlist=["_"]).SingleAgentEnvRunner),
+     ("env_runner_cls=", "env_runner='fast'")),
+    (lambda: PQNConfig().training(lr=[[0, 1e-3], [1000, 0.0]]), ("lr=[[0, 0.001], [1000, 0.0]]", "anneal_lr=True")),
+    (lambda: PQNConfig().rl_module(model_config={"hidden_sizes": [8]}), ("model_config['hidden_sizes']=[8]",
+                                                                        "hidden_sizes=[256, 256]")),
+])
+def test_a_conflicting_rllib_setting_is_refused_naming_both_fields(make, names):
+    with pytest.raises(ValueError) as info:
+        make().training(env_kwargs=TINY).validate() if "env_kwargs" not in names[1] else make().validate()
+    for name in names:
+        assert name in str(info.value), (name, str(info.value))
+
+
+def test_rllib_settings_left_by_pqn_at_their_defaults_are_adopted():
+    config = PQNConfig().training(env_kwargs=TINY, minibatch_size=32).env_runners(
+        num_env_runners=2, num_envs_per_env_runner=16, rollout_fragment_length=8
+    )
+    config.validate()
+    assert (config.num_envs, config.rollout_length) == (32, 8)  # num_envs is the total over the runners
+    assert config.train_batch_size_per_learner == 256
+    # the settings PQN derives travel with the config (Tune dicts, checkpoints) without conflicts
+    again = PQNConfig().update_from_dict(config.to_dict())
+    again.training(num_envs=16)
+    again.validate()
+    assert again.num_envs_per_env_runner == 8
+    config = PQNConfig().training(env_kwargs=TINY, lr=[[0, 1e-3], [1000, 0.0]], anneal_lr=False)
+    config.validate()
+    assert config.lr_schedule() == [[0, 1e-3], [1000, 0.0]]  # RLlib's own schedule, as given
+
+
 # ------------------------------------------------------------------ q_output "auto"
 @pytest.mark.parametrize("env_id,env_kwargs,expected", [
     ("qworld/FourRooms-v0", {"goal_type": "indicator", "num_goals": 4}, "sigmoid"),
