@@ -375,7 +375,8 @@ def test_fast_runner_trains_and_reports_qworld_metrics(trained_fast):
 def test_fast_runner_q_at_next_states_equals_the_learners_own_target_pass(trained_fast, lam):
     algo, _, _ = trained_fast
     runner = algo.env_runner
-    ro = runner.sample(epsilon=0.5)
+    assert R.NEXT_Q_ARGMAX not in runner.sample(epsilon=0.5)  # lambda_ = 0: 1-step targets need no argmax
+    ro = runner.sample(epsilon=0.5, next_q_argmax=True)
     assert R.NEXT_Q_MAX in ro and ro[R.NEXT_Q_MAX].shape == ro[R.REWARDS].shape
     done = ro[R.TERMINATED] | ro[R.TRUNCATED]
     assert done[:-1].any(), "the check needs episodes ending inside the rollout"

@@ -42,6 +42,7 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.core.learner.training_data import TrainingData
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.annotations import override
+from ray.rllib.utils.torch_utils import clip_gradients
 from ray.rllib.utils.typing import ModuleID, TensorType
 
 from qworld.agents.pqn import rollout as R
@@ -67,6 +68,31 @@ def _chunked(fn, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
     return torch.cat(
         [fn(x[i : i + TARGET_CHUNK], *(r[i : i + TARGET_CHUNK] for r in rest)) for i in range(0, x.shape[0], TARGET_CHUNK)]
     )
+
+
+def clip_gradients_fused(
+    gradients_dict: Dict[Any, torch.Tensor],
+    *,
+    grad_clip: Optional[float] = None,
+    grad_clip_by: str = "value",
+) -> Optional[torch.Tensor]:
+    """RLlib's ``clip_gradients`` with the global-norm case fused over the tensors.
+
+    The same numbers as ``ray.rllib.utils.torch_utils.clip_gradients`` (a non-finite
+    norm read as 1e9, coefficient ``grad_clip / max(norm + 1e-6, grad_clip)``, gradients
+    scaled in place, the norm returned) in two foreach kernels instead of three small
+    ops per tensor (a third of RLlib's clip time on a CPU step). Other modes: RLlib's.
+    """
+    if grad_clip is None or grad_clip_by != "global_norm":
+        return clip_gradients(gradients_dict, grad_clip=grad_clip, grad_clip_by=grad_clip_by)
+    grads = [g.detach() for g in gradients_dict.values() if g is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norms = torch.stack(torch._foreach_norm(grads)).nan_to_num(neginf=-10e8, posinf=10e8)
+    total = torch.linalg.vector_norm(norms).nan_to_num(neginf=-10e8, posinf=10e8)
+    coeff = (grad_clip / torch.clamp(total + 1e-6, min=grad_clip)).clamp(max=1.0)
+    torch._foreach_mul_(grads, coeff)
+    return total
 
 
 def her_goals(
@@ -131,8 +157,10 @@ def build_train_rows(
     if module.head == "all_goals":
         L = module.num_goals
         cut = rollout[R.TERMINATED] | rollout[R.TRUNCATED]
-        if R.NEXT_Q_MAX in rollout:  # the fast runner's Q at s_{t+1}, same weights (see rollout.py)
-            next_q_max, greedy_next = rollout[R.NEXT_Q_MAX], rollout[R.NEXT_Q_ARGMAX].long()
+        if R.NEXT_Q_MAX in rollout and (lam == 0.0 or R.NEXT_Q_ARGMAX in rollout):
+            # the fast runner's Q at s_{t+1}, same weights (see rollout.py)
+            next_q_max = rollout[R.NEXT_Q_MAX]
+            greedy_next = rollout[R.NEXT_Q_ARGMAX].long() if lam > 0.0 else None
         elif lam > 0.0:
             # max and argmax in one pass; argmax travels as float through the chunking
             both = _chunked(lambda s: torch.stack([t.float() for t in module.q_all_goals(s).max(-1)], -1), flat_next)
@@ -346,19 +374,29 @@ class PQNTorchLearner(TorchLearner):
         run["n"] += 1
         return loss
 
+    @staticmethod
+    @override(TorchLearner)
+    def _get_clip_function():
+        # RLlib's clipping (postprocess_gradients_for_module), fused: see clip_gradients_fused.
+        return clip_gradients_fused
+
     @override(TorchLearner)
     def apply_gradients(self, gradients_dict: Dict[Any, torch.Tensor]) -> None:
         """Skip (and count) a step with non-finite gradients, else RLlib's own step.
 
         With ``torch_skip_nan_gradients`` RLlib's ``TorchLearner.apply_gradients`` steps
-        without looking at the gradients at all; one fused test here (a single device
-        sync per step, against two per parameter in RLlib's zeroing path) makes the flag
-        do what its documentation says: such a step never reaches (R)Adam's moments.
-        Without the flag RLlib's behaviour is kept (non-finite entries zeroed, then step).
+        without looking at the gradients at all; the test here makes the flag do what its
+        documentation says: such a step never reaches (R)Adam's moments. Without the flag
+        RLlib's behaviour is kept (non-finite entries zeroed, then step).
+
+        The test is the sum of every gradient entry: NaN or inf anywhere makes it
+        non-finite (inf - inf is NaN), and only gradients summing past 3e38 could make it
+        so otherwise. One read of each gradient and one device sync per step: a third of
+        the cost of per-tensor ``isfinite`` masks (7% of a CPU update).
         """
         if self.config.torch_skip_nan_gradients:
             grads = [g for g in gradients_dict.values() if g is not None]
-            if grads and not bool(torch.stack([g.isfinite().all() for g in grads]).all()):
+            if grads and not bool(torch.stack([g.sum() for g in grads]).sum().isfinite()):
                 self._num_skipped_steps += 1
                 return
         super().apply_gradients(gradients_dict)
