@@ -137,6 +137,17 @@ class PQNConfig(AlgorithmConfig):
     Defaults follow the paper's agent (RAdam, lr 1e-4 decayed linearly to 0, grad-norm
     clip 10, epsilon 1 -> 0.1 over half of training, LayerNorm MLP, 1-step targets,
     256 envs x 64 steps, minibatch 256, 1 epoch, gamma 0.99).
+
+    ``gamma``, ``lr``, ``grad_clip``, ``num_epochs``, ``minibatch_size``,
+    ``shuffle_batch_per_epoch``, ``explore``, ``seed`` and ``torch_skip_nan_gradients`` are
+    RLlib's own settings, used as they are. RLlib settings that PQN fields determine
+    (``env`` <- ``env_id``, ``env_config`` <- ``env_kwargs``, ``num_envs_per_env_runner`` <-
+    ``num_envs``, ``rollout_fragment_length`` <- ``rollout_length``,
+    ``train_batch_size(_per_learner)`` <- one rollout, ``env_runner_cls`` <- ``env_runner``,
+    ``model_config`` <- the network fields, an ``lr`` schedule <- ``anneal_lr``) have one
+    source each: set through RLlib while the PQN field keeps its default, the PQN field
+    follows (``.environment(env_config={"variant": "windy"})`` trains the windy variant);
+    set on both sides to different values, ``validate()`` raises a ValueError naming both.
     """
 
     def __init__(self, algo_class=None):
@@ -302,8 +313,8 @@ class PQNConfig(AlgorithmConfig):
             self.hidden_sizes = list(hidden_sizes)
         if env_kwargs is not NotProvided and env_kwargs is not None:
             self.env_kwargs = dict(env_kwargs)
-        if env_id is not NotProvided:
-            self._derive("env", env_id)
+        if env_id is not NotProvided and (self.env is None or self.env == self._pqn_derived.get("env", _UNSET)):
+            self._derive("env", env_id)  # an env the user set stays, for validate() to compare
         return self
 
     def _derive(self, field: str, value: Any) -> None:
