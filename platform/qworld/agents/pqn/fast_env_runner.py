@@ -148,10 +148,10 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
         reward_b = torch.empty((T, N), dtype=torch.float32, device=dev)
         terminated_b = torch.empty((T, N), dtype=torch.bool, device=dev)
         truncated_b = torch.empty((T, N), dtype=torch.bool, device=dev)
-        ret_sum = torch.zeros((), device=dev)
-        len_sum = torch.zeros((), device=dev)
-        succ_sum = torch.zeros((), device=dev)
-        done_sum = torch.zeros((), device=dev)
+        # Per-step episode stats, summed once after the rollout (fewer small ops per step).
+        ret_b = torch.empty((T, N), dtype=torch.float32, device=dev)
+        len_b = torch.empty((T, N), dtype=torch.float32, device=dev)
+        succ_b = torch.empty((T, N), dtype=torch.bool, device=dev)
         obs, goal = self._state["obs"], self._state["goal"]
         keep_q = explore and module.head == "all_goals"
         # max without indices costs a third as much; 1-step targets need no argmax.
@@ -179,17 +179,16 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
             reward_b[t] = step["reward"]
             terminated_b[t] = step["terminated"]
             truncated_b[t] = step["truncated"]
-            done = step["terminated"] | step["truncated"]
-            ret_sum += step["episode_return"].sum()
-            len_sum += step["episode_length"].sum()
-            succ_sum += (step["success"] & done).sum()
-            done_sum += done.sum()
+            ret_b[t] = step["episode_return"]  # 0 but where an episode ended
+            len_b[t] = step["episode_length"]
+            succ_b[t] = step["success"]
             obs, goal = step["obs"], step["goal"]
         self._state = {"obs": obs, "goal": goal}
 
         steps = T * N
         self.num_env_steps_sampled_lifetime += steps
-        self._log_rollout_metrics(steps, done_sum, ret_sum, len_sum, succ_sum)
+        done_b = terminated_b | truncated_b
+        self._log_rollout_metrics(steps, done_b.sum(), ret_b.sum(), len_b.sum(), (succ_b & done_b).sum())
         rollout = {
             R.OBS: obs_b,
             R.NEXT_OBS: next_obs_b,

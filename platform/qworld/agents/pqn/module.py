@@ -258,8 +258,9 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
             out[Q_ALL_GOALS] = q_all
             if goal is None and feats is not None:
                 goal = self.goal_index(feats)
-            if goal is not None:
-                out[QF_PREDS] = q_all[torch.arange(q_all.shape[0], device=q_all.device), goal.long()]
+            if goal is not None:  # the commanded goal's row: [B, L, A] -> [B, A]
+                idx = goal.long().view(-1, 1, 1).expand(-1, 1, q_all.shape[-1])
+                out[QF_PREDS] = q_all.gather(1, idx).squeeze(1)
             return out
         if feats is None:
             if goal is None:
