@@ -108,6 +108,73 @@ def test_validate_rejects_bad_env_and_runner_combinations():
     PQNConfig().training(env_kwargs=TINY).validate()  # the defaults are valid
 
 
+# ------------------------------------------------------------------ RLlib's own settings
+def test_rllib_env_config_is_the_env_pqn_trains(ray_session):
+    """.environment(env_config=...) is honoured (PQN's env_kwargs left at its default follows it)."""
+    config = (
+        PQNConfig()
+        .environment("qworld/FourRooms-v0", env_config={**TINY, "variant": "windy"})
+        .training(num_envs=8, rollout_length=16, minibatch_size=32, hidden_sizes=[32], total_env_steps=5_000)
+        .debugging(seed=0, log_level="ERROR")
+    )
+    algo = config.build_algo()
+    try:
+        assert algo.config.env_kwargs == {**TINY, "variant": "windy"}
+        assert algo.env_runner.config.env_kwargs["variant"] == "windy"  # what the runner's envs are made from
+        assert algo.config.qworld_config()[M.VARIANT] == "windy"  # what a checkpoint records
+        algo.train()
+    finally:
+        algo.stop()
+    # set once, the two stay one: a later env_kwargs moves env_config, and back
+    config = PQNConfig().environment(env_config={"variant": "windy"})
+    config.validate()
+    config.training(env_kwargs={"variant": "teleport"})
+    config.validate()
+    assert config.env_config == {"variant": "teleport"}
+
+
+@pytest.mark.parametrize("make,names", [
+    (lambda: PQNConfig().training(env_kwargs={"variant": "teleport"}).environment(env_config={"variant": "windy"}),
+     ("env_config=", "env_kwargs=")),
+    (lambda: PQNConfig().training(env_id="qworld/MountainCar-v0").environment("qworld/FourRooms-v0"),
+     ("env='qworld/FourRooms-v0'", "env_id='qworld/MountainCar-v0'")),
+    (lambda: PQNConfig().training(num_envs=64).env_runners(num_envs_per_env_runner=16),
+     ("num_envs_per_env_runner=16", "num_envs=64")),
+    (lambda: PQNConfig().training(rollout_length=32).env_runners(rollout_fragment_length=16),
+     ("rollout_fragment_length=16", "rollout_length=32")),
+    (lambda: PQNConfig().training(train_batch_size_per_learner=1000), ("train_batch_size_per_learner=1000", "num_envs=")),
+    (lambda: PQNConfig().training(train_batch_size=1000), ("train_batch_size=1000", "rollout_length=")),
+    (lambda: PQNConfig().training(env_runner="fast").env_runners(
+        env_runner_cls=__import__("ray.rllib.env.single_agent_env_runner", fromlist=["_"]).SingleAgentEnvRunner),
+     ("env_runner_cls=", "env_runner='fast'")),
+    (lambda: PQNConfig().training(lr=[[0, 1e-3], [1000, 0.0]]), ("lr=[[0, 0.001], [1000, 0.0]]", "anneal_lr=True")),
+    (lambda: PQNConfig().rl_module(model_config={"hidden_sizes": [8]}), ("model_config['hidden_sizes']=[8]",
+                                                                        "hidden_sizes=[256, 256]")),
+])
+def test_a_conflicting_rllib_setting_is_refused_naming_both_fields(make, names):
+    with pytest.raises(ValueError) as info:
+        make().training(env_kwargs=TINY).validate() if "env_kwargs" not in names[1] else make().validate()
+    for name in names:
+        assert name in str(info.value), (name, str(info.value))
+
+
+def test_rllib_settings_left_by_pqn_at_their_defaults_are_adopted():
+    config = PQNConfig().training(env_kwargs=TINY, minibatch_size=32).env_runners(
+        num_env_runners=2, num_envs_per_env_runner=16, rollout_fragment_length=8
+    )
+    config.validate()
+    assert (config.num_envs, config.rollout_length) == (32, 8)  # num_envs is the total over the runners
+    assert config.train_batch_size_per_learner == 256
+    # the settings PQN derives travel with the config (Tune dicts, checkpoints) without conflicts
+    again = PQNConfig().update_from_dict(config.to_dict())
+    again.training(num_envs=16)
+    again.validate()
+    assert again.num_envs_per_env_runner == 8
+    config = PQNConfig().training(env_kwargs=TINY, lr=[[0, 1e-3], [1000, 0.0]], anneal_lr=False)
+    config.validate()
+    assert config.lr_schedule() == [[0, 1e-3], [1000, 0.0]]  # RLlib's own schedule, as given
+
+
 # ------------------------------------------------------------------ q_output "auto"
 @pytest.mark.parametrize("env_id,env_kwargs,expected", [
     ("qworld/FourRooms-v0", {"goal_type": "indicator", "num_goals": 4}, "sigmoid"),
@@ -308,7 +375,8 @@ def test_fast_runner_trains_and_reports_qworld_metrics(trained_fast):
 def test_fast_runner_q_at_next_states_equals_the_learners_own_target_pass(trained_fast, lam):
     algo, _, _ = trained_fast
     runner = algo.env_runner
-    ro = runner.sample(epsilon=0.5)
+    assert R.NEXT_Q_ARGMAX not in runner.sample(epsilon=0.5)  # lambda_ = 0: 1-step targets need no argmax
+    ro = runner.sample(epsilon=0.5, next_q_argmax=True)
     assert R.NEXT_Q_MAX in ro and ro[R.NEXT_Q_MAX].shape == ro[R.REWARDS].shape
     done = ro[R.TERMINATED] | ro[R.TRUNCATED]
     assert done[:-1].any(), "the check needs episodes ending inside the rollout"
@@ -393,6 +461,82 @@ def test_fast_runner_works_as_a_remote_env_runner(ray_session):
         np.testing.assert_allclose(remote[0], learner_q, rtol=1e-6)
     finally:
         algo.stop()
+
+
+# ------------------------------------------------------------------ learner: RLlib's hooks
+def _learner_module(algo):
+    return algo.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+
+
+def test_nonfinite_gradient_steps_are_skipped_counted_and_reported(ray_session):
+    """torch_skip_nan_gradients (PQN's default): a NaN step never reaches the weights or RAdam."""
+    algo = tiny_config().build_algo()
+    try:
+        assert algo.config.torch_skip_nan_gradients
+        algo.train()
+        runner = algo.env_runner
+        sample = runner.sample
+
+        def poisoned(**kwargs):
+            ro = sample(**kwargs)
+            ro[R.REWARDS] = torch.full_like(ro[R.REWARDS], float("nan"))  # every target NaN
+            return ro
+
+        module = _learner_module(algo)
+        weights = {k: v.clone() for k, v in module.state_dict().items()}
+        optim = algo.learner_group._learner.get_optimizer()
+        steps = {id(p): float(st["step"]) for p, st in optim.state.items()}
+        runner.sample = poisoned
+        bad = flat(algo.train())
+        for k, v in module.state_dict().items():
+            torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
+        assert {id(p): float(st["step"]) for p, st in optim.state.items()} == steps
+        # 8 envs x 16 steps / minibatch 32: 4 steps, all skipped, reported per iteration
+        assert bad[M.TRAIN_NONFINITE_STEPS_SKIPPED] == 4
+        assert bad[f"learners/{DEFAULT_MODULE_ID}/num_nonfinite_steps_skipped"] == 4
+        runner.sample = sample
+        good = flat(algo.train())
+        assert good[M.TRAIN_NONFINITE_STEPS_SKIPPED] == 0
+        assert good[M.TRAIN_NONFINITE_STEPS_SKIPPED_LIFETIME] == 4
+        assert np.isfinite(good[M.TRAIN_LOSS])
+        assert all(torch.isfinite(v).all() for v in module.state_dict().values())
+        assert any(not torch.equal(v, weights[k]) for k, v in module.state_dict().items())
+    finally:
+        algo.stop()
+
+
+def test_two_learners_train_in_sync_on_cpu(ray_session):
+    """num_learners=2 (DDP on CPU): both train, stay equal, sync to the runner, report as one."""
+    algo = tiny_config().learners(num_learners=2).build_algo()
+    try:
+        assert not algo.learner_group.is_local
+        eye = np.eye(15, dtype=np.float32)
+        before = algo.q_function().q(eye)
+        results = [flat(algo.train()) for _ in range(2)]
+        last = results[-1]
+        assert np.isfinite(last[M.TRAIN_LOSS]) and last[M.TRAIN_ENV_STEPS] == 256
+        assert last[M.TRAIN_NONFINITE_STEPS_SKIPPED] == 0
+        # each learner builds its rows from its half of the columns: 4 envs x 16 steps
+        assert last[f"learners/{DEFAULT_MODULE_ID}/num_train_rows"] == 64
+        after = algo.q_function().q(eye)
+        assert not np.allclose(after, before)
+        tables = algo.learner_group.foreach_learner(
+            lambda learner: learner.module[DEFAULT_MODULE_ID].unwrapped().q_all_goals(torch.eye(15)).detach().numpy()
+        )
+        tables = [t.get() if hasattr(t, "get") else t for t in tables]
+        assert len(tables) == 2
+        np.testing.assert_array_equal(tables[0], tables[1])  # DDP: one set of weights
+        runner_q = algo.env_runner.module.q_all_goals(torch.eye(15)).detach().numpy()
+        np.testing.assert_allclose(runner_q, after, rtol=1e-6)
+    finally:
+        algo.stop()
+    local = tiny_config().build_algo()
+    try:
+        ref = flat(local.train())
+    finally:
+        local.stop()
+    qworld_keys = {k for k in ref if k.startswith(("learner/", "env_runners/", "learners/"))}
+    assert qworld_keys <= set(last), sorted(qworld_keys - set(last))
 
 
 # ------------------------------------------------------------------ standard runner

@@ -69,3 +69,5 @@ TRAIN_EPISODE_RETURN = "env_runners/episode_return_mean"
 TRAIN_EPISODE_SUCCESS = "env_runners/episode_success_mean"
 TRAIN_LR = "learner/lr"
 TRAIN_EPISODE_LENGTH = "env_runners/episode_len_mean"
+TRAIN_NONFINITE_STEPS_SKIPPED = "learner/nonfinite_steps_skipped"  # gradient steps skipped this iteration
+TRAIN_NONFINITE_STEPS_SKIPPED_LIFETIME = "learner/nonfinite_steps_skipped_lifetime"

@@ -85,6 +85,8 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
         spec = self.config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True)
         self.module = spec.build()
         self.module.to(self._device)
+        # It only acts: in eval mode for good, RLlib's forward_exploration has no mode to switch.
+        self.module.eval()
 
     @override(EnvRunner)
     def get_spaces(self):
@@ -113,6 +115,7 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
         num_timesteps: Optional[int] = None,
         explore: bool = True,
         epsilon: Optional[float] = None,
+        next_q_argmax: Optional[bool] = None,
         **kwargs,
     ) -> Dict[str, torch.Tensor]:
         """One rollout of ``rollout_length`` steps of all envs (``num_timesteps`` rounds up).
@@ -121,6 +124,8 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
             num_timesteps: total env steps wanted; None for ``num_envs * rollout_length``.
             explore: epsilon-greedy (True) or greedy on the commanded goal.
             epsilon: fixed exploration rate; None for the module's schedule.
+            next_q_argmax: hand over the greedy actions at s_{t+1} with their Q; None: only
+                when the learner's lambda chains need them (``lambda_ > 0``).
 
         Returns:
             A time-major rollout dict (see ``rollout.py``).
@@ -143,21 +148,27 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
         reward_b = torch.empty((T, N), dtype=torch.float32, device=dev)
         terminated_b = torch.empty((T, N), dtype=torch.bool, device=dev)
         truncated_b = torch.empty((T, N), dtype=torch.bool, device=dev)
-        ret_sum = torch.zeros((), device=dev)
-        len_sum = torch.zeros((), device=dev)
-        succ_sum = torch.zeros((), device=dev)
-        done_sum = torch.zeros((), device=dev)
+        # Per-step episode stats, summed once after the rollout (fewer small ops per step).
+        ret_b = torch.empty((T, N), dtype=torch.float32, device=dev)
+        len_b = torch.empty((T, N), dtype=torch.float32, device=dev)
+        succ_b = torch.empty((T, N), dtype=torch.bool, device=dev)
         obs, goal = self._state["obs"], self._state["goal"]
         keep_q = explore and module.head == "all_goals"
+        # max without indices costs a third as much; 1-step targets need no argmax.
+        keep_arg = keep_q and (self.config.lambda_ > 0 if next_q_argmax is None else bool(next_q_argmax))
+        q_arg_b = None
         if keep_q:
             q_max_b = torch.empty((T, N, env.num_goals), dtype=torch.float32, device=dev)
+        if keep_arg:
             q_arg_b = torch.empty((T, N, env.num_goals), dtype=torch.long, device=dev)
         for t in range(T):
             batch = {Columns.OBS: obs, GOAL: goal, EPSILON: eps, RETURN_Q_ALL_GOALS: keep_q}
             out = module.forward_exploration(batch) if explore else module.forward_inference(batch)
             actions = out[Columns.ACTIONS]
-            if keep_q:
+            if keep_arg:
                 q_max_b[t], q_arg_b[t] = out[Q_ALL_GOALS].max(-1)
+            elif keep_q:
+                q_max_b[t] = out[Q_ALL_GOALS].amax(-1)
             step = env.step(actions)
             obs_b[t] = obs
             goal_b[t] = goal
@@ -168,17 +179,16 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
             reward_b[t] = step["reward"]
             terminated_b[t] = step["terminated"]
             truncated_b[t] = step["truncated"]
-            done = step["terminated"] | step["truncated"]
-            ret_sum += step["episode_return"].sum()
-            len_sum += step["episode_length"].sum()
-            succ_sum += (step["success"] & done).sum()
-            done_sum += done.sum()
+            ret_b[t] = step["episode_return"]  # 0 but where an episode ended
+            len_b[t] = step["episode_length"]
+            succ_b[t] = step["success"]
             obs, goal = step["obs"], step["goal"]
         self._state = {"obs": obs, "goal": goal}
 
         steps = T * N
         self.num_env_steps_sampled_lifetime += steps
-        self._log_rollout_metrics(steps, done_sum, ret_sum, len_sum, succ_sum)
+        done_b = terminated_b | truncated_b
+        self._log_rollout_metrics(steps, done_b.sum(), ret_b.sum(), len_b.sum(), (succ_b & done_b).sum())
         rollout = {
             R.OBS: obs_b,
             R.NEXT_OBS: next_obs_b,
@@ -191,26 +201,36 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
             R.TRUNCATED: truncated_b,
         }
         if keep_q:
-            rollout[R.NEXT_Q_MAX], rollout[R.NEXT_Q_ARGMAX] = self._next_q(q_max_b, q_arg_b, next_obs_b,
-                                                                          terminated_b | truncated_b)
+            next_max, next_arg = self._next_q(q_max_b, q_arg_b, next_obs_b, terminated_b | truncated_b)
+            rollout[R.NEXT_Q_MAX] = next_max
+            if next_arg is not None:
+                rollout[R.NEXT_Q_ARGMAX] = next_arg
         if self.worker_index > 0 and dev.type != "cpu":
             rollout = {k: v.cpu() for k, v in rollout.items()}
         return rollout
 
     @torch.no_grad()
-    def _next_q(self, q_max: torch.Tensor, q_arg: torch.Tensor, next_obs: torch.Tensor, done: torch.Tensor):
+    def _next_q(self, q_max: torch.Tensor, q_arg: Optional[torch.Tensor], next_obs: torch.Tensor, done: torch.Tensor):
         """Q at s_{t+1} from the Q at s_t the rollout computed: ``[T, N, L]`` max and argmax.
 
         Where the episode went on, s_{t+1} is the next step's s_t; the rows that ended
-        (their next s_t is a reset) and the last step are evaluated here.
+        (their next s_t is a reset) and the last step are evaluated here. ``q_arg`` None:
+        the max only (argmax None).
         """
-        next_max, next_arg = torch.empty_like(q_max), torch.empty_like(q_arg)
-        next_max[:-1], next_arg[:-1] = q_max[1:], q_arg[1:]
+        next_max = torch.empty_like(q_max)
+        next_max[:-1] = q_max[1:]
+        next_arg = None
+        if q_arg is not None:
+            next_arg = torch.empty_like(q_arg)
+            next_arg[:-1] = q_arg[1:]
         fresh = done.clone()
         fresh[-1] = True
         if fresh.any():
-            m, a = self.module.q_all_goals(next_obs[fresh]).max(-1)
-            next_max[fresh], next_arg[fresh] = m, a
+            q = self.module.q_all_goals(next_obs[fresh])
+            if next_arg is None:
+                next_max[fresh] = q.amax(-1)
+            else:
+                next_max[fresh], next_arg[fresh] = q.max(-1)
         return next_max, next_arg
 
     def _log_rollout_metrics(self, steps, done_sum, ret_sum, len_sum, succ_sum) -> None:

@@ -1,4 +1,4 @@
-"""PQN Learner: Q(lambda) targets once per rollout, then epochs of minibatch MSE updates.
+"""PQN Learner: Q(lambda) targets once per rollout, then RLlib's epochs of minibatch updates.
 
 Shapes: T steps, N columns, L goals, A actions, K HER relabels, M training rows.
 
@@ -17,11 +17,17 @@ Per ``update`` call (one rollout, see ``rollout.py``):
      there is no chain to follow), ``random_goal``: uniform goals of the goal set;
      ``future``: a goal achieved later in the same episode (terminal, or positive reward,
      at some step >= t before the episode ends), else a uniform goal;
-2. ``num_epochs`` passes of shuffled minibatches of ``minibatch_size`` rows through
-   RLlib's ``TorchLearner._update`` (forward_train -> loss -> grads -> global-norm clip
-   -> RAdam/Adam step); the rows that do not fill a last minibatch are dropped;
-3. the learning rate follows RLlib's schedule ``[[0, lr], [total_env_steps, 0]]``.
+2. the rows (shuffled once with the learner's seeded generator) go to RLlib's own
+   ``Learner.update``, which runs ``num_epochs`` x minibatches of ``minibatch_size`` through
+   its minibatch iterator (reshuffling between epochs) and ``TorchLearner._update``
+   (forward_train -> ``compute_loss_for_module`` -> grads -> global-norm clip ->
+   ``apply_gradients`` -> RAdam/Adam step);
+3. a step whose gradients are not all finite is skipped and counted
+   (``torch_skip_nan_gradients``, on by default in ``PQNConfig``);
+4. the learning rate follows RLlib's schedule ``[[0, lr], [total_env_steps, 0]]``, stepped by
+   the base ``after_gradient_based_update``.
 """
+
 
 from __future__ import annotations
 
@@ -34,7 +40,9 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.learner import Learner
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.core.learner.training_data import TrainingData
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.annotations import override
+from ray.rllib.utils.torch_utils import clip_gradients
 from ray.rllib.utils.typing import ModuleID, TensorType
 
 from qworld.agents.pqn import rollout as R
@@ -46,6 +54,8 @@ TD_LOSS_KEY = "td_loss"
 Q_MEAN_KEY = "q_mean"
 TARGET_MEAN_KEY = "target_mean"
 NUM_TRAIN_ROWS_KEY = "num_train_rows"
+# Gradient steps of the last update skipped for non-finite gradients (torch_skip_nan_gradients).
+NUM_SKIPPED_STEPS_KEY = "num_nonfinite_steps_skipped"
 
 # Rows per forward pass when computing targets (bounds memory for big rollouts).
 TARGET_CHUNK = 65536
@@ -58,6 +68,31 @@ def _chunked(fn, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
     return torch.cat(
         [fn(x[i : i + TARGET_CHUNK], *(r[i : i + TARGET_CHUNK] for r in rest)) for i in range(0, x.shape[0], TARGET_CHUNK)]
     )
+
+
+def clip_gradients_fused(
+    gradients_dict: Dict[Any, torch.Tensor],
+    *,
+    grad_clip: Optional[float] = None,
+    grad_clip_by: str = "value",
+) -> Optional[torch.Tensor]:
+    """RLlib's ``clip_gradients`` with the global-norm case fused over the tensors.
+
+    The same numbers as ``ray.rllib.utils.torch_utils.clip_gradients`` (a non-finite
+    norm read as 1e9, coefficient ``grad_clip / max(norm + 1e-6, grad_clip)``, gradients
+    scaled in place, the norm returned) in two foreach kernels instead of three small
+    ops per tensor (a third of RLlib's clip time on a CPU step). Other modes: RLlib's.
+    """
+    if grad_clip is None or grad_clip_by != "global_norm":
+        return clip_gradients(gradients_dict, grad_clip=grad_clip, grad_clip_by=grad_clip_by)
+    grads = [g.detach() for g in gradients_dict.values() if g is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norms = torch.stack(torch._foreach_norm(grads)).nan_to_num(neginf=-10e8, posinf=10e8)
+    total = torch.linalg.vector_norm(norms).nan_to_num(neginf=-10e8, posinf=10e8)
+    coeff = (grad_clip / torch.clamp(total + 1e-6, min=grad_clip)).clamp(max=1.0)
+    torch._foreach_mul_(grads, coeff)
+    return total
 
 
 def her_goals(
@@ -122,8 +157,10 @@ def build_train_rows(
     if module.head == "all_goals":
         L = module.num_goals
         cut = rollout[R.TERMINATED] | rollout[R.TRUNCATED]
-        if R.NEXT_Q_MAX in rollout:  # the fast runner's Q at s_{t+1}, same weights (see rollout.py)
-            next_q_max, greedy_next = rollout[R.NEXT_Q_MAX], rollout[R.NEXT_Q_ARGMAX].long()
+        if R.NEXT_Q_MAX in rollout and (lam == 0.0 or R.NEXT_Q_ARGMAX in rollout):
+            # the fast runner's Q at s_{t+1}, same weights (see rollout.py)
+            next_q_max = rollout[R.NEXT_Q_MAX]
+            greedy_next = rollout[R.NEXT_Q_ARGMAX].long() if lam > 0.0 else None
         elif lam > 0.0:
             # max and argmax in one pass; argmax travels as float through the chunking
             both = _chunked(lambda s: torch.stack([t.float() for t in module.q_all_goals(s).max(-1)], -1), flat_next)
@@ -178,7 +215,13 @@ def build_train_rows(
 
 
 class PQNTorchLearner(TorchLearner):
-    """Torch Learner of PQN (see module doc); one rollout per ``update`` call."""
+    """Torch Learner of PQN (see module doc); one rollout per ``update`` call.
+
+    RLlib's ``Learner.update`` runs the epochs and minibatches; this class only turns the
+    rollout into training rows first (``update``), computes the loss
+    (``compute_loss_for_module``), skips non-finite steps (``apply_gradients``, then the
+    base class) and logs once per update (``after_gradient_based_update``).
+    """
 
     @override(TorchLearner)
     def build(self) -> None:
@@ -186,6 +229,10 @@ class PQNTorchLearner(TorchLearner):
         seed = self.config.seed if self.config.seed is not None else 0
         self._generator = torch.Generator(device=self._device)
         self._generator.manual_seed(int(seed) + 7919)
+        # Sums over one update's minibatches, kept as tensors so that a step costs no
+        # device sync; read once per update in after_gradient_based_update.
+        self._running: Dict[ModuleID, Dict[str, Any]] = {}
+        self._num_skipped_steps = 0
 
     @override(TorchLearner)
     def configure_optimizers_for_module(self, module_id: ModuleID, config: Any = None) -> None:
@@ -204,7 +251,7 @@ class PQNTorchLearner(TorchLearner):
     @override(Learner)
     def update(
         self,
-        batch=None,
+        batch: Optional[MultiAgentBatch] = None,
         batches=None,
         batch_refs=None,
         episodes=None,
@@ -213,42 +260,71 @@ class PQNTorchLearner(TorchLearner):
         training_data: Optional[TrainingData] = None,
         *,
         timesteps: Optional[Dict[str, Any]] = None,
+        num_total_minibatches: int = 0,
         num_epochs: int = 1,
         minibatch_size: Optional[int] = None,
-        shuffle_batch_per_epoch: bool = True,
+        shuffle_batch_per_epoch: bool = False,
         _no_metrics_reduce: bool = False,
         **kwargs,
     ):
-        """One PQN update on one rollout: targets once, then epochs of minibatches.
+        """One rollout -> training rows with fixed targets -> RLlib's epochs x minibatches.
 
-        ``batch`` is a ``MultiAgentBatch`` made by ``rollout.to_train_batch``.
+        The targets need the rollout's time structure (lambda chains, HER's future goals)
+        and stay fixed for the whole update, so they are built here; the base class then
+        iterates ``num_epochs`` epochs of ``minibatch_size`` rows over them.
+
+        Args:
+            batch: a ``MultiAgentBatch`` made by ``rollout.to_train_batch`` (env-major
+                columns ``[N, T, ...]``), or the same inside ``training_data``.
+            shuffle_batch_per_epoch: shuffle the rows (once here with the learner's seeded
+                generator, then by RLlib between epochs).
+            minibatch_size: rows per gradient step; at most the rows of the rollout (with a
+                single Learner).
         """
         self._check_is_built()
-        timesteps = timesteps or {}
-        self.before_gradient_based_update(timesteps=timesteps)
         if training_data is None:
+            if episodes is not None or episodes_refs is not None or data_iterators is not None or batches is not None:
+                raise ValueError("PQNTorchLearner.update needs one rollout batch (rollout.to_train_batch)")
             training_data = TrainingData(batch=batch, batch_refs=batch_refs)
         training_data.validate()
         training_data.solve_refs()
-        ma_batch = training_data.batch
-        if ma_batch is None or episodes is not None:
-            raise ValueError("PQNTorchLearner.update needs a rollout batch (rollout.to_train_batch)")
-        self._weights_seq_no += 1
-        for module_id, module_batch in ma_batch.policy_batches.items():
-            if not self.should_module_be_updated(module_id, ma_batch):
-                continue
-            self._update_module_on_rollout(
-                module_id,
-                R.from_train_batch(module_batch, self._device),
-                num_epochs=num_epochs,
-                minibatch_size=minibatch_size,
-                shuffle=shuffle_batch_per_epoch,
-            )
-        self.after_gradient_based_update(timesteps=timesteps)
-        if not _no_metrics_reduce:
-            return self.metrics.reduce()
+        rollout_batch = training_data.batch
+        if rollout_batch is None or training_data.episodes is not None:
+            raise ValueError("PQNTorchLearner.update needs one rollout batch (rollout.to_train_batch)")
 
-    def _update_module_on_rollout(self, module_id, rollout, *, num_epochs, minibatch_size, shuffle):
+        rows: Dict[ModuleID, SampleBatch] = {}
+        for module_id, module_batch in rollout_batch.policy_batches.items():
+            if not self.should_module_be_updated(module_id, rollout_batch):
+                continue
+            module_rows = self._train_rows(
+                module_id, R.from_train_batch(module_batch, self._device), shuffle=shuffle_batch_per_epoch
+            )
+            if module_rows[Columns.ACTIONS].shape[0] > 0:
+                rows[module_id] = SampleBatch(module_rows)
+        if not rows:  # nothing to learn from (the base loop would not run at all)
+            return None if _no_metrics_reduce else self.metrics.reduce()
+
+        if self.config.num_learners > 1:
+            # DDP: every Learner must take the same number of steps whatever its shard holds
+            # (the standard runner's columns differ in length): a fixed count from the
+            # config, RLlib's iterator cycling through this shard's rows.
+            num_total_minibatches = num_epochs * self.config.minibatches_per_learner()
+        elif minibatch_size:
+            # Never more rows per step than the rollout has (the iterator would repeat rows).
+            minibatch_size = min(int(minibatch_size), min(len(b) for b in rows.values()))
+        return super().update(
+            batch=MultiAgentBatch(rows, env_steps=rollout_batch.env_steps()),
+            timesteps=timesteps,
+            num_total_minibatches=num_total_minibatches,
+            num_epochs=num_epochs,
+            minibatch_size=minibatch_size,
+            shuffle_batch_per_epoch=shuffle_batch_per_epoch,
+            _no_metrics_reduce=_no_metrics_reduce,
+            **kwargs,
+        )
+
+    def _train_rows(self, module_id: ModuleID, rollout: Dict[str, torch.Tensor], *, shuffle: bool):
+        """The rollout's training rows (``build_train_rows``), shuffled if asked."""
         config = self.config.get_config_for_module(module_id)
         module = self.module[module_id].unwrapped()
         rows = build_train_rows(
@@ -261,49 +337,13 @@ class PQNTorchLearner(TorchLearner):
             generator=self._generator,
         )
         M = rows[Columns.ACTIONS].shape[0]
-        if M == 0:
-            return
-        mb = min(int(minibatch_size or M), M)
-        num_minibatches = M // mb
-        if config.num_learners > 1:
-            # DDP: every Learner must take the same number of steps, whatever its shard
-            # holds (the standard runner's columns differ in length): a fixed count from
-            # the config, minibatches drawn cyclically from this shard's rows.
-            mb = int(minibatch_size or M)
-            num_minibatches = config.minibatches_per_learner()
-        self._loss_sum = torch.zeros((), device=self._device)
-        self._q_sum = torch.zeros((), device=self._device)
-        for _ in range(num_epochs):
-            perm = torch.randperm(M, device=self._device, generator=self._generator) if shuffle else None
-            for i in range(num_minibatches):
-                if (i + 1) * mb > M:  # only with several learners: wrap around
-                    idx = torch.arange(i * mb, (i + 1) * mb, device=self._device) % M
-                    minibatch = {k: v[idx if perm is None else perm[idx]] for k, v in rows.items()}
-                elif perm is None:
-                    minibatch = {k: v[i * mb : (i + 1) * mb] for k, v in rows.items()}
-                else:
-                    idx = perm[i * mb : (i + 1) * mb]
-                    minibatch = {k: v[idx] for k, v in rows.items()}
-                self._update({module_id: minibatch})
-        n = max(num_epochs * num_minibatches, 1)
-        self.metrics.log_value((module_id, TD_LOSS_KEY), (self._loss_sum / n).item(), window=1)
-        self.metrics.log_value((module_id, Q_MEAN_KEY), (self._q_sum / n).item(), window=1)
-        self.metrics.log_value((module_id, TARGET_MEAN_KEY), rows[TARGETS].mean().item(), window=1)
+        if shuffle and M > 1:
+            perm = torch.randperm(M, device=self._device, generator=self._generator)
+            rows = {k: v[perm] for k, v in rows.items()}
+        if M > 0:
+            self.metrics.log_value((module_id, TARGET_MEAN_KEY), rows[TARGETS].mean().item(), window=1)
         self.metrics.log_value((module_id, NUM_TRAIN_ROWS_KEY), M, window=1)
-
-    @override(TorchLearner)
-    def apply_gradients(self, gradients_dict: Dict[Any, torch.Tensor]) -> None:
-        """Set the (clipped) gradients and step every optimizer.
-
-        Unlike ``TorchLearner.apply_gradients`` there is no per-parameter ``isfinite``
-        test (two device syncs per parameter and step, ~7% of a CPU update); as in PQN's
-        reference code a non-finite gradient is not special-cased.
-        """
-        for pid, grad in gradients_dict.items():
-            self._params[pid].grad = grad
-        for optimizer_names in self._module_optimizers.values():
-            for optimizer_name in optimizer_names:
-                self._named_optimizers[optimizer_name].step()
+        return rows
 
     @override(Learner)
     def compute_loss_for_module(
@@ -314,6 +354,12 @@ class PQNTorchLearner(TorchLearner):
         batch: Dict[str, Any],
         fwd_out: Dict[str, TensorType],
     ) -> TensorType:
+        """Mean squared TD error of the taken actions against the fixed targets.
+
+        ``batch``: ``actions [B]``, ``targets [B, L]`` (all_goals head: every goal) or
+        ``[B]`` (goal_input head: the row's goal); ``fwd_out``: ``Q_ALL_GOALS [B, L, A]``
+        or ``QF_PREDS [B, A]``.
+        """
         actions = batch[Columns.ACTIONS].long()
         targets = batch[TARGETS]
         if Q_ALL_GOALS in fwd_out and targets.dim() == 2:
@@ -322,6 +368,53 @@ class PQNTorchLearner(TorchLearner):
         else:
             q_sa = fwd_out[QF_PREDS].gather(-1, actions.view(-1, 1)).squeeze(-1)  # [B]
         loss = torch.mean((q_sa - targets) ** 2)
-        self._loss_sum = self._loss_sum + loss.detach()
-        self._q_sum = self._q_sum + q_sa.detach().mean()
+        run = self._running.setdefault(module_id, {"loss": 0.0, "q": 0.0, "n": 0})
+        run["loss"] = run["loss"] + loss.detach()
+        run["q"] = run["q"] + q_sa.detach().mean()
+        run["n"] += 1
         return loss
+
+    @staticmethod
+    @override(TorchLearner)
+    def _get_clip_function():
+        # RLlib's clipping (postprocess_gradients_for_module), fused: see clip_gradients_fused.
+        return clip_gradients_fused
+
+    @override(TorchLearner)
+    def apply_gradients(self, gradients_dict: Dict[Any, torch.Tensor]) -> None:
+        """Skip (and count) a step with non-finite gradients, else RLlib's own step.
+
+        With ``torch_skip_nan_gradients`` RLlib's ``TorchLearner.apply_gradients`` steps
+        without looking at the gradients at all; the test here makes the flag do what its
+        documentation says: such a step never reaches (R)Adam's moments. Without the flag
+        RLlib's behaviour is kept (non-finite entries zeroed, then step).
+
+        The test is on the gradients' norms (one fused kernel over the tensors, one device
+        sync per step; per-tensor ``isfinite`` masks cost 7% of a CPU update): NaN or inf
+        anywhere makes a norm non-finite, and otherwise only entries past ~1e19, whose
+        squares overflow float32 (RLlib's own clip reads such a norm as 1e9).
+        """
+        if self.config.torch_skip_nan_gradients:
+            grads = [g.detach() for g in gradients_dict.values() if g is not None]
+            if grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+                self._num_skipped_steps += 1
+                return
+        super().apply_gradients(gradients_dict)
+
+    @override(TorchLearner)
+    def before_gradient_based_update(self, *, timesteps: Dict[str, Any]) -> None:
+        super().before_gradient_based_update(timesteps=timesteps)
+        self._running = {}
+        self._num_skipped_steps = 0
+
+    @override(TorchLearner)
+    def after_gradient_based_update(self, *, timesteps: Dict[str, Any]) -> None:
+        """RLlib's lr schedule step, then this update's means (one device sync)."""
+        super().after_gradient_based_update(timesteps=timesteps)
+        for module_id, run in self._running.items():
+            n = max(run["n"], 1)
+            loss, q = (torch.stack([torch.as_tensor(run["loss"]), torch.as_tensor(run["q"])]) / n).tolist()
+            self.metrics.log_value((module_id, TD_LOSS_KEY), loss, window=1)
+            self.metrics.log_value((module_id, Q_MEAN_KEY), q, window=1)
+            # The same on every Learner (DDP all-reduces the gradients): "mean" over them.
+            self.metrics.log_value((module_id, NUM_SKIPPED_STEPS_KEY), self._num_skipped_steps, window=1)

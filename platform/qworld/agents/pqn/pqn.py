@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -51,7 +52,7 @@ from ray.rllib.utils.metrics import (
 from qworld import metrics as M
 from qworld.agents.pqn import rollout as R
 from qworld.agents.pqn.fast_env_runner import EPISODE_SUCCESS_MEAN, BatchedEnvRunner
-from qworld.agents.pqn.learner import Q_MEAN_KEY, TD_LOSS_KEY, PQNTorchLearner
+from qworld.agents.pqn.learner import NUM_SKIPPED_STEPS_KEY, Q_MEAN_KEY, TD_LOSS_KEY, PQNTorchLearner
 from qworld.agents.pqn.module import HEADS, Q_OUTPUTS, PQNTorchRLModule, linear_epsilon
 from qworld.agents.pqn.task import TaskInfo, jsonable, probe_task
 
@@ -119,12 +120,34 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
+def _is_schedule(x: Any) -> bool:
+    """An RLlib schedule: ``[[timestep, value], ...]``."""
+    return (
+        isinstance(x, (list, tuple)) and len(x) > 0
+        and all(isinstance(p, (list, tuple)) and len(p) == 2 and _is_int(p[0]) and _is_num(p[1]) and p[1] >= 0 for p in x)
+    )
+
+
+_UNSET = object()
+
+
 class PQNConfig(AlgorithmConfig):
     """Configuration of goal-conditioned PQN; set fields with ``training(...)``.
 
     Defaults follow the paper's agent (RAdam, lr 1e-4 decayed linearly to 0, grad-norm
     clip 10, epsilon 1 -> 0.1 over half of training, LayerNorm MLP, 1-step targets,
     256 envs x 64 steps, minibatch 256, 1 epoch, gamma 0.99).
+
+    ``gamma``, ``lr``, ``grad_clip``, ``num_epochs``, ``minibatch_size``,
+    ``shuffle_batch_per_epoch``, ``explore``, ``seed`` and ``torch_skip_nan_gradients`` are
+    RLlib's own settings, used as they are. RLlib settings that PQN fields determine
+    (``env`` <- ``env_id``, ``env_config`` <- ``env_kwargs``, ``num_envs_per_env_runner`` <-
+    ``num_envs``, ``rollout_fragment_length`` <- ``rollout_length``,
+    ``train_batch_size(_per_learner)`` <- one rollout, ``env_runner_cls`` <- ``env_runner``,
+    ``model_config`` <- the network fields, an ``lr`` schedule <- ``anneal_lr``) have one
+    source each: set through RLlib while the PQN field keeps its default, the PQN field
+    follows (``.environment(env_config={"variant": "windy"})`` trains the windy variant);
+    set on both sides to different values, ``validate()`` raises a ValueError naming both.
     """
 
     def __init__(self, algo_class=None):
@@ -148,6 +171,9 @@ class PQNConfig(AlgorithmConfig):
         self.grad_clip_by = "global_norm"
         self.num_epochs = 1  # passes over each rollout
         self.minibatch_size = 256  # transitions per gradient step
+        self.shuffle_batch_per_epoch = True  # minibatches of shuffled rows (RLlib's flag)
+        # A step with non-finite gradients is skipped and counted (PQNTorchLearner).
+        self.torch_skip_nan_gradients = True
         # --- exploration (epsilon-greedy on the commanded goal)
         self.epsilon_start: float = 1.0
         self.epsilon_end: float = 0.1
@@ -163,7 +189,10 @@ class PQNConfig(AlgorithmConfig):
         self.her_strategy: str = "future"  # "future" | "random_goal"
         # --- RLlib
         self.num_env_runners = 0
-        self.env = self.env_id  # kept in sync in validate(); names Tune trials
+        # The RLlib settings validate() last derived from PQN fields (or PQN fields adopted
+        # from RLlib's): a value equal to its entry here was not set by the user.
+        self._pqn_derived: Dict[str, Any] = {}
+        self._derive("env", self.env_id)  # names Tune trials before validate()
 
     @override(AlgorithmConfig)
     def training(
@@ -284,9 +313,17 @@ class PQNConfig(AlgorithmConfig):
             self.hidden_sizes = list(hidden_sizes)
         if env_kwargs is not NotProvided and env_kwargs is not None:
             self.env_kwargs = dict(env_kwargs)
-        if env_id is not NotProvided:
-            self.env = env_id
+        if env_id is not NotProvided and (self.env is None or self.env == self._pqn_derived.get("env", _UNSET)):
+            self._derive("env", env_id)  # an env the user set stays, for validate() to compare
         return self
+
+    def _derive(self, field: str, value: Any) -> None:
+        """Set ``field`` to a value derived from another setting, and remember it as such."""
+        if getattr(self, field, None) != value:
+            setattr(self, field, value)
+        if self._pqn_derived.get(field, _UNSET) != value:
+            # A copy: RLlib updates some settings in place (environment() deep-updates env_config).
+            self._pqn_derived = {**self._pqn_derived, field: copy.deepcopy(value)}
 
     # ------------------------------------------------------------------ derived settings
     def resolved_env_runner(self) -> str:
@@ -335,7 +372,13 @@ class PQNConfig(AlgorithmConfig):
         return max(1, rows // int(self.minibatch_size))
 
     def lr_schedule(self) -> List[List[float]]:
-        """RLlib lr schedule: ``[[0, lr], [total_env_steps, 0]]`` (constant without anneal_lr)."""
+        """RLlib lr schedule: ``[[0, lr], [total_env_steps, 0]]`` (constant without anneal_lr).
+
+        ``lr`` given as RLlib's own schedule ``[[t, lr], ...]`` (with ``anneal_lr=False``)
+        is used as it is.
+        """
+        if _is_schedule(self.lr):
+            return [[int(t), float(v)] for t, v in self.lr]
         end = 0.0 if self.anneal_lr else float(self.lr)
         return [[0, float(self.lr)], [int(self.total_env_steps), end]]
 
@@ -394,19 +437,113 @@ class PQNConfig(AlgorithmConfig):
         )
         return out
 
-    def _sync_rllib_settings(self) -> None:
-        """Derive RLlib's own settings (env, runner class, batch sizes) from the PQN fields."""
-        self.env = self.env_id
-        self.env_config = dict(self.env_kwargs or {})
-        if self.env_runner in ENV_RUNNERS and self.env_id and isinstance(self.env_id, str):
-            fast = self.resolved_env_runner() == "fast"
-            if self.env_runner_cls in (None, BatchedEnvRunner, SingleAgentEnvRunner):
-                self.env_runner_cls = BatchedEnvRunner if fast else SingleAgentEnvRunner
+    def _reconcile(self, rllib_field: str, pqn_field: str, wanted: Any, adopt=None, how: str = "") -> None:
+        """One RLlib setting that a PQN field determines: derive it, adopt it, or refuse it.
+
+        Args:
+            rllib_field: RLlib's name (e.g. ``env_config``).
+            pqn_field: the PQN field(s) it follows, as the error names them.
+            wanted: the RLlib value the PQN field(s) give.
+            adopt: ``value -> None``, setting the PQN field from an RLlib value the user
+                set while the PQN field(s) kept their defaults; None: RLlib's value cannot
+                determine the PQN fields, so a differing one is always refused.
+            how: how ``wanted`` follows from the PQN field(s), for the error.
+
+        Raises:
+            ValueError: the user set ``rllib_field`` to a value that disagrees with the
+                PQN field(s), naming both.
+        """
+        current = getattr(self, rllib_field)
+        user_set = current != getattr(_RLLIB_DEFAULTS, rllib_field) and current != self._pqn_derived.get(
+            rllib_field, _UNSET
+        )
+        if user_set and current != wanted:
+            pqn_user_set = any(
+                getattr(self, f) != getattr(_PQN_DEFAULTS, f) and getattr(self, f) != self._pqn_derived.get(f, _UNSET)
+                for f in pqn_field.split(", ")
+            )
+            if adopt is None or pqn_user_set:
+                values = ", ".join(f"{f}={getattr(self, f)!r}" for f in pqn_field.split(", "))
+                raise ValueError(
+                    f"invalid PQNConfig: RLlib's {rllib_field}={current!r} conflicts with PQN's {values}"
+                    f"{how}; set only one of them"
+                )
+            adopt(current)
+            return
+        self._derive(rllib_field, wanted)
+
+    def _reconcile_rllib_settings(self) -> None:
+        """RLlib's own settings that PQN fields shadow: one source for each.
+
+        A PQN field left at its default follows the RLlib setting the user made (e.g.
+        ``.environment(env_config=...)`` sets ``env_kwargs``); otherwise the RLlib setting
+        is derived from the PQN field, and a user-set RLlib value that disagrees is an error
+        naming both. Runs before the PQN checks, so adopted values are checked too.
+
+        RLlib's evaluation copy of the config is left as RLlib makes it (it sets its own
+        runner count and fragment length).
+        """
+        if self.in_evaluation:
+            return
+
+        def adopt(field, convert=lambda v: v):
+            def set_pqn(value):
+                self._derive(field, convert(value))
+
+            return set_pqn
+
+        if not (isinstance(self.env, str) or self.env is None):
+            raise ValueError(
+                f"invalid PQNConfig: RLlib's env={self.env!r} is not an env id; PQN makes its envs from "
+                f"env_id={self.env_id!r} (a registered gymnasium id), so set env to that id or leave it unset"
+            )
+        self._reconcile("env", "env_id", self.env_id, adopt("env_id"))
+        self._reconcile("env_config", "env_kwargs", dict(self.env_kwargs or {}), adopt("env_kwargs", dict))
+        runners = max(1, int(self.num_env_runners)) if _is_int(self.num_env_runners) else 1
+        if _is_int(self.rollout_length) and _is_int(self.rollout_fragment_length or 0):
+            self._reconcile("rollout_fragment_length", "rollout_length", int(self.rollout_length), adopt("rollout_length"))
+        if _is_int(self.num_envs) and _is_int(self.num_envs_per_env_runner) and self.num_envs > 0:
+            self._reconcile(
+                "num_envs_per_env_runner", "num_envs", max(1, int(self.num_envs) // runners),
+                adopt("num_envs", lambda per_runner: int(per_runner) * runners),
+                f" (num_envs is the total over num_env_runners={runners})",
+            )
         if _is_int(self.num_envs) and _is_int(self.rollout_length) and self.num_envs > 0:
-            self.num_envs_per_env_runner = max(1, self.envs_per_env_runner())
-            self.rollout_fragment_length = int(self.rollout_length)
-            self.train_batch_size_per_learner = max(
-                1, int(self.num_envs) * int(self.rollout_length) // max(1, int(self.num_learners))
+            total = int(self.num_envs) * int(self.rollout_length)
+            learners = max(1, int(self.num_learners or 0))
+            self._reconcile("train_batch_size", "num_envs, rollout_length", total, None,
+                            " (a training batch is one rollout of num_envs x rollout_length env steps)")
+            self._reconcile("train_batch_size_per_learner", "num_envs, rollout_length", max(1, total // learners), None,
+                            f" (one rollout of num_envs x rollout_length env steps over num_learners={learners})")
+        if self.env_runner in ENV_RUNNERS and isinstance(self.env_id, str) and self.env_id:
+            if self.env_runner_cls in (None, BatchedEnvRunner, SingleAgentEnvRunner):  # else: a custom runner, kept
+                try:
+                    fast = self.resolved_env_runner() == "fast"
+                except Exception:  # unknown env id: reported by the PQN checks
+                    return
+                self._reconcile(
+                    "env_runner_cls", "env_runner", BatchedEnvRunner if fast else SingleAgentEnvRunner,
+                    adopt("env_runner", lambda cls: "fast" if cls is BatchedEnvRunner else "standard"),
+                    " (\"fast\": BatchedEnvRunner, \"standard\": SingleAgentEnvRunner)",
+                )
+
+    def _check_model_config(self) -> None:
+        """RLlib's ``model_config`` may not disagree with the module settings PQN derives.
+
+        RLlib merges the user's ``model_config`` *under* the default module spec's, so a
+        key PQN sets (hidden_sizes, head, ...) would silently lose; refuse it instead.
+        """
+        user = self._model_config if isinstance(self._model_config, dict) else {}
+        if not user:
+            return
+        ours = self.pqn_model_config()
+        clash = {k: v for k, v in user.items() if k in ours and v != ours[k]}
+        if clash:
+            key = next(iter(clash))
+            raise ValueError(
+                f"invalid PQNConfig: RLlib's model_config[{key!r}]={clash[key]!r} conflicts with PQN's "
+                f"{key}={ours[key]!r} (PQN builds its module from its own fields); set it with "
+                f"training({key}=...) instead"
             )
 
     def pqn_errors(self) -> List[str]:
@@ -448,8 +585,14 @@ class PQNConfig(AlgorithmConfig):
         check_int("total_env_steps", 1)
         check_unit("gamma", lo_open=True)
         check_unit("lambda_")
-        if not _is_num(self.lr) or not self.lr > 0:
-            bad("lr", "a number > 0")
+        if _is_schedule(self.lr):
+            if self.anneal_lr:
+                errors.append(
+                    f"lr={self.lr!r} is an RLlib lr schedule and conflicts with anneal_lr=True (which builds "
+                    "[[0, lr], [total_env_steps, 0]] from a number lr): set anneal_lr=False to use the schedule"
+                )
+        elif not _is_num(self.lr) or not self.lr > 0:
+            bad("lr", "a number > 0, or (with anneal_lr=False) an RLlib schedule [[env_step, lr], ...]")
         if not isinstance(self.anneal_lr, bool):
             bad("anneal_lr", "True or False")
         check_choice("optimizer", OPTIMIZERS)
@@ -485,7 +628,12 @@ class PQNConfig(AlgorithmConfig):
 
     @override(AlgorithmConfig)
     def validate(self) -> None:
-        """Raises ValueError naming every bad field with its allowed values, then RLlib's checks."""
+        """Raises ValueError naming every bad field with its allowed values, then RLlib's checks.
+
+        RLlib settings that PQN fields shadow are reconciled first (see
+        :meth:`_reconcile_rllib_settings`): a conflicting pair is a ValueError naming both.
+        """
+        self._reconcile_rllib_settings()
         self.validate_training()
         try:
             self.task()
@@ -494,7 +642,8 @@ class PQNConfig(AlgorithmConfig):
                 f"invalid PQNConfig: env_id={self.env_id!r} with env_kwargs={self.env_kwargs!r} "
                 f"cannot be built: {type(e).__name__}: {e}"
             ) from e
-        self._sync_rllib_settings()
+        self._reconcile_rllib_settings()  # again: the checked values, all derived settings
+        self._check_model_config()
         super().validate()
 
     # ------------------------------------------------------------------ RLlib hooks
@@ -527,7 +676,8 @@ class PQN(Algorithm):
         """Sample one rollout, update the learner(s) on it, sync weights, report metrics."""
         cfg: PQNConfig = self.config
         steps_before = self.env_steps_sampled()
-        epsilon = cfg.epsilon_at(steps_before)
+        # RLlib's `explore` setting holds: without it the runners act greedily.
+        epsilon = cfg.epsilon_at(steps_before) if cfg.explore else 0.0
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
             rollout, runner_metrics = self._sample_rollout(epsilon)
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
@@ -539,7 +689,7 @@ class PQN(Algorithm):
                 timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: env_steps},
                 num_epochs=cfg.num_epochs,
                 minibatch_size=cfg.minibatch_size,
-                shuffle_batch_per_epoch=True,
+                shuffle_batch_per_epoch=cfg.shuffle_batch_per_epoch,
             )
         self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
 
@@ -561,6 +711,12 @@ class PQN(Algorithm):
         log(M.TRAIN_Q_MEAN, learner_value(Q_MEAN_KEY))
         log(M.TRAIN_EPSILON, epsilon)
         log(M.TRAIN_LR, learner_value(f"{DEFAULT_OPTIMIZER}_{LR_KEY}"))
+        skipped = learner_value(NUM_SKIPPED_STEPS_KEY)
+        log(M.TRAIN_NONFINITE_STEPS_SKIPPED, skipped)
+        if skipped is not None:
+            self.metrics.log_value(
+                tuple(M.TRAIN_NONFINITE_STEPS_SKIPPED_LIFETIME.split("/")), skipped, reduce="lifetime_sum"
+            )
 
     def _sample_rollout(self, epsilon: float) -> Tuple[Dict[str, Any], List[Any]]:
         """One rollout from every env runner (tensors), plus each runner's metrics."""
@@ -568,7 +724,10 @@ class PQN(Algorithm):
         local = group.num_remote_workers() <= 0
         if self.fast:
             results = group.foreach_env_runner(
-                lambda er, eps=epsilon: (er.sample(epsilon=eps), er.get_metrics()),
+                lambda er, eps=epsilon, explore=self.config.explore: (
+                    er.sample(epsilon=eps, explore=explore),
+                    er.get_metrics(),
+                ),
                 local_env_runner=local,
             )
             return R.concat_columns([r[0] for r in results]), [r[1] for r in results]
@@ -576,8 +735,8 @@ class PQN(Algorithm):
         task = self.config.task()
         obs_dim, goal_features = task.obs_dim, np.asarray(task.goal_features, np.float32)
 
-        def sample_standard(er, obs_dim=obs_dim, goal_features=goal_features):
-            episodes = er.sample(explore=True)
+        def sample_standard(er, obs_dim=obs_dim, goal_features=goal_features, explore=self.config.explore):
+            episodes = er.sample(explore=explore)
             done = [e for e in episodes if e.is_done]
             success = [float(e.is_terminated) for e in done]
             rollout = R.episodes_to_rollout(episodes, obs_dim, goal_features)
@@ -622,6 +781,11 @@ class PQN(Algorithm):
         cfg = self.config.qworld_config()
         cfg[M.ENV_STEPS] = self.env_steps_sampled()
         return QFunction(module, cfg)
+
+
+# Defaults of RLlib's settings and of PQN's fields: a value other than these was set.
+_RLLIB_DEFAULTS = AlgorithmConfig()
+_PQN_DEFAULTS = PQNConfig()
 
 
 @functools.lru_cache(maxsize=64)

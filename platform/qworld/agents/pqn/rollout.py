@@ -22,7 +22,8 @@ key                       shape, dtype        meaning
 ``next_q_max``            [T, N, L] f         max_a Q_g(s_{t+1}, a) of every goal under the
                                               weights that sampled the rollout (optional;
                                               the fast runner's all-goals rollouts)
-``next_q_argmax``         [T, N, L] long      its argmax (with ``next_q_max``)
+``next_q_argmax``         [T, N, L] long      its argmax (optional, with ``next_q_max``;
+                                              by default only for ``lambda_ > 0``)
 ========================  ==================  =============================================
 
 The fast runner already evaluates Q at every s_{t+1} that is the next step's s_t, with the
