@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from qworld import metrics as M
+from qworld import metrics as K
 from qworld.agents.pqn import PQNConfig, build_train_rows, her_goals, q_lambda_targets
 from qworld.agents.pqn import rollout as R
 from qworld.agents.pqn.learner import TARGETS
@@ -121,7 +121,7 @@ def test_rllib_env_config_is_the_env_pqn_trains(ray_session):
     try:
         assert algo.config.env_kwargs == {**TINY, "variant": "windy"}
         assert algo.env_runner.config.env_kwargs["variant"] == "windy"  # what the runner's envs are made from
-        assert algo.config.qworld_config()[M.VARIANT] == "windy"  # what a checkpoint records
+        assert algo.config.qworld_config()[K.VARIANT] == "windy"  # what a checkpoint records
         algo.train()
     finally:
         algo.stop()
@@ -204,7 +204,7 @@ def test_auto_linear_output_is_scaled_to_the_goal_familys_returns():
 
     dense = {"goal_type": "dense", "num_goals": 2}
     config = PQNConfig().training(env_kwargs=dense, gamma=0.9)
-    rewards = qworld_envs.make_finite_task("qworld/FourRooms-v0", **config.env_kwargs).goals.rewards
+    rewards = qworld_envs.make_finite_problem("qworld/FourRooms-v0", **config.env_kwargs).goals.rewards
     assert config.resolved_q_scale() == pytest.approx(np.abs(rewards).max() / (1 - 0.9))
     assert PQNConfig().training(env_kwargs=dense, q_output="linear").resolved_q_scale() == 1.0
     assert PQNConfig().training(env_kwargs={"num_goals": 2}).resolved_q_scale() == 1.0  # sigmoid
@@ -359,16 +359,16 @@ def test_fast_runner_trains_and_reports_qworld_metrics(trained_fast):
     algo, results, _ = trained_fast
     assert type(algo.env_runner).__name__ == "BatchedEnvRunner"
     last = flat(results[-1])
-    for key in (M.TRAIN_LOSS, M.TRAIN_Q_MEAN, M.TRAIN_EPSILON, M.TRAIN_LR, M.TRAIN_EPISODE_RETURN,
-                M.TRAIN_EPISODE_SUCCESS, M.TRAIN_EPISODE_LENGTH, M.TRAIN_ENV_STEPS):
+    for key in (K.TRAIN_LOSS, K.TRAIN_Q_MEAN, K.TRAIN_EPSILON, K.TRAIN_LR, K.TRAIN_EPISODE_RETURN,
+                K.TRAIN_EPISODE_SUCCESS, K.TRAIN_EPISODE_LENGTH, K.TRAIN_ENV_STEPS):
         assert key in last, key
-    assert np.isfinite(last[M.TRAIN_LOSS])
+    assert np.isfinite(last[K.TRAIN_LOSS])
     # every iteration is one rollout of num_envs x rollout_length env steps
-    assert [r[M.TRAIN_ENV_STEPS] for r in results] == [128, 256, 384]
+    assert [r[K.TRAIN_ENV_STEPS] for r in results] == [128, 256, 384]
     assert last["env_runners/num_env_steps_sampled_lifetime"] == 384
     # schedules move with env steps: epsilon from 1 towards 0.1 over half the budget, lr to 0
-    assert last[M.TRAIN_EPSILON] == pytest.approx(1.0 - 0.9 * 256 / 2500)
-    assert last[M.TRAIN_LR] == pytest.approx(1e-4 * (1 - 384 / 5000), rel=1e-6)
+    assert last[K.TRAIN_EPSILON] == pytest.approx(1.0 - 0.9 * 256 / 2500)
+    assert last[K.TRAIN_LR] == pytest.approx(1e-4 * (1 - 384 / 5000), rel=1e-6)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.65])
@@ -452,7 +452,7 @@ def test_fast_runner_works_as_a_remote_env_runner(ray_session):
     algo = tiny_config().env_runners(num_env_runners=1).build_algo()
     try:
         result = flat(algo.train())
-        assert result[M.TRAIN_ENV_STEPS] == 128 and np.isfinite(result[M.TRAIN_LOSS])
+        assert result[K.TRAIN_ENV_STEPS] == 128 and np.isfinite(result[K.TRAIN_LOSS])
         # the remote runner got the learner's weights after the update
         learner_q = algo.q_function().q(np.eye(15, dtype=np.float32))
         remote = algo.env_runner_group.foreach_env_runner(
@@ -492,13 +492,13 @@ def test_nonfinite_gradient_steps_are_skipped_counted_and_reported(ray_session):
             torch.testing.assert_close(v, weights[k], rtol=0, atol=0)
         assert {id(p): float(st["step"]) for p, st in optim.state.items()} == steps
         # 8 envs x 16 steps / minibatch 32: 4 steps, all skipped, reported per iteration
-        assert bad[M.TRAIN_NONFINITE_STEPS_SKIPPED] == 4
+        assert bad[K.TRAIN_NONFINITE_STEPS_SKIPPED] == 4
         assert bad[f"learners/{DEFAULT_MODULE_ID}/num_nonfinite_steps_skipped"] == 4
         runner.sample = sample
         good = flat(algo.train())
-        assert good[M.TRAIN_NONFINITE_STEPS_SKIPPED] == 0
-        assert good[M.TRAIN_NONFINITE_STEPS_SKIPPED_LIFETIME] == 4
-        assert np.isfinite(good[M.TRAIN_LOSS])
+        assert good[K.TRAIN_NONFINITE_STEPS_SKIPPED] == 0
+        assert good[K.TRAIN_NONFINITE_STEPS_SKIPPED_LIFETIME] == 4
+        assert np.isfinite(good[K.TRAIN_LOSS])
         assert all(torch.isfinite(v).all() for v in module.state_dict().values())
         assert any(not torch.equal(v, weights[k]) for k, v in module.state_dict().items())
     finally:
@@ -514,8 +514,8 @@ def test_two_learners_train_in_sync_on_cpu(ray_session):
         before = algo.q_function().q(eye)
         results = [flat(algo.train()) for _ in range(2)]
         last = results[-1]
-        assert np.isfinite(last[M.TRAIN_LOSS]) and last[M.TRAIN_ENV_STEPS] == 256
-        assert last[M.TRAIN_NONFINITE_STEPS_SKIPPED] == 0
+        assert np.isfinite(last[K.TRAIN_LOSS]) and last[K.TRAIN_ENV_STEPS] == 256
+        assert last[K.TRAIN_NONFINITE_STEPS_SKIPPED] == 0
         # each learner builds its rows from its half of the columns: 4 envs x 16 steps
         assert last[f"learners/{DEFAULT_MODULE_ID}/num_train_rows"] == 64
         after = algo.q_function().q(eye)
@@ -548,8 +548,8 @@ def test_standard_runner_trains_with_the_same_module_and_learner(ray_session):
         assert type(algo.env_runner.module).__name__ == "PQNTorchRLModule"
         for _ in range(2):
             result = flat(algo.train())
-        assert np.isfinite(result[M.TRAIN_LOSS])
-        assert result[M.TRAIN_ENV_STEPS] >= 2 * 128
+        assert np.isfinite(result[K.TRAIN_LOSS])
+        assert result[K.TRAIN_ENV_STEPS] >= 2 * 128
     finally:
         algo.stop()
 
@@ -559,9 +559,9 @@ def test_episodes_convert_to_consistent_rollouts(ray_session):
     config = tiny_config(env_runner="standard")
     algo = config.build_algo()
     try:
-        task = config.task()
+        problem = config.problem()
         episodes = algo.env_runner.sample(num_timesteps=200, explore=True)
-        ro = R.episodes_to_rollout(episodes, task.obs_dim, np.asarray(task.goal_features))
+        ro = R.episodes_to_rollout(episodes, problem.obs_dim, np.asarray(problem.goal_features))
     finally:
         algo.stop()
     mask = ro[R.MASK]
@@ -586,9 +586,9 @@ def _tiny_module(config: PQNConfig):
     spec = config.get_default_rl_module_spec()
     import gymnasium as gym
 
-    task = config.task()
-    spec.observation_space = gym.spaces.Box(0, 1, (task.obs_dim + task.goal_dim,), np.float32)
-    spec.action_space = gym.spaces.Discrete(task.num_actions)
+    problem = config.problem()
+    spec.observation_space = gym.spaces.Box(0, 1, (problem.obs_dim + problem.goal_dim,), np.float32)
+    spec.action_space = gym.spaces.Discrete(problem.num_actions)
     return spec.build()
 
 
@@ -599,7 +599,7 @@ def test_goal_input_head_with_her_trains(ray_session, strategy):
     try:
         for _ in range(2):
             result = flat(algo.train())
-        assert np.isfinite(result[M.TRAIN_LOSS])
+        assert np.isfinite(result[K.TRAIN_LOSS])
         # commanded goal + 2 relabels per transition
         assert result["learners/default_policy/num_train_rows"] == 3 * 128
         q = algo.q_function()
@@ -614,10 +614,10 @@ def test_goal_input_head_with_her_trains(ray_session, strategy):
 # ------------------------------------------------------------------ both runners learn alike
 def _greedy_success(qf, max_steps: int) -> float:
     """Fraction of (goal, start) pairs whose greedy path reaches the goal (deterministic MDP)."""
-    from qworld_envs import make_finite_task
+    from qworld_envs import make_finite_problem
 
-    task = make_finite_task(qf.config["env_id"], **qf.config["env_kwargs"])
-    P, term = task.mdp.P, task.goals.terminal
+    problem = make_finite_problem(qf.config["env_id"], **qf.config["env_kwargs"])
+    P, term = problem.mdp.P, problem.goals.terminal
     nxt = P.argmax(-1)  # deterministic
     pol = qf.q_table().argmax(-1)  # [L, S]
     L, S = pol.shape
@@ -642,9 +642,9 @@ def _learning_curve(runner: str, seed: int):
         while True:
             result = algo.train()
             losses.append(result["learner"]["td_loss"])
-            if mid is None and result[M.TRAIN_ENV_STEPS] >= 2_000:
+            if mid is None and result[K.TRAIN_ENV_STEPS] >= 2_000:
                 mid = _greedy_success(algo.q_function(), 20)
-            if result[M.TRAIN_ENV_STEPS] >= 6_000:
+            if result[K.TRAIN_ENV_STEPS] >= 6_000:
                 return float(np.mean(losses[:10])), mid, _greedy_success(algo.q_function(), 20)
     finally:
         algo.stop()

@@ -9,7 +9,7 @@ Q-network, ``compute_q_values``), ``BatchedEnvRunner`` (batched torch envs), and
 from qworld.agents.pqn.fast_env_runner import BatchedEnvRunner
 from qworld.agents.pqn.learner import PQNTorchLearner, build_train_rows, her_goals
 from qworld.agents.pqn.module import EPSILON, GOAL, Q_ALL_GOALS, PQNTorchRLModule
-from qworld.agents.pqn.pqn import PQN, PQNConfig, module_dir
+from qworld.agents.pqn.pqn import PQN, PQNConfig
 from qworld.agents.pqn.targets import q_lambda_targets
 
 __all__ = [
@@ -23,6 +23,5 @@ __all__ = [
     "PQNTorchRLModule",
     "build_train_rows",
     "her_goals",
-    "module_dir",
     "q_lambda_targets",
 ]

@@ -34,11 +34,11 @@ from ray.rllib.utils.metrics import (
 )
 from ray.rllib.utils.typing import StateDict
 
-from qworld import metrics as M
+from qworld import metrics as K
 from qworld.agents.pqn import rollout as R
 from qworld.agents.pqn.module import EPSILON, GOAL, Q_ALL_GOALS, RETURN_Q_ALL_GOALS
 
-EPISODE_SUCCESS_MEAN = M.TRAIN_EPISODE_SUCCESS.split("/", 1)[1]  # "episode_success_mean"
+EPISODE_SUCCESS_MEAN = K.TRAIN_EPISODE_SUCCESS.split("/", 1)[1]  # "episode_success_mean"
 
 
 class BatchedEnvRunner(EnvRunner, Checkpointable):

@@ -1,6 +1,6 @@
 """Goal-conditioned Q-network RLModule for PQN.
 
-Shapes: B batch, L goals (the task's goal set), A actions.
+Shapes: B batch, L goals (the problem's goal set), A actions.
 
 Two heads (``model_config["head"]``):
 
@@ -42,27 +42,6 @@ RETURN_Q_ALL_GOALS = "return_q_all_goals"  # batch flag: exploration also return
 
 HEADS = ("all_goals", "goal_input")
 Q_OUTPUTS = ("linear", "sigmoid")  # what the module builds (PQNConfig also takes "auto")
-
-# model_config keys the module reads (the config fills all of them; see PQNConfig).
-MODEL_CONFIG_KEYS = (
-    "obs_dim",
-    "goal_dim",
-    "num_goals",
-    "num_actions",
-    "goal_features",
-    "hidden_sizes",
-    "fourier_features",
-    "fourier_scale",
-    "head",
-    "q_output",
-    "q_scale",
-    "epsilon_start",
-    "epsilon_end",
-    "epsilon_decay_steps",
-    "env_id",
-    "env_kwargs",
-)
-
 
 def linear_epsilon(t: float, start: float, end: float, decay_steps: float) -> float:
     """Epsilon decayed linearly from ``start`` to ``end`` over ``decay_steps`` env steps."""
@@ -112,8 +91,8 @@ class FourierEncoder(nn.Module):
 class PQNTorchRLModule(TorchRLModule, QNetAPI):
     """Goal-conditioned Q-network (MLP with LayerNorm + ReLU), epsilon-greedy acting.
 
-    ``model_config`` (all required except the task and epsilon entries):
-        obs_dim, goal_dim, num_goals (L), num_actions (A): sizes of the task;
+    ``model_config`` (all required except the problem and epsilon entries):
+        obs_dim, goal_dim, num_goals (L), num_actions (A): sizes of the problem;
         goal_features: ``[L][goal_dim]`` the goal set (kept as a buffer, so the
             checkpoint holds it);
         hidden_sizes: widths of the hidden layers;
@@ -125,7 +104,7 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
         q_scale: factor on the linear head's output (default 1; see
             ``PQNConfig.resolved_q_scale``);
         epsilon_start, epsilon_end, epsilon_decay_steps: exploration schedule;
-        env_id, env_kwargs: the task this module is trained on (informational).
+        env_id, env_kwargs: the problem this module is trained on (informational).
     """
 
     @override(RLModule)
@@ -133,7 +112,7 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
         mc = self.model_config
         missing = [k for k in ("obs_dim", "goal_dim", "num_goals", "num_actions", "goal_features") if k not in mc]
         if missing:
-            raise ValueError(f"PQNTorchRLModule model_config lacks {missing} (PQNConfig fills them from the task)")
+            raise ValueError(f"PQNTorchRLModule model_config lacks {missing} (PQNConfig fills them from the problem)")
         self.obs_dim = int(mc["obs_dim"])
         self.goal_dim = int(mc["goal_dim"])
         self.num_goals = int(mc["num_goals"])

@@ -24,7 +24,6 @@ import copy
 import functools
 import json
 import logging
-import os
 import pathlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -34,7 +33,7 @@ from typing_extensions import Self
 import qworld_envs  # noqa: F401  (registers the gymnasium envs in every process that unpickles a config)
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
-from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_LEARNER_GROUP, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.learner.learner import DEFAULT_OPTIMIZER, LR_KEY
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
@@ -49,12 +48,13 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
-from qworld import metrics as M
+from qworld import metrics as K
+from qworld.layout import CHECKPOINT_CONFIG_FILE, MODULE_SUBDIR
 from qworld.agents.pqn import rollout as R
 from qworld.agents.pqn.fast_env_runner import EPISODE_SUCCESS_MEAN, BatchedEnvRunner
 from qworld.agents.pqn.learner import NUM_SKIPPED_STEPS_KEY, Q_MEAN_KEY, TD_LOSS_KEY, PQNTorchLearner
 from qworld.agents.pqn.module import HEADS, Q_OUTPUTS, PQNTorchRLModule, linear_epsilon
-from qworld.agents.pqn.task import TaskInfo, jsonable, probe_task
+from qworld.agents.pqn.problem import ProblemInfo, jsonable, probe_problem
 
 
 class _NoNewApiStackNotice(logging.Filter):
@@ -71,11 +71,8 @@ class _NoNewApiStackNotice(logging.Filter):
 
 logging.getLogger("ray.rllib.algorithms.algorithm_config").addFilter(_NoNewApiStackNotice())
 
-QWORLD_CONFIG_FILE = "qworld_config.json"
-MODULE_SUBDIR = (COMPONENT_LEARNER_GROUP, COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID)
-
 OPTIMIZERS = ("radam", "adam")
-# q_output choices of the config: "auto" resolves to one of the module's Q_OUTPUTS per task.
+# q_output choices of the config: "auto" resolves to one of the module's Q_OUTPUTS per problem.
 Q_OUTPUT_AUTO = "auto"
 Q_OUTPUT_CHOICES = (Q_OUTPUT_AUTO,) + tuple(Q_OUTPUTS)
 HER_STRATEGIES = ("future", "random_goal")
@@ -152,7 +149,7 @@ class PQNConfig(AlgorithmConfig):
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or PQN)
-        # --- task
+        # --- problem
         self.env_id: str = qworld_envs.FOUR_ROOMS_ID  # gymnasium / batched env id
         self.env_kwargs: Dict[str, Any] = {}  # env kwargs (variant, goal_type, num_goals, ...)
         self.env_runner: str = "auto"  # "auto" (fast if has_batched), "fast", "standard"
@@ -228,8 +225,8 @@ class PQNConfig(AlgorithmConfig):
         """Sets the PQN training configuration.
 
         Args:
-            env_id: the task's env id (e.g. "qworld/FourRooms-v0").
-            env_kwargs: the task's env kwargs (variant, goal_type, num_goals, goal_seed,
+            env_id: the problem's env id (e.g. "qworld/FourRooms-v0").
+            env_kwargs: the problem's env kwargs (variant, goal_type, num_goals, goal_seed,
                 goal_cells, layout, max_episode_steps, ...).
             env_runner: "auto" (the fast batched runner when ``has_batched(env_id)``,
                 else RLlib's standard runner), "fast" or "standard".
@@ -265,7 +262,7 @@ class PQNConfig(AlgorithmConfig):
                 (0, 1), right when every goal's discounted return lies in [0, 1]
                 (indicator / sparse goals: reward 1 on arrival, terminal); "linear"
                 for any other family (dense, gaussian). "auto" picks between them
-                from the task's goal family (:meth:`resolved_q_output`), so one sweep
+                from the problem's goal family (:meth:`resolved_q_output`), so one sweep
                 can cross indicator and dense goals; checkpoints record the choice.
             head: "all_goals" (state in, Q for every goal of the goal set out, every
                 transition trains every goal) or "goal_input" (state + goal features in).
@@ -389,19 +386,19 @@ class PQNConfig(AlgorithmConfig):
         """Exploration rate after ``env_steps`` env steps."""
         return linear_epsilon(env_steps, self.epsilon_start, self.epsilon_end, self.epsilon_decay_steps())
 
-    def task(self) -> TaskInfo:
-        """Sizes and goal set of the configured task (probed once per process)."""
-        return probe_task(self.env_id, self.env_kwargs)
+    def problem(self) -> ProblemInfo:
+        """Sizes and goal set of the configured problem (probed once per process)."""
+        return probe_problem(self.env_id, self.env_kwargs)
 
     def pqn_model_config(self) -> Dict[str, Any]:
-        """The module's model_config: task sizes, goal set, network and exploration settings."""
-        task = self.task()
+        """The module's model_config: problem sizes, goal set, network and exploration settings."""
+        problem = self.problem()
         return {
-            "obs_dim": task.obs_dim,
-            "goal_dim": task.goal_dim,
-            "num_goals": task.num_goals,
-            "num_actions": task.num_actions,
-            "goal_features": task.goal_features,
+            "obs_dim": problem.obs_dim,
+            "goal_dim": problem.goal_dim,
+            "num_goals": problem.num_goals,
+            "num_actions": problem.num_actions,
+            "goal_features": problem.goal_features,
             "hidden_sizes": [int(h) for h in self.hidden_sizes],
             "fourier_features": int(self.fourier_features),
             "fourier_scale": float(self.fourier_scale),
@@ -412,28 +409,28 @@ class PQNConfig(AlgorithmConfig):
             "epsilon_end": float(self.epsilon_end),
             "epsilon_decay_steps": self.epsilon_decay_steps(),
             "env_id": self.env_id,
-            "env_kwargs": task.env_kwargs,
+            "env_kwargs": problem.env_kwargs,
         }
 
     def qworld_config(self) -> Dict[str, Any]:
-        """The resolved trial config (JSON-able): PQN fields, task, goal set, sizes."""
-        task = self.task()
+        """The resolved trial config (JSON-able): PQN fields, problem, goal set, sizes."""
+        problem = self.problem()
         out = {"algorithm": "PQN"}
         for name in PQN_FIELDS:
             out[name] = jsonable(getattr(self, name))
-        out["env_kwargs"] = task.env_kwargs
+        out["env_kwargs"] = problem.env_kwargs
         out["env_runner"] = self.resolved_env_runner()
         out["q_output"] = self.resolved_q_output()  # "auto" resolved: what the module uses
-        out[M.VARIANT] = task.env_kwargs.get(M.VARIANT)
-        out[M.GOAL_TYPE] = task.goal_type or task.env_kwargs.get(M.GOAL_TYPE)
-        out[M.NUM_GOALS] = task.num_goals
+        out[K.VARIANT] = problem.env_kwargs.get(K.VARIANT)
+        out[K.GOAL_TYPE] = problem.goal_type or problem.env_kwargs.get(K.GOAL_TYPE)
+        out[K.NUM_GOALS] = problem.num_goals
         out.update(
-            obs_dim=task.obs_dim,
-            goal_dim=task.goal_dim,
-            num_actions=task.num_actions,
-            finite=task.finite,
-            goal_states=task.goal_states,
-            goal_features=task.goal_features,
+            obs_dim=problem.obs_dim,
+            goal_dim=problem.goal_dim,
+            num_actions=problem.num_actions,
+            finite=problem.finite,
+            goal_states=problem.goal_states,
+            goal_features=problem.goal_features,
         )
         return out
 
@@ -636,7 +633,7 @@ class PQNConfig(AlgorithmConfig):
         self._reconcile_rllib_settings()
         self.validate_training()
         try:
-            self.task()
+            self.problem()
         except Exception as e:  # bad env id / kwargs: name the fields
             raise ValueError(
                 f"invalid PQNConfig: env_id={self.env_id!r} with env_kwargs={self.env_kwargs!r} "
@@ -707,15 +704,15 @@ class PQN(Algorithm):
             except KeyError:
                 return None
 
-        log(M.TRAIN_LOSS, learner_value(TD_LOSS_KEY))
-        log(M.TRAIN_Q_MEAN, learner_value(Q_MEAN_KEY))
-        log(M.TRAIN_EPSILON, epsilon)
-        log(M.TRAIN_LR, learner_value(f"{DEFAULT_OPTIMIZER}_{LR_KEY}"))
+        log(K.TRAIN_LOSS, learner_value(TD_LOSS_KEY))
+        log(K.TRAIN_Q_MEAN, learner_value(Q_MEAN_KEY))
+        log(K.TRAIN_EPSILON, epsilon)
+        log(K.TRAIN_LR, learner_value(f"{DEFAULT_OPTIMIZER}_{LR_KEY}"))
         skipped = learner_value(NUM_SKIPPED_STEPS_KEY)
-        log(M.TRAIN_NONFINITE_STEPS_SKIPPED, skipped)
+        log(K.TRAIN_NONFINITE_STEPS_SKIPPED, skipped)
         if skipped is not None:
             self.metrics.log_value(
-                tuple(M.TRAIN_NONFINITE_STEPS_SKIPPED_LIFETIME.split("/")), skipped, reduce="lifetime_sum"
+                tuple(K.TRAIN_NONFINITE_STEPS_SKIPPED_LIFETIME.split("/")), skipped, reduce="lifetime_sum"
             )
 
     def _sample_rollout(self, epsilon: float) -> Tuple[Dict[str, Any], List[Any]]:
@@ -732,8 +729,8 @@ class PQN(Algorithm):
             )
             return R.concat_columns([r[0] for r in results]), [r[1] for r in results]
 
-        task = self.config.task()
-        obs_dim, goal_features = task.obs_dim, np.asarray(task.goal_features, np.float32)
+        problem = self.config.problem()
+        obs_dim, goal_features = problem.obs_dim, np.asarray(problem.goal_features, np.float32)
 
         def sample_standard(er, obs_dim=obs_dim, goal_features=goal_features, explore=self.config.explore):
             episodes = er.sample(explore=explore)
@@ -754,12 +751,12 @@ class PQN(Algorithm):
         """RLlib's checkpoint plus ``qworld_config.json`` at its root and next to the module."""
         path = super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
         cfg = self.config.qworld_config()
-        cfg[M.ENV_STEPS] = self.env_steps_sampled()
+        cfg[K.ENV_STEPS] = self.env_steps_sampled()
         text = json.dumps(cfg, indent=1)
         root = pathlib.Path(path)
         for target in (root, root.joinpath(*MODULE_SUBDIR)):
             if target.is_dir():
-                (target / QWORLD_CONFIG_FILE).write_text(text)
+                (target / CHECKPOINT_CONFIG_FILE).write_text(text)
         return path
 
     def q_function(self):
@@ -779,7 +776,7 @@ class PQN(Algorithm):
             module = self.config.get_rl_module_spec(spaces=self.env_runner_group.get_spaces()).build()
             module.set_state(state)
         cfg = self.config.qworld_config()
-        cfg[M.ENV_STEPS] = self.env_steps_sampled()
+        cfg[K.ENV_STEPS] = self.env_steps_sampled()
         return QFunction(module, cfg)
 
 
@@ -792,12 +789,12 @@ _PQN_DEFAULTS = PQNConfig()
 def _unit_returns(env_id: str, kwargs_json: str) -> bool:
     env_kwargs = json.loads(kwargs_json)
     if env_id in qworld_envs.FINITE_ENVS:
-        goals = qworld_envs.make_finite_task(env_id, **env_kwargs).goals
+        goals = qworld_envs.make_finite_problem(env_id, **env_kwargs).goals
         rewards, terminal = np.asarray(goals.rewards), np.asarray(goals.terminal, dtype=bool)
         # One reward in [0, 1] at most per episode: every rewarding arrival ends it.
         return bool(((rewards >= 0) & (rewards <= 1)).all() and terminal[rewards > 0].all())
     if env_id in qworld_envs.CONTINUOUS_ENVS:
-        goals = qworld_envs.make_continuous_task(env_id, **env_kwargs).goals
+        goals = qworld_envs.make_continuous_problem(env_id, **env_kwargs).goals
         return goals.reward == "sparse"  # 1 on arrival in the ball, terminal; gaussian: never terminal
     return False
 
@@ -807,7 +804,7 @@ def _max_reward(env_id: str, kwargs_json: str) -> float:
     """Largest |reward| of the goal family (1 for continuous envs: their rewards lie in [0, 1])."""
     env_kwargs = json.loads(kwargs_json)
     if env_id in qworld_envs.FINITE_ENVS:
-        rewards = np.asarray(qworld_envs.make_finite_task(env_id, **env_kwargs).goals.rewards)
+        rewards = np.asarray(qworld_envs.make_finite_problem(env_id, **env_kwargs).goals.rewards)
         return max(float(np.abs(rewards).max()), 1e-12)
     return 1.0
 
@@ -825,8 +822,3 @@ def returns_in_unit_interval(env_id: str, env_kwargs: Dict[str, Any] | None = No
     """
     kwargs_json = json.dumps(jsonable(dict(env_kwargs or {})), sort_keys=True)
     return _unit_returns(env_id, kwargs_json)
-
-
-def module_dir(checkpoint_path: str | os.PathLike) -> pathlib.Path:
-    """The RLModule sub-directory of an Algorithm checkpoint."""
-    return pathlib.Path(checkpoint_path).joinpath(*MODULE_SUBDIR)

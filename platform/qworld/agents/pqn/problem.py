@@ -2,7 +2,7 @@
 
 The RLModule needs ``obs_dim``, ``goal_dim``, ``num_goals``, ``num_actions`` and the goal
 features before any env runner exists (the Learner builds its module from the config),
-so the config probes the task once per process (cached) and copies the answer into the
+so the config probes the problem once per process (cached) and copies the answer into the
 module's ``model_config``; a checkpoint then says by itself what it was trained on.
 """
 
@@ -17,8 +17,8 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class TaskInfo:
-    """Sizes and goal set of a goal-conditioned task.
+class ProblemInfo:
+    """Sizes and goal set of a goal-conditioned problem.
 
     Attributes:
         env_id: gymnasium / batched env id.
@@ -31,7 +31,7 @@ class TaskInfo:
         goal_features: ``[L][goal_dim]`` nested lists (JSON-able).
         max_episode_steps: time limit of an episode (None if unknown).
         batched: whether ``qworld_envs.has_batched(env_id)``.
-        finite: whether ``make_finite_task(env_id, ...)`` works (tabular Q available).
+        finite: whether ``make_finite_problem(env_id, ...)`` works (tabular Q available).
         goal_states: ``[L]`` state of each indicator goal (finite tasks), else None.
         goal_type: the goal family, if known.
     """
@@ -69,7 +69,7 @@ def jsonable(x: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=32)
-def _probe(env_id: str, kwargs_json: str) -> TaskInfo:
+def _probe(env_id: str, kwargs_json: str) -> ProblemInfo:
     import qworld_envs
 
     env_kwargs = json.loads(kwargs_json)
@@ -77,13 +77,13 @@ def _probe(env_id: str, kwargs_json: str) -> TaskInfo:
     goal_states = goal_type = None
     resolved = dict(env_kwargs)
     if finite:
-        task = qworld_envs.make_finite_task(env_id, **env_kwargs)
-        resolved = dict(task.env_kwargs)
-        goal_type = task.goals.goal_type
-        if task.goals.goal_states is not None:
-            goal_states = [int(s) for s in task.goals.goal_states]
+        problem = qworld_envs.make_finite_problem(env_id, **env_kwargs)
+        resolved = dict(problem.env_kwargs)
+        goal_type = problem.goals.goal_type
+        if problem.goals.goal_states is not None:
+            goal_states = [int(s) for s in problem.goals.goal_states]
     elif env_id in qworld_envs.CONTINUOUS_ENVS:  # continuous: defaults filled, goal family named
-        ctask = qworld_envs.make_continuous_task(env_id, **env_kwargs)
+        ctask = qworld_envs.make_continuous_problem(env_id, **env_kwargs)
         resolved = dict(ctask.env_kwargs)
         goal_type = ctask.goals.goal_type
     if qworld_envs.has_batched(env_id):
@@ -123,7 +123,7 @@ def _probe(env_id: str, kwargs_json: str) -> TaskInfo:
             )
         finally:
             env.close()
-    return TaskInfo(
+    return ProblemInfo(
         env_id=env_id,
         env_kwargs=_jsonable(resolved),
         finite=finite,
@@ -133,7 +133,7 @@ def _probe(env_id: str, kwargs_json: str) -> TaskInfo:
     )
 
 
-def probe_task(env_id: str, env_kwargs: dict[str, Any] | None = None) -> TaskInfo:
+def probe_problem(env_id: str, env_kwargs: dict[str, Any] | None = None) -> ProblemInfo:
     """Sizes and goal features of ``env_id`` built with ``env_kwargs`` (cached per process).
 
     Raises:
