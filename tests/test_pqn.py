@@ -170,6 +170,15 @@ def test_rllib_settings_left_by_pqn_at_their_defaults_are_adopted():
     again.training(num_envs=16)
     again.validate()
     assert again.num_envs_per_env_runner == 8
+    # a whole config saved before PQN used RLlib's flags still shuffles and skips non-finite steps
+    old = {k: v for k, v in config.to_dict().items() if k != "_pqn_derived"}
+    old.update(shuffle_batch_per_epoch=False, torch_skip_nan_gradients=False)
+    legacy = PQNConfig().update_from_dict(old)
+    assert legacy.shuffle_batch_per_epoch and legacy.torch_skip_nan_gradients
+    state = {k: v for k, v in config.get_state().items() if k != "_pqn_derived"}
+    state.update(shuffle_batch_per_epoch=False, torch_skip_nan_gradients=False)
+    legacy = PQNConfig.from_state(state)
+    assert legacy.shuffle_batch_per_epoch and legacy.torch_skip_nan_gradients
     config = PQNConfig().training(env_kwargs=TINY, lr=[[0, 1e-3], [1000, 0.0]], anneal_lr=False)
     config.validate()
     assert config.lr_schedule() == [[0, 1e-3], [1000, 0.0]]  # RLlib's own schedule, as given

@@ -229,9 +229,9 @@ class PQNTorchLearner(TorchLearner):
         seed = self.config.seed if self.config.seed is not None else 0
         self._generator = torch.Generator(device=self._device)
         self._generator.manual_seed(int(seed) + 7919)
-        # Sums over one update's minibatches, kept as tensors so that a step costs no
-        # device sync; read once per update in after_gradient_based_update.
-        self._running: Dict[ModuleID, Dict[str, Any]] = {}
+        # (loss, mean Q) of each step of one update, kept as tensors so that a step costs
+        # no device sync; read once per update in after_gradient_based_update.
+        self._running: Dict[ModuleID, list] = {}
         self._num_skipped_steps = 0
 
     @override(TorchLearner)
@@ -368,10 +368,7 @@ class PQNTorchLearner(TorchLearner):
         else:
             q_sa = fwd_out[QF_PREDS].gather(-1, actions.view(-1, 1)).squeeze(-1)  # [B]
         loss = torch.mean((q_sa - targets) ** 2)
-        run = self._running.setdefault(module_id, {"loss": 0.0, "q": 0.0, "n": 0})
-        run["loss"] = run["loss"] + loss.detach()
-        run["q"] = run["q"] + q_sa.detach().mean()
-        run["n"] += 1
+        self._running.setdefault(module_id, []).append((loss.detach(), q_sa.detach().mean()))
         return loss
 
     @staticmethod
@@ -411,9 +408,9 @@ class PQNTorchLearner(TorchLearner):
     def after_gradient_based_update(self, *, timesteps: Dict[str, Any]) -> None:
         """RLlib's lr schedule step, then this update's means (one device sync)."""
         super().after_gradient_based_update(timesteps=timesteps)
-        for module_id, run in self._running.items():
-            n = max(run["n"], 1)
-            loss, q = (torch.stack([torch.as_tensor(run["loss"]), torch.as_tensor(run["q"])]) / n).tolist()
+        for module_id, steps in self._running.items():
+            losses, qs = zip(*steps)
+            loss, q = torch.stack([torch.stack(losses).mean(), torch.stack(qs).mean()]).tolist()
             self.metrics.log_value((module_id, TD_LOSS_KEY), loss, window=1)
             self.metrics.log_value((module_id, Q_MEAN_KEY), q, window=1)
             # The same on every Learner (DDP all-reduces the gradients): "mean" over them.

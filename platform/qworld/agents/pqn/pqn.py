@@ -314,6 +314,28 @@ class PQNConfig(AlgorithmConfig):
             self._derive("env", env_id)  # an env the user set stays, for validate() to compare
         return self
 
+    @classmethod
+    @override(AlgorithmConfig)
+    def from_state(cls, state: Dict[str, Any]):
+        config = super().from_state(state)
+        if isinstance(config, PQNConfig):
+            config._upgrade_saved(state)
+        return config
+
+    @override(AlgorithmConfig)
+    def update_from_dict(self, config_dict) -> Self:
+        super().update_from_dict(config_dict)
+        self._upgrade_saved(config_dict)
+        return self
+
+    def _upgrade_saved(self, saved: Dict[str, Any]) -> None:
+        """A whole config saved before PQN used RLlib's flags (checkpoints, Tune experiment
+        state): it carries RLlib's defaults for them, but that PQN always shuffled its
+        minibatches and never zeroed non-finite gradients, so keep doing so (and skip them)."""
+        if "_pqn_derived" not in saved and "shuffle_batch_per_epoch" in saved and "env_kwargs" in saved:
+            self.shuffle_batch_per_epoch = True
+            self.torch_skip_nan_gradients = True
+
     def _derive(self, field: str, value: Any) -> None:
         """Set ``field`` to a value derived from another setting, and remember it as such."""
         if getattr(self, field, None) != value:
