@@ -209,7 +209,7 @@ def summarise(row: dict, tasks: list[str], state_names: tuple[str, ...]) -> dict
             for base in (K.BASELINE_IDENTITY, K.BASELINE_NO_FORCE):
                 out[f"{prefix}{base}/{K.WM_DELTA_NMSE}_{name}"] = row.get(f"{prefix}{base}/{K.WM_DELTA_NMSE}_{name}")
     out[f"{K.BASELINE_IDENTITY}/{K.WM_NMSE}"] = row.get(f"{K.BASELINE_IDENTITY}/{K.WM_NMSE}")
-    out[f"{K.INTERIOR}/fraction"] = row.get(f"{K.INTERIOR}/fraction")
+    out[f"{K.INTERIOR}/{K.FRACTION}"] = row.get(f"{K.INTERIOR}/{K.FRACTION}")
     for t in tasks:
         for k in (K.RETURN_RATIO, K.RETURN_WM, K.RETURN_STAR, K.PLAN_SUCCESS):
             out[f"{t}/{k}"] = row.get(f"{t}/{k}")

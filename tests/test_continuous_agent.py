@@ -135,11 +135,24 @@ def test_score_q_on_a_mountain_car_checkpoint(mountain_car_agent):
     # the baselines do not depend on the agent: identity's Delta NMSE is about 1, no-force's small
     assert row[f"{K.BASELINE_IDENTITY}/{K.WM_DELTA_NMSE}_v"] == pytest.approx(1.0, abs=0.05)
     assert row[f"{K.INTERIOR}/{K.BASELINE_NO_FORCE}/{K.WM_DELTA_NMSE}_v"] < 0.5
-    assert 0.9 < row[f"{K.INTERIOR}/fraction"] < 1.0  # a few per cent hit the walls or the speed limit
+    assert 0.9 < row[f"{K.INTERIOR}/{K.FRACTION}"] < 1.0  # a few per cent hit the walls or the speed limit
     for key in (K.RETURN_RATIO, K.RETURN_WM, K.RETURN_STAR, K.PLAN_SUCCESS):
         assert np.isfinite(row[f"fast_car/{key}"]), key
     assert row[f"fast_car/{K.RETURN_STAR}"] > 0
     assert set(fits) == {"successor"}
+
+    # W&B gets every score of the row: the world-model errors and the return ratio included
+    # (catches a W&B history built from a fixed list of finite-env columns).
+    import pandas as pd
+
+    from qworld.sweep.callbacks import worldmodel_history
+
+    bookkeeping = {*K.GRID_COLUMNS, K.CHECKPOINT_INDEX, K.CHECKPOINT_PATH, K.ENV_STEPS, K.METHOD, K.ORACLE, K.ERROR}
+    scores = {k for k, v in row.items() if k not in bookkeeping and isinstance(v, (int, float))}
+    assert scores and all(K.is_row_metric(k) for k in scores), sorted(k for k in scores if not K.is_row_metric(k))
+    [point] = worldmodel_history(pd.DataFrame([{**row, K.ENV_STEPS: 256}]))
+    assert {f"successor/{k}" for k in scores} <= set(point), sorted({f"successor/{k}" for k in scores} - set(point))
+    assert {f"successor/{K.WM_NMSE}", f"successor/{K.WM_DELTA_NMSE}_v", f"successor/fast_car/{K.RETURN_RATIO}"} <= set(point)
 
 
 def test_sweep_score_checkpoint_routes_continuous_envs(ray_session, tmp_path):

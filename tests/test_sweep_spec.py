@@ -175,3 +175,27 @@ def test_agent_keywords_of_a_case_reach_its_trials_through_tune():
     assert got == [("deterministic", 0, 0.9), ("deterministic", 1, 0.9), ("windy", 0, 0.99), ("windy", 1, 0.99)]
     with pytest.raises(SweepSpecError, match="share their env/goal keys"):
         parse_sweep({**raw, "sweep": {"cases": [{"variant": "windy", "gamma": 0.9}, {"variant": "windy", "gamma": 0.99}]}})
+
+
+def test_gpus_per_trial_without_a_gpu_exits_2_before_tune(tmp_path):
+    """Catches a sweep that asks for a GPU this machine lacks and leaves its trials PENDING
+    forever; a cluster address skips the check (its nodes hold the GPUs)."""
+    from qworld.sweep.spec import check_local_resources
+
+    spec = parse_sweep({**smoke_raw(), "resources": {"gpus_per_trial": 1}})
+    with pytest.raises(SweepSpecError, match=r"resources.gpus_per_trial: 1 .* 0 GPUs"):
+        check_local_resources(spec, address=None, gpus_found=0)
+    check_local_resources(spec, address=None, gpus_found=1)
+    check_local_resources(spec, address="ray://head:10001", gpus_found=0)
+    check_local_resources(parse_sweep(smoke_raw()), address=None, gpus_found=0)  # CPU sweeps pass
+    import torch
+
+    if torch.cuda.device_count() == 0:  # this machine: the CLI refuses, launching nothing
+        storage = tmp_path / "storage"
+        proc = subprocess.run(
+            [sys.executable, "-m", "qworld.cli", "sweep", str(ROOT / "tune_configs" / "smoke.yaml"),
+             "--storage", str(storage), "--set", "resources.gpus_per_trial=1"],
+            capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "resources.gpus_per_trial" in proc.stderr and "0 GPUs" in proc.stderr
+        assert not storage.exists()

@@ -35,6 +35,7 @@ WM_DELTA_NMSE = "wm_delta_nmse"  # continuous: NMSE on Delta s = s' - s, one key
 BASELINE_IDENTITY = "identity"  # prefix f"{BASELINE_IDENTITY}/<metric>": the baseline model s' = s
 BASELINE_NO_FORCE = "no_force"  # prefix f"{BASELINE_NO_FORCE}/<metric>": the dynamics with the action's force removed
 INTERIOR = "interior"  # prefix f"{INTERIOR}/<metric>": continuous scores on the interior transitions only
+FRACTION = "fraction"  # f"{INTERIOR}/{FRACTION}": the share of compared transitions that are interior
 
 # --- identifiability diagnosis of M -----------------------------------------------------
 M_RANK = "m_rank"
@@ -59,6 +60,20 @@ PLAN_OPTIMAL_STEPS = "plan_optimal_steps"  # the same for the optimal plan in th
 # --- bookkeeping -------------------------------------------------------------------------
 FIT_SECONDS = "fit_seconds"
 ERROR = "error"
+
+# --- the scores of a results row, in one list ---------------------------------------------
+# A row's score columns are these keys, f"{WM_DELTA_NMSE}_<dim>", and either under prefixes
+# (f"<task>/<metric>", f"{INTERIOR}/...", f"{BASELINE_IDENTITY}/...", f"{STAR}/..."). W&B logs
+# every one of them (sweep.callbacks); is_row_metric says whether a column is one.
+ROW_METRICS = (P_MSE, P_TV, P_MAX_ERR, Q_NMSE, WM_NMSE, M_RANK, M_COND, M_GAP, FIT_SECONDS, FRACTION,
+               PLAN_SUCCESS, PLAN_EXCESS_STEPS, UNSAFE_VISITS, PLAN_STEPS, PLAN_OPTIMAL_STEPS,
+               RETURN_RATIO, RETURN_WM, RETURN_STAR)
+
+
+def is_row_metric(column: str) -> bool:
+    """Whether a results-row column is a score (see ``ROW_METRICS``)."""
+    last = str(column).rsplit("/", 1)[-1]
+    return last in ROW_METRICS or last.startswith(WM_DELTA_NMSE + "_")
 
 # --- training metrics reported by the PQN algorithm (prefix groups as in CleanRL) -------
 TRAIN_ENV_STEPS = "num_env_steps_sampled_lifetime"

@@ -140,7 +140,7 @@ def _transitions(dynamics: Any, num_states: int, seed: int,
 
 def _interior_scores(keep: torch.Tensor, score_rows: Callable[[torch.Tensor], dict]) -> dict:
     """``score_rows(keep)`` under the ``interior/`` prefix, with the interior fraction."""
-    out = {f"{K.INTERIOR}/fraction": float(keep.double().mean())}
+    out = {f"{K.INTERIOR}/{K.FRACTION}": float(keep.double().mean())}
     if keep.sum() > 1:
         out.update({f"{K.INTERIOR}/{k}": v for k, v in score_rows(keep).items()})
     return out

@@ -368,6 +368,26 @@ def _loggable(value: Any) -> bool:
         return False
 
 
+def worldmodel_history(trial_rows) -> list[dict]:
+    """One W&B history point per checkpoint of a trial's rows: ``<method>/<score>`` for every
+    score column the rows hold (``K.is_row_metric``), with ``checkpoint_index`` and ``env_steps``."""
+    import pandas as pd
+
+    metric_cols = [c for c in trial_rows.columns if K.is_row_metric(c)]
+    points = []
+    for index, ckpt_rows in trial_rows.sort_values(K.CHECKPOINT_INDEX).groupby(K.CHECKPOINT_INDEX):
+        point = {K.CHECKPOINT_INDEX: int(index)}
+        for _, row in ckpt_rows.iterrows():
+            for col in metric_cols:
+                value = pd.to_numeric(row[col], errors="coerce")
+                if pd.notna(value):
+                    point[f"{row[K.METHOD]}/{col}"] = float(value)
+        steps = ckpt_rows[K.ENV_STEPS].dropna()
+        point[K.ENV_STEPS] = int(steps.iloc[0]) if len(steps) else None
+        points.append(point)
+    return points
+
+
 def log_worldmodel_runs(experiment_dir, sweep: str, project: str, group: str, mode: str) -> int:
     """One W&B run per trial with its world-model scores: a history point per checkpoint
     (``pinv/p_mse``, ... at step = env steps) and the full rows as a table.
@@ -383,8 +403,6 @@ def log_worldmodel_runs(experiment_dir, sweep: str, project: str, group: str, mo
     rows = store.read_store(experiment_dir)
     if rows.empty or mode == "disabled":
         return 0
-    metric_cols = [c for c in rows.columns if c in (K.P_MSE, K.P_TV, K.P_MAX_ERR, K.Q_NMSE, K.FIT_SECONDS)
-                   or c.endswith(("/" + K.PLAN_SUCCESS, "/" + K.UNSAFE_VISITS, "/" + K.PLAN_EXCESS_STEPS))]
     written = 0
     for trial_id, trial_rows in rows.groupby(K.TRIAL_ID):
         first = trial_rows.iloc[0]
@@ -394,14 +412,7 @@ def log_worldmodel_runs(experiment_dir, sweep: str, project: str, group: str, mo
                          group=group, job_type="worldmodel", tags=tags, dir=str(experiment_dir),
                          mode=mode, reinit="create_new",
                          config={c: first[c] for c in K.GRID_COLUMNS if c in trial_rows})
-        for index, ckpt_rows in trial_rows.sort_values(K.CHECKPOINT_INDEX).groupby(K.CHECKPOINT_INDEX):
-            point = {K.CHECKPOINT_INDEX: int(index)}
-            for _, row in ckpt_rows.iterrows():
-                for col in metric_cols:
-                    if pd.notna(row[col]):
-                        point[f"{row[K.METHOD]}/{col}"] = float(row[col])
-            steps = ckpt_rows[K.ENV_STEPS].dropna()
-            point[K.ENV_STEPS] = int(steps.iloc[0]) if len(steps) else None
+        for point in worldmodel_history(trial_rows):
             run.log(point)
         run.log({"worldmodels": wandb.Table(dataframe=trial_rows.astype(str))})
         run.finish()

@@ -64,10 +64,11 @@ def _bad_input(message: str) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from qworld.sweep.spec import SweepSpecError, load_sweep
+    from qworld.sweep.spec import SweepSpecError, check_local_resources, load_sweep
 
     try:
         spec = load_sweep(args.file, args.overrides)
+        check_local_resources(spec, args.address)
     except SweepSpecError as exc:
         return _bad_input(str(exc))
     from qworld.sweep.run import run_sweep
@@ -82,10 +83,15 @@ def _is_experiment_dir(path: str) -> bool:
 
 
 def _cmd_resume(args) -> int:
-    from qworld.sweep.run import resume_sweep
+    from qworld.sweep.run import load_spec_of, resume_sweep
+    from qworld.sweep.spec import SweepSpecError, check_local_resources
 
     if not _is_experiment_dir(args.experiment_dir):
         return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no {SPEC_FILE})")
+    try:
+        check_local_resources(load_spec_of(args.experiment_dir), args.address)
+    except SweepSpecError as exc:
+        return _bad_input(str(exc))
     outcome = resume_sweep(args.experiment_dir, address=args.address, verbose=args.verbose)
     _print_outcome(outcome)
     return 0 if outcome.num_errors == 0 else 1

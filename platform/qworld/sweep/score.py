@@ -4,9 +4,10 @@
 agent: the agent's Q error, a world model extracted by every method (``qworld.plearn``),
 its error against the true dynamics (``qworld.scoring`` / ``qworld.scoring_continuous``)
 and planning with it (``qworld.planning`` / ``qworld.planning_continuous``). One row per
-extraction method; a method that fails gives a row with its ``error`` filled in, and a
-checkpoint that cannot be read gives one row with ``method = "load"`` and the error, so a
-sweep goes on past a corrupt checkpoint.
+extraction method. Nothing raises out of here: a method that fails gives a row with its
+``error`` filled in, a failure shared by every method (e.g. a diverged agent whose Q is NaN)
+gives every method's row that error, and a checkpoint that cannot be read gives one row with
+``method = "load"``, so a sweep goes on past any checkpoint.
 
 No Ray here: the P-learning actor, ``qworld extract``, benchmarks and tests all call it.
 """
@@ -100,7 +101,13 @@ def score_q(qfun: Any, base: Mapping[str, Any], methods: Sequence[str], tasks: S
 
     config = dict(qfun.config)
     score = _score_finite if config.get("env_id") in FINITE_ENVS else _score_continuous
-    return score(qfun, config, dict(base), methods, tasks, dict(options or {}), world_models)
+    try:
+        return score(qfun, config, dict(base), methods, tasks, dict(options or {}), world_models)
+    except Exception as exc:  # noqa: BLE001 - e.g. a diverged agent (NaN Q): rows, not a stopped sweep
+        if world_models is not None:
+            world_models.clear()  # no model of this checkpoint is kept without its row
+        return [{**base, K.METHOD: method, K.ORACLE: method in K.ORACLE_METHODS, K.ERROR: _error_text(exc)}
+                for method in methods]
 
 
 def _score_finite(qfun, config, base, methods, tasks, options, world_models) -> list[dict]:

@@ -435,3 +435,24 @@ def _agent_keywords() -> tuple[str, ...]:
 
     params = inspect.signature(PQNConfig.training).parameters
     return tuple(p for p in params if p not in ("self", "kwargs"))
+
+
+def check_local_resources(spec: SweepSpec, address: str | None, gpus_found: int | None = None) -> None:
+    """Refuse a sweep that cannot run on the local Ray it would start: a trial asking for a
+    GPU on a machine with none stays PENDING forever. A cluster ``address`` skips the check
+    (its nodes, not this machine, hold the GPUs).
+
+    Raises:
+        SweepSpecError: naming ``resources.gpus_per_trial`` and the GPUs found.
+    """
+    if address is not None or spec.resources.gpus_per_trial <= 0:
+        return
+    if gpus_found is None:
+        import torch
+
+        gpus_found = torch.cuda.device_count()
+    if gpus_found == 0:
+        raise SweepSpecError(
+            f"resources.gpus_per_trial: {spec.resources.gpus_per_trial} but the local Ray would have "
+            f"{gpus_found} GPUs (torch.cuda.device_count() on this machine); set it to 0, or pass "
+            "--address of a cluster that has GPUs")

@@ -36,7 +36,9 @@ def status_table(experiment_dir: str | Path) -> str:
     metric = K.P_MSE if K.P_MSE in ok.columns else K.WM_NMSE
     cell = [c for c in (K.ENV, K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS, K.HEAD) if c in ok and ok[c].notna().any()]
     if not ok.empty and metric in ok:
-        table = ok.pivot_table(index=cell, columns=K.METHOD, values=metric, aggfunc="mean", dropna=False)
+        # groupby + unstack: only the cells that ran (a pivot_table with dropna=False lists
+        # every combination of the cell columns, e.g. each variant x num_goals of a cases sweep).
+        table = ok.groupby([*cell, K.METHOD], dropna=False)[metric].mean().unstack(K.METHOD)
         table.columns = [f"{metric}[{m}]" for m in table.columns]
         extra = ok.groupby(cell).agg(**{K.Q_NMSE: (K.Q_NMSE, "mean"), "seeds": (K.TRIAL_ID, "nunique"),
                                         K.ENV_STEPS: (K.ENV_STEPS, "max")})
