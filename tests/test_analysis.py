@@ -200,25 +200,80 @@ def test_summary_by_hand():
         K.P_MSE: [1, 2, 3, 4, 0, 0, 0, 10, 7, 7],
     })
     out = summary(df, by="cell", metric=K.P_MSE).set_index("cell")
-    assert list(out.columns) == ["n", "mean", "iqm", "ci_low", "ci_high"]
+    assert list(out.columns) == ["n", "n_failed", "mean", "iqm", "ci_low", "ci_high"]
     assert out.loc["A", "n"] == 4 and out.loc["A", "mean"] == 2.5 and out.loc["A", "iqm"] == 2.5
     assert out.loc["B", "mean"] == 2.5 and out.loc["B", "iqm"] == 0.0  # mean(0, 0): 0 and 10 cut
-    assert (out.loc["C", "ci_low"], out.loc["C", "ci_high"]) == (7.0, 7.0)
-    assert (out["ci_low"] <= out["iqm"]).all() and (out["iqm"] <= out["ci_high"]).all()
-    # NaN scores (a failed method) are left out of n
+    assert (out.loc[["A", "B"], "ci_low"] <= out.loc[["A", "B"], "iqm"]).all()
+    assert (out.loc[["A", "B"], "iqm"] <= out.loc[["A", "B"], "ci_high"]).all()
+    # NaN scores (a failed method) are left out of n and counted in n_failed
     df.loc[0, K.P_MSE] = np.nan
-    assert summary(df, by="cell", metric=K.P_MSE).set_index("cell").loc["A", "n"] == 3
+    again = summary(df, by="cell", metric=K.P_MSE).set_index("cell")
+    assert again.loc["A", "n"] == 3 and again.loc["A", "n_failed"] == 1
     # two rows for one seed in a group is a mistake worth saying out loud
     with pytest.raises(ValueError, match="final_checkpoints"):
         summary(pd.concat([df, df]), by="cell", metric=K.P_MSE)
 
 
 def test_summary_with_tasks():
-    df = pd.DataFrame({"g": ["x"] * 4, K.SEED: [0, 1, 0, 1], K.VARIANT: ["d", "d", "w", "w"],
-                       K.P_MSE: [0.0, 0.0, 1.0, 1.0]})
+    # Catches a summary that pools the tasks into one stratum: task d always scores 0 and
+    # task w always 1, so only a bootstrap within each task keeps the mean at exactly 0.5.
+    seeds = [0, 1, 2, 3]
+    df = pd.DataFrame({"g": ["x"] * 8, K.SEED: seeds * 2, K.VARIANT: ["d"] * 4 + ["w"] * 4,
+                       K.P_MSE: [0.0] * 4 + [1.0] * 4})
     out = summary(df, by="g", metric=K.P_MSE, tasks=K.VARIANT, ci_of="mean")
-    assert out.loc[0, "n"] == 4 and out.loc[0, "mean"] == 0.5
+    assert out.loc[0, "n"] == 8 and out.loc[0, "mean"] == 0.5
     assert (out.loc[0, "ci_low"], out.loc[0, "ci_high"]) == (0.5, 0.5)
+    pooled = summary(df, by="g", metric=K.P_MSE, ci_of="mean", over=None)
+    assert pooled.loc[0, "ci_high"] - pooled.loc[0, "ci_low"] > 0.4
+
+
+def test_bootstrap_strata_of_different_spread():
+    # Catches resampling whole rows (runs) across tasks, or the tasks' pooled values: task 0
+    # varies by 1, task 1 by 100. Stratified, the mean of a replicate is
+    # (mean of 4 draws from {0, 1}) / 2 + (mean of 4 draws from {0, 100}) / 2; its extremes
+    # are 0 and 50.5, and an interval of 2000 replicates stays strictly inside them.
+    scores = np.array([[0.0, 0.0], [1.0, 100.0], [0.0, 0.0], [1.0, 100.0]])  # [runs=4, tasks=2]
+    low, high = stratified_bootstrap_ci(scores, mean, reps=2000, seed=0)
+    assert 0.0 < low < mean(scores) < high < 50.5
+    # Independently per task: replicates where task 0 draws all 1s while task 1 draws all
+    # 0s exist (mean 0.5), impossible when runs are resampled as whole rows.
+    runs, tasks = scores.shape
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, runs, size=(2000, runs, tasks))
+    values = np.take_along_axis(scores[None], idx, axis=1).mean(axis=(1, 2))  # [reps]
+    assert np.percentile(values, [2.5, 97.5]) == pytest.approx([low, high])
+
+
+def test_summary_counts_what_it_leaves_out():
+    # Catches the silent drop: a method that failed in one trial, and one that failed in
+    # every trial, must show as failed rows, not as a smaller n or a missing row.
+    df = pd.DataFrame({
+        K.METHOD: ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
+        K.TRIAL_ID: ["t0", "t1", "t2", "t3"] * 3,
+        K.P_MSE: [1.0, 2.0, np.nan, 4.0] + [np.nan] * 8,
+        K.ERROR: [None, None, "LinAlgError", None] + ["boom"] * 4 + [None] * 4,
+    })
+    # c: all NaN, no error: a metric this method does not have (a task it did not plan)
+    out = summary(df, by=K.METHOD, metric=K.P_MSE, over=K.TRIAL_ID).set_index(K.METHOD)
+    assert list(out.index) == ["a", "b"]
+    assert (out.loc["a", "n"], out.loc["a", "n_failed"]) == (3, 1)
+    assert (out.loc["b", "n"], out.loc["b", "n_failed"]) == (0, 4)
+    assert np.isnan(out.loc["b", "iqm"])
+    # an error with a score still left in the row: not a score to trust
+    df.loc[0, K.ERROR] = "planning failed"
+    out = summary(df, by=K.METHOD, metric=K.P_MSE, over=K.TRIAL_ID).set_index(K.METHOD)
+    assert (out.loc["a", "n"], out.loc["a", "n_failed"]) == (2, 2)
+
+
+def test_summary_gives_no_ci_below_four_runs():
+    # Catches the old "CI" of 2 runs (their min and max) and of 1 run (a zero-width point).
+    df = pd.DataFrame({"cell": ["one"] + ["two"] * 2 + ["four"] * 4,
+                       K.SEED: [0, 0, 1, 0, 1, 2, 3], K.P_MSE: [5.0, 1.0, 3.0, 1.0, 2.0, 3.0, 4.0]})
+    out = summary(df, by="cell", metric=K.P_MSE).set_index("cell")
+    assert out.loc[["one", "two"], ["ci_low", "ci_high"]].isna().all().all()
+    assert out.loc["two", "iqm"] == 2.0  # still reported: the mean of 2 runs
+    assert out.loc["four", "ci_low"] < out.loc["four", "iqm"] < out.loc["four", "ci_high"]
+    assert summary(df, by="cell", metric=K.P_MSE, min_runs=2).set_index("cell").loc["two", "ci_low"] == 1.0
 
 
 # --------------------------------------------------------------------------------------
@@ -472,7 +527,7 @@ def test_report_is_self_contained(experiment, tmp_path):
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) >= 4
     assert all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
-    assert "<h2>Summary</h2>" in page and K.P_MSE in page and f"{TASK}/{K.PLAN_SUCCESS}" in page
+    assert "Headline numbers</h2>" in page and K.P_MSE in page and f"{TASK}/{K.PLAN_SUCCESS}" in page
     assert "name: synth" in page  # the sweep file
     assert "pandas" in page and pd.__version__ in page  # package versions
     for png in ("error_vs_goals", "error_vs_steps", "recovery_phase", "training_curves"):
@@ -485,6 +540,72 @@ def test_report_is_self_contained(experiment, tmp_path):
     expected = np.mean([p_mse_of("windy", 4, s, NUM_CKPT - 1, "pinv") for s in SEEDS])
     assert row["iqm"] == pytest.approx(expected)
     assert f"{row['iqm']:.3g}" in page
+
+
+def damage(exp: Path) -> dict:
+    """Break a synthetic experiment the ways real sweeps break; returns what was broken.
+
+    - trial 0 (deterministic, L=1, seed 0): its last checkpoint could not be read (one
+      ``load`` error row replaces its scores), so it is shown one checkpoint earlier than
+      its cell's other trial;
+    - trial 3 (deterministic, L=4, seed 1): ``pinv`` raised at the last checkpoint;
+    - ``column_match`` is renamed ``known_support``, an oracle method.
+    """
+    frame = store.read_store(exp)
+    frame[K.METHOD] = frame[K.METHOD].replace({"column_match": "known_support"})
+    for (trial_id, ckpt), rows in frame.groupby([K.TRIAL_ID, K.CHECKPOINT_INDEX]):
+        store.write_rows(exp, rows.to_dict("records"))
+    last = NUM_CKPT - 1
+    broken, failed = "a1b2c_00000", "a1b2c_00003"
+    head = frame[(frame[K.TRIAL_ID] == broken) & (frame[K.CHECKPOINT_INDEX] == last)].iloc[0].to_dict()
+    load_row = {c: head[c] for c in (*K.GRID_COLUMNS, K.CHECKPOINT_INDEX, K.ENV_STEPS, K.CHECKPOINT_PATH)}
+    store.write_rows(exp, [{**load_row, K.METHOD: K.LOAD_METHOD, K.ERROR: "OSError: truncated file"}])
+    rows = frame[(frame[K.TRIAL_ID] == failed) & (frame[K.CHECKPOINT_INDEX] == last)].copy()
+    pinv = rows[K.METHOD] == "pinv"
+    rows.loc[pinv, K.ERROR] = "LinAlgError: SVD did not converge"
+    rows.loc[pinv, [K.P_MSE, K.P_TV, f"{TASK}/{K.PLAN_SUCCESS}"]] = np.nan
+    store.write_rows(exp, rows.to_dict("records"))
+    return {"broken": broken, "failed": failed}
+
+
+def test_report_says_what_it_left_out(tmp_path):
+    # Catches the old report: load rows dropped before choosing final checkpoints (trial 0
+    # silently shown at checkpoint 1 beside its cell's trial at 2), a failed method only
+    # lowering n, 2-run "CIs" that are min and max, q_nmse repeated per method, and the
+    # oracle shown without its label.
+    from qworld_analysis.report import headline_table, summary_table
+
+    exp = make_experiment(tmp_path / "damaged")
+    damage(exp)
+    table = summary_table(load(exp, resolve_num_goals=True), exp, reps=200)
+    p = table[table["metric"] == K.P_MSE].set_index([K.VARIANT, K.NUM_GOALS, K.METHOD])
+    cell = p.loc[("deterministic", 1, "pinv")]
+    assert cell["final_checkpoint"] == f"{NUM_CKPT - 2}, {NUM_CKPT - 1}" and cell["final_checkpoint_differs"]
+    assert cell["n_shown_earlier"] == 1 and cell["n"] == 2
+    assert not p.loc[("windy", 4, "pinv"), "final_checkpoint_differs"]
+    failed = p.loc[("deterministic", 4, "pinv")]
+    assert (failed["n"], failed["n_failed"]) == (1, 1)
+    assert p.loc[("deterministic", 4, "known_support"), "n_failed"] == 0
+    assert p["ci_low"].isna().all() and p["ci_high"].isna().all()  # 2 seeds per cell: no CI
+    q = table[table["metric"] == K.Q_NMSE]
+    assert len(q) == len(VARIANTS) * len(GOALS) and q[K.METHOD].isna().all()
+
+    head, constant = headline_table(table, K.P_MSE)
+    assert list(head.columns) == ["trials", f"{K.Q_NMSE} (agent, any method)", "pinv",
+                                  "known_support (oracle)", "final checkpoint"]
+    assert head.index.names == [K.VARIANT, K.NUM_GOALS] and K.ENV in constant
+    expected = np.mean([p_mse_of("windy", 4, s, NUM_CKPT - 1, "pinv") for s in SEEDS])
+    assert head.loc[("windy", 4), "pinv"]["iqm"] == pytest.approx(expected)
+    assert head.loc[("deterministic", 4), "pinv"]["n_failed"] == 1
+    assert head.loc[("deterministic", 1), "final checkpoint"].startswith("⚠")
+
+    page = write_report(exp, tmp_path / "report").read_text()
+    headline, rest = page.split("<h2 id='all'>", 1)
+    assert "1 of 2 failed" in headline and "known_support (oracle)" in headline
+    assert "Cells not compared at one checkpoint" in headline and "variant = deterministic, num_goals = 1" in headline
+    assert "<details><summary>p_mse</summary>" in rest and "<details>" not in headline.split("<h2 id='figures'>")[0]
+    assert "fewer than 4 trials" in headline
+    assert headline.index("Headline numbers") < headline.index("data:image/png")
 
 
 def test_report_on_a_sweep_with_nothing_scored(tmp_path):

@@ -26,7 +26,7 @@ from matplotlib.ticker import NullFormatter
 
 from qworld import metrics as K
 from qworld_analysis.load import final_checkpoints
-from qworld_analysis.stats import summary
+from qworld_analysis.stats import MIN_RUNS_FOR_CI, summary
 
 DPI = 110
 LABELS = {
@@ -86,12 +86,20 @@ def _figure(nrows: int, ncols: int, panel=(4.4, 3.4)):
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _save(fig: Figure, path: str | Path, tight: bool = False) -> Path:
+class FigurePath(type(Path())):
+    """The path of a written PNG that also carries its matplotlib ``figure``: callers keep a
+    path, tests read the plotted lines and images instead of comparing PNG bytes."""
+
+    figure: Figure | None = None
+
+
+def _save(fig: Figure, path: str | Path, tight: bool = False) -> FigurePath:
     """Write the PNG; ``tight`` grows the canvas to what is drawn (maps have a fixed aspect,
     so constrained layout can leave a legend below them partly off the canvas)."""
-    path = Path(path)
+    path = FigurePath(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png", **({"bbox_inches": "tight", "pad_inches": 0.1} if tight else {}))
+    path.figure = fig
     return path
 
 
@@ -252,8 +260,11 @@ def plot_error_vs_goals(
                 continue
             x = m[K.NUM_GOALS].to_numpy(np.float64)
             y, lo, hi = (np.maximum(m[c].to_numpy(np.float64), floor or 0) for c in ("iqm", "ci_low", "ci_high"))
-            ax.errorbar(x, y, yerr=[y - lo, hi - y], color=colors[method], marker="o", ms=4,
-                        capsize=2, lw=1.5, label=method_label(method))
+            ax.plot(x, y, color=colors[method], marker="o", ms=4, lw=1.5, label=method_label(method))
+            has_ci = np.isfinite(lo) & np.isfinite(hi)  # no bar where too few runs for a CI
+            if has_ci.any():
+                ax.errorbar(x[has_ci], y[has_ci], yerr=[(y - lo)[has_ci], (hi - y)[has_ci]],
+                            color=colors[method], ls="none", capsize=2, lw=1.5)
             runs = part[part[K.METHOD] == method]
             ax.scatter(runs[K.NUM_GOALS].to_numpy(np.float64),
                        np.maximum(runs[metric].to_numpy(np.float64), floor or 0),
@@ -277,8 +288,8 @@ def plot_error_vs_goals(
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(title="method", fontsize=8, title_fontsize=8, loc="upper center",
                   bbox_to_anchor=(0.5, -0.2), ncol=min(len(methods), 4), frameon=False)
-    fig.suptitle(f"{_label(metric)} vs number of goals (IQM over runs, 95% CI; dashed: Table 1)",
-                 fontsize=11)
+    fig.suptitle(f"{_label(metric)} vs number of goals (IQM over runs; bars: 95% bootstrap CI "
+                 f"where ≥ {MIN_RUNS_FOR_CI} runs; dashed: Table 1)", fontsize=11)
     return _save(fig, path)
 
 
@@ -380,7 +391,8 @@ def plot_error_vs_steps(
             if labelled:
                 ax.legend(fontsize=7, ncol=2 if labelled > 6 else 1)
     note = "; dashed: the paper's value (10M steps)" if refs else ""
-    fig.suptitle(textwrap.fill(f"{_label(metric)} over training (IQM over runs, 95% CI band{note})",
+    fig.suptitle(textwrap.fill(f"{_label(metric)} over training (IQM over runs; band: 95% bootstrap "
+                               f"CI where ≥ {MIN_RUNS_FOR_CI} runs{note})",
                                55 * len(variants)), fontsize=11)
     return _save(fig, path)
 
