@@ -434,24 +434,81 @@ def test_table1_thresholds():
     assert sorted(plots.variant_thresholds("teleport").values()) == [15, 31, 68]
 
 
-@pytest.mark.parametrize("plot", ["error_vs_goals", "error_vs_steps", "recovery_phase"])
-def test_frame_plots_depend_on_the_data(plot, frame, tmp_path):
-    draw = {"error_vs_goals": plots.plot_error_vs_goals, "error_vs_steps": plots.plot_error_vs_steps,
-            "recovery_phase": plots.plot_recovery_phase}[plot]
-    other = frame.copy()
-    other[K.P_MSE] = other[K.P_MSE] * 7.0 + 1e-3
-    a = assert_png(draw(frame, tmp_path / "a.png"))
-    b = assert_png(draw(other, tmp_path / "b.png"))
-    assert a != b
+def final_iqm(variant: str, num_goals: int, method: str, ckpt: int = NUM_CKPT - 1) -> float:
+    """The IQM over the seeds of a cell (2 seeds: their mean), from the written values."""
+    return float(iqm([p_mse_of(variant, num_goals, s, ckpt, method) for s in SEEDS]))
+
+
+def lines_by_label(ax) -> dict:
+    return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def axes_by_title(fig) -> dict:
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+
+
+def test_error_vs_goals_plots_the_final_iqm(frame, tmp_path):
+    # Catches a plot of the first / any checkpoint instead of each trial's last, methods
+    # drawn under each other's label, and variants swapped between panels.
+    fig = plots.plot_error_vs_goals(frame, tmp_path / "a.png").figure
+    panels = axes_by_title(fig)
+    assert set(panels) == {"variant=deterministic, goal_type=indicator", "variant=windy, goal_type=indicator"}
+    for variant in VARIANTS:
+        lines = lines_by_label(panels[f"variant={variant}, goal_type=indicator"])
+        assert set(lines) == set(METHODS)
+        x, y = lines["pinv"].get_data()
+        np.testing.assert_array_equal(x, GOALS)
+        np.testing.assert_allclose(y, [final_iqm(variant, L, "pinv") for L in GOALS])
     with pytest.raises(plots.NoDataError):
-        draw(frame.iloc[0:0], tmp_path / "none.png")
+        plots.plot_error_vs_goals(frame.iloc[0:0], tmp_path / "none.png")
 
 
-def test_training_curve_plot(experiment, tmp_path):
+def test_error_vs_steps_plots_the_iqm_at_each_checkpoint(frame, tmp_path):
+    # Catches x drawn as checkpoint index instead of env steps, the mean of all seeds and
+    # goal counts in one line, and panels titled with the wrong method.
+    fig = plots.plot_error_vs_steps(frame, tmp_path / "a.png").figure
+    panels = axes_by_title(fig)
+    assert set(panels) == {f"{v} · {m}" for v in VARIANTS for m in METHODS}
+    lines = lines_by_label(panels["windy · pinv"])
+    assert set(lines) == {f"L={L}" for L in GOALS} | {"paper L=1: 6.0e-03", "paper L=4: 1.3e-03"}
+    np.testing.assert_allclose(lines["paper L=4: 1.3e-03"].get_data()[1], plots.PAPER_P_MSE[("windy", 4)])
+    x, y = lines["L=4"].get_data()
+    np.testing.assert_array_equal(x, [STEPS_PER_ITER * ITERS_PER_CKPT * (k + 1) for k in range(NUM_CKPT)])
+    np.testing.assert_allclose(y, [final_iqm("windy", 4, "pinv", k) for k in range(NUM_CKPT)])
+    with pytest.raises(plots.NoDataError):
+        plots.plot_error_vs_steps(frame.iloc[0:0], tmp_path / "none.png")
+
+
+def test_recovery_phase_shows_log10_iqm_per_method_and_goals(frame, tmp_path):
+    # Catches a transposed grid (goals as rows), rows labelled with the wrong method, and
+    # exact recovery (0) drawn as missing instead of on the floor.
+    fig = plots.plot_recovery_phase(frame, tmp_path / "a.png").figure
+    ax = axes_by_title(fig)["variant=windy"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == sorted(METHODS)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(L) for L in GOALS]
+    shown = np.asarray(ax.images[0].get_array())  # [methods, goals]
+    expected = [[np.log10(final_iqm("windy", L, m)) for L in GOALS] for m in sorted(METHODS)]
+    np.testing.assert_allclose(shown, expected)
+    exact = np.asarray(axes_by_title(fig)["variant=deterministic"].images[0].get_array())
+    assert np.isfinite(exact).all() and (exact[0] < exact[1]).all()  # column_match: 0, on the floor
+
+
+def test_training_curves_plot_each_trials_metric(experiment, tmp_path):
+    # Catches a panel drawing another metric, steps taken from the iteration count, and a
+    # trial's points sorted by value instead of by env steps.
     curves = load_training_curves(experiment)
-    a = assert_png(plots.plot_training_curves(curves, tmp_path / "a.png"))
-    shifted = curves.assign(**{K.TRAIN_LOSS: curves[K.TRAIN_LOSS] * 3})
-    assert a != assert_png(plots.plot_training_curves(shifted, tmp_path / "b.png"))
+    fig = plots.plot_training_curves(curves, tmp_path / "a.png").figure
+    panels = axes_by_title(fig)
+    assert set(panels) == {K.TRAIN_EPISODE_SUCCESS, K.TRAIN_LOSS}
+    iterations = np.arange(1, NUM_CKPT * ITERS_PER_CKPT + 1)
+    loss_lines = panels[K.TRAIN_LOSS].get_lines()
+    assert len(loss_lines) == NUM_TRIALS
+    for line in loss_lines:
+        x, y = line.get_data()
+        np.testing.assert_array_equal(x, STEPS_PER_ITER * iterations)
+        np.testing.assert_allclose(y, [td_loss_of(i) for i in iterations])
+    success = panels[K.TRAIN_EPISODE_SUCCESS].get_lines()[0].get_data()[1]
+    np.testing.assert_allclose(success, iterations / 10)
 
 
 def test_route_plot(tmp_path):
