@@ -680,7 +680,7 @@ def test_compare_side_by_side(experiment, tmp_path):
     table = compare(experiment, other)
     assert K.HEAD not in table.columns  # the head is what differs: not a join key
     assert len(table) == len(VARIANTS) * len(GOALS) * len(METHODS)
-    assert {"n_a", "iqm_a", "ci_low_a", "ci_high_a", "n_b", "iqm_b", "ratio"} <= set(table.columns)
+    assert {"n_a", "n_failed_a", "iqm_a", "ci_low_a", "ci_high_a", "n_b", "iqm_b", "ratio"} <= set(table.columns)
     nonzero = table[table["iqm_a"] > 0]
     np.testing.assert_allclose(nonzero["ratio"].to_numpy(float), 2.0)
     assert table.attrs["a"][K.HEAD] == "all_goals" and table.attrs["b"][K.HEAD] == "goal_input"

@@ -1,4 +1,5 @@
-"""Figures: each function takes DataFrames or arrays and a path, writes a PNG, returns the path.
+"""Figures: each function takes DataFrames or arrays and a path, writes a PNG, returns the path
+(a :class:`FigurePath`, whose ``figure`` is the matplotlib Figure drawn).
 
 Matplotlib through the Agg canvas directly (no pyplot, no global backend switch), so the
 functions are safe in scripts, tests and notebooks alike. Error axes are logarithmic when
@@ -231,8 +232,8 @@ def plot_error_vs_goals(
 ) -> Path:
     """World-model error against the number of goals, one panel per (variant, goal_type).
 
-    A line per extraction method through the IQM over runs, with 95% bootstrap CI bars and
-    every run as a faint dot; Table-1 thresholds as dashed vertical lines.
+    A line per extraction method through the IQM over runs, with 95% bootstrap CI bars
+    where a point has at least ``MIN_RUNS_FOR_CI`` runs, and every run as a faint dot; Table-1 thresholds as dashed vertical lines.
 
     Args:
         df: rows of :func:`qworld_analysis.load` (``variant``, ``goal_type``,

@@ -1,7 +1,8 @@
 """One self-contained HTML page per experiment dir, and side-by-side comparisons.
 
 ``write_report`` reads the experiment dir (no Ray), aggregates each grid cell over its
-trials (IQM and 95% stratified bootstrap CI at each trial's last scored checkpoint), draws
+trials (IQM, and a 95% percentile bootstrap CI over the trials where a cell has at least
+4 of them, at each trial's last scored checkpoint; failed rows counted, not dropped), draws
 the figures whose data exist, and writes ``index.html`` (figures embedded as base64, so the
 page travels alone), the PNGs and ``summary.csv`` to ``out_dir``. A sweep still running, or
 killed and resumed, gives a page too: figures without data are listed as skipped, with why.
@@ -312,7 +313,8 @@ def compare(dir_a: str | Path, dir_b: str | Path, metric: str = K.P_MSE,
     ``method``).
 
     Returns:
-        Columns ``by``, then ``n_a, iqm_a, ci_low_a, ci_high_a`` and the same with ``_b``,
+        Columns ``by``, then ``n_a, n_failed_a, iqm_a, ci_low_a, ci_high_a`` (CI NaN below 4
+        trials) and the same with ``_b``,
         and ``ratio`` = ``iqm_b / iqm_a``. ``attrs["a"]`` / ``attrs["b"]`` describe each side
         (dir, sweep, head).
     """
@@ -328,11 +330,11 @@ def compare(dir_a: str | Path, dir_b: str | Path, metric: str = K.P_MSE,
     for side in ("a", "b"):
         final = final_checkpoints(frames[side])
         if final.empty or metric not in final or final[metric].isna().all():
-            stats = pd.DataFrame(columns=[*by, "n", "iqm", "ci_low", "ci_high"])
+            stats = pd.DataFrame(columns=[*by, "n", "n_failed", "iqm", "ci_low", "ci_high"])
         else:
             stats = summary(final, by=by, metric=metric, over=K.TRIAL_ID, reps=reps)
-        stats = stats[[*by, "n", "iqm", "ci_low", "ci_high"]]
-        sides.append(stats.rename(columns={c: f"{c}_{side}" for c in ("n", "iqm", "ci_low", "ci_high")}))
+        stats = stats[[*by, "n", "n_failed", "iqm", "ci_low", "ci_high"]]
+        sides.append(stats.rename(columns={c: f"{c}_{side}" for c in ("n", "n_failed", "iqm", "ci_low", "ci_high")}))
     a, b = sides
     for col in by:  # join keys of one dtype on both sides
         if a[col].dtype != b[col].dtype:
