@@ -491,6 +491,11 @@ def test_recovery_phase_shows_log10_iqm_per_method_and_goals(frame, tmp_path):
     np.testing.assert_allclose(shown, expected)
     exact = np.asarray(axes_by_title(fig)["variant=deterministic"].images[0].get_array())
     assert np.isfinite(exact).all() and (exact[0] < exact[1]).all()  # column_match: 0, on the floor
+    # a variant that never ran L=1 gets no blank L=1 column (it would read as a failure)
+    fewer = frame[~((frame[K.VARIANT] == "windy") & (frame[K.NUM_GOALS] == 1))]
+    fig = plots.plot_recovery_phase(fewer, tmp_path / "b.png").figure
+    assert [t.get_text() for t in axes_by_title(fig)["variant=windy"].get_xticklabels()] == ["4"]
+    assert [t.get_text() for t in axes_by_title(fig)["variant=deterministic"].get_xticklabels()] == ["1", "4"]
 
 
 def test_training_curves_plot_each_trials_metric(experiment, tmp_path):
@@ -663,6 +668,31 @@ def test_report_says_what_it_left_out(tmp_path):
     assert "<details><summary>p_mse</summary>" in rest and "<details>" not in headline.split("<h2 id='figures'>")[0]
     assert "fewer than 4 trials" in headline
     assert headline.index("Headline numbers") < headline.index("data:image/png")
+
+
+def test_headline_metrics_of_a_continuous_sweep():
+    # Catches a headline that knows only the finite p_mse (a continuous report would open
+    # with no table) or that lists every metric (no longer a headline).
+    from qworld_analysis.report import headline_metrics, headline_table, summary_table
+
+    rows = []
+    for seed in range(5):
+        for method in ("successor", "gaussian"):
+            rows.append({K.TRIAL_ID: f"t{seed}", K.CHECKPOINT_INDEX: 3, K.ENV: "MountainCar",
+                         K.HEAD: "goal_input", K.METHOD: method, K.ERROR: None,
+                         K.WM_NMSE: 0.1 * (seed + 1) * (2 if method == "gaussian" else 1),
+                         K.Q_NMSE: 0.01 * seed, K.P_TV: np.nan,
+                         f"hill/{K.RETURN_RATIO}": np.nan if seed == 0 else 0.9,
+                         f"hill/{K.PLAN_EXCESS_STEPS}": 2.0})
+    table = summary_table(pd.DataFrame(rows), reps=200)
+    assert headline_metrics(table) == [K.WM_NMSE, f"hill/{K.RETURN_RATIO}"]
+    ratio = table[table["metric"] == f"hill/{K.RETURN_RATIO}"]
+    assert (ratio["n"] == 4).all() and (ratio["n_failed"] == 1).all()  # R* <= 0 in trial 0
+    assert ratio["ci_low"].notna().all()  # 4 trials: an interval
+    head, _ = headline_table(table, K.WM_NMSE)
+    assert list(head.columns) == ["trials", f"{K.Q_NMSE} (agent, any method)", "gaussian", "successor"]
+    assert head.iloc[0]["trials"] == 5
+    assert head.iloc[0]["successor"]["iqm"] == pytest.approx(iqm([0.1 * (s + 1) for s in range(5)]))
 
 
 def test_report_on_a_sweep_with_nothing_scored(tmp_path):

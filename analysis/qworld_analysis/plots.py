@@ -424,8 +424,11 @@ def plot_recovery_phase(
     norm = Normalize(vmin=vmin, vmax=max(float(np.ceil(logs.max())), vmin + 1))
     fig, axes = _figure(1, len(keys), panel=(max(4.0, 0.6 * len(goals) + 2.2), 0.45 * len(methods) + 2))
     image = None
+    all_goals = goals
     for ax, key in zip(axes[0], keys):
         part = _select(stats, panel_cols, key)
+        # only the goal counts this panel ran: a blank column reads as "failed", not "not run"
+        goals = [g for g in all_goals if (part[K.NUM_GOALS] == g).any()]
         grid = np.full((len(methods), len(goals)), np.nan)
         for method, L, value in part[[K.METHOD, K.NUM_GOALS, "iqm"]].itertuples(index=False):
             grid[methods.index(method), goals.index(int(L))] = value

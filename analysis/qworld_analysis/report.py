@@ -585,6 +585,22 @@ _HOW_TO_READ = (
     "undefined there, e.g. return_ratio when R* <= 0): left out of the IQM, not hidden.")
 
 
+def _task_note(table: pd.DataFrame, metric: str) -> str:
+    """Which variants a FourRooms safety task is meant for, when its table has others:
+    elsewhere its forbidden cells guard nothing in particular."""
+    if "/" not in metric or K.VARIANT not in table.columns:
+        return ""
+    from qworld.planning import SAFETY_TASKS
+
+    task = SAFETY_TASKS.get(metric.rsplit("/", 1)[0])
+    shown = set(table.loc[table[METRIC] == metric, K.VARIANT].dropna())
+    if task is None or shown <= set(task.variants):
+        return ""
+    return (f"<p class='muted'>This task is meant for {html.escape(', '.join(task.variants))}; "
+            f"the rows of {html.escape(', '.join(sorted(shown - set(task.variants))))} plan it "
+            "all the same.</p>")
+
+
 def _flagged_cells_html(table: pd.DataFrame) -> str:
     """A note naming the cells whose trials are not all shown at one checkpoint, or are
     shown before a last checkpoint that could not be read."""
@@ -641,7 +657,7 @@ def _page(exp: Path, df: pd.DataFrame, trials: pd.DataFrame, table: pd.DataFrame
     if table.empty:
         parts.append("<p class='note'>No scored checkpoint yet: nothing to summarise.</p>")
     for metric in headline_metrics(table):
-        parts.append(f"<h3>{e(metric)}</h3>{_headline_html(table, metric)}")
+        parts.append(f"<h3>{e(metric)}</h3>{_headline_html(table, metric)}{_task_note(table, metric)}")
     if not table.empty and table["ci_low"].isna().all():
         parts.append(f"<p class='note'>No CI anywhere: every cell has fewer than {MIN_RUNS_FOR_CI} "
                      "trials scored (see above). Add seeds for intervals.</p>")
