@@ -418,13 +418,7 @@ def test_loading_imports_no_training_code(experiment):
 
 
 # --------------------------------------------------------------------------------------
-# figures: every plot writes a PNG whose bytes depend on the data
-
-
-def assert_png(path: Path) -> bytes:
-    data = Path(path).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
-    return data
+# figures: the plotted data (lines, images, arrows read back from the returned figure)
 
 
 def test_table1_thresholds():
@@ -529,14 +523,32 @@ def test_route_plot(tmp_path):
     right[:, 1] = 1.0
     rolled = plots.greedy_route(mdp.P, right, start, goal)
     assert [tuple(mdp.coords[s]) for s in rolled] == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 4)]
-    a = assert_png(plots.plot_routes({"optimal": safe, "policy": right}, tmp_path / "a.png", mdp=mdp,
-                                     start=(1, 1), goal=(9, 9), forbidden=[(7, 5)]))
-    b = assert_png(plots.plot_routes({"optimal": safe}, tmp_path / "b.png", mdp="teleport",
-                                     start=(1, 1), goal=(9, 9), forbidden=[(4, 4), (4, 6)]))
-    assert a != b
+    # Catches routes drawn as (row, col) instead of (x = col, y = row), a policy not rolled
+    # from `start`, and step counts that do not match the route drawn.
+    fig = assert_png(plots.plot_routes({"optimal": safe, "policy": right}, tmp_path / "a.png",
+                                       mdp=mdp, start=(1, 1), goal=(9, 9), forbidden=[(7, 5)])).figure
+    lines = lines_by_label(fig.axes[0])
+    assert set(lines) == {"optimal: 16 steps", "policy: 4 steps, loops"}
+    assert route_cells(lines["optimal: 16 steps"]) == [tuple(mdp.coords[s]) for s in safe]
+    assert route_cells(lines["policy: 4 steps, loops"]) == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 4)]
+
+
+def assert_png(path: Path) -> Path:
+    """A written PNG (the returned path, whose ``figure`` the tests read)."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
+    return path
+
+
+def route_cells(line) -> list[tuple[int, int]]:
+    """A route line's points back to (row, col) cells (routes are offset < 0.5 to stay apart)."""
+    x, y = line.get_data()
+    return [(int(r), int(c)) for r, c in zip(np.rint(y), np.rint(x))]
 
 
 def test_safety_task_plot(tmp_path):
+    # Catches the model's plan being replaced by the optimal one (or planned in the true P):
+    # a model believing the doorway (5, 3) is shut must route around it.
     from qworld_envs import four_rooms
 
     mdp = four_rooms("deterministic")
@@ -544,37 +556,63 @@ def test_safety_task_plot(tmp_path):
     s = mdp.cell_to_state[(4, 3)]
     wrong[s, 2] = 0.0
     wrong[s, 2, s] = 1.0
-    a = assert_png(plots.plot_safety_task("corner_9_9_doorway", tmp_path / "a.png", {"P̂": mdp.P}))
-    b = assert_png(plots.plot_safety_task("corner_9_9_doorway", tmp_path / "b.png", {"P̂": wrong}))
-    assert a != b
+    right = plots.plot_safety_task("corner_9_9_doorway", tmp_path / "a.png", {"P̂": mdp.P})
+    lines = lines_by_label(assert_png(right).figure.axes[0])
+    optimal = next(v for k, v in lines.items() if k.startswith("optimal (true P)"))
+    same = next(v for k, v in lines.items() if k.startswith("P̂"))
+    assert route_cells(optimal) == route_cells(same) and (5, 3) in route_cells(optimal)
+    lines = lines_by_label(plots.plot_safety_task("corner_9_9_doorway", tmp_path / "b.png",
+                                                  {"P̂": wrong}).figure.axes[0])
+    avoiding = route_cells(next(v for k, v in lines.items() if k.startswith("P̂")))
+    assert (5, 3) not in avoiding and avoiding[0] == route_cells(optimal)[0]
 
 
 def test_value_map_plot(tmp_path):
+    # Catches values put in the wrong cells (states not mapped through coords) and panels
+    # sharing one array.
+    from qworld_envs import four_rooms
+
     S = 68
-    a = assert_png(plots.plot_value_map(np.linspace(0, 1, S), tmp_path / "a.png"))
-    b = assert_png(plots.plot_value_map({"V": np.linspace(0, 1, S), "V in P̂": np.linspace(1, 0, S)},
-                                        tmp_path / "b.png"))
-    assert a != b
+    coords = np.asarray(four_rooms("deterministic").coords)
+    up, down = np.linspace(0, 1, S), np.linspace(1, 0, S)
+    fig = plots.plot_value_map({"V": up, "V in P̂": down}, tmp_path / "a.png").figure
+    panels = axes_by_title(fig)
+    for label, v in (("V", up), ("V in P̂", down)):
+        grid = panels[label].images[-1].get_array()
+        np.testing.assert_allclose(grid[coords[:, 0], coords[:, 1]], v)
+        assert np.ma.getmaskarray(grid).sum() == grid.size - S  # walls stay blank
     with pytest.raises(ValueError, match="shape"):
         plots.plot_value_map(np.zeros(5), tmp_path / "c.png")
 
 
 def test_mountain_car_plots(tmp_path):
+    # Catches a vector field drawing the model's arrows for the truth (or raw, unscaled
+    # deltas), an error map that is not |pred - true| / range, and slices drawing one
+    # series twice.
     rng = np.random.default_rng(0)
     p, v = np.meshgrid(np.linspace(-1.2, 0.6, 12), np.linspace(-0.07, 0.07, 12))
-    states = np.stack([p.ravel(), v.ravel()], axis=1)
+    states = np.stack([p.ravel(), v.ravel()], axis=1)  # [N=144, d=2]
     true_next = states + np.stack([states[:, 1], -0.0025 * np.cos(3 * states[:, 0])], axis=1)
-    pred_a = true_next + rng.normal(0, 1e-3, true_next.shape) * [1, 0.05]
-    pred_b = true_next + rng.normal(0, 1e-2, true_next.shape) * [1, 0.05]
-    a = assert_png(plots.plot_vector_field(states, true_next, pred_a, tmp_path / "a.png"))
-    b = assert_png(plots.plot_vector_field(states, true_next, pred_b, tmp_path / "b.png"))
-    assert a != b
+    pred = true_next + rng.normal(0, 1e-3, true_next.shape) * [1, 0.05]
+    fig = plots.plot_vector_field(states, true_next, pred, tmp_path / "a.png").figure
+    arrows, errors = fig.axes[0], fig.axes[1]
+    span = np.ptp(states, axis=0)
+    for quiver, nxt in zip(arrows.collections[:2], (true_next, pred)):
+        d = (nxt - states) / span
+        unit = d / np.linalg.norm(d, axis=1, keepdims=True)
+        np.testing.assert_allclose(np.stack([quiver.U / span[0], quiver.V / span[1]], axis=1),
+                                   unit / (0.5 * np.sqrt(len(states))))
+    np.testing.assert_allclose(errors.collections[0].get_array(),
+                               np.linalg.norm((pred - true_next) / span, axis=1))
     x = np.linspace(-1.2, 0.6, 40)
     t = np.stack([np.stack([x, np.sin(x) * k], axis=1) for k in range(3)])  # [K=3, N, d=2]
-    c = assert_png(plots.plot_next_state_slices(x, t, t + 0.01, tmp_path / "c.png",
-                                                series_labels=["left", "none", "right"]))
-    d = assert_png(plots.plot_next_state_slices(x, t[0], t[0] - 0.2, tmp_path / "d.png"))
-    assert c != d
+    fig = plots.plot_next_state_slices(x, t, t + 0.01, tmp_path / "c.png",
+                                       series_labels=["left", "none", "right"]).figure
+    lines = lines_by_label(fig.axes[1])  # next velocity
+    assert len(lines) == 6
+    np.testing.assert_allclose(lines["right true"].get_data()[1], np.sin(x) * 2)
+    np.testing.assert_allclose(lines["right predicted"].get_data()[1], np.sin(x) * 2 + 0.01)
+    np.testing.assert_array_equal(lines["left true"].get_data()[0], x)
 
 
 # --------------------------------------------------------------------------------------
