@@ -378,6 +378,7 @@ th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 td.cell, th.cell { text-align: left; white-space: nowrap; }
 .headline td { padding: 3px 8px; } .headline td.value { white-space: nowrap; }
+.headline td.flag { text-align: left; color: #8a5a00; max-width: 14em; }
 .ci, .fails { color: #666; font-size: 0.85em; } .fails { color: #a33; }
 figure { margin: 1em 0; } figcaption { font-size: 0.9em; color: #555; }
 img { max-width: 100%; border: 1px solid #eee; }
@@ -471,9 +472,10 @@ def headline_table(table: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list
         row["trials"] = max(row["trials"], int(r["n"]) + int(r["n_failed"]))
         row[plots.method_label(r[K.METHOD])] = entry(r)
         if r[FINAL_CHECKPOINT_DIFFERS] or (r[N_SHOWN_EARLIER] or 0) > 0:
+            # short: the note above the tables says it in full, a wide column would push
+            # the methods off a 1400 px page
             row["final checkpoint"] = (f"{WARN} {r[FINAL_CHECKPOINT]}" +
-                                       (f" ({r[N_SHOWN_EARLIER]} trial(s) shown before their last, "
-                                        "unreadable, checkpoint)" if r[N_SHOWN_EARLIER] else ""))
+                                       (f" ({r[N_SHOWN_EARLIER]} unreadable later)" if r[N_SHOWN_EARLIER] else ""))
         for label, rows in extra.items():
             match = rows
             for c in cells:
@@ -511,7 +513,8 @@ def _headline_html(table: pd.DataFrame, metric: str) -> str:
     for key, row in frame.iterrows():
         key = key if isinstance(key, tuple) else (key,)
         cells = "".join(f"<td class='cell'>{html.escape(str(k))}</td>" for k in key)
-        cells += "".join(f"<td class='value'>{_entry_html(v)}</td>" for v in row)
+        cells += "".join(f"<td class='{'flag' if isinstance(v, str) else 'value'}'>{_entry_html(v)}</td>"
+                         for v in row)
         body.append(f"<tr>{cells}</tr>")
     line = f"<p class='muted'>all rows: {html.escape(shared)}</p>" if shared else ""
     return (f"{line}<table class='headline'><thead><tr>{head}</tr></thead>"
@@ -615,7 +618,7 @@ def _flagged_cells_html(table: pd.DataFrame) -> str:
     items = []
     for r in bad.drop_duplicates(cells).to_dict("records"):
         name = ", ".join(f"{c} = {r[c]}" for c in cells if not pd.isna(r[c]))
-        why = f"trials shown at checkpoints {r[FINAL_CHECKPOINT]}"
+        why = f"trials shown at checkpoint {r[FINAL_CHECKPOINT]}"
         if r[N_SHOWN_EARLIER]:
             why += f"; {r[N_SHOWN_EARLIER]} trial(s) shown before their last checkpoint, which could not be read"
         items.append(f"<li>{html.escape(name)}: {html.escape(why)}</li>")
