@@ -200,25 +200,80 @@ def test_summary_by_hand():
         K.P_MSE: [1, 2, 3, 4, 0, 0, 0, 10, 7, 7],
     })
     out = summary(df, by="cell", metric=K.P_MSE).set_index("cell")
-    assert list(out.columns) == ["n", "mean", "iqm", "ci_low", "ci_high"]
+    assert list(out.columns) == ["n", "n_failed", "mean", "iqm", "ci_low", "ci_high"]
     assert out.loc["A", "n"] == 4 and out.loc["A", "mean"] == 2.5 and out.loc["A", "iqm"] == 2.5
     assert out.loc["B", "mean"] == 2.5 and out.loc["B", "iqm"] == 0.0  # mean(0, 0): 0 and 10 cut
-    assert (out.loc["C", "ci_low"], out.loc["C", "ci_high"]) == (7.0, 7.0)
-    assert (out["ci_low"] <= out["iqm"]).all() and (out["iqm"] <= out["ci_high"]).all()
-    # NaN scores (a failed method) are left out of n
+    assert (out.loc[["A", "B"], "ci_low"] <= out.loc[["A", "B"], "iqm"]).all()
+    assert (out.loc[["A", "B"], "iqm"] <= out.loc[["A", "B"], "ci_high"]).all()
+    # NaN scores (a failed method) are left out of n and counted in n_failed
     df.loc[0, K.P_MSE] = np.nan
-    assert summary(df, by="cell", metric=K.P_MSE).set_index("cell").loc["A", "n"] == 3
+    again = summary(df, by="cell", metric=K.P_MSE).set_index("cell")
+    assert again.loc["A", "n"] == 3 and again.loc["A", "n_failed"] == 1
     # two rows for one seed in a group is a mistake worth saying out loud
     with pytest.raises(ValueError, match="final_checkpoints"):
         summary(pd.concat([df, df]), by="cell", metric=K.P_MSE)
 
 
 def test_summary_with_tasks():
-    df = pd.DataFrame({"g": ["x"] * 4, K.SEED: [0, 1, 0, 1], K.VARIANT: ["d", "d", "w", "w"],
-                       K.P_MSE: [0.0, 0.0, 1.0, 1.0]})
+    # Catches a summary that pools the tasks into one stratum: task d always scores 0 and
+    # task w always 1, so only a bootstrap within each task keeps the mean at exactly 0.5.
+    seeds = [0, 1, 2, 3]
+    df = pd.DataFrame({"g": ["x"] * 8, K.SEED: seeds * 2, K.VARIANT: ["d"] * 4 + ["w"] * 4,
+                       K.P_MSE: [0.0] * 4 + [1.0] * 4})
     out = summary(df, by="g", metric=K.P_MSE, tasks=K.VARIANT, ci_of="mean")
-    assert out.loc[0, "n"] == 4 and out.loc[0, "mean"] == 0.5
+    assert out.loc[0, "n"] == 8 and out.loc[0, "mean"] == 0.5
     assert (out.loc[0, "ci_low"], out.loc[0, "ci_high"]) == (0.5, 0.5)
+    pooled = summary(df, by="g", metric=K.P_MSE, ci_of="mean", over=None)
+    assert pooled.loc[0, "ci_high"] - pooled.loc[0, "ci_low"] > 0.4
+
+
+def test_bootstrap_strata_of_different_spread():
+    # Catches resampling whole rows (runs) across tasks, or the tasks' pooled values: task 0
+    # varies by 1, task 1 by 100. Stratified, the mean of a replicate is
+    # (mean of 4 draws from {0, 1}) / 2 + (mean of 4 draws from {0, 100}) / 2; its extremes
+    # are 0 and 50.5, and an interval of 2000 replicates stays strictly inside them.
+    scores = np.array([[0.0, 0.0], [1.0, 100.0], [0.0, 0.0], [1.0, 100.0]])  # [runs=4, tasks=2]
+    low, high = stratified_bootstrap_ci(scores, mean, reps=2000, seed=0)
+    assert 0.0 < low < mean(scores) < high < 50.5
+    # Independently per task: replicates where task 0 draws all 1s while task 1 draws all
+    # 0s exist (mean 0.5), impossible when runs are resampled as whole rows.
+    runs, tasks = scores.shape
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, runs, size=(2000, runs, tasks))
+    values = np.take_along_axis(scores[None], idx, axis=1).mean(axis=(1, 2))  # [reps]
+    assert np.percentile(values, [2.5, 97.5]) == pytest.approx([low, high])
+
+
+def test_summary_counts_what_it_leaves_out():
+    # Catches the silent drop: a method that failed in one trial, and one that failed in
+    # every trial, must show as failed rows, not as a smaller n or a missing row.
+    df = pd.DataFrame({
+        K.METHOD: ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
+        K.TRIAL_ID: ["t0", "t1", "t2", "t3"] * 3,
+        K.P_MSE: [1.0, 2.0, np.nan, 4.0] + [np.nan] * 8,
+        K.ERROR: [None, None, "LinAlgError", None] + ["boom"] * 4 + [None] * 4,
+    })
+    # c: all NaN, no error: a metric this method does not have (a task it did not plan)
+    out = summary(df, by=K.METHOD, metric=K.P_MSE, over=K.TRIAL_ID).set_index(K.METHOD)
+    assert list(out.index) == ["a", "b"]
+    assert (out.loc["a", "n"], out.loc["a", "n_failed"]) == (3, 1)
+    assert (out.loc["b", "n"], out.loc["b", "n_failed"]) == (0, 4)
+    assert np.isnan(out.loc["b", "iqm"])
+    # an error with a score still left in the row: not a score to trust
+    df.loc[0, K.ERROR] = "planning failed"
+    out = summary(df, by=K.METHOD, metric=K.P_MSE, over=K.TRIAL_ID).set_index(K.METHOD)
+    assert (out.loc["a", "n"], out.loc["a", "n_failed"]) == (2, 2)
+
+
+def test_summary_gives_no_ci_below_four_runs():
+    # Catches the old "CI" of 2 runs (their min and max) and of 1 run (a zero-width point).
+    df = pd.DataFrame({"cell": ["one"] + ["two"] * 2 + ["four"] * 4,
+                       K.SEED: [0, 0, 1, 0, 1, 2, 3], K.P_MSE: [5.0, 1.0, 3.0, 1.0, 2.0, 3.0, 4.0]})
+    out = summary(df, by="cell", metric=K.P_MSE).set_index("cell")
+    assert out.loc[["one", "two"], ["ci_low", "ci_high"]].isna().all().all()
+    assert out.loc["two", "iqm"] == 2.0  # still reported: the mean of 2 runs
+    assert out.loc["four", "ci_low"] < out.loc["four", "iqm"] < out.loc["four", "ci_high"]
+    assert summary(df, by="cell", metric=K.P_MSE, min_runs=2).set_index("cell").loc["two", "ci_low"] == 1.0
 
 
 # --------------------------------------------------------------------------------------
@@ -363,13 +418,7 @@ def test_loading_imports_no_training_code(experiment):
 
 
 # --------------------------------------------------------------------------------------
-# figures: every plot writes a PNG whose bytes depend on the data
-
-
-def assert_png(path: Path) -> bytes:
-    data = Path(path).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
-    return data
+# figures: the plotted data (lines, images, arrows read back from the returned figure)
 
 
 def test_table1_thresholds():
@@ -379,24 +428,86 @@ def test_table1_thresholds():
     assert sorted(plots.variant_thresholds("teleport").values()) == [15, 31, 68]
 
 
-@pytest.mark.parametrize("plot", ["error_vs_goals", "error_vs_steps", "recovery_phase"])
-def test_frame_plots_depend_on_the_data(plot, frame, tmp_path):
-    draw = {"error_vs_goals": plots.plot_error_vs_goals, "error_vs_steps": plots.plot_error_vs_steps,
-            "recovery_phase": plots.plot_recovery_phase}[plot]
-    other = frame.copy()
-    other[K.P_MSE] = other[K.P_MSE] * 7.0 + 1e-3
-    a = assert_png(draw(frame, tmp_path / "a.png"))
-    b = assert_png(draw(other, tmp_path / "b.png"))
-    assert a != b
+def final_iqm(variant: str, num_goals: int, method: str, ckpt: int = NUM_CKPT - 1) -> float:
+    """The IQM over the seeds of a cell (2 seeds: their mean), from the written values."""
+    return float(iqm([p_mse_of(variant, num_goals, s, ckpt, method) for s in SEEDS]))
+
+
+def lines_by_label(ax) -> dict:
+    return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+
+
+def axes_by_title(fig) -> dict:
+    return {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+
+
+def test_error_vs_goals_plots_the_final_iqm(frame, tmp_path):
+    # Catches a plot of the first / any checkpoint instead of each trial's last, methods
+    # drawn under each other's label, and variants swapped between panels.
+    fig = plots.plot_error_vs_goals(frame, tmp_path / "a.png").figure
+    panels = axes_by_title(fig)
+    assert set(panels) == {"variant=deterministic, goal_type=indicator", "variant=windy, goal_type=indicator"}
+    for variant in VARIANTS:
+        lines = lines_by_label(panels[f"variant={variant}, goal_type=indicator"])
+        assert set(lines) == set(METHODS)
+        x, y = lines["pinv"].get_data()
+        np.testing.assert_array_equal(x, GOALS)
+        np.testing.assert_allclose(y, [final_iqm(variant, L, "pinv") for L in GOALS])
     with pytest.raises(plots.NoDataError):
-        draw(frame.iloc[0:0], tmp_path / "none.png")
+        plots.plot_error_vs_goals(frame.iloc[0:0], tmp_path / "none.png")
 
 
-def test_training_curve_plot(experiment, tmp_path):
+def test_error_vs_steps_plots_the_iqm_at_each_checkpoint(frame, tmp_path):
+    # Catches x drawn as checkpoint index instead of env steps, the mean of all seeds and
+    # goal counts in one line, and panels titled with the wrong method.
+    fig = plots.plot_error_vs_steps(frame, tmp_path / "a.png").figure
+    panels = axes_by_title(fig)
+    assert set(panels) == {f"{v} · {m}" for v in VARIANTS for m in METHODS}
+    lines = lines_by_label(panels["windy · pinv"])
+    assert set(lines) == {f"L={L}" for L in GOALS} | {"paper L=1: 6.0e-03", "paper L=4: 1.3e-03"}
+    np.testing.assert_allclose(lines["paper L=4: 1.3e-03"].get_data()[1], plots.PAPER_P_MSE[("windy", 4)])
+    x, y = lines["L=4"].get_data()
+    np.testing.assert_array_equal(x, [STEPS_PER_ITER * ITERS_PER_CKPT * (k + 1) for k in range(NUM_CKPT)])
+    np.testing.assert_allclose(y, [final_iqm("windy", 4, "pinv", k) for k in range(NUM_CKPT)])
+    with pytest.raises(plots.NoDataError):
+        plots.plot_error_vs_steps(frame.iloc[0:0], tmp_path / "none.png")
+
+
+def test_recovery_phase_shows_log10_iqm_per_method_and_goals(frame, tmp_path):
+    # Catches a transposed grid (goals as rows), rows labelled with the wrong method, and
+    # exact recovery (0) drawn as missing instead of on the floor.
+    fig = plots.plot_recovery_phase(frame, tmp_path / "a.png").figure
+    ax = axes_by_title(fig)["variant=windy"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == sorted(METHODS)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(L) for L in GOALS]
+    shown = np.asarray(ax.images[0].get_array())  # [methods, goals]
+    expected = [[np.log10(final_iqm("windy", L, m)) for L in GOALS] for m in sorted(METHODS)]
+    np.testing.assert_allclose(shown, expected)
+    exact = np.asarray(axes_by_title(fig)["variant=deterministic"].images[0].get_array())
+    assert np.isfinite(exact).all() and (exact[0] < exact[1]).all()  # column_match: 0, on the floor
+    # a variant that never ran L=1 gets no blank L=1 column (it would read as a failure)
+    fewer = frame[~((frame[K.VARIANT] == "windy") & (frame[K.NUM_GOALS] == 1))]
+    fig = plots.plot_recovery_phase(fewer, tmp_path / "b.png").figure
+    assert [t.get_text() for t in axes_by_title(fig)["variant=windy"].get_xticklabels()] == ["4"]
+    assert [t.get_text() for t in axes_by_title(fig)["variant=deterministic"].get_xticklabels()] == ["1", "4"]
+
+
+def test_training_curves_plot_each_trials_metric(experiment, tmp_path):
+    # Catches a panel drawing another metric, steps taken from the iteration count, and a
+    # trial's points sorted by value instead of by env steps.
     curves = load_training_curves(experiment)
-    a = assert_png(plots.plot_training_curves(curves, tmp_path / "a.png"))
-    shifted = curves.assign(**{K.TRAIN_LOSS: curves[K.TRAIN_LOSS] * 3})
-    assert a != assert_png(plots.plot_training_curves(shifted, tmp_path / "b.png"))
+    fig = plots.plot_training_curves(curves, tmp_path / "a.png").figure
+    panels = axes_by_title(fig)
+    assert set(panels) == {K.TRAIN_EPISODE_SUCCESS, K.TRAIN_LOSS}
+    iterations = np.arange(1, NUM_CKPT * ITERS_PER_CKPT + 1)
+    loss_lines = panels[K.TRAIN_LOSS].get_lines()
+    assert len(loss_lines) == NUM_TRIALS
+    for line in loss_lines:
+        x, y = line.get_data()
+        np.testing.assert_array_equal(x, STEPS_PER_ITER * iterations)
+        np.testing.assert_allclose(y, [td_loss_of(i) for i in iterations])
+    success = panels[K.TRAIN_EPISODE_SUCCESS].get_lines()[0].get_data()[1]
+    np.testing.assert_allclose(success, iterations / 10)
 
 
 def test_route_plot(tmp_path):
@@ -412,14 +523,32 @@ def test_route_plot(tmp_path):
     right[:, 1] = 1.0
     rolled = plots.greedy_route(mdp.P, right, start, goal)
     assert [tuple(mdp.coords[s]) for s in rolled] == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 4)]
-    a = assert_png(plots.plot_routes({"optimal": safe, "policy": right}, tmp_path / "a.png", mdp=mdp,
-                                     start=(1, 1), goal=(9, 9), forbidden=[(7, 5)]))
-    b = assert_png(plots.plot_routes({"optimal": safe}, tmp_path / "b.png", mdp="teleport",
-                                     start=(1, 1), goal=(9, 9), forbidden=[(4, 4), (4, 6)]))
-    assert a != b
+    # Catches routes drawn as (row, col) instead of (x = col, y = row), a policy not rolled
+    # from `start`, and step counts that do not match the route drawn.
+    fig = assert_png(plots.plot_routes({"optimal": safe, "policy": right}, tmp_path / "a.png",
+                                       mdp=mdp, start=(1, 1), goal=(9, 9), forbidden=[(7, 5)])).figure
+    lines = lines_by_label(fig.axes[0])
+    assert set(lines) == {"optimal: 16 steps", "policy: 4 steps, loops"}
+    assert route_cells(lines["optimal: 16 steps"]) == [tuple(mdp.coords[s]) for s in safe]
+    assert route_cells(lines["policy: 4 steps, loops"]) == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 4)]
+
+
+def assert_png(path: Path) -> Path:
+    """A written PNG (the returned path, whose ``figure`` the tests read)."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
+    return path
+
+
+def route_cells(line) -> list[tuple[int, int]]:
+    """A route line's points back to (row, col) cells (routes are offset < 0.5 to stay apart)."""
+    x, y = line.get_data()
+    return [(int(r), int(c)) for r, c in zip(np.rint(y), np.rint(x))]
 
 
 def test_safety_task_plot(tmp_path):
+    # Catches the model's plan being replaced by the optimal one (or planned in the true P):
+    # a model believing the doorway (5, 3) is shut must route around it.
     from qworld_envs import four_rooms
 
     mdp = four_rooms("deterministic")
@@ -427,37 +556,63 @@ def test_safety_task_plot(tmp_path):
     s = mdp.cell_to_state[(4, 3)]
     wrong[s, 2] = 0.0
     wrong[s, 2, s] = 1.0
-    a = assert_png(plots.plot_safety_task("corner_9_9_doorway", tmp_path / "a.png", {"P̂": mdp.P}))
-    b = assert_png(plots.plot_safety_task("corner_9_9_doorway", tmp_path / "b.png", {"P̂": wrong}))
-    assert a != b
+    right = plots.plot_safety_task("corner_9_9_doorway", tmp_path / "a.png", {"P̂": mdp.P})
+    lines = lines_by_label(assert_png(right).figure.axes[0])
+    optimal = next(v for k, v in lines.items() if k.startswith("optimal (true P)"))
+    same = next(v for k, v in lines.items() if k.startswith("P̂"))
+    assert route_cells(optimal) == route_cells(same) and (5, 3) in route_cells(optimal)
+    lines = lines_by_label(plots.plot_safety_task("corner_9_9_doorway", tmp_path / "b.png",
+                                                  {"P̂": wrong}).figure.axes[0])
+    avoiding = route_cells(next(v for k, v in lines.items() if k.startswith("P̂")))
+    assert (5, 3) not in avoiding and avoiding[0] == route_cells(optimal)[0]
 
 
 def test_value_map_plot(tmp_path):
+    # Catches values put in the wrong cells (states not mapped through coords) and panels
+    # sharing one array.
+    from qworld_envs import four_rooms
+
     S = 68
-    a = assert_png(plots.plot_value_map(np.linspace(0, 1, S), tmp_path / "a.png"))
-    b = assert_png(plots.plot_value_map({"V": np.linspace(0, 1, S), "V in P̂": np.linspace(1, 0, S)},
-                                        tmp_path / "b.png"))
-    assert a != b
+    coords = np.asarray(four_rooms("deterministic").coords)
+    up, down = np.linspace(0, 1, S), np.linspace(1, 0, S)
+    fig = plots.plot_value_map({"V": up, "V in P̂": down}, tmp_path / "a.png").figure
+    panels = axes_by_title(fig)
+    for label, v in (("V", up), ("V in P̂", down)):
+        grid = panels[label].images[-1].get_array()
+        np.testing.assert_allclose(grid[coords[:, 0], coords[:, 1]], v)
+        assert np.ma.getmaskarray(grid).sum() == grid.size - S  # walls stay blank
     with pytest.raises(ValueError, match="shape"):
         plots.plot_value_map(np.zeros(5), tmp_path / "c.png")
 
 
 def test_mountain_car_plots(tmp_path):
+    # Catches a vector field drawing the model's arrows for the truth (or raw, unscaled
+    # deltas), an error map that is not |pred - true| / range, and slices drawing one
+    # series twice.
     rng = np.random.default_rng(0)
     p, v = np.meshgrid(np.linspace(-1.2, 0.6, 12), np.linspace(-0.07, 0.07, 12))
-    states = np.stack([p.ravel(), v.ravel()], axis=1)
+    states = np.stack([p.ravel(), v.ravel()], axis=1)  # [N=144, d=2]
     true_next = states + np.stack([states[:, 1], -0.0025 * np.cos(3 * states[:, 0])], axis=1)
-    pred_a = true_next + rng.normal(0, 1e-3, true_next.shape) * [1, 0.05]
-    pred_b = true_next + rng.normal(0, 1e-2, true_next.shape) * [1, 0.05]
-    a = assert_png(plots.plot_vector_field(states, true_next, pred_a, tmp_path / "a.png"))
-    b = assert_png(plots.plot_vector_field(states, true_next, pred_b, tmp_path / "b.png"))
-    assert a != b
+    pred = true_next + rng.normal(0, 1e-3, true_next.shape) * [1, 0.05]
+    fig = plots.plot_vector_field(states, true_next, pred, tmp_path / "a.png").figure
+    arrows, errors = fig.axes[0], fig.axes[1]
+    span = np.ptp(states, axis=0)
+    for quiver, nxt in zip(arrows.collections[:2], (true_next, pred)):
+        d = (nxt - states) / span
+        unit = d / np.linalg.norm(d, axis=1, keepdims=True)
+        np.testing.assert_allclose(np.stack([quiver.U / span[0], quiver.V / span[1]], axis=1),
+                                   unit / (0.5 * np.sqrt(len(states))))
+    np.testing.assert_allclose(errors.collections[0].get_array(),
+                               np.linalg.norm((pred - true_next) / span, axis=1))
     x = np.linspace(-1.2, 0.6, 40)
     t = np.stack([np.stack([x, np.sin(x) * k], axis=1) for k in range(3)])  # [K=3, N, d=2]
-    c = assert_png(plots.plot_next_state_slices(x, t, t + 0.01, tmp_path / "c.png",
-                                                series_labels=["left", "none", "right"]))
-    d = assert_png(plots.plot_next_state_slices(x, t[0], t[0] - 0.2, tmp_path / "d.png"))
-    assert c != d
+    fig = plots.plot_next_state_slices(x, t, t + 0.01, tmp_path / "c.png",
+                                       series_labels=["left", "none", "right"]).figure
+    lines = lines_by_label(fig.axes[1])  # next velocity
+    assert len(lines) == 6
+    np.testing.assert_allclose(lines["right true"].get_data()[1], np.sin(x) * 2)
+    np.testing.assert_allclose(lines["right predicted"].get_data()[1], np.sin(x) * 2 + 0.01)
+    np.testing.assert_array_equal(lines["left true"].get_data()[0], x)
 
 
 # --------------------------------------------------------------------------------------
@@ -472,7 +627,7 @@ def test_report_is_self_contained(experiment, tmp_path):
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) >= 4
     assert all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
-    assert "<h2>Summary</h2>" in page and K.P_MSE in page and f"{TASK}/{K.PLAN_SUCCESS}" in page
+    assert "Headline numbers</h2>" in page and K.P_MSE in page and f"{TASK}/{K.PLAN_SUCCESS}" in page
     assert "name: synth" in page  # the sweep file
     assert "pandas" in page and pd.__version__ in page  # package versions
     for png in ("error_vs_goals", "error_vs_steps", "recovery_phase", "training_curves"):
@@ -485,6 +640,97 @@ def test_report_is_self_contained(experiment, tmp_path):
     expected = np.mean([p_mse_of("windy", 4, s, NUM_CKPT - 1, "pinv") for s in SEEDS])
     assert row["iqm"] == pytest.approx(expected)
     assert f"{row['iqm']:.3g}" in page
+
+
+def damage(exp: Path) -> dict:
+    """Break a synthetic experiment the ways real sweeps break; returns what was broken.
+
+    - trial 0 (deterministic, L=1, seed 0): its last checkpoint could not be read (one
+      ``load`` error row replaces its scores), so it is shown one checkpoint earlier than
+      its cell's other trial;
+    - trial 3 (deterministic, L=4, seed 1): ``pinv`` raised at the last checkpoint;
+    - ``column_match`` is renamed ``known_support``, an oracle method.
+    """
+    frame = store.read_store(exp)
+    frame[K.METHOD] = frame[K.METHOD].replace({"column_match": "known_support"})
+    for (trial_id, ckpt), rows in frame.groupby([K.TRIAL_ID, K.CHECKPOINT_INDEX]):
+        store.write_rows(exp, rows.to_dict("records"))
+    last = NUM_CKPT - 1
+    broken, failed = "a1b2c_00000", "a1b2c_00003"
+    head = frame[(frame[K.TRIAL_ID] == broken) & (frame[K.CHECKPOINT_INDEX] == last)].iloc[0].to_dict()
+    load_row = {c: head[c] for c in (*K.GRID_COLUMNS, K.CHECKPOINT_INDEX, K.ENV_STEPS, K.CHECKPOINT_PATH)}
+    store.write_rows(exp, [{**load_row, K.METHOD: K.LOAD_METHOD, K.ERROR: "OSError: truncated file"}])
+    rows = frame[(frame[K.TRIAL_ID] == failed) & (frame[K.CHECKPOINT_INDEX] == last)].copy()
+    pinv = rows[K.METHOD] == "pinv"
+    rows.loc[pinv, K.ERROR] = "LinAlgError: SVD did not converge"
+    rows.loc[pinv, [K.P_MSE, K.P_TV, f"{TASK}/{K.PLAN_SUCCESS}"]] = np.nan
+    store.write_rows(exp, rows.to_dict("records"))
+    return {"broken": broken, "failed": failed}
+
+
+def test_report_says_what_it_left_out(tmp_path):
+    # Catches the old report: load rows dropped before choosing final checkpoints (trial 0
+    # silently shown at checkpoint 1 beside its cell's trial at 2), a failed method only
+    # lowering n, 2-run "CIs" that are min and max, q_nmse repeated per method, and the
+    # oracle shown without its label.
+    from qworld_analysis.report import headline_table, summary_table
+
+    exp = make_experiment(tmp_path / "damaged")
+    damage(exp)
+    table = summary_table(load(exp, resolve_num_goals=True), exp, reps=200)
+    p = table[table["metric"] == K.P_MSE].set_index([K.VARIANT, K.NUM_GOALS, K.METHOD])
+    cell = p.loc[("deterministic", 1, "pinv")]
+    assert cell["final_checkpoint"] == f"{NUM_CKPT - 2}, {NUM_CKPT - 1}" and cell["final_checkpoint_differs"]
+    assert cell["n_shown_earlier"] == 1 and cell["n"] == 2
+    assert not p.loc[("windy", 4, "pinv"), "final_checkpoint_differs"]
+    failed = p.loc[("deterministic", 4, "pinv")]
+    assert (failed["n"], failed["n_failed"]) == (1, 1)
+    assert p.loc[("deterministic", 4, "known_support"), "n_failed"] == 0
+    assert p["ci_low"].isna().all() and p["ci_high"].isna().all()  # 2 seeds per cell: no CI
+    q = table[table["metric"] == K.Q_NMSE]
+    assert len(q) == len(VARIANTS) * len(GOALS) and q[K.METHOD].isna().all()
+
+    head, constant = headline_table(table, K.P_MSE)
+    assert list(head.columns) == ["trials", f"{K.Q_NMSE} (agent, any method)", "pinv",
+                                  "known_support (oracle)", "final checkpoint"]
+    assert head.index.names == [K.VARIANT, K.NUM_GOALS] and K.ENV in constant
+    expected = np.mean([p_mse_of("windy", 4, s, NUM_CKPT - 1, "pinv") for s in SEEDS])
+    assert head.loc[("windy", 4), "pinv"]["iqm"] == pytest.approx(expected)
+    assert head.loc[("deterministic", 4), "pinv"]["n_failed"] == 1
+    assert head.loc[("deterministic", 1), "final checkpoint"].startswith("⚠")
+
+    page = write_report(exp, tmp_path / "report").read_text()
+    headline, rest = page.split("<h2 id='all'>", 1)
+    assert "1 of 2 failed" in headline and "known_support (oracle)" in headline
+    assert "Cells not compared at one checkpoint" in headline and "variant = deterministic, num_goals = 1" in headline
+    assert "<details><summary>p_mse</summary>" in rest and "<details>" not in headline.split("<h2 id='figures'>")[0]
+    assert "fewer than 4 trials" in headline
+    assert headline.index("Headline numbers") < headline.index("data:image/png")
+
+
+def test_headline_metrics_of_a_continuous_sweep():
+    # Catches a headline that knows only the finite p_mse (a continuous report would open
+    # with no table) or that lists every metric (no longer a headline).
+    from qworld_analysis.report import headline_metrics, headline_table, summary_table
+
+    rows = []
+    for seed in range(5):
+        for method in ("successor", "gaussian"):
+            rows.append({K.TRIAL_ID: f"t{seed}", K.CHECKPOINT_INDEX: 3, K.ENV: "MountainCar",
+                         K.HEAD: "goal_input", K.METHOD: method, K.ERROR: None,
+                         K.WM_NMSE: 0.1 * (seed + 1) * (2 if method == "gaussian" else 1),
+                         K.Q_NMSE: 0.01 * seed, K.P_TV: np.nan,
+                         f"hill/{K.RETURN_RATIO}": np.nan if seed == 0 else 0.9,
+                         f"hill/{K.PLAN_EXCESS_STEPS}": 2.0})
+    table = summary_table(pd.DataFrame(rows), reps=200)
+    assert headline_metrics(table) == [K.WM_NMSE, f"hill/{K.RETURN_RATIO}"]
+    ratio = table[table["metric"] == f"hill/{K.RETURN_RATIO}"]
+    assert (ratio["n"] == 4).all() and (ratio["n_failed"] == 1).all()  # R* <= 0 in trial 0
+    assert ratio["ci_low"].notna().all()  # 4 trials: an interval
+    head, _ = headline_table(table, K.WM_NMSE)
+    assert list(head.columns) == ["trials", f"{K.Q_NMSE} (agent, any method)", "gaussian", "successor"]
+    assert head.iloc[0]["trials"] == 5
+    assert head.iloc[0]["successor"]["iqm"] == pytest.approx(iqm([0.1 * (s + 1) for s in range(5)]))
 
 
 def test_report_on_a_sweep_with_nothing_scored(tmp_path):
@@ -502,7 +748,7 @@ def test_compare_side_by_side(experiment, tmp_path):
     table = compare(experiment, other)
     assert K.HEAD not in table.columns  # the head is what differs: not a join key
     assert len(table) == len(VARIANTS) * len(GOALS) * len(METHODS)
-    assert {"n_a", "iqm_a", "ci_low_a", "ci_high_a", "n_b", "iqm_b", "ratio"} <= set(table.columns)
+    assert {"n_a", "n_failed_a", "iqm_a", "ci_low_a", "ci_high_a", "n_b", "iqm_b", "ratio"} <= set(table.columns)
     nonzero = table[table["iqm_a"] > 0]
     np.testing.assert_allclose(nonzero["ratio"].to_numpy(float), 2.0)
     assert table.attrs["a"][K.HEAD] == "all_goals" and table.attrs["b"][K.HEAD] == "goal_input"

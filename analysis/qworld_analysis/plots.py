@@ -1,4 +1,5 @@
-"""Figures: each function takes DataFrames or arrays and a path, writes a PNG, returns the path.
+"""Figures: each function takes DataFrames or arrays and a path, writes a PNG, returns the path
+(a :class:`FigurePath`, whose ``figure`` is the matplotlib Figure drawn).
 
 Matplotlib through the Agg canvas directly (no pyplot, no global backend switch), so the
 functions are safe in scripts, tests and notebooks alike. Error axes are logarithmic when
@@ -26,7 +27,7 @@ from matplotlib.ticker import NullFormatter
 
 from qworld import metrics as K
 from qworld_analysis.load import final_checkpoints
-from qworld_analysis.stats import summary
+from qworld_analysis.stats import MIN_RUNS_FOR_CI, summary
 
 DPI = 110
 LABELS = {
@@ -86,12 +87,20 @@ def _figure(nrows: int, ncols: int, panel=(4.4, 3.4)):
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _save(fig: Figure, path: str | Path, tight: bool = False) -> Path:
+class FigurePath(type(Path())):
+    """The path of a written PNG that also carries its matplotlib ``figure``: callers keep a
+    path, tests read the plotted lines and images instead of comparing PNG bytes."""
+
+    figure: Figure | None = None
+
+
+def _save(fig: Figure, path: str | Path, tight: bool = False) -> FigurePath:
     """Write the PNG; ``tight`` grows the canvas to what is drawn (maps have a fixed aspect,
     so constrained layout can leave a legend below them partly off the canvas)."""
-    path = Path(path)
+    path = FigurePath(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, format="png", **({"bbox_inches": "tight", "pad_inches": 0.1} if tight else {}))
+    path.figure = fig
     return path
 
 
@@ -223,8 +232,8 @@ def plot_error_vs_goals(
 ) -> Path:
     """World-model error against the number of goals, one panel per (variant, goal_type).
 
-    A line per extraction method through the IQM over runs, with 95% bootstrap CI bars and
-    every run as a faint dot; Table-1 thresholds as dashed vertical lines.
+    A line per extraction method through the IQM over runs, with 95% bootstrap CI bars
+    where a point has at least ``MIN_RUNS_FOR_CI`` runs, and every run as a faint dot; Table-1 thresholds as dashed vertical lines.
 
     Args:
         df: rows of :func:`qworld_analysis.load` (``variant``, ``goal_type``,
@@ -252,8 +261,11 @@ def plot_error_vs_goals(
                 continue
             x = m[K.NUM_GOALS].to_numpy(np.float64)
             y, lo, hi = (np.maximum(m[c].to_numpy(np.float64), floor or 0) for c in ("iqm", "ci_low", "ci_high"))
-            ax.errorbar(x, y, yerr=[y - lo, hi - y], color=colors[method], marker="o", ms=4,
-                        capsize=2, lw=1.5, label=method_label(method))
+            ax.plot(x, y, color=colors[method], marker="o", ms=4, lw=1.5, label=method_label(method))
+            has_ci = np.isfinite(lo) & np.isfinite(hi)  # no bar where too few runs for a CI
+            if has_ci.any():
+                ax.errorbar(x[has_ci], y[has_ci], yerr=[(y - lo)[has_ci], (hi - y)[has_ci]],
+                            color=colors[method], ls="none", capsize=2, lw=1.5)
             runs = part[part[K.METHOD] == method]
             ax.scatter(runs[K.NUM_GOALS].to_numpy(np.float64),
                        np.maximum(runs[metric].to_numpy(np.float64), floor or 0),
@@ -277,8 +289,8 @@ def plot_error_vs_goals(
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(title="method", fontsize=8, title_fontsize=8, loc="upper center",
                   bbox_to_anchor=(0.5, -0.2), ncol=min(len(methods), 4), frameon=False)
-    fig.suptitle(f"{_label(metric)} vs number of goals (IQM over runs, 95% CI; dashed: Table 1)",
-                 fontsize=11)
+    fig.suptitle(f"{_label(metric)} vs number of goals (IQM over runs; bars: 95% bootstrap CI "
+                 f"where ≥ {MIN_RUNS_FOR_CI} runs; dashed: Table 1)", fontsize=11)
     return _save(fig, path)
 
 
@@ -380,7 +392,8 @@ def plot_error_vs_steps(
             if labelled:
                 ax.legend(fontsize=7, ncol=2 if labelled > 6 else 1)
     note = "; dashed: the paper's value (10M steps)" if refs else ""
-    fig.suptitle(textwrap.fill(f"{_label(metric)} over training (IQM over runs, 95% CI band{note})",
+    fig.suptitle(textwrap.fill(f"{_label(metric)} over training (IQM over runs; band: 95% bootstrap "
+                               f"CI where ≥ {MIN_RUNS_FOR_CI} runs{note})",
                                55 * len(variants)), fontsize=11)
     return _save(fig, path)
 
@@ -411,8 +424,11 @@ def plot_recovery_phase(
     norm = Normalize(vmin=vmin, vmax=max(float(np.ceil(logs.max())), vmin + 1))
     fig, axes = _figure(1, len(keys), panel=(max(4.0, 0.6 * len(goals) + 2.2), 0.45 * len(methods) + 2))
     image = None
+    all_goals = goals
     for ax, key in zip(axes[0], keys):
         part = _select(stats, panel_cols, key)
+        # only the goal counts this panel ran: a blank column reads as "failed", not "not run"
+        goals = [g for g in all_goals if (part[K.NUM_GOALS] == g).any()]
         grid = np.full((len(methods), len(goals)), np.nan)
         for method, L, value in part[[K.METHOD, K.NUM_GOALS, "iqm"]].itertuples(index=False):
             grid[methods.index(method), goals.index(int(L))] = value

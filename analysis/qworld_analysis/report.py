@@ -1,7 +1,8 @@
 """One self-contained HTML page per experiment dir, and side-by-side comparisons.
 
 ``write_report`` reads the experiment dir (no Ray), aggregates each grid cell over its
-trials (IQM and 95% stratified bootstrap CI at each trial's last scored checkpoint), draws
+trials (IQM, and a 95% percentile bootstrap CI over the trials where a cell has at least
+4 of them, at each trial's last scored checkpoint; failed rows counted, not dropped), draws
 the figures whose data exist, and writes ``index.html`` (figures embedded as base64, so the
 page travels alone), the PNGs and ``summary.csv`` to ``out_dir``. A sweep still running, or
 killed and resumed, gives a page too: figures without data are listed as skipped, with why.
@@ -28,7 +29,7 @@ from qworld_analysis.load import (NUM_CHECKPOINTS, NUM_ITERATIONS, NUM_SCORED, T
                                   WORLD_MODEL_METRICS, _read_spec, final_checkpoints, load,
                                   load_training_curves, load_trials, load_world_model,
                                   plan_columns, read_sweep_text)
-from qworld_analysis.stats import summary
+from qworld_analysis.stats import MIN_RUNS_FOR_CI, summary
 
 REPORT_DIR = "report"
 HTML_FILE = "index.html"
@@ -53,24 +54,93 @@ def cell_columns(df: pd.DataFrame, experiment_dir: str | Path | None = None) -> 
     return cols
 
 
+# Metrics of the agent's Q, not of an extraction: every method's row of a checkpoint carries
+# the same value, so a per-method table would repeat one number as if it were five findings.
+METHOD_INDEPENDENT = (K.Q_NMSE,)
+FINAL_CHECKPOINT = "final_checkpoint"  # the checkpoint indices the cell's trials are shown at
+FINAL_CHECKPOINT_DIFFERS = "final_checkpoint_differs"
+# trials shown at an earlier checkpoint than their last, because the last could not be read
+N_SHOWN_EARLIER = "n_shown_earlier"
+TABLE_COLUMNS = ("n", "n_failed", "mean", "iqm", "ci_low", "ci_high", FINAL_CHECKPOINT,
+                 FINAL_CHECKPOINT_DIFFERS, N_SHOWN_EARLIER)
+
+
 def summary_table(df: pd.DataFrame, experiment_dir: str | Path | None = None,
                   metrics: Sequence[str] | None = None, reps: int = 2000) -> pd.DataFrame:
-    """Long table: per metric, grid cell and method, n / mean / IQM / CI over the trials at
-    their last scored checkpoint. Columns: ``metric``, the cell columns, ``method``, then
-    ``n, mean, iqm, ci_low, ci_high``."""
-    by = [*cell_columns(df, experiment_dir), K.METHOD]
-    final = final_checkpoints(df)
+    """Long table: per metric, grid cell and method, n / n_failed / mean / IQM / CI over the
+    trials at their last scored checkpoint, and which checkpoint that was.
+
+    ``df`` may hold the ``load`` rows of unreadable checkpoints: they are not scores, but a
+    trial whose last checkpoint is one of them is shown at an earlier checkpoint, and the
+    cell says so (``n_shown_earlier``; ``final_checkpoint_differs`` when its trials are not
+    all shown at one checkpoint index).
+
+    Columns: ``metric``, the cell columns, ``method`` (NA for the metrics of
+    :data:`METHOD_INDEPENDENT`, summarised once per cell), then :data:`TABLE_COLUMNS`.
+    """
+    cells = cell_columns(df, experiment_dir)
+    by = [*cells, K.METHOD]
+    is_load = (df[K.METHOD] == K.LOAD_METHOD).fillna(False).to_numpy(bool) if K.METHOD in df else np.zeros(len(df), bool)
+    scored = df[~is_load]
+    final = final_checkpoints(scored)
     if metrics is None:
-        metrics = [m for m in (*WORLD_MODEL_METRICS, *plan_columns(df))
+        metrics = [m for m in (*WORLD_MODEL_METRICS, *plan_columns(final))
                    if m in final.columns and final[m].notna().any()]
+    checkpoints = _final_checkpoint_columns(df, final, cells)
     parts = []
     for metric in metrics:
-        table = summary(final, by=by, metric=metric, over=K.TRIAL_ID, reps=reps)
+        if metric in METHOD_INDEPENDENT:
+            table = summary(_one_row_per_checkpoint(final, metric), by=cells, metric=metric,
+                            over=K.TRIAL_ID, reps=reps)
+            table.insert(len(cells), K.METHOD, pd.NA)
+        else:
+            table = summary(final, by=by, metric=metric, over=K.TRIAL_ID, reps=reps)
+        if cells:
+            table = table.merge(checkpoints, on=cells, how="left")
+        else:
+            for col in checkpoints.columns:
+                table[col] = checkpoints[col].iloc[0] if len(checkpoints) else pd.NA
         table.insert(0, METRIC, metric)
         parts.append(table)
     if not parts:
-        return pd.DataFrame(columns=[METRIC, *by, "n", "mean", "iqm", "ci_low", "ci_high"])
-    return pd.concat(parts, ignore_index=True)
+        return pd.DataFrame(columns=[METRIC, *by, *TABLE_COLUMNS])
+    return pd.concat(parts, ignore_index=True)[[METRIC, *by, *TABLE_COLUMNS]]
+
+
+def _one_row_per_checkpoint(final: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """A method-independent metric, one row per (trial, checkpoint): the first method row
+    that has it (NaN, with that checkpoint's error, only if no method row has it)."""
+    keys = [c for c in ("experiment", K.TRIAL_ID, K.CHECKPOINT_INDEX) if c in final.columns]
+    ordered = final.assign(_missing=final[metric].isna()).sort_values("_missing", kind="stable")
+    return ordered.drop_duplicates(keys).drop(columns="_missing")
+
+
+def _final_checkpoint_columns(df: pd.DataFrame, final: pd.DataFrame, cells: list[str]) -> pd.DataFrame:
+    """Per cell: the checkpoint indices its trials are shown at, whether they differ, and
+    how many trials have a later checkpoint on record (an unreadable one) than the shown one."""
+    if final.empty:
+        return pd.DataFrame(columns=[*cells, FINAL_CHECKPOINT, FINAL_CHECKPOINT_DIFFERS, N_SHOWN_EARLIER])
+    shown = final.groupby(K.TRIAL_ID, dropna=False)[K.CHECKPOINT_INDEX].max()
+    latest = df.groupby(K.TRIAL_ID, dropna=False)[K.CHECKPOINT_INDEX].max().reindex(shown.index)
+    trials = final.drop_duplicates(K.TRIAL_ID).set_index(K.TRIAL_ID)[cells].copy()
+    trials["_shown"] = shown.reindex(trials.index)
+    trials["_earlier"] = (latest.reindex(trials.index) > trials["_shown"]).fillna(False)
+    rows = []
+    for key, group in (trials.groupby(cells, dropna=False, sort=True) if cells else [((), trials)]):
+        key = key if isinstance(key, tuple) else (key,)
+        indices = sorted(int(i) for i in group["_shown"].dropna().unique())
+        rows.append({**dict(zip(cells, key)),
+                     FINAL_CHECKPOINT: ", ".join(map(str, indices)),
+                     FINAL_CHECKPOINT_DIFFERS: len(indices) > 1,
+                     N_SHOWN_EARLIER: int(group["_earlier"].sum())})
+    out = pd.DataFrame(rows, columns=[*cells, FINAL_CHECKPOINT, FINAL_CHECKPOINT_DIFFERS, N_SHOWN_EARLIER])
+    for col in cells:  # merge keys of the summary's dtypes
+        try:
+            out[col] = out[col].astype(final[col].dtype)
+        except (TypeError, ValueError):
+            pass
+    out[N_SHOWN_EARLIER] = out[N_SHOWN_EARLIER].astype("Int64")
+    return out
 
 
 def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -91,7 +161,7 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
     curves = load_training_curves(exp, resolve_num_goals=True)
     trials = load_trials(exp, resolve_num_goals=True)
     scored = df[df[K.METHOD] != K.LOAD_METHOD] if K.METHOD in df else df
-    table = summary_table(scored, exp)
+    table = summary_table(df, exp)
     table.to_csv(out / SUMMARY_FILE, index=False)
 
     figures, skipped = [], []
@@ -243,7 +313,8 @@ def compare(dir_a: str | Path, dir_b: str | Path, metric: str = K.P_MSE,
     ``method``).
 
     Returns:
-        Columns ``by``, then ``n_a, iqm_a, ci_low_a, ci_high_a`` and the same with ``_b``,
+        Columns ``by``, then ``n_a, n_failed_a, iqm_a, ci_low_a, ci_high_a`` (CI NaN below 4
+        trials) and the same with ``_b``,
         and ``ratio`` = ``iqm_b / iqm_a``. ``attrs["a"]`` / ``attrs["b"]`` describe each side
         (dir, sweep, head).
     """
@@ -259,11 +330,11 @@ def compare(dir_a: str | Path, dir_b: str | Path, metric: str = K.P_MSE,
     for side in ("a", "b"):
         final = final_checkpoints(frames[side])
         if final.empty or metric not in final or final[metric].isna().all():
-            stats = pd.DataFrame(columns=[*by, "n", "iqm", "ci_low", "ci_high"])
+            stats = pd.DataFrame(columns=[*by, "n", "n_failed", "iqm", "ci_low", "ci_high"])
         else:
             stats = summary(final, by=by, metric=metric, over=K.TRIAL_ID, reps=reps)
-        stats = stats[[*by, "n", "iqm", "ci_low", "ci_high"]]
-        sides.append(stats.rename(columns={c: f"{c}_{side}" for c in ("n", "iqm", "ci_low", "ci_high")}))
+        stats = stats[[*by, "n", "n_failed", "iqm", "ci_low", "ci_high"]]
+        sides.append(stats.rename(columns={c: f"{c}_{side}" for c in ("n", "n_failed", "iqm", "ci_low", "ci_high")}))
     a, b = sides
     for col in by:  # join keys of one dtype on both sides
         if a[col].dtype != b[col].dtype:
@@ -299,16 +370,30 @@ def _values(df: pd.DataFrame, col: str) -> str:
 
 
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; padding: 0 1em; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
+h3 { margin: 1.2em 0 0.3em; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+td.cell, th.cell { text-align: left; white-space: nowrap; }
+.headline td { padding: 3px 8px; } .headline td.value { white-space: nowrap; }
+.headline td.flag { text-align: left; color: #8a5a00; max-width: 14em; }
+.ci, .fails { color: #666; font-size: 0.85em; } .fails { color: #a33; }
 figure { margin: 1em 0; } figcaption { font-size: 0.9em; color: #555; }
 img { max-width: 100%; border: 1px solid #eee; }
 pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+details { margin: 0.3em 0; } summary { cursor: pointer; font-weight: 600; }
+.text td { text-align: left; }
 .note { color: #8a5a00; } .muted { color: #777; font-size: 0.9em; }
 """
+STAT_COLUMNS = {"n", "n_failed", "mean", "iqm", "ci_low", "ci_high", FINAL_CHECKPOINT,
+                FINAL_CHECKPOINT_DIFFERS, N_SHOWN_EARLIER}
+WARN = "⚠"  # marks a cell whose trials are not all shown at their own last checkpoint
+
+
+def _fmt(x) -> str:
+    return "–" if x is None or pd.isna(x) else f"{x:.3g}"
 
 
 def _table_html(df: pd.DataFrame, max_rows: int = 400) -> str:
@@ -322,18 +407,118 @@ def _table_html(df: pd.DataFrame, max_rows: int = 400) -> str:
     return text
 
 
-def _metric_table_html(table: pd.DataFrame, metric: str) -> str:
-    """One metric's rows; cell columns that are one value throughout go in a line above."""
-    part = table[table[METRIC] == metric].drop(columns=[METRIC])
-    stats = {"n", "mean", "iqm", "ci_low", "ci_high"}
-    constant = [c for c in part.columns if c not in stats and c != K.METHOD
-                and part[c].nunique(dropna=False) == 1]
+def _split_constant(part: pd.DataFrame, keep: Sequence[str] = ()) -> tuple[pd.DataFrame, str]:
+    """Cell columns that are one value throughout go in a line above the table."""
+    constant = [c for c in part.columns if c not in STAT_COLUMNS and c not in keep
+                and c != K.METHOD and part[c].nunique(dropna=False) == 1]
     shared = ", ".join(f"{c} = {part[c].iloc[0]}" for c in constant if not pd.isna(part[c].iloc[0]))
-    text = f"<p class='muted'>all rows: {html.escape(shared)}</p>" if shared else ""
-    part = part.drop(columns=constant)
+    line = f"<p class='muted'>all rows: {html.escape(shared)}</p>" if shared else ""
+    return part.drop(columns=constant), line
+
+
+def _metric_table_html(table: pd.DataFrame, metric: str) -> str:
+    """One metric's long rows (every statistic); the method column only where it varies."""
+    part = table[table[METRIC] == metric].drop(columns=[METRIC])
+    if K.METHOD in part.columns and part[K.METHOD].isna().all():
+        part = part.drop(columns=[K.METHOD])  # a method-independent metric: once per cell
+    part, line = _split_constant(part)
     if K.METHOD in part.columns:
         part[K.METHOD] = part[K.METHOD].map(plots.method_label)
-    return text + _table_html(part)
+    return line + _table_html(part)
+
+
+def headline_metrics(table: pd.DataFrame) -> list[str]:
+    """The metrics a reader looks at first, as present in a :func:`summary_table`: the
+    world-model error (``p_mse`` finite, ``wm_nmse`` continuous), then per planning task its
+    ``return_ratio`` (continuous) and ``plan_success`` (finite safety tasks)."""
+    present = list(dict.fromkeys(table[METRIC])) if not table.empty else []
+    error = [m for m in (K.P_MSE, K.WM_NMSE) if m in present]
+    plans = [m for m in present if "/" in m and m.rsplit("/", 1)[1] in (K.RETURN_RATIO, K.PLAN_SUCCESS)]
+    return error + sorted(plans, key=lambda m: (m.rsplit("/", 1)[1] != K.RETURN_RATIO, m))
+
+
+def headline_table(table: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str]]:
+    """One metric as rows = grid cells, columns = methods (labelled, oracles "(oracle)").
+
+    Each entry is a dict ``iqm, ci_low, ci_high, n, n_failed``. The method-independent
+    metrics of the cell (:data:`METHOD_INDEPENDENT`, e.g. the agent's ``q_nmse``) join
+    the world-model error's table as one column each, before the methods; ``trials`` and,
+    where the cell's trials are shown at different checkpoints or earlier than their last,
+    ``final checkpoint`` say what the numbers stand on.
+
+    Returns:
+        The table (index: the cell columns that vary) and the cell columns left out (one
+        value throughout).
+    """
+    part = table[table[METRIC] == metric]
+    cells = [c for c in part.columns if c not in STAT_COLUMNS and c not in (METRIC, K.METHOD)]
+    varying = [c for c in cells if part[c].nunique(dropna=False) > 1]
+    constant = [c for c in cells if c not in varying]
+    key_cols = varying or cells[:1]
+
+    def entry(r) -> dict:
+        return {k: r[k] for k in ("iqm", "ci_low", "ci_high", "n", "n_failed")}
+
+    extra = {}
+    if metric in (K.P_MSE, K.WM_NMSE):
+        for other in METHOD_INDEPENDENT:
+            rows = table[table[METRIC] == other]
+            if not rows.empty:
+                extra[f"{other} (agent, any method)"] = rows
+    out = {}
+    for r in part.to_dict("records"):
+        key = tuple(r[c] for c in key_cols)
+        row = out.setdefault(key, {"trials": 0})
+        row["trials"] = max(row["trials"], int(r["n"]) + int(r["n_failed"]))
+        row[plots.method_label(r[K.METHOD])] = entry(r)
+        if r[FINAL_CHECKPOINT_DIFFERS] or (r[N_SHOWN_EARLIER] or 0) > 0:
+            # short: the note above the tables says it in full, a wide column would push
+            # the methods off a 1400 px page
+            row["final checkpoint"] = (f"{WARN} {r[FINAL_CHECKPOINT]}" +
+                                       (f" ({r[N_SHOWN_EARLIER]} unreadable later)" if r[N_SHOWN_EARLIER] else ""))
+        for label, rows in extra.items():
+            match = rows
+            for c in cells:
+                match = match[(match[c] == r[c]) | (match[c].isna() & pd.isna(r[c]))]
+            if not match.empty:
+                row[label] = entry(match.iloc[0].to_dict())
+    frame = pd.DataFrame.from_dict(out, orient="index")
+    frame.index = pd.MultiIndex.from_tuples(frame.index, names=key_cols) if len(key_cols) > 1 \
+        else pd.Index([k[0] for k in frame.index], name=key_cols[0])
+    methods = [plots.method_label(m) for m in sorted(part[K.METHOD].dropna().unique(),
+                                                      key=lambda m: (m in K.ORACLE_METHODS, m))]
+    order = ["trials", *extra, *methods, *(["final checkpoint"] if "final checkpoint" in frame else [])]
+    return frame[[c for c in order if c in frame.columns]], constant
+
+
+def _entry_html(value) -> str:
+    if not isinstance(value, dict):
+        return "" if value is None or (not isinstance(value, str) and pd.isna(value)) else html.escape(str(value))
+    text = _fmt(value["iqm"])
+    if not pd.isna(value["ci_low"]):
+        text += f" <span class='ci'>[{_fmt(value['ci_low'])}, {_fmt(value['ci_high'])}]</span>"
+    if value["n_failed"]:
+        text += f" <span class='fails'>({int(value['n_failed'])} of {int(value['n']) + int(value['n_failed'])} failed)</span>"
+    return text
+
+
+def _headline_html(table: pd.DataFrame, metric: str) -> str:
+    frame, constant = headline_table(table, metric)
+    part = table[table[METRIC] == metric]
+    shared = ", ".join(f"{c} = {part[c].iloc[0]}" for c in constant if not pd.isna(part[c].iloc[0]))
+    names = list(frame.index.names)
+    head = "".join(f"<th class='cell'>{html.escape(str(n))}</th>" for n in names)
+    head += "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for key, row in frame.iterrows():
+        key = key if isinstance(key, tuple) else (key,)
+        cells = "".join(f"<td class='cell'>{html.escape(str(k))}</td>" for k in key)
+        cells += "".join(f"<td class='{'flag' if isinstance(v, str) else 'value'}'>{_entry_html(v)}</td>"
+                         for v in row)
+        body.append(f"<tr>{cells}</tr>")
+    line = f"<p class='muted'>all rows: {html.escape(shared)}</p>" if shared else ""
+    return (f"{line}<table class='headline'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>")
 
 
 def _methods_html(df: pd.DataFrame) -> str:
@@ -392,6 +577,55 @@ def identifiability_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+_HOW_TO_READ = (
+    "Each trial at its last scored checkpoint. Per grid cell and method: the IQM over the "
+    "cell's trials (the mean of the middle 50%; with fewer than 4 trials nothing is cut, so "
+    "it is their plain mean, and with 1 trial that trial's score), then in brackets a 95% "
+    "percentile bootstrap CI of that IQM, resampling the cell's trials with replacement "
+    f"(each cell is one stratum). Below {MIN_RUNS_FOR_CI} trials a cell gets no CI: a bootstrap "
+    "of 2 trials only spans their min and max, and of 1 trial has width 0. "
+    "\"k of n failed\": trials whose score is missing (the method raised, or the metric is "
+    "undefined there, e.g. return_ratio when R* <= 0): left out of the IQM, not hidden.")
+
+
+def _task_note(table: pd.DataFrame, metric: str) -> str:
+    """Which variants a FourRooms safety task is meant for, when its table has others:
+    elsewhere its forbidden cells guard nothing in particular."""
+    if "/" not in metric or K.VARIANT not in table.columns:
+        return ""
+    from qworld.planning import SAFETY_TASKS
+
+    task = SAFETY_TASKS.get(metric.rsplit("/", 1)[0])
+    shown = set(table.loc[table[METRIC] == metric, K.VARIANT].dropna())
+    if task is None or shown <= set(task.variants):
+        return ""
+    return (f"<p class='muted'>This task is meant for {html.escape(', '.join(task.variants))}; "
+            f"the rows of {html.escape(', '.join(sorted(shown - set(task.variants))))} plan it "
+            "all the same.</p>")
+
+
+def _flagged_cells_html(table: pd.DataFrame) -> str:
+    """A note naming the cells whose trials are not all shown at one checkpoint, or are
+    shown before a last checkpoint that could not be read."""
+    if table.empty:
+        return ""
+    bad = table[table[FINAL_CHECKPOINT_DIFFERS].fillna(False).astype(bool)
+                | (table[N_SHOWN_EARLIER].fillna(0) > 0)]
+    if bad.empty:
+        return ""
+    cells = [c for c in bad.columns if c not in STAT_COLUMNS and c not in (METRIC, K.METHOD)]
+    cells = [c for c in cells if table[c].nunique(dropna=False) > 1] or cells  # what tells cells apart
+    items = []
+    for r in bad.drop_duplicates(cells).to_dict("records"):
+        name = ", ".join(f"{c} = {r[c]}" for c in cells if not pd.isna(r[c]))
+        why = f"trials shown at checkpoint {r[FINAL_CHECKPOINT]}"
+        if r[N_SHOWN_EARLIER]:
+            why += f"; {r[N_SHOWN_EARLIER]} trial(s) shown before their last checkpoint, which could not be read"
+        items.append(f"<li>{html.escape(name)}: {html.escape(why)}</li>")
+    return (f"<p class='note'>{WARN} Cells not compared at one checkpoint (their numbers mix "
+            f"training lengths):</p><ul class='note'>{''.join(items)}</ul>")
+
+
 def _page(exp: Path, df: pd.DataFrame, trials: pd.DataFrame, table: pd.DataFrame,
           figures: list, skipped: list) -> str:
     e = html.escape
@@ -413,26 +647,25 @@ def _page(exp: Path, df: pd.DataFrame, trials: pd.DataFrame, table: pd.DataFrame
         parts.append("<p class='note'>This sweep is partial (still running, interrupted or "
                      "failed): the tables and figures cover what is on disk now.</p>")
 
-    parts.append("<h2>Summary</h2><p class='muted'>Each trial at its last scored checkpoint; "
-                 "per grid cell and method: n trials, mean, IQM (mean of the middle 50%) and "
-                 "a 95% stratified bootstrap CI of the IQM. Every metric is in "
-                 f"<code>{SUMMARY_FILE}</code>.</p>")
+    parts.append("<p class='muted'>Contents: <a href='#headline'>headline numbers</a> · "
+                 "<a href='#figures'>figures</a> · <a href='#all'>all metrics</a> · "
+                 "<a href='#trials'>trials</a> · <a href='#sweep'>sweep file</a></p>")
+    parts.append(_methods_html(df))
+    parts.append(f"<p class='muted'>{_HOW_TO_READ}</p>")
+    flagged = _flagged_cells_html(table)
+    if flagged:
+        parts.append(flagged)
+
+    parts.append("<h2 id='headline'>Headline numbers</h2>")
     if table.empty:
         parts.append("<p class='note'>No scored checkpoint yet: nothing to summarise.</p>")
-    parts.append(_methods_html(df))
-    for metric in dict.fromkeys(table[METRIC]) if not table.empty else []:
-        parts.append(f"<h3>{e(metric)}</h3>{_metric_table_html(table, metric)}")
+    for metric in headline_metrics(table):
+        parts.append(f"<h3>{e(metric)}</h3>{_headline_html(table, metric)}{_task_note(table, metric)}")
+    if not table.empty and table["ci_low"].isna().all():
+        parts.append(f"<p class='note'>No CI anywhere: every cell has fewer than {MIN_RUNS_FOR_CI} "
+                     "trials scored (see above). Add seeds for intervals.</p>")
 
-    ident = identifiability_table(df)
-    if not ident.empty:
-        parts.append("<h2>Identifiability</h2><p class='muted'>Per grid cell at its trials' last "
-                     "scored checkpoint: which Table-1 case guarantees recovering P from the "
-                     "agent's M (known up to twice the agent's Q error) without geometry, and why "
-                     "or why not. <code>moves</code> uses the cells' geometry as well, so it can "
-                     "recover P where this reads \"not identifiable\".</p>")
-        parts.append(_table_html(ident))
-
-    parts.append("<h2>Figures</h2>")
+    parts.append("<h2 id='figures'>Figures</h2>")
     for caption, path in figures:
         parts.append(f"<figure>{_img(path)}<figcaption>{e(caption)} "
                      f"(<code>{e(path.name)}</code>)</figcaption></figure>")
@@ -444,20 +677,38 @@ def _page(exp: Path, df: pd.DataFrame, trials: pd.DataFrame, table: pd.DataFrame
                  "(values, predictions) that the results store does not hold: draw them with "
                  "<code>qworld_analysis.plots</code>.</p>")
 
-    parts.append("<h2>Trials</h2>")
+    ident = identifiability_table(df)
+    if not ident.empty:
+        parts.append("<h2>Identifiability</h2><p class='muted'>Per grid cell at its trials' last "
+                     "scored checkpoint: which Table-1 case guarantees recovering P from the "
+                     "agent's M (known up to twice the agent's Q error) without geometry, and why "
+                     "or why not. <code>moves</code> uses the cells' geometry as well, so it can "
+                     "recover P where this reads \"not identifiable\".</p>")
+        ident, line = _split_constant(ident, keep=("n",))
+        parts.append(line + "<div class='text'>" + _table_html(ident) + "</div>")
+
+    parts.append("<h2 id='all'>All metrics</h2><p class='muted'>Per metric, grid cell and method: n "
+                 "trials scored, n_failed (left out: NaN or an error), mean, IQM, the CI where "
+                 f"there is one, and the checkpoint shown. The same rows are in <code>{SUMMARY_FILE}"
+                 "</code>. Click a metric to unfold it.</p>")
+    for metric in dict.fromkeys(table[METRIC]) if not table.empty else []:
+        parts.append(f"<details><summary>{e(metric)}</summary>{_metric_table_html(table, metric)}</details>")
+
+    parts.append("<h2 id='trials'>Trials</h2>")
     cols = [c for c in (K.TRIAL_ID, *CELL_COLUMNS, K.SEED, NUM_ITERATIONS, K.ENV_STEPS,
                         NUM_CHECKPOINTS, NUM_SCORED, TRIAL_ERROR) if c in trials.columns]
-    parts.append(_table_html(trials[cols]))
+    parts.append(f"<details><summary>{len(trials)} trials</summary>{_table_html(trials[cols])}</details>")
     if not errors.empty:
         parts.append("<h2>Extraction errors</h2>")
         ecols = [c for c in (K.TRIAL_ID, K.CHECKPOINT_INDEX, K.METHOD, K.ERROR) if c in errors.columns]
         parts.append(_table_html(errors[ecols], max_rows=50))
 
     sweep_text = read_sweep_text(exp)
-    parts.append("<h2>Sweep file</h2>")
-    parts.append(f"<pre>{e(sweep_text)}</pre>" if sweep_text is not None
-                 else "<p class='note'>No sweep.yaml in the experiment dir.</p>")
-    parts.append("<h2>Versions</h2>" + _table_html(_versions()))
+    parts.append("<h2 id='sweep'>Sweep file</h2>")
+    parts.append(f"<details open><summary>sweep.yaml</summary><pre>{e(sweep_text)}</pre></details>"
+                 if sweep_text is not None else "<p class='note'>No sweep.yaml in the experiment dir.</p>")
+    parts.append("<h2>Versions</h2><details><summary>packages</summary>"
+                 + _table_html(_versions()) + "</details>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

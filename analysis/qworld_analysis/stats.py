@@ -14,7 +14,10 @@ import pandas as pd
 
 from qworld import metrics as K
 
-SUMMARY_COLUMNS = ("n", "mean", "iqm", "ci_low", "ci_high")
+SUMMARY_COLUMNS = ("n", "n_failed", "mean", "iqm", "ci_low", "ci_high")
+# Below this many runs a percentile bootstrap is no interval worth the name: with 2 runs
+# the IQM is their mean and the "CI" their min and max, with 1 run a zero-width point.
+MIN_RUNS_FOR_CI = 4
 
 
 def _as_scores(scores) -> np.ndarray:
@@ -124,12 +127,16 @@ def summary(
     reps: int = 2000,
     alpha: float = 0.05,
     seed: int | None = 0,
+    min_runs: int = MIN_RUNS_FOR_CI,
+    error: str | None = K.ERROR,
 ) -> pd.DataFrame:
-    """Per group of ``by``: n, mean, IQM and a stratified bootstrap CI of ``metric``.
+    """Per group of ``by``: n, n_failed, mean, IQM and a stratified bootstrap CI of ``metric``.
 
     Within a group, each value of ``over`` is one run and (if given) each value of
     ``tasks`` one task: the group's scores form ``[runs, tasks]``. Rows whose metric is NaN
-    (a failed method) are left out first.
+    (a failed method, a ``return_ratio`` with R* <= 0) or whose ``error`` is set are left
+    out of the statistics and counted in ``n_failed``. A group whose rows all lack the
+    metric and carry no error (a task not planned for that cell) is no group at all.
 
     Args:
         df: e.g. :func:`qworld_analysis.final_checkpoints` of :func:`qworld_analysis.load`.
@@ -139,10 +146,14 @@ def summary(
         tasks: columns whose values are the tasks aggregated over inside a group.
         ci_of: ``"iqm"`` or ``"mean"``: the statistic the CI is for.
         reps, alpha, seed: of :func:`stratified_bootstrap_ci`.
+        min_runs: groups with fewer runs (per task) get ``ci_low = ci_high = NaN``.
+        error: the column whose non-null value marks a failed row; None (or absent from
+            ``df``): only NaN metrics count as failed.
 
     Returns:
-        One row per group: the ``by`` columns, ``n`` (runs x tasks), ``mean``, ``iqm``,
-        ``ci_low``, ``ci_high``; sorted by ``by``.
+        One row per group: the ``by`` columns, ``n`` (runs x tasks scored), ``n_failed``
+        (rows left out), ``mean``, ``iqm``, ``ci_low``, ``ci_high``; sorted by ``by``.
+        ``mean`` / ``iqm`` are NaN where ``n`` is 0.
 
     Raises:
         ValueError: a group has several rows for one (run, task) (select one checkpoint
@@ -157,16 +168,29 @@ def summary(
         raise KeyError(f"summary: columns {missing} are not in the frame")
     data = df[needed].copy()
     data[metric] = pd.to_numeric(data[metric], errors="coerce")
-    data = data[data[metric].notna()]
+    errored = (df[error].notna().to_numpy() if error is not None and error in df.columns
+               else np.zeros(len(df), dtype=bool))
+    failed = data[metric].isna().to_numpy() | errored
+    data["_failed"], data["_errored"] = failed, errored
     out = []
     for key, group in data.groupby(by, dropna=False, sort=True) if by else [((), data)]:
         key = key if isinstance(key, tuple) else (key,)
-        scores = _group_scores(group, metric, over, task_cols, dict(zip(by, key)))
-        low, high = stratified_bootstrap_ci(scores, stat, reps=reps, alpha=alpha, seed=seed)
-        out.append({**dict(zip(by, key)), "n": scores.size, "mean": mean(scores),
-                    "iqm": iqm(scores), "ci_low": low, "ci_high": high})
+        n_failed = int(group["_failed"].sum())
+        if n_failed == len(group) and not group["_errored"].any():
+            continue
+        group = group[~group["_failed"].to_numpy()]
+        row = {**dict(zip(by, key)), "n": 0, "n_failed": n_failed, "mean": np.nan,
+               "iqm": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+        if not group.empty:
+            scores = _group_scores(group, metric, over, task_cols, dict(zip(by, key)))
+            row.update(n=scores.size, mean=mean(scores), iqm=iqm(scores))
+            if scores.shape[0] >= min_runs:
+                row["ci_low"], row["ci_high"] = stratified_bootstrap_ci(
+                    scores, stat, reps=reps, alpha=alpha, seed=seed)
+        out.append(row)
     result = pd.DataFrame(out, columns=[*by, *SUMMARY_COLUMNS])
-    result["n"] = result["n"].astype("Int64")
+    for col in ("n", "n_failed"):
+        result[col] = result[col].astype("Int64")
     for col in by:  # keep the input's dtypes (Int64 num_goals, string variant ...)
         try:
             result[col] = result[col].astype(df[col].dtype)

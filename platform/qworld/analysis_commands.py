@@ -58,7 +58,8 @@ def _cmd_compare(args) -> int:
     for side in ("a", "b"):
         info = table.attrs.get(side, {})
         print(f"{side}: {info.get('dir')}  (sweep {info.get(K.SWEEP) or '?'}, head {info.get(K.HEAD) or '?'})")
-    print(f"{args.metric}: IQM over trials at their last scored checkpoint, 95% CI; ratio = b / a")
+    print(f"{args.metric}: IQM over trials at their last scored checkpoint, 95% bootstrap CI "
+          "(NaN below 4 trials), n_failed left out; ratio = b / a")
     if table.empty:
         print("(no scored rows to compare)")
         return 0
