@@ -8,7 +8,7 @@
   (``scoring_attempts/``) make a second scoring of a checkpoint visible.
 
 The chaos test is short by default (``QWORLD_CHAOS_KILLS=2`` kills of each kind, ~1.5 min);
-``QWORLD_CHAOS_KILLS=6 QWORLD_CHAOS_STEPS=16384 pytest tests/test_faults.py -k chaos -s``
+``QWORLD_CHAOS_KILLS=6 QWORLD_CHAOS_STEPS=65536 pytest tests/test_faults.py -k chaos -s``
 runs it longer and prints the figures of README's Reliability section.
 """
 
