@@ -227,7 +227,7 @@ def _checkpoint_steps(ckpt: str) -> int | None:
 @pytest.mark.ray
 def test_chaos_repeated_kills_then_driver_kill_and_resume(tmp_path):
     kills_per_kind = int(os.environ.get("QWORLD_CHAOS_KILLS", "2"))
-    budget = int(os.environ.get("QWORLD_CHAOS_STEPS", "6144"))
+    budget = int(os.environ.get("QWORLD_CHAOS_STEPS", "4096"))
     seed = int(os.environ.get("QWORLD_CHAOS_SEED", "0"))
     rng = random.Random(seed)
     storage = tmp_path / "storage"
