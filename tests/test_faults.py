@@ -227,7 +227,7 @@ def _checkpoint_steps(ckpt: str) -> int | None:
 @pytest.mark.ray
 def test_chaos_repeated_kills_then_driver_kill_and_resume(tmp_path):
     kills_per_kind = int(os.environ.get("QWORLD_CHAOS_KILLS", "2"))
-    budget = int(os.environ.get("QWORLD_CHAOS_STEPS", "4096"))
+    budget = int(os.environ.get("QWORLD_CHAOS_STEPS", "6144"))
     seed = int(os.environ.get("QWORLD_CHAOS_SEED", "0"))
     rng = random.Random(seed)
     storage = tmp_path / "storage"
@@ -250,7 +250,7 @@ def test_chaos_repeated_kills_then_driver_kill_and_resume(tmp_path):
             assert driver.poll() is None and time.time() < deadline, "the sweep ended before a checkpoint"
             time.sleep(0.2)
         for kind in plan:
-            time.sleep(rng.uniform(0.3, 2.5))
+            time.sleep(rng.uniform(0.3, 1.5))
             deadline = time.time() + 60
             while not (pids := _pids_of(KINDS[kind], driver.pid)):
                 assert driver.poll() is None and time.time() < deadline, f"no {kind} to kill"
