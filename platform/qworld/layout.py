@@ -5,7 +5,9 @@ An experiment dir (``qworld sweep`` -> ``results/<name>``)::
     EXPERIMENT_DIR/
       sweep.yaml               SPEC_FILE: the validated sweep file, kept for resume
       worldmodels.parquet/     STORE_DIR: the scored rows (``qworld.sweep.store``)
+      worldmodels.parquet.damaged/  STORE_DAMAGED_DIR: unreadable result files, set aside (never deleted)
       worldmodels_p/           WORLD_MODELS_DIR: the extracted P_hat per (trial, checkpoint)
+      scoring_attempts/        SCORING_ATTEMPTS_DIR: one small JSON-lines file per scoring attempt
       PQN_<trial>/             Tune trial dirs: params.json, result.json, checkpoint_00000k/
 
 A checkpoint dir::
@@ -17,6 +19,8 @@ A checkpoint dir::
 
 SPEC_FILE = "sweep.yaml"
 STORE_DIR = "worldmodels.parquet"
+STORE_DAMAGED_DIR = "worldmodels.parquet.damaged"
 WORLD_MODELS_DIR = "worldmodels_p"
+SCORING_ATTEMPTS_DIR = "scoring_attempts"
 CHECKPOINT_CONFIG_FILE = "qworld_config.json"
 MODULE_SUBDIR = ("learner_group", "learner", "rl_module", "default_policy")

@@ -5,11 +5,14 @@ and returns at once (training never waits); the driver drains the pool at the en
 sweep. Actors restart when they die (``max_restarts=-1``) and Ray retries the task that was
 running (``max_task_retries=-1``); since each score is written under its (trial, checkpoint)
 key and an actor skips keys already in the store, every checkpoint ends scored exactly once.
+Each scoring leaves an attempt record (``store.begin_attempt``), so a second scoring of a
+checkpoint is visible on disk (``store.read_attempts``).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,10 +20,20 @@ from typing import Any, Mapping, Sequence
 import ray
 
 from qworld import metrics as K
+from qworld.layout import CHECKPOINT_CONFIG_FILE
 from qworld.sweep import store
 from qworld.sweep.score import checkpoint_index, score_checkpoint
 
 NAMESPACE = "qworld"
+
+
+def checkpoint_env_steps(checkpoint_path: str | Path, default: int | None = None) -> int | None:
+    """The env steps a checkpoint holds (its ``qworld_config.json``), else ``default``."""
+    try:
+        steps = json.loads((Path(checkpoint_path) / CHECKPOINT_CONFIG_FILE).read_text()).get(K.ENV_STEPS)
+    except (OSError, ValueError, AttributeError):
+        return default
+    return int(steps) if isinstance(steps, (int, float)) else default
 
 
 @ray.remote(max_restarts=-1, max_task_retries=-1, num_cpus=0)
@@ -49,8 +62,12 @@ class PLearningActor:
         Returns (trial_id, checkpoint index, {method: p_mse} or None if it was scored before).
         """
         index = checkpoint_index(checkpoint_path)
-        if not force and (trial_id, index) in store.scored_keys(self.experiment_dir):
+        if not force and store.is_scored(self.experiment_dir, trial_id, index):
             return trial_id, index, None
+        # The checkpoint says how many env steps it holds; the caller's count (Tune's last
+        # result) can be another iteration's when a trial was restored or a driver resumed.
+        env_steps = checkpoint_env_steps(checkpoint_path, default=env_steps)
+        attempt = store.begin_attempt(self.experiment_dir, trial_id, index, checkpoint_path, force)
         models: dict = {}
         rows = score_checkpoint(checkpoint_path, sweep=self.sweep, trial_id=trial_id,
                                 methods=self.methods, tasks=self.tasks, options=self.options,
@@ -58,7 +75,8 @@ class PLearningActor:
         # Models first: the rows mark the key as scored, so a crash in between leaves the
         # key unscored and the retry replaces the model file.
         store.write_world_models(self.experiment_dir, trial_id, index, models)
-        store.write_rows(self.experiment_dir, rows)
+        store.write_rows(self.experiment_dir, rows, attempt=attempt)
+        store.end_attempt(self.experiment_dir, trial_id, index, attempt, len(rows))
         return trial_id, index, {r[K.METHOD]: r.get(K.P_MSE, r.get(K.WM_NMSE)) for r in rows}
 
 

@@ -1,0 +1,321 @@
+"""Faults on disk and repeated kills during a live sweep (issue 12, items 6 and 9).
+
+- A damaged results file (garbage, or a copy cut short) costs one checkpoint: every reader
+  goes on with the other rows, names the file and sets it aside, and ``qworld resume``
+  scores exactly that checkpoint again.
+- Chaos: during one real sweep, trial workers and P-learning actors are SIGKILLed at seeded
+  random moments, then the driver, then ``qworld resume``. The attempt records
+  (``scoring_attempts/``) make a second scoring of a checkpoint visible.
+
+The chaos test is short by default (``QWORLD_CHAOS_KILLS=2`` kills of each kind, ~1.5 min);
+``QWORLD_CHAOS_KILLS=6 QWORLD_CHAOS_STEPS=65536 pytest tests/test_faults.py -k chaos -s``
+runs it longer and prints the figures of README's Reliability section.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from qworld import metrics as K
+from qworld.layout import CHECKPOINT_CONFIG_FILE, STORE_DAMAGED_DIR
+from qworld.sweep import store
+from qworld.sweep.run import list_checkpoints
+from qworld.sweep.score import checkpoint_index
+from qworld.sweep.status import status_table
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "tune_configs" / "smoke.yaml"
+METHODS = ("pinv", "column_match")
+GARBAGE = b"\x00disk full\xff" * 37
+
+
+def qworld(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "qworld.cli", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qworld {args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def rows_of(trial_id: str, index: int, methods=METHODS, p_mse=0.1) -> list[dict]:
+    return [{K.SWEEP: "s", K.TRIAL_ID: trial_id, K.CHECKPOINT_INDEX: index, K.METHOD: m,
+             K.P_MSE: p_mse + i, K.ENV_STEPS: 256 * (index + 1)} for i, m in enumerate(methods)]
+
+
+# --------------------------------------------------------------------------------------
+# the store alone (no Ray)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut_short", "wrong_rows"])
+def test_a_damaged_file_costs_its_checkpoint_only(tmp_path, capsys, damage):
+    for index in range(3):
+        store.write_rows(tmp_path, rows_of("t_00000", index))
+    victim = store.write_rows(tmp_path, rows_of("t_00001", 0))
+    good = victim.read_bytes()
+    if damage == "garbage":
+        victim.write_bytes(GARBAGE)
+    elif damage == "cut_short":
+        victim.write_bytes(good[: len(good) // 2])
+    else:  # a whole parquet file under another key's name
+        victim.write_bytes(store._key_file(tmp_path, "t_00000", 0).read_bytes())
+    damaged = victim.read_bytes()
+
+    assert store.scored_keys(tmp_path) == {("t_00000", i) for i in range(3)}
+    err = capsys.readouterr().err
+    assert f"damaged results file {victim}" in err and "qworld resume" in err
+    kept = tmp_path / STORE_DAMAGED_DIR / victim.name
+    assert store.damaged_files(tmp_path) == [kept] and kept.read_bytes() == damaged  # kept, not deleted
+    assert not victim.exists()
+    rows = store.read_store(tmp_path)
+    assert len(rows) == 3 * len(METHODS) and set(rows[K.TRIAL_ID]) == {"t_00000"}
+    assert store.read_rows(tmp_path, "t_00001", 0) is None
+
+    # damaged again after a re-score: both damaged copies are kept
+    store.write_rows(tmp_path, rows_of("t_00001", 0))
+    assert store.is_scored(tmp_path, "t_00001", 0)
+    victim.write_bytes(GARBAGE)
+    assert not store.is_scored(tmp_path, "t_00001", 0)
+    assert len(store.damaged_files(tmp_path)) == 2
+
+
+def test_a_failed_write_leaves_the_old_rows_and_no_partial_file(tmp_path):
+    target = store.write_rows(tmp_path, rows_of("t_00000", 0, p_mse=0.5))
+
+    def disk_full(fh):
+        fh.write(b"PAR1 half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        store._write_atomic(target, disk_full)
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no .tmp left behind
+    assert store.read_rows(tmp_path, "t_00000", 0)[K.P_MSE].tolist() == [0.5, 1.5]
+
+
+def test_attempt_records_show_every_scoring(tmp_path):
+    first = store.begin_attempt(tmp_path, "t_00000", 3, "/x/checkpoint_000003")
+    store.write_rows(tmp_path, rows_of("t_00000", 3), attempt=first)
+    store.end_attempt(tmp_path, "t_00000", 3, first, 2)
+    killed = store.begin_attempt(tmp_path, "t_00000", 4)  # its process dies here
+    second = store.begin_attempt(tmp_path, "t_00000", 3, force=True)
+    store.write_rows(tmp_path, rows_of("t_00000", 3), attempt=second)
+    store.end_attempt(tmp_path, "t_00000", 3, second, 2)
+    attempts = store.read_attempts(tmp_path)
+    assert list(attempts["attempt"]) == [first, killed, second]
+    assert (attempts["pid"] == os.getpid()).all()
+    assert attempts.set_index("attempt")["finished"].isna().to_dict() == {first: False, killed: True, second: False}
+    assert attempts.set_index("attempt")["force"].to_dict() == {first: False, killed: False, second: True}
+    assert store.fragment_attempt(tmp_path, "t_00000", 3) == second  # the rows name their attempt
+    assert store.fragment_attempt(tmp_path, "t_00000", 4) is None
+    # a line cut short by a kill is skipped, the record still reads
+    path = next(store.attempts_path(tmp_path).glob(f"*{killed}.jsonl"))
+    with path.open("a") as fh:
+        fh.write('{"event": "fini')
+    assert store.read_attempts(tmp_path).set_index("attempt").loc[killed, K.CHECKPOINT_INDEX] == 4
+
+
+# --------------------------------------------------------------------------------------
+# a real sweep: damaged file -> status, load, resume
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory) -> Path:
+    storage = tmp_path_factory.mktemp("storage")
+    qworld("sweep", SMOKE, "--storage", storage, "--set", "wandb.mode=disabled")
+    return storage / "smoke"
+
+
+@pytest.mark.ray
+def test_damaged_fragment_of_a_real_sweep_is_set_aside_and_rescored(smoke_dir, tmp_path, capsys):
+    import qworld_analysis as qa
+
+    work = tmp_path / "smoke"
+    shutil.copytree(smoke_dir, work)
+    before = store.read_store(work)
+    keys = sorted(set(zip(before[K.TRIAL_ID], before[K.CHECKPOINT_INDEX])))
+    assert len(keys) == 4
+    trial_id, index = keys[1]
+    victim = store._key_file(work, trial_id, index)
+    attempts_before = set(store.read_attempts(work)["attempt"])
+
+    def damage():
+        victim.write_bytes(GARBAGE)
+        for kept in store.damaged_files(work):
+            kept.unlink()  # test bookkeeping: each reader meets the damage afresh
+
+    readers = {
+        "read_store": lambda: len(store.read_store(work)),
+        "qa.load": lambda: len(qa.load(work)),
+        "status_table": lambda: status_table(work).splitlines()[0],
+    }
+    for name, read in readers.items():
+        damage()
+        out = read()
+        err = capsys.readouterr().err
+        assert str(victim) in err and not victim.exists(), name
+        assert store.damaged_files(work) == [work / STORE_DAMAGED_DIR / victim.name], name
+        assert out in (3 * len(METHODS), "2 trials, 4 checkpoints, 3 scored"), (name, out)
+    damage()
+    proc = qworld("status", work)
+    assert proc.stdout.startswith("2 trials, 4 checkpoints, 3 scored") and str(victim) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    qworld("resume", work)
+    after = store.read_store(work)
+    varying = [K.FIT_SECONDS, K.CHECKPOINT_PATH]  # timing; the copy's path for the re-scored one
+    pd.testing.assert_frame_equal(  # the same Q scored again: the same rows, nothing lost
+        after.drop(columns=varying, errors="ignore"),
+        before.drop(columns=varying, errors="ignore"), check_like=True, rtol=1e-9)
+    new = store.read_attempts(work)
+    new = new[~new["attempt"].isin(attempts_before)]
+    assert list(zip(new[K.TRIAL_ID], new[K.CHECKPOINT_INDEX])) == [(trial_id, index)]  # exactly that one
+    assert new["finished"].notna().all()
+    assert store.damaged_files(work)[0].read_bytes() == GARBAGE
+
+
+# --------------------------------------------------------------------------------------
+# chaos: repeated kills during one live sweep, then the driver, then resume
+
+
+def _descendants(root: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(root).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _pids_of(pattern: str, root: int) -> list[int]:
+    """This driver's own processes whose command line holds ``pattern`` (never another
+    sweep's on the same machine)."""
+    import psutil
+
+    out = []
+    for proc in _descendants(root):
+        try:
+            text = " ".join(proc.cmdline() or [])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if pattern in text:
+            out.append(proc.pid)
+    return sorted(out)
+
+
+KINDS = {"trial worker": "ray::PQN", "P-learning actor": "ray::PLearningActor"}
+
+
+def _checkpoint_steps(ckpt: str) -> int | None:
+    try:
+        return json.loads((Path(ckpt) / CHECKPOINT_CONFIG_FILE).read_text())[K.ENV_STEPS]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@pytest.mark.ray
+def test_chaos_repeated_kills_then_driver_kill_and_resume(tmp_path):
+    kills_per_kind = int(os.environ.get("QWORLD_CHAOS_KILLS", "2"))
+    budget = int(os.environ.get("QWORLD_CHAOS_STEPS", "6144"))
+    seed = int(os.environ.get("QWORLD_CHAOS_SEED", "0"))
+    rng = random.Random(seed)
+    storage = tmp_path / "storage"
+    experiment = storage / "smoke"
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE), "--storage", str(storage),
+           "--set", f"stop.env_steps={budget}", "--set", "checkpoint.every=2",
+           "--set", f"resources.max_failures={kills_per_kind + 2}", "--set", "wandb.mode=disabled"]
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    plan = [kind for kind in KINDS for _ in range(kills_per_kind)]
+    rng.shuffle(plan)
+    killed: dict[str, list[int]] = {kind: [] for kind in KINDS}
+    dead_at_driver_kill: list[int] = []
+    started = time.time()
+    try:
+        deadline = time.time() + 300
+        while not list(experiment.glob("*/checkpoint_*")):
+            assert driver.poll() is None and time.time() < deadline, "the sweep ended before a checkpoint"
+            time.sleep(0.2)
+        for kind in plan:
+            time.sleep(rng.uniform(0.3, 1.5))
+            deadline = time.time() + 60
+            while not (pids := _pids_of(KINDS[kind], driver.pid)):
+                assert driver.poll() is None and time.time() < deadline, f"no {kind} to kill"
+                time.sleep(0.2)
+            victim = rng.choice(pids)
+            os.kill(victim, signal.SIGKILL)
+            killed[kind].append(victim)
+        time.sleep(rng.uniform(0.5, 2.0))
+        assert driver.poll() is None, "the sweep finished before the driver could be killed"
+        tree = _descendants(driver.pid)
+        dead_at_driver_kill = [p.pid for p in tree]
+        os.kill(driver.pid, signal.SIGKILL)  # the driver alone; its Ray goes with it
+        driver.wait()
+        import psutil
+
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        for proc in alive:  # what Ray left behind of this driver only
+            proc.kill()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+        log.close()
+    before_resume = time.time() - started
+    resumed = qworld("resume", experiment)
+    assert "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+
+    # every checkpoint on disk: one row per method, nothing else, env_steps of its checkpoint
+    rows = store.read_store(experiment)
+    checkpoints = {(t, checkpoint_index(c)): c for t, c, _ in list_checkpoints(experiment)}
+    keys = set(zip(rows[K.TRIAL_ID], rows[K.CHECKPOINT_INDEX]))
+    assert keys == set(checkpoints), (sorted(keys ^ set(checkpoints)))
+    duplicates = rows.duplicated([K.TRIAL_ID, K.CHECKPOINT_INDEX, K.METHOD]).sum()
+    assert duplicates == 0
+    per_key = rows.groupby([K.TRIAL_ID, K.CHECKPOINT_INDEX])[K.METHOD].apply(sorted)
+    assert all(list(m) == sorted(METHODS) for m in per_key), per_key[per_key.map(len) != len(METHODS)]
+    assert rows[K.ERROR].isna().all(), rows[K.ERROR].dropna().tolist()
+    wrong_steps = [(t, i, s, _checkpoint_steps(checkpoints[(t, i)]))
+                   for t, i, s in zip(rows[K.TRIAL_ID], rows[K.CHECKPOINT_INDEX], rows[K.ENV_STEPS])
+                   if s != _checkpoint_steps(checkpoints[(t, i)])]
+    assert not wrong_steps, wrong_steps
+    assert rows.groupby(K.TRIAL_ID)[K.ENV_STEPS].max().min() >= budget  # every trial ran to the end
+
+    # scored once: one finished attempt per checkpoint, the one whose rows are stored; any
+    # other attempt was cut short by a kill (its process is one we killed)
+    attempts = store.read_attempts(experiment)
+    finished = attempts[attempts["finished"].notna()]
+    per_checkpoint = finished.groupby([K.TRIAL_ID, K.CHECKPOINT_INDEX]).size()
+    assert set(per_checkpoint.index) == set(checkpoints)
+    assert (per_checkpoint == 1).all(), per_checkpoint[per_checkpoint > 1]
+    for (trial_id, index), attempt in zip(zip(finished[K.TRIAL_ID], finished[K.CHECKPOINT_INDEX]),
+                                          finished["attempt"]):
+        assert store.fragment_attempt(experiment, trial_id, index) == attempt
+    cut_short = attempts[attempts["finished"].isna()]
+    killed_pids = set(killed["P-learning actor"]) | set(dead_at_driver_kill)
+    assert set(cut_short["pid"]) <= killed_pids, cut_short
+    assert not attempts["force"].any()
+
+    figures = {
+        "seed": seed, "env_steps per trial": budget,
+        **{f"{kind} kills": len(pids) for kind, pids in killed.items()}, "driver kills": 1,
+        "checkpoints": len(checkpoints), "rows": len(rows), "duplicates": int(duplicates),
+        "lost": len(set(checkpoints) - keys), "attempts": len(attempts),
+        "attempts cut short by a kill": len(cut_short),
+        "seconds until resume": round(before_resume), "seconds in all": round(time.time() - started),
+    }
+    print("chaos figures:", json.dumps(figures))
+    assert all(len(pids) == kills_per_kind for pids in killed.values())
