@@ -136,12 +136,17 @@ def test_q_output_auto_fits_each_case_of_one_sweep_file():
     assert {_cell_q_output(explicit, c) for c in explicit.cells()} == {"linear"}
 
 
+def sweep_smoke_with(override: str, storage: Path) -> subprocess.CompletedProcess:
+    """``qworld sweep smoke.yaml --set override`` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "qworld.cli", "sweep", str(ROOT / "tune_configs" / "smoke.yaml"),
+         "--storage", str(storage), "--set", override],
+        capture_output=True, text=True, timeout=120)
+
+
 def test_cli_bad_q_output_exits_2_naming_the_field(tmp_path):
     storage = tmp_path / "storage"
-    proc = subprocess.run(
-        [sys.executable, "-m", "qworld.cli", "sweep", str(ROOT / "tune_configs" / "smoke.yaml"),
-         "--storage", str(storage), "--set", "agent.q_output=tanh"],
-        capture_output=True, text=True, timeout=120)
+    proc = sweep_smoke_with("agent.q_output=tanh", storage)
     assert proc.returncode == 2, proc.stderr
     assert "agent.q_output" in proc.stderr and "'auto', 'linear', 'sigmoid'" in proc.stderr
     assert not storage.exists()
@@ -192,10 +197,7 @@ def test_gpus_per_trial_without_a_gpu_exits_2_before_tune(tmp_path):
 
     if torch.cuda.device_count() == 0:  # this machine: the CLI refuses, launching nothing
         storage = tmp_path / "storage"
-        proc = subprocess.run(
-            [sys.executable, "-m", "qworld.cli", "sweep", str(ROOT / "tune_configs" / "smoke.yaml"),
-             "--storage", str(storage), "--set", "resources.gpus_per_trial=1"],
-            capture_output=True, text=True, timeout=120)
+        proc = sweep_smoke_with("resources.gpus_per_trial=1", storage)
         assert proc.returncode == 2, proc.stderr
         assert "resources.gpus_per_trial" in proc.stderr and "0 GPUs" in proc.stderr
         assert not storage.exists()
