@@ -67,10 +67,9 @@ FLOAT_COLUMNS = (K.P_MSE, K.P_TV, K.P_MAX_ERR, K.Q_NMSE, K.WM_NMSE, K.M_COND, K.
                  K.RETURN_RATIO, K.PLAN_STEPS, K.PLAN_OPTIMAL_STEPS, "gamma", "lambda_", "lr")
 STRING_COLUMNS = (K.SWEEP, K.TRIAL_ID, K.ENV, K.VARIANT, K.GOAL_TYPE, K.HEAD, K.METHOD,
                   K.IDENTIFIABLE_CASE, K.ERROR, K.TASK, EXPERIMENT)
-# Planning metrics appear as "<task>/<metric>" columns, one group per planning task.
-PLAN_METRICS = (K.PLAN_SUCCESS, K.PLAN_EXCESS_STEPS, K.UNSAFE_VISITS, K.RETURN_RATIO,
-                K.PLAN_STEPS, K.PLAN_OPTIMAL_STEPS, K.RETURN_WM, K.RETURN_STAR)
-WORLD_MODEL_METRICS = (K.P_MSE, K.P_TV, K.P_MAX_ERR, K.Q_NMSE, K.WM_NMSE)
+# one list of scores, in qworld.metrics (names kept here for the analysis API)
+PLAN_METRICS = K.PLAN_METRICS
+WORLD_MODEL_METRICS = K.WORLD_MODEL_METRICS
 
 
 # --------------------------------------------------------------------------------------

@@ -65,9 +65,11 @@ ERROR = "error"
 # A row's score columns are these keys, f"{WM_DELTA_NMSE}_<dim>", and either under prefixes
 # (f"<task>/<metric>", f"{INTERIOR}/...", f"{BASELINE_IDENTITY}/...", f"{STAR}/..."). W&B logs
 # every one of them (sweep.callbacks); is_row_metric says whether a column is one.
-ROW_METRICS = (P_MSE, P_TV, P_MAX_ERR, Q_NMSE, WM_NMSE, M_RANK, M_COND, M_GAP, FIT_SECONDS, FRACTION,
-               PLAN_SUCCESS, PLAN_EXCESS_STEPS, UNSAFE_VISITS, PLAN_STEPS, PLAN_OPTIMAL_STEPS,
-               RETURN_RATIO, RETURN_WM, RETURN_STAR)
+WORLD_MODEL_METRICS = (P_MSE, P_TV, P_MAX_ERR, Q_NMSE, WM_NMSE)
+# Planning metrics appear as "<task>/<metric>" columns, one group per planning task.
+PLAN_METRICS = (PLAN_SUCCESS, PLAN_EXCESS_STEPS, UNSAFE_VISITS, RETURN_RATIO, PLAN_STEPS, PLAN_OPTIMAL_STEPS,
+                RETURN_WM, RETURN_STAR)
+ROW_METRICS = (*WORLD_MODEL_METRICS, M_RANK, M_COND, M_GAP, FIT_SECONDS, FRACTION, *PLAN_METRICS)
 
 
 def is_row_metric(column: str) -> bool:
