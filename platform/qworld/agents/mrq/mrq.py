@@ -1,0 +1,336 @@
+"""Goal-conditioned MR.Q (Fujimoto et al., ICLR 2025) on RLlib's new API stack.
+
+One ``training_step`` =
+
+1. sample ``rollout_length`` steps from each of ``num_envs`` copies of the gymnasium goal
+   env with RLlib's own ``SingleAgentEnvRunner`` (epsilon-greedy on the commanded goal);
+   the episodes keep the env's infos, so every transition carries ``rewards [L]`` /
+   ``terminals [L]`` of every goal;
+2. add the episodes to RLlib's ``EpisodeReplayBuffer`` and update the running mean
+   |reward| (MR.Q's reward scale);
+3. past ``learning_starts`` env steps: sample ``updates_per_iteration * batch_size``
+   windows of ``max(enc_horizon, n_step)`` transitions from the buffer and run
+   ``updates_per_iteration`` gradient steps on them (``MRQTorchLearner``);
+4. sync the weights to the env runners.
+
+Why RLlib's standard env runner: the goal env's infos reach the buffer untouched (RLlib
+stores infos in its episodes), so no connector or custom runner is needed and any env
+that follows CONTRACTS.md works; the batched torch envs of PQN's fast runner would be
+faster but would need their outputs rebuilt as ``SingleAgentEpisode`` objects.
+
+Why the uniform ``EpisodeReplayBuffer`` (not LAP): MR.Q's encoder needs windows of
+consecutive transitions, which only the uniform buffer samples
+(``batch_length_T``); RLlib's ``PrioritizedEpisodeReplayBuffer`` samples single n-step
+transitions. The Huber value loss of LAP is kept (LAP with uniform sampling).
+
+Example::
+
+    config = MRQConfig().training(env_id="qworld/FourRooms-v0", total_env_steps=100_000)
+    algo = config.build_algo()
+    algo.train()
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Dict, List
+
+import numpy as np
+
+import qworld_envs  # noqa: F401  (registers the gymnasium envs in every process)
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TIMERS,
+)
+from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
+
+from qworld import metrics as K
+from qworld.layout import CHECKPOINT_CONFIG_FILE, MODULE_SUBDIR
+from qworld.agents.pqn.module import linear_epsilon
+from qworld.agents.pqn.problem import ProblemInfo, jsonable, probe_problem
+from qworld.agents.mrq import learner as LR
+from qworld.agents.mrq.module import MRQTorchRLModule
+from qworld.agents.mrq.replay import abs_reward_sum, sample_windows
+
+ALGORITHM_NAME = "mrq"
+
+# The MR.Q fields of the config, in the order the JSON config lists them.
+MRQ_FIELDS = (
+    "env_id", "env_kwargs", "num_envs", "rollout_length", "total_env_steps",
+    "gamma", "n_step", "enc_horizon", "batch_size", "updates_per_iteration", "learning_starts",
+    "buffer_capacity", "target_update_freq", "enc_lr", "enc_weight_decay", "value_lr",
+    "value_weight_decay", "grad_clip", "dynamics_weight", "reward_weight", "terminal_weight",
+    "num_bins", "zs_dim", "za_dim", "zsa_dim", "enc_hidden", "value_hidden",
+    "epsilon_start", "epsilon_end", "epsilon_decay_fraction", "seed",
+)
+
+
+class MRQConfig(AlgorithmConfig):
+    """Configuration of goal-conditioned MR.Q; set fields with ``training(...)``.
+
+    Defaults are MR.Q's public hyperparameters except the sizes and the update schedule,
+    scaled for CPU and small finite envs: embeddings and MLPs 128 wide (MR.Q: 512;
+    FourRooms has 68 one-hot states, so 128 features already exceed the state count and
+    a training step costs ~16x less), one gradient step per env step over 4-env
+    rollouts, 1 000 learning-start steps and 100k capacity (MR.Q: 1e6), epsilon-greedy
+    exploration 1 -> 0.05 (MR.Q's discrete actor explores through its Gumbel policy).
+
+    RLlib settings derived from MR.Q fields (``env`` <- ``env_id``, ``env_config`` <-
+    ``env_kwargs``, ``num_envs_per_env_runner`` <- ``num_envs``,
+    ``rollout_fragment_length`` <- ``rollout_length``, ``model_config`` <- the network
+    fields) are overwritten in ``validate()``; set the MR.Q fields instead.
+    """
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or MRQ)
+        # --- problem
+        self.env_id: str = qworld_envs.FOUR_ROOMS_ID  # gymnasium goal env id
+        self.env_kwargs: Dict[str, Any] = {}  # env kwargs (variant, goal_type, num_goals, ...)
+        # --- sampling
+        self.num_envs: int = 4  # gymnasium env copies per env runner
+        self.rollout_length: int = 16  # steps per env per training_step
+        self.total_env_steps: int = 1_000_000  # budget: the epsilon schedule refers to it
+        # --- targets
+        self.gamma = 0.99  # discount
+        self.n_step: int = 3  # n of the value target (MR.Q: 3)
+        self.enc_horizon: int = 5  # unroll length of the model loss (MR.Q: 5)
+        # --- replay and updates
+        self.batch_size: int = 256  # windows per gradient step (MR.Q: 256)
+        self.updates_per_iteration: int = 64  # gradient steps per training_step (= env steps: replay ratio 1)
+        self.learning_starts: int = 1_000  # env steps before the first update (MR.Q: 10k)
+        self.buffer_capacity: int = 100_000  # env steps the EpisodeReplayBuffer holds (MR.Q: 1e6)
+        self.target_update_freq: int = 250  # gradient steps between hard target copies (MR.Q: 250)
+        # --- optimisation (MR.Q: AdamW)
+        self.enc_lr: float = 1e-4  # encoder + model lr
+        self.enc_weight_decay: float = 1e-4
+        self.value_lr: float = 3e-4  # value heads lr
+        self.value_weight_decay: float = 1e-4
+        self.grad_clip = 20.0  # max grad norm per optimizer (RLlib's setting)
+        self.grad_clip_by = "global_norm"
+        self.dynamics_weight: float = 1.0  # loss weights of the model terms (MR.Q: 1, 0.1, 0.1)
+        self.reward_weight: float = 0.1
+        self.terminal_weight: float = 0.1
+        self.num_bins: int = 65  # two-hot reward bins, symexp-spaced over [-10, 10]
+        # --- network widths (MR.Q: zs = zsa = 512, za = 256, hidden 512)
+        self.zs_dim: int = 128  # state embedding z_s
+        self.za_dim: int = 32  # action embedding
+        self.zsa_dim: int = 128  # state-action embedding z_sa
+        self.enc_hidden: List[int] = [128, 128]  # hidden widths of f and g (ELU)
+        self.value_hidden: List[int] = [128, 128]  # hidden widths of each value head (LayerNorm + ELU)
+        # --- exploration (epsilon-greedy on the commanded goal, over env steps)
+        self.epsilon_start: float = 1.0
+        self.epsilon_end: float = 0.05
+        self.epsilon_decay_fraction: float = 0.1  # of total_env_steps
+        # --- RLlib
+        self.num_env_runners = 0
+        self.env = self.env_id
+
+    @override(AlgorithmConfig)
+    def training(self, **kwargs) -> "MRQConfig":
+        """RLlib's ``training()`` plus every MR.Q field (see ``MRQ_FIELDS``)."""
+        ours = {k: kwargs.pop(k) for k in list(kwargs) if k in MRQ_FIELDS and k not in ("gamma", "grad_clip")}
+        super().training(**kwargs)
+        for k, v in ours.items():
+            if v is NotProvided:
+                continue
+            setattr(self, k, list(v) if k in ("enc_hidden", "value_hidden") else (dict(v) if k == "env_kwargs" else v))
+        if "env_id" in ours:
+            self.env = self.env_id
+        return self
+
+    def problem(self) -> ProblemInfo:
+        """Sizes and goal set of ``env_id`` with ``env_kwargs`` (cached per process)."""
+        return probe_problem(self.env_id, self.env_kwargs)
+
+    @property
+    def horizon(self) -> int:
+        """Transitions per replayed window."""
+        return max(int(self.enc_horizon), int(self.n_step))
+
+    def epsilon_decay_steps(self) -> float:
+        return float(self.epsilon_decay_fraction) * float(self.total_env_steps)
+
+    def mrq_model_config(self) -> Dict[str, Any]:
+        p = self.problem()
+        return dict(
+            obs_dim=p.obs_dim, goal_dim=p.goal_dim, num_goals=p.num_goals, num_actions=p.num_actions,
+            goal_features=p.goal_features, zs_dim=int(self.zs_dim), za_dim=int(self.za_dim),
+            zsa_dim=int(self.zsa_dim), enc_hidden=list(self.enc_hidden), value_hidden=list(self.value_hidden),
+            num_bins=int(self.num_bins), epsilon_start=float(self.epsilon_start),
+            epsilon_end=float(self.epsilon_end), epsilon_decay_steps=self.epsilon_decay_steps(),
+            env_id=self.env_id, env_kwargs=p.env_kwargs,
+        )
+
+    def qworld_config(self) -> Dict[str, Any]:
+        """The resolved trial config (JSON-able): MR.Q fields, problem, goal set, sizes."""
+        p = self.problem()
+        out: Dict[str, Any] = {"algorithm": ALGORITHM_NAME, "head": "all_goals"}
+        for name in MRQ_FIELDS:
+            out[name] = jsonable(getattr(self, name))
+        out["env_kwargs"] = p.env_kwargs
+        out[K.VARIANT] = p.env_kwargs.get(K.VARIANT)
+        out[K.GOAL_TYPE] = p.goal_type or p.env_kwargs.get(K.GOAL_TYPE)
+        out[K.NUM_GOALS] = p.num_goals
+        out.update(obs_dim=p.obs_dim, goal_dim=p.goal_dim, num_actions=p.num_actions, finite=p.finite,
+                   goal_states=p.goal_states, goal_features=p.goal_features)
+        return out
+
+    def mrq_errors(self) -> List[str]:
+        """Every bad MR.Q field, one message each (empty when valid)."""
+        errors = []
+
+        def need(cond: bool, field: str, allowed: str) -> None:
+            if not cond:
+                errors.append(f"{field}={getattr(self, field)!r}: must be {allowed}")
+
+        def is_int(x):
+            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+        for f in ("num_envs", "rollout_length", "total_env_steps", "n_step", "enc_horizon", "batch_size",
+                  "updates_per_iteration", "buffer_capacity", "target_update_freq", "zs_dim", "za_dim",
+                  "zsa_dim"):
+            need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an int >= 1")
+        need(is_int(self.learning_starts) and self.learning_starts >= 0, "learning_starts", "an int >= 0")
+        need(is_int(self.num_bins) and self.num_bins >= 2, "num_bins", "an int >= 2")
+        need(isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1, "gamma", "a number in (0, 1]")
+        for f in ("enc_lr", "value_lr"):
+            need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0, f, "a number > 0")
+        for f in ("enc_weight_decay", "value_weight_decay", "dynamics_weight", "reward_weight", "terminal_weight"):
+            need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) >= 0, f, "a number >= 0")
+        for f in ("epsilon_start", "epsilon_end", "epsilon_decay_fraction"):
+            need(isinstance(getattr(self, f), (int, float)) and 0 <= getattr(self, f) <= 1, f, "a number in [0, 1]")
+        for f in ("enc_hidden", "value_hidden"):
+            v = getattr(self, f)
+            need(isinstance(v, (list, tuple)) and len(v) > 0 and all(is_int(h) and h >= 1 for h in v), f,
+                 "a non-empty list of ints >= 1")
+        need(isinstance(self.env_kwargs, dict), "env_kwargs", "a dict")
+        return errors
+
+    @override(AlgorithmConfig)
+    def validate(self) -> None:
+        """ValueError naming every bad MR.Q field; then derives RLlib's settings and runs its checks."""
+        errors = self.mrq_errors()
+        if errors:
+            raise ValueError("invalid MRQConfig:\n  - " + "\n  - ".join(errors))
+        try:
+            self.problem()
+        except Exception as e:
+            raise ValueError(f"invalid MRQConfig: env_id={self.env_id!r} with env_kwargs={self.env_kwargs!r} "
+                             f"cannot be built: {type(e).__name__}: {e}") from e
+        self.env = self.env_id
+        self.env_config = dict(self.env_kwargs)
+        self.num_envs_per_env_runner = int(self.num_envs)
+        self.rollout_fragment_length = int(self.rollout_length)
+        self.env_runner_cls = SingleAgentEnvRunner
+        self.train_batch_size_per_learner = int(self.batch_size) * int(self.updates_per_iteration)
+        super().validate()
+
+    @override(AlgorithmConfig)
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        return RLModuleSpec(module_class=MRQTorchRLModule, model_config=self.mrq_model_config())
+
+    @override(AlgorithmConfig)
+    def get_default_learner_class(self):
+        return LR.MRQTorchLearner
+
+
+class MRQ(Algorithm):
+    """Goal-conditioned MR.Q on RLlib's new API stack (see module doc)."""
+
+    @classmethod
+    @override(Algorithm)
+    def get_default_config(cls) -> MRQConfig:
+        return MRQConfig()
+
+    @override(Algorithm)
+    def setup(self, config) -> None:
+        super().setup(config)
+        self.replay_buffer = EpisodeReplayBuffer(capacity=int(self.config.buffer_capacity), seed=self.config.seed)
+        self._abs_reward_total = 0.0  # running sum of |r| over every goal of every added transition
+        self._reward_count = 0
+
+    def env_steps_sampled(self) -> int:
+        return int(self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
+
+    def buffer_reward_scale(self) -> float:
+        """MR.Q's reward scale: mean |reward| of the data added so far (every goal)."""
+        return self._abs_reward_total / self._reward_count if self._reward_count else 1.0
+
+    @override(Algorithm)
+    def training_step(self) -> None:
+        cfg: MRQConfig = self.config
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            episodes, runner_results = synchronous_parallel_sample(
+                worker_set=self.env_runner_group, concat=True, sample_timeout_s=cfg.sample_timeout_s,
+                _uses_new_env_runners=True, _return_metrics=True,
+            )
+        self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
+        total, count = abs_reward_sum(episodes)
+        self._abs_reward_total += total
+        self._reward_count += count
+        self.replay_buffer.add(episodes)
+        env_steps = self.env_steps_sampled()
+
+        def log(name: str, value: Any) -> None:
+            if value is not None:
+                self.metrics.log_value(tuple(name.split("/")), value, window=1)
+
+        log(K.TRAIN_EPSILON, linear_epsilon(env_steps, cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_decay_steps()))
+        if env_steps < cfg.learning_starts or self.replay_buffer.get_num_timesteps() == 0:
+            return
+        p = cfg.problem()
+        U, B = int(cfg.updates_per_iteration), int(cfg.batch_size)
+        windows = sample_windows(self.replay_buffer, U * B, cfg.horizon, p.obs_dim, p.num_goals)
+        batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(windows)}, env_steps=U * B)
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            learner_results = self.learner_group.update(
+                batch=batch,
+                timesteps={
+                    NUM_ENV_STEPS_SAMPLED_LIFETIME: env_steps,
+                    LR.GRAD_STEPS_KEY: U,
+                    LR.BUFFER_REWARD_SCALE_KEY: self.buffer_reward_scale(),
+                },
+                num_epochs=1,
+                minibatch_size=B,
+                shuffle_batch_per_epoch=False,
+            )
+        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+
+        def learner_value(key: str) -> Any:
+            try:
+                return self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, key))
+            except KeyError:
+                return None
+
+        log(K.TRAIN_LOSS, learner_value(LR.VALUE_LOSS_KEY))
+        log(K.TRAIN_Q_MEAN, learner_value(LR.Q_MEAN_KEY))
+
+    # ------------------------------------------------------------------ checkpoints
+    @override(Algorithm)
+    def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
+        """RLlib's checkpoint plus ``qworld_config.json`` at its root and next to the module."""
+        path = super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
+        cfg = self.config.qworld_config()
+        cfg[K.ENV_STEPS] = self.env_steps_sampled()
+        text = json.dumps(cfg, indent=1)
+        root = pathlib.Path(path)
+        for target in (root, root.joinpath(*MODULE_SUBDIR)):
+            if target.is_dir():
+                (target / CHECKPOINT_CONFIG_FILE).write_text(text)
+        return path
