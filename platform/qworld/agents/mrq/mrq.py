@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from typing import Any, Dict, List
 
@@ -67,6 +68,16 @@ from qworld.agents.mrq.module import MRQTorchRLModule
 from qworld.agents.mrq.replay import abs_reward_sum, sample_windows
 
 ALGORITHM_NAME = "mrq"
+
+
+class _NoNewApiStackNotice(logging.Filter):
+    """Drops RLlib's "You are running MRQ on the new API stack!" notice (MR.Q exists only there)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("You are running MRQ on the new API stack")
+
+
+logging.getLogger("ray.rllib.algorithms.algorithm_config").addFilter(_NoNewApiStackNotice())
 
 # The MR.Q fields of the config, in the order the JSON config lists them.
 MRQ_FIELDS = (
@@ -334,3 +345,20 @@ class MRQ(Algorithm):
             if target.is_dir():
                 (target / CHECKPOINT_CONFIG_FILE).write_text(text)
         return path
+
+    def q_function(self):
+        """The learner's current networks as a :class:`qworld.agents.QFunction` (local learner: live module)."""
+        from qworld.agents import QFunction
+        from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
+
+        if self.learner_group.is_local:
+            module = self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+        else:
+            state = self.learner_group.get_state(
+                components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}"
+            )[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
+            module = self.config.get_rl_module_spec(spaces=self.env_runner_group.get_spaces()).build()
+            module.set_state(state)
+        cfg = self.config.qworld_config()
+        cfg[K.ENV_STEPS] = self.env_steps_sampled()
+        return QFunction(module, cfg)

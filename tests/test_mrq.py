@@ -1,0 +1,160 @@
+"""Goal-conditioned MR.Q: its targets and losses by hand (no Ray), then a few iterations
+through Ray on FourRooms, a checkpoint, and ``load_q`` without Ray."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qworld import metrics as K
+from qworld.agents.mrq import losses as Lz
+
+TINY_LAYOUT = """
+#######
+#.....#
+#.....#
+#.....#
+#######
+"""
+TINY = {"layout": TINY_LAYOUT, "max_episode_steps": 20}
+
+
+def flat(result: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in result.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+# ------------------------------------------------------------------ pure targets / losses
+def test_two_hot_splits_mass_so_the_expectation_is_the_value():
+    bins = torch.tensor([0.0, 1.0, 2.0])
+    th = Lz.two_hot(torch.tensor([0.25, 2.0, 5.0, -1.0]), bins)
+    torch.testing.assert_close(th, torch.tensor([[0.75, 0.25, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
+    b = Lz.reward_bins(65)
+    assert b.shape == (65,) and float(b[32]) == 0.0 and float(b[-1]) == pytest.approx(math.expm1(10.0))
+    x = torch.tensor([0.0, 1.0, 0.3, -2.5])
+    torch.testing.assert_close((Lz.two_hot(x, b) * b).sum(-1), x)
+
+
+def test_n_step_returns_stop_per_goal_at_its_terminal_and_at_the_windows_end():
+    gamma = 0.5
+    # row 0: 3 valid steps; goal 0 rewarded and terminated at step 1, goal 1 never terminates
+    # row 1: only the first step is valid (the episode ended)
+    rewards = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [7.0, 2.0]],
+                            [[0.0, 1.0], [9.0, 5.0], [9.0, 5.0]]])
+    terminals = torch.tensor([[[False, False], [True, False], [False, False]],
+                              [[False, False], [False, False], [False, False]]])
+    valid = torch.tensor([[True, True, True], [True, False, False]])
+    ret, disc, m = Lz.n_step_returns(rewards, terminals, valid, gamma)
+    torch.testing.assert_close(ret, torch.tensor([[0.5, 1.0 + 0.25 * 2.0], [0.0, 1.0]]))
+    torch.testing.assert_close(disc, torch.tensor([[0.0, 0.125], [0.5, 0.5]]))
+    assert m.tolist() == [3, 1]
+
+
+def test_value_target_clipped_double_q_and_huber_by_hand():
+    # two heads, L=1, A=2: min over heads [1, 3] -> max over actions 3
+    q_t = torch.tensor([[[[1.0, 4.0]], [[2.0, 3.0]]]])  # [B=1, 2, L=1, A=2]
+    assert Lz.greedy_target_value(q_t).tolist() == [[3.0]]
+    # (R + disc * Qbar * r') / r = (1 + 0.25 * 3 * 2) / 0.5 = 5
+    tgt = Lz.value_target(torch.tensor([[1.0]]), torch.tensor([[0.25]]), torch.tensor([[3.0]]), 0.5, 2.0)
+    assert tgt.item() == pytest.approx(5.0)
+    # Huber: |err| 0 -> 0, |err| 3 -> 3 - 0.5 = 2.5; mean over the two heads 1.25
+    q = torch.tensor([[[5.0], [2.0]]])  # [B=1, 2, L=1]
+    assert Lz.value_loss(q, tgt).item() == pytest.approx(1.25)
+
+
+def test_encoder_losses_by_hand_masked_by_valid_steps():
+    B, H, Z, L, K_ = 1, 2, 3, 2, 3
+    bins = torch.tensor([-1.0, 0.0, 1.0])
+    out = Lz.encoder_losses(
+        pred_zs=torch.ones(B, H, Z), target_zs=torch.zeros(B, H, Z),
+        reward_logits=torch.zeros(B, H, L, K_), rewards=torch.tensor([[[1.0, 0.0], [5.0, 5.0]]]),
+        pred_terminal=torch.full((B, H, L), 0.5), terminals=torch.tensor([[[True, False], [True, True]]]),
+        valid=torch.tensor([[True, False]]), bins=bins,
+    )
+    assert out["dynamics"].item() == pytest.approx(1.0)  # (1 - 0)^2, one valid step
+    assert out["reward"].item() == pytest.approx(math.log(3.0))  # uniform logits over 3 bins
+    assert out["terminal"].item() == pytest.approx(0.25)  # (0.5 - 1)^2 and (0.5 - 0)^2
+    # a perfect reward prediction costs the two-hot target's entropy only
+    logits = torch.log(Lz.two_hot(torch.tensor([[[1.0, 0.0]]]), bins).clamp(min=1e-12))
+    perfect = Lz.encoder_losses(torch.zeros(1, 1, Z), torch.zeros(1, 1, Z), logits, torch.tensor([[[1.0, 0.0]]]),
+                                torch.zeros(1, 1, L), torch.zeros(1, 1, L), torch.tensor([[True]]), bins)
+    assert perfect["reward"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_config_names_every_bad_field():
+    from qworld.agents.mrq import MRQConfig
+
+    cfg = MRQConfig().training(n_step=0, gamma=1.5, enc_hidden=[], epsilon_end=2.0)
+    with pytest.raises(ValueError) as e:
+        cfg.validate()
+    for field in ("n_step", "gamma", "enc_hidden", "epsilon_end"):
+        assert field in str(e.value)
+
+
+# ------------------------------------------------------------------ through Ray
+def tiny_config():
+    from qworld.agents.mrq import MRQConfig
+
+    return MRQConfig().training(
+        env_kwargs=TINY, num_envs=2, rollout_length=16, learning_starts=32, batch_size=16,
+        updates_per_iteration=8, target_update_freq=8, total_env_steps=2000, zs_dim=32, za_dim=8,
+        zsa_dim=32, enc_hidden=[32], value_hidden=[32],
+    ).debugging(seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    algo = tiny_config().build_algo()
+    module = algo.learner_group._learner.module["default_policy"].unwrapped()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    results = [algo.train() for _ in range(3)]
+    path = algo.save_to_path(str(tmp_path_factory.mktemp("mrq") / "ckpt"))
+    yield algo, results, path, before
+    algo.stop()
+
+
+def test_mrq_trains_through_rllib_with_its_replay_buffer(trained):
+    algo, results, _, before = trained
+    from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
+
+    assert isinstance(algo.replay_buffer, EpisodeReplayBuffer)
+    assert algo.replay_buffer.get_num_timesteps() == 96  # 3 x 2 envs x 16 steps
+    last = flat(results[-1])
+    assert last["env_runners/num_env_steps_sampled_lifetime"] == 96
+    for key in (K.TRAIN_LOSS, K.TRAIN_Q_MEAN, K.TRAIN_EPSILON):
+        assert key in last and np.isfinite(last[key]), key
+    module = algo.learner_group._learner.module["default_policy"].unwrapped()
+    state = module.state_dict()
+    assert not torch.equal(state["value.q1.0.weight"], before["value.q1.0.weight"])
+    assert not torch.equal(state["encoder.zs_mlp.0.weight"], before["encoder.zs_mlp.0.weight"])
+    # 24 gradient steps (iterations 1-3), targets hard-copied before steps 0, 8 and 16
+    assert not torch.equal(state["target_value.q1.0.weight"], before["target_value.q1.0.weight"])
+    # reward scale: mean |reward| of every goal over the buffer (indicator goals: rare 1s)
+    assert 0.0 < float(module.reward_scale) < 1.0
+    assert float(module.reward_scale) == pytest.approx(algo.buffer_reward_scale(), rel=0.5)
+
+
+def test_checkpoint_holds_the_config_and_load_q_matches_the_live_module(trained):
+    algo, _, path, _ = trained
+    from qworld.agents import load_q
+
+    live = algo.q_function()
+    q = load_q(path)
+    np.testing.assert_array_equal(q.q_table(), live.q_table())
+    assert q.q_table().shape == (15, 15, 4) and np.isfinite(q.q_table()).all()
+    c = q.config
+    assert c["algorithm"] == "mrq" and c["head"] == "all_goals" and c["env_id"] == "qworld/FourRooms-v0"
+    assert c["env_kwargs"]["layout"] == TINY_LAYOUT and c["num_goals"] == 15 and c["env_steps"] == 96
+    assert c["goal_type"] == "indicator" and len(c["goal_states"]) == 15 and c["n_step"] == 3
+    json.dumps(c)
+    obs = np.eye(15, dtype=np.float32)[[0, 3, 7]]
+    np.testing.assert_allclose(q.q(obs, np.array([1, 2, 3])), q.q_table()[[1, 2, 3], [0, 3, 7]], rtol=1e-6)
+    assert q.q(obs).shape == (3, 15, 4)
