@@ -158,3 +158,22 @@ def test_checkpoint_holds_the_config_and_load_q_matches_the_live_module(trained)
     obs = np.eye(15, dtype=np.float32)[[0, 3, 7]]
     np.testing.assert_allclose(q.q(obs, np.array([1, 2, 3])), q.q_table()[[1, 2, 3], [0, 3, 7]], rtol=1e-6)
     assert q.q(obs).shape == (3, 15, 4)
+
+
+def test_continuous_env_trains_and_restores(ray_session, tmp_path):
+    from qworld.agents import load_q
+
+    cfg = tiny_config().training(env_id="qworld/MountainCar-v0", env_kwargs={})
+    algo = cfg.build_algo()
+    try:
+        results = [algo.train() for _ in range(2)]
+        assert np.isfinite(flat(results[-1])[K.TRAIN_LOSS])
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+        live = algo.q_function()
+    finally:
+        algo.stop()
+    q = load_q(path)
+    assert q.config["algorithm"] == "mrq" and q.config["finite"] is False and q.num_goals == 4
+    obs = np.random.default_rng(0).uniform(-1, 1, size=(5, q.module.obs_dim)).astype(np.float32)
+    np.testing.assert_array_equal(q.q(obs), live.q(obs))
+    assert q.q(obs).shape == (5, 4, 3)
