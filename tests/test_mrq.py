@@ -126,9 +126,10 @@ def test_mrq_trains_through_rllib_with_its_replay_buffer(trained):
     from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
 
     assert isinstance(algo.replay_buffer, EpisodeReplayBuffer)
-    assert algo.replay_buffer.get_num_timesteps() == 96  # 3 x 2 envs x 16 steps
     last = flat(results[-1])
-    assert last["env_runners/num_env_steps_sampled_lifetime"] == 96
+    steps = last["env_runners/num_env_steps_sampled_lifetime"]
+    assert 96 <= steps <= 100  # 3 x 2 envs x 16 steps (RLlib's runner may add a step at an episode end)
+    assert algo.replay_buffer.get_num_timesteps() == steps == algo.env_steps_sampled()
     for key in (K.TRAIN_LOSS, K.TRAIN_Q_MEAN, K.TRAIN_EPSILON):
         assert key in last and np.isfinite(last[key]), key
     module = algo.learner_group._learner.module["default_policy"].unwrapped()
@@ -152,7 +153,8 @@ def test_checkpoint_holds_the_config_and_load_q_matches_the_live_module(trained)
     assert q.q_table().shape == (15, 15, 4) and np.isfinite(q.q_table()).all()
     c = q.config
     assert c["algorithm"] == "mrq" and c["head"] == "all_goals" and c["env_id"] == "qworld/FourRooms-v0"
-    assert c["env_kwargs"]["layout"] == TINY_LAYOUT and c["num_goals"] == 15 and c["env_steps"] == 96
+    assert c["env_kwargs"]["layout"] == TINY_LAYOUT and c["num_goals"] == 15
+    assert c["env_steps"] == algo.env_steps_sampled() >= 96
     assert c["goal_type"] == "indicator" and len(c["goal_states"]) == 15 and c["n_step"] == 3
     json.dumps(c)
     obs = np.eye(15, dtype=np.float32)[[0, 3, 7]]
@@ -177,3 +179,16 @@ def test_continuous_env_trains_and_restores(ray_session, tmp_path):
     obs = np.random.default_rng(0).uniform(-1, 1, size=(5, q.module.obs_dim)).astype(np.float32)
     np.testing.assert_array_equal(q.q(obs), live.q(obs))
     assert q.q(obs).shape == (5, 4, 3)
+
+
+def test_config_round_trips_through_a_tune_style_dict():
+    import inspect
+
+    from qworld.agents.mrq import MRQ, MRQConfig
+
+    cfg = MRQConfig().training(env_kwargs=TINY, n_step=2, enc_hidden=(64, 32), gamma=0.9).debugging(seed=3)
+    back = MRQ.get_default_config().update_from_dict(cfg.to_dict())
+    assert back.qworld_config() == cfg.qworld_config()
+    assert back.n_step == 2 and back.enc_hidden == [64, 32] and back.gamma == 0.9 and back.seed == 3
+    keywords = inspect.signature(MRQConfig.training).parameters
+    assert {"env_id", "n_step", "zs_dim", "epsilon_end"} <= set(keywords)

@@ -151,16 +151,53 @@ class MRQConfig(AlgorithmConfig):
         self.env = self.env_id
 
     @override(AlgorithmConfig)
-    def training(self, **kwargs) -> "MRQConfig":
-        """RLlib's ``training()`` plus every MR.Q field (see ``MRQ_FIELDS``)."""
-        ours = {k: kwargs.pop(k) for k in list(kwargs) if k in MRQ_FIELDS and k not in ("gamma", "grad_clip")}
+    def training(
+        self,
+        *,
+        env_id=NotProvided,
+        env_kwargs=NotProvided,
+        num_envs=NotProvided,
+        rollout_length=NotProvided,
+        total_env_steps=NotProvided,
+        n_step=NotProvided,
+        enc_horizon=NotProvided,
+        batch_size=NotProvided,
+        updates_per_iteration=NotProvided,
+        learning_starts=NotProvided,
+        buffer_capacity=NotProvided,
+        target_update_freq=NotProvided,
+        enc_lr=NotProvided,
+        enc_weight_decay=NotProvided,
+        value_lr=NotProvided,
+        value_weight_decay=NotProvided,
+        dynamics_weight=NotProvided,
+        reward_weight=NotProvided,
+        terminal_weight=NotProvided,
+        num_bins=NotProvided,
+        zs_dim=NotProvided,
+        za_dim=NotProvided,
+        zsa_dim=NotProvided,
+        enc_hidden=NotProvided,
+        value_hidden=NotProvided,
+        epsilon_start=NotProvided,
+        epsilon_end=NotProvided,
+        epsilon_decay_fraction=NotProvided,
+        **kwargs,
+    ) -> "MRQConfig":
+        """RLlib's ``training()`` (``gamma``, ``grad_clip``, ...) plus every MR.Q field (see ``__init__``)."""
         super().training(**kwargs)
-        for k, v in ours.items():
-            if v is NotProvided:
+        ours = dict(locals())
+        for name in MRQ_FIELDS:
+            value = ours.get(name, NotProvided)
+            if name in ("gamma", "grad_clip", "seed") or value is NotProvided:
                 continue
-            setattr(self, k, list(v) if k in ("enc_hidden", "value_hidden") else (dict(v) if k == "env_kwargs" else v))
-        if "env_id" in ours:
-            self.env = self.env_id
+            if name in ("enc_hidden", "value_hidden") and isinstance(value, (list, tuple)):
+                value = list(value)
+            if name == "env_kwargs" and value is not None:
+                value = dict(value)
+            setattr(self, name, value)
+        if env_id is not NotProvided:
+            self.env = env_id
         return self
 
     def problem(self) -> ProblemInfo:
