@@ -349,7 +349,8 @@ class MRQ(Algorithm):
                 batch=batch,
                 timesteps={
                     NUM_ENV_STEPS_SAMPLED_LIFETIME: env_steps,
-                    LR.GRAD_STEPS_KEY: U,
+                    # gradient steps of each learner (the batch is split over them)
+                    LR.GRAD_STEPS_KEY: -(-U // max(1, int(cfg.num_learners or 0))),
                     LR.BUFFER_REWARD_SCALE_KEY: self.buffer_reward_scale(),
                 },
                 num_epochs=1,
