@@ -32,9 +32,7 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
-import pathlib
 from typing import Any, Dict, List
 
 import numpy as np
@@ -60,7 +58,7 @@ from ray.rllib.utils.metrics import (
 from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
 
 from qworld import metrics as K
-from qworld.layout import CHECKPOINT_CONFIG_FILE, MODULE_SUBDIR
+from qworld.agents.checkpoint import QworldAlgorithmMixin
 from qworld.agents.pqn.module import linear_epsilon
 from qworld.agents.pqn.problem import ProblemInfo, jsonable, probe_problem
 from qworld.agents.mrq import learner as LR
@@ -296,7 +294,7 @@ class MRQConfig(AlgorithmConfig):
         return LR.MRQTorchLearner
 
 
-class MRQ(Algorithm):
+class MRQ(QworldAlgorithmMixin, Algorithm):
     """Goal-conditioned MR.Q on RLlib's new API stack (see module doc)."""
 
     @classmethod
@@ -310,9 +308,6 @@ class MRQ(Algorithm):
         self.replay_buffer = EpisodeReplayBuffer(capacity=int(self.config.buffer_capacity), seed=self.config.seed)
         self._abs_reward_total = 0.0  # running sum of |r| over every goal of every added transition
         self._reward_count = 0
-
-    def env_steps_sampled(self) -> int:
-        return int(self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
 
     def buffer_reward_scale(self) -> float:
         """MR.Q's reward scale: mean |reward| of the data added so far (every goal)."""
@@ -371,32 +366,3 @@ class MRQ(Algorithm):
         log(K.TRAIN_Q_MEAN, learner_value(LR.Q_MEAN_KEY))
 
     # ------------------------------------------------------------------ checkpoints
-    @override(Algorithm)
-    def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
-        """RLlib's checkpoint plus ``qworld_config.json`` at its root and next to the module."""
-        path = super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
-        cfg = self.config.qworld_config()
-        cfg[K.ENV_STEPS] = self.env_steps_sampled()
-        text = json.dumps(cfg, indent=1)
-        root = pathlib.Path(path)
-        for target in (root, root.joinpath(*MODULE_SUBDIR)):
-            if target.is_dir():
-                (target / CHECKPOINT_CONFIG_FILE).write_text(text)
-        return path
-
-    def q_function(self):
-        """The learner's current networks as a :class:`qworld.agents.QFunction` (local learner: live module)."""
-        from qworld.agents import QFunction
-        from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE
-
-        if self.learner_group.is_local:
-            module = self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
-        else:
-            state = self.learner_group.get_state(
-                components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}"
-            )[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
-            module = self.config.get_rl_module_spec(spaces=self.env_runner_group.get_spaces()).build()
-            module.set_state(state)
-        cfg = self.config.qworld_config()
-        cfg[K.ENV_STEPS] = self.env_steps_sampled()
-        return QFunction(module, cfg)

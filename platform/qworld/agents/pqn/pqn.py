@@ -24,7 +24,6 @@ import copy
 import functools
 import json
 import logging
-import pathlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,7 +32,7 @@ from typing_extensions import Self
 import qworld_envs  # noqa: F401  (registers the gymnasium envs in every process that unpickles a config)
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
-from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.learner import DEFAULT_OPTIMIZER, LR_KEY
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
@@ -49,7 +48,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from qworld import metrics as K
-from qworld.layout import CHECKPOINT_CONFIG_FILE, MODULE_SUBDIR
+from qworld.agents.checkpoint import QworldAlgorithmMixin
 from qworld.agents.pqn import rollout as R
 from qworld.agents.pqn.fast_env_runner import EPISODE_SUCCESS_MEAN, BatchedEnvRunner
 from qworld.agents.pqn.learner import NUM_SKIPPED_STEPS_KEY, Q_MEAN_KEY, TD_LOSS_KEY, PQNTorchLearner
@@ -675,7 +674,7 @@ class PQNConfig(AlgorithmConfig):
         return PQNTorchLearner
 
 
-class PQN(Algorithm):
+class PQN(QworldAlgorithmMixin, Algorithm):
     """Goal-conditioned PQN on RLlib's new API stack (see module doc)."""
 
     @classmethod
@@ -686,9 +685,6 @@ class PQN(Algorithm):
     @property
     def fast(self) -> bool:
         return self.config.resolved_env_runner() == "fast"
-
-    def env_steps_sampled(self) -> int:
-        return int(self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
 
     @override(Algorithm)
     def training_step(self) -> None:
@@ -768,38 +764,6 @@ class PQN(Algorithm):
         return R.concat_columns([r[0] for r in results]), [r[2] for r in results]
 
     # ------------------------------------------------------------------ checkpoints
-    @override(Algorithm)
-    def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
-        """RLlib's checkpoint plus ``qworld_config.json`` at its root and next to the module."""
-        path = super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
-        cfg = self.config.qworld_config()
-        cfg[K.ENV_STEPS] = self.env_steps_sampled()
-        text = json.dumps(cfg, indent=1)
-        root = pathlib.Path(path)
-        for target in (root, root.joinpath(*MODULE_SUBDIR)):
-            if target.is_dir():
-                (target / CHECKPOINT_CONFIG_FILE).write_text(text)
-        return path
-
-    def q_function(self):
-        """The learner's current Q-network as a :class:`qworld.agents.QFunction`.
-
-        With a local learner this is the live module (no copy); with remote learners, a
-        CPU copy built from the learner group's weights.
-        """
-        from qworld.agents import QFunction
-
-        if self.learner_group.is_local:
-            module = self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
-        else:
-            state = self.learner_group.get_state(
-                components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}"
-            )[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
-            module = self.config.get_rl_module_spec(spaces=self.env_runner_group.get_spaces()).build()
-            module.set_state(state)
-        cfg = self.config.qworld_config()
-        cfg[K.ENV_STEPS] = self.env_steps_sampled()
-        return QFunction(module, cfg)
 
 
 # Defaults of RLlib's settings and of PQN's fields: a value other than these was set.

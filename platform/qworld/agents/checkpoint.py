@@ -1,0 +1,60 @@
+"""What every qworld learner family adds to RLlib's ``Algorithm``, written once.
+
+``qworld_config.json`` (the resolved trial config and ``env_steps``) beside RLlib's own
+checkpoint, at its root and next to the RLModule, so that ``qworld.agents.load_q`` needs
+neither Ray nor the Algorithm; and the live Q-network as a ``QFunction``. A family's config
+provides ``qworld_config() -> dict``; its Algorithm lists :class:`QworldAlgorithmMixin`
+before ``Algorithm``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+from qworld import metrics as K
+from qworld.layout import CHECKPOINT_CONFIG_FILE, MODULE_SUBDIR
+
+
+class QworldAlgorithmMixin:
+    """``env_steps_sampled``, ``save_to_path`` (+ ``qworld_config.json``) and ``q_function``."""
+
+    def env_steps_sampled(self) -> int:
+        return int(self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
+
+    def qworld_config(self) -> dict:
+        """The trial's resolved config with the env steps sampled so far."""
+        cfg = self.config.qworld_config()
+        cfg[K.ENV_STEPS] = self.env_steps_sampled()
+        return cfg
+
+    def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
+        """RLlib's checkpoint plus ``qworld_config.json`` at its root and next to the module."""
+        path = super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
+        text = json.dumps(self.qworld_config(), indent=1)
+        root = pathlib.Path(path)
+        for target in (root, root.joinpath(*MODULE_SUBDIR)):
+            if target.is_dir():
+                (target / CHECKPOINT_CONFIG_FILE).write_text(text)
+        return path
+
+    def q_function(self):
+        """The learner's current Q-network as a :class:`qworld.agents.QFunction`.
+
+        With a local learner this is the live module (no copy); with remote learners, a
+        CPU copy built from the learner group's weights.
+        """
+        from qworld.agents import QFunction
+
+        if self.learner_group.is_local:
+            module = self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+        else:
+            state = self.learner_group.get_state(
+                components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}"
+            )[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
+            module = self.config.get_rl_module_spec(spaces=self.env_runner_group.get_spaces()).build()
+            module.set_state(state)
+        return QFunction(module, self.qworld_config())
