@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 from typing import Any, Dict, List, Optional
 
@@ -46,6 +47,17 @@ from qworld.agents.pqn.problem import jsonable, probe_problem
 from qworld.layout import CHECKPOINT_CONFIG_FILE, MODULE_SUBDIR
 
 ALGORITHM = "dqn"
+
+
+class _NoNewApiStackNotice(logging.Filter):
+    """Drops RLlib's "You are running GoalDQN on the new API stack!" notice (as PQN does):
+    this family exists only on the new stack."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("You are running GoalDQN on the new API stack")
+
+
+logging.getLogger("ray.rllib.algorithms.algorithm_config").addFilter(_NoNewApiStackNotice())
 
 # The qworld fields of the config (what a sweep file's ``agent`` section may set for dqn).
 DQN_FIELDS = (
