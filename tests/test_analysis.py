@@ -109,7 +109,7 @@ def make_experiment(root: Path, head: str = "all_goals", scale: float = 1.0, nam
                     for method in METHODS:
                         pm = p_mse_of(variant, num_goals, seed, k, method, scale)
                         rows.append({
-                            K.SWEEP: name, K.TRIAL_ID: trial_id, K.ENV: ENV_ID, K.VARIANT: variant,
+                            K.SWEEP: name, K.TRIAL_ID: trial_id, K.ENV: ENV_ID, K.ALGORITHM: "pqn", K.VARIANT: variant,
                             K.GOAL_TYPE: "indicator", K.NUM_GOALS: num_goals, K.HEAD: head, K.SEED: seed,
                             K.CHECKPOINT_INDEX: k,
                             K.ENV_STEPS: STEPS_PER_ITER * ITERS_PER_CKPT * (k + 1) if store_steps else None,

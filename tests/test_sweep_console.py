@@ -144,7 +144,7 @@ def test_driver_wandb_runs_are_finished_with_the_trial_and_hold_every_result(tmp
         runs[run["run_id"]] = (run, history, exits)
     assert set(runs) == {"ok_00000", "bad_00001"}
     run, history, exits = runs["ok_00000"]
-    assert run["run_group"] == "g" and run["tags"] == ["variant=windy"] and exits == [0]
+    assert run["run_group"] == "g" and run["tags"] == ["variant=windy", "algorithm=pqn"] and exits == [0]
     assert [h[K.TRAIN_ENV_STEPS] for h in history] == [100, 200, 300]
     assert all("learner/td_loss" in h and "done" not in h and "trial_id" not in h for h in history)
     assert runs["bad_00001"][2] == [1]

@@ -65,7 +65,7 @@ INT_COLUMNS = (K.NUM_GOALS, K.SEED, K.CHECKPOINT_INDEX, K.ENV_STEPS, K.M_RANK, K
 FLOAT_COLUMNS = (K.P_MSE, K.P_TV, K.P_MAX_ERR, K.Q_NMSE, K.WM_NMSE, K.M_COND, K.M_GAP,
                  K.FIT_SECONDS, K.PLAN_SUCCESS, K.PLAN_EXCESS_STEPS, K.UNSAFE_VISITS,
                  K.RETURN_RATIO, K.PLAN_STEPS, K.PLAN_OPTIMAL_STEPS, "gamma", "lambda_", "lr")
-STRING_COLUMNS = (K.SWEEP, K.TRIAL_ID, K.ENV, K.VARIANT, K.GOAL_TYPE, K.HEAD, K.METHOD,
+STRING_COLUMNS = (K.SWEEP, K.TRIAL_ID, K.ENV, K.ALGORITHM, K.VARIANT, K.GOAL_TYPE, K.HEAD, K.METHOD,
                   K.IDENTIFIABLE_CASE, K.ERROR, K.TASK, EXPERIMENT)
 # one list of scores, in qworld.metrics (names kept here for the analysis API)
 PLAN_METRICS = K.PLAN_METRICS
@@ -481,6 +481,7 @@ def _config_columns(params: Mapping[str, Any], sweep: str, trial_id: str,
         K.SWEEP: sweep,
         K.TRIAL_ID: trial_id,
         K.ENV: params.get(CFG_ENV_ID),
+        K.ALGORITHM: str(params.get(K.ALGORITHM) or "pqn").lower(),  # PQN configs carry no key
         K.VARIANT: env_kwargs.get(K.VARIANT),
         K.GOAL_TYPE: env_kwargs.get(K.GOAL_TYPE),
         K.NUM_GOALS: num_goals,

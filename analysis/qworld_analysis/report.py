@@ -38,7 +38,7 @@ METRIC = "metric"  # the column naming the aggregated metric in summary.csv
 VERSION_PACKAGES = ("qworld", "numpy", "pandas", "scipy", "pyarrow", "matplotlib", "ray",
                     "torch", "gymnasium", "wandb")
 # The grid columns a summary groups by (when present), then any swept agent axis.
-CELL_COLUMNS = (K.ENV, K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS, K.HEAD)
+CELL_COLUMNS = (K.ENV, K.ALGORITHM, K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS, K.HEAD)
 RUN_COLUMNS = (K.SWEEP, K.TRIAL_ID, K.SEED)
 MAX_ROUTE_PANELS = 6  # goal counts drawn in a safety-route figure (spread over the sweep's)
 
@@ -348,6 +348,7 @@ def compare(dir_a: str | Path, dir_b: str | Path, metric: str = K.P_MSE,
             "dir": str(d),
             K.SWEEP: _values(f, K.SWEEP),
             K.HEAD: _values(f, K.HEAD),
+            K.ALGORITHM: _values(f, K.ALGORITHM),
         }
     merged.attrs[METRIC] = metric
     return merged

@@ -13,7 +13,8 @@ GOAL_TYPE = "goal_type"
 NUM_GOALS = "num_goals"
 HEAD = "head"
 SEED = "seed"
-GRID_COLUMNS = (SWEEP, TRIAL_ID, ENV, VARIANT, GOAL_TYPE, NUM_GOALS, HEAD, SEED)
+ALGORITHM = "algorithm"  # learner family: pqn | dqn (qworld.agents.families.ALGORITHMS)
+GRID_COLUMNS = (SWEEP, TRIAL_ID, ENV, ALGORITHM, VARIANT, GOAL_TYPE, NUM_GOALS, HEAD, SEED)
 
 # --- where in training ----------------------------------------------------------------
 CHECKPOINT_INDEX = "checkpoint_index"

@@ -1,6 +1,7 @@
 """Model-free agents whose Q-values we invert.
 
-``load_q(checkpoint)`` gives the Q-function of a trained PQN agent from its Algorithm
+``load_q(checkpoint)`` gives the Q-function of a trained agent of any family
+(``qworld.agents.families.ALGORITHMS``: PQN, RLlib's DQN, ...) from its Algorithm
 checkpoint alone: no running Algorithm, no Ray cluster (``RLModule.from_checkpoint`` on
 the module sub-directory, plus the ``qworld_config.json`` written next to it).
 
@@ -22,12 +23,14 @@ from qworld.layout import CHECKPOINT_CONFIG_FILE, MODULE_SUBDIR
 
 
 class QFunction:
-    """Q-values of a goal-conditioned PQN module, as numpy.
+    """Q-values of a goal-conditioned Q-module (any family), as numpy.
 
     Attributes:
         config: the resolved trial config (env_id, env_kwargs with variant / goal_type /
             num_goals ..., head, gamma, hidden_sizes, goal_states, env_steps, ...).
-        module: the ``PQNTorchRLModule`` (torch, eval mode, CPU unless moved).
+        module: the ``PQNTorchRLModule``, or for a family whose network takes the goal in
+            its observation (RLlib's DQN) a ``qworld.agents.dqn.GoalInputQ`` around the
+            restored RLModule (torch, eval mode, CPU unless moved).
     """
 
     def __init__(self, module: Any, config: Dict[str, Any]):
@@ -124,7 +127,7 @@ def _checkpoint_dir(checkpoint: Union[str, os.PathLike, Any]) -> pathlib.Path:
 
 
 def load_q(checkpoint: Union[str, os.PathLike, Any], device: str = "cpu") -> QFunction:
-    """Restore the Q-function of a PQN Algorithm checkpoint without Ray running.
+    """Restore the Q-function of an Algorithm checkpoint of any family without Ray running.
 
     Args:
         checkpoint: the Algorithm checkpoint directory (``algo.save()`` /
@@ -144,7 +147,7 @@ def load_q(checkpoint: Union[str, os.PathLike, Any], device: str = "cpu") -> QFu
     candidates = [root.joinpath(*MODULE_SUBDIR), root]
     mod_dir = next((d for d in candidates if (d / "class_and_ctor_args.pkl").is_file()), None)
     if mod_dir is None:
-        raise FileNotFoundError(f"no PQN RLModule checkpoint under {root} (looked in {[str(c) for c in candidates]})")
+        raise FileNotFoundError(f"no RLModule checkpoint under {root} (looked in {[str(c) for c in candidates]})")
     module = RLModule.from_checkpoint(mod_dir)
     module.to(device)
     module.eval()
@@ -157,4 +160,10 @@ def load_q(checkpoint: Union[str, os.PathLike, Any], device: str = "cpu") -> QFu
     if not config:  # older checkpoints: what the module itself knows
         mc = dict(module.model_config)
         config = {k: mc[k] for k in ("env_id", "env_kwargs", "head", "q_output", "hidden_sizes") if k in mc}
+    if not hasattr(module, "q_all_goals"):
+        # A family whose module takes concat(state obs, goal features) (RLlib's DQN): Q for
+        # every goal of the set by concatenating each goal's features (qworld_config.json).
+        from qworld.agents.dqn import GoalInputQ
+
+        module = GoalInputQ(module, config).to(device).eval()
     return QFunction(module, config)

@@ -290,6 +290,8 @@ class GridWandbCallback(LoggerCallback):
         config = trial.config.copy()
         config.pop("callbacks", None)
         tags = [f"{a}={v}" for a, v in cell_values(config, self.grid_axes)]
+        if K.ALGORITHM not in self.grid_axes:  # the learner family, swept or not
+            tags.append(f"{K.ALGORITHM}={str(config.get(K.ALGORITHM) or 'pqn').lower()}")
         config = _clean_log(flat_config(config))
         try:
             self._runs[trial.trial_id] = wandb.init(
@@ -406,7 +408,7 @@ def log_worldmodel_runs(experiment_dir, sweep: str, project: str, group: str, mo
     written = 0
     for trial_id, trial_rows in rows.groupby(K.TRIAL_ID):
         first = trial_rows.iloc[0]
-        tags = [f"{c}={first[c]}" for c in (K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS, K.HEAD, K.SEED)
+        tags = [f"{c}={first[c]}" for c in (K.ALGORITHM, K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS, K.HEAD, K.SEED)
                 if c in trial_rows and pd.notna(first[c])]
         run = wandb.init(id=f"{trial_id}-worldmodel", name=f"{trial_id}-worldmodel", project=project,
                          group=group, job_type="worldmodel", tags=tags, dir=str(experiment_dir),

@@ -1,7 +1,8 @@
-"""Run, resume and re-score sweeps: Tune over PQN trials, P-learning actors on the side.
+"""Run, resume and re-score sweeps: Tune over agent trials (any learner family,
+``qworld.agents.families``), P-learning actors on the side.
 
 ``run_sweep`` is what ``qworld sweep`` calls. The spec is validated before this module is
-reached; from here on, Ray is started (or joined), one PQN trial runs per grid cell, each
+reached; from here on, Ray is started (or joined), one trial runs per grid cell, each
 checkpoint goes to the P-learning pool as it is written, and at the end every checkpoint on
 disk that has no rows in the store is scored before returning.
 """
@@ -75,19 +76,35 @@ def init_ray(spec: SweepSpec, address: str | None, experiment_dir: Path, verbose
 # Tune pieces
 
 
-def param_space(spec: SweepSpec) -> dict:
-    """The PQN config dict with a ``tune.grid_search`` at every sweep axis."""
-    from ray import tune
+def spec_families(spec: SweepSpec) -> list[str]:
+    """The learner families the sweep's cells train (file order; ``[pqn]`` when not given)."""
+    from qworld.agents.families import ALGORITHM_KEY, family
 
-    from qworld.agents.pqn import PQNConfig
+    names = [family(spec.cell_config(cell)[2].get(ALGORITHM_KEY)).name for cell in spec.cells()]
+    return list(dict.fromkeys(names))
+
+
+def trainable_for(spec: SweepSpec):
+    """The Tune trainable: the family's Algorithm, or ``AnyFamily`` when cells cross families."""
+    from qworld.agents.families import family
+
+    names = spec_families(spec)
+    if len(names) == 1:
+        return family(names[0]).algo_class()
+    from qworld.agents.mixed import AnyFamily
+
+    return AnyFamily
+
+
+def _family_space(spec: SweepSpec, name: str) -> dict:
+    from qworld.agents.families import ALGORITHM_KEY, family
 
     env_id, env_kwargs, agent = spec.cell_config({})
+    agent.pop(ALGORITHM_KEY, None)
     total = spec.stop.get(K.ENV_STEPS)
     config = (
-        PQNConfig()
+        family(name).build_config(env_id, env_kwargs, agent, total_env_steps=total)
         .environment(env=env_id)
-        .training(env_id=env_id, env_kwargs=env_kwargs,
-                  **({"total_env_steps": int(total)} if total else {}), **agent)
         .learners(num_gpus_per_learner=spec.resources.gpus_per_trial)
         .resources(num_cpus_for_main_process=spec.resources.cpus_per_trial)
         .env_runners(num_env_runners=0)
@@ -95,6 +112,35 @@ def param_space(spec: SweepSpec) -> dict:
     )
     space = config.to_dict()
     space["env_kwargs"] = dict(space["env_kwargs"])
+    return space
+
+
+def param_space(spec: SweepSpec) -> dict:
+    """The family's config dict with a ``tune.grid_search`` at every sweep axis.
+
+    A sweep crossing families (``sweep.algorithm``) gets one dict holding every family's
+    keys: a key whose value differs between families (or that one family lacks) is a
+    ``tune.sample_from`` of the trial's ``algorithm``; ``AnyFamily`` hands each trial's
+    family only the keys it knows.
+    """
+    from ray import tune
+
+    from qworld.agents.families import ALGORITHM_KEY
+
+    names = spec_families(spec)
+    spaces = {name: _family_space(spec, name) for name in names}
+    if len(names) == 1:
+        space = spaces[names[0]]
+    else:
+        space = {}
+        for key in dict.fromkeys(k for s in spaces.values() for k in s):
+            values = [s.get(key, _MISSING) for s in spaces.values()]
+            if all(repr(v) == repr(values[0]) for v in values) and values[0] is not _MISSING:
+                space[key] = values[0]
+            else:
+                space[key] = tune.sample_from(functools.partial(
+                    _family_value, key=key, values={n: s.get(key) for n, s in spaces.items()}))
+        space[ALGORITHM_KEY] = names[0]  # the grid axis below sets it per trial
     if "cases" in spec.sweep:
         # Each case's env/goal part is a whole env_kwargs dict, so Tune crosses cases with
         # the other axes; agent keywords a case sets follow its env_kwargs (sample_from is
@@ -115,6 +161,16 @@ def param_space(spec: SweepSpec) -> dict:
         else:
             space[axis] = tune.grid_search(list(values))
     return space
+
+
+_MISSING = object()
+
+
+def _family_value(trial_spec, key, values):
+    """The value of config key ``key`` for this trial's learner family."""
+    from qworld.agents.families import family_of
+
+    return values.get(family_of(trial_spec.config).name)
 
 
 def _case_value(trial_spec, key, default, env_parts, cases):
@@ -215,8 +271,6 @@ def run_sweep(spec: SweepSpec, address: str | None = None, storage: str | None =
     """
     from ray import tune
 
-    from qworld.agents.pqn import PQN
-
     experiment_dir = experiment_dir_for(spec, storage)
     experiment_dir.mkdir(parents=True, exist_ok=True)
     (experiment_dir / SPEC_FILE).write_text(spec.source)
@@ -226,7 +280,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, storage: str | None =
     try:
         pool = _pool(spec, experiment_dir)
         tuner = tune.Tuner(
-            PQN,
+            trainable_for(spec),
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials),
             run_config=_run_config(spec, experiment_dir, pool, console=console, verbose=verbose),
@@ -245,7 +299,6 @@ def resume_sweep(experiment_dir: str | Path, address: str | None = None,
     their last checkpoint, and every unscored checkpoint is scored."""
     from ray import tune
 
-    from qworld.agents.pqn import PQN
     from qworld.sweep.callbacks import SweepConsole
 
     experiment_dir = Path(experiment_dir).resolve()
@@ -256,7 +309,7 @@ def resume_sweep(experiment_dir: str | Path, address: str | None = None,
     try:
         pool = _pool(spec, experiment_dir)
         if tune.Tuner.can_restore(str(experiment_dir)):
-            tuner = tune.Tuner.restore(str(experiment_dir), trainable=PQN, resume_errored=True,
+            tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable_for(spec), resume_errored=True,
                                        param_space=param_space(spec))
             # The restored run config holds the pickled callbacks without the pool: attach ours.
             for cb in tuner._local_tuner.get_run_config().callbacks or []:
@@ -384,7 +437,7 @@ def list_checkpoints(experiment_dir: str | Path) -> list[tuple[str, str, int | N
 
 
 def _checkpoint_env_steps(ckpt: Path) -> int | None:
-    """PQN writes its env-step count into every checkpoint (Tune's result.json does not
+    """Every family writes its env-step count into every checkpoint (Tune's result.json does not
     say which iteration a checkpoint belongs to)."""
     try:
         return json.loads((ckpt / CHECKPOINT_CONFIG_FILE).read_text()).get(K.ENV_STEPS)

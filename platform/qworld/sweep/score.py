@@ -44,6 +44,7 @@ def grid_columns(sweep: str, trial_id: str, config: Mapping[str, Any], seed: Any
         K.SWEEP: sweep,
         K.TRIAL_ID: trial_id,
         K.ENV: config.get("env_id"),
+        K.ALGORITHM: str(config.get(K.ALGORITHM) or "pqn").lower(),  # no key: a PQN checkpoint
         K.VARIANT: pick(K.VARIANT),
         K.GOAL_TYPE: pick(K.GOAL_TYPE),
         K.NUM_GOALS: pick(K.NUM_GOALS),

@@ -14,12 +14,16 @@ A sweep file (all sections but ``name`` and ``env`` optional)::
       goal_type: indicator          # indicator | dense (finite); position | velocity | ...
       num_goals: 68                 # L; null = every state (indicator goals)
       seed: 0                       # goal placement seed
-    agent: {lr: 0.001, ...}         # PQNConfig.training keywords; q_output: auto (default)
-                                    # = sigmoid for indicator goals, linear for dense ones
+    agent: {lr: 0.001, ...}         # the learner family's config keywords
+                                    # (qworld.agents.families.ALGORITHMS); algorithm: pqn
+                                    # (default) | dqn; PQN's q_output: auto (default) =
+                                    # sigmoid for indicator goals, linear for dense ones
     sweep:                          # grid_search axes (Tune grid, cartesian product)
       variant: [deterministic, windy]
       num_goals: [4, 68]
       seed: [0, 1]
+      algorithm: [pqn, dqn]         # learner families; every agent keyword of the file
+                                    # must be one each family accepts
       # cases: [{variant: windy, num_goals: 4}, ...]   explicit env/goal cells (and agent
       #                                                 keywords of a case), crossed
       #                                                 with the other axes
@@ -335,22 +339,38 @@ def _validate_cells(spec: SweepSpec) -> None:
                 gymnasium.make(env_id, **_env_kwargs_for_task(env_kwargs)).close()
             except Exception as exc:  # noqa: BLE001 - any construction failure is a spec error
                 raise SweepSpecError(f"env/goals{where}: {env_id} cannot be built: {exc}") from None
-        _validate_agent(agent, where)
+        _validate_agent(agent, where, cell)
 
 
 def _env_kwargs_for_task(env_kwargs: Mapping[str, Any]) -> dict:
     return {k: v for k, v in env_kwargs.items() if v is not None or k != "num_goals"}
 
 
-def _validate_agent(agent: Mapping[str, Any], where: str) -> None:
-    from qworld.agents.pqn import PQNConfig
+def _validate_agent(agent: Mapping[str, Any], where: str, cell: Mapping[str, Any] = ()) -> None:
+    """The cell's learner family exists and accepts every agent keyword it is given."""
+    from qworld.agents.families import ALGORITHM_KEY, ALGORITHMS, family
 
-    config = PQNConfig()
+    def field_name(key):
+        return f"sweep.{key}" if key in cell else f"agent.{key}"
+
+    agent = dict(agent)
+    name = agent.pop(ALGORITHM_KEY, None)
+    try:
+        fam = family(name)
+    except ValueError:
+        raise SweepSpecError(f"{field_name(ALGORITHM_KEY)}: {name!r}{where} is not a learner family; "
+                             f"allowed: {sorted(ALGORITHMS)}") from None
+    accepted = fam.keywords()
+    for key in agent:
+        if key not in accepted:
+            raise SweepSpecError(f"{field_name(key)}: not a keyword of algorithm {fam.name!r}{where}; "
+                                 f"allowed: {sorted(k for k in accepted if k not in ('env_id', 'env_kwargs'))}")
+    config = fam.config_class()()
     try:
         config.training(**agent)
     except (ValueError, TypeError) as exc:
         raise SweepSpecError(f"agent{where}: {exc}") from None
-    errors = config.pqn_errors()
+    errors = config.qworld_errors()
     if errors:
         raise SweepSpecError(f"agent.{errors[0]}{where}")
 
@@ -431,10 +451,11 @@ def _allowed_methods_and_tasks(env_id: str, finite: bool) -> tuple[tuple[str, ..
 
 
 def _agent_keywords() -> tuple[str, ...]:
-    from qworld.agents.pqn import PQNConfig
+    """Agent keywords of any learner family, and ``algorithm`` (each cell's family is
+    checked against its own keywords in ``_validate_agent``)."""
+    from qworld.agents.families import all_keywords
 
-    params = inspect.signature(PQNConfig.training).parameters
-    return tuple(p for p in params if p not in ("self", "kwargs"))
+    return all_keywords()
 
 
 def check_local_resources(spec: SweepSpec, address: str | None, gpus_found: int | None = None) -> None:

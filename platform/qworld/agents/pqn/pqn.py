@@ -436,7 +436,7 @@ class PQNConfig(AlgorithmConfig):
     def qworld_config(self) -> Dict[str, Any]:
         """The resolved trial config (JSON-able): PQN fields, problem, goal set, sizes."""
         problem = self.problem()
-        out = {"algorithm": "PQN"}
+        out = {"algorithm": "pqn"}  # the family (qworld.agents.families)
         for name in PQN_FIELDS:
             out[name] = jsonable(getattr(self, name))
         out["env_kwargs"] = problem.env_kwargs
@@ -637,6 +637,10 @@ class PQNConfig(AlgorithmConfig):
         check_int("her_k", 0)
         check_choice("her_strategy", HER_STRATEGIES)
         return errors
+
+    def qworld_errors(self) -> List[str]:
+        """The family protocol's name for :meth:`pqn_errors` (``qworld.agents.families``)."""
+        return self.pqn_errors()
 
     def validate_training(self) -> None:
         """Check the PQN fields only (no env is built); ValueError naming every bad field."""

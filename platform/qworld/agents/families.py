@@ -1,0 +1,85 @@
+"""The learner families a sweep can train: ``algorithm: pqn | dqn`` (a sweep axis).
+
+``ALGORITHMS`` maps a family name to where its RLlib Algorithm and AlgorithmConfig live
+(imported lazily: validating a sweep file builds no Algorithm). A config class of a family
+provides:
+
+- ``training(env_id=..., env_kwargs=..., total_env_steps=..., **agent)``: its keywords
+  (bar ``**kwargs``) are the agent keywords a sweep file may set for that family;
+- ``qworld_errors() -> list[str]``: every bad field as ``"field: value ...; allowed ..."``;
+- ``qworld_config() -> dict``: the resolved trial config its Algorithm writes as
+  ``qworld_config.json`` into every checkpoint (with ``algorithm: <name>``), so
+  ``qworld.agents.load_q`` restores any family's Q without Ray.
+
+Adding a family is one entry here, e.g.
+``"mrq": Family("mrq", "qworld.agents.mrq:MRQ", "qworld.agents.mrq:MRQConfig")``.
+A sweep without ``algorithm`` trains ``DEFAULT_ALGORITHM``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+ALGORITHM_KEY = "algorithm"  # the agent keyword / sweep axis / trial config key / parquet column
+DEFAULT_ALGORITHM = "pqn"
+
+
+def _load(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A learner family: its name and its RLlib classes (``"module:Class"`` paths)."""
+
+    name: str
+    algo: str  # the Algorithm (a Tune trainable)
+    config: str  # its AlgorithmConfig
+
+    def algo_class(self) -> type:
+        return _load(self.algo)
+
+    def config_class(self) -> type:
+        return _load(self.config)
+
+    def keywords(self) -> tuple[str, ...]:
+        """The agent keywords this family accepts (its config's ``training`` keywords)."""
+        params = inspect.signature(self.config_class().training).parameters
+        return tuple(p for p in params if p not in ("self", "kwargs"))
+
+    def build_config(self, env_id: str, env_kwargs: Mapping[str, Any], agent: Mapping[str, Any],
+                     total_env_steps: int | None = None):
+        """The family's AlgorithmConfig for one task and agent keywords (not validated)."""
+        extra = {"total_env_steps": int(total_env_steps)} if total_env_steps else {}
+        return self.config_class()().training(env_id=env_id, env_kwargs=dict(env_kwargs), **extra, **agent)
+
+
+ALGORITHMS: dict[str, Family] = {
+    "pqn": Family("pqn", "qworld.agents.pqn:PQN", "qworld.agents.pqn:PQNConfig"),
+    "dqn": Family("dqn", "qworld.agents.dqn:GoalDQN", "qworld.agents.dqn:GoalDQNConfig"),
+}
+
+
+def family(name: Any = None) -> Family:
+    """The family called ``name`` (None: the default). ValueError naming the allowed ones."""
+    name = DEFAULT_ALGORITHM if name is None else name
+    if not isinstance(name, str) or name.lower() not in ALGORITHMS:
+        raise ValueError(f"{name!r} is not a learner family; allowed: {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name.lower()]
+
+
+def family_of(config: Mapping[str, Any]) -> Family:
+    """The family of a trial config / ``qworld_config.json`` (no ``algorithm``: the default)."""
+    return family(config.get(ALGORITHM_KEY))
+
+
+def all_keywords() -> tuple[str, ...]:
+    """Every agent keyword of any family (sorted), plus ``algorithm``."""
+    keys = {ALGORITHM_KEY}
+    for fam in ALGORITHMS.values():
+        keys.update(fam.keywords())
+    return tuple(sorted(keys))
