@@ -226,7 +226,7 @@ def test_auto_linear_output_is_scaled_to_the_goal_familys_returns():
 
 
 def test_bad_q_output_names_the_field_and_the_allowed_values():
-    errors = PQNConfig().training(q_output="tanh").pqn_errors()
+    errors = PQNConfig().training(q_output="tanh").qworld_errors()
     assert errors == ["q_output='tanh': must be one of 'auto', 'linear', 'sigmoid'"]
 
 

@@ -160,10 +160,17 @@ def load_q(checkpoint: Union[str, os.PathLike, Any], device: str = "cpu") -> QFu
     if not config:  # older checkpoints: what the module itself knows
         mc = dict(module.model_config)
         config = {k: mc[k] for k in ("env_id", "env_kwargs", "head", "q_output", "hidden_sizes") if k in mc}
+    return q_function_of(module, config)
+
+
+def q_function_of(module: Any, config: Dict[str, Any]) -> QFunction:
+    """The :class:`QFunction` of any family's RLModule and its trial config."""
     if not hasattr(module, "q_all_goals"):
         # A family whose module takes concat(state obs, goal features) (RLlib's DQN): Q for
         # every goal of the set by concatenating each goal's features (qworld_config.json).
         from qworld.agents.dqn import GoalInputQ
 
-        module = GoalInputQ(module, config).to(device).eval()
+        param = next(module.parameters(), None)
+        module = GoalInputQ(module, config).to(param.device if param is not None else "cpu")
+        module.eval()
     return QFunction(module, config)

@@ -47,7 +47,7 @@ class QworldAlgorithmMixin:
         With a local learner this is the live module (no copy); with remote learners, a
         CPU copy built from the learner group's weights.
         """
-        from qworld.agents import QFunction
+        from qworld.agents import q_function_of
 
         if self.learner_group.is_local:
             module = self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
@@ -57,4 +57,4 @@ class QworldAlgorithmMixin:
             )[COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
             module = self.config.get_rl_module_spec(spaces=self.env_runner_group.get_spaces()).build()
             module.set_state(state)
-        return QFunction(module, self.qworld_config())
+        return q_function_of(module, self.qworld_config())

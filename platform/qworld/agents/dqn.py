@@ -26,9 +26,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import pathlib
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -37,14 +35,12 @@ from torch import nn
 import qworld_envs  # noqa: F401  (registers the gymnasium envs wherever a config is unpickled)
 from ray.rllib.algorithms.algorithm_config import NotProvided
 from ray.rllib.algorithms.dqn import DQN, DQNConfig
-from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
-from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
 from qworld import metrics as K
+from qworld.agents.checkpoint import QworldAlgorithmMixin
 from qworld.agents.pqn.problem import jsonable, probe_problem
-from qworld.layout import CHECKPOINT_CONFIG_FILE, MODULE_SUBDIR
 
 ALGORITHM = "dqn"
 
@@ -240,38 +236,13 @@ class GoalDQNConfig(DQNConfig):
         return out
 
 
-class GoalDQN(DQN):
+class GoalDQN(QworldAlgorithmMixin, DQN):
     """RLlib's DQN, plus ``qworld_config.json`` in every checkpoint."""
 
     @classmethod
     @override(DQN)
     def get_default_config(cls) -> GoalDQNConfig:
         return GoalDQNConfig()
-
-    def env_steps_sampled(self) -> int:
-        return int(self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
-
-    @override(DQN)
-    def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
-        """RLlib's checkpoint plus ``qworld_config.json`` at its root and next to the module."""
-        path = super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
-        cfg = self.config.qworld_config()
-        cfg[K.ENV_STEPS] = self.env_steps_sampled()
-        text = json.dumps(cfg, indent=1)
-        root = pathlib.Path(path)
-        for target in (root, root.joinpath(*MODULE_SUBDIR)):
-            if target.is_dir():
-                (target / CHECKPOINT_CONFIG_FILE).write_text(text)
-        return path
-
-    def q_function(self):
-        """The learner's current Q as a :class:`qworld.agents.QFunction` (the live module, local learner)."""
-        from qworld.agents import QFunction
-
-        module = self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
-        cfg = self.config.qworld_config()
-        cfg[K.ENV_STEPS] = self.env_steps_sampled()
-        return QFunction(GoalInputQ(module, cfg), cfg)
 
 
 class GoalInputQ(nn.Module):

@@ -1,4 +1,4 @@
-"""The learner families a sweep can train: ``algorithm: pqn | dqn`` (a sweep axis).
+"""The learner families a sweep can train: ``algorithm: pqn | dqn | mrq`` (a sweep axis).
 
 ``ALGORITHMS`` maps a family name to where its RLlib Algorithm and AlgorithmConfig live
 (imported lazily: validating a sweep file builds no Algorithm). A config class of a family
@@ -11,8 +11,7 @@ provides:
   ``qworld_config.json`` into every checkpoint (with ``algorithm: <name>``), so
   ``qworld.agents.load_q`` restores any family's Q without Ray.
 
-Adding a family is one entry here, e.g.
-``"mrq": Family("mrq", "qworld.agents.mrq:MRQ", "qworld.agents.mrq:MRQConfig")``.
+Adding a family is one entry in ``ALGORITHMS``.
 A sweep without ``algorithm`` trains ``DEFAULT_ALGORITHM``.
 """
 
@@ -61,6 +60,7 @@ class Family:
 ALGORITHMS: dict[str, Family] = {
     "pqn": Family("pqn", "qworld.agents.pqn:PQN", "qworld.agents.pqn:PQNConfig"),
     "dqn": Family("dqn", "qworld.agents.dqn:GoalDQN", "qworld.agents.dqn:GoalDQNConfig"),
+    "mrq": Family("mrq", "qworld.agents.mrq:MRQ", "qworld.agents.mrq:MRQConfig"),
 }
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path

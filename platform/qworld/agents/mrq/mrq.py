@@ -235,7 +235,7 @@ class MRQConfig(AlgorithmConfig):
                    goal_states=p.goal_states, goal_features=p.goal_features)
         return out
 
-    def mrq_errors(self) -> List[str]:
+    def qworld_errors(self) -> List[str]:
         """Every bad MR.Q field, one message each (empty when valid)."""
         errors = []
 
@@ -269,7 +269,7 @@ class MRQConfig(AlgorithmConfig):
     @override(AlgorithmConfig)
     def validate(self) -> None:
         """ValueError naming every bad MR.Q field; then derives RLlib's settings and runs its checks."""
-        errors = self.mrq_errors()
+        errors = self.qworld_errors()
         if errors:
             raise ValueError("invalid MRQConfig:\n  - " + "\n  - ".join(errors))
         try:

@@ -564,7 +564,7 @@ class PQNConfig(AlgorithmConfig):
                 f"training({key}=...) instead"
             )
 
-    def pqn_errors(self) -> List[str]:
+    def qworld_errors(self) -> List[str]:
         """Every bad PQN field, one message each (empty when the config is valid)."""
         errors: List[str] = []
 
@@ -638,13 +638,9 @@ class PQNConfig(AlgorithmConfig):
         check_choice("her_strategy", HER_STRATEGIES)
         return errors
 
-    def qworld_errors(self) -> List[str]:
-        """The family protocol's name for :meth:`pqn_errors` (``qworld.agents.families``)."""
-        return self.pqn_errors()
-
     def validate_training(self) -> None:
         """Check the PQN fields only (no env is built); ValueError naming every bad field."""
-        errors = self.pqn_errors()
+        errors = self.qworld_errors()
         if errors:
             raise ValueError("invalid PQNConfig:\n  - " + "\n  - ".join(errors))
 
