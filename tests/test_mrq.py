@@ -11,25 +11,7 @@ import torch
 from qworld import metrics as K
 from qworld.agents.mrq import losses as Lz
 
-TINY_LAYOUT = """
-#######
-#.....#
-#.....#
-#.....#
-#######
-"""
-TINY = {"layout": TINY_LAYOUT, "max_episode_steps": 20}
-
-
-def flat(result: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in result.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat(v, key + "/"))
-        else:
-            out[key] = v
-    return out
+from helpers import TINY, TINY_LAYOUT, flat  # noqa: E402
 
 
 # ------------------------------------------------------------------ pure targets / losses
