@@ -10,6 +10,7 @@ before ``Algorithm``.
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
@@ -17,6 +18,27 @@ from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LI
 
 from qworld import metrics as K
 from qworld.layout import CHECKPOINT_CONFIG_FILE, MODULE_SUBDIR
+
+
+class _NoNewApiStackNotice(logging.Filter):
+    """Drops RLlib's "You are running <Algo> on the new API stack!" notice for our families.
+
+    RLlib logs it (at WARNING, once per process: the driver and every trial) for any
+    algorithm whose default moved to the new API stack, telling how to go back to the old
+    one; our families exist only on the new stack, so it says nothing true about them.
+    """
+
+    def __init__(self, algorithm: str):
+        super().__init__()
+        self.prefix = f"You are running {algorithm} on the new API stack"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_new_api_stack_notice(algorithm: str) -> None:
+    """Silence that notice for the Algorithm class named ``algorithm`` (e.g. ``"PQN"``)."""
+    logging.getLogger("ray.rllib.algorithms.algorithm_config").addFilter(_NoNewApiStackNotice(algorithm))
 
 
 class QworldAlgorithmMixin:

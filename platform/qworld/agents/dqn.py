@@ -26,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -39,21 +38,13 @@ from ray.rllib.core.columns import Columns
 from ray.rllib.utils.annotations import override
 
 from qworld import metrics as K
-from qworld.agents.checkpoint import QworldAlgorithmMixin
+from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_notice
 from qworld.agents.pqn.problem import jsonable, probe_problem
 
 ALGORITHM = "dqn"
 
 
-class _NoNewApiStackNotice(logging.Filter):
-    """Drops RLlib's "You are running GoalDQN on the new API stack!" notice (as PQN does):
-    this family exists only on the new stack."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("You are running GoalDQN on the new API stack")
-
-
-logging.getLogger("ray.rllib.algorithms.algorithm_config").addFilter(_NoNewApiStackNotice())
+quiet_new_api_stack_notice("GoalDQN")
 
 # The qworld fields of the config (what a sweep file's ``agent`` section may set for dqn).
 DQN_FIELDS = (
@@ -226,13 +217,7 @@ class GoalDQNConfig(DQNConfig):
         out: Dict[str, Any] = {"algorithm": ALGORITHM, "head": "goal_input"}
         for name in DQN_FIELDS:
             out[name] = jsonable(getattr(self, name))
-        out["env_kwargs"] = problem.env_kwargs
-        out[K.VARIANT] = problem.env_kwargs.get(K.VARIANT)
-        out[K.GOAL_TYPE] = problem.goal_type or problem.env_kwargs.get(K.GOAL_TYPE)
-        out[K.NUM_GOALS] = problem.num_goals
-        out.update(obs_dim=problem.obs_dim, goal_dim=problem.goal_dim, num_actions=problem.num_actions,
-                   finite=problem.finite, goal_states=problem.goal_states,
-                   goal_features=problem.goal_features)
+        out.update(problem.trial_config())
         return out
 
 

@@ -32,7 +32,6 @@ Example::
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict, List
 
 import numpy as np
@@ -58,7 +57,7 @@ from ray.rllib.utils.metrics import (
 from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
 
 from qworld import metrics as K
-from qworld.agents.checkpoint import QworldAlgorithmMixin
+from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_notice
 from qworld.agents.pqn.module import linear_epsilon
 from qworld.agents.pqn.problem import ProblemInfo, jsonable, probe_problem
 from qworld.agents.mrq import learner as LR
@@ -68,14 +67,7 @@ from qworld.agents.mrq.replay import abs_reward_sum, sample_windows
 ALGORITHM_NAME = "mrq"
 
 
-class _NoNewApiStackNotice(logging.Filter):
-    """Drops RLlib's "You are running MRQ on the new API stack!" notice (MR.Q exists only there)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("You are running MRQ on the new API stack")
-
-
-logging.getLogger("ray.rllib.algorithms.algorithm_config").addFilter(_NoNewApiStackNotice())
+quiet_new_api_stack_notice("MRQ")
 
 # The MR.Q fields of the config, in the order the JSON config lists them.
 MRQ_FIELDS = (
@@ -227,12 +219,7 @@ class MRQConfig(AlgorithmConfig):
         out: Dict[str, Any] = {"algorithm": ALGORITHM_NAME, "head": "all_goals"}
         for name in MRQ_FIELDS:
             out[name] = jsonable(getattr(self, name))
-        out["env_kwargs"] = p.env_kwargs
-        out[K.VARIANT] = p.env_kwargs.get(K.VARIANT)
-        out[K.GOAL_TYPE] = p.goal_type or p.env_kwargs.get(K.GOAL_TYPE)
-        out[K.NUM_GOALS] = p.num_goals
-        out.update(obs_dim=p.obs_dim, goal_dim=p.goal_dim, num_actions=p.num_actions, finite=p.finite,
-                   goal_states=p.goal_states, goal_features=p.goal_features)
+        out.update(p.trial_config())
         return out
 
     def qworld_errors(self) -> List[str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -48,7 +47,7 @@ from ray.rllib.utils.metrics import (
 )
 
 from qworld import metrics as K
-from qworld.agents.checkpoint import QworldAlgorithmMixin
+from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_notice
 from qworld.agents.pqn import rollout as R
 from qworld.agents.pqn.fast_env_runner import EPISODE_SUCCESS_MEAN, BatchedEnvRunner
 from qworld.agents.pqn.learner import NUM_SKIPPED_STEPS_KEY, Q_MEAN_KEY, TD_LOSS_KEY, PQNTorchLearner
@@ -56,19 +55,7 @@ from qworld.agents.pqn.module import HEADS, Q_OUTPUTS, PQNTorchRLModule, linear_
 from qworld.agents.pqn.problem import ProblemInfo, jsonable, probe_problem
 
 
-class _NoNewApiStackNotice(logging.Filter):
-    """Drops RLlib's "You are running PQN on the new API stack!" notice.
-
-    RLlib logs it (at WARNING, once per process: the driver and every trial) for any
-    algorithm whose default moved to the new API stack, telling how to go back to the old
-    one. PQN exists only on the new stack, so the notice says nothing true about it.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("You are running PQN on the new API stack")
-
-
-logging.getLogger("ray.rllib.algorithms.algorithm_config").addFilter(_NoNewApiStackNotice())
+quiet_new_api_stack_notice("PQN")
 
 OPTIMIZERS = ("radam", "adam")
 # q_output choices of the config: "auto" resolves to one of the module's Q_OUTPUTS per problem.
@@ -439,20 +426,9 @@ class PQNConfig(AlgorithmConfig):
         out = {"algorithm": "pqn"}  # the family (qworld.agents.families)
         for name in PQN_FIELDS:
             out[name] = jsonable(getattr(self, name))
-        out["env_kwargs"] = problem.env_kwargs
         out["env_runner"] = self.resolved_env_runner()
         out["q_output"] = self.resolved_q_output()  # "auto" resolved: what the module uses
-        out[K.VARIANT] = problem.env_kwargs.get(K.VARIANT)
-        out[K.GOAL_TYPE] = problem.goal_type or problem.env_kwargs.get(K.GOAL_TYPE)
-        out[K.NUM_GOALS] = problem.num_goals
-        out.update(
-            obs_dim=problem.obs_dim,
-            goal_dim=problem.goal_dim,
-            num_actions=problem.num_actions,
-            finite=problem.finite,
-            goal_states=problem.goal_states,
-            goal_features=problem.goal_features,
-        )
+        out.update(problem.trial_config())
         return out
 
     def _reconcile(self, rllib_field: str, pqn_field: str, wanted: Any, adopt=None, how: str = "") -> None:

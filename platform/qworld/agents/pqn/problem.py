@@ -49,23 +49,37 @@ class ProblemInfo:
     goal_states: list | None = None
     goal_type: str | None = None
 
+    def trial_config(self) -> dict[str, Any]:
+        """The problem's part of a trial config (``qworld_config.json``), the same for every
+        learner family: resolved env kwargs, grid-cell keys, sizes and the goal set."""
+        from qworld import metrics as K
 
-def _jsonable(x: Any) -> Any:
-    """Numpy scalars/arrays and tuples -> plain JSON types (recursively)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
+        return {
+            "env_kwargs": self.env_kwargs,
+            K.VARIANT: self.env_kwargs.get(K.VARIANT),
+            K.GOAL_TYPE: self.goal_type or self.env_kwargs.get(K.GOAL_TYPE),
+            K.NUM_GOALS: self.num_goals,
+            "obs_dim": self.obs_dim,
+            "goal_dim": self.goal_dim,
+            "num_actions": self.num_actions,
+            "finite": self.finite,
+            "goal_states": self.goal_states,
+            "goal_features": self.goal_features,
+        }
 
 
 def jsonable(x: Any) -> Any:
-    """Public alias of the JSON conversion used for configs and checkpoints."""
-    return _jsonable(x)
+    """Numpy scalars/arrays and tuples -> plain JSON types (recursively), for configs and
+    checkpoints."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
 
 
 @functools.lru_cache(maxsize=32)
@@ -125,7 +139,7 @@ def _probe(env_id: str, kwargs_json: str) -> ProblemInfo:
             env.close()
     return ProblemInfo(
         env_id=env_id,
-        env_kwargs=_jsonable(resolved),
+        env_kwargs=jsonable(resolved),
         finite=finite,
         goal_states=goal_states,
         goal_type=goal_type,
@@ -140,5 +154,5 @@ def probe_problem(env_id: str, env_kwargs: dict[str, Any] | None = None) -> Prob
         ValueError / TypeError: from the env for a bad id or bad kwargs, or when the env
             is not a qworld goal env.
     """
-    kwargs_json = json.dumps(_jsonable(dict(env_kwargs or {})), sort_keys=True)
+    kwargs_json = json.dumps(jsonable(dict(env_kwargs or {})), sort_keys=True)
     return _probe(env_id, kwargs_json)
