@@ -40,6 +40,8 @@ class BatchedGoalEnv:
 
     - ``obs [N, obs_dim]``: observation after auto-reset (what to act on next);
     - ``next_obs [N, obs_dim]``: the true next observation, before any reset;
+    - ``next_state [N, ...]``: the true next state, before any reset (``state`` before the
+      step is the state acted in: the pair is a transition of the true dynamics);
     - ``goal [N]`` long: commanded goal for the *next* step (redrawn on reset);
     - ``rewards [N, L]``, ``terminals [N, L]`` bool: every goal's reward and
       termination for this transition (for learning all goals at once);
@@ -123,6 +125,7 @@ class BatchedGoalEnv:
         return {
             "obs": self._observe(self.state),
             "next_obs": self._observe(s2),
+            "next_state": s2,
             "goal": self.goal,
             "rewards": rewards,
             "terminals": terminals,

@@ -14,6 +14,7 @@ A checkpoint dir::
 
     checkpoint_00000k/
       qworld_config.json       CHECKPOINT_CONFIG_FILE: the agent's resolved config (and env_steps)
+      experience.npz           EXPERIENCE_FILE: the transitions experienced so far (``qworld.experience``)
       learner_group/learner/rl_module/default_policy/   MODULE_SUBDIR: the RLModule
 """
 
@@ -23,4 +24,5 @@ STORE_DAMAGED_DIR = "worldmodels.parquet.damaged"
 WORLD_MODELS_DIR = "worldmodels_p"
 SCORING_ATTEMPTS_DIR = "scoring_attempts"
 CHECKPOINT_CONFIG_FILE = "qworld_config.json"
+EXPERIENCE_FILE = "experience.npz"
 MODULE_SUBDIR = ("learner_group", "learner", "rl_module", "default_policy")

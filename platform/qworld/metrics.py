@@ -20,7 +20,8 @@ GRID_COLUMNS = (SWEEP, TRIAL_ID, ENV, ALGORITHM, VARIANT, GOAL_TYPE, NUM_GOALS, 
 CHECKPOINT_INDEX = "checkpoint_index"
 CHECKPOINT_PATH = "checkpoint_path"
 ENV_STEPS = "env_steps"  # env steps sampled so far (all envs together)
-METHOD = "method"  # extraction method: pinv | known_support | sparse_search | column_match | sgd | moves
+METHOD = "method"  # extraction method: from Q (plearn.finite / plearn.continuous METHODS) or an
+#   explicit model (qworld.experience.EXPLICIT_METHODS: supervised | qss | forward_model)
 # Methods handed the true support of P: yardsticks, not findings; reports label them "(oracle)".
 ORACLE_METHODS = ("known_support",)
 ORACLE = "oracle"  # bool column: the row's method was handed part of the answer (ORACLE_METHODS)
@@ -37,6 +38,12 @@ BASELINE_IDENTITY = "identity"  # prefix f"{BASELINE_IDENTITY}/<metric>": the ba
 BASELINE_NO_FORCE = "no_force"  # prefix f"{BASELINE_NO_FORCE}/<metric>": the dynamics with the action's force removed
 INTERIOR = "interior"  # prefix f"{INTERIOR}/<metric>": continuous scores on the interior transitions only
 FRACTION = "fraction"  # f"{INTERIOR}/{FRACTION}": the share of compared transitions that are interior
+# prefix f"{RARE}/<metric>": scores where the agent has almost no experience of its own (finite:
+# (s, a) rows with fewer than qworld.experience.RARE_VISITS transitions; continuous: states with
+# no experienced state nearby); f"{RARE}/{FRACTION}" their share. Only for trials that recorded
+# their experience.
+RARE = "rare"
+UNVISITED_FRACTION = "unvisited_fraction"  # finite: share of (s, a) never experienced by the checkpoint
 
 # --- identifiability diagnosis of M -----------------------------------------------------
 M_RANK = "m_rank"
@@ -70,7 +77,8 @@ WORLD_MODEL_METRICS = (P_MSE, P_TV, P_MAX_ERR, Q_NMSE, WM_NMSE)
 # Planning metrics appear as "<task>/<metric>" columns, one group per planning task.
 PLAN_METRICS = (PLAN_SUCCESS, PLAN_EXCESS_STEPS, UNSAFE_VISITS, RETURN_RATIO, PLAN_STEPS, PLAN_OPTIMAL_STEPS,
                 RETURN_WM, RETURN_STAR)
-ROW_METRICS = (*WORLD_MODEL_METRICS, M_RANK, M_COND, M_GAP, FIT_SECONDS, FRACTION, *PLAN_METRICS)
+ROW_METRICS = (*WORLD_MODEL_METRICS, M_RANK, M_COND, M_GAP, FIT_SECONDS, FRACTION, UNVISITED_FRACTION,
+               *PLAN_METRICS)
 
 
 def is_row_metric(column: str) -> bool:

@@ -138,23 +138,26 @@ def _transitions(dynamics: Any, num_states: int, seed: int,
     return states.double(), torch.randint(dynamics.num_actions, (states.shape[0],), generator=gen)
 
 
-def _interior_scores(keep: torch.Tensor, score_rows: Callable[[torch.Tensor], dict]) -> dict:
-    """``score_rows(keep)`` under the ``interior/`` prefix, with the interior fraction."""
-    out = {f"{K.INTERIOR}/{K.FRACTION}": float(keep.double().mean())}
+def _subset_scores(keep: torch.Tensor, score_rows: Callable[[torch.Tensor], dict], prefix: str = K.INTERIOR) -> dict:
+    """``score_rows(keep)`` under ``prefix/`` (``interior``, ``rare``), with the subset's fraction."""
+    out = {f"{prefix}/{K.FRACTION}": float(keep.double().mean())}
     if keep.sum() > 1:
-        out.update({f"{K.INTERIOR}/{k}": v for k, v in score_rows(keep).items()})
+        out.update({f"{prefix}/{k}": v for k, v in score_rows(keep).items()})
     return out
 
 
 def score_world_model(model_fn: ModelFn, problem: Any, num_states: int = 4096, seed: int = 0,
-                     states: torch.Tensor | None = None, interior: bool = False) -> dict:
+                     states: torch.Tensor | None = None, interior: bool = False,
+                     rare: Callable[[torch.Tensor], Any] | None = None) -> dict:
     """:func:`score_successor` of a model of ``problem``'s dynamics on states uniform over the
     box (or given ``[B, d]``) and uniform actions, with both baselines.
 
     With ``interior=True`` the same scores restricted to the :func:`interior_mask`
     transitions are added under the prefix ``interior/`` (e.g.
     ``interior/wm_delta_nmse_v``, ``interior/no_force/wm_delta_nmse_v``) with their
-    fraction ``interior/fraction``.
+    fraction ``interior/fraction``. With ``rare`` (``states [B, d] -> [B]`` bool, e.g.
+    ``qworld.experience.rare_state_mask`` against the trial's experience) the same under
+    ``rare/``: where the agent has no experience of its own.
     """
     dyn = problem.dynamics
     states, actions = _transitions(dyn, num_states, seed, states)
@@ -168,7 +171,9 @@ def score_world_model(model_fn: ModelFn, problem: Any, num_states: int = 4096, s
 
     out = score(slice(None))
     if interior:
-        out.update(_interior_scores(_inside_box(dyn, true_next), score))
+        out.update(_subset_scores(_inside_box(dyn, true_next), score))
+    if rare is not None:
+        out.update(_subset_scores(torch.as_tensor(rare(states), dtype=torch.bool), score, K.RARE))
     return out
 
 
@@ -195,6 +200,6 @@ def model_agreement(model_a: ModelFn, model_b: ModelFn, problem: Any, num_states
     def score(rows: Any) -> dict:
         return successor_scores(pred_a[rows], pred_b[rows], states[rows], dyn.periodic, dyn.state_names)
 
-    return {**score(slice(None)), **_interior_scores(interior_mask(dyn, states, actions), score)}
+    return {**score(slice(None)), **_subset_scores(interior_mask(dyn, states, actions), score)}
 
 

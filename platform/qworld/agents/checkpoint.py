@@ -2,7 +2,8 @@
 
 ``qworld_config.json`` (the resolved trial config and ``env_steps``) beside RLlib's own
 checkpoint, at its root and next to the RLModule, so that ``qworld.agents.load_q`` needs
-neither Ray nor the Algorithm; and the live Q-network as a ``QFunction``. A family's config
+neither Ray nor the Algorithm; the trial's experience log (``experience.npz``, for the
+``supervised`` method), kept across Tune restores; and the live Q-network as a ``QFunction``. A family's config
 provides ``qworld_config() -> dict``; its Algorithm lists :class:`QworldAlgorithmMixin`
 before ``Algorithm``.
 """
@@ -17,7 +18,7 @@ from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODUL
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
 from qworld import metrics as K
-from qworld.layout import CHECKPOINT_CONFIG_FILE, MODULE_SUBDIR
+from qworld.layout import CHECKPOINT_CONFIG_FILE, EXPERIENCE_FILE, MODULE_SUBDIR
 
 
 class _NoNewApiStackNotice(logging.Filter):
@@ -42,7 +43,26 @@ def quiet_new_api_stack_notice(algorithm: str) -> None:
 
 
 class QworldAlgorithmMixin:
-    """``env_steps_sampled``, ``save_to_path`` (+ ``qworld_config.json``) and ``q_function``."""
+    """``env_steps_sampled``, ``save_to_path`` (+ ``qworld_config.json``, ``experience.npz``),
+    ``restore_from_path`` (+ the experience log), ``record_experience`` and ``q_function``."""
+
+    _experience = None  # qworld.experience.ExperienceLog, built on the first recorded batch
+
+    def record_experience(self, states, actions, next_states) -> None:
+        """Add true transitions to the trial's experience log (finite: state indices [..],
+        continuous: states [.., d]); the config's ``experience_capacity`` sizes the reservoir."""
+        from qworld.experience import ExperienceLog
+
+        if self._experience is None:
+            info = self.config.problem()
+            capacity = int(getattr(self.config, "experience_capacity", 0) or 1)
+            seed = int(self.config.seed or 0)
+            if info.finite:
+                self._experience = ExperienceLog(info.num_actions, num_states=info.obs_dim, capacity=capacity, seed=seed)
+            else:
+                self._experience = ExperienceLog(info.num_actions, state_dim=int(states.shape[-1]),
+                                                 capacity=capacity, seed=seed)
+        self._experience.add(states, actions, next_states)
 
     def env_steps_sampled(self) -> int:
         return int(self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0))
@@ -61,7 +81,18 @@ class QworldAlgorithmMixin:
         for target in (root, root.joinpath(*MODULE_SUBDIR)):
             if target.is_dir():
                 (target / CHECKPOINT_CONFIG_FILE).write_text(text)
+        if self._experience is not None:
+            self._experience.save(root)
         return path
+
+    def restore_from_path(self, path, *args, **kwargs):
+        """RLlib's restore, plus the experience log saved beside it (a restored trial goes on
+        counting from there, so the log always matches ``env_steps``)."""
+        super().restore_from_path(path, *args, **kwargs)
+        if (pathlib.Path(path) / EXPERIENCE_FILE).is_file():
+            from qworld.experience import load_experience
+
+            self._experience = load_experience(path)
 
     def q_function(self):
         """The learner's current Q-network as a :class:`qworld.agents.QFunction`.

@@ -72,38 +72,44 @@ def score_checkpoint(
             K.ENV_STEPS: env_steps, K.CHECKPOINT_PATH: str(checkpoint_path)}
     try:
         from qworld.agents import load_q
+        from qworld.experience import load_experience
 
         qfun = load_q(checkpoint_path)
         config = dict(qfun.config)
+        experience = load_experience(checkpoint_path)
     except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint is data, not a crash
         return [{**base, K.METHOD: K.LOAD_METHOD, K.ERROR: _error_text(exc)}]
     base = {**grid_columns(sweep, trial_id, config, seed), **base}
-    return score_q(qfun, base, methods, tasks, options, world_models=world_models)
+    return score_q(qfun, base, methods, tasks, options, world_models=world_models, experience=experience)
 
 
 def score_q(qfun: Any, base: Mapping[str, Any], methods: Sequence[str], tasks: Sequence[str] = (),
             options: Mapping[str, Mapping[str, Any]] | None = None, *,
-            world_models: dict | None = None) -> list[dict]:
+            world_models: dict | None = None, experience: Any = None) -> list[dict]:
     """Rows of (checkpoint, method) for a loaded agent: Q error, world-model scores, plans.
 
     Args:
         qfun: the agent, a ``qworld.agents.QFunction`` (``.config`` is its resolved trial
             config: ``env_id``, ``env_kwargs``, ``gamma``).
         base: columns every row carries.
-        methods: extraction methods (``plearn.finite.METHODS`` or ``plearn.continuous.METHODS``).
+        methods: extraction methods (``plearn.finite.METHODS`` or ``plearn.continuous.METHODS``)
+            and explicit models (``experience.FINITE_METHODS`` / ``CONTINUOUS_METHODS``).
         tasks: planning tasks (``planning.SAFETY_TASKS`` or the env's ``UNSEEN_GOAL_TASKS``).
         options: per method, its options (finite: ``extract`` keywords; continuous:
             ``PLearnConfig`` fields plus ``grid_shape`` and ``num_resets``); continuous
             envs also read ``options["q_nmse"]["grid_shape"]`` (0 / None skips the Q NMSE).
         world_models: if given, receives method -> the extracted model of every successful
             extraction: ``P_hat[S, A, S]`` (finite) or the ``PLearnResult`` (continuous).
+        experience: the trial's ``qworld.experience.ExperienceLog`` up to this checkpoint, or
+            None: the ``supervised`` / ``qss`` methods need it; with it every row also gets
+            the ``rare/`` scores (and finite rows ``unvisited_fraction``).
     """
     from qworld_envs import FINITE_ENVS
 
     config = dict(qfun.config)
     score = _score_finite if config.get("env_id") in FINITE_ENVS else _score_continuous
     try:
-        return score(qfun, config, dict(base), methods, tasks, dict(options or {}), world_models)
+        return score(qfun, config, dict(base), methods, tasks, dict(options or {}), world_models, experience)
     except Exception as exc:  # noqa: BLE001 - e.g. a diverged agent (NaN Q): rows, not a stopped sweep
         if world_models is not None:
             world_models.clear()  # no model of this checkpoint is kept without its row
@@ -111,11 +117,12 @@ def score_q(qfun: Any, base: Mapping[str, Any], methods: Sequence[str], tasks: S
                 for method in methods]
 
 
-def _score_finite(qfun, config, base, methods, tasks, options, world_models) -> list[dict]:
+def _score_finite(qfun, config, base, methods, tasks, options, world_models, experience) -> list[dict]:
     from qworld.bellman import greedy_policy, m_matrix, solve_goal_q
+    from qworld.experience import FINITE_METHODS, RARE_VISITS, finite_model
     from qworld.planning import task_optimal_plan
     from qworld.plearn.finite import diagnose, method_options
-    from qworld.scoring import nmse
+    from qworld.scoring import nmse, score_p
     from qworld_envs import make_finite_problem
 
     problem = make_finite_problem(config["env_id"], **config["env_kwargs"])
@@ -134,17 +141,32 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models) -> 
     shared = {**base, K.Q_NMSE: float(nmse(Q, Q_pi)),
               **{k: diag[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE, K.IDENTIFIABLE_REASON)}}
 
+    rare = None
+    if experience is not None and experience.finite:
+        visits = experience.visits()
+        rare = visits < RARE_VISITS
+        shared[K.UNVISITED_FRACTION] = float((visits == 0).mean())
+        shared[f"{K.RARE}/{K.FRACTION}"] = float(rare.mean())
+
     # The reference plan of each task in the true MDP: once per checkpoint, not per method.
     optimal = {t: task_optimal_plan(problem.mdp, t, gamma) for t in tasks}
     rows = []
     for method in methods:
         row = {**shared, K.METHOD: method, K.ORACLE: method in K.ORACLE_METHODS, K.ERROR: None}
         try:
-            opts = {**method_options(method, P, problem.mdp.coords), **options.get(method, {})}
-            P_hat, scores, plans = extract_and_plan(Q, M, problem.mdp, method, opts, gamma, optimal)
+            if method in FINITE_METHODS:  # an explicit model, from the trial's experience, not from Q
+                start = time.perf_counter()
+                P_hat, _ = finite_model(method, experience)
+                scores, plans = score_and_plan(P_hat, problem.mdp, gamma, optimal)
+                scores[K.FIT_SECONDS] = time.perf_counter() - start
+            else:
+                opts = {**method_options(method, P, problem.mdp.coords), **options.get(method, {})}
+                P_hat, scores, plans = extract_and_plan(Q, M, problem.mdp, method, opts, gamma, optimal)
             if world_models is not None:
                 world_models[method] = P_hat
             row.update(scores)
+            if rare is not None and rare.any():  # where the agent has (almost) no data of its own
+                row.update({f"{K.RARE}/{k}": v for k, v in score_p(P_hat[rare][:, None], P[rare][:, None]).items()})
             row.update({f"{name}/{k}": v for name, plan in plans.items() for k, v in plan.items()})
         except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
             row[K.ERROR] = _error_text(exc)
@@ -166,19 +188,28 @@ def extract_and_plan(Q: np.ndarray, M: np.ndarray, mdp: Any, method: str, option
     Returns:
         ``(P_hat [S, A, S], {fit_seconds, p_mse, p_tv, p_max_err}, {task: plan metrics})``.
     """
-    from qworld.planning import run_safety_task
     from qworld.plearn.finite import extract
-    from qworld.scoring import score_p
 
     start = time.perf_counter()
     P_hat = extract(Q, M, method, **options)
-    scores = {K.FIT_SECONDS: time.perf_counter() - start, **score_p(P_hat, mdp.P)}
+    seconds = time.perf_counter() - start
+    scores, plans = score_and_plan(P_hat, mdp, gamma, optimal)
+    return P_hat, {K.FIT_SECONDS: seconds, **scores}, plans
+
+
+def score_and_plan(P_hat: np.ndarray, mdp: Any, gamma: float,
+                   optimal: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, dict]]:
+    """Any finite world model ``P_hat [S, A, S]`` scored against the true ``mdp`` and planned
+    with: ``({p_mse, p_tv, p_max_err}, {task: plan metrics})`` (see :func:`extract_and_plan`)."""
+    from qworld.planning import run_safety_task
+    from qworld.scoring import score_p
+
     plans = {name: run_safety_task(mdp, P_hat, name, gamma=gamma, optimal_policy=policy)
              for name, policy in optimal.items()}
-    return P_hat, scores, plans
+    return score_p(P_hat, mdp.P), plans
 
 
-def _score_continuous(qfun, config, base, methods, tasks, options, world_models) -> list[dict]:
+def _score_continuous(qfun, config, base, methods, tasks, options, world_models, experience) -> list[dict]:
     """Q NMSE on the env's planning grid, world-model scores with baselines (all and interior
     transitions, ``scoring_continuous.score_world_model``) and per unseen-goal task
     ``<task>/return_ratio``, ``return_wm``, ``return_star``, ``plan_success``."""
@@ -186,6 +217,7 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models)
 
     from qworld.agents.adapter import agent_q_fn
     from qworld.bellman_grid import GridQ, grid_q_for_problem
+    from qworld.experience import CONTINUOUS_METHODS, fit_supervised, rare_state_mask
     from qworld.planning_continuous import default_grid_shape, evaluate_unseen_goal
     from qworld.plearn.continuous import METHODS, PLearnConfig, p_learn
     from qworld.scoring_continuous import nmse_torch, score_world_model
@@ -217,31 +249,67 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models)
         except Exception as exc:  # noqa: BLE001 - the world-model scores still count
             shared[K.Q_NMSE] = float("nan")
             q_error = f"{K.Q_NMSE}: {_error_text(exc)}"
+    rare = None
+    if experience is not None and not experience.finite and experience.num_transitions:
+        dyn = problem.dynamics
+
+        def rare(states: torch.Tensor):
+            return rare_state_mask(states, experience.states, dyn.low, dyn.high)
+
     rows = []
     for method in methods:
         row = {**shared, K.METHOD: method, K.ORACLE: method in K.ORACLE_METHODS, K.ERROR: q_error}
         try:
-            if method not in METHODS:
-                raise ValueError(f"unknown continuous method {method!r}; known: {METHODS}")
+            if method not in METHODS + CONTINUOUS_METHODS:
+                raise ValueError(f"unknown continuous method {method!r}; known: {METHODS + CONTINUOUS_METHODS}")
             opts = dict(options.get(method, {}))
             grid_shape = opts.pop("grid_shape", None)
             num_resets = int(opts.pop("num_resets", 512))
             if method == "sampler":
                 opts.setdefault("loss", "l2")  # the double-sampled square is unbiased; L1 shrinks the noise
-            cfg = PLearnConfig.from_options(opts)
-            fit = p_learn(q_fn, problem, gamma, cfg, stochastic=(method == "sampler"))
-            if world_models is not None:
-                world_models[method] = fit
-            row[K.FIT_SECONDS] = fit.seconds
-            row.update(score_world_model(fit.step_fn(), problem, interior=True))
+            if method == "forward_model":  # the agent's own model (D3G), not fitted here
+                step_fn, seconds = _agent_forward_model(qfun), 0.0
+            else:
+                cfg = PLearnConfig.from_options(opts)
+                if method == "supervised":
+                    if experience is None or experience.finite or not experience.num_transitions:
+                        raise ValueError("method 'supervised' needs the trial's experience (experience.npz in the "
+                                         "checkpoint); this checkpoint has none")
+                    fit = fit_supervised(problem, experience.states, experience.actions, experience.next_states, cfg)
+                else:
+                    fit = p_learn(q_fn, problem, gamma, cfg, stochastic=(method == "sampler"))
+                if world_models is not None:
+                    world_models[method] = fit
+                step_fn, seconds = fit.step_fn(), fit.seconds
+            row[K.FIT_SECONDS] = seconds
+            row.update(score_world_model(step_fn, problem, interior=True, rare=rare))
             for name in tasks:
-                res = evaluate_unseen_goal(problem, name, fit.step_fn(), gamma=gamma, grid_shape=grid_shape,
+                res = evaluate_unseen_goal(problem, name, step_fn, gamma=gamma, grid_shape=grid_shape,
                                            num_resets=num_resets)
                 row.update({f"{name}/{k}": v for k, v in res.items()})
         except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
             row[K.ERROR] = _error_text(exc)
         rows.append(row)
     return rows
+
+
+def _agent_forward_model(qfun: Any):
+    """``(states [n, d], actions [n]) -> [n, d]`` of an agent that learns a forward model
+    (D3G: ``module.forward_model_states``), no grad, on the module's device, input dtype out."""
+    import torch
+
+    module = qfun.module
+    if not hasattr(module, "forward_model_states"):
+        family = qfun.config.get(K.ALGORITHM) or "pqn"
+        raise ValueError(f"method 'forward_model' needs an agent with a forward model (d3g); this is {family}")
+    param = next(module.parameters())
+
+    @torch.no_grad()
+    def step(states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        out = module.forward_model_states(states.to(param.device, param.dtype), actions.to(param.device))
+        return out.to(device=states.device, dtype=states.dtype)
+
+    return step
 
 
 def _error_text(exc: BaseException) -> str:

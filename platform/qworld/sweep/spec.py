@@ -438,15 +438,18 @@ def _finite_env_ids() -> set[str]:
 
 
 def _allowed_methods_and_tasks(env_id: str, finite: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    # Methods that extract from Q, then the explicit models beside them (qworld.experience).
+    from qworld import experience
+
     if finite:
         from qworld.planning import SAFETY_TASKS
         from qworld.plearn.finite import METHODS
 
-        return tuple(METHODS), tuple(SAFETY_TASKS)
+        return tuple(METHODS) + experience.FINITE_METHODS, tuple(SAFETY_TASKS)
     from qworld.planning_continuous import UNSEEN_GOAL_TASKS
     from qworld.plearn.continuous import METHODS as CMETHODS
 
-    return tuple(CMETHODS), tuple(UNSEEN_GOAL_TASKS.get(env_id, ()))
+    return tuple(CMETHODS) + experience.CONTINUOUS_METHODS, tuple(UNSEEN_GOAL_TASKS.get(env_id, ()))
 
 
 def _agent_keywords() -> tuple[str, ...]:

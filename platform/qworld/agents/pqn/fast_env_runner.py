@@ -157,6 +157,11 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
         # max without indices costs a third as much; 1-step targets need no argmax.
         keep_arg = keep_q and (self.config.lambda_ > 0 if next_q_argmax is None else bool(next_q_argmax))
         q_arg_b = None
+        # The true states, for the trial's experience log (qworld.experience): cheap copies.
+        record = int(getattr(self.config, "experience_capacity", 0)) > 0
+        if record:
+            state_b = torch.empty((T, *env.state.shape), dtype=env.state.dtype, device=dev)
+            next_state_b = torch.empty_like(state_b)
         if keep_q:
             q_max_b = torch.empty((T, N, env.num_goals), dtype=torch.float32, device=dev)
         if keep_arg:
@@ -169,7 +174,11 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
                 q_max_b[t], q_arg_b[t] = out[Q_ALL_GOALS].max(-1)
             elif keep_q:
                 q_max_b[t] = out[Q_ALL_GOALS].amax(-1)
+            if record:
+                state_b[t] = env.state
             step = env.step(actions)
+            if record:
+                next_state_b[t] = step["next_state"]
             obs_b[t] = obs
             goal_b[t] = goal
             actions_b[t] = actions
@@ -200,6 +209,8 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
             R.TERMINATED: terminated_b,
             R.TRUNCATED: truncated_b,
         }
+        if record:
+            rollout[R.STATE], rollout[R.NEXT_STATE] = state_b, next_state_b
         if keep_q:
             next_max, next_arg = self._next_q(q_max_b, q_arg_b, next_obs_b, terminated_b | truncated_b)
             rollout[R.NEXT_Q_MAX] = next_max

@@ -91,6 +91,7 @@ PQN_FIELDS = (
     "head",
     "her_k",
     "her_strategy",
+    "experience_capacity",
     "seed",
 )
 
@@ -170,6 +171,8 @@ class PQNConfig(AlgorithmConfig):
         # --- hindsight relabelling (goal_input head only)
         self.her_k: int = 4  # relabelled copies per transition (0: off)
         self.her_strategy: str = "future"  # "future" | "random_goal"
+        # --- what the trial records of its experience (qworld.experience, the `supervised` method)
+        self.experience_capacity: int = 65536  # continuous: reservoir size; 0: record nothing
         # --- RLlib
         self.num_env_runners = 0
         # The RLlib settings validate() last derived from PQN fields (or PQN fields adopted
@@ -206,6 +209,7 @@ class PQNConfig(AlgorithmConfig):
         head: Optional[str] = NotProvided,
         her_k: Optional[int] = NotProvided,
         her_strategy: Optional[str] = NotProvided,
+        experience_capacity: Optional[int] = NotProvided,
         **kwargs,
     ) -> Self:
         """Sets the PQN training configuration.
@@ -255,6 +259,11 @@ class PQNConfig(AlgorithmConfig):
             her_k: hindsight relabelled copies per transition (>= 0; goal_input head only).
             her_strategy: "future" (a goal achieved later in the episode) or
                 "random_goal" (uniform over the goal set).
+            experience_capacity: what the trial records of the transitions it experienced
+                (saved with every checkpoint for the ``supervised`` extraction method;
+                fast runner only): 0 records nothing; > 0 records every transition's count
+                on finite envs and a uniform reservoir sample of this many transitions on
+                continuous ones (``qworld.experience.ExperienceLog``).
 
         Returns:
             This updated config.
@@ -289,6 +298,7 @@ class PQNConfig(AlgorithmConfig):
             head=head,
             her_k=her_k,
             her_strategy=her_strategy,
+            experience_capacity=experience_capacity,
         ).items():
             if value is not NotProvided:
                 setattr(self, name, value)
@@ -595,6 +605,7 @@ class PQNConfig(AlgorithmConfig):
         if self.grad_clip is not None and (not _is_num(self.grad_clip) or not self.grad_clip > 0):
             bad("grad_clip", "None or a number > 0")
         check_int("num_epochs", 1)
+        check_int("experience_capacity", 0)
         if check_int("minibatch_size", 1) and envs_ok and length_ok:
             per_learner = self.num_envs * self.rollout_length // max(1, int(self.num_learners or 0))
             if self.minibatch_size > per_learner:
@@ -672,6 +683,8 @@ class PQN(QworldAlgorithmMixin, Algorithm):
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
             rollout, runner_metrics = self._sample_rollout(epsilon)
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
+        if R.STATE in rollout:  # the learner needs none of it
+            self.record_experience(rollout.pop(R.STATE), rollout[R.ACTIONS], rollout.pop(R.NEXT_STATE))
         env_steps = self.env_steps_sampled()
 
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):

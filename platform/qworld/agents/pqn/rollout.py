@@ -24,6 +24,12 @@ key                       shape, dtype        meaning
                                               the fast runner's all-goals rollouts)
 ``next_q_argmax``         [T, N, L] long      its argmax (optional, with ``next_q_max``;
                                               by default only for ``lambda_ > 0``)
+``state``                 [T, N, ...]         the env's true state s_t (optional: the fast
+                                              runner when experience is recorded; finite:
+                                              long indices, continuous: [T, N, d] float)
+``next_state``            [T, N, ...]         the true next state (before reset); the PQN
+                                              Algorithm takes both out into its
+                                              ``qworld.experience.ExperienceLog``
 ========================  ==================  =============================================
 
 The fast runner already evaluates Q at every s_{t+1} that is the next step's s_t, with the
@@ -58,6 +64,8 @@ TRUNCATED = "truncated"
 MASK = "mask"
 NEXT_Q_MAX = "next_q_max"
 NEXT_Q_ARGMAX = "next_q_argmax"
+STATE = "state"
+NEXT_STATE = "next_state"
 ROLLOUT_KEYS = (OBS, NEXT_OBS, ACTIONS, GOAL, REWARDS, TERMINALS, REWARD, TERMINATED, TRUNCATED,
                 NEXT_Q_MAX, NEXT_Q_ARGMAX)
 
