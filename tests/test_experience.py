@@ -155,3 +155,42 @@ def test_supervised_rows_sit_beside_extracted_ones_with_rare_scores():
     assert by["pinv"][f"{K.RARE}/{K.P_MSE}"] < 1e-3 * sup[f"{K.RARE}/{K.P_MSE}"]  # Q still knows there
     none = score_q(TableAgent(Q, env_kwargs, 0.9), {}, ["supervised"])[0]
     assert "experience" in none[K.ERROR]
+
+
+def test_a_pqn_trial_records_its_experience_and_the_scorer_uses_it(ray_session, tmp_path):
+    """PQN's fast runner counts every transition it samples (exactly env_steps of them, all
+    in the true support), the checkpoint carries the log, a restored algorithm goes on from
+    it, and score_checkpoint gives supervised and qss rows from it."""
+    from helpers import TINY
+
+    from qworld.agents.pqn import PQNConfig
+    from qworld.sweep.score import score_checkpoint
+
+    env_kwargs = {**TINY, "variant": "windy", "num_goals": 4}
+    config = PQNConfig().training(env_id=FOUR_ROOMS_ID, env_kwargs=env_kwargs, num_envs=8, rollout_length=8,
+                                  total_env_steps=2048, minibatch_size=32, hidden_sizes=[16])
+    algo = config.build_algo()
+    try:
+        for _ in range(3):
+            algo.train()
+        path = tmp_path / "checkpoint_000001"
+        algo.save_to_path(path)
+        log = load_experience(path)
+        assert log.num_transitions == log.counts.sum() == algo.env_steps_sampled() == 192
+        P = make_finite_problem(FOUR_ROOMS_ID, **env_kwargs).mdp.P
+        assert ((log.counts > 0) <= (P > 0)).all()
+        again = config.build_algo()
+        again.restore_from_path(path)
+        again.train()
+        assert again._experience.num_transitions == 256 and (again._experience.counts >= log.counts).all()
+        again.stop()
+    finally:
+        algo.stop()
+    rows = score_checkpoint(path, sweep="s", trial_id="t", methods=["pinv", "supervised", "qss"],
+                            env_steps=192)
+    by = {r[K.METHOD]: r for r in rows}
+    assert all(r[K.ERROR] is None for r in rows), [r[K.ERROR] for r in rows]
+    visits = log.visits()
+    assert by["supervised"][K.UNVISITED_FRACTION] == pytest.approx((visits == 0).mean())
+    assert by["qss"][K.P_MSE] > 0 and not by["qss"][K.ORACLE] and not by["supervised"][K.ORACLE]
+    assert by["pinv"][f"{K.RARE}/{K.FRACTION}"] == pytest.approx((visits < 5).mean())

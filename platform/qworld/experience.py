@@ -214,8 +214,8 @@ def finite_model(method: str, log: ExperienceLog | None) -> tuple[np.ndarray, np
         return supervised_p(log.counts)
     from qworld.qss import qss_world_model
 
-    P_hat, unseen = qss_world_model(log.counts)
-    return P_hat, unseen
+    model = qss_world_model(log.counts)
+    return model.P_hat, model.unseen
 
 
 def fit_supervised(problem: Any, states: Any, actions: Any, next_states: Any, config: Any = None,
