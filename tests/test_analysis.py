@@ -473,6 +473,23 @@ def test_error_vs_steps_plots_the_iqm_at_each_checkpoint(frame, tmp_path):
         plots.plot_error_vs_steps(frame.iloc[0:0], tmp_path / "none.png")
 
 
+def test_models_vs_steps_draws_extracted_and_explicit_models_per_cell(frame, tmp_path):
+    # Catches explicit models drawn solid (as if extracted from Q), cells merged into one
+    # panel, and a figure drawn when no explicit model was scored.
+    with pytest.raises(plots.NoDataError, match="explicit"):
+        plots.plot_models_vs_steps(frame, tmp_path / "none.png")
+    explicit = frame[frame[K.METHOD] == "pinv"].assign(**{K.METHOD: "supervised", K.P_MSE: lambda d: d[K.P_MSE] * 3})
+    both = pd.concat([frame, explicit], ignore_index=True)
+    fig = plots.plot_models_vs_steps(both, tmp_path / "m.png", metrics=(K.P_MSE, f"{K.RARE}/{K.P_MSE}")).figure
+    panels = axes_by_title(fig)
+    assert len(panels) == len(VARIANTS) * len(GOALS)  # rare/p_mse was not scored: one row
+    ax = next(a for title, a in panels.items() if "windy" in title and "num_goals=4" in title)
+    lines = lines_by_label(ax)
+    assert lines["supervised (not from Q)"].get_linestyle() == "--" and lines["pinv"].get_linestyle() == "-"
+    np.testing.assert_allclose(lines["supervised (not from Q)"].get_data()[1],
+                               [3 * final_iqm("windy", 4, "pinv", k) for k in range(NUM_CKPT)])
+
+
 def test_recovery_phase_shows_log10_iqm_per_method_and_goals(frame, tmp_path):
     # Catches a transposed grid (goals as rows), rows labelled with the wrong method, and
     # exact recovery (0) drawn as missing instead of on the floor.
@@ -819,6 +836,10 @@ def test_load_real_smoke_sweep(smoke_sweep, tmp_path):
     assert set(df[K.VARIANT]) == set(spec["sweep"]["variant"])
     assert (df[K.NUM_GOALS] == spec["goals"]["num_goals"]).all() and str(df[K.NUM_GOALS].dtype) == "Int64"
     assert df[K.P_MSE].notna().all() and df[K.P_MSE].dtype == np.float64
+    # the supervised model is built from each trial's own log: its unvisited share only falls
+    sup = df[df[K.METHOD] == "supervised"].sort_values(K.CHECKPOINT_INDEX)
+    assert sup[K.ERROR].isna().all() and sup[K.UNVISITED_FRACTION].between(0, 1).all()
+    assert (sup.groupby(K.TRIAL_ID)[K.UNVISITED_FRACTION].diff().dropna() <= 0).all()
     # each checkpoint joined to the training iteration that saved it
     assert (df["training_iteration"] == (df[K.CHECKPOINT_INDEX] + 1) * every).all()
     assert (df[K.ENV_STEPS] == df[K.TRAIN_ENV_STEPS]).all() and df[K.TRAIN_LOSS].notna().all()

@@ -56,8 +56,13 @@ PAPER_P_MSE = {
 
 
 def method_label(method: str) -> str:
-    """The method's name, with ``(oracle)`` for a method handed the true support of P."""
-    return f"{method} (oracle)" if method in K.ORACLE_METHODS else str(method)
+    """The method's name, with ``(oracle)`` for a method handed the true support of P and
+    ``(not from Q)`` for an explicit model (``qworld.experience.EXPLICIT_METHODS``)."""
+    from qworld.experience import EXPLICIT_METHODS
+
+    if method in K.ORACLE_METHODS:
+        return f"{method} (oracle)"
+    return f"{method} (not from Q)" if method in EXPLICIT_METHODS else str(method)
 
 
 def paper_p_mse(variant, num_goals, goal_type=None,
@@ -395,6 +400,68 @@ def plot_error_vs_steps(
     fig.suptitle(textwrap.fill(f"{_label(metric)} over training (IQM over runs; band: 95% bootstrap "
                                f"CI where ≥ {MIN_RUNS_FOR_CI} runs{note})",
                                55 * len(variants)), fontsize=11)
+    return _save(fig, path)
+
+
+def plot_models_vs_steps(
+    df: pd.DataFrame,
+    path: str | Path,
+    metrics: Sequence[str] = (K.P_MSE, f"{K.RARE}/{K.P_MSE}"),
+) -> Path:
+    """Models extracted from Q against explicit models (``supervised``, ``qss``,
+    ``forward_model``) of the same trials, over training.
+
+    One column of panels per grid cell, one row per metric; a line per method through the
+    IQM over runs at each checkpoint (95% bootstrap CI band where there are enough runs);
+    explicit models dashed. Metrics that no row has are left out.
+
+    Args:
+        df: rows of :func:`qworld_analysis.load` (``env_steps``, ``checkpoint_index``,
+            ``method``, the grid columns and ``metrics``).
+        path: the PNG to write.
+        metrics: error columns (log axes), e.g. ``p_mse``, ``rare/p_mse``, ``wm_delta_nmse_v``.
+    """
+    from qworld.experience import EXPLICIT_METHODS
+
+    metrics = [m for m in metrics if m in df.columns and df[m].notna().any()]
+    if not metrics:
+        raise NoDataError("models vs env steps: none of the metrics was scored")
+    rows = _need(df, [K.ENV_STEPS, K.CHECKPOINT_INDEX, K.METHOD], "models vs env steps")
+    if not rows[K.METHOD].isin(EXPLICIT_METHODS).any():
+        raise NoDataError(f"models vs env steps: no explicit model ({', '.join(EXPLICIT_METHODS)}) was scored")
+    cell_cols = _varying(rows, (K.ENV, K.ALGORITHM, K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS)) or [K.METHOD]
+    cells = _panel_keys(rows, cell_cols) if cell_cols != [K.METHOD] else [None]
+    method_list = sorted(rows[K.METHOD].unique(), key=lambda m: (m in EXPLICIT_METHODS, m))
+    colors = dict(zip(method_list, _colors(len(method_list))))
+    fig, axes = _figure(len(metrics), len(cells))
+    for i, metric in enumerate(metrics):
+        values = rows[metric].to_numpy(np.float64)
+        floor = _positive_floor(values)
+        for j, cell in enumerate(cells):
+            ax = axes[i, j]
+            part = rows if cell is None else _select(rows, cell_cols, cell)
+            for method in method_list:
+                line = part[(part[K.METHOD] == method) & part[metric].notna()]
+                if line.empty:
+                    continue
+                stats = summary(line, by=K.CHECKPOINT_INDEX, metric=metric, over=K.TRIAL_ID, reps=300)
+                steps = line.groupby(K.CHECKPOINT_INDEX)[K.ENV_STEPS].mean()
+                x = steps.reindex(stats[K.CHECKPOINT_INDEX]).to_numpy(np.float64)
+                order = np.argsort(x)
+                y, lo, hi = (np.maximum(stats[c].to_numpy(np.float64)[order], floor or 0)
+                             for c in ("iqm", "ci_low", "ci_high"))
+                style = (0, (5, 3)) if method in EXPLICIT_METHODS else "-"
+                ax.plot(x[order], y, color=colors[method], ls=style, lw=1.6, marker=".", label=method_label(method))
+                ax.fill_between(x[order], lo, hi, color=colors[method], alpha=0.15, lw=0)
+            _error_axis(ax, values, floor)
+            ax.set_xlabel(_label(K.ENV_STEPS))
+            ax.set_ylabel(_label(metric))
+            ax.set_title(_title(cell_cols, cell) if cell is not None else "all", fontsize=10)
+            ax.grid(True, alpha=0.3)
+            if ax.get_legend_handles_labels()[1]:
+                ax.legend(fontsize=7)
+    fig.suptitle(textwrap.fill("Extracted from Q (solid) vs explicit models from the same trial (dashed), "
+                               "over training (IQM over runs)", 55 * len(cells)), fontsize=11)
     return _save(fig, path)
 
 

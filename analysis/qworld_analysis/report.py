@@ -181,6 +181,13 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
            plots.plot_error_vs_goals, scored, metric=metric)
     figure("error_vs_steps", f"{metric} over training, per variant and method",
            plots.plot_error_vs_steps, scored, metric=metric)
+    wm_metrics = ((K.P_MSE, f"{K.RARE}/{K.P_MSE}") if metric == K.P_MSE else
+                  (K.WM_NMSE, *(c for c in sorted(scored.columns) if c.startswith(f"{K.WM_DELTA_NMSE}_")),
+                   f"{K.RARE}/{K.WM_NMSE}"))
+    figure("models_vs_steps", "World models extracted from Q against explicit models of the same trials "
+           "(the supervised model from the agent's own transitions, QSS, D3G's forward model), over training; "
+           f"{K.RARE}/: where the agent has almost no experience",
+           plots.plot_models_vs_steps, scored, metrics=wm_metrics)
     figure("recovery_phase", f"Recovery phase diagram (log10 {metric})",
            plots.plot_recovery_phase, scored, metric=metric)
     figure("training_curves", "Training curves",
@@ -526,14 +533,21 @@ def _methods_html(df: pd.DataFrame) -> str:
     """One line: which methods are oracles (handed the true support of P) and which are not."""
     if K.METHOD not in df.columns:
         return ""
+    from qworld.experience import EXPLICIT_METHODS
+
     methods = sorted(m for m in df[K.METHOD].dropna().unique() if m != K.LOAD_METHOD)
     oracles = [m for m in methods if m in K.ORACLE_METHODS]
-    honest = [m for m in methods if m not in K.ORACLE_METHODS]
+    explicit = [m for m in methods if m in EXPLICIT_METHODS]
+    honest = [m for m in methods if m not in K.ORACLE_METHODS and m not in EXPLICIT_METHODS]
     if not methods:
         return ""
-    return ("<p><b>Methods.</b> Oracle (handed the true support of P, a yardstick, not a "
-            f"finding): {html.escape(', '.join(oracles) or 'none')}. Not handed the support: "
-            f"{html.escape(', '.join(honest) or 'none')}.</p>")
+    line = ("<p><b>Methods.</b> Oracle (handed the true support of P, a yardstick, not a "
+            f"finding): {html.escape(', '.join(oracles) or 'none')}. Extracted from Q, not handed the support: "
+            f"{html.escape(', '.join(honest) or 'none')}.")
+    if explicit:
+        line += (" Explicit models, not from Q (learned from the agent's own transitions, or the agent's own "
+                 f"forward model; yardsticks on the same data): {html.escape(', '.join(explicit))}.")
+    return line + "</p>"
 
 
 def _versions() -> pd.DataFrame:
