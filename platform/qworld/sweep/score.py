@@ -217,7 +217,7 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models,
 
     from qworld.agents.adapter import agent_q_fn
     from qworld.bellman_grid import GridQ, grid_q_for_problem
-    from qworld.experience import CONTINUOUS_METHODS, fit_supervised, rare_state_mask
+    from qworld.experience import CONTINUOUS_METHODS, fit_supervised
     from qworld.planning_continuous import default_grid_shape, evaluate_unseen_goal
     from qworld.plearn.continuous import METHODS, PLearnConfig, p_learn
     from qworld.scoring_continuous import nmse_torch, score_world_model
@@ -249,13 +249,7 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models,
         except Exception as exc:  # noqa: BLE001 - the world-model scores still count
             shared[K.Q_NMSE] = float("nan")
             q_error = f"{K.Q_NMSE}: {_error_text(exc)}"
-    rare = None
-    if experience is not None and not experience.finite and experience.num_transitions:
-        dyn = problem.dynamics
-
-        def rare(states: torch.Tensor):
-            return rare_state_mask(states, experience.states, dyn.low, dyn.high)
-
+    rare = _rare_states(experience, problem)
     rows = []
     for method in methods:
         row = {**shared, K.METHOD: method, K.ORACLE: method in K.ORACLE_METHODS, K.ERROR: q_error}
@@ -291,6 +285,17 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models,
             row[K.ERROR] = _error_text(exc)
         rows.append(row)
     return rows
+
+
+def _rare_states(experience: Any, problem: Any):
+    """``states [B, d] -> [B]`` bool, states far from any the trial experienced; None without
+    a continuous log."""
+    if experience is None or experience.finite or not experience.num_transitions:
+        return None
+    from qworld.experience import rare_state_mask
+
+    dyn = problem.dynamics
+    return lambda states: rare_state_mask(states, experience.states, dyn.low, dyn.high)
 
 
 def _agent_forward_model(qfun: Any):
