@@ -129,6 +129,8 @@ class D3GConfig(AlgorithmConfig):
         num_envs=NotProvided,
         rollout_length=NotProvided,
         total_env_steps=NotProvided,
+        gamma=NotProvided,
+        lr=NotProvided,
         batch_size=NotProvided,
         updates_per_iteration=NotProvided,
         learning_starts=NotProvided,
@@ -142,8 +144,9 @@ class D3GConfig(AlgorithmConfig):
         epsilon_decay_fraction=NotProvided,
         **kwargs,
     ) -> "D3GConfig":
-        """RLlib's ``training()`` (``gamma``, ``lr``, ...) plus every D3G field (see ``__init__``)."""
-        super().training(**kwargs)
+        """RLlib's ``training()`` (``gamma`` and ``lr`` are RLlib's own fields) plus every D3G field
+        (see ``__init__``)."""
+        super().training(gamma=gamma, lr=lr, **kwargs)
         ours = dict(locals())
         for name in D3G_FIELDS:
             value = ours.get(name, NotProvided)

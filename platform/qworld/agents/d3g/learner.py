@@ -51,7 +51,8 @@ INVERSE_LOSS_KEY = "inverse_loss"
 TAU_LOSS_KEY = "tau_loss"
 Q_MEAN_KEY = "q_mean"
 
-OPTIMIZERS = ("critic", "forward", "inverse", "tau")  # optimizer name = module attribute
+# optimizer name -> the module attribute it trains
+OPTIMIZERS = {"critic": "critic", "forward": "forward_model", "inverse": "inverse_model", "tau": "tau"}
 
 
 @contextlib.contextmanager
@@ -129,8 +130,8 @@ class D3GTorchLearner(TorchLearner):
         module = self._module[module_id]
         module = module.unwrapped() if hasattr(module, "unwrapped") else module
         lr = float(self.config.lr)
-        for name in OPTIMIZERS:
-            params = list(getattr(module, name).parameters())
+        for name, attr in OPTIMIZERS.items():
+            params = list(getattr(module, attr).parameters())
             self.register_optimizer(module_id=module_id, optimizer_name=name,
                                     optimizer=torch.optim.Adam(params, lr=lr), params=params, lr_or_lr_schedule=lr)
 
