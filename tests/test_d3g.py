@@ -182,3 +182,13 @@ def test_family_d3g_builds_and_refuses_a_finite_env():
     assert cfg.qworld_config()["num_goals"] == 3 and cfg.qworld_config()["algorithm"] == "d3g"
     bad = fam.build_config("qworld/FourRooms-v0", {}, {})
     assert any("is finite; d3g runs on continuous envs" in e for e in bad.qworld_errors())
+
+
+def test_config_round_trips_through_a_tune_style_dict():
+    from qworld.agents.d3g import D3G, D3GConfig
+
+    cfg = D3GConfig().training(env_id=REACHER, policy_delay=3, hidden_sizes=(64, 32), gamma=0.9, lr=1e-3)
+    back = D3G.get_default_config().update_from_dict(cfg.debugging(seed=3).to_dict())
+    assert back.qworld_config() == cfg.qworld_config()
+    assert back.policy_delay == 3 and back.hidden_sizes == [64, 32] and back.gamma == 0.9 and back.lr == 1e-3
+    assert back.env_id == REACHER and back.seed == 3

@@ -75,13 +75,15 @@ class D3GConfig(AlgorithmConfig):
     """Configuration of goal-conditioned D3G; set fields with ``training(...)``.
 
     Defaults are D3G's public hyperparameters (2 x 256 ReLU nets, Adam 3e-4, batch 256,
-    Polyak 0.005, proposal every 2 critic steps) except, as deviations for this CPU:
-    a replay ratio of 0.25 gradient steps per env step (D3G: 1; here 16 steps per
-    4 envs x 16 steps), 1 000 learning-start steps and 100k capacity (D3G, from TD3:
-    10k starts, 1e6 capacity), and epsilon-greedy exploration 1 -> 0.05 over the first
-    10 % of the budget (D3G explores with Gaussian noise on continuous actions; the
-    discrete analogue is epsilon-greedy). Set ``updates_per_iteration = num_envs *
-    rollout_length`` for the paper's ratio.
+    Polyak 0.005, proposal every 2 critic steps) except, as deviations:
+
+    - replay ratio 0.25 gradient steps per env step (D3G: 1), for this 2-core CPU: 16
+      gradient steps per ``training_step`` of 4 envs x 16 steps. Set
+      ``updates_per_iteration = num_envs * rollout_length`` for the paper's ratio;
+    - 1 000 learning-start steps and a 100k-step buffer (sized for qworld's small envs,
+      as MR.Q's here; not the paper's);
+    - epsilon-greedy exploration 1 -> 0.05 over the first 10 % of the budget (D3G adds
+      Gaussian noise to continuous actions; epsilon-greedy is the discrete analogue).
 
     RLlib settings derived from D3G fields (``env`` <- ``env_id``, ``env_config`` <-
     ``env_kwargs``, ``num_envs_per_env_runner`` <- ``num_envs``,
