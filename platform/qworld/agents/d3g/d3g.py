@@ -1,0 +1,360 @@
+"""Goal-conditioned D3G (Edwards et al., "Estimating Q(s, s') with Deep Deterministic
+Dynamics Gradients", ICML 2020) on RLlib's new API stack, for qworld's continuous envs.
+
+One ``training_step`` =
+
+1. sample ``rollout_length`` steps from each of ``num_envs`` copies of the gymnasium goal
+   env with RLlib's own ``SingleAgentEnvRunner`` (epsilon-greedy around
+   ``argmax I(s, s + tau(s, g))`` on the commanded goal); the episodes keep the env's
+   infos, so every transition carries the world-model states (``info["state"]``) and
+   ``rewards [L]`` / ``terminals [L]`` of every goal;
+2. add the episodes to RLlib's ``EpisodeReplayBuffer``;
+3. past ``learning_starts`` env steps: sample ``updates_per_iteration * batch_size``
+   single transitions and run ``updates_per_iteration`` gradient steps on them
+   (``D3GTorchLearner``: every goal of the set learns from every transition);
+4. sync the weights to the env runners.
+
+D3G runs on the continuous envs only (``qworld_envs.CONTINUOUS_ENVS`` with an inverse
+observation in ``qworld.agents.d3g.unobserve``): its networks live in the world-model
+state space, which a finite env's one-hot observation has no use for.
+
+Example::
+
+    config = D3GConfig().training(env_id="qworld/MountainCar-v0", total_env_steps=100_000)
+    algo = config.build_algo()
+    algo.train()
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+import qworld_envs  # noqa: F401  (registers the gymnasium envs in every process)
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TIMERS,
+)
+from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
+
+from qworld import metrics as K
+from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_notice
+from qworld.agents.pqn.module import linear_epsilon
+from qworld.agents.pqn.problem import ProblemInfo, jsonable, probe_problem
+from qworld.agents.d3g import learner as LR
+from qworld.agents.d3g.module import D3GTorchRLModule
+
+ALGORITHM_NAME = "d3g"
+
+quiet_new_api_stack_notice("D3G")
+
+# The D3G fields of the config, in the order the JSON config lists them.
+D3G_FIELDS = (
+    "env_id", "env_kwargs", "num_envs", "rollout_length", "total_env_steps", "gamma", "lr",
+    "batch_size", "updates_per_iteration", "learning_starts", "buffer_capacity", "tau_polyak",
+    "policy_delay", "hidden_sizes", "delta_fraction", "epsilon_start", "epsilon_end",
+    "epsilon_decay_fraction", "seed",
+)
+
+
+class D3GConfig(AlgorithmConfig):
+    """Configuration of goal-conditioned D3G; set fields with ``training(...)``.
+
+    Defaults are D3G's public hyperparameters (2 x 256 ReLU nets, Adam 3e-4, batch 256,
+    Polyak 0.005, proposal every 2 critic steps) except, as deviations:
+
+    - replay ratio 0.25 gradient steps per env step (D3G: 1), for this 2-core CPU: 16
+      gradient steps per ``training_step`` of 4 envs x 16 steps. Set
+      ``updates_per_iteration = num_envs * rollout_length`` for the paper's ratio;
+    - 1 000 learning-start steps and a 100k-step buffer (sized for qworld's small envs,
+      as MR.Q's here; not the paper's);
+    - epsilon-greedy exploration 1 -> 0.05 over the first 10 % of the budget (D3G adds
+      Gaussian noise to continuous actions; epsilon-greedy is the discrete analogue).
+
+    RLlib settings derived from D3G fields (``env`` <- ``env_id``, ``env_config`` <-
+    ``env_kwargs``, ``num_envs_per_env_runner`` <- ``num_envs``,
+    ``rollout_fragment_length`` <- ``rollout_length``) are overwritten in ``validate()``;
+    set the D3G fields instead. ``gamma``, ``lr`` and ``seed`` are RLlib's own fields.
+    """
+
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or D3G)
+        # --- problem
+        self.env_id: str = qworld_envs.MOUNTAIN_CAR_ID  # a continuous gymnasium goal env id
+        self.env_kwargs: Dict[str, Any] = {}  # env kwargs (goal_type, num_goals, reward, ...)
+        # --- sampling
+        self.num_envs: int = 4  # gymnasium env copies per env runner
+        self.rollout_length: int = 16  # steps per env per training_step
+        self.total_env_steps: int = 1_000_000  # budget: the epsilon schedule refers to it
+        # --- targets and optimisation
+        self.gamma = 0.99  # discount
+        self.lr = 3e-4  # Adam lr of all four networks (D3G: 3e-4)
+        self.grad_clip = None  # no gradient clipping (D3G)
+        # --- replay and updates
+        self.batch_size: int = 256  # transitions per gradient step (D3G: 256)
+        self.updates_per_iteration: int = 16  # gradient steps per training_step (replay ratio 16 / 64)
+        self.learning_starts: int = 1_000  # env steps before the first update
+        self.buffer_capacity: int = 100_000  # env steps the EpisodeReplayBuffer holds
+        self.tau_polyak: float = 0.005  # soft target update rate (D3G: 0.005)
+        self.policy_delay: int = 2  # critic steps per proposal (tau) step and target update (D3G: 2)
+        # --- networks
+        self.hidden_sizes: List[int] = [256, 256]  # ReLU MLP widths of every network (D3G: 2 x 256)
+        self.delta_fraction: float = 0.05  # f's and tau's output scale: this fraction of the state box
+        # --- exploration (epsilon-greedy on the commanded goal, over env steps)
+        self.epsilon_start: float = 1.0
+        self.epsilon_end: float = 0.05
+        self.epsilon_decay_fraction: float = 0.1  # of total_env_steps
+        # --- RLlib
+        self.num_env_runners = 0
+        self.env = self.env_id
+
+    @override(AlgorithmConfig)
+    def training(
+        self,
+        *,
+        env_id=NotProvided,
+        env_kwargs=NotProvided,
+        num_envs=NotProvided,
+        rollout_length=NotProvided,
+        total_env_steps=NotProvided,
+        gamma=NotProvided,
+        lr=NotProvided,
+        batch_size=NotProvided,
+        updates_per_iteration=NotProvided,
+        learning_starts=NotProvided,
+        buffer_capacity=NotProvided,
+        tau_polyak=NotProvided,
+        policy_delay=NotProvided,
+        hidden_sizes=NotProvided,
+        delta_fraction=NotProvided,
+        epsilon_start=NotProvided,
+        epsilon_end=NotProvided,
+        epsilon_decay_fraction=NotProvided,
+        **kwargs,
+    ) -> "D3GConfig":
+        """RLlib's ``training()`` (``gamma`` and ``lr`` are RLlib's own fields) plus every D3G field
+        (see ``__init__``)."""
+        super().training(gamma=gamma, lr=lr, **kwargs)
+        ours = dict(locals())
+        for name in D3G_FIELDS:
+            value = ours.get(name, NotProvided)
+            if name in ("gamma", "lr", "seed") or value is NotProvided:
+                continue
+            if name == "hidden_sizes" and isinstance(value, (list, tuple)):
+                value = list(value)
+            if name == "env_kwargs" and value is not None:
+                value = dict(value)
+            setattr(self, name, value)
+        if env_id is not NotProvided:
+            self.env = env_id
+        return self
+
+    def problem(self) -> ProblemInfo:
+        """Sizes and goal set of ``env_id`` with ``env_kwargs`` (cached per process)."""
+        return probe_problem(self.env_id, self.env_kwargs)
+
+    def epsilon_decay_steps(self) -> float:
+        return float(self.epsilon_decay_fraction) * float(self.total_env_steps)
+
+    def d3g_model_config(self) -> Dict[str, Any]:
+        p = self.problem()
+        dyn = qworld_envs.make_continuous_problem(self.env_id, **p.env_kwargs).dynamics
+        return dict(
+            obs_dim=p.obs_dim, goal_dim=p.goal_dim, num_goals=p.num_goals, num_actions=p.num_actions,
+            goal_features=p.goal_features, env_id=self.env_id, env_kwargs=p.env_kwargs,
+            state_low=list(dyn.low), state_high=list(dyn.high), periodic=list(dyn.periodic),
+            hidden_sizes=list(self.hidden_sizes), delta_fraction=float(self.delta_fraction),
+            epsilon_start=float(self.epsilon_start), epsilon_end=float(self.epsilon_end),
+            epsilon_decay_steps=self.epsilon_decay_steps(),
+        )
+
+    def qworld_config(self) -> Dict[str, Any]:
+        """The resolved trial config (JSON-able): D3G fields, problem, goal set, sizes."""
+        p = self.problem()
+        out: Dict[str, Any] = {"algorithm": ALGORITHM_NAME, "head": "all_goals"}
+        for name in D3G_FIELDS:
+            out[name] = jsonable(getattr(self, name))
+        out.update(p.trial_config())
+        return out
+
+    def qworld_errors(self) -> List[str]:
+        """Every bad D3G field, one message each (empty when valid)."""
+        from qworld.agents.d3g.unobserve import UNOBSERVE, round_trip_error
+
+        errors = []
+
+        def need(cond: bool, field: str, allowed: str) -> None:
+            if not cond:
+                errors.append(f"{field}={getattr(self, field)!r}: must be {allowed}")
+
+        def is_int(x):
+            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+        def is_num(x):
+            return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+        supported = sorted(UNOBSERVE)
+        if self.env_id in getattr(qworld_envs, "FINITE_ENVS", {}):
+            errors.append(f"env_id: {self.env_id!r} is finite; d3g runs on continuous envs: {supported}")
+        elif self.env_id not in UNOBSERVE:
+            errors.append(f"env_id: {self.env_id!r} is not supported; d3g runs on continuous envs: {supported}")
+        for f in ("num_envs", "rollout_length", "total_env_steps", "batch_size", "updates_per_iteration",
+                  "buffer_capacity", "policy_delay"):
+            need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an int >= 1")
+        need(is_int(self.learning_starts) and self.learning_starts >= 0, "learning_starts", "an int >= 0")
+        need(is_num(self.gamma) and 0 < self.gamma <= 1, "gamma", "a number in (0, 1]")
+        need(is_num(self.lr) and self.lr > 0, "lr", "a number > 0")
+        need(is_num(self.tau_polyak) and 0 < self.tau_polyak <= 1, "tau_polyak", "a number in (0, 1]")
+        need(is_num(self.delta_fraction) and self.delta_fraction > 0, "delta_fraction", "a number > 0")
+        for f in ("epsilon_start", "epsilon_end", "epsilon_decay_fraction"):
+            need(is_num(getattr(self, f)) and 0 <= getattr(self, f) <= 1, f, "a number in [0, 1]")
+        v = self.hidden_sizes
+        need(isinstance(v, (list, tuple)) and len(v) > 0 and all(is_int(h) and h >= 1 for h in v), "hidden_sizes",
+             "a non-empty list of ints >= 1")
+        need(isinstance(self.env_kwargs, dict), "env_kwargs", "a dict")
+        if not errors:  # the inverse observation must undo the env's observe (env kwargs may change it)
+            try:
+                problem = qworld_envs.make_continuous_problem(self.env_id, **self.env_kwargs)
+            except Exception as e:  # reported by validate() with the env's own message
+                problem = None
+                errors.append(f"env_kwargs={self.env_kwargs!r}: {self.env_id} cannot be built: {type(e).__name__}: {e}")
+            if problem is not None and not round_trip_error(problem) < 1e-4:
+                errors.append(f"env_id: {self.env_id!r} observes its state in a way d3g cannot invert; "
+                              f"d3g runs on continuous envs: {supported}")
+        return errors
+
+    @override(AlgorithmConfig)
+    def validate(self) -> None:
+        """ValueError naming every bad D3G field; then derives RLlib's settings and runs its checks."""
+        errors = self.qworld_errors()
+        if errors:
+            raise ValueError("invalid D3GConfig:\n  - " + "\n  - ".join(errors))
+        try:
+            self.problem()
+        except Exception as e:
+            raise ValueError(f"invalid D3GConfig: env_id={self.env_id!r} with env_kwargs={self.env_kwargs!r} "
+                             f"cannot be built: {type(e).__name__}: {e}") from e
+        self.env = self.env_id
+        self.env_config = dict(self.env_kwargs)
+        self.num_envs_per_env_runner = int(self.num_envs)
+        self.rollout_fragment_length = int(self.rollout_length)
+        self.env_runner_cls = SingleAgentEnvRunner
+        self.train_batch_size_per_learner = int(self.batch_size) * int(self.updates_per_iteration)
+        super().validate()
+
+    @override(AlgorithmConfig)
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        return RLModuleSpec(module_class=D3GTorchRLModule, model_config=self.d3g_model_config())
+
+    @override(AlgorithmConfig)
+    def get_default_learner_class(self):
+        return LR.D3GTorchLearner
+
+
+# ---------------------------------------------------------------------- replay
+def slices_to_transitions(slices: Sequence[Any], num_goals: int) -> Dict[str, np.ndarray]:
+    """One-step episode slices -> ``{states, next_states [N, d], actions [N], rewards / terminals [N, L]}``.
+
+    Transition k's states are ``infos[k]["state"]`` -> ``infos[k + 1]["state"]`` and its
+    rewards / terminals of every goal ``infos[k + 1]["rewards"]`` / ``["terminals"]`` (the
+    info the env returned with ``s_{k+1}``; CONTRACTS.md).
+    """
+    infos = [list(s.get_infos()) for s in slices]
+    L = int(num_goals)
+    return {
+        LR.STATES: np.stack([np.asarray(f[0]["state"], np.float32) for f in infos]),
+        LR.NEXT_STATES: np.stack([np.asarray(f[1]["state"], np.float32) for f in infos]),
+        LR.ACTIONS: np.asarray([np.asarray(s.get_actions()).reshape(-1)[0] for s in slices], np.int64),
+        LR.REWARDS: np.stack([np.asarray(f[1]["rewards"], np.float32).reshape(L) for f in infos]),
+        LR.TERMINALS: np.stack([np.asarray(f[1]["terminals"], np.float32).reshape(L) for f in infos]),
+    }
+
+
+def sample_transitions(buffer: Any, num: int, num_goals: int) -> Dict[str, np.ndarray]:
+    """``num`` uniformly drawn transitions from an RLlib ``EpisodeReplayBuffer``.
+
+    The buffer counts a one-step slice as 2 items, so asking for ``2 num`` items gives at
+    least ``num`` slices; empty slices (an episode's last observation) are dropped.
+    """
+    out: List[Any] = []
+    while len(out) < num:
+        got = buffer.sample(batch_size_B=(num - len(out)) * 2, batch_length_T=1, n_step=1,
+                            sample_episodes=True, include_infos=True, lookback=0)
+        out.extend(s for s in got if len(s) > 0)
+    return slices_to_transitions(out[:num], num_goals)
+
+
+class D3G(QworldAlgorithmMixin, Algorithm):
+    """Goal-conditioned D3G on RLlib's new API stack (see module doc)."""
+
+    @classmethod
+    @override(Algorithm)
+    def get_default_config(cls) -> D3GConfig:
+        return D3GConfig()
+
+    @override(Algorithm)
+    def setup(self, config) -> None:
+        super().setup(config)
+        self.replay_buffer = EpisodeReplayBuffer(capacity=int(self.config.buffer_capacity), seed=self.config.seed)
+
+    def live_module(self) -> D3GTorchRLModule:
+        """The local learner's module (the one being trained)."""
+        return self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+
+    @override(Algorithm)
+    def training_step(self) -> None:
+        cfg: D3GConfig = self.config
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            episodes, runner_results = synchronous_parallel_sample(
+                worker_set=self.env_runner_group, concat=True, sample_timeout_s=cfg.sample_timeout_s,
+                _uses_new_env_runners=True, _return_metrics=True,
+            )
+        self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
+        self.replay_buffer.add(episodes)
+        env_steps = self.env_steps_sampled()
+
+        def log(name: str, value: Any) -> None:
+            if value is not None:
+                self.metrics.log_value(tuple(name.split("/")), value, window=1)
+
+        log(K.TRAIN_EPSILON, linear_epsilon(env_steps, cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_decay_steps()))
+        if env_steps < cfg.learning_starts or self.replay_buffer.get_num_timesteps() == 0:
+            return
+        p = cfg.problem()
+        U, B = int(cfg.updates_per_iteration), int(cfg.batch_size)
+        batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(sample_transitions(self.replay_buffer, U * B,
+                                                                                     p.num_goals))}, env_steps=U * B)
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            learner_results = self.learner_group.update(
+                batch=batch,
+                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: env_steps},
+                num_epochs=1,
+                minibatch_size=B,
+                shuffle_batch_per_epoch=False,
+            )
+        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+
+        def learner_value(key: str) -> Any:
+            try:
+                return self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, key))
+            except KeyError:
+                return None
+
+        log(K.TRAIN_LOSS, learner_value(LR.CRITIC_LOSS_KEY))
+        log(K.TRAIN_Q_MEAN, learner_value(LR.Q_MEAN_KEY))

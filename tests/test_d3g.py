@@ -1,0 +1,194 @@
+"""Goal-conditioned D3G: its targets and losses by hand (no Ray), then training through Ray
+on MountainCar, a checkpoint and ``load_q`` without Ray, the forward model learning the
+toy Reacher's dynamics, and the family registry."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qworld import metrics as K
+from qworld.agents.d3g import losses as Lz
+
+from helpers import flat  # noqa: E402
+
+MOUNTAIN_CAR = "qworld/MountainCar-v0"
+REACHER = "qworld/Reacher-v0"
+
+
+# ------------------------------------------------------------------ pure targets / losses
+def test_critic_target_takes_the_min_of_the_twins_and_stops_at_terminals():
+    rewards = torch.tensor([[1.0, 0.0]])
+    terminals = torch.tensor([[True, False]])
+    q_next = torch.tensor([[[5.0, 3.0], [2.0, 4.0]]])  # [B=1, L=2, twins]
+    target = Lz.critic_target(rewards, terminals, q_next, 0.5)
+    torch.testing.assert_close(target, torch.tensor([[1.0, 0.5 * 2.0]]))
+    # both twins regress on the same target: (5 - 1)^2 + (3 - 1)^2 for goal 0, (2 - 1)^2 + (4 - 1)^2 for goal 1
+    assert Lz.critic_loss(q_next, target).item() == pytest.approx((16 + 4 + 1 + 9) / 2)
+
+
+def test_model_losses_are_zero_exactly_for_perfect_models():
+    delta, scale = torch.tensor([[0.1, -0.002]]), torch.tensor([0.1, 0.01])
+    assert Lz.forward_loss(delta, delta, scale).item() == 0.0
+    # errors count per dim in units of the scale: 0.1 / 0.1 and 0.01 / 0.01 -> mean of 1 and 1
+    assert Lz.forward_loss(delta + torch.tensor([[0.1, 0.01]]), delta, scale).item() == pytest.approx(1.0)
+    confident = torch.tensor([[50.0, 0.0, 0.0], [0.0, 0.0, 50.0]])
+    assert Lz.inverse_loss(confident, torch.tensor([0, 2])).item() == pytest.approx(0.0, abs=1e-6)
+    assert Lz.inverse_loss(confident, torch.tensor([1, 1])).item() > 10
+    # proposal: a reachable proposal (gap 0) costs -Q only
+    assert Lz.tau_loss(torch.tensor([[2.0]]), torch.zeros(1, 1, 2)).item() == -2.0
+    assert Lz.tau_loss(torch.tensor([[2.0]]), torch.ones(1, 1, 2)).item() == 0.0
+
+
+def test_soft_update_moves_targets_by_tau():
+    online, target = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        online.weight.fill_(1.0), target.weight.fill_(0.0)
+    Lz.soft_update(target, online, 0.25)
+    assert target.weight.item() == pytest.approx(0.25)
+
+
+def test_config_names_every_bad_field_and_refuses_finite_envs():
+    from qworld.agents.d3g import D3GConfig
+
+    cfg = D3GConfig().training(policy_delay=0, gamma=1.5, hidden_sizes=[], tau_polyak=0.0)
+    with pytest.raises(ValueError) as e:
+        cfg.validate()
+    for field in ("policy_delay", "gamma", "hidden_sizes", "tau_polyak"):
+        assert field in str(e.value)
+    errors = D3GConfig().training(env_id="qworld/FourRooms-v0").qworld_errors()
+    assert errors == ["env_id: 'qworld/FourRooms-v0' is finite; d3g runs on continuous envs: "
+                      "['qworld/MountainCar-v0', 'qworld/MujocoReacher-v0', 'qworld/Reacher-v0']"]
+    assert D3GConfig().training(env_id=REACHER).qworld_errors() == []
+
+
+def test_unobserve_inverts_each_continuous_envs_observation():
+    import qworld_envs
+    from qworld.agents.d3g.unobserve import round_trip_error
+
+    for env_id in (MOUNTAIN_CAR, REACHER):
+        assert round_trip_error(qworld_envs.make_continuous_problem(env_id)) < 1e-5, env_id
+
+
+# ------------------------------------------------------------------ through Ray
+def restart_ray():
+    """Ray as conftest's ``ray_session`` starts it (after a test shut it down)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}})
+
+
+def tiny_config(**overrides):
+    from qworld.agents.d3g import D3GConfig
+
+    kw = dict(env_id=MOUNTAIN_CAR, num_envs=2, rollout_length=16, learning_starts=32, batch_size=16,
+              updates_per_iteration=8, total_env_steps=2000, hidden_sizes=[32, 32])
+    kw.update(overrides)
+    return D3GConfig().training(**kw).debugging(seed=0)
+
+
+def test_d3g_trains_checkpoints_and_load_q_restores_without_ray(ray_session, tmp_path):
+    from qworld.agents import load_q
+    from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
+
+    algo = tiny_config().build_algo()
+    try:
+        module = algo.live_module()
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        results = [algo.train() for _ in range(3)]
+        last = flat(results[-1])
+        steps = last["env_runners/num_env_steps_sampled_lifetime"]
+        assert 96 <= steps <= 100 and algo.env_steps_sampled() == steps  # 3 x 2 envs x 16 steps
+        assert isinstance(algo.replay_buffer, EpisodeReplayBuffer) and algo.replay_buffer.get_num_timesteps() == steps
+        for key in (K.TRAIN_LOSS, K.TRAIN_Q_MEAN, K.TRAIN_EPSILON):
+            assert key in last and np.isfinite(last[key]), key
+        for key in ("forward_loss", "inverse_loss", "tau_loss"):
+            assert np.isfinite(last[f"learners/default_policy/{key}"]), key
+        state = module.state_dict()
+        for name in ("critic.q1.0.weight", "tau.0.weight", "forward_model.0.weight", "inverse_model.0.weight",
+                     "target_critic.q2.0.weight", "target_tau.0.weight"):
+            assert not torch.equal(state[name], before[name]), name
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+        live = algo.q_function()
+        rng = np.random.default_rng(0)
+        obs = rng.uniform(-1, 1, size=(6, 2)).astype(np.float32)
+        goals = np.array([0, 1, 2, 3, 0, 1])
+        states = torch.as_tensor(rng.uniform([-1.2, -0.07], [0.6, 0.07], size=(6, 2)))
+        actions = torch.tensor([0, 1, 2, 0, 1, 2])
+        q_live, qg_live = live.q(obs), live.q(obs, goals)
+        model_live = live.module.forward_model_states(states, actions)
+    finally:
+        algo.stop()
+    ray_session.shutdown()
+    try:
+        q = load_q(path)
+        assert not ray_session.is_initialized()
+    finally:
+        restart_ray()
+    np.testing.assert_array_equal(q.q(obs), q_live)
+    np.testing.assert_array_equal(q.q(obs, goals), qg_live)
+    assert q.q(obs).shape == (6, 4, 3) and np.isfinite(q_live).all()
+    np.testing.assert_allclose(q.q(obs, goals), q_live[np.arange(6), goals], rtol=1e-6)
+    model = q.module.forward_model_states(states, actions)
+    torch.testing.assert_close(model, model_live, rtol=0, atol=0)
+    assert model.shape == (6, 2) and model.dtype == torch.float64
+    c = q.config
+    assert c["algorithm"] == "d3g" and c["env_id"] == MOUNTAIN_CAR and c["finite"] is False
+    assert c["num_goals"] == 4 and c["env_steps"] == steps and c["policy_delay"] == 2
+    json.dumps(c)
+
+
+def test_forward_model_learns_the_true_dynamics(ray_session):
+    """~250 gradient steps on the toy Reacher: the Delta-s error of f on fresh true
+    transitions from the reset distribution falls well below the identity model's."""
+    import qworld_envs
+
+    dyn = qworld_envs.make_continuous_problem(REACHER).dynamics
+    gen = torch.Generator().manual_seed(1)
+    s = dyn.reset_states(512, gen)
+    a = torch.randint(dyn.num_actions, (512,), generator=gen)
+    true_delta = dyn.delta(dyn.step(s, a), s)
+    algo = tiny_config(env_id=REACHER, num_envs=4, learning_starts=64, batch_size=64, updates_per_iteration=32,
+                       total_env_steps=100_000, hidden_sizes=[64, 64]).build_algo()
+    try:
+        module = algo.live_module()
+        scale = module.delta_scale.double()
+
+        def mse(pred_delta):
+            return float(((pred_delta - true_delta) / scale).square().mean())
+
+        identity = mse(torch.zeros_like(true_delta))
+        for _ in range(9):
+            algo.train()
+        learned = mse(dyn.delta(module.forward_model_states(s, a), s))
+    finally:
+        algo.stop()
+    assert learned < 0.25 * identity, (learned, identity)
+
+
+# ------------------------------------------------------------------ family registry
+def test_family_d3g_builds_and_refuses_a_finite_env():
+    from qworld.agents.d3g import D3G, D3GConfig
+    from qworld.agents.families import family
+
+    fam = family("d3g")
+    assert fam.algo_class() is D3G and fam.config_class() is D3GConfig
+    assert {"policy_delay", "tau_polyak", "hidden_sizes", "gamma", "lr"} <= set(fam.keywords())
+    cfg = fam.build_config(REACHER, {"num_goals": 3}, {"policy_delay": 3}, total_env_steps=5000)
+    assert cfg.qworld_errors() == [] and cfg.total_env_steps == 5000
+    assert cfg.qworld_config()["num_goals"] == 3 and cfg.qworld_config()["algorithm"] == "d3g"
+    bad = fam.build_config("qworld/FourRooms-v0", {}, {})
+    assert any("is finite; d3g runs on continuous envs" in e for e in bad.qworld_errors())
+
+
+def test_config_round_trips_through_a_tune_style_dict():
+    from qworld.agents.d3g import D3G, D3GConfig
+
+    cfg = D3GConfig().training(env_id=REACHER, policy_delay=3, hidden_sizes=(64, 32), gamma=0.9, lr=1e-3)
+    back = D3G.get_default_config().update_from_dict(cfg.debugging(seed=3).to_dict())
+    assert back.qworld_config() == cfg.qworld_config()
+    assert back.policy_delay == 3 and back.hidden_sizes == [64, 32] and back.gamma == 0.9 and back.lr == 1e-3
+    assert back.env_id == REACHER and back.seed == 3
