@@ -810,7 +810,7 @@ SMOKE = ROOT / "tune_configs" / "smoke.yaml"
 def smoke_sweep(tmp_path_factory) -> Path:
     storage = tmp_path_factory.mktemp("smoke_storage")
     cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE), "--storage", str(storage),
-           "--set", "wandb.mode=disabled"]
+           "--set", "wandb.mode=disabled", "--set", "extract.methods=[pinv, column_match, supervised]"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -822,7 +822,7 @@ def test_load_real_smoke_sweep(smoke_sweep, tmp_path):
     import yaml
     from qworld_envs import four_rooms
 
-    spec = yaml.safe_load(SMOKE.read_text())
+    spec = yaml.safe_load((smoke_sweep / "sweep.yaml").read_text())  # the file as run, with --set
     cells = math.prod(len(v) for v in spec["sweep"].values())
     methods = spec["extract"]["methods"]
     iterations = spec["stop"]["env_steps"] // (spec["agent"]["num_envs"] * spec["agent"]["rollout_length"])

@@ -3,6 +3,7 @@ on MountainCar, a checkpoint and ``load_q`` without Ray, the forward model learn
 toy Reacher's dynamics, and the family registry."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -139,6 +140,26 @@ def test_d3g_trains_checkpoints_and_load_q_restores_without_ray(ray_session, tmp
     assert c["algorithm"] == "d3g" and c["env_id"] == MOUNTAIN_CAR and c["finite"] is False
     assert c["num_goals"] == 4 and c["env_steps"] == steps and c["policy_delay"] == 2
     json.dumps(c)
+
+    # the trial's experience: every sampled transition, true dynamics from info["state"]
+    from qworld.experience import load_experience
+    from qworld.scoring_continuous import true_mean_fn
+    from qworld.sweep.score import score_checkpoint
+    from qworld_envs import make_continuous_problem
+
+    log = load_experience(path)
+    assert log.num_transitions == steps and len(log.states) == steps
+    dyn = make_continuous_problem(MOUNTAIN_CAR).dynamics
+    true_next = true_mean_fn(dyn)(torch.as_tensor(log.states, dtype=torch.float64), torch.as_tensor(log.actions))
+    np.testing.assert_allclose(log.next_states, true_next.numpy(), rtol=0, atol=1e-6)
+    ckpt = tmp_path / "checkpoint_000000"
+    pathlib.Path(path).rename(ckpt)
+    rows = score_checkpoint(ckpt, sweep="s", trial_id="t", methods=["forward_model", "supervised"],
+                            options={K.Q_NMSE: {"grid_shape": None}, "supervised": {"steps": 20, "batch_size": 64}})
+    by = {r[K.METHOD]: r for r in rows}
+    assert all(r[K.ERROR] is None for r in rows), [r[K.ERROR] for r in rows]
+    assert by["forward_model"][K.ALGORITHM] == "d3g" and np.isfinite(by["forward_model"][K.WM_NMSE])
+    assert 0 <= by["supervised"][f"{K.RARE}/{K.FRACTION}"] <= 1
 
 
 def test_forward_model_learns_the_true_dynamics(ray_session):

@@ -155,7 +155,9 @@ def test_smoke_sweep_crossing_families_scores_every_checkpoint_once(tmp_path):
 
     storage = tmp_path / "storage"
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    # supervised needs the trial's experience log, which RLlib's DQN does not record
     args = [sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE), "--storage", str(storage),
+            "--set", "extract.methods=[pinv, column_match]",
             "--set", "sweep={algorithm: [pqn, dqn]}", "--set", "agent.learning_starts=256",
             "--set", "wandb.mode=disabled"]
     # learning_starts is DQN's: a crossed sweep may only set keywords of both families

@@ -87,6 +87,9 @@ BAD_INPUTS = [
     ("bad name", lambda r: _set(r, "name", "a b/c"), "name", "letters"),
     ("bad q_output", lambda r: _set(r, "agent.q_output", "tanh"), "agent.q_output", "'auto', 'linear', 'sigmoid'"),
     ("bad q_output axis", lambda r: _set(r, "sweep.q_output", ["linear", "relu"]), "agent.q_output", "'auto'"),
+    ("family on an env it cannot run", lambda r: _set(r, "agent", {"algorithm": "d3g"}), "env_id", "qworld/MountainCar-v0"),
+    ("explicit method of another kind", lambda r: _set(r, "extract.methods", ["forward_model"]), "extract.methods",
+     "supervised"),
 ]
 
 

@@ -338,15 +338,16 @@ def _validate_cells(spec: SweepSpec) -> None:
                 gymnasium.make(env_id, **_env_kwargs_for_task(env_kwargs)).close()
             except Exception as exc:  # noqa: BLE001 - any construction failure is a spec error
                 raise SweepSpecError(f"env/goals{where}: {env_id} cannot be built: {exc}") from None
-        _validate_agent(agent, where, cell)
+        _validate_agent(agent, where, cell, env_id)
 
 
 def _env_kwargs_for_task(env_kwargs: Mapping[str, Any]) -> dict:
     return {k: v for k, v in env_kwargs.items() if v is not None or k != "num_goals"}
 
 
-def _validate_agent(agent: Mapping[str, Any], where: str, cell: Mapping[str, Any] = ()) -> None:
-    """The cell's learner family exists and accepts every agent keyword it is given."""
+def _validate_agent(agent: Mapping[str, Any], where: str, cell: Mapping[str, Any] = (), env_id: str | None = None) -> None:
+    """The cell's learner family exists, accepts every agent keyword it is given, and runs on
+    the cell's env (e.g. d3g refuses finite envs)."""
     from qworld.agents.families import ALGORITHM_KEY, ALGORITHMS, family
 
     def field_name(key):
@@ -366,7 +367,7 @@ def _validate_agent(agent: Mapping[str, Any], where: str, cell: Mapping[str, Any
                                  f"allowed: {sorted(k for k in accepted if k not in ('env_id', 'env_kwargs'))}")
     config = fam.config_class()()
     try:
-        config.training(**agent)
+        config.training(**({"env_id": env_id} if env_id else {}), **agent)
     except (ValueError, TypeError) as exc:
         raise SweepSpecError(f"agent{where}: {exc}") from None
     errors = config.qworld_errors()

@@ -27,7 +27,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -67,7 +67,7 @@ D3G_FIELDS = (
     "env_id", "env_kwargs", "num_envs", "rollout_length", "total_env_steps", "gamma", "lr",
     "batch_size", "updates_per_iteration", "learning_starts", "buffer_capacity", "tau_polyak",
     "policy_delay", "hidden_sizes", "delta_fraction", "epsilon_start", "epsilon_end",
-    "epsilon_decay_fraction", "seed",
+    "epsilon_decay_fraction", "experience_capacity", "seed",
 )
 
 
@@ -118,6 +118,8 @@ class D3GConfig(AlgorithmConfig):
         self.epsilon_start: float = 1.0
         self.epsilon_end: float = 0.05
         self.epsilon_decay_fraction: float = 0.1  # of total_env_steps
+        # --- the trial's experience log (qworld.experience: the `supervised` method on D3G's own data)
+        self.experience_capacity: int = 65536  # reservoir of experienced transitions; 0: record nothing
         # --- RLlib
         self.num_env_runners = 0
         self.env = self.env_id
@@ -144,6 +146,7 @@ class D3GConfig(AlgorithmConfig):
         epsilon_start=NotProvided,
         epsilon_end=NotProvided,
         epsilon_decay_fraction=NotProvided,
+        experience_capacity=NotProvided,
         **kwargs,
     ) -> "D3GConfig":
         """RLlib's ``training()`` (``gamma`` and ``lr`` are RLlib's own fields) plus every D3G field
@@ -216,6 +219,7 @@ class D3GConfig(AlgorithmConfig):
                   "buffer_capacity", "policy_delay"):
             need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an int >= 1")
         need(is_int(self.learning_starts) and self.learning_starts >= 0, "learning_starts", "an int >= 0")
+        need(is_int(self.experience_capacity) and self.experience_capacity >= 0, "experience_capacity", "an int >= 0")
         need(is_num(self.gamma) and 0 < self.gamma <= 1, "gamma", "a number in (0, 1]")
         need(is_num(self.lr) and self.lr > 0, "lr", "a number > 0")
         need(is_num(self.tau_polyak) and 0 < self.tau_polyak <= 1, "tau_polyak", "a number in (0, 1]")
@@ -298,6 +302,22 @@ def sample_transitions(buffer: Any, num: int, num_goals: int) -> Dict[str, np.nd
     return slices_to_transitions(out[:num], num_goals)
 
 
+def episode_transitions(episodes: Sequence[Any]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(states [n, d], actions [n], next_states [n, d])`` of sampled episode chunks, states
+    read from the env's ``info["state"]`` (the dynamics' coordinates, CONTRACTS.md)."""
+    s, a, s2 = [], [], []
+    for ep in episodes:
+        if len(ep) == 0:
+            continue
+        states = np.asarray([info["state"] for info in ep.get_infos()], dtype=np.float64)  # [len + 1, d]
+        s.append(states[:-1])
+        s2.append(states[1:])
+        a.append(np.asarray(ep.get_actions(), dtype=np.int64).reshape(-1))
+    if not s:
+        return np.zeros((0, 0)), np.zeros((0,), np.int64), np.zeros((0, 0))
+    return np.concatenate(s), np.concatenate(a), np.concatenate(s2)
+
+
 class D3G(QworldAlgorithmMixin, Algorithm):
     """Goal-conditioned D3G on RLlib's new API stack (see module doc)."""
 
@@ -325,6 +345,8 @@ class D3G(QworldAlgorithmMixin, Algorithm):
             )
         self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
         self.replay_buffer.add(episodes)
+        if int(cfg.experience_capacity) > 0:
+            self.record_experience(*episode_transitions(episodes))
         env_steps = self.env_steps_sampled()
 
         def log(name: str, value: Any) -> None:
