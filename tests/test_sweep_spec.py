@@ -88,6 +88,11 @@ BAD_INPUTS = [
     ("bad q_output", lambda r: _set(r, "agent.q_output", "tanh"), "agent.q_output", "'auto', 'linear', 'sigmoid'"),
     ("bad q_output axis", lambda r: _set(r, "sweep.q_output", ["linear", "relu"]), "agent.q_output", "'auto'"),
     ("family on an env it cannot run", lambda r: _set(r, "agent", {"algorithm": "d3g"}), "env_id", "qworld/MountainCar-v0"),
+    ("methods for an unknown family", lambda r: _set(r, "extract.methods", {"pqn": ["pinv"], "ppo": ["pinv"]}),
+     "extract.methods.ppo", "pqn"),
+    ("a family of the sweep without methods",
+     lambda r: _set(_set(r, "sweep.algorithm", ["pqn", "dqn"]), "extract.methods", {"pqn": ["pinv", "supervised"]}),
+     "extract.methods", "'dqn'"),
     ("explicit method of another kind", lambda r: _set(r, "extract.methods", ["forward_model"]), "extract.methods",
      "supervised"),
 ]
@@ -204,3 +209,37 @@ def test_gpus_per_trial_without_a_gpu_exits_2_before_tune(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "resources.gpus_per_trial" in proc.stderr and "0 GPUs" in proc.stderr
         assert not storage.exists()
+
+
+def test_methods_per_family_reach_the_scorer_as_a_mapping(monkeypatch, tmp_path):
+    """extract.methods as {family: [...]}: the union is validated and listed, the scorer is
+    handed the mapping and scores each checkpoint with its own family's methods only."""
+    import numpy as np
+
+    import qworld.agents
+    from qworld import metrics as K
+    from qworld.bellman import solve_goal_q
+    from qworld.sweep.score import score_checkpoint
+    from qworld_envs import make_finite_problem
+
+    raw = _set(_set(smoke_raw(), "sweep.algorithm", ["pqn", "dqn"]), "extract.methods",
+               {"pqn": ["pinv", "supervised"], "dqn": ["pinv"]})
+    raw["agent"] = {}
+    spec = parse_sweep(raw)
+    assert spec.extract.methods == ("pinv", "supervised")
+    assert spec.extract.plan() == {"pqn": ("pinv", "supervised"), "dqn": ("pinv",)}
+
+    env_kwargs = {"variant": "deterministic", "num_goals": 8, "goal_seed": 0}
+    problem = make_finite_problem("qworld/FourRooms-v0", **env_kwargs)
+    Q, _ = solve_goal_q(problem.mdp.P, problem.goals.rewards, 0.9, problem.goals.terminal)
+
+    class Agent:
+        config = {"env_id": "qworld/FourRooms-v0", "env_kwargs": env_kwargs, "gamma": 0.9, "algorithm": "dqn"}
+
+        def q_table(self):
+            return Q
+
+    monkeypatch.setattr(qworld.agents, "load_q", lambda path: Agent())
+    rows = score_checkpoint(tmp_path / "checkpoint_000000", sweep="s", trial_id="t", methods=spec.extract.plan())
+    assert [r[K.METHOD] for r in rows] == ["pinv"] and rows[0][K.ALGORITHM] == "dqn"
+    assert np.isfinite(rows[0][K.P_MSE])

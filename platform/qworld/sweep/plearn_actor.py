@@ -41,14 +41,14 @@ class PLearningActor:
     """Loads Q from a checkpoint, extracts P^ with every method, writes the scored rows and
     the extracted models (``store.write_world_models``)."""
 
-    def __init__(self, experiment_dir: str, sweep: str, methods: Sequence[str],
+    def __init__(self, experiment_dir: str, sweep: str, methods: Sequence[str] | Mapping[str, Sequence[str]],
                  tasks: Sequence[str], options: Mapping[str, Mapping[str, Any]]):
         import torch
 
         torch.set_num_threads(1)
         self.experiment_dir = experiment_dir
         self.sweep = sweep
-        self.methods = tuple(methods)
+        self.methods = dict(methods) if isinstance(methods, Mapping) else tuple(methods)  # or per family
         self.tasks = tuple(tasks)
         self.options = dict(options)
 
@@ -83,12 +83,13 @@ class PLearningActor:
 class PLearningPool:
     """Round-robin over named actors; holds the futures of checkpoints not yet scored."""
 
-    def __init__(self, experiment_dir: str | Path, sweep: str, methods: Sequence[str],
+    def __init__(self, experiment_dir: str | Path, sweep: str, methods: Sequence[str] | Mapping[str, Sequence[str]],
                  tasks: Sequence[str] = (), options: Mapping | None = None, size: int = 1):
         self.actors = [
             PLearningActor.options(name=f"plearn-{sweep}-{i}", namespace=NAMESPACE,
                                    get_if_exists=True).remote(
-                str(experiment_dir), sweep, list(methods), list(tasks), dict(options or {}))
+                str(experiment_dir), sweep, dict(methods) if isinstance(methods, Mapping) else list(methods),
+                list(tasks), dict(options or {}))
             for i in range(size)
         ]
         self._next = itertools.cycle(range(size))

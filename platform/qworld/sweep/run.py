@@ -253,7 +253,7 @@ def _console(spec: SweepSpec, experiment_dir: Path):
 def _pool(spec: SweepSpec, experiment_dir: Path):
     from qworld.sweep.plearn_actor import PLearningPool
 
-    return PLearningPool(experiment_dir, spec.name, spec.extract.methods, spec.extract.tasks,
+    return PLearningPool(experiment_dir, spec.name, spec.extract.plan(), spec.extract.tasks,
                          spec.extract.options, size=spec.resources.plearn_actors)
 
 
@@ -344,8 +344,8 @@ def extract_sweep(experiment_dir: str | Path, methods=None, tasks=None, address=
     experiment_dir = Path(experiment_dir).resolve()
     spec = load_spec_of(experiment_dir)
     extract = spec.extract
-    if methods:
-        extract = dataclasses.replace(extract, methods=tuple(methods))
+    if methods:  # the same methods for every family
+        extract = dataclasses.replace(extract, methods=tuple(methods), per_algorithm={})
     if tasks is not None:
         extract = dataclasses.replace(extract, tasks=tuple(tasks))
     spec = dataclasses.replace(spec, extract=extract)

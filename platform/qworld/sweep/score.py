@@ -58,7 +58,7 @@ def score_checkpoint(
     *,
     sweep: str,
     trial_id: str,
-    methods: Sequence[str],
+    methods: Sequence[str] | Mapping[str, Sequence[str]],
     tasks: Sequence[str] = (),
     options: Mapping[str, Mapping[str, Any]] | None = None,
     env_steps: int | None = None,
@@ -66,7 +66,10 @@ def score_checkpoint(
     world_models: dict | None = None,
 ) -> list[dict]:
     """Rows of (trial, checkpoint, method): :func:`score_q` of the checkpoint's agent, with
-    the grid-cell columns of its config and ``checkpoint_index`` / ``env_steps``."""
+    the grid-cell columns of its config and ``checkpoint_index`` / ``env_steps``.
+
+    ``methods`` is a list, or learner family -> list (the checkpoint's family picks its own).
+    """
     index = checkpoint_index(checkpoint_path)
     base = {K.SWEEP: sweep, K.TRIAL_ID: trial_id, K.CHECKPOINT_INDEX: index,
             K.ENV_STEPS: env_steps, K.CHECKPOINT_PATH: str(checkpoint_path)}
@@ -80,6 +83,8 @@ def score_checkpoint(
     except Exception as exc:  # noqa: BLE001 - a corrupt checkpoint is data, not a crash
         return [{**base, K.METHOD: K.LOAD_METHOD, K.ERROR: _error_text(exc)}]
     base = {**grid_columns(sweep, trial_id, config, seed), **base}
+    if isinstance(methods, Mapping):
+        methods = methods.get(base[K.ALGORITHM], ())
     return score_q(qfun, base, methods, tasks, options, world_models=world_models, experience=experience)
 
 

@@ -89,9 +89,17 @@ class CheckpointSpec:
 
 @dataclass(frozen=True)
 class ExtractSpec:
-    methods: tuple[str, ...] = ("pinv", "column_match")
+    methods: tuple[str, ...] = ("pinv", "column_match")  # every method of any family, in order
     tasks: tuple[str, ...] = ()  # safety tasks (finite) / unseen-goal tasks (continuous)
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per method
+    # `methods: {pqn: [successor, supervised], d3g: [forward_model]}` in a file: each learner
+    # family's own methods (a crossed sweep scores a family only by what applies to it)
+    per_algorithm: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def plan(self) -> tuple[str, ...] | dict[str, tuple[str, ...]]:
+        """What the scorer is handed (``score_checkpoint(methods=...)``): the methods, or
+        family -> methods."""
+        return dict(self.per_algorithm) if self.per_algorithm else self.methods
 
 
 @dataclass(frozen=True)
@@ -260,10 +268,26 @@ def parse_sweep(raw: Mapping[str, Any]) -> SweepSpec:
 
     extract_raw = dict(_section(raw, "extract"))
     _no_unknown(extract_raw, ("methods", "tasks", "options"), "extract.")
+    methods_raw = extract_raw.get("methods", ExtractSpec.methods)
+    per_algorithm: dict[str, tuple[str, ...]] = {}
+    if isinstance(methods_raw, Mapping):
+        from qworld.agents.families import ALGORITHMS
+
+        for name, listed in methods_raw.items():
+            if name not in ALGORITHMS:
+                raise SweepSpecError(f"extract.methods.{name}: not a learner family; allowed: {sorted(ALGORITHMS)}")
+            if not isinstance(listed, (list, tuple)) or not listed:
+                raise SweepSpecError(f"extract.methods.{name}: {listed!r} must be a non-empty list of methods")
+            per_algorithm[name] = tuple(listed)
+        methods_raw = list(dict.fromkeys(m for listed in per_algorithm.values() for m in listed))
+    elif not isinstance(methods_raw, (list, tuple)):
+        raise SweepSpecError(f"extract.methods: {methods_raw!r} must be a list of methods, or a mapping "
+                             "learner family -> list")
     extract = ExtractSpec(
-        methods=tuple(extract_raw.get("methods", ExtractSpec.methods)),
+        methods=tuple(methods_raw),
         tasks=tuple(extract_raw.get("tasks", ())),
         options=extract_raw.get("options", {}) or {},
+        per_algorithm=per_algorithm,
     )
 
     res_raw = _section(raw, "resources")
@@ -308,6 +332,14 @@ def _validate_cells(spec: SweepSpec) -> None:
         if m not in spec.extract.methods:
             raise SweepSpecError(f"extract.options.{m}: options for a method not in extract.methods {spec.extract.methods}")
 
+    if spec.extract.per_algorithm:
+        from qworld.agents.families import ALGORITHM_KEY, DEFAULT_ALGORITHM
+
+        for cell in spec.cells():
+            name = {**spec.agent, **cell}.get(ALGORITHM_KEY) or DEFAULT_ALGORITHM
+            if name not in spec.extract.per_algorithm:
+                raise SweepSpecError(f"extract.methods: no methods for the family {name!r} of grid cell {cell}; "
+                                     f"given for {sorted(spec.extract.per_algorithm)}")
     for cell in spec.cells():
         where = f" (grid cell {cell})" if cell else ""
         env_id, env_kwargs, agent = spec.cell_config(cell)
