@@ -106,9 +106,20 @@ def main() -> None:
     parser.add_argument("experiments", nargs="+", type=Path)
     parser.add_argument("--marks", type=int, nargs="*", default=[200_000, 1_000_000],
                         help="env-step marks to report besides each trial's last checkpoint")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="also draw every experiment's methods in one models-vs-env-steps figure (PNG)")
     args = parser.parse_args()
     for exp in args.experiments:
         report(exp, args.marks)
+    if args.figure is not None:
+        from qworld_analysis import plots
+
+        df = qa.load_many(args.experiments, resolve_num_goals=True)
+        df = df[(df[K.METHOD] != K.LOAD_METHOD) & df[K.ERROR].isna()]
+        dims = sorted(c for c in df.columns if c.startswith(f"{K.WM_DELTA_NMSE}_"))
+        metrics = ((K.P_MSE, f"{K.RARE}/{K.P_MSE}") if K.P_MSE in df and df[K.P_MSE].notna().any()
+                   else (*(f"{K.INTERIOR}/{c}" for c in dims), *(f"{K.RARE}/{c}" for c in dims)))
+        print(f"\nfigure: {plots.plot_models_vs_steps(df, args.figure, metrics=metrics)}")
 
 
 if __name__ == "__main__":

@@ -411,9 +411,11 @@ def plot_models_vs_steps(
     """Models extracted from Q against explicit models (``supervised``, ``qss``,
     ``forward_model``) of the same trials, over training.
 
-    One column of panels per grid cell, one row per metric; a line per method through the
-    IQM over runs at each checkpoint (95% bootstrap CI band where there are enough runs);
-    explicit models dashed. Metrics that no row has are left out.
+    One column of panels per grid cell, one row per metric; a line per method (per learner
+    family and method when the frame holds several families, e.g. PQN's ``successor`` beside
+    D3G's ``forward_model``) through the IQM over runs at each checkpoint (95% bootstrap CI
+    band where there are enough runs); explicit models dashed. Metrics that no row has are
+    left out.
 
     Args:
         df: rows of :func:`qworld_analysis.load` (``env_steps``, ``checkpoint_index``,
@@ -429,10 +431,11 @@ def plot_models_vs_steps(
     rows = _need(df, [K.ENV_STEPS, K.CHECKPOINT_INDEX, K.METHOD], "models vs env steps")
     if not rows[K.METHOD].isin(EXPLICIT_METHODS).any():
         raise NoDataError(f"models vs env steps: no explicit model ({', '.join(EXPLICIT_METHODS)}) was scored")
-    cell_cols = _varying(rows, (K.ENV, K.ALGORITHM, K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS)) or [K.METHOD]
+    cell_cols = _varying(rows, (K.ENV, K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS)) or [K.METHOD]
     cells = _panel_keys(rows, cell_cols) if cell_cols != [K.METHOD] else [None]
-    method_list = sorted(rows[K.METHOD].unique(), key=lambda m: (m in EXPLICIT_METHODS, m))
-    colors = dict(zip(method_list, _colors(len(method_list))))
+    line_cols = _varying(rows, (K.ALGORITHM,)) + [K.METHOD]
+    line_keys = sorted(_panel_keys(rows, line_cols), key=lambda k: (k[-1] in EXPLICIT_METHODS, k))
+    colors = dict(zip(line_keys, _colors(len(line_keys))))
     fig, axes = _figure(len(metrics), len(cells))
     for i, metric in enumerate(metrics):
         values = rows[metric].to_numpy(np.float64)
@@ -440,8 +443,10 @@ def plot_models_vs_steps(
         for j, cell in enumerate(cells):
             ax = axes[i, j]
             part = rows if cell is None else _select(rows, cell_cols, cell)
-            for method in method_list:
-                line = part[(part[K.METHOD] == method) & part[metric].notna()]
+            for key in line_keys:
+                method = key[-1]
+                line = _select(part, line_cols, key)
+                line = line[line[metric].notna()]
                 if line.empty:
                     continue
                 stats = summary(line, by=K.CHECKPOINT_INDEX, metric=metric, over=K.TRIAL_ID, reps=300)
@@ -451,8 +456,9 @@ def plot_models_vs_steps(
                 y, lo, hi = (np.maximum(stats[c].to_numpy(np.float64)[order], floor or 0)
                              for c in ("iqm", "ci_low", "ci_high"))
                 style = (0, (5, 3)) if method in EXPLICIT_METHODS else "-"
-                ax.plot(x[order], y, color=colors[method], ls=style, lw=1.6, marker=".", label=method_label(method))
-                ax.fill_between(x[order], lo, hi, color=colors[method], alpha=0.15, lw=0)
+                name = " ".join([*map(str, key[:-1]), method_label(method)])
+                ax.plot(x[order], y, color=colors[key], ls=style, lw=1.6, marker=".", label=name)
+                ax.fill_between(x[order], lo, hi, color=colors[key], alpha=0.15, lw=0)
             _error_axis(ax, values, floor)
             ax.set_xlabel(_label(K.ENV_STEPS))
             ax.set_ylabel(_label(metric))
