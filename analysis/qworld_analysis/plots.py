@@ -312,6 +312,17 @@ def _thresholds_for(thresholds, variant) -> dict[str, int]:
     return dict(thresholds.get(variant, {}))
 
 
+def _iqm_over_steps(line: pd.DataFrame, metric: str, floor: float | None) -> tuple[np.ndarray, ...]:
+    """``(env_steps, IQM, CI low, CI high)`` of ``metric`` over runs at each checkpoint, sorted by
+    env steps, values raised to ``floor`` (a log axis's stand-in for 0)."""
+    stats = summary(line, by=K.CHECKPOINT_INDEX, metric=metric, over=K.TRIAL_ID, reps=300)
+    steps = line.groupby(K.CHECKPOINT_INDEX)[K.ENV_STEPS].mean()
+    x = steps.reindex(stats[K.CHECKPOINT_INDEX]).to_numpy(np.float64)
+    order = np.argsort(x)
+    return (x[order], *(np.maximum(stats[c].to_numpy(np.float64)[order], floor or 0)
+                        for c in ("iqm", "ci_low", "ci_high")))
+
+
 def plot_error_vs_steps(
     df: pd.DataFrame,
     path: str | Path,
@@ -373,17 +384,12 @@ def plot_error_vs_steps(
                 line = _select(part, line_cols, key)
                 if line.empty:
                     continue
-                stats = summary(line, by=K.CHECKPOINT_INDEX, metric=metric, over=K.TRIAL_ID, reps=300)
-                steps = line.groupby(K.CHECKPOINT_INDEX)[K.ENV_STEPS].mean()
-                x = steps.reindex(stats[K.CHECKPOINT_INDEX]).to_numpy(np.float64)
-                order = np.argsort(x)
-                y, lo, hi = (np.maximum(stats[c].to_numpy(np.float64)[order], floor or 0)
-                             for c in ("iqm", "ci_low", "ci_high"))
+                x, y, lo, hi = _iqm_over_steps(line, metric, floor)
                 key_map = dict(zip(line_cols, key))
                 L = key_map.get(K.NUM_GOALS)
                 label = " ".join([f"L={L}"] + [str(key_map[c]) for c in _varying(rows, (K.GOAL_TYPE, K.HEAD))])
-                ax.plot(x[order], y, color=colors[key], lw=1.6, marker=".", label=label)
-                ax.fill_between(x[order], lo, hi, color=colors[key], alpha=0.2, lw=0)
+                ax.plot(x, y, color=colors[key], lw=1.6, marker=".", label=label)
+                ax.fill_between(x, lo, hi, color=colors[key], alpha=0.2, lw=0)
                 ref = refs.get((variant, key))
                 if ref is not None:
                     ax.axhline(max(ref, floor or 0), color=colors[key], ls=(0, (5, 3)), lw=1.3,
@@ -449,16 +455,11 @@ def plot_models_vs_steps(
                 line = line[line[metric].notna()]
                 if line.empty:
                     continue
-                stats = summary(line, by=K.CHECKPOINT_INDEX, metric=metric, over=K.TRIAL_ID, reps=300)
-                steps = line.groupby(K.CHECKPOINT_INDEX)[K.ENV_STEPS].mean()
-                x = steps.reindex(stats[K.CHECKPOINT_INDEX]).to_numpy(np.float64)
-                order = np.argsort(x)
-                y, lo, hi = (np.maximum(stats[c].to_numpy(np.float64)[order], floor or 0)
-                             for c in ("iqm", "ci_low", "ci_high"))
+                x, y, lo, hi = _iqm_over_steps(line, metric, floor)
                 style = (0, (5, 3)) if method in EXPLICIT_METHODS else "-"
                 name = " ".join([*map(str, key[:-1]), method_label(method)])
-                ax.plot(x[order], y, color=colors[key], ls=style, lw=1.6, marker=".", label=name)
-                ax.fill_between(x[order], lo, hi, color=colors[key], alpha=0.15, lw=0)
+                ax.plot(x, y, color=colors[key], ls=style, lw=1.6, marker=".", label=name)
+                ax.fill_between(x, lo, hi, color=colors[key], alpha=0.15, lw=0)
             _error_axis(ax, values, floor)
             ax.set_xlabel(_label(K.ENV_STEPS))
             ax.set_ylabel(_label(metric))

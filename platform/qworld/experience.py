@@ -23,7 +23,6 @@ Shapes: S states, A actions, d state dims, C reservoir capacity. No Ray.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,7 +237,7 @@ def fit_supervised(problem: Any, states: Any, actions: Any, next_states: Any, co
     """
     import torch
 
-    from qworld.plearn.continuous import PLearnConfig, PLearnResult, SuccessorNet
+    from qworld.plearn.continuous import PLearnConfig, SuccessorNet, fit_model
     from qworld_envs.continuous import wrap_angle
 
     cfg = config or PLearnConfig()
@@ -258,25 +257,14 @@ def fit_supervised(problem: Any, states: Any, actions: Any, next_states: Any, co
     # Residuals per dim in units of the data's own spread of Delta: MountainCar's Delta v is
     # ~30x smaller than its Delta p and would otherwise be left unfitted.
     spread = delta.std(0).clamp_min(1e-8)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    history: dict[str, list] = {"step": [], "loss": []}
-    start = time.perf_counter()
-    model.train()
-    for step in range(1, cfg.steps + 1):
+
+    def loss_at(step: int) -> torch.Tensor:
         i = torch.randint(len(a), (min(cfg.batch_size, len(a)),), generator=gen, device=device)
         resid = (model.delta(s[i], a[i]) - delta[i]) / spread
-        loss = resid.abs().mean() if cfg.loss == "l1" else resid.square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step == cfg.steps or (cfg.log_every and step % cfg.log_every == 0):
-            history["step"].append(step)
-            history["loss"].append(float(loss.detach()))
-    model.eval()
-    return PLearnResult(model=model, history=history, config=asdict(cfg), seconds=time.perf_counter() - start)
+        return resid.abs().mean() if cfg.loss == "l1" else resid.square().mean()
+
+    return fit_model(model, cfg, loss_at)
 
 
 def rare_state_mask(states: Any, experienced: Any, low: Any, high: Any, radius: float = 0.05,

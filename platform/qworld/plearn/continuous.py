@@ -304,8 +304,6 @@ def p_learn(
         torch.manual_seed(cfg.seed)
         model = cls(dyn.low, dyn.high, dyn.periodic, dyn.num_actions, hidden=cfg.hidden, layers=cfg.layers,
                     delta_scale=cfg.delta_scale, init_scale=cfg.init_scale, **extra).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     if cfg.state_sampling == "replay":
@@ -313,10 +311,8 @@ def p_learn(
             raise ValueError("state_sampling='replay' needs replay_states [M, d]")
         replay_states = torch.as_tensor(replay_states, dtype=torch.float32, device=device)
     L, A, B = goals.num_goals, dyn.num_actions, cfg.batch_size
-    history: dict[str, list] = {"step": [], "loss": []}
-    start = time.perf_counter()
-    model.train()
-    for step in range(1, cfg.steps + 1):
+
+    def loss_at(step: int) -> torch.Tensor:
         with torch.no_grad():
             if cfg.state_sampling == "uniform":
                 s = dyn.uniform_states(B, gen, torch.float32, device)
@@ -350,6 +346,24 @@ def p_learn(
                 nxt = _wrap(nxt + noise * model.delta_scale * eps, model.periodic)
             resid = m_values(q_fn, goals, nxt, g, gamma, cfg.smooth).float() - target
             loss = resid.abs().mean() if cfg.loss == "l1" else resid.square().mean()
+        return loss
+
+    return fit_model(model, cfg, loss_at, callback)
+
+
+def fit_model(model: SuccessorNet, cfg: PLearnConfig, loss_at: Callable[[int], torch.Tensor],
+              callback: Callable[[int, SuccessorNet], dict] | None = None) -> PLearnResult:
+    """The optimisation every world-model fit shares (P-learning here, the supervised
+    regression in ``qworld.experience``): Adam at ``cfg.lr`` cosine-decayed to 0 over
+    ``cfg.steps`` steps of ``loss_at(step)``; the loss recorded every ``cfg.log_every`` steps
+    (and at the last) with ``callback(step, model)``'s dict."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
+    history: dict[str, list] = {"step": [], "loss": []}
+    start = time.perf_counter()
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        loss = loss_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
