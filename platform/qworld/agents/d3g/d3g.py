@@ -27,7 +27,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
@@ -37,26 +37,14 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
-from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
-from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.annotations import override
-from ray.rllib.utils.metrics import (
-    ENV_RUNNER_RESULTS,
-    ENV_RUNNER_SAMPLING_TIMER,
-    LEARNER_RESULTS,
-    LEARNER_UPDATE_TIMER,
-    NUM_ENV_STEPS_SAMPLED_LIFETIME,
-    SYNCH_WORKER_WEIGHTS_TIMER,
-    TIMERS,
-)
 from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
 
-from qworld import metrics as K
 from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_notice
-from qworld.agents.pqn.module import linear_epsilon
 from qworld.agents.pqn.problem import ProblemInfo, jsonable, probe_problem
 from qworld.agents.d3g import learner as LR
 from qworld.agents.d3g.module import D3GTorchRLModule
+from qworld.agents.replay_step import EpisodeReplayStep
 
 ALGORITHM_NAME = "d3g"
 
@@ -302,23 +290,7 @@ def sample_transitions(buffer: Any, num: int, num_goals: int) -> Dict[str, np.nd
     return slices_to_transitions(out[:num], num_goals)
 
 
-def episode_transitions(episodes: Sequence[Any]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(states [n, d], actions [n], next_states [n, d])`` of sampled episode chunks, states
-    read from the env's ``info["state"]`` (the dynamics' coordinates, CONTRACTS.md)."""
-    s, a, s2 = [], [], []
-    for ep in episodes:
-        if len(ep) == 0:
-            continue
-        states = np.asarray([info["state"] for info in ep.get_infos()], dtype=np.float64)  # [len + 1, d]
-        s.append(states[:-1])
-        s2.append(states[1:])
-        a.append(np.asarray(ep.get_actions(), dtype=np.int64).reshape(-1))
-    if not s:
-        return np.zeros((0, 0)), np.zeros((0,), np.int64), np.zeros((0, 0))
-    return np.concatenate(s), np.concatenate(a), np.concatenate(s2)
-
-
-class D3G(QworldAlgorithmMixin, Algorithm):
+class D3G(EpisodeReplayStep, QworldAlgorithmMixin, Algorithm):
     """Goal-conditioned D3G on RLlib's new API stack (see module doc)."""
 
     @classmethod
@@ -335,48 +307,8 @@ class D3G(QworldAlgorithmMixin, Algorithm):
         """The local learner's module (the one being trained)."""
         return self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
 
-    @override(Algorithm)
-    def training_step(self) -> None:
-        cfg: D3GConfig = self.config
-        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
-            episodes, runner_results = synchronous_parallel_sample(
-                worker_set=self.env_runner_group, concat=True, sample_timeout_s=cfg.sample_timeout_s,
-                _uses_new_env_runners=True, _return_metrics=True,
-            )
-        self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
-        self.replay_buffer.add(episodes)
-        if int(cfg.experience_capacity) > 0:
-            self.record_experience(*episode_transitions(episodes))
-        env_steps = self.env_steps_sampled()
+    VALUE_LOSS_KEY = LR.CRITIC_LOSS_KEY
+    Q_MEAN_KEY = LR.Q_MEAN_KEY
 
-        def log(name: str, value: Any) -> None:
-            if value is not None:
-                self.metrics.log_value(tuple(name.split("/")), value, window=1)
-
-        log(K.TRAIN_EPSILON, linear_epsilon(env_steps, cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_decay_steps()))
-        if env_steps < cfg.learning_starts or self.replay_buffer.get_num_timesteps() == 0:
-            return
-        p = cfg.problem()
-        U, B = int(cfg.updates_per_iteration), int(cfg.batch_size)
-        batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(sample_transitions(self.replay_buffer, U * B,
-                                                                                     p.num_goals))}, env_steps=U * B)
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
-            learner_results = self.learner_group.update(
-                batch=batch,
-                timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: env_steps},
-                num_epochs=1,
-                minibatch_size=B,
-                shuffle_batch_per_epoch=False,
-            )
-        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
-        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
-            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
-
-        def learner_value(key: str) -> Any:
-            try:
-                return self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, key))
-            except KeyError:
-                return None
-
-        log(K.TRAIN_LOSS, learner_value(LR.CRITIC_LOSS_KEY))
-        log(K.TRAIN_Q_MEAN, learner_value(LR.Q_MEAN_KEY))
+    def replay_batch(self, num: int) -> Dict[str, Any]:
+        return sample_transitions(self.replay_buffer, num, self.config.problem().num_goals)

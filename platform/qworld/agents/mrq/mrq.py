@@ -39,30 +39,18 @@ import numpy as np
 import qworld_envs  # noqa: F401  (registers the gymnasium envs in every process)
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
-from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
-from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
-from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.annotations import override
-from ray.rllib.utils.metrics import (
-    ENV_RUNNER_RESULTS,
-    ENV_RUNNER_SAMPLING_TIMER,
-    LEARNER_RESULTS,
-    LEARNER_UPDATE_TIMER,
-    NUM_ENV_STEPS_SAMPLED_LIFETIME,
-    SYNCH_WORKER_WEIGHTS_TIMER,
-    TIMERS,
-)
+from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
 
-from qworld import metrics as K
 from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_notice
-from qworld.agents.pqn.module import linear_epsilon
 from qworld.agents.pqn.problem import ProblemInfo, jsonable, probe_problem
 from qworld.agents.mrq import learner as LR
 from qworld.agents.mrq.module import MRQTorchRLModule
 from qworld.agents.mrq.replay import abs_reward_sum, sample_windows
+from qworld.agents.replay_step import EpisodeReplayStep
 
 ALGORITHM_NAME = "mrq"
 
@@ -281,7 +269,7 @@ class MRQConfig(AlgorithmConfig):
         return LR.MRQTorchLearner
 
 
-class MRQ(QworldAlgorithmMixin, Algorithm):
+class MRQ(EpisodeReplayStep, QworldAlgorithmMixin, Algorithm):
     """Goal-conditioned MR.Q on RLlib's new API stack (see module doc)."""
 
     @classmethod
@@ -300,56 +288,26 @@ class MRQ(QworldAlgorithmMixin, Algorithm):
         """MR.Q's reward scale: mean |reward| of the data added so far (every goal)."""
         return self._abs_reward_total / self._reward_count if self._reward_count else 1.0
 
-    @override(Algorithm)
-    def training_step(self) -> None:
-        cfg: MRQConfig = self.config
-        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
-            episodes, runner_results = synchronous_parallel_sample(
-                worker_set=self.env_runner_group, concat=True, sample_timeout_s=cfg.sample_timeout_s,
-                _uses_new_env_runners=True, _return_metrics=True,
-            )
-        self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
+    VALUE_LOSS_KEY = LR.VALUE_LOSS_KEY
+    Q_MEAN_KEY = LR.Q_MEAN_KEY
+
+    def after_sample(self, episodes) -> None:
         total, count = abs_reward_sum(episodes)
         self._abs_reward_total += total
         self._reward_count += count
-        self.replay_buffer.add(episodes)
-        env_steps = self.env_steps_sampled()
 
-        def log(name: str, value: Any) -> None:
-            if value is not None:
-                self.metrics.log_value(tuple(name.split("/")), value, window=1)
+    def replay_batch(self, num: int) -> Dict[str, Any]:
+        """Windows of ``horizon`` consecutive transitions (the encoder's unroll)."""
+        p = self.config.problem()
+        return sample_windows(self.replay_buffer, num, self.config.horizon, p.obs_dim, p.num_goals)
 
-        log(K.TRAIN_EPSILON, linear_epsilon(env_steps, cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_decay_steps()))
-        if env_steps < cfg.learning_starts or self.replay_buffer.get_num_timesteps() == 0:
-            return
-        p = cfg.problem()
-        U, B = int(cfg.updates_per_iteration), int(cfg.batch_size)
-        windows = sample_windows(self.replay_buffer, U * B, cfg.horizon, p.obs_dim, p.num_goals)
-        batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(windows)}, env_steps=U * B)
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
-            learner_results = self.learner_group.update(
-                batch=batch,
-                timesteps={
-                    NUM_ENV_STEPS_SAMPLED_LIFETIME: env_steps,
-                    # gradient steps of each learner (the batch is split over them)
-                    LR.GRAD_STEPS_KEY: -(-U // max(1, int(cfg.num_learners or 0))),
-                    LR.BUFFER_REWARD_SCALE_KEY: self.buffer_reward_scale(),
-                },
-                num_epochs=1,
-                minibatch_size=B,
-                shuffle_batch_per_epoch=False,
-            )
-        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
-        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
-            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
-
-        def learner_value(key: str) -> Any:
-            try:
-                return self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, key))
-            except KeyError:
-                return None
-
-        log(K.TRAIN_LOSS, learner_value(LR.VALUE_LOSS_KEY))
-        log(K.TRAIN_Q_MEAN, learner_value(LR.Q_MEAN_KEY))
+    def update_timesteps(self, env_steps: int) -> Dict[str, Any]:
+        U = int(self.config.updates_per_iteration)
+        return {
+            NUM_ENV_STEPS_SAMPLED_LIFETIME: env_steps,
+            # gradient steps of each learner (the batch is split over them)
+            LR.GRAD_STEPS_KEY: -(-U // max(1, int(self.config.num_learners or 0))),
+            LR.BUFFER_REWARD_SCALE_KEY: self.buffer_reward_scale(),
+        }
 
     # ------------------------------------------------------------------ checkpoints

@@ -1,0 +1,115 @@
+"""The ``training_step`` of the off-policy families on RLlib's episode replay (MR.Q, D3G), once.
+
+1. sample ``rollout_length`` steps of every env with RLlib's ``SingleAgentEnvRunner``;
+2. add the episodes to the Algorithm's ``replay_buffer`` (RLlib's ``EpisodeReplayBuffer``),
+   and the true transitions to the trial's experience log when the config's
+   ``experience_capacity`` > 0 (states from ``info["state"]``, CONTRACTS.md);
+3. past ``learning_starts`` env steps: ``updates_per_iteration`` gradient steps of
+   ``batch_size`` on a batch the family samples from the buffer (:meth:`replay_batch`);
+4. sync the weights to the env runners; log ``learner/td_loss`` (the family's value loss),
+   ``learner/q_mean`` and ``learner/epsilon``.
+
+A family's Algorithm lists :class:`EpisodeReplayStep` before ``QworldAlgorithmMixin`` and
+``Algorithm`` and provides :meth:`replay_batch`, ``VALUE_LOSS_KEY`` and ``Q_MEAN_KEY``
+(its learner's result keys); :meth:`after_sample` and :meth:`update_timesteps` are hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Sequence, Tuple
+
+import numpy as np
+
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    ENV_RUNNER_SAMPLING_TIMER,
+    LEARNER_RESULTS,
+    LEARNER_UPDATE_TIMER,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    SYNCH_WORKER_WEIGHTS_TIMER,
+    TIMERS,
+)
+
+from qworld import metrics as K
+from qworld.agents.pqn.module import linear_epsilon
+
+
+def episode_transitions(episodes: Sequence[Any]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(states [n, d], actions [n], next_states [n, d])`` of sampled episode chunks, states
+    read from the env's ``info["state"]`` (the dynamics' coordinates, CONTRACTS.md)."""
+    s, a, s2 = [], [], []
+    for ep in episodes:
+        if len(ep) == 0:
+            continue
+        states = np.asarray([info["state"] for info in ep.get_infos()], dtype=np.float64)  # [len + 1, d]
+        s.append(states[:-1])
+        s2.append(states[1:])
+        a.append(np.asarray(ep.get_actions(), dtype=np.int64).reshape(-1))
+    if not s:
+        return np.zeros((0, 0)), np.zeros((0,), np.int64), np.zeros((0, 0))
+    return np.concatenate(s), np.concatenate(a), np.concatenate(s2)
+
+
+class EpisodeReplayStep:
+    """``training_step`` for an Algorithm with ``self.replay_buffer`` (see module doc)."""
+
+    VALUE_LOSS_KEY: str
+    Q_MEAN_KEY: str
+
+    def replay_batch(self, num: int) -> Dict[str, Any]:
+        """``num`` training rows sampled from ``self.replay_buffer`` (the family's columns)."""
+        raise NotImplementedError
+
+    def after_sample(self, episodes: Sequence[Any]) -> None:
+        """Called with every sampled batch of episodes, before they enter the buffer."""
+
+    def update_timesteps(self, env_steps: int) -> Dict[str, Any]:
+        """The ``timesteps`` dict handed to ``LearnerGroup.update``."""
+        return {NUM_ENV_STEPS_SAMPLED_LIFETIME: env_steps}
+
+    def training_step(self) -> None:
+        cfg = self.config
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            episodes, runner_results = synchronous_parallel_sample(
+                worker_set=self.env_runner_group, concat=True, sample_timeout_s=cfg.sample_timeout_s,
+                _uses_new_env_runners=True, _return_metrics=True,
+            )
+        self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
+        self.after_sample(episodes)
+        self.replay_buffer.add(episodes)
+        if int(getattr(cfg, "experience_capacity", 0) or 0) > 0:
+            self.record_experience(*episode_transitions(episodes))
+        env_steps = self.env_steps_sampled()
+
+        def log(name: str, value: Any) -> None:
+            if value is not None:
+                self.metrics.log_value(tuple(name.split("/")), value, window=1)
+
+        log(K.TRAIN_EPSILON, linear_epsilon(env_steps, cfg.epsilon_start, cfg.epsilon_end, cfg.epsilon_decay_steps()))
+        if env_steps < cfg.learning_starts or self.replay_buffer.get_num_timesteps() == 0:
+            return
+        U, B = int(cfg.updates_per_iteration), int(cfg.batch_size)
+        batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(self.replay_batch(U * B))}, env_steps=U * B)
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            learner_results = self.learner_group.update(
+                batch=batch,
+                timesteps=self.update_timesteps(env_steps),
+                num_epochs=1,
+                minibatch_size=B,
+                shuffle_batch_per_epoch=False,
+            )
+        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+
+        def learner_value(key: str) -> Any:
+            try:
+                return self.metrics.peek((LEARNER_RESULTS, DEFAULT_MODULE_ID, key))
+            except KeyError:
+                return None
+
+        log(K.TRAIN_LOSS, learner_value(self.VALUE_LOSS_KEY))
+        log(K.TRAIN_Q_MEAN, learner_value(self.Q_MEAN_KEY))
