@@ -293,7 +293,7 @@ def plot_error_vs_goals(
         ax.set_title(_title(panel_cols, key) or "all trials", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(title="method", fontsize=8, title_fontsize=8, loc="upper center",
-                  bbox_to_anchor=(0.5, -0.2), ncol=min(len(methods), 4), frameon=False)
+                  bbox_to_anchor=(0.5, -0.2), ncol=min(len(methods), 2), frameon=False)
     fig.suptitle(f"{_label(metric)} vs number of goals (IQM over runs; bars: 95% bootstrap CI "
                  f"where ≥ {MIN_RUNS_FOR_CI} runs; dashed: Table 1)", fontsize=11)
     return _save(fig, path)
