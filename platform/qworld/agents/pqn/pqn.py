@@ -684,7 +684,11 @@ class PQN(QworldAlgorithmMixin, Algorithm):
             rollout, runner_metrics = self._sample_rollout(epsilon)
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
         if R.STATE in rollout:  # the learner needs none of it
-            self.record_experience(rollout.pop(R.STATE), rollout[R.ACTIONS], rollout.pop(R.NEXT_STATE))
+            states, actions, next_states = rollout.pop(R.STATE), rollout[R.ACTIONS], rollout.pop(R.NEXT_STATE)
+            if R.MASK in rollout:  # runners of unequal length: padding is no transition
+                keep = rollout[R.MASK]
+                states, actions, next_states = states[keep], actions[keep], next_states[keep]
+            self.record_experience(states, actions, next_states)
         env_steps = self.env_steps_sampled()
 
         with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
