@@ -181,9 +181,10 @@ def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) 
            plots.plot_error_vs_goals, scored, metric=metric)
     figure("error_vs_steps", f"{metric} over training, per variant and method",
            plots.plot_error_vs_steps, scored, metric=metric)
+    # continuous: the interior Delta-s errors (without the walls' jumps, which no smooth model fits)
     wm_metrics = ((K.P_MSE, f"{K.RARE}/{K.P_MSE}") if metric == K.P_MSE else
-                  (K.WM_NMSE, *(c for c in sorted(scored.columns) if c.startswith(f"{K.WM_DELTA_NMSE}_")),
-                   f"{K.RARE}/{K.WM_NMSE}"))
+                  (K.WM_NMSE, *(f"{K.INTERIOR}/{c}" for c in sorted(scored.columns)
+                                if c.startswith(f"{K.WM_DELTA_NMSE}_")), f"{K.RARE}/{K.WM_NMSE}"))
     figure("models_vs_steps", "World models extracted from Q against explicit models of the same trials "
            "(the supervised model from the agent's own transitions, QSS, D3G's forward model), over training; "
            f"{K.RARE}/: where the agent has almost no experience",
