@@ -186,3 +186,21 @@ def test_smoke_sweep_crossing_families_scores_every_checkpoint_once(tmp_path):
     frame = load(experiment_dir)
     assert K.ALGORITHM in cell_columns(frame, experiment_dir)
     assert set(frame[K.ALGORITHM]) == {"pqn", "dqn"}
+
+
+def test_the_family_of_a_single_family_sweep_is_read_off_its_trial_dirs(tmp_path):
+    """A single-family sweep's params.json is its Algorithm's config, without `algorithm`:
+    qa.load read every such trial as pqn (D3G and DQN sweeps were mislabelled)."""
+    from qworld.agents.families import family_of_trial_dir
+
+    assert family_of_trial_dir("D3G_qworld_MountainCar-v0_56bca_00000_0_seed=0_2026-12-01_16-58-21") == "d3g"
+    assert family_of_trial_dir("GoalDQN_qworld_FourRooms-v0_1_2") == "dqn"
+    assert family_of_trial_dir("PQN_qworld_FourRooms-v0_1_2") == "pqn"
+    assert family_of_trial_dir("AnyFamily_qworld_FourRooms-v0_1_2") is None
+    from qworld_analysis.load import _read_trials
+
+    trial = tmp_path / "exp" / "GoalDQN_qworld_FourRooms-v0_a1b2c_00000_0"
+    trial.mkdir(parents=True)
+    (trial / "params.json").write_text(json.dumps({"env_id": "qworld/FourRooms-v0"}))
+    [read] = _read_trials(tmp_path / "exp")
+    assert read["params"][K.ALGORITHM] == "dqn"

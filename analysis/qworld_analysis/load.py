@@ -274,12 +274,17 @@ def _read_trials(exp: Path) -> list[dict]:
         if not (params_file.is_file() or result_file.is_file()):
             continue
         params = _read_json(params_file)
+        params = params if isinstance(params, dict) else {}
+        if K.ALGORITHM not in params:  # a single-family sweep: the family is the trainable's name
+            from qworld.agents.families import family_of_trial_dir
+
+            params[K.ALGORITHM] = family_of_trial_dir(trial_dir.name)
         results = _read_json_lines(result_file)
         trial_id = next((r[K.TRIAL_ID] for r in results if r.get(K.TRIAL_ID)), None)
         trials.append({
             "trial_id": str(trial_id) if trial_id else _trial_id_from_dir(trial_dir.name),
             "dir": trial_dir,
-            "params": params if isinstance(params, dict) else {},
+            "params": params,
             "results": results,
         })
     return trials
