@@ -1,4 +1,6 @@
-"""The ``training_step`` of the off-policy families on RLlib's episode replay (MR.Q, D3G), once.
+"""What the off-policy families on RLlib's episode replay (MR.Q, D3G) share, written once:
+their config's field handling (:class:`EpisodeReplayConfig`) and their ``training_step``
+(:class:`EpisodeReplayStep`).
 
 1. sample ``rollout_length`` steps of every env with RLlib's ``SingleAgentEnvRunner``;
 2. add the episodes to the Algorithm's ``replay_buffer`` (RLlib's ``EpisodeReplayBuffer``),
@@ -9,7 +11,9 @@
 4. sync the weights to the env runners; log ``learner/td_loss`` (the family's value loss),
    ``learner/q_mean`` and ``learner/epsilon``.
 
-A family's Algorithm lists :class:`EpisodeReplayStep` before ``QworldAlgorithmMixin`` and
+A family's config subclasses :class:`EpisodeReplayConfig` (its ``FIELDS``, ``ALGORITHM_NAME``
+and list-valued ``LIST_FIELDS``; its ``training`` spells its keywords and hands ``locals()``
+to :meth:`EpisodeReplayConfig.set_fields`). Its Algorithm lists :class:`EpisodeReplayStep` before ``QworldAlgorithmMixin`` and
 ``Algorithm`` and provides :meth:`replay_batch`, ``VALUE_LOSS_KEY`` and ``Q_MEAN_KEY``
 (its learner's result keys); :meth:`after_sample` and :meth:`update_timesteps` are hooks.
 """
@@ -20,7 +24,9 @@ from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
 
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import (
@@ -35,6 +41,67 @@ from ray.rllib.utils.metrics import (
 
 from qworld import metrics as K
 from qworld.agents.pqn.module import linear_epsilon
+from qworld.agents.pqn.problem import ProblemInfo, jsonable, probe_problem
+
+
+class EpisodeReplayConfig(AlgorithmConfig):
+    """The part of an episode-replay family's config that does not depend on the family."""
+
+    ALGORITHM_NAME: str = ""  # the family (qworld.agents.families)
+    FIELDS: Tuple[str, ...] = ()  # the family's fields, as qworld_config.json lists them
+    RLLIB_FIELDS: Tuple[str, ...] = ("gamma", "lr", "grad_clip", "seed")  # RLlib's own: set by super().training
+    LIST_FIELDS: Tuple[str, ...] = ()  # fields stored as lists (network widths)
+
+    def set_fields(self, values: Dict[str, Any]) -> None:
+        """Set every family field given in ``values`` (a ``training()``'s ``locals()``)."""
+        for name in self.FIELDS:
+            value = values.get(name, NotProvided)
+            if name in self.RLLIB_FIELDS or value is NotProvided:
+                continue
+            if name in self.LIST_FIELDS and isinstance(value, (list, tuple)):
+                value = list(value)
+            if name == "env_kwargs" and value is not None:
+                value = dict(value)
+            setattr(self, name, value)
+        if values.get("env_id", NotProvided) is not NotProvided:
+            self.env = values["env_id"]
+
+    def problem(self) -> ProblemInfo:
+        """Sizes and goal set of ``env_id`` with ``env_kwargs`` (cached per process)."""
+        return probe_problem(self.env_id, self.env_kwargs)
+
+    def epsilon_decay_steps(self) -> float:
+        return float(self.epsilon_decay_fraction) * float(self.total_env_steps)
+
+    def qworld_config(self) -> Dict[str, Any]:
+        """The resolved trial config (JSON-able): the family's fields, problem, goal set, sizes."""
+        out: Dict[str, Any] = {"algorithm": self.ALGORITHM_NAME, "head": "all_goals"}
+        for name in self.FIELDS:
+            out[name] = jsonable(getattr(self, name))
+        out.update(self.problem().trial_config())
+        return out
+
+    def qworld_errors(self) -> list:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """ValueError naming every bad field; then derives RLlib's settings and runs its checks."""
+        name = type(self).__name__
+        errors = self.qworld_errors()
+        if errors:
+            raise ValueError(f"invalid {name}:\n  - " + "\n  - ".join(errors))
+        try:
+            self.problem()
+        except Exception as e:
+            raise ValueError(f"invalid {name}: env_id={self.env_id!r} with env_kwargs={self.env_kwargs!r} "
+                             f"cannot be built: {type(e).__name__}: {e}") from e
+        self.env = self.env_id
+        self.env_config = dict(self.env_kwargs)
+        self.num_envs_per_env_runner = int(self.num_envs)
+        self.rollout_fragment_length = int(self.rollout_length)
+        self.env_runner_cls = SingleAgentEnvRunner
+        self.train_batch_size_per_learner = int(self.batch_size) * int(self.updates_per_iteration)
+        super().validate()
 
 
 def episode_transitions(episodes: Sequence[Any]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

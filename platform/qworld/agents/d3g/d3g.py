@@ -36,15 +36,13 @@ from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
 
 from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_notice
-from qworld.agents.pqn.problem import ProblemInfo, jsonable, probe_problem
 from qworld.agents.d3g import learner as LR
 from qworld.agents.d3g.module import D3GTorchRLModule
-from qworld.agents.replay_step import EpisodeReplayStep
+from qworld.agents.replay_step import EpisodeReplayConfig, EpisodeReplayStep
 
 ALGORITHM_NAME = "d3g"
 
@@ -59,7 +57,7 @@ D3G_FIELDS = (
 )
 
 
-class D3GConfig(AlgorithmConfig):
+class D3GConfig(EpisodeReplayConfig):
     """Configuration of goal-conditioned D3G; set fields with ``training(...)``.
 
     Defaults are D3G's public hyperparameters (2 x 256 ReLU nets, Adam 3e-4, batch 256,
@@ -78,6 +76,11 @@ class D3GConfig(AlgorithmConfig):
     ``rollout_fragment_length`` <- ``rollout_length``) are overwritten in ``validate()``;
     set the D3G fields instead. ``gamma``, ``lr`` and ``seed`` are RLlib's own fields.
     """
+
+    ALGORITHM_NAME = ALGORITHM_NAME
+    FIELDS = D3G_FIELDS
+    LIST_FIELDS = ("hidden_sizes",)
+    RLLIB_FIELDS = ("gamma", "lr", "seed")
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or D3G)
@@ -140,26 +143,8 @@ class D3GConfig(AlgorithmConfig):
         """RLlib's ``training()`` (``gamma`` and ``lr`` are RLlib's own fields) plus every D3G field
         (see ``__init__``)."""
         super().training(gamma=gamma, lr=lr, **kwargs)
-        ours = dict(locals())
-        for name in D3G_FIELDS:
-            value = ours.get(name, NotProvided)
-            if name in ("gamma", "lr", "seed") or value is NotProvided:
-                continue
-            if name == "hidden_sizes" and isinstance(value, (list, tuple)):
-                value = list(value)
-            if name == "env_kwargs" and value is not None:
-                value = dict(value)
-            setattr(self, name, value)
-        if env_id is not NotProvided:
-            self.env = env_id
+        self.set_fields(locals())
         return self
-
-    def problem(self) -> ProblemInfo:
-        """Sizes and goal set of ``env_id`` with ``env_kwargs`` (cached per process)."""
-        return probe_problem(self.env_id, self.env_kwargs)
-
-    def epsilon_decay_steps(self) -> float:
-        return float(self.epsilon_decay_fraction) * float(self.total_env_steps)
 
     def d3g_model_config(self) -> Dict[str, Any]:
         p = self.problem()
@@ -172,15 +157,6 @@ class D3GConfig(AlgorithmConfig):
             epsilon_start=float(self.epsilon_start), epsilon_end=float(self.epsilon_end),
             epsilon_decay_steps=self.epsilon_decay_steps(),
         )
-
-    def qworld_config(self) -> Dict[str, Any]:
-        """The resolved trial config (JSON-able): D3G fields, problem, goal set, sizes."""
-        p = self.problem()
-        out: Dict[str, Any] = {"algorithm": ALGORITHM_NAME, "head": "all_goals"}
-        for name in D3G_FIELDS:
-            out[name] = jsonable(getattr(self, name))
-        out.update(p.trial_config())
-        return out
 
     def qworld_errors(self) -> List[str]:
         """Every bad D3G field, one message each (empty when valid)."""
@@ -228,25 +204,6 @@ class D3GConfig(AlgorithmConfig):
                 errors.append(f"env_id: {self.env_id!r} observes its state in a way d3g cannot invert; "
                               f"d3g runs on continuous envs: {supported}")
         return errors
-
-    @override(AlgorithmConfig)
-    def validate(self) -> None:
-        """ValueError naming every bad D3G field; then derives RLlib's settings and runs its checks."""
-        errors = self.qworld_errors()
-        if errors:
-            raise ValueError("invalid D3GConfig:\n  - " + "\n  - ".join(errors))
-        try:
-            self.problem()
-        except Exception as e:
-            raise ValueError(f"invalid D3GConfig: env_id={self.env_id!r} with env_kwargs={self.env_kwargs!r} "
-                             f"cannot be built: {type(e).__name__}: {e}") from e
-        self.env = self.env_id
-        self.env_config = dict(self.env_kwargs)
-        self.num_envs_per_env_runner = int(self.num_envs)
-        self.rollout_fragment_length = int(self.rollout_length)
-        self.env_runner_cls = SingleAgentEnvRunner
-        self.train_batch_size_per_learner = int(self.batch_size) * int(self.updates_per_iteration)
-        super().validate()
 
     @override(AlgorithmConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:

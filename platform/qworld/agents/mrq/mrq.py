@@ -40,17 +40,15 @@ import qworld_envs  # noqa: F401  (registers the gymnasium envs in every process
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
 
 from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_notice
-from qworld.agents.pqn.problem import ProblemInfo, jsonable, probe_problem
 from qworld.agents.mrq import learner as LR
 from qworld.agents.mrq.module import MRQTorchRLModule
 from qworld.agents.mrq.replay import abs_reward_sum, sample_windows
-from qworld.agents.replay_step import EpisodeReplayStep
+from qworld.agents.replay_step import EpisodeReplayConfig, EpisodeReplayStep
 
 ALGORITHM_NAME = "mrq"
 
@@ -68,7 +66,7 @@ MRQ_FIELDS = (
 )
 
 
-class MRQConfig(AlgorithmConfig):
+class MRQConfig(EpisodeReplayConfig):
     """Configuration of goal-conditioned MR.Q; set fields with ``training(...)``.
 
     Defaults are MR.Q's public hyperparameters except the sizes and the update schedule,
@@ -83,6 +81,11 @@ class MRQConfig(AlgorithmConfig):
     ``rollout_fragment_length`` <- ``rollout_length``, ``model_config`` <- the network
     fields) are overwritten in ``validate()``; set the MR.Q fields instead.
     """
+
+    ALGORITHM_NAME = ALGORITHM_NAME
+    FIELDS = MRQ_FIELDS
+    LIST_FIELDS = ("enc_hidden", "value_hidden")
+    RLLIB_FIELDS = ("gamma", "grad_clip", "seed")
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or MRQ)
@@ -164,31 +167,13 @@ class MRQConfig(AlgorithmConfig):
     ) -> "MRQConfig":
         """RLlib's ``training()`` (``gamma``, ``grad_clip``, ...) plus every MR.Q field (see ``__init__``)."""
         super().training(**kwargs)
-        ours = dict(locals())
-        for name in MRQ_FIELDS:
-            value = ours.get(name, NotProvided)
-            if name in ("gamma", "grad_clip", "seed") or value is NotProvided:
-                continue
-            if name in ("enc_hidden", "value_hidden") and isinstance(value, (list, tuple)):
-                value = list(value)
-            if name == "env_kwargs" and value is not None:
-                value = dict(value)
-            setattr(self, name, value)
-        if env_id is not NotProvided:
-            self.env = env_id
+        self.set_fields(locals())
         return self
-
-    def problem(self) -> ProblemInfo:
-        """Sizes and goal set of ``env_id`` with ``env_kwargs`` (cached per process)."""
-        return probe_problem(self.env_id, self.env_kwargs)
 
     @property
     def horizon(self) -> int:
         """Transitions per replayed window."""
         return max(int(self.enc_horizon), int(self.n_step))
-
-    def epsilon_decay_steps(self) -> float:
-        return float(self.epsilon_decay_fraction) * float(self.total_env_steps)
 
     def mrq_model_config(self) -> Dict[str, Any]:
         p = self.problem()
@@ -200,15 +185,6 @@ class MRQConfig(AlgorithmConfig):
             epsilon_end=float(self.epsilon_end), epsilon_decay_steps=self.epsilon_decay_steps(),
             env_id=self.env_id, env_kwargs=p.env_kwargs,
         )
-
-    def qworld_config(self) -> Dict[str, Any]:
-        """The resolved trial config (JSON-able): MR.Q fields, problem, goal set, sizes."""
-        p = self.problem()
-        out: Dict[str, Any] = {"algorithm": ALGORITHM_NAME, "head": "all_goals"}
-        for name in MRQ_FIELDS:
-            out[name] = jsonable(getattr(self, name))
-        out.update(p.trial_config())
-        return out
 
     def qworld_errors(self) -> List[str]:
         """Every bad MR.Q field, one message each (empty when valid)."""
@@ -240,25 +216,6 @@ class MRQConfig(AlgorithmConfig):
                  "a non-empty list of ints >= 1")
         need(isinstance(self.env_kwargs, dict), "env_kwargs", "a dict")
         return errors
-
-    @override(AlgorithmConfig)
-    def validate(self) -> None:
-        """ValueError naming every bad MR.Q field; then derives RLlib's settings and runs its checks."""
-        errors = self.qworld_errors()
-        if errors:
-            raise ValueError("invalid MRQConfig:\n  - " + "\n  - ".join(errors))
-        try:
-            self.problem()
-        except Exception as e:
-            raise ValueError(f"invalid MRQConfig: env_id={self.env_id!r} with env_kwargs={self.env_kwargs!r} "
-                             f"cannot be built: {type(e).__name__}: {e}") from e
-        self.env = self.env_id
-        self.env_config = dict(self.env_kwargs)
-        self.num_envs_per_env_runner = int(self.num_envs)
-        self.rollout_fragment_length = int(self.rollout_length)
-        self.env_runner_cls = SingleAgentEnvRunner
-        self.train_batch_size_per_learner = int(self.batch_size) * int(self.updates_per_iteration)
-        super().validate()
 
     @override(AlgorithmConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:
