@@ -142,6 +142,14 @@ def test_checkpoint_holds_the_config_and_load_q_matches_the_live_module(trained)
     obs = np.eye(15, dtype=np.float32)[[0, 3, 7]]
     np.testing.assert_allclose(q.q(obs, np.array([1, 2, 3])), q.q_table()[[1, 2, 3], [0, 3, 7]], rtol=1e-6)
     assert q.q(obs).shape == (3, 15, 4)
+    # its experience, from the episodes' info["state"]: every sampled transition, all true ones
+    from qworld.experience import load_experience
+    from qworld_envs import make_finite_problem
+
+    log = load_experience(path)
+    assert log.finite and log.num_transitions == log.counts.sum() == c["env_steps"]
+    P = make_finite_problem("qworld/FourRooms-v0", **c["env_kwargs"]).mdp.P
+    assert ((log.counts > 0) <= (P > 0)).all()
 
 
 def test_continuous_env_trains_and_restores(ray_session, tmp_path):

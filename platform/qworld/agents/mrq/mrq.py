@@ -62,7 +62,7 @@ MRQ_FIELDS = (
     "buffer_capacity", "target_update_freq", "enc_lr", "enc_weight_decay", "value_lr",
     "value_weight_decay", "grad_clip", "dynamics_weight", "reward_weight", "terminal_weight",
     "num_bins", "zs_dim", "za_dim", "zsa_dim", "enc_hidden", "value_hidden",
-    "epsilon_start", "epsilon_end", "epsilon_decay_fraction", "seed",
+    "epsilon_start", "epsilon_end", "epsilon_decay_fraction", "experience_capacity", "seed",
 )
 
 
@@ -127,6 +127,8 @@ class MRQConfig(EpisodeReplayConfig):
         self.epsilon_start: float = 1.0
         self.epsilon_end: float = 0.05
         self.epsilon_decay_fraction: float = 0.1  # of total_env_steps
+        # --- the trial's experience log (qworld.experience: the `supervised` / `qss` methods)
+        self.experience_capacity: int = 65536  # continuous: reservoir size; 0: record nothing
         # --- RLlib
         self.num_env_runners = 0
         self.env = self.env_id
@@ -163,6 +165,7 @@ class MRQConfig(EpisodeReplayConfig):
         epsilon_start=NotProvided,
         epsilon_end=NotProvided,
         epsilon_decay_fraction=NotProvided,
+        experience_capacity=NotProvided,
         **kwargs,
     ) -> "MRQConfig":
         """RLlib's ``training()`` (``gamma``, ``grad_clip``, ...) plus every MR.Q field (see ``__init__``)."""
@@ -202,6 +205,7 @@ class MRQConfig(EpisodeReplayConfig):
                   "zsa_dim"):
             need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an int >= 1")
         need(is_int(self.learning_starts) and self.learning_starts >= 0, "learning_starts", "an int >= 0")
+        need(is_int(self.experience_capacity) and self.experience_capacity >= 0, "experience_capacity", "an int >= 0")
         need(is_int(self.num_bins) and self.num_bins >= 2, "num_bins", "an int >= 2")
         need(isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1, "gamma", "a number in (0, 1]")
         for f in ("enc_lr", "value_lr"):
