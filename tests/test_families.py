@@ -191,8 +191,9 @@ def test_smoke_sweep_crossing_families_scores_every_checkpoint_once(tmp_path):
 def test_the_family_of_a_single_family_sweep_is_read_off_its_trial_dirs(tmp_path):
     """A single-family sweep's params.json is its Algorithm's config, without `algorithm`:
     qa.load read every such trial as pqn (D3G and DQN sweeps were mislabelled)."""
-    from qworld.agents.families import family_of_trial_dir
+    from qworld.layout import TRIAL_DIR_FAMILIES, family_of_trial_dir
 
+    assert TRIAL_DIR_FAMILIES == {fam.algo.rpartition(":")[2]: name for name, fam in ALGORITHMS.items()}
     assert family_of_trial_dir("D3G_qworld_MountainCar-v0_56bca_00000_0_seed=0_2026-12-01_16-58-21") == "d3g"
     assert family_of_trial_dir("GoalDQN_qworld_FourRooms-v0_1_2") == "dqn"
     assert family_of_trial_dir("PQN_qworld_FourRooms-v0_1_2") == "pqn"

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from qworld import metrics as K
-from qworld.layout import CHECKPOINT_CONFIG_FILE, SPEC_FILE
+from qworld.layout import CHECKPOINT_CONFIG_FILE, SPEC_FILE, family_of_trial_dir
 from qworld.sweep import store
 
 PARAMS_FILE = "params.json"
@@ -276,8 +276,6 @@ def _read_trials(exp: Path) -> list[dict]:
         params = _read_json(params_file)
         params = params if isinstance(params, dict) else {}
         if K.ALGORITHM not in params:  # a single-family sweep: the family is the trainable's name
-            from qworld.agents.families import family_of_trial_dir
-
             params[K.ALGORITHM] = family_of_trial_dir(trial_dir.name)
         results = _read_json_lines(result_file)
         trial_id = next((r[K.TRIAL_ID] for r in results if r.get(K.TRIAL_ID)), None)

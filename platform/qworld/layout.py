@@ -9,6 +9,7 @@ An experiment dir (``qworld sweep`` -> ``results/<name>``)::
       worldmodels_p/           WORLD_MODELS_DIR: the extracted P_hat per (trial, checkpoint)
       scoring_attempts/        SCORING_ATTEMPTS_DIR: one small JSON-lines file per scoring attempt
       PQN_<trial>/             Tune trial dirs: params.json, result.json, checkpoint_00000k/
+                               (named after the trainable: TRIAL_DIR_FAMILIES)
 
 A checkpoint dir::
 
@@ -26,3 +27,15 @@ SCORING_ATTEMPTS_DIR = "scoring_attempts"
 CHECKPOINT_CONFIG_FILE = "qworld_config.json"
 EXPERIENCE_FILE = "experience.npz"
 MODULE_SUBDIR = ("learner_group", "learner", "rl_module", "default_policy")
+
+# Tune names a trial dir after its trainable (``<Algorithm class>_<env>_<trial id>_...``); a
+# single-family sweep's params.json is that Algorithm's config, without ``algorithm``, so the
+# family is read off the name (crossed sweeps run ``AnyFamily`` and carry the key).
+# Algorithm class -> family (``qworld.agents.families.ALGORITHMS``; a test keeps them equal).
+TRIAL_DIR_FAMILIES = {"PQN": "pqn", "GoalDQN": "dqn", "MRQ": "mrq", "D3G": "d3g"}
+
+
+def family_of_trial_dir(name: str) -> str | None:
+    """The family of a trial dir's name (``D3G_qworld_...`` -> ``d3g``); None for another trainable."""
+    prefix = name.split("_", 1)[0]
+    return TRIAL_DIR_FAMILIES.get(prefix)

@@ -78,17 +78,6 @@ def family_of(config: Mapping[str, Any]) -> Family:
     return family(config.get(ALGORITHM_KEY))
 
 
-def family_of_trial_dir(name: str) -> str | None:
-    """The family whose Algorithm Tune named a trial dir after (``D3G_qworld_...`` -> ``d3g``);
-    None for a dir of another trainable (``AnyFamily_*`` trials carry ``algorithm`` in their
-    params). A single-family sweep's ``params.json`` is that Algorithm's whole config, which has
-    no ``algorithm`` key."""
-    for fam in ALGORITHMS.values():
-        if name.startswith(fam.algo.rpartition(":")[2] + "_"):
-            return fam.name
-    return None
-
-
 def all_keywords() -> tuple[str, ...]:
     """Every agent keyword of any family (sorted), plus ``algorithm``."""
     keys = {ALGORITHM_KEY}
