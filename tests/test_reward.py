@@ -1,0 +1,70 @@
+"""Rewards from Q given the dynamics (``qworld.reward``): exact from exact Q and the true P,
+and an indicator goal named from its Q alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+from qworld.bellman import solve_goal_q
+from qworld.reward import expected_rewards, infer_goal_state, recover_rewards, reward_scores, state_values
+from qworld_envs import FOUR_ROOMS_ID, make_finite_problem
+
+
+def random_mdp(seed=0, S=9, A=3, L=4):
+    rng = np.random.default_rng(seed)
+    P = rng.dirichlet(np.ones(S) * 0.5, size=(S, A))
+    rewards = rng.normal(size=(L, S))
+    terminal = rng.random((L, S)) < 0.2
+    return P, rewards, terminal
+
+
+def test_rewards_are_exact_from_exact_q_and_true_p_on_a_random_mdp():
+    P, rewards, terminal = random_mdp()
+    Q, _ = solve_goal_q(P, rewards, 0.9, terminal)
+    r_hat = recover_rewards(Q, P, 0.9, terminal)
+    truth = expected_rewards(P, rewards)
+    np.testing.assert_allclose(r_hat, truth, atol=1e-8)
+    scores = reward_scores(r_hat, truth)
+    assert np.all(scores["reward_nmse"] < 1e-12) and np.allclose(scores["reward_pearson"], 1.0)
+    # ignoring the goals' terminal states is a different (wrong) reward: the test can fail
+    assert np.abs(recover_rewards(Q, P, 0.9, None) - truth).max() > 1e-2
+
+
+@pytest.mark.parametrize("variant", ["deterministic", "windy"])
+def test_rewards_are_exact_on_fourrooms_and_every_goal_is_named(variant):
+    problem = make_finite_problem(FOUR_ROOMS_ID, variant=variant, num_goals=12, goal_seed=3)
+    P, goals = problem.mdp.P, problem.goals
+    Q, _ = solve_goal_q(P, goals.rewards, 0.99, goals.terminal)
+    r_hat = recover_rewards(Q, P, 0.99, goals.terminal)
+    scores = reward_scores(r_hat, expected_rewards(P, goals.rewards))
+    assert np.allclose(scores["reward_pearson"], 1.0) and np.all(scores["reward_spearman"] > 0.99)
+    named = [infer_goal_state(Q[g], P, 0.99)[0] for g in range(goals.num_goals)]
+    assert named == list(goals.goal_states)
+
+
+def test_soft_values_are_alpha_logsumexp():
+    Q = np.random.default_rng(1).normal(size=(2, 5, 4)) * 30  # large: a naive exp would overflow
+    np.testing.assert_allclose(state_values(Q, "soft", 0.5), 0.5 * logsumexp(Q / 0.5, axis=-1))
+    assert np.all(state_values(Q, "soft", 0.5) >= state_values(Q, "greedy"))
+    with pytest.raises(ValueError, match="kind"):
+        state_values(Q, "median")
+    with pytest.raises(ValueError, match="Q"):
+        recover_rewards(Q, np.ones((5, 3, 5)) / 5, 0.9)
+
+
+def test_held_out_goals_are_named_from_a_model_extracted_from_the_other_goals():
+    """Exact Q of 5 windy goals: P_hat by moves from any 4 of them names the fifth's cell."""
+    from qworld.plearn.finite import method_options
+    from qworld.reward import held_out_goal_inference
+
+    problem = make_finite_problem(FOUR_ROOMS_ID, variant="windy", num_goals=5, goal_seed=1)
+    P, goals = problem.mdp.P, problem.goals
+    Q, _ = solve_goal_q(P, goals.rewards, 0.99, goals.terminal)
+    right = held_out_goal_inference(Q, goals.rewards, goals.terminal, 0.99, goals.goal_states, "moves",
+                                    method_options("moves", coords=problem.mdp.coords))
+    assert right.all()
+    # a wrong model names wrong cells: the test can fail
+    uniform = np.full_like(P, 1.0 / P.shape[0])
+    assert sum(infer_goal_state(Q[g], uniform, 0.99)[0] == goals.goal_states[g] for g in range(5)) < 5
