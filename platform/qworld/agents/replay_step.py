@@ -20,7 +20,7 @@ to :meth:`EpisodeReplayConfig.set_fields`). Its Algorithm lists :class:`EpisodeR
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -42,6 +42,14 @@ from ray.rllib.utils.metrics import (
 from qworld import metrics as K
 from qworld.agents.pqn.module import linear_epsilon
 from qworld.agents.pqn.problem import ProblemInfo, jsonable, probe_problem
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def is_num(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 class EpisodeReplayConfig(AlgorithmConfig):
@@ -81,8 +89,34 @@ class EpisodeReplayConfig(AlgorithmConfig):
         out.update(self.problem().trial_config())
         return out
 
-    def qworld_errors(self) -> list:
-        raise NotImplementedError
+    def qworld_errors(self) -> List[str]:
+        """Every bad field the episode-replay families share, one message each; a family's
+        ``qworld_errors`` adds its own checks to this list (via :meth:`need`)."""
+        errors: List[str] = []
+        need = self.need(errors)
+        for f in ("num_envs", "rollout_length", "total_env_steps", "batch_size", "updates_per_iteration",
+                  "buffer_capacity"):
+            need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an int >= 1")
+        for f in ("learning_starts", "experience_capacity"):
+            need(is_int(getattr(self, f)) and getattr(self, f) >= 0, f, "an int >= 0")
+        need(is_num(self.gamma) and 0 < self.gamma <= 1, "gamma", "a number in (0, 1]")
+        for f in ("epsilon_start", "epsilon_end", "epsilon_decay_fraction"):
+            need(is_num(getattr(self, f)) and 0 <= getattr(self, f) <= 1, f, "a number in [0, 1]")
+        for f in self.LIST_FIELDS:
+            v = getattr(self, f)
+            need(isinstance(v, (list, tuple)) and len(v) > 0 and all(is_int(h) and h >= 1 for h in v), f,
+                 "a non-empty list of ints >= 1")
+        need(isinstance(self.env_kwargs, dict), "env_kwargs", "a dict")
+        return errors
+
+    def need(self, errors: List[str]) -> Callable[[bool, str, str], None]:
+        """``need(ok, field, allowed)``: append ``"field=<value>: must be <allowed>"`` unless ok."""
+
+        def check(ok: bool, field: str, allowed: str) -> None:
+            if not ok:
+                errors.append(f"{field}={getattr(self, field)!r}: must be {allowed}")
+
+        return check
 
     def validate(self) -> None:
         """ValueError naming every bad field; then derives RLlib's settings and runs its checks."""

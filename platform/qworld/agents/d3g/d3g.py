@@ -42,7 +42,7 @@ from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBu
 from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_notice
 from qworld.agents.d3g import learner as LR
 from qworld.agents.d3g.module import D3GTorchRLModule
-from qworld.agents.replay_step import EpisodeReplayConfig, EpisodeReplayStep
+from qworld.agents.replay_step import EpisodeReplayConfig, EpisodeReplayStep, is_int, is_num
 
 ALGORITHM_NAME = "d3g"
 
@@ -162,38 +162,17 @@ class D3GConfig(EpisodeReplayConfig):
         """Every bad D3G field, one message each (empty when valid)."""
         from qworld.agents.d3g.unobserve import UNOBSERVE, round_trip_error
 
-        errors = []
-
-        def need(cond: bool, field: str, allowed: str) -> None:
-            if not cond:
-                errors.append(f"{field}={getattr(self, field)!r}: must be {allowed}")
-
-        def is_int(x):
-            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-        def is_num(x):
-            return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
+        errors = super().qworld_errors()
+        need = self.need(errors)
         supported = sorted(UNOBSERVE)
         if self.env_id in getattr(qworld_envs, "FINITE_ENVS", {}):
             errors.append(f"env_id: {self.env_id!r} is finite; d3g runs on continuous envs: {supported}")
         elif self.env_id not in UNOBSERVE:
             errors.append(f"env_id: {self.env_id!r} is not supported; d3g runs on continuous envs: {supported}")
-        for f in ("num_envs", "rollout_length", "total_env_steps", "batch_size", "updates_per_iteration",
-                  "buffer_capacity", "policy_delay"):
-            need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an int >= 1")
-        need(is_int(self.learning_starts) and self.learning_starts >= 0, "learning_starts", "an int >= 0")
-        need(is_int(self.experience_capacity) and self.experience_capacity >= 0, "experience_capacity", "an int >= 0")
-        need(is_num(self.gamma) and 0 < self.gamma <= 1, "gamma", "a number in (0, 1]")
+        need(is_int(self.policy_delay) and self.policy_delay >= 1, "policy_delay", "an int >= 1")
         need(is_num(self.lr) and self.lr > 0, "lr", "a number > 0")
         need(is_num(self.tau_polyak) and 0 < self.tau_polyak <= 1, "tau_polyak", "a number in (0, 1]")
         need(is_num(self.delta_fraction) and self.delta_fraction > 0, "delta_fraction", "a number > 0")
-        for f in ("epsilon_start", "epsilon_end", "epsilon_decay_fraction"):
-            need(is_num(getattr(self, f)) and 0 <= getattr(self, f) <= 1, f, "a number in [0, 1]")
-        v = self.hidden_sizes
-        need(isinstance(v, (list, tuple)) and len(v) > 0 and all(is_int(h) and h >= 1 for h in v), "hidden_sizes",
-             "a non-empty list of ints >= 1")
-        need(isinstance(self.env_kwargs, dict), "env_kwargs", "a dict")
         if not errors:  # the inverse observation must undo the env's observe (env kwargs may change it)
             try:
                 problem = qworld_envs.make_continuous_problem(self.env_id, **self.env_kwargs)

@@ -45,6 +45,7 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 
 from qworld.agents.pqn.module import linear_epsilon
+from qworld.agents.pqn.problem import setup_problem_attributes
 
 REQUIRED_KEYS = ("obs_dim", "goal_dim", "num_goals", "num_actions", "goal_features", "env_id", "env_kwargs",
                  "state_low", "state_high", "periodic")
@@ -101,18 +102,8 @@ class D3GTorchRLModule(TorchRLModule):
         from qworld.agents.d3g.unobserve import unobserve_fn
 
         mc = self.model_config
-        missing = [k for k in REQUIRED_KEYS if k not in mc]
-        if missing:
-            raise ValueError(f"D3GTorchRLModule model_config lacks {missing} (D3GConfig fills them from the problem)")
+        setup_problem_attributes(self, mc, REQUIRED_KEYS)
         self.env_id = str(mc["env_id"])
-        self.obs_dim = int(mc["obs_dim"])
-        self.goal_dim = int(mc["goal_dim"])
-        self.num_goals = int(mc["num_goals"])
-        self.num_actions = int(mc["num_actions"])
-        self.register_buffer(
-            "goal_features",
-            torch.as_tensor(mc["goal_features"], dtype=torch.float32).reshape(self.num_goals, self.goal_dim),
-        )
         low = torch.as_tensor(mc["state_low"], dtype=torch.float32)
         high = torch.as_tensor(mc["state_high"], dtype=torch.float32)
         self.state_dim = int(low.shape[0])

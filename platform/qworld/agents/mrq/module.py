@@ -34,6 +34,7 @@ from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 
 from qworld.agents.pqn.module import linear_epsilon
+from qworld.agents.pqn.problem import setup_problem_attributes
 
 QF_PREDS = "qf_preds"  # [B, A]: commanded goal's Q (exploration / inference)
 Q_ALL_GOALS = "q_all_goals"  # [B, L, A]
@@ -110,17 +111,7 @@ class MRQTorchRLModule(TorchRLModule):
     @override(RLModule)
     def setup(self):
         mc = self.model_config
-        missing = [k for k in ("obs_dim", "goal_dim", "num_goals", "num_actions", "goal_features") if k not in mc]
-        if missing:
-            raise ValueError(f"MRQTorchRLModule model_config lacks {missing} (MRQConfig fills them from the problem)")
-        self.obs_dim = int(mc["obs_dim"])
-        self.goal_dim = int(mc["goal_dim"])
-        self.num_goals = int(mc["num_goals"])
-        self.num_actions = int(mc["num_actions"])
-        self.register_buffer(
-            "goal_features",
-            torch.as_tensor(mc["goal_features"], dtype=torch.float32).reshape(self.num_goals, self.goal_dim),
-        )
+        setup_problem_attributes(self, mc)
         zs, za, zsa = int(mc.get("zs_dim", 128)), int(mc.get("za_dim", 32)), int(mc.get("zsa_dim", 128))
         enc_hidden = [int(h) for h in mc.get("enc_hidden", (128, 128))]
         value_hidden = [int(h) for h in mc.get("value_hidden", (128, 128))]

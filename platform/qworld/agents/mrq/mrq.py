@@ -34,8 +34,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-import numpy as np
-
 import qworld_envs  # noqa: F401  (registers the gymnasium envs in every process)
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
@@ -48,7 +46,7 @@ from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_n
 from qworld.agents.mrq import learner as LR
 from qworld.agents.mrq.module import MRQTorchRLModule
 from qworld.agents.mrq.replay import abs_reward_sum, sample_windows
-from qworld.agents.replay_step import EpisodeReplayConfig, EpisodeReplayStep
+from qworld.agents.replay_step import EpisodeReplayConfig, EpisodeReplayStep, is_int, is_num
 
 ALGORITHM_NAME = "mrq"
 
@@ -191,34 +189,15 @@ class MRQConfig(EpisodeReplayConfig):
 
     def qworld_errors(self) -> List[str]:
         """Every bad MR.Q field, one message each (empty when valid)."""
-        errors = []
-
-        def need(cond: bool, field: str, allowed: str) -> None:
-            if not cond:
-                errors.append(f"{field}={getattr(self, field)!r}: must be {allowed}")
-
-        def is_int(x):
-            return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-        for f in ("num_envs", "rollout_length", "total_env_steps", "n_step", "enc_horizon", "batch_size",
-                  "updates_per_iteration", "buffer_capacity", "target_update_freq", "zs_dim", "za_dim",
-                  "zsa_dim"):
+        errors = super().qworld_errors()
+        need = self.need(errors)
+        for f in ("n_step", "enc_horizon", "target_update_freq", "zs_dim", "za_dim", "zsa_dim"):
             need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an int >= 1")
-        need(is_int(self.learning_starts) and self.learning_starts >= 0, "learning_starts", "an int >= 0")
-        need(is_int(self.experience_capacity) and self.experience_capacity >= 0, "experience_capacity", "an int >= 0")
         need(is_int(self.num_bins) and self.num_bins >= 2, "num_bins", "an int >= 2")
-        need(isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1, "gamma", "a number in (0, 1]")
         for f in ("enc_lr", "value_lr"):
-            need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0, f, "a number > 0")
+            need(is_num(getattr(self, f)) and getattr(self, f) > 0, f, "a number > 0")
         for f in ("enc_weight_decay", "value_weight_decay", "dynamics_weight", "reward_weight", "terminal_weight"):
-            need(isinstance(getattr(self, f), (int, float)) and getattr(self, f) >= 0, f, "a number >= 0")
-        for f in ("epsilon_start", "epsilon_end", "epsilon_decay_fraction"):
-            need(isinstance(getattr(self, f), (int, float)) and 0 <= getattr(self, f) <= 1, f, "a number in [0, 1]")
-        for f in ("enc_hidden", "value_hidden"):
-            v = getattr(self, f)
-            need(isinstance(v, (list, tuple)) and len(v) > 0 and all(is_int(h) and h >= 1 for h in v), f,
-                 "a non-empty list of ints >= 1")
-        need(isinstance(self.env_kwargs, dict), "env_kwargs", "a dict")
+            need(is_num(getattr(self, f)) and getattr(self, f) >= 0, f, "a number >= 0")
         return errors
 
     @override(AlgorithmConfig)

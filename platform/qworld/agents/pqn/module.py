@@ -35,6 +35,8 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 from ray.rllib.core.rl_module.torch import TorchRLModule
 from ray.rllib.utils.annotations import override
 
+from qworld.agents.pqn.problem import setup_problem_attributes
+
 GOAL = "goal"  # [B] long: commanded goal index
 EPSILON = "epsilon"  # scalar or [B]: exploration rate for this forward pass
 Q_ALL_GOALS = "q_all_goals"  # [B, L, A]: Q of every goal of the goal set (all_goals head)
@@ -110,13 +112,7 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
     @override(RLModule)
     def setup(self):
         mc = self.model_config
-        missing = [k for k in ("obs_dim", "goal_dim", "num_goals", "num_actions", "goal_features") if k not in mc]
-        if missing:
-            raise ValueError(f"PQNTorchRLModule model_config lacks {missing} (PQNConfig fills them from the problem)")
-        self.obs_dim = int(mc["obs_dim"])
-        self.goal_dim = int(mc["goal_dim"])
-        self.num_goals = int(mc["num_goals"])
-        self.num_actions = int(mc["num_actions"])
+        setup_problem_attributes(self, mc)
         self.head = mc.get("head", "all_goals")
         self.q_output = mc.get("q_output", "linear")
         self.q_scale = float(mc.get("q_scale", 1.0))
@@ -125,10 +121,6 @@ class PQNTorchRLModule(TorchRLModule, QNetAPI):
         if self.q_output not in Q_OUTPUTS:
             raise ValueError(f"q_output must be one of {Q_OUTPUTS}, got {self.q_output!r}")
         self.hidden_sizes = tuple(int(h) for h in mc.get("hidden_sizes", (256, 256)))
-        goal_features = torch.as_tensor(mc["goal_features"], dtype=torch.float32).reshape(
-            self.num_goals, self.goal_dim
-        )
-        self.register_buffer("goal_features", goal_features)
         self.fourier_features = int(mc.get("fourier_features", 0))
         if self.fourier_features > 0:
             self.encoder: nn.Module = FourierEncoder(self.obs_dim, self.fourier_features, float(mc.get("fourier_scale", 1.0)))

@@ -156,3 +156,26 @@ def probe_problem(env_id: str, env_kwargs: dict[str, Any] | None = None) -> Prob
     """
     kwargs_json = json.dumps(jsonable(dict(env_kwargs or {})), sort_keys=True)
     return _probe(env_id, kwargs_json)
+
+
+PROBLEM_KEYS = ("obs_dim", "goal_dim", "num_goals", "num_actions", "goal_features")
+
+
+def setup_problem_attributes(module: Any, model_config: dict, required: tuple = PROBLEM_KEYS) -> None:
+    """What every family's RLModule reads of its problem from ``model_config`` (filled by its
+    config from :class:`ProblemInfo`): ``obs_dim``, ``goal_dim``, ``num_goals``, ``num_actions``
+    and the ``goal_features [L, goal_dim]`` buffer; ValueError naming the missing keys."""
+    import torch
+
+    missing = [k for k in required if k not in model_config]
+    if missing:
+        name = type(module).__name__
+        raise ValueError(f"{name} model_config lacks {missing} (its AlgorithmConfig fills them from the problem)")
+    module.obs_dim = int(model_config["obs_dim"])
+    module.goal_dim = int(model_config["goal_dim"])
+    module.num_goals = int(model_config["num_goals"])
+    module.num_actions = int(model_config["num_actions"])
+    module.register_buffer(
+        "goal_features",
+        torch.as_tensor(model_config["goal_features"], dtype=torch.float32).reshape(module.num_goals, module.goal_dim),
+    )
