@@ -186,6 +186,12 @@ def test_a_pqn_trial_records_its_experience_and_the_scorer_uses_it(ray_session, 
         again.stop()
     finally:
         algo.stop()
+    import os
+
+    from qworld.agents import load_q
+
+    # a relative path loads too (RLlib hands it to pyarrow, which read it as a URI and failed)
+    assert load_q(os.path.relpath(path)).num_goals == 4
     rows = score_checkpoint(path, sweep="s", trial_id="t", methods=["pinv", "supervised", "qss"],
                             env_steps=192)
     by = {r[K.METHOD]: r for r in rows}

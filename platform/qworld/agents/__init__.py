@@ -123,7 +123,8 @@ class QFunction:
 
 def _checkpoint_dir(checkpoint: Union[str, os.PathLike, Any]) -> pathlib.Path:
     path = getattr(checkpoint, "path", checkpoint)  # ray.tune.Checkpoint or a path
-    return pathlib.Path(os.fspath(path))
+    # absolute: RLlib hands the path to pyarrow, which reads a relative one as a URI and fails
+    return pathlib.Path(os.fspath(path)).absolute()
 
 
 def load_q(checkpoint: Union[str, os.PathLike, Any], device: str = "cpu") -> QFunction:
