@@ -55,7 +55,7 @@ class QworldAlgorithmMixin:
 
         if self._experience is None:
             info = self.config.problem()
-            capacity = int(getattr(self.config, "experience_capacity", 0) or 1)
+            capacity = int(self.config.experience_capacity)
             seed = int(self.config.seed or 0)
             if info.finite:
                 self._experience = ExperienceLog(info.num_actions, num_states=info.obs_dim, capacity=capacity, seed=seed)
