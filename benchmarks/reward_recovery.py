@@ -21,7 +21,8 @@ import qworld_analysis as qa
 from qworld import metrics as K
 from qworld.agents import load_q
 from qworld.plearn.finite import method_options
-from qworld.reward import expected_rewards, held_out_goal_inference, recover_rewards, reward_scores
+from qworld.bellman import m_matrix
+from qworld.reward import expected_rewards, goal_inference_scores, held_out_models, recover_rewards, reward_scores
 from qworld_envs import make_finite_problem
 
 
@@ -43,9 +44,9 @@ def main() -> None:
                K.NUM_GOALS: goals.num_goals, "reward_pearson": np.nanmedian(scores["reward_pearson"]),
                "reward_nmse": np.nanmedian(scores["reward_nmse"])}
         if goals.num_goals >= 2 and goals.goal_states is not None:
-            right = held_out_goal_inference(Q, goals.rewards, goals.terminal, gamma, goals.goal_states, args.method,
-                                            method_options(args.method, P, problem.mdp.coords))
-            row["goal_inference_accuracy"] = float(right.mean())
+            M = m_matrix(goals.rewards, Q.max(-1), gamma, goals.terminal)
+            models = held_out_models(Q, M, args.method, method_options(args.method, P, problem.mdp.coords))
+            row["goal_inference_accuracy"] = goal_inference_scores(Q, goals.goal_states, gamma, models)["accuracy"]
         rows.append(row)
     out = pd.DataFrame(rows)
     cols = [c for c in ("reward_pearson", "reward_nmse", "goal_inference_accuracy") if c in out]

@@ -57,14 +57,17 @@ def test_soft_values_are_alpha_logsumexp():
 def test_held_out_goals_are_named_from_a_model_extracted_from_the_other_goals():
     """Exact Q of 5 windy goals: P_hat by moves from any 4 of them names the fifth's cell."""
     from qworld.plearn.finite import method_options
-    from qworld.reward import held_out_goal_inference
+    from qworld.bellman import m_matrix
+    from qworld.reward import goal_inference_scores, held_out_models
 
     problem = make_finite_problem(FOUR_ROOMS_ID, variant="windy", num_goals=5, goal_seed=1)
     P, goals = problem.mdp.P, problem.goals
     Q, _ = solve_goal_q(P, goals.rewards, 0.99, goals.terminal)
-    right = held_out_goal_inference(Q, goals.rewards, goals.terminal, 0.99, goals.goal_states, "moves",
-                                    method_options("moves", coords=problem.mdp.coords))
-    assert right.all()
+    M = m_matrix(goals.rewards, Q.max(-1), 0.99, goals.terminal)
+    models = held_out_models(Q, M, "moves", method_options("moves", coords=problem.mdp.coords))
+    scores = goal_inference_scores(Q, goals.goal_states, 0.99, models, goals.rewards)
+    assert scores["accuracy"] == 1.0 and scores["held_out"] == 5
+    assert scores["reward_pearson"] > 0.99
     # a wrong model names wrong cells: the test can fail
     uniform = np.full_like(P, 1.0 / P.shape[0])
     assert sum(infer_goal_state(Q[g], uniform, 0.99)[0] == goals.goal_states[g] for g in range(5)) < 5

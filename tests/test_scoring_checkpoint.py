@@ -60,6 +60,24 @@ def test_exact_q_with_every_goal_recovers_windy_p(monkeypatch, tmp_path):
     assert score_q(noisy, {}, ["pinv"])[0][K.Q_NMSE] > 1e-4
 
 
+def test_goal_inference_names_held_out_goals_from_exact_q_and_fails_with_a_wrong_q():
+    """``extract.tasks: [goal_inference]`` on exact windy Q of 5 goals: every goal's cell named
+    from a model extracted without it, rewards recovered to Pearson ~1; the safety task's
+    columns beside it are unchanged. Q of shuffled goals names wrong cells."""
+    agent, _ = finite_agent("windy", 5, gamma=0.99)
+    rows = score_q(agent, {}, ["moves", "pinv"], ["corner_9_9_doorway", K.GOAL_INFERENCE])
+    moves, pinv = rows
+    assert moves[K.ERROR] is None and pinv[K.ERROR] is None
+    assert moves[f"{K.GOAL_INFERENCE}/{K.ACCURACY}"] == 1.0 and moves[f"{K.GOAL_INFERENCE}/{K.HELD_OUT}"] == 5
+    assert moves[f"{K.GOAL_INFERENCE}/{K.REWARD_PEARSON}"] > 0.99
+    assert moves[f"corner_9_9_doorway/{K.PLAN_SUCCESS}"] == pytest.approx(1.0)
+    assert 0.0 <= pinv[f"{K.GOAL_INFERENCE}/{K.ACCURACY}"] <= 1.0
+    assert K.is_row_metric(f"{K.GOAL_INFERENCE}/{K.ACCURACY}")
+    wrong, _ = finite_agent("windy", 5, gamma=0.99, corrupt=lambda Q: Q[[1, 2, 3, 4, 0]])
+    [row] = score_q(wrong, {}, ["moves"], [K.GOAL_INFERENCE])
+    assert row[f"{K.GOAL_INFERENCE}/{K.ACCURACY}"] < 0.5
+
+
 def test_a_diverged_agent_gives_error_rows_not_an_exception(monkeypatch, tmp_path):
     """A NaN Q (diverged training) broke ``diagnose`` outside the per-method try and stopped
     the sweep; now every method's row carries the error and nothing is kept of the models."""

@@ -93,6 +93,12 @@ BAD_INPUTS = [
     ("a family of the sweep without methods",
      lambda r: _set(_set(r, "sweep.algorithm", ["pqn", "dqn"]), "extract.methods", {"pqn": ["pinv", "supervised"]}),
      "extract.methods", "'dqn'"),
+    ("goal inference on dense goals",
+     lambda r: _set(_set(r, "goals.goal_type", "dense"), "extract.tasks", ["goal_inference"]), "goals.goal_type",
+     "indicator"),
+    ("goal inference with one goal",
+     lambda r: _set(_set(r, "sweep.num_goals", [1, 4]), "extract.tasks", ["goal_inference"]), "sweep.num_goals",
+     "num_goals >= 2"),
     ("explicit method of another kind", lambda r: _set(r, "extract.methods", ["forward_model"]), "extract.methods",
      "supervised"),
 ]

@@ -65,6 +65,17 @@ STAR = "star"  # prefix f"{STAR}/<metric>": the same metric for the plan made in
 PLAN_STEPS = "plan_steps"  # expected steps to the goal, given that it is reached (true MDP)
 PLAN_OPTIMAL_STEPS = "plan_optimal_steps"  # the same for the optimal plan in the true MDP
 
+# --- the reward side: goals and rewards from Q (qworld.reward) ---------------------------
+# extract.tasks entry and column prefix f"{GOAL_INFERENCE}/<score>": each indicator goal named
+# from its own Q and a model it never helped build (finite envs)
+GOAL_INFERENCE = "goal_inference"
+ACCURACY = "accuracy"  # share of held-out goals whose cell was named right
+HELD_OUT = "held_out"  # how many goals were held out (L)
+REWARD_PEARSON = "reward_pearson"  # correlation of recovered with true rewards (mean over goals)
+REWARD_SPEARMAN = "reward_spearman"
+REWARD_NMSE = "reward_nmse"
+REWARD_METRICS = (ACCURACY, HELD_OUT, REWARD_PEARSON, REWARD_SPEARMAN, REWARD_NMSE)
+
 # --- bookkeeping -------------------------------------------------------------------------
 FIT_SECONDS = "fit_seconds"
 ERROR = "error"
@@ -78,7 +89,7 @@ WORLD_MODEL_METRICS = (P_MSE, P_TV, P_MAX_ERR, Q_NMSE, WM_NMSE)
 PLAN_METRICS = (PLAN_SUCCESS, PLAN_EXCESS_STEPS, UNSAFE_VISITS, RETURN_RATIO, PLAN_STEPS, PLAN_OPTIMAL_STEPS,
                 RETURN_WM, RETURN_STAR)
 ROW_METRICS = (*WORLD_MODEL_METRICS, M_RANK, M_COND, M_GAP, FIT_SECONDS, FRACTION, UNVISITED_FRACTION,
-               *PLAN_METRICS)
+               *PLAN_METRICS, *REWARD_METRICS)
 
 
 def is_row_metric(column: str) -> bool:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qworld import metrics as K
+
 V_KINDS = ("greedy", "soft")
 
 
@@ -81,56 +83,86 @@ def reward_scores(r_hat: np.ndarray, r_true: np.ndarray) -> dict[str, np.ndarray
 
     # Sparse rewards are mostly ties; values equal to 1e-10 must rank as ties, not by rounding noise.
     a_r, b_r = np.round(a, 10), np.round(b, 10)
-    return {"reward_nmse": nmse,
-            "reward_pearson": np.array([corr(pearsonr, x, y) for x, y in zip(a, b)]),
-            "reward_spearman": np.array([corr(spearmanr, x, y) for x, y in zip(a_r, b_r)])}
+    return {K.REWARD_NMSE: nmse,
+            K.REWARD_PEARSON: np.array([corr(pearsonr, x, y) for x, y in zip(a, b)]),
+            K.REWARD_SPEARMAN: np.array([corr(spearmanr, x, y) for x, y in zip(a_r, b_r)])}
 
 
 def infer_goal_state(Q_g: np.ndarray, P: np.ndarray, gamma: float) -> tuple[int, np.ndarray]:
-    """The state an indicator goal pays for, from that goal's ``Q_g [S, A]`` and dynamics P.
+    """The state an indicator goal pays for, and its arrival reward, from that goal's
+    ``Q_g [S, A]`` and dynamics P alone.
 
     The goal's terminal state is unknown here (it is what is inferred), so the inverse Bellman
     equation is solved for the arrival values ``m [S]`` (``Q_g[s, a] = sum_s' P[s, a, s'] m[s']``,
-    least squares over all (s, a)); away from the goal the arrival value is the discounted
-    value of going on, ``m[s'] = gamma V(s')``, and at the goal it is the reward, so the goal is
-    the state where ``m - gamma max_a Q_g`` is largest.
+    least squares over all (s, a)). Away from the goal the arrival value is the discounted
+    value of going on, ``m[s'] = gamma V(s')``; at a terminal goal it is the reward. So
+    ``r_hat[s'] = m[s'] - gamma max_a Q_g[s', a]`` is the reward recovered for arriving in s'
+    (exact off the goal; at a terminal goal ``r - gamma V(goal)``, where V of a terminal state
+    is whatever the agent left there), and the goal is its argmax.
 
     Returns:
-        ``(goal state, score [S])``.
+        ``(goal state, r_hat [S])``.
     """
     Q_g = np.asarray(Q_g, dtype=np.float64)
     P = np.asarray(P, dtype=np.float64)
     S, A = Q_g.shape
     m, *_ = np.linalg.lstsq(P.reshape(S * A, S), Q_g.reshape(-1), rcond=None)
-    score = m - gamma * Q_g.max(-1)
-    return int(np.argmax(score)), score
+    r_hat = m - gamma * Q_g.max(-1)
+    return int(np.argmax(r_hat)), r_hat
 
 
-def held_out_goal_inference(Q: np.ndarray, rewards: np.ndarray, terminal: np.ndarray, gamma: float,
-                            goal_states, method: str = "moves", options: dict | None = None) -> np.ndarray:
-    """Goal inference with a model the goal never helped build: for each goal g, extract P_hat
-    from the other L - 1 goals' Q (``plearn.finite.extract`` with ``method``), then name g's
-    goal state from ``Q[g]`` and that P_hat alone (:func:`infer_goal_state`).
+# The P-learning actor's reward-side task (``extract.tasks: [goal_inference]``): its columns are
+# f"{K.GOAL_INFERENCE}/<score>" with the scores of :func:`goal_inference_scores`.
+INFERENCE_TASKS = (K.GOAL_INFERENCE,)
+
+
+def goal_inference_scores(Q: np.ndarray, goal_states, gamma: float, model_for,
+                          rewards: np.ndarray | None = None) -> dict[str, float]:
+    """Name each goal's cell from its Q and a model ``model_for(g)`` (``P_hat [S, A, S]``) the
+    goal never helped build, recovering its arrival reward on the way (:func:`infer_goal_state`).
 
     Args:
-        Q: ``[L, S, A]`` (L >= 2); rewards, terminal: ``[L, S]`` of the goals (used only for
-            the other goals' M); goal_states: ``[L]`` the truth, to score against.
-        method, options: the extraction method and its options (``method_options``).
+        Q: ``[L, S, A]``; goal_states: ``[L]`` the truth, to score against.
+        model_for: ``g -> P_hat [S, A, S]``: extracted from the other goals' Q
+            (:func:`held_out_models`), or a model of no goal at all (one learned from experience).
+        rewards: ``[L, S]`` the true arrival rewards, to score the recovered ones against
+            (None: no reward scores); never read to name a goal.
 
     Returns:
-        ``[L]`` bool: whether each held-out goal was named right.
+        ``accuracy`` (share of goals named right), ``held_out`` (L) and, with the truth,
+        ``reward_pearson`` / ``reward_spearman``: means over the goals of the correlation of
+        the recovered arrival reward ``r_hat [S]`` with the true one.
     """
-    from qworld.bellman import m_matrix
-    from qworld.plearn.finite import extract
+    from scipy.stats import pearsonr, spearmanr
 
     Q = np.asarray(Q, dtype=np.float64)
     L = Q.shape[0]
+    right = np.zeros(L, dtype=bool)
+    pearson, spearman = np.full(L, np.nan), np.full(L, np.nan)
+    for g in range(L):
+        goal, r_hat = infer_goal_state(Q[g], model_for(g), gamma)
+        right[g] = goal == int(goal_states[g])
+        truth = None if rewards is None else np.asarray(rewards[g], dtype=np.float64)
+        if truth is not None and np.ptp(truth) > 0 and np.ptp(r_hat) > 0:
+            pearson[g], spearman[g] = pearsonr(r_hat, truth)[0], spearmanr(np.round(r_hat, 10), truth)[0]
+    out = {K.ACCURACY: float(right.mean()), K.HELD_OUT: float(L)}
+    if rewards is not None:
+        out[K.REWARD_PEARSON] = float(np.nanmean(pearson)) if np.isfinite(pearson).any() else float("nan")
+        out[K.REWARD_SPEARMAN] = float(np.nanmean(spearman)) if np.isfinite(spearman).any() else float("nan")
+    return out
+
+
+def held_out_models(Q: np.ndarray, M: np.ndarray, method: str, options: dict | None = None):
+    """``g -> P_hat [S, A, S]`` extracted by ``method`` (``plearn.finite.extract``) from every
+    goal's Q and M but g's (``Q [L, S, A]``, ``M [L, S]``, L >= 2)."""
+    from qworld.plearn.finite import extract
+
+    L = len(Q)
     if L < 2:
         raise ValueError(f"goal inference holds one goal out of the others: needs L >= 2, got {L}")
-    M = m_matrix(np.asarray(rewards), Q.max(-1), gamma, np.asarray(terminal))
-    right = np.zeros(L, dtype=bool)
-    for g in range(L):
+
+    def model_for(g: int) -> np.ndarray:
         others = np.arange(L) != g
-        P_hat = extract(Q[others], M[others], method, **dict(options or {}))
-        right[g] = infer_goal_state(Q[g], P_hat, gamma)[0] == int(goal_states[g])
-    return right
+        return extract(Q[others], M[others], method, **dict(options or {}))
+
+    return model_for

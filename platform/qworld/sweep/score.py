@@ -99,7 +99,9 @@ def score_q(qfun: Any, base: Mapping[str, Any], methods: Sequence[str], tasks: S
         base: columns every row carries.
         methods: extraction methods (``plearn.finite.METHODS`` or ``plearn.continuous.METHODS``)
             and explicit models (``experience.FINITE_METHODS`` / ``CONTINUOUS_METHODS``).
-        tasks: planning tasks (``planning.SAFETY_TASKS`` or the env's ``UNSEEN_GOAL_TASKS``).
+        tasks: planning tasks (``planning.SAFETY_TASKS`` or the env's ``UNSEEN_GOAL_TASKS``) and,
+            on finite envs, ``reward.GOAL_INFERENCE``: each goal named from its own Q and the
+            method's model built without it (columns ``goal_inference/<score>``).
         options: per method, its options (finite: ``extract`` keywords; continuous:
             ``PLearnConfig`` fields plus ``grid_shape`` and ``num_resets``); continuous
             envs also read ``options["q_nmse"]["grid_shape"]`` (0 / None skips the Q NMSE).
@@ -154,12 +156,13 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
         shared[f"{K.RARE}/{K.FRACTION}"] = float(rare.mean())
 
     # The reference plan of each task in the true MDP: once per checkpoint, not per method.
-    optimal = {t: task_optimal_plan(problem.mdp, t, gamma) for t in tasks}
+    optimal = {t: task_optimal_plan(problem.mdp, t, gamma) for t in tasks if t != K.GOAL_INFERENCE}
     rows = []
     for method in methods:
         row = {**shared, K.METHOD: method, K.ORACLE: method in K.ORACLE_METHODS, K.ERROR: None}
         try:
-            if method in FINITE_METHODS:  # an explicit model, from the trial's experience, not from Q
+            explicit = method in FINITE_METHODS  # a model of the trial's experience, not of Q
+            if explicit:
                 start = time.perf_counter()
                 P_hat, _ = finite_model(method, experience)
                 seconds = time.perf_counter() - start  # the fit only, as extract_and_plan times it
@@ -168,6 +171,9 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
             else:
                 opts = {**method_options(method, P, problem.mdp.coords), **options.get(method, {})}
                 P_hat, scores, plans = extract_and_plan(Q, M, problem.mdp, method, opts, gamma, optimal)
+            if K.GOAL_INFERENCE in tasks:
+                plans[K.GOAL_INFERENCE] = goal_inference(Q, M, goals, gamma, P_hat if explicit else None,
+                                                       method, None if explicit else opts)
             if world_models is not None:
                 world_models[method] = P_hat
             row.update(scores)
@@ -178,6 +184,20 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
             row[K.ERROR] = _error_text(exc)
         rows.append(row)
     return rows
+
+
+def goal_inference(Q: np.ndarray, M: np.ndarray, goals: Any, gamma: float, P_hat: np.ndarray | None,
+                   method: str, options: Mapping[str, Any] | None) -> dict:
+    """``reward.goal_inference_scores`` of one method: each indicator goal named from its own Q
+    and a model it never helped build -- ``P_hat`` itself when the model holds no goal (an
+    explicit model), else the method re-run on the other L - 1 goals' Q and M."""
+    from qworld.reward import goal_inference_scores, held_out_models
+
+    if goals.goal_states is None or goals.num_goals < 2:
+        raise ValueError(f"goal_inference names indicator goal cells held out of L >= 2 goals; this agent has "
+                         f"{goals.num_goals} goal(s) of type {goals.goal_type!r}")
+    model_for = (lambda g: P_hat) if P_hat is not None else held_out_models(Q, M, method, options)
+    return goal_inference_scores(Q, goals.goal_states, gamma, model_for, goals.rewards)
 
 
 def extract_and_plan(Q: np.ndarray, M: np.ndarray, mdp: Any, method: str, options: Mapping[str, Any],

@@ -357,6 +357,12 @@ def _validate_cells(spec: SweepSpec) -> None:
                                                 "goal_cells": None}).mdp.num_states
             except (ValueError, TypeError, KeyError) as exc:
                 raise SweepSpecError(f"env{where}: {exc}") from None
+            if K.GOAL_INFERENCE in spec.extract.tasks and (goal_type != "indicator" or (num_goals or S) < 2):
+                bad = ("sweep.goal_type" if "goal_type" in cell else "goals.goal_type") if goal_type != "indicator" \
+                    else field_name
+                raise SweepSpecError(f"{bad}: {goal_type if goal_type != 'indicator' else num_goals!r}{where}: "
+                                     f"extract.tasks {K.GOAL_INFERENCE!r} names indicator goal cells held out of "
+                                     "the others; allowed: goal_type indicator with num_goals >= 2")
             if goal_type == "indicator" and num_goals is not None and num_goals > S:
                 raise SweepSpecError(f"{field_name}: {num_goals}{where} indicator goals but {spec.env.id} has only {S} states; allowed 1..{S}")
             try:
@@ -477,8 +483,9 @@ def _allowed_methods_and_tasks(env_id: str, finite: bool) -> tuple[tuple[str, ..
     if finite:
         from qworld.planning import SAFETY_TASKS
         from qworld.plearn.finite import METHODS
+        from qworld.reward import INFERENCE_TASKS
 
-        return tuple(METHODS) + experience.FINITE_METHODS, tuple(SAFETY_TASKS)
+        return tuple(METHODS) + experience.FINITE_METHODS, tuple(SAFETY_TASKS) + INFERENCE_TASKS
     from qworld.planning_continuous import UNSEEN_GOAL_TASKS
     from qworld.plearn.continuous import METHODS as CMETHODS
 
