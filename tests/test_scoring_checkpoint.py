@@ -71,11 +71,15 @@ def test_goal_inference_names_held_out_goals_from_exact_q_and_fails_with_a_wrong
     assert moves[f"{K.GOAL_INFERENCE}/{K.ACCURACY}"] == 1.0 and moves[f"{K.GOAL_INFERENCE}/{K.HELD_OUT}"] == 5
     assert moves[f"{K.GOAL_INFERENCE}/{K.REWARD_PEARSON}"] > 0.99
     assert moves[f"corner_9_9_doorway/{K.PLAN_SUCCESS}"] == pytest.approx(1.0)
+    # the agent is the optimum: its policy succeeds as the optimal one does (windy: nearly always)
+    assert moves[K.POLICY_SUCCESS] == pytest.approx(moves[f"{K.STAR}/{K.POLICY_SUCCESS}"])
+    assert moves[K.POLICY_SUCCESS] > 0.9
     assert 0.0 <= pinv[f"{K.GOAL_INFERENCE}/{K.ACCURACY}"] <= 1.0
     assert K.is_row_metric(f"{K.GOAL_INFERENCE}/{K.ACCURACY}")
     wrong, _ = finite_agent("windy", 5, gamma=0.99, corrupt=lambda Q: Q[[1, 2, 3, 4, 0]])
     [row] = score_q(wrong, {}, ["moves"], [K.GOAL_INFERENCE])
     assert row[f"{K.GOAL_INFERENCE}/{K.ACCURACY}"] < 0.5
+    assert row[K.POLICY_SUCCESS] < 0.5 < row[f"{K.STAR}/{K.POLICY_SUCCESS}"]  # each goal chases another's cell
 
 
 def test_a_diverged_agent_gives_error_rows_not_an_exception(monkeypatch, tmp_path):

@@ -150,3 +150,34 @@ def column_match_margin(M: np.ndarray, gamma: float, m: float = 1.0) -> float:
     np.fill_diagonal(diff, np.inf)
     gap = float(diff.min())
     return gap / (2.0 * (1.0 + gamma * m))
+
+
+def policy_success(P: np.ndarray, Q: np.ndarray, terminal: np.ndarray, horizon: int) -> np.ndarray:
+    """Probability that the greedy policy of each goal reaches one of its terminal states
+    within ``horizon`` steps, from a start state uniform over its non-terminal states (the
+    finite envs' reset distribution, ``qworld_envs.goals.start_states``).
+
+    Args:
+        P: ``[S, A, S]`` the true dynamics; Q: ``[L, S, A]`` (greedy ties to the lowest action,
+            as ``bellman.greedy_policy``); terminal: ``[L, S]`` bool; horizon: the time limit.
+
+    Returns:
+        ``[L]`` success probabilities (NaN for a goal with no terminal state).
+    """
+    P = np.asarray(P, dtype=np.float64)
+    Q = np.asarray(Q, dtype=np.float64)
+    terminal = np.asarray(terminal, dtype=bool)
+    S = P.shape[0]
+    out = np.full(Q.shape[0], np.nan)
+    for g in range(Q.shape[0]):
+        done = terminal[g]
+        if not done.any() or done.all():
+            continue
+        P_pi = P[np.arange(S), Q[g].argmax(-1)]  # [S, S]
+        P_pi[done] = 0.0
+        P_pi[done, done] = 1.0  # arrival ends the episode: the mass stays where it arrived
+        dist = (~done).astype(np.float64) / (~done).sum()
+        for _ in range(int(horizon)):
+            dist = dist @ P_pi
+        out[g] = dist[done].sum()
+    return out

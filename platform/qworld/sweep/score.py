@@ -129,7 +129,7 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
     from qworld.experience import FINITE_METHODS, RARE_VISITS, finite_model
     from qworld.planning import task_optimal_plan
     from qworld.plearn.finite import diagnose, method_options
-    from qworld.scoring import nmse, score_p
+    from qworld.scoring import nmse, policy_success, score_p
     from qworld_envs import make_finite_problem
 
     problem = make_finite_problem(config["env_id"], **config["env_kwargs"])
@@ -145,6 +145,11 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
     # closer than twice that error count as equal (the column-matching margin).
     deterministic = bool(np.all((P > 0).sum(-1) == 1))
     diag = diagnose(M, deterministic=deterministic, gap_tol=2.0 * float(np.abs(Q - Q_pi).max()))
+    if goals.terminal.any():  # sparse goals: how often the agent's policy gets there, and the optimum's
+        Q_star, _ = solve_goal_q(P, goals.rewards, gamma, goals.terminal)
+        horizon = problem.max_episode_steps
+        base[K.POLICY_SUCCESS] = float(np.nanmean(policy_success(P, Q, goals.terminal, horizon)))
+        base[f"{K.STAR}/{K.POLICY_SUCCESS}"] = float(np.nanmean(policy_success(P, Q_star, goals.terminal, horizon)))
     shared = {**base, K.Q_NMSE: float(nmse(Q, Q_pi)),
               **{k: diag[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE, K.IDENTIFIABLE_REASON)}}
 
