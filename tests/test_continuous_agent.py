@@ -117,6 +117,22 @@ def test_agent_q_fn_matches_load_q_and_is_differentiable_in_the_state(mountain_c
         agent_q_fn(qfun, make_continuous_problem(MOUNTAIN_CAR_ID, num_goals=3))
 
 
+def test_a_tiny_agent_on_stochastic_mountain_car_gives_a_noise_scale(ray_session, tmp_path):
+    """Force noise (sigma 3): PQN trains on the noisy env, and the sampler's row carries the
+    recovered noise scale of v' against the true one; the deterministic successor's has none."""
+    from qworld.sweep.score import score_q
+
+    config = tiny(MOUNTAIN_CAR_ID, {"goal_type": "position", "start_states": "uniform", "action_noise": 3.0})
+    _, qfun = train_and_save(config, tmp_path / "checkpoint_000001")
+    assert qfun.config["env_kwargs"]["action_noise"] == 3.0
+    fit = {"steps": 30, "batch_size": 64, "lr": 2e-3, "grid_shape": [20, 20], "num_resets": 16}
+    sampler, successor = score_q(qfun, {}, ["sampler", "successor"], [],
+                                 {"sampler": fit, "successor": fit, "q_nmse": {"grid_shape": None}})
+    assert sampler[K.ERROR] is None and successor[K.ERROR] is None
+    assert 0 < sampler[f"{K.NOISE_STD_RATIO}_v"] < 100
+    assert f"{K.NOISE_STD_RATIO}_v" not in successor
+
+
 def test_score_q_on_a_mountain_car_checkpoint(mountain_car_agent):
     from qworld.sweep.score import score_q
 

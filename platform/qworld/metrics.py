@@ -34,6 +34,8 @@ P_MAX_ERR = "p_max_err"  # max abs error over all entries
 Q_NMSE = "q_nmse"  # agent Q vs exact Q of its own greedy policy, MSE / Var(truth)
 WM_NMSE = "wm_nmse"  # continuous world model: NMSE on s'
 WM_DELTA_NMSE = "wm_delta_nmse"  # continuous: NMSE on Delta s = s' - s, one key per dim: f"{WM_DELTA_NMSE}_{dim}"
+# continuous stochastic model: recovered / true std of s', one key per noisy dim: f"{NOISE_STD_RATIO}_{dim}"
+NOISE_STD_RATIO = "noise_std_ratio"
 BASELINE_IDENTITY = "identity"  # prefix f"{BASELINE_IDENTITY}/<metric>": the baseline model s' = s
 BASELINE_NO_FORCE = "no_force"  # prefix f"{BASELINE_NO_FORCE}/<metric>": the dynamics with the action's force removed
 INTERIOR = "interior"  # prefix f"{INTERIOR}/<metric>": continuous scores on the interior transitions only
@@ -85,7 +87,7 @@ FIT_SECONDS = "fit_seconds"
 ERROR = "error"
 
 # --- the scores of a results row, in one list ---------------------------------------------
-# A row's score columns are these keys, f"{WM_DELTA_NMSE}_<dim>", and either under prefixes
+# A row's score columns are these keys, f"{WM_DELTA_NMSE}_<dim>", f"{NOISE_STD_RATIO}_<dim>", and either under prefixes
 # (f"<task>/<metric>", f"{INTERIOR}/...", f"{BASELINE_IDENTITY}/...", f"{STAR}/..."). W&B logs
 # every one of them (sweep.callbacks); is_row_metric says whether a column is one.
 WORLD_MODEL_METRICS = (P_MSE, P_TV, P_MAX_ERR, Q_NMSE, WM_NMSE)
@@ -99,7 +101,7 @@ ROW_METRICS = (*WORLD_MODEL_METRICS, M_RANK, M_COND, M_GAP, FIT_SECONDS, FRACTIO
 def is_row_metric(column: str) -> bool:
     """Whether a results-row column is a score (see ``ROW_METRICS``)."""
     last = str(column).rsplit("/", 1)[-1]
-    return last in ROW_METRICS or last.startswith(WM_DELTA_NMSE + "_")
+    return last in ROW_METRICS or last.startswith((WM_DELTA_NMSE + "_", NOISE_STD_RATIO + "_"))
 
 # --- training metrics reported by the PQN algorithm (prefix groups as in CleanRL) -------
 TRAIN_ENV_STEPS = "num_env_steps_sampled_lifetime"

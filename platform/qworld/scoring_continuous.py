@@ -203,3 +203,33 @@ def model_agreement(model_a: ModelFn, model_b: ModelFn, problem: Any, num_states
     return {**score(slice(None)), **_subset_scores(interior_mask(dyn, states, actions), score)}
 
 
+
+
+def noise_std_scores(model_std: ModelFn, problem: Any, num_states: int = 4096, seed: int = 0,
+                     quadrature: int = 9) -> dict:
+    """The noise scale a stochastic world model recovered against the true one, per state dim:
+    ``noise_std_ratio_<dim> = mean model std / mean true std`` of s' over the interior
+    transitions (:func:`interior_mask`: no wall or speed limit clips the noise there), for
+    the dims the true dynamics make noisy.
+
+    Args:
+        model_std: ``(states [B, d], actions [B]) -> [B, d]`` the model's marginal std of s'
+            (``GaussianSuccessor.std``).
+        problem: a ``ContinuousProblem`` with stochastic dynamics (``noise_dim > 0``).
+
+    Returns:
+        ``{f"{K.NOISE_STD_RATIO}_<dim>": ratio}`` (empty for deterministic dynamics).
+    """
+    dyn = problem.dynamics
+    if not dyn.noise_dim:
+        return {}
+    states, actions = _transitions(dyn, num_states, seed, None)
+    with torch.no_grad():
+        keep = _inside_box(dyn, true_mean_fn(dyn, quadrature)(states, actions))
+        states, actions = states[keep], actions[keep]
+        nxt, w = dyn.branches(states, actions, quadrature)  # [K, B, d], [K]
+        mean = (w[:, None, None] * nxt).sum(0)
+        true_std = ((w[:, None, None] * (nxt - mean) ** 2).sum(0)).sqrt().mean(0)
+        got = model_std(states.float(), actions).double().mean(0)
+    return {f"{K.NOISE_STD_RATIO}_{name}": float(got[j] / true_std[j])
+            for j, name in enumerate(dyn.state_names) if true_std[j] > 0}

@@ -251,7 +251,7 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models,
     from qworld.experience import CONTINUOUS_METHODS, fit_supervised
     from qworld.planning_continuous import default_grid_shape, evaluate_unseen_goal
     from qworld.plearn.continuous import METHODS, PLearnConfig, p_learn
-    from qworld.scoring_continuous import nmse_torch, score_world_model
+    from qworld.scoring_continuous import noise_std_scores, nmse_torch, score_world_model
     from qworld_envs import make_continuous_problem
 
     problem = make_continuous_problem(config["env_id"], **dict(config.get("env_kwargs") or {}))
@@ -308,6 +308,8 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models,
                 step_fn, seconds = fit.step_fn(), fit.seconds
             row[K.FIT_SECONDS] = seconds
             row.update(score_world_model(step_fn, problem, interior=True, rare=rare))
+            if method == "sampler":
+                row.update(noise_std_scores(fit.model.std, problem))
             for name in tasks:
                 res = evaluate_unseen_goal(problem, name, step_fn, gamma=gamma, grid_shape=grid_shape,
                                            num_resets=num_resets)
