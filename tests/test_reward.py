@@ -71,3 +71,30 @@ def test_held_out_goals_are_named_from_a_model_extracted_from_the_other_goals():
     # a wrong model names wrong cells: the test can fail
     uniform = np.full_like(P, 1.0 / P.shape[0])
     assert sum(infer_goal_state(Q[g], uniform, 0.99)[0] == goals.goal_states[g] for g in range(5)) < 5
+
+
+def test_transition_rewards_give_the_arrival_rewards_of_every_goal():
+    """IQ-Learn's r = Q(s, a) - gamma (1 - done) V(s') of every transition under exact Q is the
+    true reward; averaged per arrival state it is each goal's reward table with its terminal
+    states; unseen arrivals get the goal's background reward. A wrong gamma is caught."""
+    from qworld.reward import arrival_rewards, transition_rewards
+
+    problem = make_finite_problem(FOUR_ROOMS_ID, variant="windy", num_goals=4, goal_seed=1)
+    P, goals = problem.mdp.P, problem.goals
+    Q, _ = solve_goal_q(P, goals.rewards, 0.99, goals.terminal)
+    rng = np.random.default_rng(0)
+    g, s, a = rng.integers(4, size=20000), rng.integers(P.shape[0], size=20000), rng.integers(P.shape[1], size=20000)
+    s2 = np.array([rng.choice(P.shape[0], p=P[i, j]) for i, j in zip(s, a)])
+    keep = ~goals.terminal[g, s]
+    g, s, a, s2 = g[keep], s[keep], a[keep], s2[keep]
+    done = goals.terminal[g, s2]
+    r = transition_rewards(Q, g, s, a, s2, done, 0.99, kind="greedy")
+    # one sample of s' per transition: the reward is exact only in expectation (windy)
+    r_hat, terminal, seen = arrival_rewards(r, g, s2, done, 4, P.shape[0])
+    assert (terminal == (goals.terminal & seen)).all() and seen.mean() > 0.95
+    assert np.corrcoef(r_hat.ravel(), goals.rewards.ravel())[0, 1] > 0.95
+    unseen = ~seen
+    if unseen.any():
+        assert np.all(np.abs(r_hat[unseen]) < 0.1)  # background, not a goal
+    wrong = transition_rewards(Q, g, s, a, s2, done, 0.9, kind="greedy")
+    assert np.abs(wrong - goals.rewards[g, s2]).mean() > 5 * np.abs(r - goals.rewards[g, s2]).mean()

@@ -166,3 +166,55 @@ def held_out_models(Q: np.ndarray, M: np.ndarray, method: str, options: dict | N
         return extract(Q[others], M[others], method, **dict(options or {}))
 
     return model_for
+
+
+def transition_rewards(Q: np.ndarray, goals, states, actions, next_states, dones, gamma: float,
+                       kind: str = "soft", alpha: float = 0.5) -> np.ndarray:
+    """IQ-Learn's recovered reward of observed transitions: ``r = Q(s, a) - gamma (1 - done) V(s')``.
+
+    Args:
+        Q: ``[L, S, A]``; goals, states, actions, next_states: ``[N]`` int; dones: ``[N]`` bool
+            (the episode ended on arriving in s'); kind, alpha: V as in :func:`state_values`.
+
+    Returns:
+        ``[N]`` rewards.
+    """
+    Q = np.asarray(Q, dtype=np.float64)
+    g, s, a, s2 = (np.asarray(x, dtype=np.int64) for x in (goals, states, actions, next_states))
+    V = state_values(Q, kind, alpha)
+    return Q[g, s, a] - gamma * (1.0 - np.asarray(dones, dtype=np.float64)) * V[g, s2]
+
+
+def arrival_rewards(rewards, goals, next_states, dones, num_goals: int, num_states: int,
+                    fill: str = "median") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-transition rewards turned into qworld's per-goal arrival rewards, the form P-learning's
+    ``M`` takes (``bellman.m_matrix``): the mean reward of arriving in s' under goal g.
+
+    Args:
+        rewards, goals, next_states, dones: ``[N]`` observed transitions and their rewards
+            (e.g. :func:`transition_rewards` of demonstrations).
+        fill: what an (g, s') never arrived in gets: ``"median"`` of the goal's non-terminal
+            arrivals (the background reward), or ``"zero"``.
+
+    Returns:
+        ``r_hat [L, S]``, ``terminal_hat [L, S]`` bool (an episode ended there) and
+        ``seen [L, S]`` bool.
+    """
+    g = np.asarray(goals, dtype=np.int64)
+    s2 = np.asarray(next_states, dtype=np.int64)
+    r = np.asarray(rewards, dtype=np.float64)
+    total = np.zeros((num_goals, num_states))
+    count = np.zeros((num_goals, num_states))
+    np.add.at(total, (g, s2), r)
+    np.add.at(count, (g, s2), 1.0)
+    terminal = np.zeros((num_goals, num_states), dtype=bool)
+    terminal[g[np.asarray(dones, dtype=bool)], s2[np.asarray(dones, dtype=bool)]] = True
+    seen = count > 0
+    r_hat = np.divide(total, count, out=np.zeros_like(total), where=seen)
+    if fill not in ("median", "zero"):
+        raise ValueError(f"fill must be 'median' or 'zero', got {fill!r}")
+    for goal in range(num_goals):
+        background = seen[goal] & ~terminal[goal]
+        value = float(np.median(r_hat[goal, background])) if fill == "median" and background.any() else 0.0
+        r_hat[goal, ~seen[goal]] = value
+    return r_hat, terminal, seen
