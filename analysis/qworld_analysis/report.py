@@ -56,7 +56,7 @@ def cell_columns(df: pd.DataFrame, experiment_dir: str | Path | None = None) -> 
 
 # Metrics of the agent's Q, not of an extraction: every method's row of a checkpoint carries
 # the same value, so a per-method table would repeat one number as if it were five findings.
-METHOD_INDEPENDENT = (K.Q_NMSE,)
+METHOD_INDEPENDENT = (K.Q_NMSE, K.POLICY_SUCCESS)
 FINAL_CHECKPOINT = "final_checkpoint"  # the checkpoint indices the cell's trials are shown at
 FINAL_CHECKPOINT_DIFFERS = "final_checkpoint_differs"
 # trials shown at an earlier checkpoint than their last, because the last could not be read
@@ -439,10 +439,12 @@ def _metric_table_html(table: pd.DataFrame, metric: str) -> str:
 def headline_metrics(table: pd.DataFrame) -> list[str]:
     """The metrics a reader looks at first, as present in a :func:`summary_table`: the
     world-model error (``p_mse`` finite, ``wm_nmse`` continuous), then per planning task its
-    ``return_ratio`` (continuous) and ``plan_success`` (finite safety tasks)."""
+    ``return_ratio`` (continuous) and ``plan_success`` (finite safety tasks), and the
+    ``goal_inference/accuracy`` of the reward side."""
     present = list(dict.fromkeys(table[METRIC])) if not table.empty else []
     error = [m for m in (K.P_MSE, K.WM_NMSE) if m in present]
-    plans = [m for m in present if "/" in m and m.rsplit("/", 1)[1] in (K.RETURN_RATIO, K.PLAN_SUCCESS)]
+    plans = [m for m in present if "/" in m and m.rsplit("/", 1)[1] in (K.RETURN_RATIO, K.PLAN_SUCCESS)
+             or m == f"{K.GOAL_INFERENCE}/{K.ACCURACY}"]
     return error + sorted(plans, key=lambda m: (m.rsplit("/", 1)[1] != K.RETURN_RATIO, m))
 
 
