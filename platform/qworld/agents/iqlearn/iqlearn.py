@@ -121,7 +121,7 @@ class IQLearnConfig(EpisodeReplayConfig):
         # --- RLlib: offline data, no env runners sampling
         self.num_env_runners = 0
         self.env = self.env_id
-        self.materialize_data = True  # a few thousand rows: read once
+        self.materialize_data = False  # read and mapped in one pass (materialize_mapped_data)
         self.materialize_mapped_data = True  # the pre-learner is stateless: map once
         self.map_batches_kwargs = {"concurrency": 1}  # one mapping actor (the data is small)
         self.iter_batches_kwargs = {"local_shuffle_buffer_size": 8192}  # rows are in episode order
