@@ -133,6 +133,16 @@ def test_config_names_every_bad_field_and_refuses_continuous_envs(tmp_path):
     assert good.qworld_config()["algorithm"] == "iqlearn" and good.qworld_config()["num_goals"] == 4
 
 
+def test_config_round_trips_through_a_tune_style_dict():
+    from qworld.agents.iqlearn import IQLearn, IQLearnConfig
+
+    cfg = IQLearnConfig().training(env_id=FOUR_ROOMS, env_kwargs=DETERMINISTIC_4, alpha=0.25, hidden_sizes=(64, 32),
+                                   num_demonstrations=7, gamma=0.9, lr=1e-3)
+    back = IQLearn.get_default_config().update_from_dict(cfg.debugging(seed=3).to_dict())
+    assert back.qworld_config() == cfg.qworld_config()
+    assert back.alpha == 0.25 and back.hidden_sizes == [64, 32] and back.num_demonstrations == 7 and back.seed == 3
+
+
 # ------------------------------------------------------------------ through Ray
 def restart_ray():
     """Ray as conftest's ``ray_session`` starts it (after a test shut it down)."""
