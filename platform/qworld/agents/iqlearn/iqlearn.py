@@ -123,7 +123,11 @@ class IQLearnConfig(EpisodeReplayConfig):
         self.env = self.env_id
         self.materialize_data = False  # read and mapped in one pass (materialize_mapped_data)
         self.materialize_mapped_data = True  # the pre-learner is stateless: map once
-        self.map_batches_kwargs = {"concurrency": 1}  # one mapping actor (the data is small)
+        # Ray Data's read tasks and mapping actor ask for no CPU (they run outside the Tune
+        # trial's placement group, and a trial's CPUs are taken); its file listing task asks for
+        # one CPU (not configurable), so a node running IQ-Learn trials needs one CPU free.
+        self.input_read_method_kwargs = {"num_cpus": 0}
+        self.map_batches_kwargs = {"concurrency": 1, "num_cpus": 0}  # one mapping actor (small data)
         self.iter_batches_kwargs = {"local_shuffle_buffer_size": 8192}  # rows are in episode order
 
     @override(AlgorithmConfig)
