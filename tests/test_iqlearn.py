@@ -153,10 +153,12 @@ def restart_ray():
                  runtime_env={"env_vars": {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}})
 
 
-# Measured (deterministic FourRooms, 4 indicator goals, 40 episodes ~ 300 transitions, seed 0):
-# the greedy action of the demonstrated (state, goal) pairs agrees with the demonstrator on
-# about 0.97-1.0 of the transitions after 12 iterations; 0.8 leaves margin.
-MIN_AGREEMENT = 0.8
+# Measured (deterministic FourRooms, 4 indicator goals, 40 episodes = 317 transitions, seed 0,
+# batch 64, lr 3e-3): the greedy action of the demonstrated (state, goal) pairs agrees with the
+# demonstrator on 0.956 of them after 12 iterations, 0.997 after 20, 1.0 after 30 (lr 1e-3:
+# 0.87 / 0.94 / 0.98); 0.9 after 20 leaves margin.
+MIN_AGREEMENT = 0.9
+NUM_ITERATIONS = 20
 
 
 def test_iqlearn_trains_offline_checkpoints_and_imitates(ray_session, tmp_path):
@@ -168,7 +170,7 @@ def test_iqlearn_trains_offline_checkpoints_and_imitates(ray_session, tmp_path):
     from qworld.demonstrations import DEMONSTRATIONS_FILE
 
     config = IQLearnConfig().training(env_id=FOUR_ROOMS, env_kwargs=DETERMINISTIC_4, num_demonstrations=40,
-                                      batch_size=64, updates_per_iteration=4, hidden_sizes=[64, 64]).debugging(seed=0)
+                                      batch_size=64, updates_per_iteration=4, hidden_sizes=[64, 64], lr=3e-3).debugging(seed=0)
     algo = config.build_algo()  # demonstrations=None: written into the Algorithm's log dir
     try:
         import pandas as pd
@@ -177,7 +179,7 @@ def test_iqlearn_trains_offline_checkpoints_and_imitates(ray_session, tmp_path):
         assert algo.config.input_.startswith(str(algo.logdir))
         module = algo.live_module()
         before = {k: v.clone() for k, v in module.state_dict().items()}
-        results = [flat(algo.train()) for _ in range(12)]
+        results = [flat(algo.train()) for _ in range(NUM_ITERATIONS)]
         last = results[-1]
         assert np.isfinite([r[K.TRAIN_LOSS] for r in results]).all()
         assert 0 < last[NUM_DEMONSTRATION_TRANSITIONS] <= 4 * 64
