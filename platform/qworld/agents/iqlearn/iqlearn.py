@@ -10,7 +10,10 @@ One ``training_step`` =
 1. ``updates_per_iteration * batch_size`` demonstration transitions from RLlib's offline
    data pipeline (``config.offline_data(input_=...)``, ``self.offline_data.sample``, as
    RLlib's BC / MARWIL / CQL; RLlib's ``OfflinePreLearner`` maps the parquet rows to
-   episodes and its learner connector adds ``NEXT_OBS`` as for CQL);
+   episodes and its learner connector adds ``NEXT_OBS`` as for CQL). RLlib's iterator
+   walks the (locally shuffled) data set in passes and a pass's last batch is its
+   remainder, so an iteration may get fewer transitions; a set smaller than
+   ``updates_per_iteration * batch_size`` is one pass per iteration;
 2. ``learner_group.update`` in ``updates_per_iteration`` minibatches of ``batch_size``
    (``IQLearnTorchLearner``: the offline chi^2 IQ loss of ``losses``).
 
