@@ -57,8 +57,8 @@ def test_spec_without_algorithm_is_pqn_and_the_axis_crosses_families():
 
 
 @pytest.mark.parametrize("edit, field, allowed", [
-    (lambda r: r["sweep"].update(algorithm=["pqn", "sac"]), "sweep.algorithm", "['d3g', 'dqn', 'mrq', 'pqn']"),
-    (lambda r: r["agent"].update(algorithm="sac"), "agent.algorithm", "['d3g', 'dqn', 'mrq', 'pqn']"),
+    (lambda r: r["sweep"].update(algorithm=["pqn", "sac"]), "sweep.algorithm", "['d3g', 'dqn', 'iqlearn', 'mrq', 'pqn']"),
+    (lambda r: r["agent"].update(algorithm="sac"), "agent.algorithm", "['d3g', 'dqn', 'iqlearn', 'mrq', 'pqn']"),
     (lambda r: r["agent"].update(algorithm="dqn", lambda_=0.5), "agent.lambda_", "buffer_capacity"),
     (lambda r: (r["agent"].update(lambda_=0.5), r["sweep"].update(algorithm=["pqn", "dqn"])),
      "agent.lambda_", "'dqn'"),

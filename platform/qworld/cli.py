@@ -104,11 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_args(p)
         p.set_defaults(func=run)
     # Imported lazily inside their commands: `qworld oracle` never pays for Ray or RLlib.
-    from qworld import analysis_commands
+    from qworld import analysis_commands, demonstrations
     from qworld.sweep import commands as sweep_commands
 
     sweep_commands.add_commands(sub)
     analysis_commands.add_commands(sub)
+    demonstrations.add_commands(sub)
     return parser
 
 

@@ -32,7 +32,7 @@ MODULE_SUBDIR = ("learner_group", "learner", "rl_module", "default_policy")
 # single-family sweep's params.json is that Algorithm's config, without ``algorithm``, so the
 # family is read off the name (crossed sweeps run ``AnyFamily`` and carry the key).
 # Algorithm class -> family (``qworld.agents.families.ALGORITHMS``; a test keeps them equal).
-TRIAL_DIR_FAMILIES = {"PQN": "pqn", "GoalDQN": "dqn", "MRQ": "mrq", "D3G": "d3g"}
+TRIAL_DIR_FAMILIES = {"PQN": "pqn", "GoalDQN": "dqn", "MRQ": "mrq", "D3G": "d3g", "IQLearn": "iqlearn"}
 
 
 def family_of_trial_dir(name: str) -> str | None:

@@ -1,4 +1,4 @@
-"""The learner families a sweep can train: ``algorithm: pqn | dqn | mrq | d3g`` (a sweep axis).
+"""The learner families a sweep can train: ``algorithm: pqn | dqn | mrq | d3g | iqlearn`` (a sweep axis).
 
 ``ALGORITHMS`` maps a family name to where its RLlib Algorithm and AlgorithmConfig live
 (imported lazily: validating a sweep file builds no Algorithm). A config class of a family
@@ -62,6 +62,7 @@ ALGORITHMS: dict[str, Family] = {
     "dqn": Family("dqn", "qworld.agents.dqn:GoalDQN", "qworld.agents.dqn:GoalDQNConfig"),
     "mrq": Family("mrq", "qworld.agents.mrq:MRQ", "qworld.agents.mrq:MRQConfig"),
     "d3g": Family("d3g", "qworld.agents.d3g:D3G", "qworld.agents.d3g:D3GConfig"),
+    "iqlearn": Family("iqlearn", "qworld.agents.iqlearn:IQLearn", "qworld.agents.iqlearn:IQLearnConfig"),
 }
 
 
