@@ -207,3 +207,12 @@ def test_iqlearn_trains_offline_checkpoints_and_imitates(ray_session, tmp_path):
     s, g = obs[:, :S].argmax(1), obs[:, S:].argmax(1)
     agreement = (q_table[g, s].argmax(-1) == demos[Columns.ACTIONS].to_numpy()).mean()
     assert agreement >= MIN_AGREEMENT, agreement
+    # the P-learning actor's rows: soft M, the rewards IQ-Learn recovered, its policy against the
+    # demonstrator's; a checkpoint whose demonstrations moved away scores without them
+    from qworld.sweep.score import score_q
+
+    [row] = score_q(q, {}, ["moves"])
+    assert row[K.ERROR] is None
+    assert row[f"{K.DEMONSTRATIONS}/{K.REWARD_PEARSON}"] > 0.5
+    assert np.isfinite(row[f"{K.RECOVERED}/{K.P_MSE}"]) and np.isfinite(row[K.P_MSE])
+    assert row[f"{K.STAR}/{K.POLICY_SUCCESS}"] == pytest.approx(1.0) and 0.0 <= row[K.POLICY_SUCCESS] <= 1.0 + 1e-9

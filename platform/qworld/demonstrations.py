@@ -165,6 +165,24 @@ def write_demonstrations(out_dir: str | Path, env_id: str, env_kwargs: Mapping[s
     return meta
 
 
+def read_demonstrations(demo_dir: str | Path) -> Dict[str, np.ndarray]:
+    """The transitions of a :func:`write_demonstrations` directory, decoded from the obs layout.
+
+    Returns:
+        ``{goal, state, action, next_state [N] int64, reward [N] float64, terminated [N] bool}``.
+    """
+    import pandas as pd
+
+    demo_dir = Path(demo_dir)
+    meta = json.loads((demo_dir / DEMONSTRATIONS_META).read_text())
+    S = int(meta["num_states"])
+    frame = pd.read_parquet(demo_dir / DEMONSTRATIONS_FILE, columns=[OBS, ACTIONS, REWARDS, NEXT_OBS, TERMINATEDS])
+    obs, nxt = np.stack(frame[OBS].to_numpy()), np.stack(frame[NEXT_OBS].to_numpy())
+    return {"goal": obs[:, S:].argmax(1).astype(np.int64), "state": obs[:, :S].argmax(1).astype(np.int64),
+            "action": frame[ACTIONS].to_numpy(np.int64), "next_state": nxt[:, :S].argmax(1).astype(np.int64),
+            "reward": frame[REWARDS].to_numpy(np.float64), "terminated": frame[TERMINATEDS].to_numpy(bool)}
+
+
 # ---------------------------------------------------------------------- `qworld demos`
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``qworld demos`` (``cli.build_parser``)."""

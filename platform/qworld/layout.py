@@ -39,3 +39,8 @@ def family_of_trial_dir(name: str) -> str | None:
     """The family of a trial dir's name (``D3G_qworld_...`` -> ``d3g``); None for another trainable."""
     prefix = name.split("_", 1)[0]
     return TRIAL_DIR_FAMILIES.get(prefix)
+
+# qworld_config.json keys of a soft, offline learner (IQ-Learn): the temperature T of the soft V
+# its Q satisfies (``V = T logsumexp(Q / T)``; absent: greedy V), and its demonstrations' directory
+VALUE_TEMPERATURE = "value_temperature"
+DEMONSTRATIONS_DIR = "demonstrations_dir"

@@ -81,6 +81,12 @@ REWARD_PEARSON = "reward_pearson"  # correlation of recovered with true rewards 
 REWARD_SPEARMAN = "reward_spearman"
 REWARD_NMSE = "reward_nmse"
 REWARD_METRICS = (ACCURACY, HELD_OUT, REWARD_PEARSON, REWARD_SPEARMAN, REWARD_NMSE)
+# An imitation learner's rows (IQ-Learn, finite envs): f"{DEMONSTRATIONS}/{REWARD_PEARSON}" is the
+# correlation of the reward it recovers, r = Q(s, a) - gamma (1 - done) V(s'), with the true one
+# over its demonstration transitions (IQ-Learn's own measure); f"{RECOVERED}/<score>" scores the
+# world model the row's method extracts with those recovered rewards in M instead of the true ones.
+DEMONSTRATIONS = "demonstrations"
+RECOVERED = "recovered"
 
 # --- bookkeeping -------------------------------------------------------------------------
 FIT_SECONDS = "fit_seconds"

@@ -128,7 +128,9 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
     from qworld.bellman import greedy_policy, m_matrix, solve_goal_q
     from qworld.experience import FINITE_METHODS, RARE_VISITS, finite_model
     from qworld.planning import task_optimal_plan
-    from qworld.plearn.finite import diagnose, method_options
+    from qworld.plearn.finite import diagnose, extract, method_options
+    from qworld.layout import DEMONSTRATIONS_DIR, VALUE_TEMPERATURE
+    from qworld.reward import state_values
     from qworld.scoring import nmse, policy_success, score_p
     from qworld_envs import make_finite_problem
 
@@ -136,7 +138,9 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
     P, goals = problem.mdp.P, problem.goals
     gamma = float(config["gamma"])
     Q = np.asarray(qfun.q_table(), dtype=np.float64)  # [L, S, A]
-    V = Q.max(axis=-1)  # greedy V, the reference code's choice
+    # greedy V, the reference code's choice; a soft learner's (IQ-Learn) Q satisfies the soft one
+    temperature = config.get(VALUE_TEMPERATURE)
+    V = state_values(Q, "soft", float(temperature)) if temperature else Q.max(axis=-1)
     M = m_matrix(goals.rewards, V, gamma, goals.terminal)
     # The agent's Q is scored against the exact Q of its own greedy policy.
     Q_pi, _ = solve_goal_q(P, goals.rewards, gamma, goals.terminal, policy=greedy_policy(Q))
@@ -160,6 +164,11 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
         shared[K.UNVISITED_FRACTION] = float((visits == 0).mean())
         shared[f"{K.RARE}/{K.FRACTION}"] = float(rare.mean())
 
+    M_recovered = None
+    if config.get(DEMONSTRATIONS_DIR):  # an imitation learner: the rewards it recovered, and M with them
+        M_recovered, shared[f"{K.DEMONSTRATIONS}/{K.REWARD_PEARSON}"] = recovered_m(
+            Q, V, config[DEMONSTRATIONS_DIR], gamma, float(temperature or 0) or None, goals.num_goals)
+
     # The reference plan of each task in the true MDP: once per checkpoint, not per method.
     optimal = {t: task_optimal_plan(problem.mdp, t, gamma) for t in tasks if t != K.GOAL_INFERENCE}
     rows = []
@@ -176,6 +185,9 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
             else:
                 opts = {**method_options(method, P, problem.mdp.coords), **options.get(method, {})}
                 P_hat, scores, plans = extract_and_plan(Q, M, problem.mdp, method, opts, gamma, optimal)
+            if M_recovered is not None and not explicit:
+                P_rec = extract(Q, M_recovered, method, **opts)
+                row.update({f"{K.RECOVERED}/{k}": v for k, v in score_p(P_rec, P).items()})
             if K.GOAL_INFERENCE in tasks:
                 plans[K.GOAL_INFERENCE] = goal_inference(Q, M, goals, gamma, P_hat if explicit else None,
                                                        method, None if explicit else opts)
@@ -189,6 +201,32 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
             row[K.ERROR] = _error_text(exc)
         rows.append(row)
     return rows
+
+
+def recovered_m(Q: np.ndarray, V: np.ndarray, demo_dir: str, gamma: float, temperature: float | None,
+                num_goals: int) -> tuple[np.ndarray, float]:
+    """``M [L, S]`` built with the rewards an imitation learner recovered instead of the true
+    ones, and their Pearson correlation with the truth over the demonstrations.
+
+    The recovered reward of each demonstration transition is IQ-Learn's
+    ``Q(s, a) - gamma (1 - done) V(s')`` (soft V at ``temperature``, else greedy); averaged per
+    (goal, arrival state) it is the arrival reward M takes, the terminal states those the
+    demonstrations ended in (``reward.arrival_rewards``). Only the demonstrations are read:
+    no true reward enters M.
+    """
+    from qworld.bellman import m_matrix
+    from qworld.demonstrations import read_demonstrations
+    from qworld.reward import arrival_rewards, transition_rewards
+
+    demo = read_demonstrations(demo_dir)
+    kind = "soft" if temperature else "greedy"
+    r = transition_rewards(Q, demo["goal"], demo["state"], demo["action"], demo["next_state"], demo["terminated"],
+                           gamma, kind=kind, alpha=temperature or 1.0)
+    pearson = float(np.corrcoef(r, demo["reward"])[0, 1]) if np.ptp(r) > 0 and np.ptp(demo["reward"]) > 0 \
+        else float("nan")
+    r_hat, terminal_hat, _ = arrival_rewards(r, demo["goal"], demo["next_state"], demo["terminated"], num_goals,
+                                             Q.shape[1])
+    return m_matrix(r_hat, V, gamma, terminal_hat), pearson
 
 
 def goal_inference(Q: np.ndarray, M: np.ndarray, goals: Any, gamma: float, P_hat: np.ndarray | None,

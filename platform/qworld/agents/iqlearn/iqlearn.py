@@ -70,8 +70,10 @@ from qworld.agents.iqlearn import learner as LR
 from qworld.agents.iqlearn import losses as Lz
 from qworld.agents.iqlearn.module import IQLearnTorchRLModule
 from qworld.agents.replay_step import EpisodeReplayConfig, is_int, is_num
+from qworld.layout import DEMONSTRATIONS_DIR, VALUE_TEMPERATURE
 
 ALGORITHM_NAME = "iqlearn"
+
 DEMONSTRATIONS_SUBDIR = "demonstrations"  # under the Algorithm's log dir (demonstrations=None)
 NUM_DEMONSTRATION_TRANSITIONS = "num_demonstration_transitions"  # sampled this iteration
 
@@ -164,6 +166,15 @@ class IQLearnConfig(EpisodeReplayConfig):
             goal_features=p.goal_features, env_id=self.env_id, env_kwargs=p.env_kwargs,
             hidden_sizes=list(self.hidden_sizes), head="all_goals", q_output="linear",
         )
+
+    def qworld_config(self) -> Dict[str, Any]:
+        """The episode-replay families' trial config, plus what the scorer needs of a soft,
+        offline learner: its V's temperature (M is built with the soft V its Q satisfies) and
+        where its demonstrations are (the rewards it recovers are read off them)."""
+        out = super().qworld_config()
+        out[VALUE_TEMPERATURE] = float(self.temperature)
+        out[DEMONSTRATIONS_DIR] = str(Path(self.input_).absolute()) if isinstance(self.input_, str) and self.input_ else None
+        return out
 
     def qworld_errors(self) -> List[str]:
         """Every bad IQ-Learn field, one message each (empty when valid)."""
