@@ -1,12 +1,15 @@
-"""Rewards and goals from learned Q (issue 15, items 1-2 on learned agents; no IQ-Learn yet).
+"""Rewards and goals from learned Q (issue 15), from any finite sweep's last checkpoints.
 
-    .venv/bin/python benchmarks/reward_recovery.py results/explicit_fourrooms [--method moves]
+    .venv/bin/python benchmarks/reward_recovery.py results/goal_inference_fourrooms [--method moves]
+    .venv/bin/python benchmarks/reward_recovery.py results/iqlearn_fourrooms
 
-For each trial's last checkpoint of a finished FourRooms sweep: the rewards recovered from the
-agent's Q with the true P (``qworld.reward.recover_rewards``, greedy V) scored per goal against
-the true expected rewards (Pearson, NMSE), and held-out goal inference (each goal named from its
-own Q and a P_hat extracted from the other goals' Q by ``--method``). Prints median [min, max]
-over trials per grid cell.
+For each trial's last checkpoint: the rewards recovered from the agent's Q with the *true* P
+(``qworld.reward.recover_rewards``; greedy V, or the soft V of a soft learner such as IQ-Learn)
+scored per goal against the true expected rewards over every (s, a) (Pearson, NMSE), and
+held-out goal inference (each goal named from its own Q and a P_hat extracted from the other
+goals' Q by ``--method``). With the rows the sweep scored beside them (worldmodels.parquet):
+the imitation learner's ``demonstrations/reward_pearson`` and its own policy's success against
+the optimal one's. Prints median [min, max] over trials per grid cell.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from qworld import metrics as K
 from qworld.agents import load_q
 from qworld.plearn.finite import method_options
 from qworld.bellman import m_matrix
-from qworld.reward import expected_rewards, goal_inference_scores, held_out_models, recover_rewards, reward_scores
+from qworld.layout import VALUE_TEMPERATURE
+from qworld.reward import (expected_rewards, goal_inference_scores, held_out_models, recover_rewards, reward_scores,
+                           state_values)
 from qworld_envs import make_finite_problem
 
 
@@ -39,17 +44,25 @@ def main() -> None:
         problem = make_finite_problem(cfg["env_id"], **cfg["env_kwargs"])
         P, goals, gamma = problem.mdp.P, problem.goals, float(cfg["gamma"])
         Q = qfun.q_table()
-        scores = reward_scores(recover_rewards(Q, P, gamma, goals.terminal), expected_rewards(P, goals.rewards))
+        temperature = cfg.get(VALUE_TEMPERATURE)
+        kind = "soft" if temperature else "greedy"
+        r_hat = recover_rewards(Q, P, gamma, goals.terminal, kind=kind, alpha=float(temperature or 1.0))
+        scores = reward_scores(r_hat, expected_rewards(P, goals.rewards))
         row = {K.TRIAL_ID: trial_id, K.VARIANT: cfg["env_kwargs"].get(K.VARIANT), K.GOAL_TYPE: cfg.get(K.GOAL_TYPE),
                K.NUM_GOALS: goals.num_goals, "reward_pearson": np.nanmedian(scores["reward_pearson"]),
                "reward_nmse": np.nanmedian(scores["reward_nmse"])}
         if goals.num_goals >= 2 and goals.goal_states is not None:
-            M = m_matrix(goals.rewards, Q.max(-1), gamma, goals.terminal)
+            M = m_matrix(goals.rewards, state_values(Q, kind, float(temperature or 1.0)), gamma, goals.terminal)
             models = held_out_models(Q, M, args.method, method_options(args.method, P, problem.mdp.coords))
             row["goal_inference_accuracy"] = goal_inference_scores(Q, goals.goal_states, gamma, models)["accuracy"]
+        scored = df[(df[K.TRIAL_ID] == trial_id) & (df[K.CHECKPOINT_PATH] == path)].iloc[0]
+        for col in (f"{K.DEMONSTRATIONS}/{K.REWARD_PEARSON}", K.POLICY_SUCCESS, f"{K.STAR}/{K.POLICY_SUCCESS}"):
+            if col in scored.index:
+                row[col] = scored[col]
         rows.append(row)
     out = pd.DataFrame(rows)
-    cols = [c for c in ("reward_pearson", "reward_nmse", "goal_inference_accuracy") if c in out]
+    cols = [c for c in ("reward_pearson", "reward_nmse", "goal_inference_accuracy", f"{K.DEMONSTRATIONS}/{K.REWARD_PEARSON}",
+                        K.POLICY_SUCCESS, f"{K.STAR}/{K.POLICY_SUCCESS}") if c in out]
 
     def med_range(v: pd.Series) -> str:
         v = v.dropna()
