@@ -296,33 +296,31 @@ def _policy_sequence(step_fn: StepFn, task: UnseenGoalTask, policy: Callable[[to
 
 
 @torch.no_grad()
-def mpc_plan(step_fn: StepFn, task: UnseenGoalTask, q: GridQ, states: torch.Tensor, gamma: float,
-             config: MPCConfig, periodic: torch.Tensor, generator: torch.Generator,
+def mpc_plan(step_fn: StepFn, task: UnseenGoalTask, value_fn: Callable[[torch.Tensor], torch.Tensor],
+             guide_fn: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, gamma: float, config: MPCConfig,
+             num_actions: int, periodic: torch.Tensor, generator: torch.Generator,
              warm: torch.Tensor | None = None) -> torch.Tensor:
     """Best action sequence from each state by categorical CEM in the model.
 
     Args:
         step_fn: the model.
         task: rewards and termination.
-        q: the grid plan of the same model: its interpolated greedy value ``max_a Q`` is
-            the value beyond the horizon and its greedy policy seeds the search.
+        value_fn: ``states [M, d] -> [M]``, the value beyond the horizon (the grid plan's).
+        guide_fn: ``states [M, d] -> [M]`` long, a policy whose sequence in the model is
+            always a candidate (the grid plan's greedy one).
         states: ``[B, d]`` float64.
         config: H, N, rounds, elites, smoothing.
+        num_actions: A.
         periodic: ``[d]`` bool.
         generator: draws the samples (the plan is deterministic given its state).
         warm: ``[B, H]`` long candidate sequences (the previous plan shifted), or None.
 
     Returns:
         ``[B, H]`` long: the best-scoring sequence seen (ties keep the earlier candidate,
-        so the grid policy's sequence wins when nothing scores better).
+        so the guide's sequence wins when nothing scores better).
     """
-    B, H, N, A = states.shape[0], config.horizon, config.samples, q.num_actions
-    table = q.table.reshape(q.grid.size, q.num_goals, A)[:, 0].amax(-1, keepdim=True)  # [n, 1] V at grid points
-
-    def value_fn(s):
-        return q.grid.interpolate(table.to(s.dtype), s)[:, 0]
-
-    fixed = [_policy_sequence(step_fn, task, lambda s: q.greedy(s, 0), states, H, periodic)]
+    B, H, N, A = states.shape[0], config.horizon, config.samples, num_actions
+    fixed = [_policy_sequence(step_fn, task, guide_fn, states, H, periodic)]
     if warm is not None:
         fixed.append(warm)
     fixed = torch.stack(fixed, 1)  # [B, F, H]
@@ -331,8 +329,10 @@ def mpc_plan(step_fn: StepFn, task: UnseenGoalTask, q: GridQ, states: torch.Tens
     best = fixed[:, 0]
     for it in range(config.iterations):
         n = max(N - fixed.shape[1], 1) if it == 0 else N
-        seqs = torch.multinomial(probs.reshape(B * H, A), n, replacement=True, generator=generator)
-        seqs = seqs.reshape(B, H, n).transpose(1, 2)  # [B, n, H]
+        # inverse-CDF draws: many times faster than torch.multinomial on CPU
+        cdf = probs.cumsum(-1)
+        u = torch.rand(B, H, n, generator=generator, dtype=torch.float64) * cdf[..., -1:]
+        seqs = torch.searchsorted(cdf, u).clamp_max(A - 1).transpose(1, 2)  # [B, n, H]
         if it == 0:
             seqs = torch.cat([fixed, seqs], 1)
         m = seqs.shape[1]
@@ -365,6 +365,16 @@ def mpc_policy(step_fn: StepFn, task: UnseenGoalTask, q: GridQ, gamma: float, co
     step, so make one per rollout."""
     per = torch.as_tensor(tuple(periodic), dtype=torch.bool)
     gen = torch.Generator().manual_seed(seed)
+    q = q.to(dtype=torch.float64)  # once, not a float32 -> float64 copy of the table per call
+    v_table = q.table.reshape(q.grid.size, q.num_goals, q.num_actions)[:, 0].amax(-1, keepdim=True)  # [n, 1]
+
+    def value_fn(s: torch.Tensor) -> torch.Tensor:
+        # V interpolated from its grid values, as value iteration itself reads V(s')
+        return q.grid.interpolate(v_table, s)[:, 0]
+
+    def guide_fn(s: torch.Tensor) -> torch.Tensor:
+        return q.greedy(s, 0)
+
     held: dict[str, torch.Tensor] = {}
 
     def act(states: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
@@ -376,7 +386,8 @@ def mpc_policy(step_fn: StepFn, task: UnseenGoalTask, q: GridQ, gamma: float, co
         actions = torch.zeros(N, dtype=torch.long)
         if len(rows):
             warm = held["plan"][rows] if bool(held["warm"][rows].all()) else None
-            plan = mpc_plan(step_fn, task, q, states[rows].double(), gamma, config, per, gen, warm)
+            plan = mpc_plan(step_fn, task, value_fn, guide_fn, states[rows].double(), gamma, config, q.num_actions,
+                            per, gen, warm)
             actions[rows] = plan[:, 0]
             held["plan"][rows] = torch.cat([plan[:, 1:], plan[:, -1:]], 1)
             held["warm"][rows] = True
