@@ -2,12 +2,13 @@
 
     PYTHONPATH=platform:envs .venv/bin/python benchmarks/planner_mpc.py [--envs reacher mountaincar]
         [--num-resets 512] [--horizon 8 --samples 128 --iterations 3 --elites 16] [--short 0.9]
+        [--q-cache DIR]
 
 For every unseen-goal task: R* (the plan made in the TRUE dynamics, rolled out on them from
 the env's resets) with ``planner="grid"`` (greedy in the grid's Q) and ``planner="mpc"``
 (``qworld.planning_continuous.MPCConfig``), its plan success, and the seconds of the rollout
 (planning included; the grid's value iteration is timed apart, ``vi_s``, and shared by both
-planners). With ``--short f`` a deliberately wrong model (every state change scaled by f,
+planners; 0 when read from ``--q-cache``). With ``--short f`` a deliberately wrong model (every state change scaled by f,
 wrapped on angles) is planned in as well: ``R_WM / R*`` per planner. One torch thread.
 """
 
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
+from qworld.bellman_grid import GridQ
 from qworld.planning_continuous import (UNSEEN_GOAL_TASKS, MPCConfig, plan_and_rollout, plan_in, planning_grid)
 from qworld_envs import MOUNTAIN_CAR_ID, REACHER_ID, make_continuous_problem
 from qworld_envs.continuous import wrap_angle
@@ -50,6 +53,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=MPCConfig.iterations)
     ap.add_argument("--elites", type=int, default=MPCConfig.elites)
     ap.add_argument("--short", type=float, default=0.0, help="also plan in a model whose changes are this fraction of the truth's")
+    ap.add_argument("--q-cache", default=None, help="folder keeping the true dynamics' grid Q per env and task (value "
+                    "iteration on the toy Reacher's 24^4 grid takes minutes)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     mpc = MPCConfig(horizon=args.horizon, samples=args.samples, iterations=args.iterations, elites=args.elites)
@@ -67,7 +72,14 @@ def main() -> None:
         for name in args.tasks or UNSEEN_GOAL_TASKS[problem.env_id]:
             task = UNSEEN_GOAL_TASKS[problem.env_id][name]
             t0 = time.perf_counter()
-            q_star = plan_in(true_step, task, grid, args.gamma, dyn.num_actions)
+            cached = Path(args.q_cache or ".") / f"{env}_{name}_{'x'.join(map(str, grid.shape))}_{args.gamma}.pt"
+            if args.q_cache and cached.exists():
+                q_star = GridQ(torch.load(cached), grid)
+            else:
+                q_star = plan_in(true_step, task, grid, args.gamma, dyn.num_actions)
+                if args.q_cache:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save(q_star.Q, cached)
             vi_s = time.perf_counter() - t0
             q_short = None
             for planner in args.planners:

@@ -191,10 +191,12 @@ class MPCConfig:
         smoothing: weight of the old distribution in a refit (keeps some exploration).
     """
 
-    horizon: int = 8
-    samples: int = 128
+    # toy Reacher's target angle, true dynamics, 128 resets: R* 0.6923 with these, 0.6934 with
+    # H = 8 and N = 128, 0.6936 with N = 256, 0.692 with H = 12 (grid alone: 0.681) at 2-8x the cost
+    horizon: int = 4
+    samples: int = 64
     iterations: int = 3
-    elites: int = 16
+    elites: int = 8
     smoothing: float = 0.1
 
     def __post_init__(self):
