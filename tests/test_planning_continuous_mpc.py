@@ -70,6 +70,10 @@ def test_mpc_reaches_a_ball_the_coarse_grid_misses_in_the_fewest_steps():
     zero_q = GridQ(torch.zeros_like(q.Q), COARSE)
     _, succ0 = plan_and_rollout(_model, POINT, BALL, COARSE, STARTS, GAMMA, 100, planner="mpc", mpc=mpc, q=zero_q)
     assert not succ0.all()
+    # searching every other step only (the plan's second action in between) still gets there
+    _, succ2 = plan_and_rollout(_model, POINT, BALL, COARSE, STARTS, GAMMA, 100, planner="mpc",
+                                mpc=MPCConfig(horizon=4, samples=64, iterations=3, elites=8, replan=2), q=q)
+    assert succ2.all()
     # deterministic given the seed
     again, _ = plan_and_rollout(_model, POINT, BALL, COARSE, STARTS, GAMMA, 100, planner="mpc", mpc=mpc, q=q)
     assert torch.equal(ret, again)
@@ -99,6 +103,8 @@ def test_mpc_config_rejects_unknown_and_bad_fields():
         MPCConfig.from_options({"horizn": 5})
     with pytest.raises(ValueError):
         MPCConfig(samples=4, elites=8)
+    with pytest.raises(ValueError):
+        MPCConfig(horizon=2, replan=3)
     with pytest.raises(ValueError, match="unknown planner"):
         evaluate_unseen_goal(MOUNTAIN_CAR_ID, "fast_car", lambda s, a: s, planner="tree")
 

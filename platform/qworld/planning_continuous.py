@@ -189,6 +189,8 @@ class MPCConfig:
         iterations: CEM rounds; each refits the per-step categorical distributions to the elites.
         elites: best sequences the distributions are refitted to.
         smoothing: weight of the old distribution in a refit (keeps some exploration).
+        replan: real steps between searches (the plan's next actions are executed in
+            between): 1 re-plans at every step; k divides the planning cost by k.
     """
 
     # toy Reacher's target angle, true dynamics, 128 resets: R* 0.6923 with these, 0.6934 with
@@ -198,10 +200,13 @@ class MPCConfig:
     iterations: int = 3
     elites: int = 8
     smoothing: float = 0.1
+    replan: int = 1
 
     def __post_init__(self):
-        if min(self.horizon, self.samples, self.iterations, self.elites) < 1:
-            raise ValueError(f"horizon, samples, iterations and elites must be >= 1, got {self}")
+        if min(self.horizon, self.samples, self.iterations, self.elites, self.replan) < 1:
+            raise ValueError(f"horizon, samples, iterations, elites and replan must be >= 1, got {self}")
+        if self.replan > self.horizon:
+            raise ValueError(f"replan ({self.replan}) cannot exceed the horizon ({self.horizon})")
         if self.elites > self.samples:
             raise ValueError(f"elites ({self.elites}) cannot exceed samples ({self.samples})")
         if not 0 <= self.smoothing < 1:
@@ -362,9 +367,9 @@ def greedy_policy(q: GridQ) -> Policy:
 
 def mpc_policy(step_fn: StepFn, task: UnseenGoalTask, q: GridQ, gamma: float, config: MPCConfig,
                periodic: Sequence[bool], seed: int = 0) -> Policy:
-    """A :data:`Policy` that re-plans with :func:`mpc_plan` at every step (only for the alive
-    rows) and executes the first action; it keeps each row's plan to warm-start the next
-    step, so make one per rollout."""
+    """A :data:`Policy` that plans with :func:`mpc_plan` every ``config.replan`` steps (only
+    for the alive rows) and executes the plan's next action; it keeps each row's plan (to
+    warm-start the next search), so make one per rollout."""
     per = torch.as_tensor(tuple(periodic), dtype=torch.bool)
     gen = torch.Generator().manual_seed(seed)
     q = q.to(dtype=torch.float64)  # once, not a float32 -> float64 copy of the table per call
@@ -377,7 +382,7 @@ def mpc_policy(step_fn: StepFn, task: UnseenGoalTask, q: GridQ, gamma: float, co
     def guide_fn(s: torch.Tensor) -> torch.Tensor:
         return q.greedy(s, 0)
 
-    held: dict[str, torch.Tensor] = {}
+    held: dict[str, Any] = {"step": 0}
 
     def act(states: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         N = states.shape[0]
@@ -386,7 +391,11 @@ def mpc_policy(step_fn: StepFn, task: UnseenGoalTask, q: GridQ, gamma: float, co
             held["warm"] = torch.zeros(N, dtype=torch.bool)
         rows = alive.nonzero().flatten()
         actions = torch.zeros(N, dtype=torch.long)
-        if len(rows):
+        held["step"] += 1
+        if (held["step"] - 1) % config.replan:
+            actions[rows] = held["plan"][rows, 0]
+            held["plan"][rows] = torch.cat([held["plan"][rows, 1:], held["plan"][rows, -1:]], 1)
+        elif len(rows):
             warm = held["plan"][rows] if bool(held["warm"][rows].all()) else None
             plan = mpc_plan(step_fn, task, value_fn, guide_fn, states[rows].double(), gamma, config, q.num_actions,
                             per, gen, warm)
