@@ -79,6 +79,20 @@ def test_mpc_reaches_a_ball_the_coarse_grid_misses_in_the_fewest_steps():
     assert torch.equal(ret, again)
 
 
+def test_sequence_returns_discount_reward_and_bootstrap_only_the_living():
+    from qworld.planning_continuous import sequence_returns
+
+    states = torch.tensor([[0.0], [0.1], [0.1]], dtype=torch.float64)
+    actions = torch.tensor([[2, 2], [2, 2], [2, 0]])  # to 0.2; into the ball at 0.3 on step 2; to 0.2 and back
+
+    def value(s):
+        return s[:, 0] + 10
+
+    ret = sequence_returns(_model, BALL, value, states, actions, GAMMA, torch.tensor([False]))
+    expected = torch.tensor([GAMMA**2 * 10.2, GAMMA, GAMMA**2 * 10.1], dtype=torch.float64)
+    assert torch.allclose(ret, expected)
+
+
 def test_mpc_on_weighted_branches_takes_the_expectation():
     # two equally likely branches, one step apart: the ball is reached on average half the time
     def branches(s, a):
