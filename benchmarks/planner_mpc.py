@@ -1,7 +1,7 @@
 """Unseen-goal planning: grid value iteration against MPC on top of it (issue 16 item 1).
 
     PYTHONPATH=platform:envs .venv/bin/python benchmarks/planner_mpc.py [--envs reacher mountaincar]
-        [--num-resets 512] [--horizon 8 --samples 128 --iterations 3 --elites 16] [--short 0.9]
+        [--num-resets 512] [--horizon 4 --samples 64 --iterations 3 --elites 8 --replan 4] [--short 0.9]
         [--q-cache DIR]
 
 For every unseen-goal task: R* (the plan made in the TRUE dynamics, rolled out on them from
@@ -52,12 +52,14 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=MPCConfig.samples)
     ap.add_argument("--iterations", type=int, default=MPCConfig.iterations)
     ap.add_argument("--elites", type=int, default=MPCConfig.elites)
+    ap.add_argument("--replan", type=int, default=MPCConfig.replan)
     ap.add_argument("--short", type=float, default=0.0, help="also plan in a model whose changes are this fraction of the truth's")
     ap.add_argument("--q-cache", default=None, help="folder keeping the true dynamics' grid Q per env and task (value "
                     "iteration on the toy Reacher's 24^4 grid takes minutes)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    mpc = MPCConfig(horizon=args.horizon, samples=args.samples, iterations=args.iterations, elites=args.elites)
+    mpc = MPCConfig(horizon=args.horizon, samples=args.samples, iterations=args.iterations, elites=args.elites,
+                    replan=args.replan)
     print(f"mpc: {mpc}")
     print("| env | task | planner | R* | plan_success | seconds | vi_s | short model R_WM/R* | short s |")
     print("|---|---|---|---|---|---|---|---|---|")

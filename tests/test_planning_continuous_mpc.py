@@ -59,7 +59,7 @@ def test_mpc_reaches_a_ball_the_coarse_grid_misses_in_the_fewest_steps():
     optimal = _optimal_steps(STARTS)
     ret_grid, succ_grid = plan_and_rollout(_model, POINT, BALL, COARSE, STARTS, GAMMA, 100, planner="grid", q=q)
     assert succ_grid.double().mean() < 0.5  # the grid's greedy policy misses the ball from most starts
-    mpc = MPCConfig(horizon=4, samples=64, iterations=3, elites=8)
+    mpc = MPCConfig(horizon=4, samples=64, iterations=3, elites=8, replan=1)
     ret, succ = plan_and_rollout(_model, POINT, BALL, COARSE, STARTS, GAMMA, 100, planner="mpc", mpc=mpc, q=q)
     assert succ.all()
     # optimal from every start, including those up to 12 steps away: 3x the horizon, so the
@@ -107,7 +107,7 @@ def test_mpc_on_weighted_branches_takes_the_expectation():
     assert nxt.shape == (2, 1, 1) and mean.item() == pytest.approx(0.25)
     assert r.item() == 0.5 and cont.item() == 0.5  # 0.2 misses the ball, 0.3 is inside
     ret, succ = plan_and_rollout(branches, POINT, BALL, COARSE, STARTS, GAMMA, 100, planner="mpc",
-                                 mpc=MPCConfig(horizon=4, samples=32, iterations=2, elites=8), q=q)
+                                 mpc=MPCConfig(horizon=4, samples=32, iterations=2, elites=8, replan=1), q=q)
     assert succ.double().mean() > 0.9
 
 
