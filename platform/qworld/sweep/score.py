@@ -103,7 +103,8 @@ def score_q(qfun: Any, base: Mapping[str, Any], methods: Sequence[str], tasks: S
             on finite envs, ``reward.GOAL_INFERENCE``: each goal named from its own Q and the
             method's model built without it (columns ``goal_inference/<score>``).
         options: per method, its options (finite: ``extract`` keywords; continuous:
-            ``PLearnConfig`` fields plus ``grid_shape`` and ``num_resets``); continuous
+            ``PLearnConfig`` fields plus the unseen-goal planning's ``grid_shape``,
+            ``num_resets``, ``planner`` and ``mpc``, see ``evaluate_unseen_goal``); continuous
             envs also read ``options["q_nmse"]["grid_shape"]`` (0 / None skips the Q NMSE).
         world_models: if given, receives method -> the extracted model of every successful
             extraction: ``P_hat[S, A, S]`` (finite) or the ``PLearnResult`` (continuous).
@@ -328,6 +329,7 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models,
             opts = dict(options.get(method, {}))
             grid_shape = opts.pop("grid_shape", None)
             num_resets = int(opts.pop("num_resets", 512))
+            plan_opts = {"planner": opts.pop("planner", "grid"), "mpc": opts.pop("mpc", None)}
             if method == "sampler":
                 opts.setdefault("loss", "l2")  # the double-sampled square is unbiased; L1 shrinks the noise
             if method == "forward_model":  # the agent's own model (D3G), not fitted here
@@ -350,7 +352,7 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models,
                 row.update(noise_std_scores(fit.model.std, problem))
             for name in tasks:
                 res = evaluate_unseen_goal(problem, name, step_fn, gamma=gamma, grid_shape=grid_shape,
-                                           num_resets=num_resets)
+                                           num_resets=num_resets, **plan_opts)
                 row.update({f"{name}/{k}": v for k, v in res.items()})
         except Exception as exc:  # noqa: BLE001 - one method failing must not lose the others
             row[K.ERROR] = _error_text(exc)
