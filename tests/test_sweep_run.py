@@ -167,6 +167,17 @@ def test_status_and_rescore_without_duplicates(smoke_dir, tmp_path):
     after = assert_scored_once(work, methods=("pinv", "column_match", "sparse_search"))
     merged = before.merge(after, on=[K.TRIAL_ID, K.CHECKPOINT_INDEX, K.METHOD], suffixes=("", "_new"))
     assert (merged[K.P_MSE] - merged[f"{K.P_MSE}_new"]).abs().max() < 1e-12  # same Q, same P^
+    # --last: a new method on each trial's last checkpoint only, the other rows kept
+    qworld("extract", work, "--last", "--methods", "known_support")
+    rows = store.read_store(work)
+    oracle = rows[rows[K.METHOD] == "known_support"]
+    last = rows.groupby(K.TRIAL_ID)[K.CHECKPOINT_INDEX].max()
+    assert sorted(oracle[K.TRIAL_ID]) == sorted(last.index)
+    assert (oracle.set_index(K.TRIAL_ID)[K.CHECKPOINT_INDEX] == last).all()
+    # a checkpoint's rows are its latest scoring: the earlier checkpoints keep theirs
+    earlier = after[after[K.CHECKPOINT_INDEX] < after[K.TRIAL_ID].map(last)]
+    kept = rows[rows[K.CHECKPOINT_INDEX] < rows[K.TRIAL_ID].map(last)]
+    assert len(earlier) > 0 and len(kept) == len(earlier)
 
 
 def test_corrupt_checkpoint_gives_an_error_row_and_the_rest_are_scored(smoke_dir, tmp_path):

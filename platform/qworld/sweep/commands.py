@@ -39,6 +39,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("experiment_dir")
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--tasks", nargs="*", default=None)
+    p.add_argument("--last", action="store_true",
+                   help="only each trial's last checkpoint (its rows are replaced; earlier checkpoints keep theirs)")
     p.add_argument("--address", default=None)
     _add_verbose(p)
     p.set_defaults(func=_cmd_extract)
@@ -105,7 +107,7 @@ def _cmd_extract(args) -> int:
         return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no {SPEC_FILE})")
     try:
         outcome = extract_sweep(args.experiment_dir, methods=args.methods, tasks=args.tasks,
-                                address=args.address, verbose=args.verbose)
+                                address=args.address, verbose=args.verbose, last_only=args.last)
     except SweepSpecError as exc:
         return _bad_input(str(exc))
     _print_outcome(outcome)

@@ -337,8 +337,9 @@ def _shutdown(started: bool) -> None:
 
 
 def extract_sweep(experiment_dir: str | Path, methods=None, tasks=None, address=None,
-                  rescore: bool = True, verbose: bool = False) -> SweepOutcome:
-    """Re-score every checkpoint of a finished sweep with (new) methods, no retraining."""
+                  rescore: bool = True, verbose: bool = False, last_only: bool = False) -> SweepOutcome:
+    """Re-score every checkpoint of a finished sweep (``last_only``: each trial's last) with
+    (new) methods, no retraining."""
     import dataclasses
 
     experiment_dir = Path(experiment_dir).resolve()
@@ -357,7 +358,10 @@ def extract_sweep(experiment_dir: str | Path, methods=None, tasks=None, address=
     started = init_ray(spec, address, experiment_dir, verbose=verbose)
     try:
         pool = _pool(spec, experiment_dir)
-        for trial_id, ckpt, env_steps in list_checkpoints(experiment_dir):
+        checkpoints = list_checkpoints(experiment_dir)
+        if last_only:  # sorted by path: a trial's last is its highest index
+            checkpoints = list({trial_id: (trial_id, ckpt, steps) for trial_id, ckpt, steps in checkpoints}.values())
+        for trial_id, ckpt, env_steps in checkpoints:
             pool.submit(trial_id, ckpt, env_steps, force=rescore)
         return _finish(spec, experiment_dir, pool, num_trials=len(list_trials(experiment_dir)),
                        num_errors=0, console=console)
