@@ -14,6 +14,7 @@ Modes::
     python benchmarks/continuous_pipeline.py agree [--seed 0]         # position vs velocity goals
     python benchmarks/continuous_pipeline.py reacher [--seed 0]       # toy Reacher
     python benchmarks/continuous_pipeline.py mujoco [--seed 0]        # MuJoCo Reacher (batched MuJoCo, fast runner)
+    python benchmarks/continuous_pipeline.py reacher --checkpoint CKPT --planner mpc   # re-score a trained agent
 
 Each mode has the defaults recorded in BENCHMARKS.md; any PQN / P-learning setting can be
 overridden (``--steps``, ``--hidden``, ``--lr``, ``--plearn-steps`` ...). Prints one JSON line
@@ -111,6 +112,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tasks", nargs="*", help="unseen goals (default: all three of the env)")
     p.add_argument("--num-resets", type=int, default=512)
     p.add_argument("--checkpoint-dir", help="where to write the checkpoint (default: a temporary dir)")
+    p.add_argument("--checkpoint", help="score this checkpoint instead of training one (its own env and agent)")
+    p.add_argument("--planner", choices=["grid", "mpc"], help="unseen-goal planner (default grid; R* planned alike)")
+    p.add_argument("--mpc-replan", type=int, help="MPC: search every k real steps (MPCConfig.replan)")
     return p.parse_args()
 
 
@@ -137,6 +141,10 @@ def settings(args: argparse.Namespace) -> dict:
                      ("smooth", "plearn_smooth")]:
         if getattr(args, arg) is not None:
             plearn[key] = getattr(args, arg)
+    if args.planner is not None:
+        plearn["planner"] = args.planner
+    if args.mpc_replan is not None:
+        plearn["mpc"] = {"replan": args.mpc_replan}
     grid = args.grid or base["grid_shape"]
     q_grid = args.q_grid if args.q_grid is not None else base["q_grid"]
     return dict(pqn=pqn, env_kwargs=env_kwargs, plearn=plearn, grid_shape=grid,
@@ -223,7 +231,11 @@ def rounded(d: dict) -> dict:
 def run_one(env_id: str, s: dict, seed: int, tasks: list[str], num_resets: int, ckpt_root: Path) -> tuple[dict, object]:
     from qworld_envs import make_continuous_problem
 
-    path, stats = train(env_id, s["env_kwargs"], s["pqn"], seed, ckpt_root / f"{env_id.split('/')[-1]}_{s['env_kwargs'].get('goal_type')}_{seed}")
+    if s.get("checkpoint"):
+        path, stats = s["checkpoint"], {"checkpoint": s["checkpoint"]}
+    else:
+        path, stats = train(env_id, s["env_kwargs"], s["pqn"], seed,
+                            ckpt_root / f"{env_id.split('/')[-1]}_{s['env_kwargs'].get('goal_type')}_{seed}")
     t0 = time.perf_counter()
     row, fit, _ = score(path, s, tasks, num_resets)
     score_s = time.perf_counter() - t0
@@ -243,6 +255,7 @@ def main() -> None:
     env_id = ENV_IDS[args.mode]
     tasks = TASKS[env_id] if args.tasks is None else args.tasks
     s = settings(args)
+    s["checkpoint"] = args.checkpoint
     tmp = None if args.checkpoint_dir else tempfile.TemporaryDirectory(prefix="qworld_pipeline_")
     root = Path(args.checkpoint_dir or tmp.name)
     try:
