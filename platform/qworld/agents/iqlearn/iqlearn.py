@@ -42,6 +42,8 @@ Example::
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -251,6 +253,14 @@ class IQLearn(QworldAlgorithmMixin, Algorithm):
 
     @override(Algorithm)
     def setup(self, config) -> None:
+        import ray.data
+
+        # Ray Data prints its execution plan and progress for every pass over the data; a sweep's
+        # console is one line per event (sweep.callbacks), so the pipeline runs quietly.
+        context = ray.data.DataContext.get_current()
+        context.print_on_execution_start = False
+        context.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         if self.config.demonstrations is None:
             # RLlib builds its OfflineData from `input_` inside setup, so the file must exist
             # (and `input_` point at it) before that; the log dir exists only from here on.
