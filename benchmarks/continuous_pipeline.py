@@ -259,7 +259,8 @@ def main() -> None:
     tmp = None if args.checkpoint_dir else tempfile.TemporaryDirectory(prefix="qworld_pipeline_")
     root = Path(args.checkpoint_dir or tmp.name)
     try:
-        print(json.dumps({"kind": "settings", "mode": args.mode, "env_id": env_id, **{k: v for k, v in s.items()}}), flush=True)
+        shown = {k: v for k, v in s.items() if not (args.checkpoint and k in ("pqn", "env_kwargs"))}  # the checkpoint's own
+        print(json.dumps({"kind": "settings", "mode": args.mode, "env_id": env_id, **shown}), flush=True)
         if args.mode != "agree":
             out, _ = run_one(env_id, s, args.seed, tasks, args.num_resets, root)
             out.update(ray_s=ray_s, wall_s=time.perf_counter() - T_PROCESS,
