@@ -118,8 +118,9 @@ class EpisodeReplayConfig(AlgorithmConfig):
 
         return check
 
-    def validate(self) -> None:
-        """ValueError naming every bad field; then derives RLlib's settings and runs its checks."""
+    def validate_qworld_fields(self) -> None:
+        """ValueError naming every bad field, or the problem that cannot be built; then RLlib's
+        ``env`` / ``env_config`` and the learner batch from the family's fields."""
         name = type(self).__name__
         errors = self.qworld_errors()
         if errors:
@@ -131,10 +132,14 @@ class EpisodeReplayConfig(AlgorithmConfig):
                              f"cannot be built: {type(e).__name__}: {e}") from e
         self.env = self.env_id
         self.env_config = dict(self.env_kwargs)
+        self.train_batch_size_per_learner = int(self.batch_size) * int(self.updates_per_iteration)
+
+    def validate(self) -> None:
+        """ValueError naming every bad field; then derives RLlib's settings and runs its checks."""
+        self.validate_qworld_fields()
         self.num_envs_per_env_runner = int(self.num_envs)
         self.rollout_fragment_length = int(self.rollout_length)
         self.env_runner_cls = SingleAgentEnvRunner
-        self.train_batch_size_per_learner = int(self.batch_size) * int(self.updates_per_iteration)
         super().validate()
 
 

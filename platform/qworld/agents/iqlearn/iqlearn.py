@@ -209,18 +209,7 @@ class IQLearnConfig(EpisodeReplayConfig):
         (Not the episode-replay families' ``validate``: that one derives env-runner sampling
         settings, and IQ-Learn samples no env.)
         """
-        name = type(self).__name__
-        errors = self.qworld_errors()
-        if errors:
-            raise ValueError(f"invalid {name}:\n  - " + "\n  - ".join(errors))
-        try:
-            self.problem()
-        except Exception as e:
-            raise ValueError(f"invalid {name}: env_id={self.env_id!r} with env_kwargs={self.env_kwargs!r} "
-                             f"cannot be built: {type(e).__name__}: {e}") from e
-        self.env = self.env_id
-        self.env_config = dict(self.env_kwargs)
-        self.train_batch_size_per_learner = int(self.batch_size) * int(self.updates_per_iteration)
+        self.validate_qworld_fields()
         if self.demonstrations is not None:
             self.input_ = str(Path(self.demonstrations).absolute())
         AlgorithmConfig.validate(self)
