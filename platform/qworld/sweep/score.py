@@ -128,9 +128,9 @@ def score_q(qfun: Any, base: Mapping[str, Any], methods: Sequence[str], tasks: S
 def _score_finite(qfun, config, base, methods, tasks, options, world_models, experience) -> list[dict]:
     from qworld.bellman import greedy_policy, m_matrix, solve_goal_q
     from qworld.experience import FINITE_METHODS, RARE_VISITS, finite_model
+    from qworld.layout import DEMONSTRATIONS_DIR, VALUE_TEMPERATURE
     from qworld.planning import task_optimal_plan
     from qworld.plearn.finite import diagnose, extract, method_options
-    from qworld.layout import DEMONSTRATIONS_DIR, VALUE_TEMPERATURE
     from qworld.reward import state_values
     from qworld.scoring import nmse, policy_success, score_p
     from qworld_envs import make_finite_problem
@@ -140,8 +140,8 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
     gamma = float(config["gamma"])
     Q = np.asarray(qfun.q_table(), dtype=np.float64)  # [L, S, A]
     # greedy V, the reference code's choice; a soft learner's (IQ-Learn) Q satisfies the soft one
-    temperature = config.get(VALUE_TEMPERATURE)
-    V = state_values(Q, "soft", float(temperature)) if temperature else Q.max(axis=-1)
+    temperature = float(config[VALUE_TEMPERATURE]) if config.get(VALUE_TEMPERATURE) else None
+    V = state_values(Q, "soft", temperature) if temperature else Q.max(axis=-1)
     M = m_matrix(goals.rewards, V, gamma, goals.terminal)
     # The agent's Q is scored against the exact Q of its own greedy policy.
     Q_pi, _ = solve_goal_q(P, goals.rewards, gamma, goals.terminal, policy=greedy_policy(Q))
@@ -150,13 +150,13 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
     # closer than twice that error count as equal (the column-matching margin).
     deterministic = bool(np.all((P > 0).sum(-1) == 1))
     diag = diagnose(M, deterministic=deterministic, gap_tol=2.0 * float(np.abs(Q - Q_pi).max()))
+    shared = {**base, K.Q_NMSE: float(nmse(Q, Q_pi)),
+              **{k: diag[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE, K.IDENTIFIABLE_REASON)}}
     if goals.terminal.any():  # sparse goals: how often the agent's policy gets there, and the optimum's
         Q_star, _ = solve_goal_q(P, goals.rewards, gamma, goals.terminal)
         horizon = problem.max_episode_steps
-        base[K.POLICY_SUCCESS] = float(np.nanmean(policy_success(P, Q, goals.terminal, horizon)))
-        base[f"{K.STAR}/{K.POLICY_SUCCESS}"] = float(np.nanmean(policy_success(P, Q_star, goals.terminal, horizon)))
-    shared = {**base, K.Q_NMSE: float(nmse(Q, Q_pi)),
-              **{k: diag[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE, K.IDENTIFIABLE_REASON)}}
+        shared[K.POLICY_SUCCESS] = float(np.nanmean(policy_success(P, Q, goals.terminal, horizon)))
+        shared[f"{K.STAR}/{K.POLICY_SUCCESS}"] = float(np.nanmean(policy_success(P, Q_star, goals.terminal, horizon)))
 
     rare = None
     if experience is not None and experience.finite:
@@ -168,7 +168,7 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
     M_recovered = None
     if config.get(DEMONSTRATIONS_DIR):  # an imitation learner: the rewards it recovered, and M with them
         M_recovered, shared[f"{K.DEMONSTRATIONS}/{K.REWARD_PEARSON}"] = recovered_m(
-            Q, V, config[DEMONSTRATIONS_DIR], gamma, float(temperature or 0) or None, goals.num_goals)
+            Q, V, config[DEMONSTRATIONS_DIR], gamma, temperature, goals.num_goals)
 
     # The reference plan of each task in the true MDP: once per checkpoint, not per method.
     optimal = {t: task_optimal_plan(problem.mdp, t, gamma) for t in tasks if t != K.GOAL_INFERENCE}
