@@ -331,6 +331,16 @@ def _validate_cells(spec: SweepSpec) -> None:
     for m in spec.extract.options:
         if m not in spec.extract.methods:
             raise SweepSpecError(f"extract.options.{m}: options for a method not in extract.methods {spec.extract.methods}")
+        opts = spec.extract.options[m]
+        if not finite and ("planner" in opts or "mpc" in opts):  # the unseen-goal planner of the method's rows
+            from qworld.planning_continuous import PLANNERS, MPCConfig
+
+            if opts.get("planner", "grid") not in PLANNERS:
+                raise SweepSpecError(f"extract.options.{m}.planner: {opts['planner']!r}; allowed: {PLANNERS}")
+            try:
+                MPCConfig.from_options(opts.get("mpc"))
+            except (TypeError, ValueError) as exc:
+                raise SweepSpecError(f"extract.options.{m}.mpc: {exc}") from None
 
     if spec.extract.per_algorithm:
         from qworld.agents.families import ALGORITHM_KEY, DEFAULT_ALGORITHM
