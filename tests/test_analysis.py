@@ -750,6 +750,23 @@ def test_headline_metrics_of_a_continuous_sweep():
     assert head.iloc[0]["successor"]["iqm"] == pytest.approx(iqm([0.1 * (s + 1) for s in range(5)]))
 
 
+def test_goal_inference_and_policy_success_reach_the_headline():
+    # Catches a summary that keeps only the world-model and planning columns: the reward side's
+    # accuracy and the agent's own policy success would be computed and never shown.
+    from qworld_analysis.report import headline_metrics, headline_table, summary_table
+
+    rows = [{K.TRIAL_ID: f"t{seed}", K.CHECKPOINT_INDEX: 2, K.ENV: "FourRooms", K.HEAD: "all_goals",
+             K.METHOD: method, K.ERROR: None, K.P_MSE: 1e-3, K.Q_NMSE: 0.01, K.POLICY_SUCCESS: 0.5 + 0.1 * seed,
+             f"{K.GOAL_INFERENCE}/{K.ACCURACY}": 1.0 if method == "moves" else 0.0}
+            for seed in range(3) for method in ("moves", "pinv")]
+    table = summary_table(pd.DataFrame(rows), reps=100)
+    assert f"{K.GOAL_INFERENCE}/{K.ACCURACY}" in headline_metrics(table)
+    head, _ = headline_table(table, f"{K.GOAL_INFERENCE}/{K.ACCURACY}")
+    assert head.iloc[0]["moves"]["iqm"] == 1.0 and head.iloc[0]["pinv"]["iqm"] == 0.0
+    head, _ = headline_table(table, K.P_MSE)
+    assert head.iloc[0][f"{K.POLICY_SUCCESS} (agent, any method)"]["iqm"] == pytest.approx(0.6)
+
+
 def test_report_on_a_sweep_with_nothing_scored(tmp_path):
     exp = make_experiment(tmp_path / "early")
     for f in store.store_path(exp).glob("*.parquet"):

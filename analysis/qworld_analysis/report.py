@@ -84,7 +84,8 @@ def summary_table(df: pd.DataFrame, experiment_dir: str | Path | None = None,
     scored = df[~is_load]
     final = final_checkpoints(scored)
     if metrics is None:
-        metrics = [m for m in (*WORLD_MODEL_METRICS, *plan_columns(final))
+        reward_side = [c for c in final.columns if c == K.POLICY_SUCCESS or c.startswith(K.GOAL_INFERENCE + "/")]
+        metrics = [m for m in (*WORLD_MODEL_METRICS, *plan_columns(final), *reward_side)
                    if m in final.columns and final[m].notna().any()]
     checkpoints = _final_checkpoint_columns(df, final, cells)
     parts = []
