@@ -38,6 +38,14 @@ def wrap_angle(x: torch.Tensor) -> torch.Tensor:
     return torch.remainder(x + math.pi, 2 * math.pi) - math.pi
 
 
+def wrap_periodic(x: torch.Tensor, periodic: torch.Tensor | Sequence[bool]) -> torch.Tensor:
+    """``x [..., d]`` wrapped to ``[-pi, pi)`` on the dims where ``periodic [d]`` is True."""
+    periodic = torch.as_tensor(periodic, dtype=torch.bool, device=x.device)
+    if not bool(periodic.any()):
+        return x
+    return torch.where(periodic, wrap_angle(x), x)
+
+
 def periodic_difference(a: torch.Tensor, b: torch.Tensor, periodic: Sequence[bool]) -> torch.Tensor:
     """``a - b`` over the last dim ``[..., d]``, wrapped to ``[-pi, pi)`` on the periodic dims."""
     diff = a - b

@@ -24,7 +24,7 @@ import torch
 from qworld import metrics as K
 from qworld.bellman_grid import Grid, GridQ, grid_q
 from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, ContinuousProblem, make_continuous_problem
-from qworld_envs.continuous import wrap_angle
+from qworld_envs.continuous import wrap_angle, wrap_periodic
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], Any]
 
@@ -226,10 +226,6 @@ class MPCConfig:
         return cls(**options)
 
 
-def _wrap_periodic(states: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
-    return torch.where(periodic, wrap_angle(states), states)
-
-
 def expected_step(step_fn: StepFn, task: UnseenGoalTask, states: torch.Tensor, actions: torch.Tensor,
                   periodic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """One model step with the task's reward and termination, expected over the branches.
@@ -257,8 +253,8 @@ def expected_step(step_fn: StepFn, task: UnseenGoalTask, states: torch.Tensor, a
     if K == 1:
         mean = nxt[0]
     else:  # a certainty-equivalent state: the branches' mean, wrapped so angles average locally
-        diff = _wrap_periodic(nxt - nxt[0], periodic)
-        mean = _wrap_periodic(nxt[0] + (diff * w[:, None, None]).sum(0), periodic)
+        diff = wrap_periodic(nxt - nxt[0], periodic)
+        mean = wrap_periodic(nxt[0] + (diff * w[:, None, None]).sum(0), periodic)
     return mean, reward, cont, (nxt, w)
 
 

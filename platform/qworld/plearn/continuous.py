@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from qworld_envs.continuous import wrap_angle
+from qworld_envs.continuous import wrap_periodic
 
 QFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -84,10 +84,6 @@ class PLearnConfig:
         if options.get("delta_scale") is not None:
             options["delta_scale"] = tuple(float(x) for x in options["delta_scale"])
         return cls(**options)
-
-
-def _wrap(x: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
-    return torch.where(periodic, wrap_angle(x), x)
 
 
 class SuccessorNet(nn.Module):
@@ -151,7 +147,7 @@ class SuccessorNet(nn.Module):
     def forward(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """``[B, d]`` predicted next states (the mean for the sampler)."""
         nxt = states.to(self.low.dtype) + self.delta(states, actions)
-        return _wrap(nxt, self.periodic)
+        return wrap_periodic(nxt, self.periodic)
 
 
 class GaussianSuccessor(SuccessorNet):
@@ -202,7 +198,7 @@ class GaussianSuccessor(SuccessorNet):
         eps = torch.randn(num_samples, *mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
         noise = torch.einsum("bij,kbj->kbi", S, eps)
         nxt = states.to(mu.dtype)[None] + mu[None] + noise
-        return _wrap(nxt, self.periodic)
+        return wrap_periodic(nxt, self.periodic)
 
 
 def m_values(q_fn: QFn, goals: Any, next_states: torch.Tensor, goal: torch.Tensor | None, gamma: float,
@@ -343,7 +339,7 @@ def p_learn(
             noise = cfg.anneal_noise * (1.0 - step / (cfg.anneal_fraction * cfg.steps))
             if noise > 0:
                 eps = torch.randn(nxt.shape, generator=gen, device=device, dtype=nxt.dtype)
-                nxt = _wrap(nxt + noise * model.delta_scale * eps, model.periodic)
+                nxt = wrap_periodic(nxt + noise * model.delta_scale * eps, model.periodic)
             resid = m_values(q_fn, goals, nxt, g, gamma, cfg.smooth).float() - target
             loss = resid.abs().mean() if cfg.loss == "l1" else resid.square().mean()
         return loss

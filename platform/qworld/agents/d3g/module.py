@@ -46,6 +46,7 @@ from ray.rllib.utils.annotations import override
 
 from qworld.agents.pqn.module import linear_epsilon
 from qworld.agents.pqn.problem import setup_problem_attributes
+from qworld_envs.continuous import wrap_periodic
 
 REQUIRED_KEYS = ("obs_dim", "goal_dim", "num_goals", "num_actions", "goal_features", "env_id", "env_kwargs",
                  "state_low", "state_high", "periodic")
@@ -72,14 +73,6 @@ class TwinCritic(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.q1(x), self.q2(x)], -1)
-
-
-def wrap_periodic(x: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
-    """``x [..., d]`` wrapped to ``[-pi, pi)`` where ``periodic [d]`` (bool) is True."""
-    if not bool(periodic.any()):
-        return x
-    wrapped = torch.remainder(x + torch.pi, 2 * torch.pi) - torch.pi
-    return torch.where(periodic, wrapped, x)
 
 
 class D3GTorchRLModule(TorchRLModule):
