@@ -297,7 +297,14 @@ class Location:
             Path(dest.path).parent.mkdir(parents=True, exist_ok=True)
             os.rename(self.path, dest.path)
         else:
-            self.fs.move(self.path, dest.path)
+            try:
+                self.fs.move(self.path, dest.path)  # S3: CopyObject then DeleteObject
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                if "NO_SUCH_KEY" in str(exc) or "NoSuchKey" in str(exc):
+                    raise FileNotFoundError(f"{self.uri}: no such file (moved or deleted)") from None
+                raise
         return dest
 
 
