@@ -7,9 +7,10 @@
   random moments, then the driver, then ``qworld resume``. The attempt records
   (``scoring_attempts/``) make a second scoring of a checkpoint visible.
 
-The chaos test is short by default (``QWORLD_CHAOS_KILLS=2`` kills of each kind, ~1.5 min);
-``QWORLD_CHAOS_KILLS=6 QWORLD_CHAOS_STEPS=65536 pytest tests/test_faults.py -k chaos -s``
-runs it longer and prints the figures of README's Reliability section.
+The chaos test is short by default (``QWORLD_CHAOS_KILLS=2`` kills of each kind);
+``QWORLD_CHAOS_KILLS=6 pytest tests/test_faults.py -k chaos -s`` runs it longer and prints
+the figures of README's Reliability section. It is driven by events (``live``), so the
+machine's speed changes how long it takes, never what it checks.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import live
 import pandas as pd
 import pytest
 
@@ -188,53 +190,23 @@ def test_damaged_fragment_of_a_real_sweep_is_set_aside_and_rescored(smoke_dir, t
 # --------------------------------------------------------------------------------------
 # chaos: repeated kills during one live sweep, then the driver, then resume
 
-
-def _descendants(root: int) -> list:
-    import psutil
-
-    try:
-        return psutil.Process(root).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _pids_of(pattern: str, root: int) -> list[int]:
-    """This driver's own processes whose command line holds ``pattern`` (never another
-    sweep's on the same machine)."""
-    import psutil
-
-    out = []
-    for proc in _descendants(root):
-        try:
-            text = " ".join(proc.cmdline() or [])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if pattern in text:
-            out.append(proc.pid)
-    return sorted(out)
-
-
 KINDS = {"trial worker": "ray::PQN", "P-learning actor": "ray::PLearningActor"}
-
-
-def _checkpoint_steps(ckpt: str) -> int | None:
-    try:
-        return json.loads((Path(ckpt) / CHECKPOINT_CONFIG_FILE).read_text())[K.ENV_STEPS]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 @pytest.mark.ray
 def test_chaos_repeated_kills_then_driver_kill_and_resume(tmp_path):
+    """Driven by events, not the clock: the sweep's budget is unbounded, so it is running at
+    every kill on any machine; each kill waits for a checkpoint newer than the last kill;
+    the resumed sweep is ended by Ctrl-C once every trial has trained past where the killed
+    driver left it."""
     kills_per_kind = int(os.environ.get("QWORLD_CHAOS_KILLS", "2"))
-    budget = int(os.environ.get("QWORLD_CHAOS_STEPS", "6144"))
     seed = int(os.environ.get("QWORLD_CHAOS_SEED", "0"))
     rng = random.Random(seed)
     storage = tmp_path / "storage"
     experiment = storage / "smoke"
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE), "--storage", str(storage),
-           "--set", f"stop.env_steps={budget}", "--set", "checkpoint.every=2",
+           "--set", f"stop.env_steps={live.UNBOUNDED}", "--set", "checkpoint.every=2",
            "--set", f"resources.max_failures={kills_per_kind + 2}", "--set", "wandb.mode=disabled"]
     log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -245,54 +217,57 @@ def test_chaos_repeated_kills_then_driver_kill_and_resume(tmp_path):
     dead_at_driver_kill: list[int] = []
     started = time.time()
     try:
-        deadline = time.time() + 300
-        while not list(experiment.glob("*/checkpoint_*")):
-            assert driver.poll() is None and time.time() < deadline, "the sweep ended before a checkpoint"
-            time.sleep(0.2)
-        for kind in plan:
-            time.sleep(rng.uniform(0.3, 1.5))
-            deadline = time.time() + 60
-            while not (pids := _pids_of(KINDS[kind], driver.pid)):
-                assert driver.poll() is None and time.time() < deadline, f"no {kind} to kill"
-                time.sleep(0.2)
+        seen = set()
+        for kind in plan + ["driver"]:
+            # the next kill comes after a checkpoint newer than the last one
+            seen = live.wait_until(lambda: (now := live.checkpoint_dirs(experiment)) - seen and now,
+                                   driver, f"a new checkpoint before killing a {kind}")
+            if kind == "driver":
+                break
+            pids = live.wait_until(lambda: live.pids_of(KINDS[kind], driver.pid), driver, f"a {kind} to kill")
             victim = rng.choice(pids)
             os.kill(victim, signal.SIGKILL)
             killed[kind].append(victim)
-        time.sleep(rng.uniform(0.5, 2.0))
-        assert driver.poll() is None, "the sweep finished before the driver could be killed"
-        tree = _descendants(driver.pid)
-        dead_at_driver_kill = [p.pid for p in tree]
-        os.kill(driver.pid, signal.SIGKILL)  # the driver alone; its Ray goes with it
-        driver.wait()
-        import psutil
-
-        _, alive = psutil.wait_procs(tree, timeout=30)
-        for proc in alive:  # what Ray left behind of this driver only
-            proc.kill()
+        dead_at_driver_kill = [p.pid for p in live.descendants(driver.pid)]
+        live.kill_tree(driver)  # the driver; its Ray goes with it
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
         log.close()
     before_resume = time.time() - started
-    resumed = qworld("resume", experiment)
-    assert "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+    steps_at_kill = live.trial_steps(experiment)
+    assert len(steps_at_kill) == 2, steps_at_kill
+
+    resume_log = (tmp_path / "resume.log").open("w")
+    resumed = subprocess.Popen([sys.executable, "-m", "qworld.cli", "resume", str(experiment)], cwd=ROOT,
+                               env=env, stdout=resume_log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        live.wait_until(lambda: all(live.trial_steps(experiment).get(t, 0) > s for t, s in steps_at_kill.items()),
+                        resumed, "every trial trained past where the killed driver left it")
+        live.interrupt(resumed)
+    finally:
+        if resumed.poll() is None:
+            os.killpg(resumed.pid, signal.SIGKILL)
+            resumed.wait()
+        resume_log.close()
+    resume_out = (tmp_path / "resume.log").read_text()
+    assert "Traceback" not in resume_out, resume_out[-3000:]
 
     # every checkpoint on disk: one row per method, nothing else, env_steps of its checkpoint
     rows = store.read_store(experiment)
     checkpoints = {(t, checkpoint_index(c)): c for t, c, _ in list_checkpoints(experiment)}
     keys = set(zip(rows[K.TRIAL_ID], rows[K.CHECKPOINT_INDEX]))
-    assert keys == set(checkpoints), (sorted(keys ^ set(checkpoints)))
+    assert keys == set(checkpoints), (sorted(keys ^ set(checkpoints)), resume_out[-3000:])
     duplicates = rows.duplicated([K.TRIAL_ID, K.CHECKPOINT_INDEX, K.METHOD]).sum()
     assert duplicates == 0
     per_key = rows.groupby([K.TRIAL_ID, K.CHECKPOINT_INDEX])[K.METHOD].apply(sorted)
     assert all(list(m) == sorted(METHODS) for m in per_key), per_key[per_key.map(len) != len(METHODS)]
     assert rows[K.ERROR].isna().all(), rows[K.ERROR].dropna().tolist()
-    wrong_steps = [(t, i, s, _checkpoint_steps(checkpoints[(t, i)]))
+    wrong_steps = [(t, i, s, live.checkpoint_steps(checkpoints[(t, i)]))
                    for t, i, s in zip(rows[K.TRIAL_ID], rows[K.CHECKPOINT_INDEX], rows[K.ENV_STEPS])
-                   if s != _checkpoint_steps(checkpoints[(t, i)])]
+                   if s != live.checkpoint_steps(checkpoints[(t, i)])]
     assert not wrong_steps, wrong_steps
-    assert rows.groupby(K.TRIAL_ID)[K.ENV_STEPS].max().min() >= budget  # every trial ran to the end
 
     # scored once: one finished attempt per checkpoint, the one whose rows are stored; any
     # other attempt was cut short by a kill (its process is one we killed)
@@ -310,8 +285,8 @@ def test_chaos_repeated_kills_then_driver_kill_and_resume(tmp_path):
     assert not attempts["force"].any()
 
     figures = {
-        "seed": seed, "env_steps per trial": budget,
-        **{f"{kind} kills": len(pids) for kind, pids in killed.items()}, "driver kills": 1,
+        "seed": seed, **{f"{kind} kills": len(pids) for kind, pids in killed.items()}, "driver kills": 1,
+        "env steps per trial at the driver kill": sorted(steps_at_kill.values()),
         "checkpoints": len(checkpoints), "rows": len(rows), "duplicates": int(duplicates),
         "lost": len(set(checkpoints) - keys), "attempts": len(attempts),
         "attempts cut short by a kill": len(cut_short),
