@@ -212,10 +212,10 @@ def test_gpus_per_trial_without_a_gpu_exits_2_before_tune(tmp_path):
 
     spec = parse_sweep({**smoke_raw(), "resources": {"gpus_per_trial": 1}})
     with pytest.raises(SweepSpecError, match=r"resources.gpus_per_trial: 1 .* 0 GPUs"):
-        check_local_resources(spec, address=None, gpus_found=0)
-    check_local_resources(spec, address=None, gpus_found=1)
-    check_local_resources(spec, address="ray://head:10001", gpus_found=0)
-    check_local_resources(parse_sweep(smoke_raw()), address=None, gpus_found=0)  # CPU sweeps pass
+        check_local_resources(spec, address=None, gpus_found=0, environ={})
+    check_local_resources(spec, address=None, gpus_found=1, environ={})
+    check_local_resources(spec, address="ray://head:10001", gpus_found=0, environ={})
+    check_local_resources(parse_sweep(smoke_raw()), address=None, gpus_found=0, environ={})  # CPU sweeps pass
     import torch
 
     if torch.cuda.device_count() == 0:  # this machine: the CLI refuses, launching nothing
@@ -224,6 +224,47 @@ def test_gpus_per_trial_without_a_gpu_exits_2_before_tune(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "resources.gpus_per_trial" in proc.stderr and "0 GPUs" in proc.stderr
         assert not storage.exists()
+
+
+def test_gpu_pre_check_is_skipped_inside_a_ray_job(monkeypatch, tmp_path):
+    """Catches the README's own cluster command (``ray job submit ... qworld sweep ... --set
+    resources.gpus_per_trial=1``) exiting 2 when the job's driver lands on a CPU node: Ray sets
+    RAY_ADDRESS for every job driver and qworld joins that cluster, whose GPUs are the ones that
+    count. ``RAY_ADDRESS=local`` (a new local Ray) is still checked."""
+    from qworld.sweep.spec import check_local_resources, cluster_address
+
+    spec = parse_sweep({**smoke_raw(), "resources": {"gpus_per_trial": 1}})
+    for job_address in ("auto", "10.0.0.1:6379", "ray://head:10001", "http://head:8265"):
+        assert cluster_address(None, {"RAY_ADDRESS": job_address}) == job_address
+        check_local_resources(spec, address=None, gpus_found=0, environ={"RAY_ADDRESS": job_address})
+    assert cluster_address("head:6379", {"RAY_ADDRESS": "auto"}) == "head:6379"  # --address wins
+    for local in ({}, {"RAY_ADDRESS": ""}, {"RAY_ADDRESS": "local"}):
+        assert cluster_address(None, local) is None
+        with pytest.raises(SweepSpecError, match="resources.gpus_per_trial"):
+            check_local_resources(spec, address=None, gpus_found=0, environ=local)
+
+    # The CLI as a job driver runs it: the check reads the process environment, and the sweep is
+    # launched (run_sweep replaced: no Ray here) instead of exiting 2.
+    import torch
+
+    import qworld.sweep.run
+    from qworld.cli import main
+
+    class Launched(Exception):
+        pass
+
+    def fake_run_sweep(spec, address=None, storage=None, verbose=False):
+        raise Launched(spec.resources.gpus_per_trial)
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(qworld.sweep.run, "run_sweep", fake_run_sweep)
+    argv = ["sweep", str(ROOT / "tune_configs" / "smoke.yaml"), "--storage", str(tmp_path),
+            "--set", "resources.gpus_per_trial=1"]
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    with pytest.raises(Launched):
+        main(argv)
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert main(argv) == 2
 
 
 def test_methods_per_family_reach_the_scorer_as_a_mapping(monkeypatch, tmp_path):

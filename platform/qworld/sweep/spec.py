@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -510,15 +511,29 @@ def _agent_keywords() -> tuple[str, ...]:
     return all_keywords()
 
 
-def check_local_resources(spec: SweepSpec, address: str | None, gpus_found: int | None = None) -> None:
+def cluster_address(address: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The address of the existing Ray cluster qworld will join, or None when it starts its own.
+
+    An explicit ``--address`` wins; otherwise ``$RAY_ADDRESS``, which Ray sets for every job
+    driver (``ray job submit``) and which ``ray.init`` reads the same way. ``local`` (either
+    way) asks for a new local Ray, so it is no cluster.
+    """
+    env = os.environ if environ is None else environ
+    chosen = address if address else env.get("RAY_ADDRESS") or None
+    return None if chosen is None or chosen.strip().lower() == "local" else chosen
+
+
+def check_local_resources(spec: SweepSpec, address: str | None, gpus_found: int | None = None,
+                          environ: Mapping[str, str] | None = None) -> None:
     """Refuse a sweep that cannot run on the local Ray it would start: a trial asking for a
-    GPU on a machine with none stays PENDING forever. A cluster ``address`` skips the check
-    (its nodes, not this machine, hold the GPUs).
+    GPU on a machine with none stays PENDING forever. Joining a cluster skips the check (its
+    nodes, not this machine, hold the GPUs): an explicit ``address``, or ``$RAY_ADDRESS`` as
+    inside a Ray job, whose driver may well land on a CPU-only head (``cluster_address``).
 
     Raises:
         SweepSpecError: naming ``resources.gpus_per_trial`` and the GPUs found.
     """
-    if address is not None or spec.resources.gpus_per_trial <= 0:
+    if cluster_address(address, environ) is not None or spec.resources.gpus_per_trial <= 0:
         return
     if gpus_found is None:
         import torch
@@ -528,4 +543,4 @@ def check_local_resources(spec: SweepSpec, address: str | None, gpus_found: int 
         raise SweepSpecError(
             f"resources.gpus_per_trial: {spec.resources.gpus_per_trial} but the local Ray would have "
             f"{gpus_found} GPUs (torch.cuda.device_count() on this machine); set it to 0, or pass "
-            "--address of a cluster that has GPUs")
+            "--address of a cluster that has GPUs (or run inside a Ray job)")
