@@ -449,6 +449,34 @@ def test_moves_drops_the_mass_noise_spreads_when_the_smaller_model_fits():
         assert p_mse(P_hat, mdp.P) <= p_mse(unpruned, mdp.P)
 
 
+def test_moves_keeps_small_moves_that_are_real():
+    """The other side of the F-test: a wind that slips 5% to each side of the intended move
+    (90%) lies below ``pi_prune`` (0.2) x the largest move, so the Occam step refits without
+    the slips, and must keep the larger model: from exact Q only an exact smaller fit would
+    do (it is not exact), from noisy Q the smaller model's misfit grows far beyond the noise
+    (F-test, p < 0.001). Kept, the slips would be lost: p_mse 2.1e-4 instead of ~0."""
+    from qworld.plearn.finite import grid_neighbours, moves_model
+    from qworld_envs import FiniteMDP, indicator_goals
+
+    base = fourrooms("deterministic")  # actions 0..3 = up, right, down, left = moves 1..4
+    nbr = grid_neighbours(base.coords)
+    pi = np.zeros((4, 5))
+    slips = np.array([(2, 4), (1, 3), (2, 4), (1, 3)])  # the two moves at right angles
+    pi[np.arange(4), np.arange(4) + 1] = 0.9
+    pi[np.arange(4)[:, None], slips] = 0.05
+    P = moves_model(pi, (nbr >= 0).astype(np.float64), nbr, np.zeros((len(nbr), len(nbr))))
+    mdp = FiniteMDP(P, coords=base.coords)
+    goals = indicator_goals(mdp, 4, seed=0)
+    Q, _ = goal_oracle(mdp, goals)
+    for noise, mse in ((0.0, 1e-20), (1e-3, 1e-4)):
+        Qn = Q + noise * np.random.default_rng(1).standard_normal(Q.shape)
+        Mn = m_matrix(goals.rewards, Qn.max(-1), GAMMA, goals.terminal)
+        P_hat, info = extract(Qn, Mn, "moves", return_info=True, coords=mdp.coords)
+        assert not info["pi_simplified"], noise
+        assert (info["pi"][np.arange(4)[:, None], slips] > 0.02).all(), (noise, info["pi"])  # 0.029..0.048 noisy
+        assert p_mse(P_hat, P) <= mse, noise
+
+
 def test_two_way_walls_let_the_other_side_outvote_one_bad_q_value():
     from qworld_envs import dense_goals
 

@@ -176,3 +176,37 @@ def test_a_small_leak_into_the_forbidden_cell_is_pruned_before_planning():
     assert np.abs(kept - mdp.P).max() <= 2e-3 and 0 < PLAN_PRUNE < 0.25
     with pytest.raises(ValueError, match="prune"):
         prune_model(leak, 1.5)
+
+
+def test_policy_success_starts_from_the_non_terminal_states_only():
+    """policy_success by hand on a 4-state corridor 0 - 1 - 2 - 3, action 0 "right" moving
+    one cell with probability 1/2 (else it stays), action 1 "stay"; 3 is the corridor's end.
+
+    Goal 0 ends at state 2 and its greedy action is "right" everywhere: within 2 steps it
+    arrives from 1 with probability 1 - 1/2^2 = 3/4, from 0 with 1/2^2 = 1/4, from 3 never.
+    The starts are uniform over the non-terminal states {0, 1, 3}, so 1/3 (starting on the
+    goal too, uniform over all four, would give (3/4 + 1/4 + 0 + 1) / 4 = 1/2; letting
+    arrived mass walk on to 3 would give less). Goal 1 ends at state 0, which "right" never
+    reaches from {1, 2, 3}: 0 (1/4 if its own terminal state were a start). Goal 2 has no
+    terminal state: NaN."""
+    from qworld.scoring import policy_success
+
+    S, A = 4, 2
+    P = np.zeros((S, A, S))
+    for s in range(S):
+        P[s, 1, s] = 1.0
+        P[s, 0, s] += 0.5
+        P[s, 0, min(s + 1, S - 1)] += 0.5
+    Q = np.zeros((3, S, A))
+    Q[0, :, 0] = 1.0  # goal 0: "right" is greedy; goal 1: a tie, the lowest action ("right")
+    terminal = np.zeros((3, S), dtype=bool)
+    terminal[0, 2] = terminal[1, 0] = True
+    out = policy_success(P, Q, terminal, horizon=2)
+    assert out.shape == (3,)
+    assert out[0] == pytest.approx(1 / 3, abs=1e-15)  # float64: a few roundings of numbers <= 1
+    assert out[1] == 0.0
+    assert np.isnan(out[2])
+    # no step at all: no start is on the goal, nothing has arrived
+    assert policy_success(P, Q, terminal, horizon=0)[:2].tolist() == [0.0, 0.0]
+    # a long horizon: from 0 and 1 the goal is reached almost surely, from 3 never
+    assert policy_success(P, Q, terminal, horizon=200)[0] == pytest.approx(2 / 3, abs=1e-15)

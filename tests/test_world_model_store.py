@@ -92,6 +92,36 @@ def test_rescoring_replaces_the_file(tmp_path):
     assert store.world_model_keys(tmp_path) == set()
 
 
+def test_rows_rewritten_while_a_reader_sets_the_damaged_file_aside_stay_in_place(tmp_path, monkeypatch, capsys):
+    """A reader finds a key's file damaged; before it moves it to ``damaged/``, a scorer
+    renames fresh good rows into place (a new inode). The reader's move must leave those
+    rows where they are: the key stays scored, nothing is set aside, nothing is reported.
+
+    The race is made deterministic by running the scorer's write inside ``store._set_aside``,
+    which every reader calls between reading a damaged file and moving it."""
+    def rows(p_mse):
+        return [{K.SWEEP: "s", K.TRIAL_ID: "t_00001", K.CHECKPOINT_INDEX: 0, K.METHOD: m,
+                 K.P_MSE: p_mse + i, K.ENV_STEPS: 256} for i, m in enumerate(("pinv", "column_match"))]
+
+    victim = store.write_rows(tmp_path, rows(0.5))
+    victim.write_bytes(b"\x00disk full\xff" * 37)  # damaged in place (the same inode)
+    set_aside, raced = store._set_aside, []
+
+    def rescored_meanwhile(path, *args, **kwargs):
+        raced.append(path)
+        store.write_rows(tmp_path, rows(0.25))  # the scorer's atomic rename lands here
+        return set_aside(path, *args, **kwargs)
+
+    monkeypatch.setattr(store, "_set_aside", rescored_meanwhile)
+    store.read_store(tmp_path)  # this reader read the damaged bytes
+    monkeypatch.undo()
+    assert raced == [victim]
+    assert victim.is_file() and store.damaged_files(tmp_path) == []
+    assert "damaged results file" not in capsys.readouterr().err
+    assert store.scored_keys(tmp_path) == {("t_00001", 0)}
+    assert store.read_store(tmp_path).set_index(K.METHOD)[K.P_MSE].to_dict() == {"pinv": 0.25, "column_match": 1.25}
+
+
 def test_score_checkpoint_hands_out_every_extracted_model(tmp_path, monkeypatch):
     import qworld.agents
     from qworld.bellman import solve_goal_q
