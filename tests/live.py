@@ -126,3 +126,17 @@ def kill_tree(driver: subprocess.Popen) -> None:
     _, alive = psutil.wait_procs(tree, timeout=30)
     for proc in alive:
         proc.kill()
+
+
+def terminated_trials(experiment: Path) -> set[str]:
+    """Trial ids Tune's saved experiment state records as finished (what ``qworld resume``
+    will not run again), from the newest ``experiment_state-*.json``."""
+    states = sorted(Path(experiment).glob("experiment_state-*.json"))
+    if not states:
+        return set()
+    try:
+        data = json.loads(states[-1].read_text())
+        trials = [json.loads(trial_state) for trial_state, _ in data["trial_data"]]
+    except (OSError, ValueError, KeyError, TypeError):  # being written
+        return set()
+    return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from live import HANG_GUARD_S
 
 from qworld import metrics as K
 from qworld.sweep import store
@@ -413,7 +414,7 @@ def test_loading_imports_no_training_code(experiment):
         "assert len(qa.load(d)) > 0 and len(qa.load_training_curves(d)) > 0 and len(qa.load_trials(d)) > 0\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'torch') or m.startswith('qworld.agents'))\n"
         "assert not bad, bad\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

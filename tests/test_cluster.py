@@ -17,9 +17,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import live
 import pytest
 
 from qworld import metrics as K
@@ -43,14 +43,18 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _kill_cluster(temp_dir: Path) -> None:
+    """SIGKILL exactly the processes of this cluster's temp dir, and wait until they are gone."""
     import psutil
 
+    victims = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             if str(temp_dir) in " ".join(proc.info["cmdline"] or []):
                 proc.send_signal(signal.SIGKILL)
+                victims.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
+    psutil.wait_procs(victims, timeout=live.HANG_GUARD_S)
 
 
 @pytest.fixture
@@ -73,7 +77,6 @@ def cluster(tmp_path):
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
         _kill_cluster(temp_dir)
-        time.sleep(1)
         subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
 
 
@@ -83,12 +86,14 @@ def test_job_submitted_to_a_running_cluster_runs_the_sweep(cluster, tmp_path):
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
            "--", "qworld", "sweep", "tune_configs/smoke.yaml", "--storage", str(storage),
            "--set", "wandb.mode=disabled"]
-    proc = None
-    for _ in range(10):  # the node's job agent can take a few seconds to come up
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-        if "No available agent" not in proc.stdout + proc.stderr:
-            break
-        time.sleep(3)
+
+    def submitted():
+        # The head's job agent comes up some time after `ray start` returns: an event, not a
+        # count of tries; every other outcome (success or failure) is the job's own.
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=live.HANG_GUARD_S, cwd=ROOT)
+        return None if "No available agent" in proc.stdout + proc.stderr else proc
+
+    proc = live.wait_until(submitted, None, "a job agent on the head")
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "succeeded" in proc.stdout.lower()
     experiment = storage / "smoke"

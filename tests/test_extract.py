@@ -1,6 +1,5 @@
 """World-model extraction from exact and noisy Q (qworld.plearn.finite, qworld.scoring)."""
 
-import time
 
 import numpy as np
 import pytest
@@ -213,14 +212,11 @@ def test_sgd_windy_fourrooms_all_indicator_goals():
 
     mdp = fourrooms("windy")
     Q, M = goal_oracle(mdp, indicator_goals(mdp))
-    t0 = time.perf_counter()
     P_hat, info = extract(Q, M, "sgd", return_info=True, seed=0)
-    seconds = time.perf_counter() - t0
     assert_valid_rows(P_hat)
     curve = info["loss_curve"]
     assert curve.ndim == 1 and len(curve) > 100 and curve[-100:].mean() < 1e-3 * curve[0]
-    assert p_mse(P_hat, mdp.P) <= 1e-4
-    assert seconds < 30
+    assert p_mse(P_hat, mdp.P) <= 1e-4  # its speed is benchmarks/'s business, not a test's
 
 
 # ---------------------------------------------------------------------------- noisy Q

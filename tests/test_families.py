@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from live import HANG_GUARD_S
 import yaml
 
 from qworld import metrics as K
@@ -80,7 +81,7 @@ def test_cli_exits_2_on_an_unknown_family(tmp_path):
     bad.write_text(yaml.safe_dump(raw))
     storage = tmp_path / "storage"
     proc = subprocess.run([sys.executable, "-m", "qworld.cli", "sweep", str(bad), "--storage", str(storage)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 2, proc.stderr
     assert "sweep.algorithm" in proc.stderr and "pqn" in proc.stderr
     assert not storage.exists()

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from live import HANG_GUARD_S
 import torch
 
 from qworld import metrics as K
@@ -408,7 +409,7 @@ def test_load_q_needs_no_ray_and_no_algorithm(trained_fast):
         "assert not ray.is_initialized(); "
         "print(json.dumps({'sum': float(t.sum()), 'shape': list(t.shape), 'head': q.config['head']}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["shape"] == [15, 15, 4] and got["head"] == "all_goals"
     assert got["sum"] == pytest.approx(float(load_q(path).q_table().sum()), rel=1e-6)

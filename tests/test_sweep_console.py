@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import yaml
+from live import HANG_GUARD_S
 
 from qworld import metrics as K
 from qworld.sweep import store
@@ -116,7 +117,7 @@ def test_final_table_reports_error_rows(tmp_path):
 def read_records(run_dir: Path) -> list[dict]:
     wandb_bin = Path(sys.executable).with_name("wandb")
     proc = subprocess.run([str(wandb_bin), "leet", "inspect", "--json", str(run_dir)],
-                          capture_output=True, text=True, timeout=120, check=True)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S, check=True)
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 

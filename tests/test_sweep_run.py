@@ -12,9 +12,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import live
 import pandas as pd
 import pytest
 
@@ -122,7 +122,7 @@ def read_wandb_run(run_dir: Path) -> list[dict]:
     """Every record of an offline run, read back with wandb's own reader."""
     wandb_bin = Path(sys.executable).with_name("wandb")
     proc = subprocess.run([str(wandb_bin), "leet", "inspect", "--json", str(run_dir)],
-                          capture_output=True, text=True, timeout=120, check=True)
+                          capture_output=True, text=True, timeout=live.HANG_GUARD_S, check=True)
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
@@ -217,66 +217,42 @@ def test_killed_plearning_actor_restarts_and_scores_each_checkpoint_once(smoke_d
     ray.kill(pool.actors[0], no_restart=True)
 
 
-def _find_pids(pattern: str, root: int) -> list[int]:
-    """Descendants of ``root`` (a driver and the local Ray it started) matching ``pattern``:
-    never another sweep's processes on the same machine."""
-    import psutil
-
-    out = []
-    for proc in psutil.Process(root).children(recursive=True):
-        try:
-            text = " ".join(proc.cmdline() or []) + " " + (proc.name() or "")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if pattern in text:
-            out.append(proc.pid)
-    return out
-
-
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_killed_trial_worker_is_retried_and_the_sweep_completes(tmp_path):
+def test_killed_trial_worker_is_retried_and_trains_on(tmp_path):
+    """The worker is killed after a checkpoint of a sweep that cannot end on its own (so it
+    is running, on any machine); Tune retries it from that checkpoint, it trains past it,
+    and the test ends the sweep (Ctrl-C), after which every checkpoint is scored once."""
     storage = tmp_path / "storage"
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE), "--storage", str(storage),
-           "--set", "stop.env_steps=8192", "--set", "sweep.variant=[windy]", "--set", "wandb.mode=disabled"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "--set", f"stop.env_steps={live.UNBOUNDED}", "--set", "sweep.variant=[windy]",
+           "--set", "wandb.mode=disabled"]
+    log = (tmp_path / "driver.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     experiment = storage / "smoke"
     try:
-        _wait_for(lambda: list(experiment.glob("*/checkpoint_*")), 300, "a first checkpoint")
-        victims = _find_pids("ray::PQN", proc.pid)
-        assert victims, "no trial worker process found"
+        live.wait_until(lambda: live.checkpoint_dirs(experiment), proc, "a first checkpoint")
+        victims = live.wait_until(lambda: live.pids_of("ray::PQN", proc.pid), proc, "a trial worker")
+        steps_at_kill = max(live.trial_steps(experiment).values())
         os.kill(victims[0], signal.SIGKILL)
-        out, _ = proc.communicate(timeout=600)
+        live.wait_until(lambda: max(live.trial_steps(experiment).values()) > steps_at_kill
+                        and list(experiment.glob("*/error.txt")), proc, "a checkpoint of the retried trial")
+        live.interrupt(proc)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out[-4000:]
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
     [(trial_id, trial_dir)] = list_trials(experiment)
     # Tune's own record of the retry (the console's "(0 errored)" says nothing of it)
     assert "Failure # 1" in (trial_dir / "error.txt").read_text()
     rows = assert_scored_once(experiment)
-    assert rows[K.ENV_STEPS].max() >= 8192
-
-
-def _result_rows(trial_dir: Path) -> list[dict]:
-    rows = []
-    for line in (trial_dir / "result.json").open():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a line Tune is still writing
-            pass
-    return rows
+    assert rows[K.ENV_STEPS].max() > steps_at_kill
 
 
 def test_killed_driver_resumes_without_retraining_finished_trials(tmp_path):
+    """One trial at a time. When Tune's saved state records the first as finished, the driver
+    is frozen (SIGSTOP: Tune hands no trial another iteration), then killed: the second is
+    unfinished then (it still has its setup and 64 iterations ahead of it); then resume."""
     storage = tmp_path / "storage"
     budget = 16384
     env = {**os.environ, "WANDB_MODE": "offline"}
@@ -287,31 +263,24 @@ def test_killed_driver_resumes_without_retraining_finished_trials(tmp_path):
                             stderr=subprocess.DEVNULL, start_new_session=True)
     experiment = storage / "smoke"
 
-    def one_finished_and_the_other_checkpointed():
-        # Read from disk, whatever order Tune runs the trials in.
-        finished, checkpointed = 0, 0
-        for _, trial_dir in list_trials(experiment):
-            rows = _result_rows(trial_dir)
-            if rows and rows[-1][K.TRAIN_ENV_STEPS] >= budget:
-                finished += 1
-            elif any(trial_dir.glob("checkpoint_*")):
-                checkpointed += 1
-        return finished >= 1 and (finished + checkpointed) >= 2
+    def finished_trials():
+        return {trial_id: len(rows) for trial_id, trial_dir in list_trials(experiment)
+                if (rows := live.result_rows(trial_dir)) and rows[-1][K.TRAIN_ENV_STEPS] >= budget}
 
     try:
-        _wait_for(one_finished_and_the_other_checkpointed, 500,
-                  "one trial finished and the other checkpointed")
+        live.wait_until(lambda: live.terminated_trials(experiment), proc, "a trial recorded as finished")
+        os.kill(proc.pid, signal.SIGSTOP)
+        finished_before = finished_trials()
+        assert set(finished_before) == live.terminated_trials(experiment)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
-    finished_before = {trial_id: len(rows) for trial_id, trial_dir in list_trials(experiment)
-                       if (rows := _result_rows(trial_dir))[-1][K.TRAIN_ENV_STEPS] >= budget}
-    assert finished_before, "the first trial should have finished before the kill"
+    assert len(finished_before) == 1, finished_before
     qworld("resume", experiment, timeout=600)
     trials = dict(list_trials(experiment))
     assert len(trials) == 2
     for trial_id, trial_dir in trials.items():
-        rows = _result_rows(trial_dir)
+        rows = live.result_rows(trial_dir)
         assert rows[-1][K.TRAIN_ENV_STEPS] >= budget  # every trial ran to the end
         if trial_id in finished_before:  # finished trials were not retrained
             assert len(rows) == finished_before[trial_id]

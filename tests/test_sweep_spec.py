@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from live import HANG_GUARD_S
 import yaml
 
 from qworld.sweep.spec import SweepSpecError, load_sweep, parse_sweep
@@ -131,7 +132,7 @@ def test_cli_exits_2_and_launches_nothing(tmp_path):
     storage = tmp_path / "storage"
     proc = subprocess.run(
         [sys.executable, "-m", "qworld.cli", "sweep", str(bad), "--storage", str(storage)],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 2, proc.stderr
     assert "sweep.num_goals" in proc.stderr
     assert "Started a local Ray" not in proc.stdout + proc.stderr
@@ -164,7 +165,7 @@ def sweep_smoke_with(override: str, storage: Path) -> subprocess.CompletedProces
     return subprocess.run(
         [sys.executable, "-m", "qworld.cli", "sweep", str(ROOT / "tune_configs" / "smoke.yaml"),
          "--storage", str(storage), "--set", override],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def test_cli_bad_q_output_exits_2_naming_the_field(tmp_path):
