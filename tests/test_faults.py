@@ -75,9 +75,19 @@ def test_a_damaged_file_costs_its_checkpoint_only(tmp_path, capsys, damage):
         victim.write_bytes(store._key_file(tmp_path, "t_00000", 0).read_bytes())
     damaged = victim.read_bytes()
 
+    # a reader (status, report, qa.load) names the damage and moves nothing
     assert store.scored_keys(tmp_path) == {("t_00000", i) for i in range(3)}
+    assert len(store.read_store(tmp_path)) == 3 * len(METHODS)
+    assert status_table(tmp_path).startswith("0 trials, 0 checkpoints, 3 scored")
     err = capsys.readouterr().err
-    assert f"damaged results file {victim}" in err and "qworld resume" in err
+    assert err.count(f"damaged results file {victim}") == 1 and "left in place" in err and "qworld resume" in err
+    assert victim.read_bytes() == damaged and store.damaged_files(tmp_path) == []
+    assert not (tmp_path / STORE_DAMAGED_DIR).exists()
+
+    # the scoring side (resume, extract, an actor about to score it) sets it aside
+    assert store.scored_keys(tmp_path, set_aside=True) == {("t_00000", i) for i in range(3)}
+    err = capsys.readouterr().err
+    assert f"damaged results file {victim}" in err and "moved to" in err
     kept = tmp_path / STORE_DAMAGED_DIR / victim.name
     assert store.damaged_files(tmp_path) == [kept] and kept.read_bytes() == damaged  # kept, not deleted
     assert not victim.exists()
@@ -89,8 +99,9 @@ def test_a_damaged_file_costs_its_checkpoint_only(tmp_path, capsys, damage):
     store.write_rows(tmp_path, rows_of("t_00001", 0))
     assert store.is_scored(tmp_path, "t_00001", 0)
     victim.write_bytes(GARBAGE)
-    assert not store.is_scored(tmp_path, "t_00001", 0)
-    assert len(store.damaged_files(tmp_path)) == 2
+    assert not store.is_scored(tmp_path, "t_00001", 0, set_aside=False) and victim.exists()
+    assert not store.is_scored(tmp_path, "t_00001", 0)  # asked before scoring: set aside
+    assert len(store.damaged_files(tmp_path)) == 2 and not victim.exists()
 
 
 def test_a_failed_write_leaves_the_old_rows_and_no_partial_file(tmp_path):
@@ -103,6 +114,15 @@ def test_a_failed_write_leaves_the_old_rows_and_no_partial_file(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         store._write_atomic(target, disk_full)
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no .tmp left behind
+
+    def fsync_fails(fd):  # the disk fills up while the whole file is flushed
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "fsync", fsync_fails)
+        with pytest.raises(OSError, match="No space left"):
+            store.write_rows(tmp_path, rows_of("t_00000", 0, p_mse=0.7))
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
     assert store.read_rows(tmp_path, "t_00000", 0)[K.P_MSE].tolist() == [0.5, 1.5]
 
 
@@ -121,11 +141,17 @@ def test_attempt_records_show_every_scoring(tmp_path):
     assert attempts.set_index("attempt")["force"].to_dict() == {first: False, killed: False, second: True}
     assert store.fragment_attempt(tmp_path, "t_00000", 3) == second  # the rows name their attempt
     assert store.fragment_attempt(tmp_path, "t_00000", 4) is None
-    # a line cut short by a kill is skipped, the record still reads
-    path = next(store.attempts_path(tmp_path).glob(f"*{killed}.jsonl"))
-    with path.open("a") as fh:
-        fh.write('{"event": "fini')
-    assert store.read_attempts(tmp_path).set_index("attempt").loc[killed, K.CHECKPOINT_INDEX] == 4
+    # one small file per event, none appended to (object stores cannot append)
+    names = sorted(p.name for p in store.attempts_path(tmp_path).iterdir())
+    assert len(names) == 5 and all(n.endswith(("-begin.json", "-end.json")) for n in names)
+    # an older experiment's JSON-lines record, with a line cut short by a kill, still reads
+    old = store.attempts_path(tmp_path) / "trial=t_00000-ckpt=000009-20250101T000000-1-abcdef01.jsonl"
+    old.write_text(json.dumps({"event": "started", "attempt": "20250101T000000-1-abcdef01", K.TRIAL_ID: "t_00000",
+                               K.CHECKPOINT_INDEX: 9, "pid": 1, "time": 1.0}) + '\n{"event": "fini')
+    back = store.read_attempts(tmp_path).set_index("attempt")
+    assert back.loc[killed, K.CHECKPOINT_INDEX] == 4
+    assert back.loc["20250101T000000-1-abcdef01", K.CHECKPOINT_INDEX] == 9
+    assert pd.isna(back.loc["20250101T000000-1-abcdef01", "finished"])
 
 
 # --------------------------------------------------------------------------------------

@@ -19,6 +19,10 @@ GRID_COLUMNS = (SWEEP, TRIAL_ID, ENV, ALGORITHM, VARIANT, GOAL_TYPE, NUM_GOALS, 
 # --- where in training ----------------------------------------------------------------
 CHECKPOINT_INDEX = "checkpoint_index"
 CHECKPOINT_PATH = "checkpoint_path"
+# A checkpoint's identity: a uuid4 hex written into its qworld_config.json when it is saved
+# (qworld.agents.checkpoint) and copied into every row scored from it. A checkpoint number a
+# rolled-back trial wrote again has a new uid, so its older rows are known to be stale.
+CHECKPOINT_UID = "checkpoint_uid"
 ENV_STEPS = "env_steps"  # env steps sampled so far (all envs together)
 METHOD = "method"  # extraction method: from Q (plearn.finite / plearn.continuous METHODS) or an
 #   explicit model (qworld.experience.EXPLICIT_METHODS: supervised | qss | forward_model)
@@ -108,6 +112,52 @@ def is_row_metric(column: str) -> bool:
     """Whether a results-row column is a score (see ``ROW_METRICS``)."""
     last = str(column).rsplit("/", 1)[-1]
     return last in ROW_METRICS or last.startswith((WM_DELTA_NMSE + "_", NOISE_STD_RATIO + "_"))
+
+
+# --- the results dataset's schema (worldmodels.parquet/): one declared type per column -------
+# Every fragment is written with these columns first, in this order and with these types
+# (null where a row has none: an error row, a family or env without that score), so any
+# reader of the directory (pandas, pyarrow.dataset, DuckDB, polars) agrees on every type.
+RESULT_COLUMNS: dict[str, str] = {
+    SWEEP: "string", TRIAL_ID: "string", ENV: "string", ALGORITHM: "string", VARIANT: "string",
+    GOAL_TYPE: "string", NUM_GOALS: "int64", HEAD: "string", SEED: "int64",
+    CHECKPOINT_INDEX: "int64", CHECKPOINT_UID: "string", CHECKPOINT_PATH: "string", ENV_STEPS: "int64",
+    METHOD: "string", ORACLE: "bool", ERROR: "string",
+    Q_NMSE: "float64", P_MSE: "float64", P_TV: "float64", P_MAX_ERR: "float64", WM_NMSE: "float64",
+    M_RANK: "int64", M_COND: "float64", M_GAP: "float64", IDENTIFIABLE_CASE: "string",
+    IDENTIFIABLE_REASON: "string", FIT_SECONDS: "float64",
+}
+# Every other column (``<task>/<metric>``, ``rare/...``, ``wm_delta_nmse_<dim>``, ...) follows
+# these, sorted by name, typed by its last ``/`` part: text for these names, float64 otherwise
+# (counts and flags among the scores are stored as float64 too).
+RESULT_TEXT_SUFFIXES = (TASK, IDENTIFIABLE_CASE, IDENTIFIABLE_REASON, ERROR, METHOD)
+RESULT_INT_COLUMNS = (NUM_STATES,)  # declared, not always present
+
+
+def result_column_type(column: str) -> str:
+    """The declared type of a results column: ``string``, ``int64``, ``bool`` or ``float64``."""
+    if column in RESULT_COLUMNS:
+        return RESULT_COLUMNS[column]
+    if column in RESULT_INT_COLUMNS:
+        return "int64"
+    return "string" if str(column).rsplit("/", 1)[-1] in RESULT_TEXT_SUFFIXES else "float64"
+
+
+def result_column_order(columns) -> list[str]:
+    """The declared columns first (all of them, in declared order), then the others sorted."""
+    extra = sorted({str(c) for c in columns} - set(RESULT_COLUMNS))
+    return [*RESULT_COLUMNS, *extra]
+
+
+def results_schema(columns=()):
+    """The ``pyarrow.Schema`` of a results fragment holding ``columns`` (plus every declared
+    one): the one place the dataset's types are decided."""
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "int64": pa.int64(), "bool": pa.bool_(), "float64": pa.float64()}
+    return pa.schema([pa.field(c, types[result_column_type(c)], nullable=True)
+                      for c in result_column_order(columns)])
+
 
 # --- training metrics reported by the PQN algorithm (prefix groups as in CleanRL) -------
 TRAIN_ENV_STEPS = "num_env_steps_sampled_lifetime"

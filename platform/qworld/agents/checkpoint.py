@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import uuid
 
 from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
@@ -74,9 +75,13 @@ class QworldAlgorithmMixin:
         return cfg
 
     def save_to_path(self, path=None, *, state=None, filesystem=None, use_msgpack=False) -> str:
-        """RLlib's checkpoint plus ``qworld_config.json`` at its root and next to the module."""
+        """RLlib's checkpoint plus ``qworld_config.json`` at its root and next to the module,
+        with a new ``checkpoint_uid`` (a uuid4 hex: this checkpoint's identity)."""
         path = super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
-        text = json.dumps(self.qworld_config(), indent=1)
+        # a fresh identity for every checkpoint saved: rows scored from it carry it, so a
+        # checkpoint number written again (a trial rolled back by a restore) is told apart
+        config = {**self.qworld_config(), K.CHECKPOINT_UID: uuid.uuid4().hex}
+        text = json.dumps(config, indent=1)
         root = pathlib.Path(path)
         for target in (root, root.joinpath(*MODULE_SUBDIR)):
             if target.is_dir():

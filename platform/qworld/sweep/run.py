@@ -20,6 +20,7 @@ from typing import Any
 from qworld import metrics as K
 from qworld.layout import CHECKPOINT_CONFIG_FILE, SPEC_FILE
 from qworld.sweep import store
+from qworld.sweep.location import Location
 from qworld.sweep.spec import ENV_AXES, GOAL_AXES, STOP_KEYS, TRIAL_AXES, SweepSpec, load_sweep
 
 DEFAULT_STORAGE = "results"
@@ -389,61 +390,131 @@ def _finish(spec, experiment_dir: Path, pool, num_trials: int, num_errors: int,
     drain()
     # Anything Tune wrote that the callback did not hand over (a resumed driver, a
     # checkpoint written while the driver died) is scored now.
-    scored = store.scored_keys(experiment_dir)
-    checkpoints = list_checkpoints(experiment_dir)
+    # A checkpoint whose stored rows carry another checkpoint_uid (its number was written
+    # again after a rollback) is scored again, replacing the stale rows. Damaged result files
+    # are set aside here (kept), so their checkpoints are scored again too.
+    scored = store.scored_uids(experiment_dir, set_aside=True)
+    checkpoints = _checkpoints_with_uids(experiment_dir)
     from qworld.sweep.score import checkpoint_index
 
-    for trial_id, ckpt, env_steps in checkpoints:
-        if (trial_id, checkpoint_index(ckpt)) not in scored:
+    for trial_id, ckpt, env_steps, uid in checkpoints:
+        key = (trial_id, checkpoint_index(ckpt))
+        if key not in scored:
             pool.submit(trial_id, ckpt, env_steps)
+        elif store.is_stale(scored[key], uid):
+            pool.submit(trial_id, ckpt, env_steps, force=True)
     drain()
+    store.conform_schema(experiment_dir)  # every fragment with the same columns, for any reader
     if spec.wandb.mode != "disabled":
         from qworld.sweep.callbacks import log_worldmodel_runs
 
         log_worldmodel_runs(experiment_dir, spec.name, spec.wandb.project, spec.wandb_group,
                             spec.wandb.mode)
     return SweepOutcome(experiment_dir, num_trials, num_errors, len(checkpoints),
-                        len(store.scored_keys(experiment_dir)))
+                        _num_scored(experiment_dir, checkpoints))
+
+
+def _num_scored(experiment_dir, checkpoints) -> int:
+    """Keys with rows in the store, less those whose rows belong to an earlier checkpoint of
+    the same number (a different ``checkpoint_uid``)."""
+    from qworld.sweep.score import checkpoint_index
+
+    scored = store.scored_uids(experiment_dir)
+    on_disk = {(t, checkpoint_index(c)): uid for t, c, _, uid in checkpoints}
+    return len([k for k, uid in scored.items() if not store.is_stale(uid, on_disk.get(k))])
 
 
 # --------------------------------------------------------------------------------------
 # reading an experiment dir (no Ray needed)
 
 
-def load_spec_of(experiment_dir: str | Path) -> SweepSpec:
-    path = Path(experiment_dir) / SPEC_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{experiment_dir} is not a qworld experiment dir (no {SPEC_FILE})")
-    return load_sweep(path)
+def load_spec_of(experiment_dir: str | Path | Location) -> SweepSpec:
+    """The sweep file kept in an experiment (a local path or a URI), validated."""
+    import dataclasses
+
+    import yaml
+
+    from qworld.sweep.spec import SweepSpecError, parse_sweep
+
+    loc = Location.of(experiment_dir) / SPEC_FILE
+    try:
+        text = loc.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{experiment_dir} is not a qworld experiment dir (no {SPEC_FILE})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SweepSpecError(f"{loc}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SweepSpecError(f"{loc}: the top level must be a mapping of sections")
+    return dataclasses.replace(parse_sweep(raw), source=yaml.safe_dump(raw, sort_keys=False))
 
 
-def list_trials(experiment_dir: str | Path) -> list[tuple[str, Path]]:
-    """(trial_id, trial dir) of every trial that reported at least once."""
+def _public(loc: Location):
+    """A ``Path`` on local disk (as callers have always had), the ``Location`` elsewhere."""
+    return loc.local_path if loc.is_local else loc
+
+
+def _first_line(loc: Location, limit: int = 1 << 20) -> str:
+    """The first line of a file, reading no more of it than needed (result.json grows by a
+    line per iteration; on an object store it is not downloaded whole)."""
+    stream = loc.fs.open_input_stream(loc.path)
+    try:
+        data = b""
+        while b"\n" not in data and len(data) < limit:
+            chunk = stream.read(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        stream.close()
+    return data.split(b"\n", 1)[0].decode("utf-8", "replace")
+
+
+def list_trials(experiment_dir: str | Path | Location) -> list:
+    """(trial_id, trial dir) of every trial that reported at least once. The trial dir is a
+    ``Path`` for a local experiment, a ``Location`` for one on an object store."""
     out = []
-    for result_file in sorted(Path(experiment_dir).glob("*/result.json")):
-        with result_file.open() as fh:
-            first = fh.readline()
+    for trial_dir in Location.of(experiment_dir).list(kind="dir"):
         try:
-            out.append((json.loads(first)["trial_id"], result_file.parent))
-        except (ValueError, KeyError):  # nothing reported yet, or a line still being written
+            first = _first_line(trial_dir / "result.json")
+        except FileNotFoundError:  # not a trial dir, or nothing reported yet
+            continue
+        try:
+            out.append((json.loads(first)["trial_id"], _public(trial_dir)))
+        except (ValueError, KeyError, TypeError):  # nothing reported yet, or a line still being written
             continue
     return out
 
 
-def list_checkpoints(experiment_dir: str | Path) -> list[tuple[str, str, int | None]]:
-    """(trial_id, checkpoint path, env steps at that checkpoint) for every checkpoint."""
+def _checkpoints_with_uids(experiment_dir) -> list[tuple[str, str, int | None, str | None]]:
+    """(trial_id, checkpoint, env steps, checkpoint_uid) for every checkpoint."""
     out = []
     for trial_id, trial_dir in list_trials(experiment_dir):
-        for ckpt in sorted(trial_dir.glob("checkpoint_*")):
-            if ckpt.is_dir():
-                out.append((trial_id, str(ckpt), _checkpoint_env_steps(ckpt)))
+        for ckpt in Location.of(trial_dir).list("checkpoint_*", kind="dir"):
+            out.append((trial_id, str(ckpt), *_checkpoint_info(ckpt)))
     return out
 
 
-def _checkpoint_env_steps(ckpt: Path) -> int | None:
-    """Every family writes its env-step count into every checkpoint (Tune's result.json does not
-    say which iteration a checkpoint belongs to)."""
+def list_checkpoints(experiment_dir: str | Path | Location) -> list[tuple[str, str, int | None]]:
+    """(trial_id, checkpoint, env steps at that checkpoint) for every checkpoint; the checkpoint
+    is its local path, or its URI on an object store (``Location.of(ckpt)`` reads it; Tune's
+    ``Checkpoint(Location.of(ckpt).path, Location.of(ckpt).fs)`` is it)."""
+    return [(t, c, steps) for t, c, steps, _ in _checkpoints_with_uids(experiment_dir)]
+
+
+def _checkpoint_info(ckpt: str | Path | Location) -> tuple[int | None, str | None]:
+    """(env steps, checkpoint_uid) from a checkpoint's ``qworld_config.json``: every family
+    writes both into every checkpoint (Tune's result.json does not say which iteration a
+    checkpoint belongs to); (None, None) when it is unreadable."""
     try:
-        return json.loads((ckpt / CHECKPOINT_CONFIG_FILE).read_text()).get(K.ENV_STEPS)
+        config = json.loads((Location.of(ckpt) / CHECKPOINT_CONFIG_FILE).read_text())
     except (OSError, ValueError):
-        return None
+        return None, None
+    if not isinstance(config, dict):
+        return None, None
+    return config.get(K.ENV_STEPS), config.get(K.CHECKPOINT_UID)
+
+
+def _checkpoint_env_steps(ckpt: str | Path | Location) -> int | None:
+    return _checkpoint_info(ckpt)[0]

@@ -32,6 +32,23 @@ def checkpoint_index(checkpoint_path: str | Path) -> int:
     return int(match.group(1))
 
 
+def checkpoint_uid(checkpoint_path: str | Path) -> str | None:
+    """The identity a checkpoint was saved with (``qworld_config.json``'s ``checkpoint_uid``;
+    None for a checkpoint saved before uids, or one that cannot be read). Every row scored
+    from the checkpoint carries it, the row of an unreadable checkpoint included."""
+    import json
+
+    from qworld.layout import CHECKPOINT_CONFIG_FILE
+    from qworld.sweep.location import Location
+
+    try:
+        config = json.loads((Location.of(checkpoint_path) / CHECKPOINT_CONFIG_FILE).read_text())
+    except Exception:  # noqa: BLE001 - unreadable: the load row says why
+        return None
+    uid = config.get(K.CHECKPOINT_UID) if isinstance(config, dict) else None
+    return str(uid) if uid else None
+
+
 def grid_columns(sweep: str, trial_id: str, config: Mapping[str, Any], seed: Any = None) -> dict:
     """The grid-cell columns of a row, read from a trial's resolved config."""
     env_kwargs = dict(config.get("env_kwargs") or {})
@@ -66,12 +83,14 @@ def score_checkpoint(
     world_models: dict | None = None,
 ) -> list[dict]:
     """Rows of (trial, checkpoint, method): :func:`score_q` of the checkpoint's agent, with
-    the grid-cell columns of its config and ``checkpoint_index`` / ``env_steps``.
+    the grid-cell columns of its config and ``checkpoint_index`` / ``checkpoint_uid`` /
+    ``env_steps``.
 
     ``methods`` is a list, or learner family -> list (the checkpoint's family picks its own).
     """
     index = checkpoint_index(checkpoint_path)
     base = {K.SWEEP: sweep, K.TRIAL_ID: trial_id, K.CHECKPOINT_INDEX: index,
+            K.CHECKPOINT_UID: checkpoint_uid(checkpoint_path),
             K.ENV_STEPS: env_steps, K.CHECKPOINT_PATH: str(checkpoint_path)}
     try:
         from qworld.agents import load_q
