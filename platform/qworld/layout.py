@@ -4,6 +4,7 @@ An experiment dir (``qworld sweep`` -> ``results/<name>``)::
 
     EXPERIMENT_DIR/
       sweep.yaml               SPEC_FILE: the validated sweep file, kept for resume
+      qworld_run.json          RUN_FILE: this experiment's run id (W&B run ids are built on it)
       worldmodels.parquet/     STORE_DIR: the scored rows (``qworld.sweep.store``)
       worldmodels.parquet.damaged/  STORE_DAMAGED_DIR: unreadable result files, set aside (never deleted)
       worldmodels_p/           WORLD_MODELS_DIR: the extracted P_hat per (trial, checkpoint)
@@ -20,6 +21,7 @@ A checkpoint dir::
 """
 
 SPEC_FILE = "sweep.yaml"
+RUN_FILE = "qworld_run.json"  # the experiment's run id (W&B run ids are built on it)
 STORE_DIR = "worldmodels.parquet"
 STORE_DAMAGED_DIR = "worldmodels.parquet.damaged"
 WORLD_MODELS_DIR = "worldmodels_p"

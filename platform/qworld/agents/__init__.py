@@ -10,14 +10,17 @@ Shapes: B batch, S states, L goals, A actions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 from typing import Any, Dict, Optional, Union
 
 import numpy as np
 
-__all__ = ["QFunction", "load_q"]
+__all__ = ["QFunction", "load_q", "local_checkpoint"]
 
 from qworld.layout import CHECKPOINT_CONFIG_FILE, MODULE_SUBDIR
 
@@ -121,10 +124,42 @@ class QFunction:
         return f"QFunction(env_id={c.get('env_id')!r}, head={c.get('head')!r}, L={self.num_goals}, A={self.num_actions})"
 
 
-def _checkpoint_dir(checkpoint: Union[str, os.PathLike, Any]) -> pathlib.Path:
-    path = getattr(checkpoint, "path", checkpoint)  # ray.tune.Checkpoint or a path
-    # absolute: RLlib hands the path to pyarrow, which reads a relative one as a URI and fails
-    return pathlib.Path(os.fspath(path)).absolute()
+@contextlib.contextmanager
+def local_checkpoint(checkpoint: Union[str, os.PathLike, Any]):
+    """A checkpoint as a local directory for the duration of the ``with`` block.
+
+    ``checkpoint``: a ``ray.tune.Checkpoint`` (path + filesystem), a URI (``s3://...``,
+    ``gs://...``, ``file://...``) or a local path. On local disk the directory itself (nothing
+    is copied); on an object store a copy in a temporary folder on this node
+    (``Checkpoint.to_directory``), removed when the block ends. The copy keeps the
+    checkpoint's own name (``checkpoint_000007``): its index is read from it.
+    """
+    from ray.tune import Checkpoint
+
+    if not isinstance(checkpoint, Checkpoint):
+        path = os.fspath(getattr(checkpoint, "path", checkpoint))
+        if "://" not in path or path.startswith("file://"):
+            # absolute: RLlib hands the path to pyarrow, which reads a relative one as a URI
+            yield pathlib.Path(path.removeprefix("file://")).absolute()
+            return
+        from qworld.sweep.location import Location
+
+        loc = Location.of(path)
+        checkpoint = Checkpoint(path=loc.path, filesystem=loc.fs)
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield pathlib.Path(checkpoint.path).absolute()
+        return
+    tmp = tempfile.mkdtemp(prefix="qworld-ckpt-")
+    try:
+        yield pathlib.Path(checkpoint.to_directory(os.path.join(tmp, _basename(checkpoint.path))))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def load_q(checkpoint: Union[str, os.PathLike, Any], device: str = "cpu") -> QFunction:
@@ -133,7 +168,9 @@ def load_q(checkpoint: Union[str, os.PathLike, Any], device: str = "cpu") -> QFu
     Args:
         checkpoint: the Algorithm checkpoint directory (``algo.save()`` /
             ``algo.save_to_path()`` / a Tune checkpoint or its path), or directly its
-            RLModule sub-directory ``learner_group/learner/rl_module/default_policy``.
+            RLModule sub-directory ``learner_group/learner/rl_module/default_policy``;
+            a local path, a URI (``s3://...``) or a ``ray.tune.Checkpoint`` (an object-store
+            checkpoint is copied to a temporary folder on this node, loaded, and removed).
         device: torch device for the module.
 
     Returns:
@@ -142,9 +179,13 @@ def load_q(checkpoint: Union[str, os.PathLike, Any], device: str = "cpu") -> QFu
     Raises:
         FileNotFoundError: no RLModule checkpoint under ``checkpoint``.
     """
+    with local_checkpoint(checkpoint) as root:
+        return _load_q_dir(root, device)
+
+
+def _load_q_dir(root: pathlib.Path, device: str) -> QFunction:
     from ray.rllib.core.rl_module.rl_module import RLModule
 
-    root = _checkpoint_dir(checkpoint)
     candidates = [root.joinpath(*MODULE_SUBDIR), root]
     mod_dir = next((d for d in candidates if (d / "class_and_ctor_args.pkl").is_file()), None)
     if mod_dir is None:

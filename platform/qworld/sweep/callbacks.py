@@ -15,6 +15,19 @@ from ray.tune.logger import LoggerCallback
 from qworld import metrics as K
 
 
+class StagingDirClaimed(Callback):
+    """Tune has named this driver's staging folder once it sets callbacks up: other drivers
+    of the same sweep name on this node may start (``run._own_staging_dir``)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def setup(self, **info):
+        from qworld.sweep.run import release_staging_dir
+
+        release_staging_dir(self.name)
+
+
 class PLearningCallback(Callback):
     """Sends every checkpoint Tune writes to the P-learning pool, without waiting.
 
@@ -34,7 +47,8 @@ class PLearningCallback(Callback):
         if self.pool is None:
             return
         env_steps = (trial.last_result or {}).get(K.TRAIN_ENV_STEPS)
-        self.pool.submit(trial.trial_id, checkpoint.path, env_steps)
+        # the Checkpoint itself (path + filesystem): it may live on an object store
+        self.pool.submit(trial.trial_id, checkpoint, env_steps)
 
     def on_step_end(self, iteration, trials, **info):
         if self.pool is not None:
@@ -261,8 +275,9 @@ class GridWandbCallback(LoggerCallback):
     EXCLUDE_RESULTS = ("done", "should_checkpoint", "config")
 
     def __init__(self, project: str, group: str | None = None, grid_axes: tuple[str, ...] = (),
-                 dir: str | None = None, mode: str = "offline", excludes=()):
+                 dir: str | None = None, mode: str = "offline", excludes=(), run_id: str | None = None):
         self.project = project
+        self.run_id = run_id  # the experiment's (``run.new_run_id``): W&B ids are unique per sweep
         self.group = group
         self.grid_axes = tuple(grid_axes)
         self.dir = dir
@@ -295,7 +310,7 @@ class GridWandbCallback(LoggerCallback):
         config = _clean_log(flat_config(config))
         try:
             self._runs[trial.trial_id] = wandb.init(
-                id=trial.trial_id, name=str(trial), project=self.project, group=self.group,
+                id=wandb_run_id(trial.trial_id, self.run_id), name=str(trial), project=self.project, group=self.group,
                 config={k: v for k, v in config.items() if k not in self.excludes},
                 tags=tags, dir=self.dir, mode=self.mode, reinit="create_new", resume="allow",
                 allow_val_change=True,
@@ -352,6 +367,13 @@ class GridWandbCallback(LoggerCallback):
         wandb.teardown()
 
 
+def wandb_run_id(trial_id: str, run_id: str | None, suffix: str = "") -> str:
+    """A trial's W&B run id. Tune's trial ids share 5 hex digits per sweep, so alone they
+    collide across a lab's sweeps (and ``resume="allow"`` would append to the other's run);
+    the experiment's run id makes them unique. Experiments from before it keep their ids."""
+    return "-".join(p for p in (run_id, trial_id, suffix) if p)
+
+
 def _loggable(value: Any) -> bool:
     """A number W&B can put in a run's history (Tune's rule, plus W&B media objects)."""
     import numbers
@@ -390,7 +412,8 @@ def worldmodel_history(trial_rows) -> list[dict]:
     return points
 
 
-def log_worldmodel_runs(experiment_dir, sweep: str, project: str, group: str, mode: str) -> int:
+def log_worldmodel_runs(experiment_dir, sweep: str, project: str, group: str, mode: str,
+                        run_id: str | None = None, dir: str | None = None) -> int:
     """One W&B run per trial with its world-model scores: a history point per checkpoint
     (``pinv/p_mse``, ... at step = env steps) and the full rows as a table.
 
@@ -410,8 +433,9 @@ def log_worldmodel_runs(experiment_dir, sweep: str, project: str, group: str, mo
         first = trial_rows.iloc[0]
         tags = [f"{c}={first[c]}" for c in (K.ALGORITHM, K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS, K.HEAD, K.SEED)
                 if c in trial_rows and pd.notna(first[c])]
-        run = wandb.init(id=f"{trial_id}-worldmodel", name=f"{trial_id}-worldmodel", project=project,
-                         group=group, job_type="worldmodel", tags=tags, dir=str(experiment_dir),
+        run = wandb.init(id=wandb_run_id(trial_id, run_id, "worldmodel"), name=f"{trial_id}-worldmodel",
+                         project=project, group=group, job_type="worldmodel", tags=tags,
+                         dir=dir or str(experiment_dir),
                          mode=mode, reinit="create_new",
                          config={c: first[c] for c in K.GRID_COLUMNS if c in trial_rows})
         for point in worldmodel_history(trial_rows):

@@ -66,6 +66,7 @@ def _bad_input(message: str) -> int:
 
 
 def _cmd_sweep(args) -> int:
+    from qworld.sweep.location import StorageError, check_storage
     from qworld.sweep.spec import SweepSpecError, check_local_resources, load_sweep
 
     try:
@@ -73,7 +74,18 @@ def _cmd_sweep(args) -> int:
         check_local_resources(spec, args.address)
     except SweepSpecError as exc:
         return _bad_input(str(exc))
-    from qworld.sweep.run import run_sweep
+    from qworld.sweep.run import DEFAULT_STORAGE, ExperimentExistsError, check_new_experiment, experiment_location, run_sweep
+
+    # where it goes, checked before any cluster work: reachable, and not another experiment
+    try:
+        check_storage(args.storage or DEFAULT_STORAGE)
+        check_new_experiment(experiment_location(spec, args.storage))
+    except StorageError as exc:
+        return _bad_input(f"--storage: {exc}")
+    except OSError as exc:  # resolving the URI itself failed (e.g. an S3 region lookup)
+        return _bad_input(f"--storage: {args.storage}: {exc}")
+    except ExperimentExistsError as exc:
+        return _bad_input(str(exc))
 
     outcome = run_sweep(spec, address=args.address, storage=args.storage, verbose=args.verbose)
     _print_outcome(outcome)
@@ -81,7 +93,13 @@ def _cmd_sweep(args) -> int:
 
 
 def _is_experiment_dir(path: str) -> bool:
-    return (Path(path) / SPEC_FILE).is_file()
+    """``path`` (a folder or a URI) holds a sweep file; an unreachable location is not one."""
+    from qworld.sweep.location import Location
+
+    try:
+        return (Location.of(path) / SPEC_FILE).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _cmd_resume(args) -> int:
@@ -119,7 +137,12 @@ def _cmd_status(args) -> int:
 
     if not _is_experiment_dir(args.experiment_dir):
         return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no {SPEC_FILE})")
-    print(status_table(args.experiment_dir))
+    try:
+        table = status_table(args.experiment_dir)
+    except OSError as exc:  # a file that cannot be read (permission, network): named, nothing moved
+        print(f"qworld: error: {exc}", file=sys.stderr)
+        return 1
+    print(table)
     return 0
 
 

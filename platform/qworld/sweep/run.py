@@ -13,12 +13,15 @@ import contextlib
 import functools
 import json
 import os
+import tempfile
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qworld import metrics as K
-from qworld.layout import CHECKPOINT_CONFIG_FILE, SPEC_FILE
+from qworld.layout import CHECKPOINT_CONFIG_FILE, RUN_FILE, SPEC_FILE
 from qworld.sweep import store
 from qworld.sweep.location import Location
 from qworld.sweep.spec import ENV_AXES, GOAL_AXES, STOP_KEYS, TRIAL_AXES, SweepSpec, load_sweep
@@ -28,15 +31,63 @@ DEFAULT_STORAGE = "results"
 
 @dataclass
 class SweepOutcome:
-    experiment_dir: Path
+    experiment_dir: Location
     num_trials: int
     num_errors: int
     num_checkpoints: int
     num_scored: int
 
 
-def experiment_dir_for(spec: SweepSpec, storage: str | None) -> Path:
-    return Path(storage or DEFAULT_STORAGE).expanduser().resolve() / spec.name
+class ExperimentExistsError(ValueError):
+    """A sweep was started where an experiment already is (``qworld resume`` continues it)."""
+
+
+def experiment_location(spec: SweepSpec, storage: str | None) -> Location:
+    """``<storage>/<name>``: a local folder (default ``./results/<name>``) or a URI."""
+    return Location.of(storage or DEFAULT_STORAGE) / spec.name
+
+
+def check_new_experiment(location: Location) -> None:
+    """One experiment per location: a second sweep into it would mix its trials, seeds and
+    ``sweep.yaml`` with the first one's."""
+    if (location / SPEC_FILE).exists():
+        raise ExperimentExistsError(
+            f"{location} already holds an experiment; continue it with `qworld resume {location}`, "
+            "or start a new one elsewhere (--set name=NEW_NAME, or another --storage)")
+
+
+def new_run_id(location: Location) -> str:
+    """A fresh id for this experiment, kept in it (``RUN_FILE``): W&B run ids are built on it,
+    so two sweeps logging to one project never resume each other's runs, whatever their names."""
+    run_id = uuid.uuid4().hex[:12]
+    (location / RUN_FILE).write_text(json.dumps({"run_id": run_id}) + "\n")
+    return run_id
+
+
+def run_id_of(location: Location) -> str | None:
+    """The experiment's run id (None for experiments written before it existed)."""
+    try:
+        return json.loads((location / RUN_FILE).read_text())["run_id"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def wandb_dir(location: Location, run_id: str | None) -> str:
+    """W&B's offline runs are local files: in the experiment dir on local disk, else in a
+    folder of this machine named after the run (the console's header says which)."""
+    if location.is_local:
+        return str(location.local_path)
+    path = Path(tempfile.gettempdir()) / "qworld-wandb" / f"{location.name}-{run_id}"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _tune_storage(location: Location) -> dict:
+    """Tune's storage arguments for the experiment's parent (Tune appends the name)."""
+    parent = location.parent
+    if location.is_local:
+        return {"storage_path": str(parent.local_path)}
+    return {"storage_path": parent.path, "storage_filesystem": location.fs}
 
 
 # --------------------------------------------------------------------------------------
@@ -187,21 +238,22 @@ def _tune_stop(spec: SweepSpec) -> dict:
     return {STOP_KEYS[k]: v for k, v in spec.stop.items()}
 
 
-def _run_config(spec: SweepSpec, experiment_dir: Path, pool, console=None, verbose: bool = False):
+def _run_config(spec: SweepSpec, experiment_dir: Location, pool, console=None, verbose: bool = False,
+                run_id: str | None = None):
     """Tune's run config. Quiet (default): Tune prints nothing of its own (``verbose=0``:
     no per-trial config tables, no progress tables; failed trials are still reported) and
     ``console`` (a :class:`SweepConsole`) prints one line per event. ``verbose``: Tune's
     own output as well (``verbose=1``)."""
     from ray import tune
 
-    from qworld.sweep.callbacks import GridWandbCallback, PLearningCallback, WorldModelReporter
+    from qworld.sweep.callbacks import GridWandbCallback, PLearningCallback, StagingDirClaimed, WorldModelReporter
 
     plearn = PLearningCallback(pool, console=console)
-    callbacks = [plearn] + ([console] if console is not None else [])
+    callbacks = [StagingDirClaimed(spec.name), plearn] + ([console] if console is not None else [])
     if spec.wandb.mode != "disabled":
         callbacks.append(GridWandbCallback(
             project=spec.wandb.project, group=spec.wandb_group, grid_axes=spec.grid_axes,
-            dir=str(experiment_dir), mode=spec.wandb.mode))
+            dir=wandb_dir(experiment_dir, run_id), mode=spec.wandb.mode, run_id=run_id))
     reporter = None
     if verbose and os.environ.get("RAY_AIR_NEW_OUTPUT", "1") == "0":
         # Tune's legacy output engine is the only one that takes a progress reporter.
@@ -214,7 +266,7 @@ def _run_config(spec: SweepSpec, experiment_dir: Path, pool, console=None, verbo
             max_report_frequency=15, print_intermediate_tables=True)
     return tune.RunConfig(
         name=spec.name,
-        storage_path=str(experiment_dir.parent),
+        **_tune_storage(experiment_dir),
         stop=_tune_stop(spec),
         checkpoint_config=tune.CheckpointConfig(
             checkpoint_frequency=spec.checkpoint.every,
@@ -272,9 +324,11 @@ def run_sweep(spec: SweepSpec, address: str | None = None, storage: str | None =
     """
     from ray import tune
 
-    experiment_dir = experiment_dir_for(spec, storage)
-    experiment_dir.mkdir(parents=True, exist_ok=True)
+    experiment_dir = experiment_location(spec, storage)
+    check_new_experiment(experiment_dir)
+    experiment_dir.makedirs()
     (experiment_dir / SPEC_FILE).write_text(spec.source)
+    run_id = new_run_id(experiment_dir)
     console = _console(spec, experiment_dir)
     console.header(spec, experiment_dir)
     started = init_ray(spec, address, experiment_dir, verbose=verbose)
@@ -284,9 +338,10 @@ def run_sweep(spec: SweepSpec, address: str | None = None, storage: str | None =
             trainable_for(spec),
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials),
-            run_config=_run_config(spec, experiment_dir, pool, console=console, verbose=verbose),
+            run_config=_run_config(spec, experiment_dir, pool, console=console, verbose=verbose,
+                                   run_id=run_id),
         )
-        with _tune_output(verbose):
+        with _tune_output(verbose), _own_staging_dir(spec.name):
             results = tuner.fit()
         return _finish(spec, experiment_dir, pool, num_trials=len(results),
                        num_errors=len(results.errors), console=console)
@@ -294,31 +349,35 @@ def run_sweep(spec: SweepSpec, address: str | None = None, storage: str | None =
         _shutdown(started)
 
 
-def resume_sweep(experiment_dir: str | Path, address: str | None = None,
+def resume_sweep(experiment_dir: str | Path | Location, address: str | None = None,
                  verbose: bool = False) -> SweepOutcome:
     """Continue an interrupted sweep: finished trials stay finished, the rest resume from
     their last checkpoint, and every unscored checkpoint is scored."""
     from ray import tune
 
-    from qworld.sweep.callbacks import SweepConsole
+    from qworld.sweep.callbacks import GridWandbCallback, SweepConsole
 
-    experiment_dir = Path(experiment_dir).resolve()
+    experiment_dir = Location.of(experiment_dir)
     spec = load_spec_of(experiment_dir)
     console = _console(spec, experiment_dir)
     _label_trials_from_disk(console, experiment_dir)
     started = init_ray(spec, address, experiment_dir, verbose=verbose)
     try:
         pool = _pool(spec, experiment_dir)
-        if tune.Tuner.can_restore(str(experiment_dir)):
-            tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable_for(spec), resume_errored=True,
-                                       param_space=param_space(spec))
+        fs = None if experiment_dir.is_local else experiment_dir.fs
+        path = str(experiment_dir.local_path) if experiment_dir.is_local else experiment_dir.path
+        if tune.Tuner.can_restore(path, storage_filesystem=fs):
+            tuner = tune.Tuner.restore(path, trainable=trainable_for(spec), resume_errored=True,
+                                       param_space=param_space(spec), storage_filesystem=fs)
             # The restored run config holds the pickled callbacks without the pool: attach ours.
             for cb in tuner._local_tuner.get_run_config().callbacks or []:
                 if hasattr(cb, "pool"):
                     cb.pool = pool
                 if isinstance(cb, SweepConsole):
                     console = cb
-            with _tune_output(verbose):
+                if isinstance(cb, GridWandbCallback) and not experiment_dir.is_local:
+                    cb.dir = wandb_dir(experiment_dir, cb.run_id)  # this machine's folder
+            with _tune_output(verbose), _own_staging_dir(spec.name):
                 results = tuner.fit()
             num_trials, num_errors = len(results), len(results.errors)
         else:
@@ -327,6 +386,47 @@ def resume_sweep(experiment_dir: str | Path, address: str | None = None,
                        console=console)
     finally:
         _shutdown(started)
+
+
+_STAGING_LOCKS: dict[str, tuple[Any, str]] = {}  # sweep name -> (locked file, the second it was taken)
+
+
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%d_%H-%M-%S")  # Tune's staging folders are named to the second
+
+
+@contextlib.contextmanager
+def _own_staging_dir(name: str):
+    """Tune stages a driver's files on its node in ``<session>/artifacts/<second>/<name>/``:
+    two sweeps of one name started on one node within the same second would share it (and
+    report each other's trials). Drivers of that name on this node take turns from here until
+    Tune has named the folder (:class:`StagingDirClaimed`, a callback, releases the turn in
+    its ``setup``), and each gives its turn up only once the clock has moved to the next
+    second, so every driver's folder is its own. Released at the end of the block whatever
+    happens."""
+    import fcntl
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    fh = (Path(tempfile.gettempdir()) / f"qworld-tune-staging-{safe}.lock").open("a")
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    _STAGING_LOCKS[name] = (fh, _stamp())
+    try:
+        yield
+    finally:
+        release_staging_dir(name)
+
+
+def release_staging_dir(name: str) -> None:
+    import fcntl
+
+    held = _STAGING_LOCKS.pop(name, None)
+    if held is None:
+        return
+    fh, stamp = held
+    while _stamp() == stamp:
+        time.sleep(0.05)
+    fcntl.flock(fh, fcntl.LOCK_UN)
+    fh.close()
 
 
 def _shutdown(started: bool) -> None:
@@ -408,8 +508,9 @@ def _finish(spec, experiment_dir: Path, pool, num_trials: int, num_errors: int,
     if spec.wandb.mode != "disabled":
         from qworld.sweep.callbacks import log_worldmodel_runs
 
+        run_id = run_id_of(experiment_dir)
         log_worldmodel_runs(experiment_dir, spec.name, spec.wandb.project, spec.wandb_group,
-                            spec.wandb.mode)
+                            spec.wandb.mode, run_id=run_id, dir=wandb_dir(experiment_dir, run_id))
     return SweepOutcome(experiment_dir, num_trials, num_errors, len(checkpoints),
                         _num_scored(experiment_dir, checkpoints))
 
