@@ -1,6 +1,7 @@
-"""Experiment dir -> pandas DataFrames, read from disk alone.
+"""Experiment dir -> pandas DataFrames, read from its location alone.
 
-An experiment dir (written by ``qworld sweep``) holds::
+An experiment (written by ``qworld sweep``) is a local folder or a URI (``s3://bucket/results/x``,
+read through ``qworld.sweep.location``, i.e. ``pyarrow.fs``); it holds::
 
     EXPERIMENT_DIR/
       sweep.yaml                 the validated sweep file
@@ -31,8 +32,10 @@ import numpy as np
 import pandas as pd
 
 from qworld import metrics as K
-from qworld.layout import CHECKPOINT_CONFIG_FILE, SPEC_FILE, family_of_trial_dir
+from qworld.layout import (CHECKPOINT_CONFIG_FILE, SCORING_ATTEMPTS_DIR, SPEC_FILE, STORE_DAMAGED_DIR, STORE_DIR,
+                           WORLD_MODELS_DIR, family_of_trial_dir)
 from qworld.sweep import store
+from qworld.sweep.location import Location
 
 PARAMS_FILE = "params.json"
 RESULT_FILE = "result.json"
@@ -76,7 +79,7 @@ WORLD_MODEL_METRICS = K.WORLD_MODEL_METRICS
 # public API
 
 
-def load(experiment_dir: str | Path, *, resolve_num_goals: bool = False) -> pd.DataFrame:
+def load(experiment_dir: str | Path | Location, *, resolve_num_goals: bool = False) -> pd.DataFrame:
     """Every scored (trial, checkpoint, method) with its trial config and training metrics.
 
     One row per row of the results store (``worldmodels.parquet``), left-joined with
@@ -88,7 +91,8 @@ def load(experiment_dir: str | Path, *, resolve_num_goals: bool = False) -> pd.D
       flattened with ``/`` (``K.TRAIN_LOSS``, ``K.TRAIN_ENV_STEPS``, ``training_iteration``...).
 
     Args:
-        experiment_dir: a ``qworld sweep`` experiment dir (finished, running or resumed).
+        experiment_dir: a ``qworld sweep`` experiment (finished, running or resumed): a local
+            folder or a URI. A damaged results file is named on stderr and left in place.
         resolve_num_goals: give a config with ``num_goals = None`` ("every state") the
             actual L of its goal set, built with ``qworld_envs`` (which imports torch, so it
             is off by default; the report turns it on). Otherwise such rows keep NA.
@@ -98,7 +102,7 @@ def load(experiment_dir: str | Path, *, resolve_num_goals: bool = False) -> pd.D
         strings as ``string``, counts as ``Int64``, metrics as ``float64``. Checkpoints not
         yet scored have no rows; an empty store gives an empty frame with the key columns.
     """
-    exp = Path(experiment_dir)
+    exp = Location.of(experiment_dir)
     rows = store.read_store(exp)
     trials = _read_trials(exp)
     configs = _config_table(trials, _sweep_name(exp), _spec_keys(exp), resolve_num_goals)
@@ -118,7 +122,7 @@ def load(experiment_dir: str | Path, *, resolve_num_goals: bool = False) -> pd.D
         [K.TRIAL_ID, K.CHECKPOINT_INDEX, K.METHOD], ignore_index=True)
 
 
-def load_training_curves(experiment_dir: str | Path, *, resolve_num_goals: bool = False) -> pd.DataFrame:
+def load_training_curves(experiment_dir: str | Path | Location, *, resolve_num_goals: bool = False) -> pd.DataFrame:
     """Every trial, every training iteration: config columns + flattened metrics.
 
     One row per (trial, ``training_iteration``); when a resumed trial repeated
@@ -126,7 +130,7 @@ def load_training_curves(experiment_dir: str | Path, *, resolve_num_goals: bool 
     x axis as :func:`load`), and ``K.CHECKPOINT_INDEX`` is set on the iterations that saved
     a checkpoint (NA elsewhere).
     """
-    exp = Path(experiment_dir)
+    exp = Location.of(experiment_dir)
     trials = _read_trials(exp)
     configs = _config_table(trials, _sweep_name(exp), _spec_keys(exp), resolve_num_goals)
     hints = _store_steps(exp)
@@ -153,7 +157,7 @@ def load_training_curves(experiment_dir: str | Path, *, resolve_num_goals: bool 
     return curves.sort_values(sort, ignore_index=True)
 
 
-def load_trials(experiment_dir: str | Path, *, resolve_num_goals: bool = False) -> pd.DataFrame:
+def load_trials(experiment_dir: str | Path | Location, *, resolve_num_goals: bool = False) -> pd.DataFrame:
     """One row per trial dir: config columns plus progress.
 
     Columns beyond the config: ``trial_dir``, ``num_iterations`` (result lines),
@@ -161,7 +165,7 @@ def load_trials(experiment_dir: str | Path, *, resolve_num_goals: bool = False) 
     ``num_scored`` (checkpoints with rows in the store), ``trial_error`` (Tune wrote an
     ``error.txt``). Trials that never reported (no ``result.json``) are listed too.
     """
-    exp = Path(experiment_dir)
+    exp = Location.of(experiment_dir)
     trials = _read_trials(exp)
     configs = _config_table(trials, _sweep_name(exp), _spec_keys(exp), resolve_num_goals)
     if configs.empty:
@@ -177,7 +181,7 @@ def load_trials(experiment_dir: str | Path, *, resolve_num_goals: bool = False) 
             TRIAL_DIR: str(trial["dir"]),
             NUM_ITERATIONS: len(lines),
             K.ENV_STEPS: steps[-1] if steps else None,
-            NUM_CHECKPOINTS: len([p for p in trial["dir"].glob("checkpoint_*") if p.is_dir()]),
+            NUM_CHECKPOINTS: len(trial["dir"].list("checkpoint_*", kind="dir")),
             NUM_SCORED: len({c for t, c in scored if t == trial["trial_id"]}),
             TRIAL_ERROR: (trial["dir"] / ERROR_FILE).is_file(),
         })
@@ -195,7 +199,7 @@ def load_many(experiment_dirs: Iterable[str | Path] | Mapping[str, str | Path], 
     if isinstance(experiment_dirs, Mapping):
         items = list(experiment_dirs.items())
     else:
-        items = [(Path(d).name, d) for d in experiment_dirs]
+        items = [(Location.of(d).name, d) for d in experiment_dirs]
     labels = [label for label, _ in items]
     if len(set(labels)) != len(labels):
         raise ValueError(f"load_many: experiment labels {labels} repeat; pass a mapping label -> dir")
@@ -251,12 +255,11 @@ def load_world_model(experiment_dir: str | Path, trial_id: str, checkpoint_index
     return P_hat / np.where(sums > 0, sums, 1.0)
 
 
-def read_sweep_text(experiment_dir: str | Path) -> str | None:
+def read_sweep_text(experiment_dir: str | Path | Location) -> str | None:
     """The sweep file kept in the experiment dir, or None."""
-    path = Path(experiment_dir) / SPEC_FILE
     try:
-        return path.read_text()
-    except OSError:
+        return (Location.of(experiment_dir) / SPEC_FILE).read_text()
+    except FileNotFoundError:
         return None
 
 
@@ -264,20 +267,25 @@ def read_sweep_text(experiment_dir: str | Path) -> str | None:
 # reading trial dirs
 
 
-def _read_trials(exp: Path) -> list[dict]:
-    """Each trial dir as {trial_id, dir, params, results}; unreadable parts become empty."""
-    if not exp.is_dir():
-        return []
+# folders of an experiment that are no trial dirs (not opened when looking for trials)
+_NOT_TRIALS = {STORE_DIR, STORE_DAMAGED_DIR, WORLD_MODELS_DIR, SCORING_ATTEMPTS_DIR, "report", "wandb"}
+
+
+def _read_trials(exp: Location) -> list[dict]:
+    """Each trial dir as {trial_id, dir (a Location), params, results}; unreadable parts
+    become empty."""
     trials = []
-    for trial_dir in sorted(p for p in exp.iterdir() if p.is_dir()):
-        params_file, result_file = trial_dir / PARAMS_FILE, trial_dir / RESULT_FILE
-        if not (params_file.is_file() or result_file.is_file()):
+    for trial_dir in exp.list(kind="dir"):
+        if trial_dir.name in _NOT_TRIALS:
             continue
-        params = _read_json(params_file)
+        params_text, result_text = _read_text(trial_dir / PARAMS_FILE), _read_text(trial_dir / RESULT_FILE)
+        if params_text is None and result_text is None:
+            continue
+        params = _parse_json(params_text)
         params = params if isinstance(params, dict) else {}
         if K.ALGORITHM not in params:  # a single-family sweep: the family is the trainable's name
             params[K.ALGORITHM] = family_of_trial_dir(trial_dir.name)
-        results = _read_json_lines(result_file)
+        results = _json_lines(result_text)
         trial_id = next((r[K.TRIAL_ID] for r in results if r.get(K.TRIAL_ID)), None)
         trials.append({
             "trial_id": str(trial_id) if trial_id else _trial_id_from_dir(trial_dir.name),
@@ -288,18 +296,28 @@ def _read_trials(exp: Path) -> list[dict]:
     return trials
 
 
-def _read_json(path: Path) -> Any:
+def _read_text(loc: Location) -> str | None:
+    """A file's text; None when it is not there or cannot be read (a file being written)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return loc.read_text()
+    except (OSError, UnicodeDecodeError):
         return None
 
 
-def _read_json_lines(path: Path) -> list[dict]:
-    """The parseable lines of a JSON-lines file (a line cut by a crash is skipped)."""
+def _parse_json(text: str | None) -> Any:
     try:
-        text = path.read_text()
-    except OSError:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _read_json(loc: Location) -> Any:
+    return _parse_json(_read_text(loc))
+
+
+def _json_lines(text: str | None) -> list[dict]:
+    """The parseable lines of a JSON-lines file (a line cut by a crash is skipped)."""
+    if text is None:
         return []
     out = []
     for line in text.splitlines():
@@ -384,7 +402,7 @@ def _checkpoint_lines(trial: dict, steps_hint: Mapping[int, Any] | None = None) 
         if steps is not None:
             by_steps[steps] = line  # the last line at those steps
     wanted = dict(steps_hint or {})
-    for ckpt in trial["dir"].glob("checkpoint_*"):
+    for ckpt in trial["dir"].list("checkpoint_*", kind="dir"):
         index = _checkpoint_index(ckpt.name)
         if index is not None and index not in out and _int_or_none(wanted.get(index)) is None:
             config = _read_json(ckpt / CHECKPOINT_CONFIG_FILE)
@@ -403,7 +421,7 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def _store_steps(exp: Path) -> dict[str, dict[int, Any]]:
+def _store_steps(exp: Location) -> dict[str, dict[int, Any]]:
     """trial_id -> {checkpoint index: env steps} as the results store recorded them."""
     rows = store.read_store(exp)
     out: dict[str, dict[int, Any]] = {}
@@ -434,13 +452,13 @@ def _checkpoint_metrics(trials: list[dict], rows: pd.DataFrame) -> pd.DataFrame:
 # trial configs
 
 
-def _sweep_name(exp: Path) -> str:
+def _sweep_name(exp: Location) -> str:
     spec = _read_spec(exp)
     name = spec.get("name") if isinstance(spec, dict) else None
     return str(name) if name else exp.name
 
 
-def _read_spec(exp: Path) -> dict:
+def _read_spec(exp: str | Path | Location) -> dict:
     text = read_sweep_text(exp)
     if text is None:
         return {}
@@ -453,7 +471,7 @@ def _read_spec(exp: Path) -> dict:
     return raw if isinstance(raw, dict) else {}
 
 
-def _spec_keys(exp: Path) -> tuple[str, ...]:
+def _spec_keys(exp: Location) -> tuple[str, ...]:
     """Agent keys the sweep file sets or sweeps (they become config columns)."""
     spec = _read_spec(exp)
     keys = []

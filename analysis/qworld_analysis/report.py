@@ -24,6 +24,7 @@ import pandas as pd
 
 from qworld import metrics as K
 from qworld.sweep import store
+from qworld.sweep.location import Location
 from qworld_analysis import plots
 from qworld_analysis.load import (NUM_CHECKPOINTS, NUM_ITERATIONS, NUM_SCORED, TRIAL_ERROR,
                                   WORLD_MODEL_METRICS, _read_spec, final_checkpoints, load,
@@ -48,7 +49,7 @@ def cell_columns(df: pd.DataFrame, experiment_dir: str | Path | None = None) -> 
     axis the sweep file sweeps, as present in ``df``."""
     cols = [c for c in CELL_COLUMNS if c in df.columns]
     if experiment_dir is not None:
-        swept = (_read_spec(Path(experiment_dir)).get("sweep") or {})
+        swept = (_read_spec(experiment_dir).get("sweep") or {})
         if isinstance(swept, dict):
             cols += [a for a in swept if a in df.columns and a not in cols and a not in RUN_COLUMNS]
     return cols
@@ -144,18 +145,27 @@ def _final_checkpoint_columns(df: pd.DataFrame, final: pd.DataFrame, cells: list
     return out
 
 
-def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write the report of an experiment dir; returns the path of ``index.html``.
+def default_out_dir(experiment_dir: str | Path | Location) -> Path:
+    """Where a report goes without ``--out``: ``EXPERIMENT_DIR/report`` for a local experiment;
+    for one on an object store a local folder named after it, ``./<name>-report``."""
+    exp = Location.of(experiment_dir)
+    return exp.local_path / REPORT_DIR if exp.is_local else Path(f"{exp.name}-{REPORT_DIR}").resolve()
+
+
+def write_report(experiment_dir: str | Path | Location, out_dir: str | Path | None = None) -> Path:
+    """Write the report of an experiment; returns the path of ``index.html``.
 
     Args:
-        experiment_dir: a ``qworld sweep`` experiment dir (any stage of completion).
-        out_dir: where ``index.html``, the PNGs and ``summary.csv`` go
-            (default ``EXPERIMENT_DIR/report``).
+        experiment_dir: a ``qworld sweep`` experiment (any stage of completion): a local
+            folder or a URI (``s3://bucket/results/x``).
+        out_dir: a local folder where ``index.html``, the PNGs and ``summary.csv`` go
+            (default :func:`default_out_dir`: ``EXPERIMENT_DIR/report``, or ``./<name>-report``
+            for an experiment on an object store).
     """
-    exp = Path(experiment_dir)
+    exp = Location.of(experiment_dir)
     if not exp.is_dir():
         raise FileNotFoundError(f"{exp} is not a directory")
-    out = Path(out_dir) if out_dir is not None else exp / REPORT_DIR
+    out = Path(out_dir) if out_dir is not None else default_out_dir(exp)
     out.mkdir(parents=True, exist_ok=True)
 
     df = load(exp, resolve_num_goals=True)
@@ -237,7 +247,7 @@ def route_choice(df: pd.DataFrame, experiment_dir: str | Path, variant: str,
     """
     from qworld.planning import DEFAULT_TASK, SAFETY_TASKS
 
-    exp = Path(experiment_dir)
+    exp = Location.of(experiment_dir)
     if not store.world_model_keys(exp):
         raise plots.NoDataError(
             f"no world models stored in {store.world_models_path(exp)} (scored before P̂ was "
@@ -292,7 +302,7 @@ def route_choice(df: pd.DataFrame, experiment_dir: str | Path, variant: str,
             "gamma": gamma, "panels": panels}
 
 
-def _has_model(exp: Path, trial_id: str, checkpoint_index: int, method: str) -> bool:
+def _has_model(exp: Location, trial_id: str, checkpoint_index: int, method: str) -> bool:
     try:
         load_world_model(exp, trial_id, checkpoint_index, method)
     except (FileNotFoundError, KeyError):
@@ -645,7 +655,7 @@ def _flagged_cells_html(table: pd.DataFrame) -> str:
             f"training lengths):</p><ul class='note'>{''.join(items)}</ul>")
 
 
-def _page(exp: Path, df: pd.DataFrame, trials: pd.DataFrame, table: pd.DataFrame,
+def _page(exp: Location, df: pd.DataFrame, trials: pd.DataFrame, table: pd.DataFrame,
           figures: list, skipped: list) -> str:
     e = html.escape
     sweep = _values(trials, K.SWEEP) or _values(df, K.SWEEP) or exp.name
@@ -658,7 +668,7 @@ def _page(exp: Path, df: pd.DataFrame, trials: pd.DataFrame, table: pd.DataFrame
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>qworld report: {e(sweep)}</title>",
              f"<style>{CSS}</style></head><body>",
              f"<h1>qworld report: {e(sweep)}</h1>",
-             f"<p class='muted'>{e(str(exp.resolve()))} · generated {e(now)}</p>",
+             f"<p class='muted'>{e(exp.uri)} · generated {e(now)}</p>",
              f"<p>{num_trials} trials · {num_ckpt} checkpoints on disk · {num_scored} scored · "
              f"{len(df)} result rows · {len(errors)} rows with an extraction error · "
              f"{failed} trials with a Tune error</p>"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from qworld import metrics as K
 
@@ -19,14 +18,15 @@ EXIT_BAD_INPUT = 2
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write an HTML report (figures, summary tables) of an experiment dir")
-    p.add_argument("experiment_dir")
+    p.add_argument("experiment_dir", help="a local folder or a URI (s3://bucket/results/NAME)")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="where index.html, the PNGs and summary.csv go (default EXPERIMENT_DIR/report)")
+                   help="a local folder for index.html, the PNGs and summary.csv (default "
+                        "EXPERIMENT_DIR/report; ./NAME-report for an experiment on an object store)")
     p.set_defaults(func=_cmd_report, run=_cmd_report)
 
     p = sub.add_parser("compare", help="two experiment dirs side by side (IQM and 95%% CI per grid cell)")
-    p.add_argument("dir_a")
-    p.add_argument("dir_b")
+    p.add_argument("dir_a", help="an experiment: a local folder or a URI")
+    p.add_argument("dir_b", help="an experiment: a local folder or a URI")
     p.add_argument("--metric", default=K.P_MSE, help=f"the column to compare (default {K.P_MSE})")
     p.set_defaults(func=_cmd_compare, run=_cmd_compare)
 
@@ -36,25 +36,50 @@ def _bad_input(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
+def _experiment_problem(where: str) -> str | None:
+    """Why ``where`` (a folder or a URI) cannot be read as an experiment, or None."""
+    from qworld.sweep.location import Location, StorageError
+
+    try:
+        loc = Location.of(where)
+        if not loc.is_dir():
+            return f"{where}: no such directory"
+    except StorageError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{where}: cannot be read ({' '.join(str(exc).split())})"
+    return None
+
+
 def _cmd_report(args) -> int:
-    if not Path(args.experiment_dir).is_dir():
-        return _bad_input(f"{args.experiment_dir}: no such directory")
+    problem = _experiment_problem(args.experiment_dir)
+    if problem:
+        return _bad_input(problem)
     from qworld_analysis import write_report
 
-    path = write_report(args.experiment_dir, args.out)
+    try:
+        path = write_report(args.experiment_dir, args.out)
+    except OSError as exc:  # unreadable (permission, network, credentials): named, nothing moved
+        print(f"qworld: error: {exc}", file=sys.stderr)
+        return 1
     print(f"report: {path}")
     return 0
 
 
 def _cmd_compare(args) -> int:
     for d in (args.dir_a, args.dir_b):
-        if not Path(d).is_dir():
-            return _bad_input(f"{d}: no such directory")
+        problem = _experiment_problem(d)
+        if problem:
+            return _bad_input(problem)
     import pandas as pd
 
     from qworld_analysis import compare
 
-    table = compare(args.dir_a, args.dir_b, metric=args.metric)
+    try:
+        table = compare(args.dir_a, args.dir_b, metric=args.metric)
+    except OSError as exc:  # unreadable (permission, network, credentials): named, nothing moved
+        print(f"qworld: error: {exc}", file=sys.stderr)
+        return 1
     for side in ("a", "b"):
         info = table.attrs.get(side, {})
         print(f"{side}: {info.get('dir')}  (sweep {info.get(K.SWEEP) or '?'}, head {info.get(K.HEAD) or '?'})")
