@@ -27,7 +27,8 @@ HANG_GUARD_S = 1800.0
 POLL_S = 0.05
 
 
-def wait_until(predicate: Callable[[], object], driver: subprocess.Popen | None, what: str):
+def wait_until(predicate: Callable[[], object], driver: subprocess.Popen | None, what: str,
+               poll: float = POLL_S):
     """Poll ``predicate`` until it returns something truthy (returned). Fails at once if the
     driver exits first (the event can no longer come)."""
     started = time.monotonic()
@@ -39,7 +40,7 @@ def wait_until(predicate: Callable[[], object], driver: subprocess.Popen | None,
             raise AssertionError(f"the sweep exited ({driver.returncode}) before {what}")
         if time.monotonic() - started > HANG_GUARD_S:
             raise AssertionError(f"hung: no {what} after {HANG_GUARD_S:.0f} s")
-        time.sleep(POLL_S)
+        time.sleep(poll)
 
 
 def descendants(root: int) -> list:

@@ -23,6 +23,7 @@ import live
 import pytest
 
 from qworld import metrics as K
+from qworld.layout import CHECKPOINT_CONFIG_FILE
 from qworld.sweep import store
 from qworld.sweep.run import list_checkpoints, list_trials
 
@@ -101,3 +102,235 @@ def test_job_submitted_to_a_running_cluster_runs_the_sweep(cluster, tmp_path):
     rows = store.read_store(experiment)
     assert len(rows) == len(list_checkpoints(experiment)) * 2  # pinv + column_match
     assert rows[K.ERROR].isna().all()
+
+
+# --------------------------------------------------------------------------------------
+# A 2-node cluster (head + worker, 1 CPU each, token auth) on an S3-compatible server
+
+
+@pytest.fixture
+def two_nodes(tmp_path, s3_server, monkeypatch):
+    """Head and worker as separate ``ray start`` processes on loopback, 1 CPU each, token
+    auth, their own temp dirs, both given the S3 server's AWS variables (trial workers write
+    checkpoints there). Yields (env for a driver, GCS address, the worker node's raylet pid)."""
+    import psutil
+
+    endpoint, aws = s3_server
+    for key, value in aws.items():  # this process reads the experiment too
+        monkeypatch.setenv(key, value)
+    temp_dirs = [Path(f"/tmp/qw-{secrets.token_hex(3)}") for _ in range(2)]
+    token_file = tmp_path / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    env = {**os.environ, **aws, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+           "PATH": f"{BIN}:{os.environ['PATH']}", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard, agent, metrics_port, client, w_agent, w_metrics, w_manager, w_runtime, h_runtime = _free_ports(10)
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=150000000",
+              "--disable-usage-stats"]
+    subprocess.run(
+        [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
+         f"--metrics-export-port={metrics_port}", f"--ray-client-server-port={client}",
+         f"--runtime-env-agent-port={h_runtime}", f"--temp-dir={temp_dirs[0]}", *common],
+        env=env, check=True, capture_output=True, text=True, timeout=live.HANG_GUARD_S)
+    try:
+        subprocess.run(
+            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={w_agent}",
+             f"--metrics-export-port={w_metrics}", f"--node-manager-port={w_manager}",
+             f"--runtime-env-agent-port={w_runtime}", f"--temp-dir={temp_dirs[1]}", *common],
+            env=env, check=True, capture_output=True, text=True, timeout=live.HANG_GUARD_S)
+        raylets = [p for p in psutil.process_iter(["pid", "cmdline"])
+                   if "raylet" in " ".join(p.info["cmdline"] or [])[:200]
+                   and f"--node_manager_port={w_manager}" in " ".join(p.info["cmdline"] or [])]
+        assert len(raylets) == 1, "the worker node's raylet"
+        yield env, f"127.0.0.1:{gcs}", raylets[0].pid
+    finally:
+        for temp_dir in temp_dirs:
+            _kill_cluster(temp_dir)
+        subprocess.run(["rm", "-rf", *map(str, temp_dirs)], check=False)
+
+
+def _bucket(s3_server) -> str:
+    import uuid
+
+    from conftest import s3_make_bucket
+
+    name = f"qworld-{uuid.uuid4().hex[:12]}"
+    s3_make_bucket(s3_server[0], name)
+    return f"s3://{name}"
+
+
+def _sweep(env, address, storage, *extra, log=None):
+    cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(ROOT / "tune_configs" / "smoke.yaml"),
+           "--address", address, "--storage", storage, "--set", "wandb.mode=disabled", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _assert_scored_once_on(experiment: str, methods=("pinv", "column_match")):
+    """Every checkpoint of the experiment (on any storage) has one row per method, read back
+    three ways: the store, qa.load and pd.read_parquet of the dataset."""
+    import pandas as pd
+    import pyarrow.fs as pafs
+    import qworld_analysis as qa
+
+    from qworld.sweep.location import Location
+    from qworld.sweep.score import checkpoint_index
+
+    checkpoints = {(t, checkpoint_index(c)) for t, c, _ in list_checkpoints(experiment)}
+    assert checkpoints
+    rows = store.read_store(experiment)
+    assert sorted(zip(rows[K.TRIAL_ID], rows[K.CHECKPOINT_INDEX], rows[K.METHOD])) == sorted(
+        (t, i, m) for t, i in checkpoints for m in methods)
+    assert rows[K.ERROR].isna().all(), rows[K.ERROR].dropna().tolist()
+    assert len(qa.load(experiment)) == len(rows)
+    loc = Location.of(experiment)
+    dataset = pd.read_parquet((loc / "worldmodels.parquet").path, filesystem=loc.fs)
+    assert len(dataset) == len(rows)
+    attempts = store.read_attempts(experiment)
+    finished = attempts[attempts["finished"].notna()].groupby([K.TRIAL_ID, K.CHECKPOINT_INDEX]).size()
+    assert set(finished.index) == checkpoints and (finished == 1).all(), finished
+    assert isinstance(loc.fs, pafs.S3FileSystem)
+    return rows
+
+
+def _no_local_s3_dir(*roots: Path):
+    for root in roots:
+        assert not [p for p in Path(root).rglob("s3:*")], f"a local path named s3: under {root}"
+
+
+def _checkpoint_configs(experiment: str) -> list[tuple[str, dict]]:
+    """(trial_id, qworld_config.json) of every checkpoint of the experiment, on any storage."""
+    import json
+
+    from qworld.sweep.location import Location
+
+    out = []
+    for trial_id, ckpt, _ in list_checkpoints(experiment):
+        try:
+            out.append((trial_id, json.loads((Location.of(str(ckpt)) / CHECKPOINT_CONFIG_FILE).read_text())))
+        except (OSError, ValueError):  # still being uploaded
+            continue
+    return out
+
+
+def test_smoke_sweep_on_two_nodes_writes_everything_to_object_storage(two_nodes, s3_server, tmp_path):
+    env, address, _ = two_nodes
+    storage = f"{_bucket(s3_server)}/exp"
+    experiment = f"{storage}/smoke"
+    proc = _sweep(env, address, storage)
+    out, _ = proc.communicate(timeout=live.HANG_GUARD_S)
+    assert proc.returncode == 0, out[-4000:]
+    assert f"experiment dir: {experiment}" in out
+    rows = _assert_scored_once_on(experiment)
+    assert len(set(rows[K.TRIAL_ID])) == 2
+    # one trial per node (1 CPU each): each checkpoint names the node that saved it
+    nodes = {trial_id: config[K.WRITTEN_BY]["node_id"] for trial_id, config in _checkpoint_configs(experiment)}
+    assert len(nodes) == 2 and len(set(nodes.values())) == 2, nodes
+    status = subprocess.run([sys.executable, "-m", "qworld.cli", "status", experiment], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=live.HANG_GUARD_S)
+    n = len(rows) // 2
+    assert status.returncode == 0 and status.stdout.startswith(f"2 trials, {n} checkpoints, {n} scored"), \
+        status.stdout + status.stderr
+    _no_local_s3_dir(ROOT, tmp_path, Path.cwd())
+
+
+def test_two_sweeps_of_one_name_on_one_cluster_keep_their_own_rows(two_nodes, s3_server, tmp_path):
+    env, address, _ = two_nodes
+    bucket = _bucket(s3_server)
+    storages = [f"{bucket}/a", f"{bucket}/b"]
+    procs = [_sweep(env, address, s, "--set", "sweep.variant=[windy]") for s in storages]
+    outs = [p.communicate(timeout=live.HANG_GUARD_S)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+    trial_ids = []
+    for storage in storages:
+        experiment = f"{storage}/smoke"
+        rows = _assert_scored_once_on(experiment)
+        [(trial_id, _)] = list_trials(experiment)
+        assert set(rows[K.TRIAL_ID]) == {trial_id}
+        trial_ids.append(trial_id)
+    assert trial_ids[0] != trial_ids[1]
+
+
+def test_killed_worker_node_its_trial_finishes_on_the_head(two_nodes, s3_server, tmp_path):
+    """Two trials, one per node. Once the worker node's trial has a checkpoint the driver is
+    frozen (SIGSTOP: Tune hands no trial another iteration, so that trial is mid-run however
+    fast the machine), the worker node is SIGKILLed (raylet and its workers), the driver goes
+    on: the trial is retried on the head from its last checkpoint and finishes there."""
+    import psutil
+
+    from qworld.sweep.location import Location
+
+    env, address, worker_raylet = two_nodes
+    storage = _bucket(s3_server)
+    experiment = f"{storage}/smoke"
+    budget = 16384
+    log_path = tmp_path / "driver.log"
+    with log_path.open("w") as log:
+        proc = _sweep(env, address, storage, "--set", f"stop.env_steps={budget}", "--set", "checkpoint.every=4",
+                      "--set", "resources.max_failures=3", log=log)
+        try:
+            def worker_trial_checkpoint():
+                pids = set(live.pids_of("ray::PQN", worker_raylet))
+                hits = [(t, c) for t, c in _checkpoint_configs(experiment) if c[K.WRITTEN_BY]["pid"] in pids]
+                return hits and hits[0]
+
+            victim, config = live.wait_until(worker_trial_checkpoint, proc, "a checkpoint of the worker node's trial",
+                                             poll=0.5)
+            worker_node = config[K.WRITTEN_BY]["node_id"]
+            os.kill(proc.pid, signal.SIGSTOP)
+            steps_at_kill = max(c[K.ENV_STEPS] for t, c in _checkpoint_configs(experiment) if t == victim)
+            assert steps_at_kill < budget
+            node = psutil.Process(worker_raylet)
+            doomed = [node, *node.children(recursive=True)]
+            for p in doomed:
+                p.kill()
+            psutil.wait_procs(doomed, timeout=live.HANG_GUARD_S)
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.wait(timeout=live.HANG_GUARD_S)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    out = log_path.read_text()
+    assert proc.returncode == 0, out[-4000:]
+    _assert_scored_once_on(experiment)
+    configs = _checkpoint_configs(experiment)
+    final = {}
+    for trial_id, c in configs:
+        final[trial_id] = max(final.get(trial_id, 0), c[K.ENV_STEPS])
+    assert len(final) == 2 and min(final.values()) >= budget, final  # both finished
+    after = [c for t, c in configs if t == victim and c[K.ENV_STEPS] > steps_at_kill]
+    assert after and all(c[K.WRITTEN_BY]["node_id"] != worker_node for c in after)  # on the head
+    trial_dir = dict(list_trials(experiment))[victim]
+    assert "Failure # 1" in (Location.of(str(trial_dir)) / "error.txt").read_text()
+    # restored, not retrained: the first result after the failure continues from a checkpoint
+    rows = [__import__("json").loads(line) for line in
+            (Location.of(str(trial_dir)) / "result.json").read_text().splitlines() if line.strip()]
+    steps = [r[K.TRAIN_ENV_STEPS] for r in rows]
+    restarts = [b for a, b in zip(steps, steps[1:]) if b <= a]
+    assert restarts and min(restarts) > steps[0], steps
+
+
+@pytest.mark.parametrize("case", ["unknown scheme", "missing bucket", "no credentials"])
+def test_bad_storage_exits_2_before_ray_starts(case, s3_server, tmp_path):
+    endpoint, aws = s3_server
+    env = {**os.environ, **aws, "WANDB_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    storage, expected = {
+        "unknown scheme": ("nosuch://bucket/exp", "unknown scheme"),
+        "missing bucket": ("s3://qworld-no-such-bucket/exp", "does not exist"),
+        "no credentials": (_bucket(s3_server) + "/exp", "no AWS credentials"),
+    }[case]
+    if case == "no credentials":
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+            env.pop(key, None)
+        env["AWS_SHARED_CREDENTIALS_FILE"] = env["AWS_CONFIG_FILE"] = str(tmp_path / "none")
+    proc = subprocess.run([sys.executable, "-m", "qworld.cli", "sweep", str(ROOT / "tune_configs" / "smoke.yaml"),
+                           "--storage", storage], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=live.HANG_GUARD_S)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("qworld: error: --storage") and expected in line, line
+    assert proc.stdout == ""  # not even the sweep's header: nothing was started
+    assert list(tmp_path.iterdir()) == []

@@ -23,6 +23,7 @@ CHECKPOINT_PATH = "checkpoint_path"
 # (qworld.agents.checkpoint) and copied into every row scored from it. A checkpoint number a
 # rolled-back trial wrote again has a new uid, so its older rows are known to be stale.
 CHECKPOINT_UID = "checkpoint_uid"
+WRITTEN_BY = "written_by"  # qworld_config.json: the Ray node, host and pid that saved a checkpoint
 ENV_STEPS = "env_steps"  # env steps sampled so far (all envs together)
 METHOD = "method"  # extraction method: from Q (plearn.finite / plearn.continuous METHODS) or an
 #   explicit model (qworld.experience.EXPLICIT_METHODS: supervised | qss | forward_model)

@@ -80,7 +80,7 @@ class QworldAlgorithmMixin:
         path = super().save_to_path(path, state=state, filesystem=filesystem, use_msgpack=use_msgpack)
         # a fresh identity for every checkpoint saved: rows scored from it carry it, so a
         # checkpoint number written again (a trial rolled back by a restore) is told apart
-        config = {**self.qworld_config(), K.CHECKPOINT_UID: uuid.uuid4().hex}
+        config = {**self.qworld_config(), K.CHECKPOINT_UID: uuid.uuid4().hex, K.WRITTEN_BY: _writer()}
         text = json.dumps(config, indent=1)
         root = pathlib.Path(path)
         for target in (root, root.joinpath(*MODULE_SUBDIR)):
@@ -116,3 +116,15 @@ class QworldAlgorithmMixin:
             module = self.config.get_rl_module_spec(spaces=self.env_runner_group.get_spaces()).build()
             module.set_state(state)
         return q_function_of(module, self.qworld_config())
+
+
+def _writer() -> dict:
+    """Where a checkpoint was saved (as Tune's results say where a trial ran): which node of
+    a cluster wrote it is what one asks after a node is lost."""
+    import os
+    import socket
+
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"node_id": node_id, "hostname": socket.gethostname(), "pid": os.getpid()}
