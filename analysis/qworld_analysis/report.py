@@ -167,7 +167,11 @@ def write_report(experiment_dir: str | Path | Location, out_dir: str | Path | No
         raise FileNotFoundError(f"{exp} is not a directory")
     out = Path(out_dir) if out_dir is not None else default_out_dir(exp)
     out.mkdir(parents=True, exist_ok=True)
+    with store.warn_once():  # the store is read three times below: a damaged file is named once
+        return _write_report(exp, out)
 
+
+def _write_report(exp: Location, out: Path) -> Path:
     df = load(exp, resolve_num_goals=True)
     curves = load_training_curves(exp, resolve_num_goals=True)
     trials = load_trials(exp, resolve_num_goals=True)

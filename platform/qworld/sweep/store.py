@@ -52,6 +52,7 @@ either, or a URI string.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -242,7 +243,19 @@ def _parse(name: str, data: bytes):
     return table, None
 
 
-_REPORTED: set[tuple[str, int]] = set()  # (file, hash of its bytes) named once per process
+_REPORTED: set[tuple[str, int]] | None = None  # inside warn_once(): (file, hash of its bytes) named
+
+
+@contextlib.contextmanager
+def warn_once():
+    """Within this block a damaged file is named once, however many times it is read (a
+    report reads the store three times); outside, every reader names it."""
+    global _REPORTED
+    outer, _REPORTED = _REPORTED, (set() if _REPORTED is None else _REPORTED)
+    try:
+        yield
+    finally:
+        _REPORTED = outer
 
 
 def _read_bytes(loc: Location) -> bytes | None:
@@ -281,9 +294,10 @@ def _read_fragment(loc: Location, set_aside: bool = False, data: bytes | None = 
 
 def _report_damage(loc: Location, data: bytes, reason: str) -> None:
     key = (loc.uri, hash(data))
-    if key in _REPORTED:
-        return
-    _REPORTED.add(key)
+    if _REPORTED is not None:
+        if key in _REPORTED:
+            return
+        _REPORTED.add(key)
     print(f"qworld: warning: damaged results file {loc} ({reason}); left in place. Its checkpoint "
           "counts as unscored: `qworld resume` or `qworld extract` sets it aside and scores it again.",
           file=sys.stderr, flush=True)
