@@ -21,6 +21,7 @@ from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, has_batc
 from qworld_envs.mountain_car import mountain_car_step
 from qworld_envs.mujoco_reacher import mujoco_reacher_step
 from qworld_envs.reacher import fingertip, reacher_step
+from tolerances import EPS32, ulps
 
 torch.set_num_threads(1)
 GAMMA = 0.99
@@ -129,9 +130,14 @@ def test_batched_matches_gym_env(env_id):
     assert out["obs"].shape == (n, benv.obs_dim) and benv.goal_features.shape == (benv.num_goals, benv.goal_dim)
     start, goal = benv.state.clone(), benv.goal.clone()
     gym_envs = [gymnasium.make(env_id) for _ in range(n)]
+    # Observations and rewards are float32 roundings of float64 values: where both envs run the
+    # same torch functions those agree, and two roundings of them lie within one spacing
+    # (rtol EPS32); MuJoCo's float64 states agree to 1e-6 (its constraint solver, see
+    # test_batched_mujoco_matches_gym_env_states), passed on with gain <= 1
+    tol = dict(rtol=EPS32, atol=1e-6 if env_id == MUJOCO_REACHER_ID else 0.0)
     for i, e in enumerate(gym_envs):
         obs, _ = e.reset(seed=i, options={"goal": int(goal[i]), "state": start[i].numpy()})
-        np.testing.assert_allclose(obs[: benv.obs_dim], out["obs"][i].numpy(), atol=1e-6)
+        np.testing.assert_allclose(obs[: benv.obs_dim], out["obs"][i].numpy(), **tol)
     rng = np.random.default_rng(0)
     alive = np.ones(n, bool)
     for _ in range(60):
@@ -141,8 +147,8 @@ def test_batched_matches_gym_env(env_id):
             if not alive[i]:
                 continue
             obs, r, term, trunc, info = e.step(int(acts[i]))
-            np.testing.assert_allclose(obs[: benv.obs_dim], step["next_obs"][i].numpy(), atol=1e-5)
-            np.testing.assert_allclose(info["rewards"], step["rewards"][i].numpy(), atol=1e-6)
+            np.testing.assert_allclose(obs[: benv.obs_dim], step["next_obs"][i].numpy(), **tol)
+            np.testing.assert_allclose(info["rewards"], step["rewards"][i].numpy(), **tol)
             np.testing.assert_array_equal(info["terminals"], step["terminals"][i].numpy())
             assert (r, term, trunc) == (float(step["reward"][i]), bool(step["terminated"][i]), bool(step["truncated"][i]))
             alive[i] = not (term or trunc)
@@ -363,7 +369,7 @@ def test_sampler_recovers_mountain_car_force_noise():
     assert 0.3 < ratio < 2.0  # measured 0.65 at this budget, 1.1 with 1500 steps on 200 x 200
     # the score reads the model's scale: a model 3x too noisy is 3x off
     assert noise_std_scores(lambda s, a: 3 * fit.model.std(s, a), problem)[f"{K.NOISE_STD_RATIO}_v"] == \
-        pytest.approx(3 * ratio, rel=1e-5)
+        pytest.approx(3 * ratio, rel=ulps(1))  # 3 x float32 std rounds once (EPS32 / 2), then float64
 
 
 def test_score_successor_keys_and_perfect_model(mc_problem):

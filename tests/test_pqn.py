@@ -22,6 +22,10 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 torch.set_num_threads(1)
 
 from helpers import TINY, TINY_LAYOUT, flat  # noqa: E402
+from tolerances import forward_atol, ulps  # noqa: E402
+
+# the tiny PQN network: Linear, LayerNorm, Linear (then sigmoid), fan-in <= 32
+PQN_DEPTH, PQN_WIDTH = 3, 32
 
 
 def tiny_config(**training) -> PQNConfig:
@@ -203,7 +207,8 @@ def test_auto_linear_output_is_scaled_to_the_goal_familys_returns():
     unscaled = PQNTorchRLModule(model_config={**mc, "q_scale": 1.0})
     unscaled.load_state_dict(module.state_dict())
     x = torch.randn(5, mc["obs_dim"])
-    assert torch.allclose(module.q_all_goals(x), mc["q_scale"] * unscaled.q_all_goals(x))
+    # the same float32 network output times the same q_scale (1.0 * y is y): equal
+    assert torch.equal(module.q_all_goals(x), mc["q_scale"] * unscaled.q_all_goals(x))
 
 
 def test_bad_q_output_names_the_field_and_the_allowed_values():
@@ -253,14 +258,18 @@ def test_q_lambda_targets_by_hand():
     e1_2 = 0.5 + g * 0.8  # truncated: cut
     e1_1 = 0.0 + g * ((1 - lam) * 0.6 + lam * e1_2)
     e1_0 = 0.0 + g * ((1 - lam) * 0.3 + lam * e1_1)
-    expected = torch.tensor([[e0_0, e1_0], [e0_1, e1_1], [e0_2, e1_2], [e0_3, e1_3]])
-    torch.testing.assert_close(out, expected)
+    expected = torch.tensor([[e0_0, e1_0], [e0_1, e1_1], [e0_2, e1_2], [e0_3, e1_3]], dtype=torch.float64)
+    # against float64: 4 steps back, each ~4 float32 roundings of numbers < 2 (the error carried
+    # back shrinks by gamma lambda < 1)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=ulps(16, 2.0))
     # lambda = 0: 1-step targets
-    torch.testing.assert_close(q_lambda_targets(r, d, tr, nq, g, 0.0), r + g * (~d).float() * nq)
+    # the same float32 operations on the same numbers (the mask is 0 or 1): equal
+    torch.testing.assert_close(q_lambda_targets(r, d, tr, nq, g, 0.0), r + g * (~d).float() * nq, rtol=0, atol=0)
     # lambda = 1 on env 0 after the termination: the discounted return to the rollout end
     full = q_lambda_targets(r, d, tr, nq, g, 1.0)
-    torch.testing.assert_close(full[2, 0], torch.tensor(g * g * 0.7))
-    torch.testing.assert_close(full[0, 0], torch.tensor(g * 1.0))
+    # against float64: two steps back of ~3 float32 roundings at magnitude <= 1
+    assert float(full[2, 0]) == pytest.approx(g * g * 0.7, rel=0, abs=ulps(6))
+    assert float(full[0, 0]) == pytest.approx(g * 1.0, rel=0, abs=ulps(6))
 
 
 def test_q_lambda_targets_batched_over_goals_equals_per_goal():
@@ -272,7 +281,9 @@ def test_q_lambda_targets_batched_over_goals_equals_per_goal():
     nq = torch.rand(T, N, L, generator=gen)
     out = q_lambda_targets(r, d, tr, nq, 0.95, 0.65)
     for g in range(L):
-        torch.testing.assert_close(out[..., g], q_lambda_targets(r[..., g], d[..., g], tr, nq[..., g], 0.95, 0.65))
+        # elementwise: the same float32 operations on the same numbers, equal
+        torch.testing.assert_close(out[..., g], q_lambda_targets(r[..., g], d[..., g], tr, nq[..., g], 0.95, 0.65),
+                                   rtol=0, atol=0)
 
 
 def test_q_lambda_targets_rejects_mismatched_shapes():
@@ -306,13 +317,16 @@ def test_all_goals_lambda_traces_follow_only_greedy_actions_of_each_goal():
         q_next = module.q_all_goals(ro[R.NEXT_OBS].reshape(T * N, S)).reshape(T, N, L, 4)
     nq, greedy = q_next.max(-1)
     one_step = ro[R.REWARDS] + g * (~terminals).float() * nq
+    # one step of the recursion (~3 float32 roundings at magnitude <= 1), after a forward pass
+    # that build_train_rows may batch otherwise
+    tol = forward_atol(q_next, PQN_DEPTH, PQN_WIDTH) + ulps(3)
     for t in range(T):
         for n in range(N):
             for k in range(L):
                 ended = bool(ro[R.TERMINATED][t, n])
                 chain = t < T - 1 and not ended and int(ro[R.ACTIONS][t + 1, n]) == int(greedy[t, n, k])
                 want = (ro[R.REWARDS][t, n, k] + g * (~terminals[t, n, k]).float() * tgt[t + 1, n, k]) if chain else one_step[t, n, k]
-                torch.testing.assert_close(tgt[t, n, k], want)
+                torch.testing.assert_close(tgt[t, n, k], want, rtol=0, atol=tol)
 
 
 # ------------------------------------------------------------------ HER relabelling
@@ -374,7 +388,12 @@ def test_fast_runner_q_at_next_states_equals_the_learners_own_target_pass(traine
     handed = build_train_rows(module, ro, gamma=0.9, lam=lam)
     own = build_train_rows(module, {k: v for k, v in ro.items() if k not in (R.NEXT_Q_MAX, R.NEXT_Q_ARGMAX)},
                            gamma=0.9, lam=lam)
-    torch.testing.assert_close(handed[TARGETS], own[TARGETS], rtol=1e-5, atol=1e-6)
+    # next-state Q from the runner's forward pass against the learner's own (another batch):
+    # equal up to forward rounding, which the lambda-return passes on with total weight <= gamma
+    # < 1; its own ~4 roundings a step at magnitude <= max|target| add up to 4 / (1 - gamma lambda)
+    scale = float(own[TARGETS].abs().max())
+    tol = forward_atol(own[TARGETS], PQN_DEPTH, PQN_WIDTH) + ulps(4 / (1 - 0.9 * lam), scale)
+    torch.testing.assert_close(handed[TARGETS], own[TARGETS], rtol=0, atol=tol)
     greedy = module.q_all_goals(ro[R.NEXT_OBS].reshape(-1, ro[R.NEXT_OBS].shape[-1])).argmax(-1)
     assert (greedy.reshape(ro[R.NEXT_Q_ARGMAX].shape) == ro[R.NEXT_Q_ARGMAX]).float().mean() > 0.99
 
@@ -395,7 +414,10 @@ def test_checkpoint_holds_the_config_and_load_q_matches_the_live_module(trained_
     assert c["q_output"] == "sigmoid" and q.module.q_output == "sigmoid"  # "auto", indicator goals
     # a batch of states x goal indices, and all goals at once
     obs = np.eye(15, dtype=np.float32)[[0, 3, 7]]
-    np.testing.assert_allclose(q.q(obs, np.array([1, 2, 3])), q.q_table()[[1, 2, 3], [0, 3, 7]], rtol=1e-6)
+    # 3 states against all 15: one float32 network summed in another order (tolerances.forward_atol)
+    table = q.q_table()
+    np.testing.assert_allclose(q.q(obs, np.array([1, 2, 3])), table[[1, 2, 3], [0, 3, 7]], rtol=0,
+                               atol=forward_atol(table, PQN_DEPTH, PQN_WIDTH))
     assert q.q(obs).shape == (3, 15, 4)
 
 
@@ -407,12 +429,15 @@ def test_load_q_needs_no_ray_and_no_algorithm(trained_fast):
         "import json, sys, ray; from qworld.agents import load_q; "
         f"q = load_q({path!r}); t = q.q_table(); "
         "assert not ray.is_initialized(); "
-        "print(json.dumps({'sum': float(t.sum()), 'shape': list(t.shape), 'head': q.config['head']}))"
+        "print(json.dumps({'table': t.tolist(), 'shape': list(t.shape), 'head': q.config['head']}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["shape"] == [15, 15, 4] and got["head"] == "all_goals"
-    assert got["sum"] == pytest.approx(float(load_q(path).q_table().sum()), rel=1e-6)
+    # entry by entry (float64 JSON round-trips exactly); the other process may run torch on
+    # more threads, so the kernels may sum in another order
+    table = load_q(path).q_table()
+    np.testing.assert_allclose(np.array(got["table"]), table, rtol=0, atol=forward_atol(table, PQN_DEPTH, PQN_WIDTH))
 
 
 def test_algorithm_restores_from_its_checkpoint(trained_fast):
@@ -448,7 +473,8 @@ def test_fast_runner_works_as_a_remote_env_runner(ray_session):
         remote = algo.env_runner_group.foreach_env_runner(
             lambda er: er.module.q_all_goals(torch.eye(15)).detach().numpy(), local_env_runner=False
         )
-        np.testing.assert_allclose(remote[0], learner_q, rtol=1e-6)
+        # the same weights in another process: float32 sums possibly in another order
+        np.testing.assert_allclose(remote[0], learner_q, rtol=0, atol=forward_atol(learner_q, PQN_DEPTH, PQN_WIDTH))
     finally:
         algo.stop()
 
@@ -517,7 +543,7 @@ def test_two_learners_train_in_sync_on_cpu(ray_session):
         assert len(tables) == 2
         np.testing.assert_array_equal(tables[0], tables[1])  # DDP: one set of weights
         runner_q = algo.env_runner.module.q_all_goals(torch.eye(15)).detach().numpy()
-        np.testing.assert_allclose(runner_q, after, rtol=1e-6)
+        np.testing.assert_allclose(runner_q, after, rtol=0, atol=forward_atol(after, PQN_DEPTH, PQN_WIDTH))  # as above
     finally:
         algo.stop()
     local = tiny_config().build_algo()
@@ -596,7 +622,8 @@ def test_goal_input_head_with_her_trains(ray_session, strategy):
         assert q.q_table().shape == (15, 15, 4)
         feats = q.goal_features[[4, 5]]
         obs = np.eye(15, dtype=np.float32)[[0, 1]]
-        np.testing.assert_allclose(q.q(obs, feats), q.q(obs, np.array([4, 5])), rtol=1e-6)
+        # q_goals looks the features up and runs the same float32 pass on the same batch: equal
+        np.testing.assert_array_equal(q.q(obs, feats), q.q(obs, np.array([4, 5])))
     finally:
         algo.stop()
 
