@@ -32,11 +32,11 @@ def status_table(experiment_dir: "str | os.PathLike | Location") -> str:
     ``scored`` counts the checkpoints on disk whose stored rows are theirs (a checkpoint
     number rewritten after a rollback, whose rows carry another ``checkpoint_uid``, is not);
     rows of checkpoints no longer on disk are counted apart."""
-    from qworld.sweep.run import _checkpoint_info, list_checkpoints, list_trials
+    from qworld.sweep.run import _checkpoints_with_uids, list_trials
 
     exp = Location.of(experiment_dir)
     trials = list_trials(exp)
-    checkpoints = list_checkpoints(exp)
+    checkpoints = _checkpoints_with_uids(exp)  # (trial, checkpoint, env steps, uid)
     rows = store.read_store(exp)
     stored = {}
     if not rows.empty:
@@ -46,9 +46,8 @@ def status_table(experiment_dir: "str | os.PathLike | Location") -> str:
     if checkpoints:
         from qworld.sweep.score import checkpoint_index
 
-        on_disk = {(str(t), checkpoint_index(ckpt)): ckpt for t, ckpt, _ in checkpoints}
-        stale = {key for key, ckpt in on_disk.items() if key in stored
-                 and store.is_stale(stored[key], _checkpoint_info(ckpt)[1])}
+        on_disk = {(str(t), checkpoint_index(ckpt)): uid for t, ckpt, _, uid in checkpoints}
+        stale = {key for key, uid in on_disk.items() if key in stored and store.is_stale(stored[key], uid)}
         scored = len([key for key in on_disk if key in stored and key not in stale])
         line = f"{len(trials)} trials, {len(checkpoints)} checkpoints, {scored} scored"
         if stale:
