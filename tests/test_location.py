@@ -164,3 +164,26 @@ def test_check_storage_s3(s3_bucket, s3_server, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
     with pytest.raises(StorageError, match="cannot reach|connect"):
         check_storage(f"{s3_bucket}/results")
+
+
+@pytest.mark.parametrize("listing_error, says", [
+    ("AWS Error INVALID_ACCESS_KEY_ID during ListObjectsV2 operation: The AWS Access Key Id you provided "
+     "does not exist in our records.", "invalid credentials"),
+    ("AWS Error SIGNATURE_DOES_NOT_MATCH during ListObjectsV2 operation", "invalid credentials"),
+    ("AWS Error ACCESS_DENIED during ListObjectsV2 operation: Access Denied", "permission denied"),
+])
+def test_check_storage_names_what_a_refusing_server_says(listing_error, says, monkeypatch):
+    """A real S3 refuses a HEAD of the bucket with a bare 403; the listing's error names why.
+    (moto does not check credentials, so its answers are stood in for here.)"""
+    class Refusing:
+        def get_file_info(self, what):
+            if isinstance(what, pafs.FileSelector):
+                raise OSError(listing_error)
+            raise OSError("When getting information for bucket 'b': AWS Error UNKNOWN (HTTP status 403) "
+                          "during HeadBucket operation: No response body.")
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setattr(Location, "of", classmethod(lambda cls, x: cls(fs=Refusing(), path="b/x", uri="s3://b/x")))
+    with pytest.raises(StorageError, match=f"^s3://b/x: {says} \\(AWS Error"):
+        check_storage("s3://b/x")

@@ -358,8 +358,11 @@ def _aws_credentials_found() -> bool:
 def _classify(exc: OSError) -> str:
     text = _one_line(exc)
     low = text.lower()
+    if any(s in low for s in ("no_such_bucket", "nosuchbucket")):
+        return f"the bucket does not exist ({text})"
     if any(s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "invalid_access_key",
-                              "signature_does_not_match", "expiredtoken", "credential")):
+                              "signature_does_not_match", "expiredtoken", "expired_token", "invalidtoken",
+                              "invalid_token", "credential")):
         return f"invalid credentials ({text})"
     if any(s in low for s in ("access_denied", "accessdenied", "forbidden", "permission", " 403")):
         return f"permission denied ({text})"
@@ -403,7 +406,12 @@ def check_storage(uri: "str | os.PathLike | Location") -> Location:
     try:
         info = loc.fs.get_file_info(bucket)
     except OSError as exc:
-        raise StorageError(f"{loc.uri}: {_classify(exc)}") from None
+        detail = exc
+        try:  # S3 answers a HEAD with a bare 403; a listing says why (bad key, signature, denied)
+            loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=False, allow_not_found=True))
+        except OSError as listing:
+            detail = listing
+        raise StorageError(f"{loc.uri}: {_classify(detail)}") from None
     if info.type == pafs.FileType.NotFound:
         endpoint = f" at {_s3_endpoint()}" if scheme == "s3" and _s3_endpoint() else ""
         raise StorageError(f"{loc.uri}: bucket {bucket!r} does not exist{endpoint}")
