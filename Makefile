@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# A second `make demo` continues the first experiment (a sweep never goes into one that exists).
 demo: $(STAMP)
-	$(VENV)/bin/qworld sweep tune_configs/fourrooms_demo.yaml
+	if [ -f results/fourrooms_demo/sweep.yaml ]; then $(VENV)/bin/qworld resume results/fourrooms_demo; \
+	else $(VENV)/bin/qworld sweep tune_configs/fourrooms_demo.yaml; fi
 	$(VENV)/bin/qworld report results/fourrooms_demo
 
 oracle: $(STAMP)

@@ -218,7 +218,7 @@ def test_smoke_sweep_on_two_nodes_writes_everything_to_object_storage(two_nodes,
     env, address, _ = two_nodes
     storage = f"{_bucket(s3_server)}/exp"
     experiment = f"{storage}/smoke"
-    proc = _sweep(env, address, storage)
+    proc = _sweep(env, address, storage, "--set", "wandb.mode=offline")
     out, _ = proc.communicate(timeout=live.HANG_GUARD_S)
     assert proc.returncode == 0, out[-4000:]
     assert f"experiment dir: {experiment}" in out
@@ -232,6 +232,11 @@ def test_smoke_sweep_on_two_nodes_writes_everything_to_object_storage(two_nodes,
     n = len(rows) // 2
     assert status.returncode == 0 and status.stdout.startswith(f"2 trials, {n} checkpoints, {n} scored"), \
         status.stdout + status.stderr
+    # the driver's offline W&B runs were copied into the experiment (qworld sync reads them there)
+    from qworld.sweep.location import Location
+
+    runs = (Location.of(experiment) / "wandb").list("offline-run-*", kind="dir")
+    assert len(runs) == 4, runs  # a training run and a world-model run per trial
     _no_local_s3_dir(ROOT, tmp_path, Path.cwd())
 
 

@@ -20,6 +20,8 @@ import pytest
 
 from qworld import metrics as K
 from qworld.sweep import store
+from qworld.sweep.location import Location
+from qworld.sweep.run import run_id_of
 from qworld.sweep.run import list_checkpoints, list_trials
 from qworld.sweep.score import checkpoint_index, score_checkpoint
 
@@ -143,10 +145,14 @@ def test_wandb_offline_runs_hold_the_logged_keys(smoke_dir):
                 history.update(r["history"]["item"])
         assert run["run_group"] == "smoke"
         assert any(t.startswith("variant=") for t in run["tags"]), run["tags"]
-        if run["run_id"].endswith("-worldmodel"):
-            worldmodel[run["run_id"].removesuffix("-worldmodel")] = history
+        # ids carry the experiment's run id: sweeps never resume each other's W&B runs
+        prefix = f"{run_id_of(Location.of(smoke_dir))}-"
+        assert run["run_id"].startswith(prefix) and len(prefix) > 8, run["run_id"]
+        run_id = run["run_id"].removeprefix(prefix)
+        if run_id.endswith("-worldmodel"):
+            worldmodel[run_id.removesuffix("-worldmodel")] = history
         else:
-            training[run["run_id"]] = history
+            training[run_id] = history
     assert set(training) == trial_ids  # one training run per trial
     assert set(worldmodel) == trial_ids  # and one world-model run per trial
     # every run was finished (its exit record written), none cut off at teardown
@@ -155,6 +161,36 @@ def test_wandb_offline_runs_hold_the_logged_keys(smoke_dir):
         assert {K.TRAIN_ENV_STEPS, K.TRAIN_LOSS, K.TRAIN_EPSILON} <= keys, sorted(keys)
     for keys in worldmodel.values():
         assert {f"pinv/{K.P_MSE}", f"column_match/{K.P_MSE}", K.ENV_STEPS} <= keys, sorted(keys)
+
+
+def test_a_second_sweep_into_an_experiment_is_refused_before_ray(smoke_dir):
+    before = sorted(p.name for p in smoke_dir.iterdir())
+    spec_before = (smoke_dir / "sweep.yaml").read_text()
+    proc = qworld("sweep", SMOKE, "--storage", smoke_dir.parent, "--set", "stop.env_steps=4096", check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "already holds an experiment" in proc.stderr and f"qworld resume {smoke_dir}" in proc.stderr
+    assert sorted(p.name for p in smoke_dir.iterdir()) == before  # nothing touched
+    assert (smoke_dir / "sweep.yaml").read_text() == spec_before
+
+
+def test_load_q_reads_a_checkpoint_on_object_storage(smoke_dir, s3_bucket):
+    """A checkpoint copied to S3 loads from its URI (through a temporary local copy that is
+    removed afterwards) to the same Q as from disk."""
+    import glob
+    import tempfile
+
+    import numpy as np
+    import pyarrow.fs as pafs
+
+    from qworld.agents import load_q
+
+    [(_, ckpt, _), *_] = list_checkpoints(smoke_dir)
+    loc = Location.of(f"{s3_bucket}/copy/{Path(ckpt).name}")
+    pafs.copy_files(str(ckpt), loc.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=loc.fs)
+    temps_before = set(glob.glob(f"{tempfile.gettempdir()}/qworld-ckpt-*"))
+    from_s3, from_disk = load_q(loc.uri), load_q(ckpt)
+    np.testing.assert_array_equal(from_s3.q_table(), from_disk.q_table())
+    assert set(glob.glob(f"{tempfile.gettempdir()}/qworld-ckpt-*")) == temps_before
 
 
 def test_status_and_rescore_without_duplicates(smoke_dir, tmp_path):

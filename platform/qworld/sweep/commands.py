@@ -148,8 +148,20 @@ def _cmd_status(args) -> int:
 
 def _cmd_sync(args) -> int:
     import os
+    import tempfile
 
-    runs = sorted(Path(args.experiment_dir).glob("wandb/offline-run-*"))
+    import pyarrow.fs as pafs
+
+    from qworld.sweep.location import Location
+
+    loc = Location.of(args.experiment_dir)
+    root = loc.local_path
+    if root is None:  # an object store: the runs the sweep copied into its wandb/, fetched here
+        root = Path(tempfile.mkdtemp(prefix="qworld-sync-"))
+        if (loc / "wandb").is_dir():
+            pafs.copy_files((loc / "wandb").path, str(root / "wandb"), source_filesystem=loc.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+    runs = sorted(root.glob("wandb/offline-run-*"))
     if not runs:
         return _bad_input(f"{args.experiment_dir}: no offline W&B runs under wandb/")
     if not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").is_file():

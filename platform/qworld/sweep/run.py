@@ -73,13 +73,26 @@ def run_id_of(location: Location) -> str | None:
 
 
 def wandb_dir(location: Location, run_id: str | None) -> str:
-    """W&B's offline runs are local files: in the experiment dir on local disk, else in a
-    folder of this machine named after the run (the console's header says which)."""
+    """W&B writes its offline runs as local files: in the experiment dir on local disk, else
+    in a folder of the driver's machine named after the run (``~/.cache/qworld/wandb/``),
+    copied into the experiment's ``wandb/`` when the sweep ends (:func:`upload_wandb_runs`)."""
     if location.is_local:
         return str(location.local_path)
-    path = Path(tempfile.gettempdir()) / "qworld-wandb" / f"{location.name}-{run_id}"
+    path = Path.home() / ".cache" / "qworld" / "wandb" / f"{location.name}-{run_id}"
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
+
+
+def upload_wandb_runs(location: Location, run_id: str | None) -> None:
+    """Copy the driver's offline W&B runs of an experiment on an object store into its
+    ``wandb/`` (``qworld sync URI`` reads them there)."""
+    import pyarrow.fs as pafs
+
+    local = Path(wandb_dir(location, run_id)) / "wandb"
+    if location.is_local or not local.is_dir():
+        return
+    pafs.copy_files(str(local), (location / "wandb").path, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=location.fs)
 
 
 def _tune_storage(location: Location) -> dict:
@@ -116,9 +129,12 @@ def init_ray(spec: SweepSpec, address: str | None, experiment_dir: Path, verbose
                                   include_dashboard=False)
     if not verbose:
         kwargs["logging_config"] = ray.LoggingConfig(encoding="TEXT", log_level="ERROR")
-    if address or os.environ.get("RAY_ADDRESS"):
+    from qworld.sweep.spec import cluster_address
+
+    joined = cluster_address(address)
+    if joined is not None:
         kwargs.pop("include_dashboard")
-        ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
+        ray.init(address=joined, **kwargs)
     else:
         ray.init(num_cpus=os.cpu_count(), **kwargs)
     return True
@@ -511,6 +527,7 @@ def _finish(spec, experiment_dir: Path, pool, num_trials: int, num_errors: int,
         run_id = run_id_of(experiment_dir)
         log_worldmodel_runs(experiment_dir, spec.name, spec.wandb.project, spec.wandb_group,
                             spec.wandb.mode, run_id=run_id, dir=wandb_dir(experiment_dir, run_id))
+        upload_wandb_runs(experiment_dir, run_id)
     return SweepOutcome(experiment_dir, num_trials, num_errors, len(checkpoints),
                         _num_scored(experiment_dir, checkpoints))
 
