@@ -85,6 +85,14 @@ def test_read_write_list_move_delete(root):
     assert (root / "nothing").list() == []
 
 
+def test_a_missing_bucket_is_no_empty_folder(s3_bucket):
+    loc = Location.of("s3://qworld-no-such-bucket/results/exp")
+    with pytest.raises(OSError, match="bucket 'qworld-no-such-bucket' does not exist") as info:
+        loc.list()
+    assert not isinstance(info.value, FileNotFoundError)
+    assert not loc.exists()
+
+
 def test_local_write_is_atomic(tmp_path, monkeypatch):
     """A write that fails midway leaves the old file and no temporary file behind."""
     loc = Location.of(tmp_path / "f.bin")

@@ -220,8 +220,9 @@ class Location:
 
     def list(self, pattern: str = "*", *, kind: str | None = None) -> list["Location"]:
         """The children whose name matches ``pattern`` (a glob on the name), sorted by name;
-        ``[]`` when this folder does not exist. ``kind``: ``"file"`` or ``"dir"`` to keep
-        only those (no extra request)."""
+        ``[]`` when this folder does not exist (but an ``OSError`` when its bucket does not:
+        an object store would list that as empty too). ``kind``: ``"file"`` or ``"dir"`` to
+        keep only those (no extra request)."""
         want = {None: None, "file": pafs.FileType.File, "dir": pafs.FileType.Directory}[kind]
         selector = pafs.FileSelector(self.path, recursive=False, allow_not_found=True)
         out = []
@@ -232,6 +233,11 @@ class Location:
             if want is not None and entry.type != want:
                 continue
             out.append(self._with_path(entry.path.rstrip("/")))
+        if not out and not self.is_local:
+            # an object store lists a missing bucket as an empty folder: that is no answer
+            bucket = self.path.split("/", 1)[0]
+            if bucket and self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise OSError(f"{self.uri}: bucket {bucket!r} does not exist")
         return sorted(out, key=lambda loc: loc.name)
 
     # ---------------------------------------------------------------- reading
