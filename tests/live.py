@@ -80,6 +80,13 @@ def checkpoint_steps(ckpt: Path) -> int | None:
         return None
 
 
+def checkpoint_uid(ckpt: Path) -> str | None:
+    try:
+        return json.loads((Path(ckpt) / CHECKPOINT_CONFIG_FILE).read_text())[K.CHECKPOINT_UID]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def trial_steps(experiment: Path) -> dict[Path, int]:
     """Trial dir -> the most env steps of any of its checkpoints."""
     out: dict[Path, int] = {}

@@ -188,17 +188,16 @@ def test_damaged_fragment_of_a_real_sweep_is_set_aside_and_rescored(smoke_dir, t
         "qa.load": lambda: len(qa.load(work)),
         "status_table": lambda: status_table(work).splitlines()[0],
     }
-    for name, read in readers.items():
+    for name, read in readers.items():  # readers name the damage and move nothing
         damage()
         out = read()
         err = capsys.readouterr().err
-        assert str(victim) in err and not victim.exists(), name
-        assert store.damaged_files(work) == [work / STORE_DAMAGED_DIR / victim.name], name
+        assert str(victim) in err and "left in place" in err and victim.read_bytes() == GARBAGE, name
+        assert store.damaged_files(work) == [], name
         assert out in (3 * len(METHODS), "2 trials, 4 checkpoints, 3 scored"), (name, out)
-    damage()
     proc = qworld("status", work)
     assert proc.stdout.startswith("2 trials, 4 checkpoints, 3 scored") and str(victim) in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and victim.read_bytes() == GARBAGE  # status is read-only
 
     qworld("resume", work)
     after = store.read_store(work)
@@ -295,15 +294,23 @@ def test_chaos_repeated_kills_then_driver_kill_and_resume(tmp_path):
                    if s != live.checkpoint_steps(checkpoints[(t, i)])]
     assert not wrong_steps, wrong_steps
 
-    # scored once: one finished attempt per checkpoint, the one whose rows are stored; any
-    # other attempt was cut short by a kill (its process is one we killed)
+    # scored once: one finished attempt per checkpoint as it is on disk (its uid), the one
+    # whose rows are stored; a checkpoint number the resumed trial wrote again (rolled back
+    # to an earlier checkpoint by the driver kill) has a new uid and is scored again, once.
+    # Any attempt that did not finish was cut short by a kill (its process is one we killed).
     attempts = store.read_attempts(experiment)
     finished = attempts[attempts["finished"].notna()]
-    per_checkpoint = finished.groupby([K.TRIAL_ID, K.CHECKPOINT_INDEX]).size()
-    assert set(per_checkpoint.index) == set(checkpoints)
-    assert (per_checkpoint == 1).all(), per_checkpoint[per_checkpoint > 1]
-    for (trial_id, index), attempt in zip(zip(finished[K.TRIAL_ID], finished[K.CHECKPOINT_INDEX]),
-                                          finished["attempt"]):
+    uids = {key: live.checkpoint_uid(ckpt) for key, ckpt in checkpoints.items()}
+    assert all(uids.values())
+    assert (rows.groupby([K.TRIAL_ID, K.CHECKPOINT_INDEX])[K.CHECKPOINT_UID].first().to_dict() == uids)
+    per_uid = finished.groupby([K.TRIAL_ID, K.CHECKPOINT_INDEX, K.CHECKPOINT_UID]).size()
+    assert (per_uid == 1).all(), per_uid[per_uid > 1]
+    current = {(t, i, uids[(t, i)]) for t, i in checkpoints}
+    assert current <= set(per_uid.index)
+    rescored = len(per_uid) - len(current)  # rows of overwritten checkpoints, since replaced
+    for (trial_id, index), uid in uids.items():
+        [attempt] = finished[(finished[K.TRIAL_ID] == trial_id) & (finished[K.CHECKPOINT_INDEX] == index)
+                             & (finished[K.CHECKPOINT_UID] == uid)]["attempt"]
         assert store.fragment_attempt(experiment, trial_id, index) == attempt
     cut_short = attempts[attempts["finished"].isna()]
     killed_pids = set(killed["P-learning actor"]) | set(dead_at_driver_kill)
@@ -315,8 +322,61 @@ def test_chaos_repeated_kills_then_driver_kill_and_resume(tmp_path):
         "env steps per trial at the driver kill": sorted(steps_at_kill.values()),
         "checkpoints": len(checkpoints), "rows": len(rows), "duplicates": int(duplicates),
         "lost": len(set(checkpoints) - keys), "attempts": len(attempts),
-        "attempts cut short by a kill": len(cut_short),
+        "attempts cut short by a kill": len(cut_short), "checkpoints rewritten after the rollback": rescored,
         "seconds until resume": round(before_resume), "seconds in all": round(time.time() - started),
     }
     print("chaos figures:", json.dumps(figures))
     assert all(len(pids) == kills_per_kind for pids in killed.values())
+
+
+# --------------------------------------------------------------------------------------
+# a replay family's trial killed: restored with its replay buffer
+
+MRQ_AGENT = ("{algorithm: mrq, num_envs: 4, rollout_length: 16, batch_size: 32, updates_per_iteration: 2, "
+             "learning_starts: 64, zs_dim: 16, za_dim: 8, zsa_dim: 16, enc_hidden: [32], value_hidden: [32], "
+             "num_bins: 17}")
+
+
+@pytest.mark.ray
+def test_a_killed_replay_trial_resumes_with_its_buffer(tmp_path):
+    """An MR.Q trial's worker is SIGKILLed once a checkpoint of it is on disk and the trial has
+    trained past it (so Tune holds that checkpoint); Tune restores the trial from it, and the
+    restored trial's first result reports the buffer it had: ``replay/size`` equals the env
+    steps sampled in every result (no wrap at the default capacity), also the first after the
+    restart (an empty buffer would hold that one iteration's 64 steps). Driven by events,
+    like the chaos test above; one cell, so a minute or so."""
+    storage = tmp_path / "storage"
+    experiment = storage / "smoke"
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE), "--storage", str(storage),
+           "--set", f"stop.env_steps={live.UNBOUNDED}", "--set", "checkpoint.every=2",
+           "--set", "resources.max_failures=2", "--set", "wandb.mode=disabled",
+           "--set", f"agent={MRQ_AGENT}", "--set", "sweep.variant=[windy]"]
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def steps(row: dict) -> int:
+        return row["env_runners"]["num_env_steps_sampled_lifetime"]
+
+    def after_restore(rows: list[dict]) -> list[dict]:
+        return [r for r in rows if r.get("iterations_since_restore") == 1 and r["training_iteration"] > 1]
+
+    try:
+        ckpt = live.wait_until(lambda: sorted(live.checkpoint_dirs(experiment)), driver, "a checkpoint of the trial")[0]
+        trial = ckpt.parent
+        saved = live.checkpoint_steps(ckpt)
+        live.wait_until(lambda: any(steps(r) > saved for r in live.result_rows(trial)), driver,
+                        "a result after the checkpoint")
+        for worker in live.wait_until(lambda: live.pids_of("ray::MRQ", driver.pid), driver, "the MR.Q trial worker"):
+            os.kill(worker, signal.SIGKILL)
+        live.wait_until(lambda: after_restore(live.result_rows(trial)), driver, "a result of the restored trial")
+        live.interrupt(driver)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+        log.close()
+    rows = live.result_rows(trial)
+    [first] = after_restore(rows)[:1]
+    assert steps(first) > 64 and first["replay"]["size"] == steps(first), first["replay"]
+    assert all(r["replay"]["size"] == steps(r) for r in rows), [(r["replay"]["size"], steps(r)) for r in rows]

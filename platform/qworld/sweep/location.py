@@ -72,12 +72,17 @@ def _resolve_fs(base_uri: str, env: tuple) -> tuple[pafs.FileSystem, str]:
     if parsed.scheme.lower() == "s3":
         query = urllib.parse.parse_qs(parsed.query)
         endpoint = _s3_endpoint()
+        extra = {}
         if endpoint and "endpoint_override" not in query:
             # pyarrow takes the endpoint as host:port plus a scheme option
             ep = urllib.parse.urlsplit(endpoint)
             extra = {"endpoint_override": ep.netloc or ep.path}
             if ep.scheme:
                 extra["scheme"] = ep.scheme
+        if "allow_delayed_open" not in query:
+            # a small file is then one PUT, not a multipart upload (start, part, finish)
+            extra["allow_delayed_open"] = "true"
+        if extra:
             sep = "&" if parsed.query else ""
             uri = urllib.parse.urlunsplit(parsed._replace(
                 query=parsed.query + sep + urllib.parse.urlencode(extra)))

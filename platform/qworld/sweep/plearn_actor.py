@@ -26,7 +26,7 @@ import ray
 from qworld import metrics as K
 from qworld.layout import CHECKPOINT_CONFIG_FILE
 from qworld.sweep import store
-from qworld.sweep.score import checkpoint_index, score_checkpoint
+from qworld.sweep.score import checkpoint_index, checkpoint_uid, score_checkpoint
 
 def checkpoint_env_steps(checkpoint_path: str | Path, default: int | None = None) -> int | None:
     """The env steps a checkpoint holds (its ``qworld_config.json``), else ``default``."""
@@ -79,9 +79,11 @@ class PLearningActor:
 
         uri = checkpoint_uri(checkpoint)
         index = checkpoint_index(uri)
-        if not force and store.is_scored(self.experiment_dir, trial_id, index):
+        # rows of an earlier checkpoint of this number (a trial rolled back) are not its rows
+        uid = checkpoint_uid(uri)
+        if not force and store.is_scored(self.experiment_dir, trial_id, index, checkpoint_uid=uid):
             return trial_id, index, None
-        attempt = store.begin_attempt(self.experiment_dir, trial_id, index, uri, force)
+        attempt = store.begin_attempt(self.experiment_dir, trial_id, index, uri, force, checkpoint_uid=uid)
         models: dict = {}
         with local_checkpoint(checkpoint) as local:
             # The checkpoint says how many env steps it holds; the caller's count (Tune's last

@@ -498,14 +498,16 @@ def _write_event(experiment_dir: Where, trial_id: str, checkpoint_index: int, at
 
 
 def begin_attempt(experiment_dir: Where, trial_id: str, checkpoint_index: int,
-                  checkpoint_path: str | None = None, force: bool = False) -> str:
+                  checkpoint_path: str | None = None, force: bool = False,
+                  checkpoint_uid: str | None = None) -> str:
     """Record that this process starts scoring one (trial, checkpoint); returns the attempt id
     (pass it to :func:`write_rows` and :func:`end_attempt`)."""
     attempt = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     record = {"event": ATTEMPT_STARTED, "attempt": attempt, K.TRIAL_ID: str(trial_id),
               K.CHECKPOINT_INDEX: int(checkpoint_index), "pid": os.getpid(),
               "host": socket.gethostname(), "time": time.time(), "force": bool(force),
-              K.CHECKPOINT_PATH: None if checkpoint_path is None else str(checkpoint_path)}
+              K.CHECKPOINT_PATH: None if checkpoint_path is None else str(checkpoint_path),
+              K.CHECKPOINT_UID: checkpoint_uid}
     _write_event(experiment_dir, trial_id, checkpoint_index, attempt, record)
     return attempt
 
@@ -517,7 +519,7 @@ def end_attempt(experiment_dir: Where, trial_id: str, checkpoint_index: int, att
                  {"event": ATTEMPT_FINISHED, "attempt": attempt, "time": time.time(), "rows": int(num_rows)})
 
 
-ATTEMPT_COLUMNS = ("attempt", K.TRIAL_ID, K.CHECKPOINT_INDEX, "pid", "host", "force",
+ATTEMPT_COLUMNS = ("attempt", K.TRIAL_ID, K.CHECKPOINT_INDEX, K.CHECKPOINT_UID, "pid", "host", "force",
                    "started", "finished", "rows")
 
 
@@ -534,8 +536,9 @@ def _events(text: str) -> list[dict]:
 
 
 def read_attempts(experiment_dir: Where) -> pd.DataFrame:
-    """One row per scoring attempt: ``attempt, trial_id, checkpoint_index, pid, host, force,
-    started, finished`` (NaN: it never finished, e.g. its process was killed) and ``rows``.
+    """One row per scoring attempt: ``attempt, trial_id, checkpoint_index, checkpoint_uid`` (of
+    the checkpoint it scored; None in older experiments), ``pid, host, force, started,
+    finished`` (NaN: it never finished, e.g. its process was killed) and ``rows``.
     Reads the per-event objects and the JSON-lines files of older experiments (a line cut
     short by a kill is skipped)."""
     root = _loc(experiment_dir) / SCORING_ATTEMPTS_DIR
