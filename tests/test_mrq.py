@@ -194,3 +194,187 @@ def test_config_round_trips_through_a_tune_style_dict():
     assert back.n_step == 2 and back.enc_hidden == [64, 32] and back.gamma == 0.9 and back.seed == 3
     keywords = inspect.signature(MRQConfig.training).parameters
     assert {"env_id", "n_step", "zs_dim", "epsilon_end"} <= set(keywords)
+
+
+# ------------------------------------------------------------------ replay buffer (no Ray)
+def runner_chunks(seed=0, envs=3, iterations=12, steps=4, max_len=9, L=2):
+    """Episode chunks as RLlib's runner hands them over (per iteration, per env: the rest of
+    an episode, then the next ones, cut after ``steps`` transitions), and the truth: episode
+    serial -> (observations [n+1, 3], actions, rewards [n, L], terminals [n, L], ended).
+    Observation ``[serial, t, env]`` names its episode and step."""
+    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
+
+    rng = np.random.default_rng(seed)
+    truth, batches, serial = {}, [], 0
+
+    def new_episode(env):
+        nonlocal serial
+        serial += 1
+        n = int(rng.integers(1, max_len + 1))
+        truth[serial] = dict(obs=np.array([[serial, t, env] for t in range(n + 1)], np.float32),
+                             actions=rng.integers(0, 4, n), rewards=rng.normal(size=(n, L)).astype(np.float32),
+                             terminals=rng.random((n, L)) < 0.3, end=rng.choice(["terminated", "truncated"]),
+                             emitted=0, id=f"ep{serial}")
+        return serial
+
+    current = [new_episode(e) for e in range(envs)]
+    for _ in range(iterations):
+        batch = []
+        for env in range(envs):
+            left = steps
+            while left > 0:
+                ep = truth[current[env]]
+                n, t = len(ep["actions"]), ep["emitted"]
+                k = min(left, n - t)
+                done = t + k == n
+                infos = [{"rewards": [0.0] * L, "terminals": [False] * L}] + [
+                    {"rewards": ep["rewards"][i].tolist(), "terminals": ep["terminals"][i].tolist()}
+                    for i in range(t, t + k)]
+                batch.append(SingleAgentEpisode(
+                    id_=ep["id"], observations=list(ep["obs"][t : t + k + 1]), actions=list(ep["actions"][t : t + k]),
+                    rewards=[0.0] * k, infos=infos, terminated=done and ep["end"] == "terminated",
+                    truncated=done and ep["end"] == "truncated", len_lookback_buffer=0))
+                ep["emitted"] += k
+                left -= k
+                if done:
+                    current[env] = new_episode(env)
+        batches.append(batch)
+    return batches, truth
+
+
+def expected_window(truth, serial, t, T):
+    """Window of T transitions from step t of an episode, as RLlib's slices gave them: valid
+    while the episode has a known transition, padded after (last observation repeated)."""
+    ep = truth[serial]
+    n = ep["emitted"]
+    L = ep["rewards"].shape[1]
+    j = np.arange(T)
+    valid = t + j < n
+    out = dict(obs=ep["obs"][np.minimum(t + np.arange(T + 1), n)], valid=valid,
+               actions=np.where(valid, ep["actions"][np.minimum(t + j, len(ep["actions"]) - 1)], 0),
+               rewards=np.zeros((T, L), np.float32), terminals=np.zeros((T, L), np.float32))
+    out["rewards"][valid] = ep["rewards"][t + j[valid]]
+    out["terminals"][valid] = ep["terminals"][t + j[valid]]
+    return out
+
+
+@pytest.mark.parametrize("capacity", [1000, 37])
+def test_window_buffer_draws_the_windows_rllibs_slices_gave_within_one_episode(capacity):
+    """Every window of every stored transition is its episode's next T steps, ending where the
+    episode ends (terminated or truncated alike) or where its data ends, padded after; also
+    after the ring wrapped (capacity 37 < the 144 transitions added)."""
+    from qworld.agents.replay_buffer import WindowEpisodeReplayBuffer
+
+    batches, truth = runner_chunks()
+    buf = WindowEpisodeReplayBuffer(capacity=capacity, seed=0)
+    for batch in batches:
+        buf.add(batch)
+    total = sum(t["emitted"] for t in truth.values())
+    rows = np.flatnonzero(buf._a["next"][: buf.get_num_rows()] >= 0)
+    assert len(rows) == buf.get_num_timesteps() > 0
+    if capacity > total + len(truth):
+        assert buf.get_num_timesteps() == total == 144
+    else:
+        assert buf.get_num_rows() == capacity and buf.get_num_timesteps() < capacity
+    T = 5
+    got = buf.windows(rows, T)
+    ended = 0
+    for i, row in enumerate(rows):
+        serial, t, _ = buf._a["obs"][row].astype(int)
+        want = expected_window(truth, serial, t, T)
+        for key in ("obs", "valid", "actions", "rewards", "terminals"):
+            np.testing.assert_array_equal(got[key][i], want[key], err_msg=f"{key} of row {row} (episode {serial}, t {t})")
+        ended += not want["valid"].all()
+    assert ended > 0  # some windows do meet an episode's end
+    # sampling draws transition rows only, uniformly (each row's share ~ 1 / rows)
+    draws = buf._draw(20000)
+    assert (buf._a["next"][draws] >= 0).all()
+    counts = np.bincount(draws, minlength=buf.get_num_rows())[rows]
+    assert counts.min() > 0.5 * 20000 / len(rows) and counts.max() < 1.6 * 20000 / len(rows)
+
+
+def test_window_buffer_state_round_trips_and_goes_on_identically():
+    from qworld.agents.replay_buffer import WindowEpisodeReplayBuffer
+
+    batches, _ = runner_chunks(seed=1, iterations=10)
+    a = WindowEpisodeReplayBuffer(capacity=50, seed=3)
+    for batch in batches[:6]:
+        a.add(batch)
+    a.sample(batch_size_B=7, batch_length_T=4)  # the generator has moved
+    b = WindowEpisodeReplayBuffer(capacity=50, seed=99)
+    b.set_state(a.get_state())
+    for batch in batches[6:]:  # open episodes continue in both (their last rows are restored)
+        a.add(batch)
+        b.add(batch)
+        wa, wb = a.sample(batch_size_B=16, batch_length_T=4), b.sample(batch_size_B=16, batch_length_T=4)
+        for key in wa:
+            np.testing.assert_array_equal(wa[key], wb[key], err_msg=key)
+    assert a.get_num_timesteps() == b.get_num_timesteps() and a.get_state()["open"] == b.get_state()["open"]
+
+
+# ------------------------------------------------------------------ checkpoint: buffer, counters, reward statistics
+def learner_losses(result: dict) -> dict:
+    """The learner's losses (and Q mean, reward scale) of one iteration's result."""
+    from qworld.agents.mrq import learner as LR
+
+    keys = (LR.TOTAL_LOSS_KEY, LR.VALUE_LOSS_KEY, LR.DYNAMICS_LOSS_KEY, LR.REWARD_LOSS_KEY, LR.TERMINAL_LOSS_KEY,
+            LR.Q_MEAN_KEY, LR.REWARD_SCALE_KEY)
+    out = {k: flat(result).get(f"learners/default_policy/{k}") for k in keys}
+    assert all(v is not None for v in out.values()), out
+    return out
+
+
+def record_rollouts(algo, into: list) -> None:
+    """Make ``algo`` keep a copy of every rollout it samples."""
+    import copy
+
+    real = algo.sample_episodes
+
+    def recorded():
+        out = real()
+        into.append(copy.deepcopy(out))
+        return out
+
+    algo.sample_episodes = recorded
+
+
+def replay_rollouts(algo, rollouts: list) -> None:
+    """Make ``algo`` train on these rollouts instead of sampling its envs."""
+    import copy
+
+    queue = iter(rollouts)
+    algo.sample_episodes = lambda: copy.deepcopy(next(queue))
+
+
+def test_restored_mrq_goes_on_exactly_as_the_uninterrupted_run(ray_session, tmp_path):
+    """Save after 2 iterations, restore into a fresh Algorithm (``from_checkpoint``) and hand it
+    the episodes the uninterrupted run sampled next (RLlib keeps no env state: the rollouts
+    are the one thing a restore cannot reproduce): its next 2 iterations' losses are the
+    uninterrupted run's, bit for bit (the same float32 operations on the same values in the
+    same order). What that needs from the checkpoint: the buffer and its sampling generator
+    (which windows), the learner's gradient-step count (which goals a step draws, when the
+    targets sync: steps 0, 20, 40 here, so step 20 falls inside iteration 3 and a count
+    restarted at 0 would sync at once) and the reward statistics (the scale set at that sync)."""
+    from qworld.agents.mrq import MRQ
+
+    algo = tiny_config().training(target_update_freq=20).build_algo()
+    rollouts: list = []
+    try:
+        for _ in range(2):
+            algo.train()
+        path = algo.save_to_path(str(tmp_path / "ckpt"))
+        held = algo.replay_buffer.get_num_timesteps()
+        stats = (algo._abs_reward_total, algo._reward_count)
+        record_rollouts(algo, rollouts)
+        want = [learner_losses(algo.train()) for _ in range(2)]
+    finally:
+        algo.stop()
+    restored = MRQ.from_checkpoint(path)
+    try:
+        assert restored.replay_buffer.get_num_timesteps() == held >= 64
+        assert (restored._abs_reward_total, restored._reward_count) == stats and stats[1] > 0
+        replay_rollouts(restored, rollouts)
+        got = [learner_losses(restored.train()) for _ in range(2)]
+    finally:
+        restored.stop()
+    assert got == want

@@ -74,7 +74,10 @@ def test_goal_inference_names_held_out_goals_from_exact_q_and_fails_with_a_wrong
     # the agent is the optimum: its policy succeeds as the optimal one does (windy: nearly always)
     assert moves[K.POLICY_SUCCESS] == pytest.approx(moves[f"{K.STAR}/{K.POLICY_SUCCESS}"])
     assert moves[K.POLICY_SUCCESS] > 0.9
-    assert 0.0 <= pinv[f"{K.GOAL_INFERENCE}/{K.ACCURACY}"] <= 1.0
+    # each method names the goals from its own model: pinv's, from the 4 goals left in (M of
+    # rank 4 against 68 states, P not identified), names none of them (measured 0 of 5; at
+    # most one by a round-off tie), where moves' names all 5
+    assert pinv[f"{K.GOAL_INFERENCE}/{K.ACCURACY}"] <= 0.2 and pinv[f"{K.GOAL_INFERENCE}/{K.HELD_OUT}"] == 5
     assert K.is_row_metric(f"{K.GOAL_INFERENCE}/{K.ACCURACY}")
     wrong, _ = finite_agent("windy", 5, gamma=0.99, corrupt=lambda Q: Q[[1, 2, 3, 4, 0]])
     [row] = score_q(wrong, {}, ["moves"], [K.GOAL_INFERENCE])

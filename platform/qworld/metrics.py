@@ -171,3 +171,4 @@ TRAIN_LR = "learner/lr"
 TRAIN_EPISODE_LENGTH = "env_runners/episode_len_mean"
 TRAIN_NONFINITE_STEPS_SKIPPED = "learner/nonfinite_steps_skipped"  # gradient steps skipped this iteration
 TRAIN_NONFINITE_STEPS_SKIPPED_LIFETIME = "learner/nonfinite_steps_skipped_lifetime"
+TRAIN_REPLAY_SIZE = "replay/size"  # transitions in the replay buffer (MR.Q, D3G), after the iteration's rollouts

@@ -8,7 +8,9 @@ One ``training_step`` =
    ``argmax I(s, s + tau(s, g))`` on the commanded goal); the episodes keep the env's
    infos, so every transition carries the world-model states (``info["state"]``) and
    ``rewards [L]`` / ``terminals [L]`` of every goal;
-2. add the episodes to RLlib's ``EpisodeReplayBuffer``;
+2. add the episodes to the replay buffer (RLlib's ``local_replay_buffer``: an
+   ``EpisodeReplayBuffer`` in preallocated arrays of world-model states,
+   ``qworld.agents.replay_buffer``);
 3. past ``learning_starts`` env steps: sample ``updates_per_iteration * batch_size``
    single transitions and run ``updates_per_iteration`` gradient steps on them
    (``D3GTorchLearner``: every goal of the set learns from every transition);
@@ -17,6 +19,9 @@ One ``training_step`` =
 D3G runs on the continuous envs only (``qworld_envs.CONTINUOUS_ENVS`` with an inverse
 observation in ``qworld.agents.d3g.unobserve``): its networks live in the world-model
 state space, which a finite env's one-hot observation has no use for.
+
+A checkpoint holds the replay buffer and the learner's gradient-step count (which steps
+update the proposal), ``qworld.agents.replay_step``.
 
 Example::
 
@@ -27,7 +32,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List
 
 import numpy as np
 
@@ -37,7 +42,6 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
-from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
 
 from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_notice
 from qworld.agents.d3g import learner as LR
@@ -99,7 +103,7 @@ class D3GConfig(EpisodeReplayConfig):
         self.batch_size: int = 256  # transitions per gradient step (D3G: 256)
         self.updates_per_iteration: int = 16  # gradient steps per training_step (replay ratio 16 / 64)
         self.learning_starts: int = 1_000  # env steps before the first update
-        self.buffer_capacity: int = 100_000  # env steps the EpisodeReplayBuffer holds
+        self.buffer_capacity: int = 100_000  # rows (observations, ~ env steps) the replay buffer holds
         self.tau_polyak: float = 0.005  # soft target update rate (D3G: 0.005)
         self.policy_delay: int = 2  # critic steps per proposal (tau) step and target update (D3G: 2)
         # --- networks
@@ -138,6 +142,7 @@ class D3GConfig(EpisodeReplayConfig):
         epsilon_end=NotProvided,
         epsilon_decay_fraction=NotProvided,
         experience_capacity=NotProvided,
+        checkpoint_replay_buffer=NotProvided,
         **kwargs,
     ) -> "D3GConfig":
         """RLlib's ``training()`` (``gamma`` and ``lr`` are RLlib's own fields) plus every D3G field
@@ -145,6 +150,10 @@ class D3GConfig(EpisodeReplayConfig):
         super().training(gamma=gamma, lr=lr, **kwargs)
         self.set_fields(locals())
         return self
+
+    def replay_buffer_kwargs(self) -> Dict[str, Any]:
+        """A buffer row keeps the world-model state (``info["state"]``): D3G's networks live there."""
+        return {"observation": "info_state"}
 
     def d3g_model_config(self) -> Dict[str, Any]:
         p = self.problem()
@@ -194,36 +203,19 @@ class D3GConfig(EpisodeReplayConfig):
 
 
 # ---------------------------------------------------------------------- replay
-def slices_to_transitions(slices: Sequence[Any], num_goals: int) -> Dict[str, np.ndarray]:
-    """One-step episode slices -> ``{states, next_states [N, d], actions [N], rewards / terminals [N, L]}``.
-
-    Transition k's states are ``infos[k]["state"]`` -> ``infos[k + 1]["state"]`` and its
-    rewards / terminals of every goal ``infos[k + 1]["rewards"]`` / ``["terminals"]`` (the
-    info the env returned with ``s_{k+1}``; CONTRACTS.md).
-    """
-    infos = [list(s.get_infos()) for s in slices]
-    L = int(num_goals)
+def transitions_of(windows: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """One-transition windows of the buffer (rows: world-model states) -> ``{states,
+    next_states [N, d], actions [N], rewards / terminals [N, L]}``: transition k's states are
+    ``infos[k]["state"]`` -> ``infos[k + 1]["state"]``, its rewards / terminals of every goal
+    ``infos[k + 1]["rewards"]`` / ``["terminals"]`` (the info the env returned with
+    ``s_{k+1}``; CONTRACTS.md)."""
     return {
-        LR.STATES: np.stack([np.asarray(f[0]["state"], np.float32) for f in infos]),
-        LR.NEXT_STATES: np.stack([np.asarray(f[1]["state"], np.float32) for f in infos]),
-        LR.ACTIONS: np.asarray([np.asarray(s.get_actions()).reshape(-1)[0] for s in slices], np.int64),
-        LR.REWARDS: np.stack([np.asarray(f[1]["rewards"], np.float32).reshape(L) for f in infos]),
-        LR.TERMINALS: np.stack([np.asarray(f[1]["terminals"], np.float32).reshape(L) for f in infos]),
+        LR.STATES: windows["obs"][:, 0],
+        LR.NEXT_STATES: windows["obs"][:, 1],
+        LR.ACTIONS: windows["actions"][:, 0],
+        LR.REWARDS: windows["rewards"][:, 0],
+        LR.TERMINALS: windows["terminals"][:, 0],
     }
-
-
-def sample_transitions(buffer: Any, num: int, num_goals: int) -> Dict[str, np.ndarray]:
-    """``num`` uniformly drawn transitions from an RLlib ``EpisodeReplayBuffer``.
-
-    The buffer counts a one-step slice as 2 items, so asking for ``2 num`` items gives at
-    least ``num`` slices; empty slices (an episode's last observation) are dropped.
-    """
-    out: List[Any] = []
-    while len(out) < num:
-        got = buffer.sample(batch_size_B=(num - len(out)) * 2, batch_length_T=1, n_step=1,
-                            sample_episodes=True, include_infos=True, lookback=0)
-        out.extend(s for s in got if len(s) > 0)
-    return slices_to_transitions(out[:num], num_goals)
 
 
 class D3G(EpisodeReplayStep, QworldAlgorithmMixin, Algorithm):
@@ -236,8 +228,7 @@ class D3G(EpisodeReplayStep, QworldAlgorithmMixin, Algorithm):
 
     @override(Algorithm)
     def setup(self, config) -> None:
-        super().setup(config)
-        self.replay_buffer = EpisodeReplayBuffer(capacity=int(self.config.buffer_capacity), seed=self.config.seed)
+        super().setup(config)  # builds the replay buffer (RLlib's local_replay_buffer)
 
     def live_module(self) -> D3GTorchRLModule:
         """The local learner's module (the one being trained)."""
@@ -246,5 +237,9 @@ class D3G(EpisodeReplayStep, QworldAlgorithmMixin, Algorithm):
     VALUE_LOSS_KEY = LR.CRITIC_LOSS_KEY
     Q_MEAN_KEY = LR.Q_MEAN_KEY
 
+    # kept in every checkpoint beside the replay buffer (EpisodeReplayStep.get_state)
+    LEARNER_COUNTERS = ("_grad_steps",)  # gradient steps: which ones update the proposal
+
     def replay_batch(self, num: int) -> Dict[str, Any]:
-        return sample_transitions(self.replay_buffer, num, self.config.problem().num_goals)
+        """``num`` transitions drawn uniformly from the buffer."""
+        return transitions_of(self.replay_buffer.sample(batch_size_B=num, batch_length_T=1))

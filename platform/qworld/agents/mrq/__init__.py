@@ -1,7 +1,7 @@
 """Goal-conditioned MR.Q (Fujimoto et al., ICLR 2025) on RLlib's new API stack.
 
-``MRQConfig`` / ``MRQ`` (config, algorithm: RLlib's standard env runner, RLlib's
-``EpisodeReplayBuffer``), ``MRQTorchLearner`` (unrolled model loss + per-goal n-step
+``MRQConfig`` / ``MRQ`` (config, algorithm: RLlib's standard env runner, an RLlib
+``EpisodeReplayBuffer`` in arrays: ``qworld.agents.replay_buffer``), ``MRQTorchLearner`` (unrolled model loss + per-goal n-step
 Huber value loss), ``MRQTorchRLModule`` (encoders, linear model, two all-goals value
 heads; the QFunction API), and the pure targets / losses in ``losses``.
 

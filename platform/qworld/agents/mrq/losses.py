@@ -4,17 +4,30 @@ Shapes: B batch, H transitions of a replay window, L goals, A actions, K reward 
 Z width of a state embedding.
 
 Every transition carries the reward and the termination of all L goals of the goal set
-(the goal env's ``info["rewards"]`` / ``info["terminals"]``), so one replayed window
-trains the reward / terminal heads and the Q-values of every goal at once, as the
-all-goals PQN head does.
+(the goal env's ``info["rewards"]`` / ``info["terminals"]``), so one replayed window can
+train the reward / terminal heads and the Q-values of any goal, as HER relabels a
+transition with other goals. One gradient step trains them at G goals drawn uniformly
+from the L (:func:`draw_goals`; the learner's ``goals_per_step``), not at every goal:
+the goal axis ``L`` below is then those G goals, and each loss (a mean over goals) is
+an unbiased estimate of its all-goals value. This is our deviation from MR.Q
+(Fujimoto et al. 2025), which predicts one reward and one value per transition; with
+G >= L it is exactly the all-goals loss.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+
+def draw_goals(num_goals: int, k: int, generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
+    """``k`` distinct goals of ``num_goals``, uniformly, sorted ``[k]`` long; None (all
+    goals) when ``k >= num_goals``."""
+    if int(k) >= int(num_goals):
+        return None
+    return torch.randperm(int(num_goals), generator=generator)[: int(k)].sort().values
 
 
 def symexp(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,15 @@ Shapes: B batch, L goals (the problem's goal set), A actions, K reward bins.
   by the buffer's mean |reward| (``reward_scale``); ``q_all_goals`` multiplies back, so
   the QFunction API gives returns.
 
+Every per-goal output (terminal, reward logits, Q) is one row (or K rows) of a linear
+layer, so it can be evaluated at a subset of goals by indexing that layer's weight rows
+(``Encoder.model_at``, ``ValueHeads.at``, ``goals=`` of ``q_heads_all_actions``) at a cost
+that does not grow with L. Training uses this (deviation from MR.Q, Fujimoto et al. 2025,
+which has one reward and one value per transition: see ``qworld.agents.mrq.learner``):
+each gradient step computes the reward, terminal and value terms at ``goals_per_step``
+goals drawn from the L, not at all L. Inference and ``q_all_goals`` (``load_q``) still
+give Q of every goal; the parameters are the same as with all-goals training.
+
 Acting is the greedy argmax over actions of ``min_j Q_j`` for the commanded goal
 (epsilon-greedy while exploring). MR.Q's discrete actor (Gumbel-softmax) exists for
 Atari's policy learning; here Q is the object of study, and a goal-conditioned value head
@@ -83,6 +92,24 @@ class Encoder(nn.Module):
         L, Z = self.num_goals, self.zs_dim
         return out[..., :L], out[..., L : L + Z], out[..., L + Z :].reshape(*out.shape[:-1], L, self.num_bins)
 
+    def model_rows(self, goals: torch.Tensor) -> torch.Tensor:
+        """Rows of ``model`` for ``goals [G]``: ``[terminal G | next z_s Z | reward G*K]``."""
+        L, Z, K = self.num_goals, self.zs_dim, self.num_bins
+        dev = self.model.weight.device
+        goals = goals.to(dev).long()
+        reward = L + Z + (goals[:, None] * K + torch.arange(K, device=dev)).reshape(-1)
+        return torch.cat([goals, torch.arange(L, L + Z, device=dev), reward])
+
+    def model_at(self, zsa: torch.Tensor, goals: Optional[torch.Tensor] = None):
+        """``model_all`` at ``goals [G]`` only (None: all L) -> (terminal [.., G], next z_s [.., Z],
+        reward logits [.., G, K]); the cost grows with G, not L."""
+        if goals is None:
+            return self.model_all(zsa)
+        rows = self.model_rows(goals)
+        out = F.linear(zsa, self.model.weight[rows], self.model.bias[rows])
+        G, Z = goals.shape[0], self.zs_dim
+        return out[..., :G], out[..., G : G + Z], out[..., G + Z :].reshape(*out.shape[:-1], G, self.num_bins)
+
 
 class ValueHeads(nn.Module):
     """Two Q heads ``z_sa -> [L]`` (MR.Q: Linear -> LayerNorm -> ELU MLPs)."""
@@ -95,6 +122,18 @@ class ValueHeads(nn.Module):
     def forward(self, zsa: torch.Tensor) -> torch.Tensor:
         """``[..., zsa_dim] -> [..., 2, L]``."""
         return torch.stack([self.q1(zsa), self.q2(zsa)], dim=-2)
+
+    def at(self, zsa: torch.Tensor, goals: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[..., zsa_dim], goals [G] -> [..., 2, G]``: the heads' outputs of ``goals`` only
+        (rows of their last layer; None: all L, as ``forward``)."""
+        if goals is None:
+            return self(zsa)
+        out = []
+        for head in (self.q1, self.q2):
+            last = head[-1]
+            g = goals.to(last.weight.device).long()
+            out.append(F.linear(head[:-1](zsa), last.weight[g], last.bias[g]))
+        return torch.stack(out, dim=-2)
 
 
 class MRQTorchRLModule(TorchRLModule):
@@ -133,15 +172,19 @@ class MRQTorchRLModule(TorchRLModule):
         self.target_value.load_state_dict(self.value.state_dict())
 
     # ------------------------------------------------------------------ Q-values
-    def q_heads_all_actions(self, state: torch.Tensor, target: bool = False) -> torch.Tensor:
-        """``[B, obs_dim] -> [B, A, 2, L]`` both heads (own scale) for every action."""
+    def q_heads_all_actions(
+        self, state: torch.Tensor, target: bool = False, goals: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """``[B, obs_dim] -> [B, A, 2, L]`` both heads (own scale) for every action; with
+        ``goals [G]`` only those goals' outputs, ``[B, A, 2, G]``."""
         enc = self.target_encoder if target else self.encoder
         val = self.target_value if target else self.value
         B, A = state.shape[0], self.num_actions
         zs = enc.zs(state)
         actions = torch.arange(A, device=state.device).repeat(B)
         zsa = enc.zsa(zs.repeat_interleave(A, dim=0), actions)
-        return val(zsa).reshape(B, A, 2, self.num_goals)
+        q = val.at(zsa, goals)
+        return q.reshape(B, A, 2, q.shape[-1])
 
     def q_all_goals(self, state: torch.Tensor) -> torch.Tensor:
         """``[B, obs_dim] -> [B, L, A]``: ``reward_scale * min_j Q_j`` (returns)."""

@@ -6,8 +6,9 @@ One ``training_step`` =
    env with RLlib's own ``SingleAgentEnvRunner`` (epsilon-greedy on the commanded goal);
    the episodes keep the env's infos, so every transition carries ``rewards [L]`` /
    ``terminals [L]`` of every goal;
-2. add the episodes to RLlib's ``EpisodeReplayBuffer`` and update the running mean
-   |reward| (MR.Q's reward scale);
+2. add the episodes to the replay buffer (RLlib's ``local_replay_buffer``: an
+   ``EpisodeReplayBuffer`` in preallocated arrays, ``qworld.agents.replay_buffer``) and
+   update the running mean |reward| (MR.Q's reward scale);
 3. past ``learning_starts`` env steps: sample ``updates_per_iteration * batch_size``
    windows of ``max(enc_horizon, n_step)`` transitions from the buffer and run
    ``updates_per_iteration`` gradient steps on them (``MRQTorchLearner``);
@@ -18,10 +19,11 @@ stores infos in its episodes), so no connector or custom runner is needed and an
 that follows CONTRACTS.md works; the batched torch envs of PQN's fast runner would be
 faster but would need their outputs rebuilt as ``SingleAgentEpisode`` objects.
 
-Why the uniform ``EpisodeReplayBuffer`` (not LAP): MR.Q's encoder needs windows of
-consecutive transitions, which only the uniform buffer samples
-(``batch_length_T``); RLlib's ``PrioritizedEpisodeReplayBuffer`` samples single n-step
-transitions. The Huber value loss of LAP is kept (LAP with uniform sampling).
+Why a uniform episode buffer (not LAP): MR.Q's encoder needs windows of consecutive
+transitions, which only uniform episode replay samples (``batch_length_T``); RLlib's
+``PrioritizedEpisodeReplayBuffer`` samples single n-step transitions. The Huber value loss
+of LAP is kept (LAP with uniform sampling). A checkpoint holds the buffer, the reward
+statistics and the learner's counters (``qworld.agents.replay_step``).
 
 Example::
 
@@ -40,7 +42,6 @@ from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
-from ray.rllib.utils.replay_buffers.episode_replay_buffer import EpisodeReplayBuffer
 
 from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_notice
 from qworld.agents.mrq import learner as LR
@@ -56,8 +57,8 @@ quiet_new_api_stack_notice("MRQ")
 # The MR.Q fields of the config, in the order the JSON config lists them.
 MRQ_FIELDS = (
     "env_id", "env_kwargs", "num_envs", "rollout_length", "total_env_steps",
-    "gamma", "n_step", "enc_horizon", "batch_size", "updates_per_iteration", "learning_starts",
-    "buffer_capacity", "target_update_freq", "enc_lr", "enc_weight_decay", "value_lr",
+    "gamma", "n_step", "enc_horizon", "goals_per_step", "batch_size", "updates_per_iteration",
+    "learning_starts", "buffer_capacity", "target_update_freq", "enc_lr", "enc_weight_decay", "value_lr",
     "value_weight_decay", "grad_clip", "dynamics_weight", "reward_weight", "terminal_weight",
     "num_bins", "zs_dim", "za_dim", "zsa_dim", "enc_hidden", "value_hidden",
     "epsilon_start", "epsilon_end", "epsilon_decay_fraction", "experience_capacity", "seed",
@@ -73,6 +74,8 @@ class MRQConfig(EpisodeReplayConfig):
     a training step costs ~16x less), one gradient step per env step over 4-env
     rollouts, 1 000 learning-start steps and 100k capacity (MR.Q: 1e6), epsilon-greedy
     exploration 1 -> 0.05 (MR.Q's discrete actor explores through its Gumbel policy).
+    Not in MR.Q (one task): ``goals_per_step`` goals of the L drawn per gradient step for
+    the reward, terminal and value losses (``qworld.agents.mrq.learner``).
 
     RLlib settings derived from MR.Q fields (``env`` <- ``env_id``, ``env_config`` <-
     ``env_kwargs``, ``num_envs_per_env_runner`` <- ``num_envs``,
@@ -98,6 +101,11 @@ class MRQConfig(EpisodeReplayConfig):
         self.gamma = 0.99  # discount
         self.n_step: int = 3  # n of the value target (MR.Q: 3)
         self.enc_horizon: int = 5  # unroll length of the model loss (MR.Q: 5)
+        # Goals each gradient step trains the reward, terminal and value heads at, drawn
+        # uniformly without replacement from the L goals (shared by the step's windows;
+        # >= L: every goal, exact all-goals training). Not in MR.Q (one task): a step's cost
+        # is then independent of L; each loss is an unbiased estimate of its all-goals mean.
+        self.goals_per_step: int = 4
         # --- replay and updates
         self.batch_size: int = 256  # windows per gradient step (MR.Q: 256)
         self.updates_per_iteration: int = 64  # gradient steps per training_step (= env steps: replay ratio 1)
@@ -142,6 +150,7 @@ class MRQConfig(EpisodeReplayConfig):
         total_env_steps=NotProvided,
         n_step=NotProvided,
         enc_horizon=NotProvided,
+        goals_per_step=NotProvided,
         batch_size=NotProvided,
         updates_per_iteration=NotProvided,
         learning_starts=NotProvided,
@@ -164,6 +173,7 @@ class MRQConfig(EpisodeReplayConfig):
         epsilon_end=NotProvided,
         epsilon_decay_fraction=NotProvided,
         experience_capacity=NotProvided,
+        checkpoint_replay_buffer=NotProvided,
         **kwargs,
     ) -> "MRQConfig":
         """RLlib's ``training()`` (``gamma``, ``grad_clip``, ...) plus every MR.Q field (see ``__init__``)."""
@@ -175,6 +185,10 @@ class MRQConfig(EpisodeReplayConfig):
     def horizon(self) -> int:
         """Transitions per replayed window."""
         return max(int(self.enc_horizon), int(self.n_step))
+
+    def replay_buffer_kwargs(self) -> Dict[str, Any]:
+        """A buffer row keeps the state part of the observation (not the goal features)."""
+        return {"observation": "obs", "obs_dim": int(self.problem().obs_dim)}
 
     def mrq_model_config(self) -> Dict[str, Any]:
         p = self.problem()
@@ -191,7 +205,7 @@ class MRQConfig(EpisodeReplayConfig):
         """Every bad MR.Q field, one message each (empty when valid)."""
         errors = super().qworld_errors()
         need = self.need(errors)
-        for f in ("n_step", "enc_horizon", "target_update_freq", "zs_dim", "za_dim", "zsa_dim"):
+        for f in ("n_step", "enc_horizon", "goals_per_step", "target_update_freq", "zs_dim", "za_dim", "zsa_dim"):
             need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an int >= 1")
         need(is_int(self.num_bins) and self.num_bins >= 2, "num_bins", "an int >= 2")
         for f in ("enc_lr", "value_lr"):
@@ -219,8 +233,7 @@ class MRQ(EpisodeReplayStep, QworldAlgorithmMixin, Algorithm):
 
     @override(Algorithm)
     def setup(self, config) -> None:
-        super().setup(config)
-        self.replay_buffer = EpisodeReplayBuffer(capacity=int(self.config.buffer_capacity), seed=self.config.seed)
+        super().setup(config)  # builds the replay buffer (RLlib's local_replay_buffer)
         self._abs_reward_total = 0.0  # running sum of |r| over every goal of every added transition
         self._reward_count = 0
 
@@ -251,3 +264,6 @@ class MRQ(EpisodeReplayStep, QworldAlgorithmMixin, Algorithm):
         }
 
     # ------------------------------------------------------------------ checkpoints
+    # kept in every checkpoint beside the replay buffer (EpisodeReplayStep.get_state)
+    ALGORITHM_COUNTERS = ("_abs_reward_total", "_reward_count")  # the reward statistics
+    LEARNER_COUNTERS = ("_grad_steps", "_next_target_update")  # gradient steps, next target sync
