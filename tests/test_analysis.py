@@ -830,7 +830,7 @@ def smoke_sweep(tmp_path_factory) -> Path:
     storage = tmp_path_factory.mktemp("smoke_storage")
     cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE), "--storage", str(storage),
            "--set", "wandb.mode=disabled", "--set", "extract.methods=[pinv, column_match, supervised]"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S,
                           env={**os.environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return storage / "smoke"

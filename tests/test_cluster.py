@@ -73,7 +73,7 @@ def cluster(tmp_path):
          f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics_port}",
          f"--ray-client-server-port={client}", "--num-cpus=2", f"--temp-dir={temp_dir}",
          "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, text=True, timeout=180)
+        env=env, check=True, capture_output=True, text=True, timeout=live.HANG_GUARD_S)
     try:
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:

@@ -167,10 +167,10 @@ def test_smoke_sweep_crossing_families_scores_every_checkpoint_once(tmp_path):
             "--set", "sweep={algorithm: [pqn, dqn]}", "--set", "agent.learning_starts=256",
             "--set", "wandb.mode=disabled"]
     # learning_starts is DQN's: a crossed sweep may only set keywords of both families
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 2 and "agent.learning_starts" in proc.stderr, proc.stderr
     args = args[:-4] + ["--set", "wandb.mode=disabled"]
-    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "new API stack" not in proc.stdout + proc.stderr
 

@@ -43,7 +43,7 @@ METHODS = ("pinv", "column_match")
 GARBAGE = b"\x00disk full\xff" * 37
 
 
-def qworld(*args, timeout=600, check=True) -> subprocess.CompletedProcess:
+def qworld(*args, timeout=live.HANG_GUARD_S, check=True) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "qworld.cli", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from live import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 # source root -> top-level package (pyproject.toml's [tool.setuptools.package-dir])
@@ -107,7 +108,7 @@ def test_every_module_imports_from_the_installed_copy(installed, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
     env["PYTHONPATH"] = str(installed)
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
     files = json.loads(proc.stdout.strip().splitlines()[-1])
     errors = {m: f for m, f in files.items() if f is None or f.startswith("ERROR ")}

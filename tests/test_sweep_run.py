@@ -246,7 +246,7 @@ def test_killed_plearning_actor_restarts_and_scores_each_checkpoint_once(smoke_d
     for trial_id, ckpt, steps in list_checkpoints(work):
         pool.submit(trial_id, ckpt, steps)
     os.kill(pid_before, signal.SIGKILL)  # mid-queue: the first score is running or queued
-    pool.drain(timeout=300)
+    pool.drain(timeout=live.HANG_GUARD_S)
     assert not pool.pending
     assert ray.get(pool.actors[0].pid.remote()) != pid_before  # it was restarted
     assert_scored_once(work)
@@ -312,7 +312,7 @@ def test_killed_driver_resumes_without_retraining_finished_trials(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
     assert len(finished_before) == 1, finished_before
-    qworld("resume", experiment, timeout=600)
+    qworld("resume", experiment)
     trials = dict(list_trials(experiment))
     assert len(trials) == 2
     for trial_id, trial_dir in trials.items():
