@@ -90,9 +90,10 @@ def mrq_losses(
         target_zs = module.target_encoder.zs(obs[:, 1 : H + 1])
     zs = enc.zs(obs[:, 0])
     pred_zs, pred_r, pred_d = [], [], []
+    params, G = enc.model_params(goals), rew.shape[-1]  # the drawn goals' rows, gathered once
     for k in range(H):
         zsa = enc.zsa(zs, act[:, k])
-        d, zs, r = enc.model_at(zsa, goals)
+        d, zs, r = enc.model_out(zsa, params, G)
         pred_d.append(d), pred_zs.append(zs), pred_r.append(r)
     el = Lz.encoder_losses(
         torch.stack(pred_zs, 1), target_zs, torch.stack(pred_r, 1), rew[:, :H],

@@ -100,15 +100,27 @@ class Encoder(nn.Module):
         reward = L + Z + (goals[:, None] * K + torch.arange(K, device=dev)).reshape(-1)
         return torch.cat([goals, torch.arange(L, L + Z, device=dev), reward])
 
+    def model_params(self, goals: Optional[torch.Tensor] = None):
+        """``(weight, bias)`` of the linear model restricted to ``goals [G]`` (None: all L),
+        for :meth:`model_out`; gather them once per gradient step, not per unroll step."""
+        if goals is None:
+            return self.model.weight, self.model.bias
+        rows = self.model_rows(goals)
+        return self.model.weight[rows], self.model.bias[rows]
+
+    def model_out(self, zsa: torch.Tensor, params, num: int):
+        """The linear model with ``params`` of ``num`` goals -> (terminal [.., num], next z_s
+        [.., Z], reward logits [.., num, K])."""
+        out = F.linear(zsa, *params)
+        Z = self.zs_dim
+        return out[..., :num], out[..., num : num + Z], out[..., num + Z :].reshape(*out.shape[:-1], num, self.num_bins)
+
     def model_at(self, zsa: torch.Tensor, goals: Optional[torch.Tensor] = None):
         """``model_all`` at ``goals [G]`` only (None: all L) -> (terminal [.., G], next z_s [.., Z],
         reward logits [.., G, K]); the cost grows with G, not L."""
         if goals is None:
             return self.model_all(zsa)
-        rows = self.model_rows(goals)
-        out = F.linear(zsa, self.model.weight[rows], self.model.bias[rows])
-        G, Z = goals.shape[0], self.zs_dim
-        return out[..., :G], out[..., G : G + Z], out[..., G + Z :].reshape(*out.shape[:-1], G, self.num_bins)
+        return self.model_out(zsa, self.model_params(goals), goals.shape[0])
 
 
 class ValueHeads(nn.Module):
