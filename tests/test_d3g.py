@@ -302,7 +302,7 @@ def test_restored_d3g_goes_on_exactly_as_the_uninterrupted_run(ray_session, tmp_
         assert [r.get() for r in restored.learner_group.foreach_learner(lambda l: l._grad_steps)] == [16]
     finally:
         restored.stop()
-    state_bytes = lambda p: (pathlib.Path(p) / "state.pkl").stat().st_size  # noqa: E731
+    state_bytes = lambda p: (pathlib.Path(p) / "algorithm_state.pkl").stat().st_size  # noqa: E731
     # >= 64 rows of a 2-float32 state, an int32 action, 4 float32 rewards, 4 bool terminals,
     # an int32 successor and an int64 stamp (44 bytes) more with the buffer
     assert state_bytes(path) - state_bytes(light) >= 64 * 44
