@@ -258,11 +258,13 @@ def expected_window(truth, serial, t, T):
     return out
 
 
-@pytest.mark.parametrize("capacity", [1000, 37])
+@pytest.mark.parametrize("capacity", [1000, 37, 13])
 def test_window_buffer_draws_the_windows_rllibs_slices_gave_within_one_episode(capacity):
     """Every window of every stored transition is its episode's next T steps, ending where the
     episode ends (terminated or truncated alike) or where its data ends, padded after; also
-    after the ring wrapped (capacity 37 < the 144 transitions added)."""
+    after the ring wrapped (capacity 37 < the 144 transitions added; 13, about one iteration's
+    rows: a continuing episode's last row is among those its next chunk overwrites, so the
+    chunk starts afresh)."""
     from qworld.agents.replay_buffer import WindowEpisodeReplayBuffer
 
     batches, truth = runner_chunks()
