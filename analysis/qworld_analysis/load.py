@@ -271,9 +271,10 @@ def read_sweep_text(experiment_dir: str | Path | Location) -> str | None:
 _NOT_TRIALS = {STORE_DIR, STORE_DAMAGED_DIR, WORLD_MODELS_DIR, SCORING_ATTEMPTS_DIR, "report", "wandb"}
 
 
-def _read_trials(exp: Location) -> list[dict]:
-    """Each trial dir as {trial_id, dir (a Location), params, results}; unreadable parts
-    become empty."""
+def _read_trials(exp) -> list[dict]:
+    """Each trial dir of ``exp`` (a path, URI or Location) as {trial_id, dir (a Location),
+    params, results}; unreadable parts become empty."""
+    exp = Location.of(exp)
     trials = []
     for trial_dir in exp.list(kind="dir"):
         if trial_dir.name in _NOT_TRIALS:
