@@ -162,7 +162,9 @@ def restart_ray():
 # 0.87 / 0.94 / 0.98); 0.9 after 20 leaves margin.
 MIN_AGREEMENT = 0.9
 NUM_ITERATIONS = 20
-MIN_POLICY_SUCCESS = 0.5  # placeholder: measured below
+# The imitator's own greedy policy, from every start state: 0.62 measured (the demonstrator's
+# 1.0; the greedy policy of a random Q table 0.03 on average, at most 0.09 in 200 draws).
+MIN_POLICY_SUCCESS = 0.4
 
 
 def test_iqlearn_trains_offline_checkpoints_and_imitates(ray_session, tmp_path):
