@@ -113,7 +113,18 @@ def test_smoke_sweep_scores_every_checkpoint_once(smoke_dir):
     assert rows[K.ERROR].isna().all(), rows[K.ERROR].dropna().tolist()
     for col in (K.P_MSE, K.P_TV, K.Q_NMSE, K.M_RANK, K.ENV_STEPS):
         assert rows[col].notna().all(), col
-    assert ((rows[K.P_MSE] >= 0) & (rows[K.P_MSE] < 1)).all()
+    # each row's p_mse is that of its own stored model against its own variant's true P (a
+    # range check could not fail: any row-stochastic P_hat scores in [0, 1))
+    import numpy as np
+    from qworld_analysis import load_world_model
+    from qworld_envs import make_finite_problem
+    from tolerances import float32_mse_atol
+
+    for _, row in rows.iterrows():
+        P_hat = load_world_model(smoke_dir, row[K.TRIAL_ID], int(row[K.CHECKPOINT_INDEX]), row[K.METHOD])
+        P = make_finite_problem("qworld/FourRooms-v0", variant=row[K.VARIANT]).mdp.P
+        # the row scored the float64 model, the store keeps float32 (tolerances.float32_mse_atol)
+        assert row[K.P_MSE] == pytest.approx(np.mean((P_hat - P) ** 2), rel=0, abs=float32_mse_atol(P_hat, P))
     assert "corner_9_9_doorway/plan_success" in rows.columns
     # env steps grow with the checkpoint index within each trial
     for _, g in rows[rows[K.METHOD] == "pinv"].groupby(K.TRIAL_ID):
