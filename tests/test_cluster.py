@@ -309,33 +309,9 @@ def test_killed_worker_node_its_trial_finishes_on_the_head(two_nodes, s3_server,
     assert after and all(c[K.WRITTEN_BY]["node_id"] != worker_node for c in after)  # on the head
     trial_dir = dict(list_trials(experiment))[victim]
     assert "Failure # 1" in (Location.of(str(trial_dir)) / "error.txt").read_text()
-    # restored, not retrained: the first result after the failure continues from a checkpoint
+    # restored, not retrained: no iteration up to the checkpoint it was killed after ran twice
     rows = [__import__("json").loads(line) for line in
             (Location.of(str(trial_dir)) / "result.json").read_text().splitlines() if line.strip()]
     steps = [r[K.TRAIN_ENV_STEPS] for r in rows]
-    restarts = [b for a, b in zip(steps, steps[1:]) if b <= a]
-    assert restarts and min(restarts) > steps[0], steps
-
-
-@pytest.mark.parametrize("case", ["unknown scheme", "missing bucket", "no credentials"])
-def test_bad_storage_exits_2_before_ray_starts(case, s3_server, tmp_path):
-    endpoint, aws = s3_server
-    env = {**os.environ, **aws, "WANDB_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    storage, expected = {
-        "unknown scheme": ("nosuch://bucket/exp", "unknown scheme"),
-        "missing bucket": ("s3://qworld-no-such-bucket/exp", "does not exist"),
-        "no credentials": (_bucket(s3_server) + "/exp", "no AWS credentials"),
-    }[case]
-    if case == "no credentials":
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
-            env.pop(key, None)
-        env["AWS_SHARED_CREDENTIALS_FILE"] = env["AWS_CONFIG_FILE"] = str(tmp_path / "none")
-    proc = subprocess.run([sys.executable, "-m", "qworld.cli", "sweep", str(ROOT / "tune_configs" / "smoke.yaml"),
-                           "--storage", storage], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=live.HANG_GUARD_S)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    [line] = proc.stderr.strip().splitlines()
-    assert line.startswith("qworld: error: --storage") and expected in line, line
-    assert proc.stdout == ""  # not even the sweep's header: nothing was started
-    assert list(tmp_path.iterdir()) == []
+    early = [s for s in steps if s <= steps_at_kill]
+    assert early and len(early) == len(set(early)) and max(steps) >= budget, steps

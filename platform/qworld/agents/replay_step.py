@@ -180,6 +180,10 @@ class EpisodeReplayConfig(AlgorithmConfig):
         self.env = self.env_id
         self.env_config = dict(self.env_kwargs)
         self.train_batch_size_per_learner = int(self.batch_size) * int(self.updates_per_iteration)
+
+    def _resolve_replay_buffer(self) -> None:
+        """RLlib's ``replay_buffer_config`` from the family's buffer fields (families that learn
+        online from a buffer; IQ-Learn, offline, has none)."""
         buffer = {**self.replay_buffer_config, **self.replay_buffer_kwargs(),
                   "capacity": int(self.buffer_capacity), "seed": self.seed}
         # RLlib's Algorithm.setup tests `"EpisodeReplayBuffer" in type` (a str); a class is
@@ -190,6 +194,7 @@ class EpisodeReplayConfig(AlgorithmConfig):
     def validate(self) -> None:
         """ValueError naming every bad field; then derives RLlib's settings and runs its checks."""
         self.validate_qworld_fields()
+        self._resolve_replay_buffer()
         self.num_envs_per_env_runner = int(self.num_envs)
         self.rollout_fragment_length = int(self.rollout_length)
         self.env_runner_cls = SingleAgentEnvRunner

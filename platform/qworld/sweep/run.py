@@ -459,7 +459,7 @@ def extract_sweep(experiment_dir: str | Path, methods=None, tasks=None, address=
     (new) methods, no retraining."""
     import dataclasses
 
-    experiment_dir = Path(experiment_dir).resolve()
+    experiment_dir = Location.of(experiment_dir)
     spec = load_spec_of(experiment_dir)
     extract = spec.extract
     if methods:  # the same methods for every family

@@ -210,6 +210,8 @@ class IQLearnConfig(EpisodeReplayConfig):
         settings, and IQ-Learn samples no env.)
         """
         self.validate_qworld_fields()
+        # offline: its batches come from the demonstrations, RLlib builds it no replay buffer
+        self.replay_buffer_config = {**self.replay_buffer_config, "no_local_replay_buffer": True}
         if self.demonstrations is not None:
             self.input_ = str(Path(self.demonstrations).absolute())
         AlgorithmConfig.validate(self)
