@@ -297,9 +297,9 @@ def test_killed_trial_worker_is_retried_and_trains_on(tmp_path):
 
 
 def test_killed_driver_resumes_without_retraining_finished_trials(tmp_path):
-    """One trial at a time. When Tune's saved state records the first as finished, the driver
-    is frozen (SIGSTOP: Tune hands no trial another iteration), then killed: the second is
-    unfinished then (it still has its setup and 64 iterations ahead of it); then resume."""
+    """One trial at a time. The second trial's worker is frozen (SIGSTOP) as soon as it
+    appears, so it cannot finish, however fast the machine; once Tune's saved state records
+    the first as finished, the driver and everything it started are killed; then resume."""
     storage = tmp_path / "storage"
     budget = 16384
     env = {**os.environ, "WANDB_MODE": "offline"}
@@ -314,14 +314,20 @@ def test_killed_driver_resumes_without_retraining_finished_trials(tmp_path):
         return {trial_id: len(rows) for trial_id, trial_dir in list_trials(experiment)
                 if (rows := live.result_rows(trial_dir)) and rows[-1][K.TRAIN_ENV_STEPS] >= budget}
 
+    def first_trial_pids():
+        return {r.get("pid") for _, trial_dir in list_trials(experiment) for r in live.result_rows(trial_dir)}
+
     try:
+        first = live.wait_until(lambda: set(live.pids_of("ray::PQN", proc.pid)), proc, "the first trial's worker")
+        second = live.wait_until(lambda: set(live.pids_of("ray::PQN", proc.pid)) - first - first_trial_pids(),
+                                 proc, "the second trial's worker")
+        for pid in second:
+            os.kill(pid, signal.SIGSTOP)
         live.wait_until(lambda: live.terminated_trials(experiment), proc, "a trial recorded as finished")
-        os.kill(proc.pid, signal.SIGSTOP)
         finished_before = finished_trials()
         assert set(finished_before) == live.terminated_trials(experiment)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        proc.wait()
+        live.kill_tree(proc)  # the driver and the local Ray it started, the frozen worker too
     assert len(finished_before) == 1, finished_before
     qworld("resume", experiment)
     trials = dict(list_trials(experiment))
