@@ -404,7 +404,7 @@ def resume_sweep(experiment_dir: str | Path | Location, address: str | None = No
         _shutdown(started)
 
 
-_STAGING_LOCKS: dict[str, tuple[Any, str]] = {}  # sweep name -> (locked file, the second it was taken)
+_STAGING_LOCKS: dict[str, Any] = {}  # sweep name -> this driver's locked file
 
 
 def _stamp() -> str:
@@ -425,7 +425,7 @@ def _own_staging_dir(name: str):
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     fh = (Path(tempfile.gettempdir()) / f"qworld-tune-staging-{safe}.lock").open("a")
     fcntl.flock(fh, fcntl.LOCK_EX)
-    _STAGING_LOCKS[name] = (fh, _stamp())
+    _STAGING_LOCKS[name] = fh
     try:
         yield
     finally:
@@ -435,10 +435,11 @@ def _own_staging_dir(name: str):
 def release_staging_dir(name: str) -> None:
     import fcntl
 
-    held = _STAGING_LOCKS.pop(name, None)
-    if held is None:
+    fh = _STAGING_LOCKS.pop(name, None)
+    if fh is None:
         return
-    fh, stamp = held
+    # Tune took its second before this call: the next driver must start in a later one
+    stamp = _stamp()
     while _stamp() == stamp:
         time.sleep(0.05)
     fcntl.flock(fh, fcntl.LOCK_UN)
