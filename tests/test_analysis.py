@@ -33,7 +33,7 @@ from tolerances import float32_mse_atol
 from qworld import metrics as K
 from qworld.sweep import store
 from qworld_analysis import (compare, final_checkpoints, iqm, load, load_many, load_training_curves,
-                             load_trials, load_world_model, mean, stratified_bootstrap_ci, summary,
+                             load_trials, load_world_model, mean, rank_correlation, stratified_bootstrap_ci, summary,
                              write_report)
 from qworld_analysis import plots
 
@@ -276,6 +276,52 @@ def test_summary_gives_no_ci_below_four_runs():
     assert out.loc["two", "iqm"] == 2.0  # still reported: the mean of 2 runs
     assert out.loc["four", "ci_low"] < out.loc["four", "iqm"] < out.loc["four", "ci_high"]
     assert summary(df, by="cell", metric=K.P_MSE, min_runs=2).set_index("cell").loc["two", "ci_low"] == 1.0
+
+
+def test_rank_correlation_is_spearman_with_a_pairs_bootstrap():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=30)
+    y = -x + 0.7 * rng.normal(size=30)
+    y[:4] = y[4]  # ties share their average rank, as scipy's
+    rho, low, high = rank_correlation(x, y)
+    assert rho == pytest.approx(spearmanr(x, y)[0], abs=1e-12)
+    assert low < rho < high < 0
+    # pairs are resampled together: shuffling y against x destroys the correlation, and the CI says so
+    rho_s, low_s, high_s = rank_correlation(x, rng.permutation(y))
+    assert low_s < 0 < high_s and abs(rho_s) < abs(rho)
+    assert rank_correlation([1, 2, 3, 4], [8, 4, 2, 1]) == (-1.0, -1.0, -1.0)  # monotone: every resample too
+    assert all(math.isnan(v) for v in rank_correlation([1, 2, 3], [5, 5, 5]))
+    with pytest.raises(ValueError, match="at least 3"):
+        rank_correlation([1, 2], [2, 1])
+    with pytest.raises(ValueError, match="paired"):
+        rank_correlation([1, 2, 3], [1, 2])
+
+
+def test_return_vs_error_one_point_per_trial_at_its_last_checkpoint(tmp_path):
+    # Catches every checkpoint counted as a trial (an early, bad checkpoint would pair a low
+    # return with a high error and fake the correlation) and the rho of a wrong column.
+    rows = []
+    for t in range(6):
+        ret = 0.1 * t
+        rows.append({K.TRIAL_ID: f"t{t}", K.CHECKPOINT_INDEX: 1, K.METHOD: "successor",
+                     K.POLICY_RETURN: 0.0, K.WM_NMSE: 1.0, "hidden_sizes": f"[{2 ** t}]"})
+        rows.append({K.TRIAL_ID: f"t{t}", K.CHECKPOINT_INDEX: 2, K.METHOD: "successor",
+                     K.POLICY_RETURN: ret, K.WM_NMSE: 0.5 - ret + (0.35 if t == 5 else 0.0),
+                     "hidden_sizes": f"[{2 ** t}]"})
+    df = pd.DataFrame(rows)
+    table = plots.return_vs_error(df)
+    # t5 breaks the order: error ranks 6 5 3 2 1 4 against return ranks 1..6, sum d^2 = 58,
+    # rho = 1 - 6 * 58 / (6 * 35) = -23/35
+    assert table[["n", "rho"]].values.tolist() == [[6, pytest.approx(-23 / 35, abs=1e-12)]]
+    fig = plots.plot_return_vs_error(df, tmp_path / "r.png").figure
+    ax = fig.axes[0]
+    assert "rho = -0.66" in ax.get_title()
+    shown = sorted(tuple(c.get_offsets()[0]) for c in ax.collections)  # a colour (architecture) per trial
+    assert shown == sorted((0.5 - 0.1 * t + (0.35 if t == 5 else 0.0), 0.1 * t) for t in range(6))
+    with pytest.raises(plots.NoDataError):
+        plots.return_vs_error(df[df[K.TRIAL_ID].isin(["t0", "t1"])])
 
 
 # --------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from qworld import metrics as K
-from qworld.planning_continuous import UNSEEN_GOAL_TASKS, evaluate_unseen_goal
+from qworld.planning_continuous import UNSEEN_GOAL_TASKS, evaluate_unseen_goal, policy_returns
 from qworld.bellman_grid import Grid, GridQ, grid_q, grid_q_for_problem
 from qworld.plearn.continuous import GaussianSuccessor, PLearnConfig, SuccessorNet, m_values, p_learn
 from qworld.scoring_continuous import noise_std_scores, score_successor, score_world_model
@@ -407,6 +407,26 @@ def test_unseen_goal_return_ratio(mc_problem):
     # a model with the push reversed plans badly too
     flipped = evaluate_unseen_goal(mc_problem, "shortest_path", lambda s, a: dyn.step_fn(s, 2 - a, None), num_resets=128)
     assert flipped[K.RETURN_RATIO] < 0.9
+
+
+def test_policy_returns_is_the_value_of_the_agent_s_own_greedy_policy(mc_problem, mc_grid_q):
+    Q, grid = mc_grid_q
+    q = GridQ(Q, grid)
+    out = policy_returns(q, mc_problem, GAMMA, num_resets=128)
+    # the exact Q's greedy policy reaches every one of the 4 goals from every reset, and its
+    # return is the grid's own V* at the same starts (catches a wrong goal per rollout, another
+    # discount, horizon or start distribution)
+    assert out[K.POLICY_SUCCESS] == 1.0
+    starts = mc_problem.dynamics.reset_states(128, torch.Generator().manual_seed(0))
+    v_star = float(q.values(starts.double()).mean())  # mean over resets and goals
+    assert out[K.POLICY_RETURN] == pytest.approx(v_star, rel=0.03)
+    # each goal is commanded with its own index: goal 3's policy run for every goal fails some
+    wrong_goal = policy_returns(lambda s, g: q(s, torch.full_like(g, 3)), mc_problem, GAMMA, num_resets=128)
+    assert wrong_goal[K.POLICY_SUCCESS] < 0.9
+    # never pushing (action 1) cannot climb to the far goals
+    idle = policy_returns(lambda s, g: torch.nn.functional.one_hot(torch.ones_like(g), 3).float(),
+                          mc_problem, GAMMA, num_resets=128)
+    assert idle[K.POLICY_RETURN] < 0.5 * out[K.POLICY_RETURN]
 
 
 # --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ are loaded on first use.
 
 from qworld_analysis.load import (final_checkpoints, load, load_many, load_training_curves,
                                   load_trials, load_world_model, plan_columns)
-from qworld_analysis.stats import iqm, mean, stratified_bootstrap_ci, summary
+from qworld_analysis.stats import iqm, mean, rank_correlation, stratified_bootstrap_ci, summary
 
 _REPORT = ("compare", "summary_table", "write_report")
 
@@ -40,6 +40,7 @@ __all__ = [
     "load_world_model",
     "mean",
     "plan_columns",
+    "rank_correlation",
     "stratified_bootstrap_ci",
     "summary",
     "summary_table",

@@ -117,6 +117,58 @@ def stratified_bootstrap_ci(
     return float(low), float(high)
 
 
+def rank_correlation(
+    x,
+    y,
+    reps: int = 2000,
+    alpha: float = 0.05,
+    seed: int | None = 0,
+) -> tuple[float, float, float]:
+    """Spearman's rho of paired runs and its percentile bootstrap CI (pairs resampled).
+
+    Args:
+        x: ``[runs]``, e.g. each trial's agent return.
+        y: ``[runs]``, e.g. each trial's world-model error (the same trial at index i).
+        reps: bootstrap replicates; a replicate whose ranks are constant in x or y (rho
+            undefined) is left out of the percentiles.
+        alpha: the interval covers ``1 - alpha``.
+        seed: of ``numpy.random.default_rng``.
+
+    Returns:
+        ``(rho, low, high)``; rho is NaN (and so is the CI) when x or y is constant.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"x and y must be paired 1-D arrays, got shapes {x.shape} and {y.shape}")
+    if np.isnan(x).any() or np.isnan(y).any():
+        raise ValueError("x or y has NaN: drop unpaired runs first")
+    if len(x) < 3:
+        raise ValueError(f"a rank correlation needs at least 3 runs, got {len(x)}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+
+    def ranks(v: np.ndarray) -> np.ndarray:  # [..., n] -> average ranks (ties share theirs)
+        return pd.DataFrame(v.reshape(-1, v.shape[-1])).rank(axis=1).to_numpy().reshape(v.shape)
+
+    def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # [..., n] x2 -> [...]
+        a = a - a.mean(-1, keepdims=True)
+        b = b - b.mean(-1, keepdims=True)
+        den = np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, (a * b).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
+
+    rho = float(pearson(ranks(x), ranks(y)))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(reps, len(x)))  # [reps, runs]
+    values = pearson(ranks(x[idx]), ranks(y[idx]))  # [reps]
+    values = values[np.isfinite(values)]
+    if not np.isfinite(rho) or not len(values):
+        return rho, float("nan"), float("nan")
+    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return rho, float(low), float(high)
+
+
 def summary(
     df: pd.DataFrame,
     by: str | Sequence[str],

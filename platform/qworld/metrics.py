@@ -69,10 +69,15 @@ RETURN_RATIO = "return_ratio"  # R_WM / R*
 RETURN_WM = "return_wm"  # continuous unseen goal: mean discounted return of the plan made in the world model
 RETURN_STAR = "return_star"  # ... and of the plan made in the true dynamics (R*)
 STAR = "star"  # prefix f"{STAR}/<metric>": the same metric for the plan made in the true dynamics
-# finite: probability that the agent's own greedy policy reaches its goal within the time limit
-# (true MDP, mean over goals and starts); f"{STAR}/{POLICY_SUCCESS}" that of the optimal policy
-# (the demonstrator of an imitation learner)
+# probability that the agent's own greedy policy reaches its goal within the time limit (true
+# MDP / dynamics, mean over goals and starts; continuous: starts from the env's reset
+# distribution); finite: f"{STAR}/{POLICY_SUCCESS}" that of the optimal policy (the
+# demonstrator of an imitation learner)
 POLICY_SUCCESS = "policy_success"
+# continuous: mean discounted return of the agent's own greedy policy on its training goals
+# (true dynamics, mean over goals and resets from the env's reset distribution): the agent
+# return of the paper's architecture study, beside the continuous policy_success
+POLICY_RETURN = "policy_return"
 PLAN_STEPS = "plan_steps"  # expected steps to the goal, given that it is reached (true MDP)
 PLAN_OPTIMAL_STEPS = "plan_optimal_steps"  # the same for the optimal plan in the true MDP
 
@@ -103,7 +108,7 @@ ERROR = "error"
 # every one of them (sweep.callbacks); is_row_metric says whether a column is one.
 WORLD_MODEL_METRICS = (P_MSE, P_TV, P_MAX_ERR, Q_NMSE, WM_NMSE)
 # Planning metrics appear as "<task>/<metric>" columns, one group per planning task.
-PLAN_METRICS = (PLAN_SUCCESS, POLICY_SUCCESS, PLAN_EXCESS_STEPS, UNSAFE_VISITS, RETURN_RATIO, PLAN_STEPS, PLAN_OPTIMAL_STEPS,
+PLAN_METRICS = (PLAN_SUCCESS, POLICY_SUCCESS, POLICY_RETURN, PLAN_EXCESS_STEPS, UNSAFE_VISITS, RETURN_RATIO, PLAN_STEPS, PLAN_OPTIMAL_STEPS,
                 RETURN_WM, RETURN_STAR)
 ROW_METRICS = (*WORLD_MODEL_METRICS, M_RANK, M_COND, M_GAP, FIT_SECONDS, FRACTION, UNVISITED_FRACTION,
                *PLAN_METRICS, *REWARD_METRICS)

@@ -559,3 +559,54 @@ def evaluate_unseen_goal(
     return {K.RETURN_WM: r_wm, K.RETURN_STAR: r_star,
             K.RETURN_RATIO: r_wm / r_star if r_star > 0 else float("nan"),
             K.PLAN_SUCCESS: succ_wm, f"{K.STAR}/{K.PLAN_SUCCESS}": star[f"{K.STAR}/{K.PLAN_SUCCESS}"]}
+
+
+@dataclass(frozen=True)
+class _TrainingGoal:
+    """Goal ``g`` of the problem's own goal family, as a task (reward and end on arrival)."""
+
+    goals: Any  # ContinuousGoals
+    g: int
+
+    def reward_fn(self, states: torch.Tensor) -> torch.Tensor:
+        return self.goals.rewards_terminals(states)[0][:, self.g]
+
+    def terminal_fn(self, states: torch.Tensor) -> torch.Tensor:
+        return self.goals.rewards_terminals(states)[1][:, self.g]
+
+
+@torch.no_grad()
+def policy_returns(q_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], problem: ContinuousProblem,
+                   gamma: float, num_resets: int = 512, seed: int = 0, horizon: int | None = None) -> dict:
+    """The agent's own greedy policy on each of its training goals, on the true dynamics.
+
+    The agent return of the paper's architecture study: no world model is involved.
+
+    Args:
+        q_fn: ``(states [N, d], goal [N] long) -> Q [N, A]`` (``qworld.agents.adapter.agent_q_fn``).
+        problem: the env's ``ContinuousProblem`` (its goals are the agent's L training goals).
+        gamma: discount.
+        num_resets: start states from the env's reset distribution (the same for every goal).
+        seed: of the start states and the true dynamics' noise.
+        horizon: rollout length (default: the env's ``max_episode_steps``).
+
+    Returns:
+        ``{policy_return, policy_success}``: the mean discounted return and the share of
+        rollouts that reach their goal, over goals and resets.
+    """
+    dyn, L = problem.dynamics, problem.goals.num_goals
+    horizon = int(horizon or problem.max_episode_steps)
+    returns, successes = [], []
+    for g in range(L):
+        gen = torch.Generator().manual_seed(seed)
+        starts = dyn.reset_states(num_resets, gen)
+
+        def act(states: torch.Tensor, alive: torch.Tensor, g: int = g) -> torch.Tensor:
+            goal = torch.full((states.shape[0],), g, dtype=torch.long)
+            return q_fn(states.float(), goal).argmax(-1).long()
+
+        ret, succ = rollout_returns(act, dyn, _TrainingGoal(problem.goals, g), starts, gamma, horizon, gen)
+        returns.append(ret.mean())
+        successes.append(succ.double().mean())
+    return {K.POLICY_RETURN: float(torch.stack(returns).mean()),
+            K.POLICY_SUCCESS: float(torch.stack(successes).mean())}

@@ -299,7 +299,9 @@ def score_and_plan(P_hat: np.ndarray, mdp: Any, gamma: float,
 
 
 def _score_continuous(qfun, config, base, methods, tasks, options, world_models, experience) -> list[dict]:
-    """Q NMSE on the env's planning grid, world-model scores with baselines (all and interior
+    """Q NMSE on the env's planning grid, the agent's own return on its goals
+    (``policy_return``, ``policy_success``: ``planning_continuous.policy_returns``, its keywords in
+    ``options["policy_return"]``), world-model scores with baselines (all and interior
     transitions, ``scoring_continuous.score_world_model``) and per unseen-goal task
     ``<task>/return_ratio``, ``return_wm``, ``return_star``, ``plan_success``."""
     import torch
@@ -307,7 +309,7 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models,
     from qworld.agents.adapter import agent_q_fn
     from qworld.bellman_grid import GridQ, grid_q_for_problem
     from qworld.experience import CONTINUOUS_METHODS, fit_supervised
-    from qworld.planning_continuous import default_grid_shape, evaluate_unseen_goal
+    from qworld.planning_continuous import default_grid_shape, evaluate_unseen_goal, policy_returns
     from qworld.plearn.continuous import METHODS, PLearnConfig, p_learn
     from qworld.scoring_continuous import noise_std_scores, nmse_torch, score_world_model
     from qworld_envs import make_continuous_problem
@@ -338,6 +340,10 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models,
         except Exception as exc:  # noqa: BLE001 - the world-model scores still count
             shared[K.Q_NMSE] = float("nan")
             q_error = f"{K.Q_NMSE}: {_error_text(exc)}"
+    try:  # the agent return: its own greedy policy on its training goals, no model involved
+        shared.update(policy_returns(q_fn, problem, gamma, **dict(options.get(K.POLICY_RETURN, {}))))
+    except Exception as exc:  # noqa: BLE001 - the world-model scores still count
+        q_error = "; ".join(filter(None, [q_error, f"{K.POLICY_RETURN}: {_error_text(exc)}"]))
     rare = _rare_states(experience, problem)
     rows = []
     for method in methods:
