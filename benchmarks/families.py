@@ -192,13 +192,16 @@ def run(args: argparse.Namespace) -> None:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _fmt(values) -> str:
+def _fmt(values, integer: bool = False) -> str:
+    """Median [min, max] of the runs."""
     v = sorted(float(x) for x in values if x == x)
     if not v:
         return "-"
     med = v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
 
     def f(x):
+        if integer:
+            return f"{x:,.0f}"
         return f"{x:.2g}" if abs(x) < 0.01 or abs(x) >= 1000 else f"{x:.2f}"
 
     return f"{f(med)} [{f(v[0])}, {f(v[-1])}]" if len(v) > 1 else f(med)
@@ -240,14 +243,14 @@ def table(args: argparse.Namespace) -> None:
                     tasks = ENV[env]["extract"]["tasks"]
                     moves = part[part[K.METHOD] == "moves"]
                     safe = moves[[f"{t}/{K.PLAN_SUCCESS}" for t in tasks]].mean(axis=1)
-                    cells = [len(first), _fmt(first[K.ENV_STEPS]), _fmt(first[K.Q_NMSE]),
+                    cells = [len(first), _fmt(first[K.ENV_STEPS], integer=True), _fmt(first[K.Q_NMSE]),
                              _fmt(per_trial("moves", K.P_MSE)), _fmt(per_trial("pinv", K.P_MSE)), _fmt(safe),
                              _fmt(first.get(K.POLICY_SUCCESS, pd.Series(dtype=float)))]
                 else:
                     tasks = ENV[env]["extract"]["tasks"]
                     succ = part[part[K.METHOD] == "successor"]
                     ratio = succ[[f"{t}/{K.RETURN_RATIO}" for t in tasks]].mean(axis=1)
-                    cells = [len(first), _fmt(first[K.ENV_STEPS]), _fmt(first[K.Q_NMSE]),
+                    cells = [len(first), _fmt(first[K.ENV_STEPS], integer=True), _fmt(first[K.Q_NMSE]),
                              _fmt(per_trial("successor", f"{K.INTERIOR}/{K.WM_DELTA_NMSE}_v")),
                              _fmt(per_trial("successor", K.WM_NMSE)), _fmt(ratio),
                              _fmt(first.get(K.POLICY_SUCCESS, pd.Series(dtype=float))),
