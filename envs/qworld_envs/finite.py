@@ -82,7 +82,9 @@ class FiniteMDP:
         coords: ``[S, 2]`` int (row, col) of each state on a grid, or None.
         cell_to_state: dict ``(row, col) -> s`` (empty without coords).
         name: a label for reprs and logs.
-        meta: free-form facts about the MDP (layout, teleport/doorway states, ...).
+        meta: free-form facts about the MDP (layout, teleport/doorway states, ...);
+            ``meta["terminal"]`` (``[S]`` bool), when present, marks the states where the env
+            ends every episode (``qworld_envs.tabular``): read it as :attr:`terminal`.
     """
 
     def __init__(
@@ -111,6 +113,21 @@ class FiniteMDP:
             coords.setflags(write=False)
             self.coords = coords
         self._cdf = inverse_cdf(P)
+
+    @property
+    def terminal(self) -> np.ndarray:
+        """``[S]`` bool: the env's terminal states (``meta["terminal"]``; all False without it).
+
+        Their rows are absorbing, every goal ends its episode there, and no Q constrains
+        their rows (see ``qworld_envs.tabular``).
+        """
+        mask = self.meta.get("terminal")
+        if mask is None:
+            return np.zeros(self.num_states, dtype=bool)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (self.num_states,):
+            raise ValueError(f"meta['terminal'] must have shape [S] = [{self.num_states}], got {mask.shape}")
+        return mask
 
     @property
     def is_deterministic(self) -> bool:
