@@ -283,12 +283,17 @@ def test_killed_trial_worker_is_retried_and_trains_on(tmp_path):
         os.kill(victims[0], signal.SIGKILL)
         live.wait_until(lambda: max(live.trial_steps(experiment).values()) > steps_at_kill
                         and list(experiment.glob("*/error.txt")), proc, "a checkpoint of the retried trial")
-        live.interrupt(proc)
+        rc = live.interrupt(proc)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+    # Ctrl-C is no success: exit 130, the scores so far and how to go on
+    out = (tmp_path / "driver.log").read_text()
+    assert rc == 130, out[-2000:]
+    assert "trials: 1 (0 errored)" in out and "interrupted: 1 of 1 trials did not finish" in out
+    assert f"qworld resume {experiment}" in out
     [(trial_id, trial_dir)] = list_trials(experiment)
     # Tune's own record of the retry (the console's "(0 errored)" says nothing of it)
     assert "Failure # 1" in (trial_dir / "error.txt").read_text()

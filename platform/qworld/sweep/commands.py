@@ -89,7 +89,7 @@ def _cmd_sweep(args) -> int:
 
     outcome = run_sweep(spec, address=args.address, storage=args.storage, verbose=args.verbose)
     _print_outcome(outcome)
-    return 0 if outcome.num_errors == 0 else 1
+    return _exit_code(outcome)
 
 
 def _is_experiment_dir(path: str) -> bool:
@@ -114,7 +114,7 @@ def _cmd_resume(args) -> int:
         return _bad_input(str(exc))
     outcome = resume_sweep(args.experiment_dir, address=args.address, verbose=args.verbose)
     _print_outcome(outcome)
-    return 0 if outcome.num_errors == 0 else 1
+    return _exit_code(outcome)
 
 
 def _cmd_extract(args) -> int:
@@ -177,6 +177,19 @@ def _print_outcome(outcome) -> None:
     print(f"\nexperiment dir: {outcome.experiment_dir}")
     print(f"trials: {outcome.num_trials} ({outcome.num_errors} errored), "
           f"checkpoints: {outcome.num_checkpoints}, scored: {outcome.num_scored}", flush=True)
+    if outcome.num_unfinished:
+        print(f"interrupted: {outcome.num_unfinished} of {outcome.num_trials} trials did not finish "
+              f"(every checkpoint on disk is scored); continue with: qworld resume {outcome.experiment_dir}",
+              file=sys.stderr, flush=True)
+
+
+def _exit_code(outcome) -> int:
+    """0: every trial finished; 130: interrupted (Ctrl-C), resumable; 1: a trial errored."""
+    from qworld.sweep.run import EXIT_INTERRUPTED
+
+    if outcome.num_unfinished:
+        return EXIT_INTERRUPTED
+    return 0 if outcome.num_errors == 0 else 1
 
 
 def final_table(experiment_dir) -> str:

@@ -36,6 +36,16 @@ class SweepOutcome:
     num_errors: int
     num_checkpoints: int
     num_scored: int
+    num_unfinished: int = 0  # trials Tune stopped before their stop condition (Ctrl-C): resume them
+
+
+EXIT_INTERRUPTED = 130  # a sweep stopped by Ctrl-C (the shell's code for SIGINT): not a success
+
+
+def num_unfinished(results) -> int:
+    """Trials of a Tune ``ResultGrid`` that neither errored nor reached their stop condition
+    (Tune marks a finished trial's last result ``done``; Ctrl-C stops trials without it)."""
+    return sum(1 for r in results if r.error is None and not (r.metrics or {}).get("done"))
 
 
 class ExperimentExistsError(ValueError):
@@ -360,7 +370,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, storage: str | None =
         with _tune_output(verbose), _own_staging_dir(spec.name):
             results = tuner.fit()
         return _finish(spec, experiment_dir, pool, num_trials=len(results),
-                       num_errors=len(results.errors), console=console)
+                       num_errors=len(results.errors), console=console, unfinished=num_unfinished(results))
     finally:
         _shutdown(started)
 
@@ -395,11 +405,11 @@ def resume_sweep(experiment_dir: str | Path | Location, address: str | None = No
                     cb.dir = wandb_dir(experiment_dir, cb.run_id)  # this machine's folder
             with _tune_output(verbose), _own_staging_dir(spec.name):
                 results = tuner.fit()
-            num_trials, num_errors = len(results), len(results.errors)
+            num_trials, num_errors, unfinished = len(results), len(results.errors), num_unfinished(results)
         else:
-            num_trials, num_errors = len(list_trials(experiment_dir)), 0
+            num_trials, num_errors, unfinished = len(list_trials(experiment_dir)), 0, 0
         return _finish(spec, experiment_dir, pool, num_trials=num_trials, num_errors=num_errors,
-                       console=console)
+                       console=console, unfinished=unfinished)
     finally:
         _shutdown(started)
 
@@ -498,7 +508,7 @@ def _label_trials_from_disk(console, experiment_dir: Path) -> None:
 
 
 def _finish(spec, experiment_dir: Path, pool, num_trials: int, num_errors: int,
-            console=None) -> SweepOutcome:
+            console=None, unfinished: int = 0) -> SweepOutcome:
     def drain():
         for trial_id, index, scores in pool.drain():
             if scores is not None and console is not None:
@@ -530,7 +540,7 @@ def _finish(spec, experiment_dir: Path, pool, num_trials: int, num_errors: int,
                             spec.wandb.mode, run_id=run_id, dir=wandb_dir(experiment_dir, run_id))
         upload_wandb_runs(experiment_dir, run_id)
     return SweepOutcome(experiment_dir, num_trials, num_errors, len(checkpoints),
-                        _num_scored(experiment_dir, checkpoints))
+                        _num_scored(experiment_dir, checkpoints), unfinished)
 
 
 def _num_scored(experiment_dir, checkpoints) -> int:
