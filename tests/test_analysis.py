@@ -448,10 +448,21 @@ def test_load_partial_and_resumed_sweep(tmp_path):
 
 
 def test_load_empty_and_missing(tmp_path):
-    empty = load(tmp_path)
+    # a sweep that has written only its sweep file: empty frames with the key columns
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "sweep.yaml").write_text("name: started\n")
+    empty = load(tmp_path / "started")
     assert empty.empty and set(K.GRID_COLUMNS) <= set(empty.columns)
-    assert load_training_curves(tmp_path / "nope").empty
-    assert load_trials(tmp_path).empty
+    assert load_training_curves(tmp_path / "started").empty
+    assert load_trials(tmp_path / "started").empty
+    # a wrong path is an error, not an empty table
+    from qworld_analysis import NotAnExperimentError
+
+    for reader in (load, load_training_curves, load_trials):
+        with pytest.raises(NotAnExperimentError, match="no such directory"):
+            reader(tmp_path / "nope")
+        with pytest.raises(NotAnExperimentError, match="not a qworld experiment dir"):
+            reader(tmp_path)  # the folder above the experiment
 
 
 def test_loading_imports_no_training_code(experiment):
@@ -862,6 +873,13 @@ def test_cli_commands(experiment, tmp_path, capsys, monkeypatch):
     assert "index.html" in capsys.readouterr().out
     args = parser.parse_args(["report", str(tmp_path / "missing")])
     assert args.func(args) == 2
+    # a folder that is no experiment (e.g. the one above it): refused, and nothing written into it
+    (tmp_path / "plain").mkdir()
+    for argv in (["report", str(tmp_path / "plain")], ["compare", str(experiment), str(tmp_path / "plain")]):
+        args = parser.parse_args(argv)
+        assert args.func(args) == 2
+        assert "not a qworld experiment dir" in capsys.readouterr().err
+    assert not any((tmp_path / "plain").iterdir()) and len(calls) == 1
 
 
 # --------------------------------------------------------------------------------------

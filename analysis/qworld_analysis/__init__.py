@@ -14,8 +14,8 @@ Figures are in :mod:`qworld_analysis.plots`; the report functions (which import 
 are loaded on first use.
 """
 
-from qworld_analysis.load import (final_checkpoints, load, load_many, load_training_curves,
-                                  load_trials, load_world_model, plan_columns)
+from qworld_analysis.load import (NotAnExperimentError, check_experiment, final_checkpoints, load, load_many,
+                                  load_training_curves, load_trials, load_world_model, plan_columns)
 from qworld_analysis.stats import iqm, mean, rank_correlation, stratified_bootstrap_ci, summary
 
 _REPORT = ("compare", "summary_table", "write_report")
@@ -30,6 +30,8 @@ def __getattr__(name):
 
 
 __all__ = [
+    "NotAnExperimentError",
+    "check_experiment",
     "compare",
     "final_checkpoints",
     "iqm",

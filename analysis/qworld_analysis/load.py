@@ -79,6 +79,27 @@ WORLD_MODEL_METRICS = K.WORLD_MODEL_METRICS
 # public API
 
 
+class NotAnExperimentError(FileNotFoundError):
+    """A location that holds no qworld experiment (a wrong path, a typo, a parent folder)."""
+
+
+def check_experiment(experiment_dir: str | Path | Location) -> Location:
+    """The experiment's location, or :class:`NotAnExperimentError` naming what is missing.
+
+    An experiment holds its sweep file, a results store or a trial dir (a sweep's first
+    write is its sweep file, so a sweep that just started counts). Unreadable locations
+    (credentials, network) raise their ``OSError``.
+    """
+    exp = Location.of(experiment_dir)
+    if not exp.is_dir():
+        raise NotAnExperimentError(f"{experiment_dir}: no such directory")
+    if (exp / SPEC_FILE).is_file() or (exp / STORE_DIR).is_dir() or _read_trials(exp):
+        return exp
+    raise NotAnExperimentError(f"{experiment_dir}: not a qworld experiment dir (no {SPEC_FILE}, no "
+                               f"{STORE_DIR}, no trial dirs); give the folder `qworld sweep` printed as "
+                               "'experiment dir'")
+
+
 def load(experiment_dir: str | Path | Location, *, resolve_num_goals: bool = False) -> pd.DataFrame:
     """Every scored (trial, checkpoint, method) with its trial config and training metrics.
 
@@ -101,8 +122,11 @@ def load(experiment_dir: str | Path | Location, *, resolve_num_goals: bool = Fal
         The frame, sorted by (trial_id, checkpoint_index, method); typed columns: grid
         strings as ``string``, counts as ``Int64``, metrics as ``float64``. Checkpoints not
         yet scored have no rows; an empty store gives an empty frame with the key columns.
+
+    Raises:
+        NotAnExperimentError: the location holds no experiment (:func:`check_experiment`).
     """
-    exp = Location.of(experiment_dir)
+    exp = check_experiment(experiment_dir)
     rows = store.read_store(exp)
     trials = _read_trials(exp)
     configs = _config_table(trials, _sweep_name(exp), _spec_keys(exp), resolve_num_goals)
@@ -130,7 +154,7 @@ def load_training_curves(experiment_dir: str | Path | Location, *, resolve_num_g
     x axis as :func:`load`), and ``K.CHECKPOINT_INDEX`` is set on the iterations that saved
     a checkpoint (NA elsewhere).
     """
-    exp = Location.of(experiment_dir)
+    exp = check_experiment(experiment_dir)
     trials = _read_trials(exp)
     configs = _config_table(trials, _sweep_name(exp), _spec_keys(exp), resolve_num_goals)
     hints = _store_steps(exp)
@@ -165,7 +189,7 @@ def load_trials(experiment_dir: str | Path | Location, *, resolve_num_goals: boo
     ``num_scored`` (checkpoints with rows in the store), ``trial_error`` (Tune wrote an
     ``error.txt``). Trials that never reported (no ``result.json``) are listed too.
     """
-    exp = Location.of(experiment_dir)
+    exp = check_experiment(experiment_dir)
     trials = _read_trials(exp)
     configs = _config_table(trials, _sweep_name(exp), _spec_keys(exp), resolve_num_goals)
     if configs.empty:

@@ -38,13 +38,12 @@ def _bad_input(message: str) -> int:
 
 def _experiment_problem(where: str) -> str | None:
     """Why ``where`` (a folder or a URI) cannot be read as an experiment, or None."""
-    from qworld.sweep.location import Location, StorageError
+    from qworld.sweep.location import StorageError
+    from qworld_analysis import NotAnExperimentError, check_experiment
 
     try:
-        loc = Location.of(where)
-        if not loc.is_dir():
-            return f"{where}: no such directory"
-    except StorageError as exc:
+        check_experiment(where)
+    except (StorageError, NotAnExperimentError) as exc:
         return str(exc)
     except OSError as exc:
         return f"{where}: cannot be read ({' '.join(str(exc).split())})"
