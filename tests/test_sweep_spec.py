@@ -45,6 +45,20 @@ def test_override_changes_a_field():
     assert spec.agent["lr"] == 0.5
 
 
+@pytest.mark.parametrize("item, hint", [
+    ("lr=0.01", "did you mean --set agent.lr=0.01?"),
+    ("env_steps=5000", "did you mean --set stop.env_steps=5000?"),
+    ("num_goals=[4, 8]", "did you mean --set goals.num_goals=[4, 8] or --set sweep.num_goals=[4, 8]?"),
+])
+def test_override_without_its_section_names_the_section(item, hint):
+    with pytest.raises(SweepSpecError) as err:
+        load_sweep(ROOT / "tune_configs" / "smoke.yaml", [item])
+    assert f"unknown section {item.split('=')[0]!r}" in str(err.value) and str(err.value).endswith(hint)
+    with pytest.raises(SweepSpecError) as err:
+        load_sweep(ROOT / "tune_configs" / "smoke.yaml", ["nonsense=1"])
+    assert "did you mean" not in str(err.value)
+
+
 def _set(raw, dotted, value):
     node = raw
     *parents, last = dotted.split(".")

@@ -197,13 +197,30 @@ def apply_override(raw: dict, item: str) -> None:
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
     if parts[0] not in SECTIONS:
-        raise SweepSpecError(f"--set {key}: unknown section {parts[0]!r}; allowed: {SECTIONS}")
+        guesses = [f"--set {section}.{key}={value}" for section in _sections_with(parts[0])]
+        hint = f"; did you mean {' or '.join(guesses)}?" if guesses else ""
+        raise SweepSpecError(f"--set {key}: unknown section {parts[0]!r}; allowed: {SECTIONS}{hint}")
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise SweepSpecError(f"--set {key}: {part!r} is not a mapping")
     node[parts[-1]] = yaml.safe_load(value)
+
+
+def _sections_with(key: str) -> list[str]:
+    """The sections that have a field ``key`` (``lr`` -> ``["agent"]``), for a hint."""
+    fields = {
+        "goals": [f.name for f in dataclasses.fields(GoalsSpec)],
+        "agent": list(_agent_keywords()),
+        "sweep": [*ENV_AXES, *GOAL_AXES, *TRIAL_AXES, "cases"],
+        "stop": list(STOP_KEYS),
+        "checkpoint": ["every", "at_end"],
+        "extract": ["methods", "tasks", "options"],
+        "resources": [f.name for f in dataclasses.fields(ResourcesSpec)],
+        "wandb": ["project", "group", "mode"],
+    }
+    return [section for section, names in fields.items() if key in names]
 
 
 def parse_sweep(raw: Mapping[str, Any]) -> SweepSpec:
