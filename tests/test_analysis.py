@@ -836,6 +836,24 @@ def test_report_on_a_sweep_with_nothing_scored(tmp_path):
     assert page.count("data:image/png;base64") == 1  # the training curves still render
 
 
+def test_status_keeps_cells_apart_that_differ_in_an_agent_keyword_axis(tmp_path):
+    # Catches `qworld status` merging a gamma: [0.9, 0.99] sweep into one cell with "seeds 2"
+    # (the store's rows carry the grid columns, not the agent keywords).
+    from qworld.sweep.status import status_table
+
+    exp = make_experiment(tmp_path / "gammas")
+    spec = (exp / "sweep.yaml").read_text().replace("sweep:\n", "sweep:\n  gamma: [0.9, 0.99]\n")
+    (exp / "sweep.yaml").write_text(spec)
+    for params_file in exp.glob("*/params.json"):
+        params = json.loads(params_file.read_text())
+        params["gamma"] = 0.9 if params["seed"] == SEEDS[0] else 0.99
+        params_file.write_text(json.dumps(params))
+    header, *cells = status_table(exp).splitlines()[2:]
+    assert header.split()[1:7] == ["variant", "goal_type", "num_goals", "head", "gamma", "p_mse[column_match]"]
+    assert len(cells) == len(VARIANTS) * len(GOALS) * 2  # each cell once per gamma
+    assert [int(line.split()[-3]) for line in cells] == [1] * len(cells)  # seeds: one trial each
+
+
 def test_compare_side_by_side(experiment, tmp_path):
     other = make_experiment(tmp_path / "goal_input", head="goal_input", scale=2.0)
     table = compare(experiment, other)

@@ -66,6 +66,10 @@ def status_table(experiment_dir: "str | os.PathLike | Location") -> str:
     ok = latest[latest[K.ERROR].isna()] if K.ERROR in latest else latest
     metric = K.P_MSE if K.P_MSE in ok.columns and ok[K.P_MSE].notna().any() else K.WM_NMSE
     cell = [c for c in (K.ENV, K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS, K.HEAD) if c in ok and ok[c].notna().any()]
+    swept = _swept_columns(exp, ok)  # every other axis of the sweep file (e.g. gamma), from params.json
+    if not swept.empty:
+        ok = ok.merge(swept, on=K.TRIAL_ID, how="left")
+        cell += [c for c in swept.columns if c != K.TRIAL_ID and c not in cell]
     if not ok.empty and metric in ok:
         ok = ok.assign(_all="all") if not cell else ok
         cell = cell or ["_all"]
@@ -85,3 +89,21 @@ def status_table(experiment_dir: "str | os.PathLike | Location") -> str:
     if not errors.empty:
         lines.append(f"{len(errors)} rows with errors, e.g.: {errors[K.ERROR].iloc[0]}")
     return "\n".join(lines)
+
+
+def _swept_columns(exp: Location, rows: pd.DataFrame) -> pd.DataFrame:
+    """Per trial, the sweep file's grid axes (seed excepted) that the results rows lack, such
+    as an agent keyword (``gamma: [0.9, 0.99]``): two cells apart, not one with "seeds 2"."""
+    import qworld_analysis as qa
+
+    from qworld.sweep.run import load_spec_of
+
+    try:
+        axes = [a for a in load_spec_of(exp).grid_axes if a != K.SEED and a not in rows.columns]
+    except Exception:  # noqa: BLE001 - no readable sweep file: the store's own columns
+        return pd.DataFrame()
+    if not axes:
+        return pd.DataFrame()
+    trials = qa.load_trials(exp)
+    have = [a for a in axes if a in trials.columns]
+    return trials[[K.TRIAL_ID, *have]].astype({a: "string" for a in have}) if have else pd.DataFrame()
