@@ -2,7 +2,8 @@
 
 Importing this package registers the gymnasium ids of every env (``qworld_envs.registry``:
 ``qworld/FourRooms-v0``, ``qworld/MountainCar-v0``, ``qworld/Reacher-v0``,
-``qworld/MujocoReacher-v0``); it never imports Ray, and MuJoCo only once a MuJoCo env is built.
+``qworld/MujocoReacher-v0``, gymnasium's tabular envs as ``qworld/FrozenLake-v1``, ...,
+and ``qworld/TabularMDP-v0``, any MDP from an ``.npz``: ``qworld_envs.tabular``); it never imports Ray, and MuJoCo only once a MuJoCo env is built.
 """
 
 from qworld_envs import registry
@@ -31,6 +32,7 @@ from qworld_envs.registry import (
     make_batched,
     make_continuous_problem,
     make_finite_problem,
+    resolve_finite_env,
     true_P,
 )
 from qworld_envs.problems import FiniteProblem
@@ -69,6 +71,7 @@ __all__ = [
     "make_continuous_problem",
     "make_finite_problem",
     "make_goals",
+    "resolve_finite_env",
     "resolve_kwargs",
     "true_P",
 ]

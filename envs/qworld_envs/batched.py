@@ -163,7 +163,8 @@ class BatchedFiniteEnv(BatchedGoalEnv):
 
     ## Reward and episode end
     ``rewards[:, g] = problem.goals.rewards[g, s']``; terminated when ``s'`` is terminal
-    for the commanded goal; truncated after ``problem.max_episode_steps`` steps.
+    for the commanded goal (its own goal states and the MDP's terminal states), a success
+    when ``problem.goals.success``; truncated after ``problem.max_episode_steps`` steps.
 
     ## Start state
     On every reset the goal is uniform over the L goals and the start state uniform
@@ -198,6 +199,9 @@ class BatchedFiniteEnv(BatchedGoalEnv):
         # Goal tables [S, L]: row s' gives every goal at once, flat s' * L + g the commanded one.
         self._rewards_t = torch.as_tensor(goals.rewards.T.copy(), dtype=torch.float32, device=dev)  # [S, L]
         self._terminals_t = torch.as_tensor(goals.terminal.T.copy(), device=dev)  # [S, L]
+        # success = the goal's own terminal states (an env's holes end episodes without it)
+        self._success_t = None if np.array_equal(goals.success, goals.terminal) else \
+            torch.as_tensor(goals.success.T.copy(), device=dev)  # [S, L]
 
         # Start states: goal g starts at start_table[g, k], k uniform in [0, count[g]).
         starts = start_states(goals.terminal)
@@ -235,7 +239,8 @@ class BatchedFiniteEnv(BatchedGoalEnv):
         terminals = self._terminals_t.index_select(0, next_state)  # [N, L]
         flat = next_state * self.num_goals + goal
         terminated = self._terminals_t.take(flat)
-        return rewards, terminals, self._rewards_t.take(flat), terminated, terminated
+        success = terminated if self._success_t is None else self._success_t.take(flat)
+        return rewards, terminals, self._rewards_t.take(flat), terminated, success
 
     def _observe(self, states: torch.Tensor) -> torch.Tensor:
         return self._eye.index_select(0, states)

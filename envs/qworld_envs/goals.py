@@ -2,7 +2,9 @@
 commanded goal of an episode, shared by every gymnasium env).
 
 Shapes: S states, L goals. A goal g pays ``rewards[g, s']`` on the transition that
-arrives in ``s'`` and ends the episode there when ``terminal[g, s']``.
+arrives in ``s'`` and ends the episode there when ``terminal[g, s']``; the episode is a
+success when ``success[g, s']`` (the goal's own terminal states: an MDP's own terminal
+states, e.g. FrozenLake's holes, end every goal's episode without success).
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ class GoalSet:
         goal_states: ``[L]`` int64, the goal state of each goal (indicator goals),
             or None when goals are not states (dense goals).
         goal_type: one of ``GOAL_TYPES``.
+        success: ``[L, S]`` bool, arriving in s' under goal g reaches the goal (a subset of
+            ``terminal``); None means ``terminal``.
     """
 
     rewards: np.ndarray
     terminal: np.ndarray
     goal_states: np.ndarray | None
     goal_type: str
+    success: np.ndarray | None = None
 
     def __post_init__(self):
         rewards = np.asarray(self.rewards, dtype=np.float64)
@@ -46,13 +51,17 @@ class GoalSet:
             goal_states = np.asarray(goal_states, dtype=np.int64)
             if goal_states.shape != (rewards.shape[0],):
                 raise ValueError(f"goal_states must have shape [L] = [{rewards.shape[0]}], got {goal_states.shape}")
-        for arr in (rewards, terminal, goal_states):
+        success = terminal.copy() if self.success is None else np.asarray(self.success, dtype=bool)
+        if success.shape != terminal.shape or (success & ~terminal).any():
+            raise ValueError(f"success must be a [L, S] bool subset of terminal {terminal.shape}, got {success.shape}")
+        for arr in (rewards, terminal, goal_states, success):
             if arr is not None:
                 arr.setflags(write=False)
         # frozen dataclass: normalised arrays are stored through object.__setattr__
         object.__setattr__(self, "rewards", rewards)
         object.__setattr__(self, "terminal", terminal)
         object.__setattr__(self, "goal_states", goal_states)
+        object.__setattr__(self, "success", success)
 
     @property
     def num_goals(self) -> int:
@@ -154,15 +163,29 @@ def make_goals(
 ) -> GoalSet:
     """Build a goal set by ``goal_type`` (one of ``GOAL_TYPES``).
 
-    ``num_goals=None`` means all S states (indicator) or L = S (dense).
+    ``num_goals=None`` means all S states (indicator) or L = S (dense). The MDP's own
+    terminal states (``mdp.terminal``: FrozenLake's holes, ...) end every goal's episode
+    (paying that goal's arrival reward) without counting as its success.
     """
     if goal_type == "indicator":
-        return indicator_goals(mdp, num_goals=num_goals, cells=cells, seed=seed)
-    if goal_type == "dense":
+        goals = indicator_goals(mdp, num_goals=num_goals, cells=cells, seed=seed)
+    elif goal_type == "dense":
         if cells is not None:
             raise ValueError("goal cells are only meaningful for goal_type='indicator', not 'dense'")
-        return dense_goals(mdp, num_goals, seed=seed)
-    raise ValueError(f"unknown goal_type {goal_type!r} for finite MDPs; allowed: {', '.join(GOAL_TYPES)}")
+        goals = dense_goals(mdp, num_goals, seed=seed)
+    else:
+        raise ValueError(f"unknown goal_type {goal_type!r} for finite MDPs; allowed: {', '.join(GOAL_TYPES)}")
+    return with_env_terminals(goals, mdp.terminal)
+
+
+def with_env_terminals(goals: GoalSet, env_terminal: np.ndarray) -> GoalSet:
+    """``goals`` whose episodes also end on the env's terminal states ``env_terminal [S]``
+    (success stays the goals' own); ``goals`` itself when there are none."""
+    env_terminal = np.asarray(env_terminal, dtype=bool)
+    if not env_terminal.any():
+        return goals
+    return GoalSet(rewards=goals.rewards, terminal=goals.terminal | env_terminal[None], goal_states=goals.goal_states,
+                   goal_type=goals.goal_type, success=goals.success)
 
 
 def commanded_goal(np_random: np.random.Generator, num_goals: int, options: dict[str, Any]) -> int:

@@ -38,7 +38,8 @@ class FourRoomsGoalEnv(gymnasium.Env):
 
     ## Episode end
     Terminated on arriving in a terminal state of the commanded goal (indicator goals:
-    the goal cell; dense goals never terminate); truncated after
+    the goal cell; dense goals never terminate) or of the MDP (``mdp.terminal``, e.g.
+    FrozenLake's holes: no success); truncated after
     ``problem.max_episode_steps`` steps.
 
     ## Info
@@ -72,6 +73,7 @@ class FourRoomsGoalEnv(gymnasium.Env):
         self.goal_features = np.eye(self.num_goals, dtype=np.float32)
         self._rewards = goals.rewards.astype(np.float32)
         self._terminal = goals.terminal
+        self._success = goals.success
         self._starts = start_states(goals.terminal)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(self.obs_dim + self.goal_dim,), dtype=np.float32)
         self.action_space = spaces.Discrete(mdp.num_actions)
@@ -112,7 +114,7 @@ class FourRoomsGoalEnv(gymnasium.Env):
             "goal": self._goal,
             "rewards": self._rewards[:, s2].copy(),
             "terminals": self._terminal[:, s2].copy(),
-            "success": terminated,
+            "success": bool(self._success[self._goal, s2]),
         }
         return self._obs(), reward, terminated, truncated, info
 

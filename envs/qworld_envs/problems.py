@@ -31,14 +31,19 @@ class FiniteEnvSpec:
     Attributes:
         build_mdp: called with the env-specific kwargs, returns the MDP.
         mdp_defaults: the env-specific kwargs and their defaults.
+        max_episode_steps: the env's default time limit (``GOAL_KWARGS``' when None).
     """
 
     build_mdp: Callable[..., FiniteMDP]
     mdp_defaults: dict[str, Any]
+    max_episode_steps: int | None = None
 
     def resolve(self, env_id: str, env_kwargs: dict[str, Any]) -> dict[str, Any]:
         """Every kwarg (env-specific and ``GOAL_KWARGS``) with defaults filled in."""
-        return resolve_kwargs(env_id, {**self.mdp_defaults, **GOAL_KWARGS}, env_kwargs)
+        defaults = {**self.mdp_defaults, **GOAL_KWARGS}
+        if self.max_episode_steps is not None:
+            defaults["max_episode_steps"] = int(self.max_episode_steps)
+        return resolve_kwargs(env_id, defaults, env_kwargs)
 
     def mdp(self, kw: dict[str, Any]) -> FiniteMDP:
         """The MDP of resolved kwargs ``kw``."""

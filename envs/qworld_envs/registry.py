@@ -29,6 +29,7 @@ from qworld_envs.four_rooms import FOUR_ROOMS_ID, FOUR_ROOMS_SPEC
 from qworld_envs.mountain_car import make_mountain_car_problem
 from qworld_envs.reacher import make_reacher_problem
 from qworld_envs.problems import FiniteEnvSpec, FiniteProblem, build_finite_problem
+from qworld_envs.tabular import TABULAR_FILE_ID, TABULAR_GYM_IDS, file_env_spec, gym_env_spec, qworld_id
 
 
 def _make_mujoco_reacher_problem(**env_kwargs: Any) -> ContinuousProblem:
@@ -38,8 +39,12 @@ def _make_mujoco_reacher_problem(**env_kwargs: Any) -> ContinuousProblem:
 
 
 # env id -> how to build its MDP (kwargs: the spec's plus problems.GOAL_KWARGS).
+# Beside FourRooms: gymnasium's tabular envs (those the installed gymnasium has) as
+# qworld/<gymnasium id>, read from their own P table, and any MDP from an .npz file.
 FINITE_ENVS: dict[str, FiniteEnvSpec] = {
     FOUR_ROOMS_ID: FOUR_ROOMS_SPEC,
+    **{qworld_id(gym_id): gym_env_spec(gym_id) for gym_id in TABULAR_GYM_IDS if gym_id in gymnasium.registry},
+    TABULAR_FILE_ID: file_env_spec(),
 }
 
 # env id -> factory(**env_kwargs) -> ContinuousProblem (kwargs: the env module's DEFAULTS).
@@ -49,13 +54,26 @@ CONTINUOUS_ENVS: dict[str, Callable[..., ContinuousProblem]] = {
     MUJOCO_REACHER_ID: _make_mujoco_reacher_problem,
 }
 
-# env id -> "module:class" of its gymnasium env (imported by gymnasium on first make).
-GYM_ENTRY_POINTS: dict[str, str] = {
+# env id -> "module:class" of its gymnasium env (imported by gymnasium on first make), or
+# a function building it (the finite envs beside FourRooms, added below).
+GYM_ENTRY_POINTS: dict[str, str | Callable[..., gymnasium.Env]] = {
     FOUR_ROOMS_ID: "qworld_envs.gym_env:FourRoomsGoalEnv",
     MOUNTAIN_CAR_ID: "qworld_envs.mountain_car:MountainCarGoalEnv",
     REACHER_ID: "qworld_envs.reacher:ReacherGoalEnv",
     MUJOCO_REACHER_ID: "qworld_envs.mujoco_reacher:MujocoReacherGoalEnv",
 }
+
+
+def _finite_gym_env(env_id: str, render_mode: str | None = None, **env_kwargs: Any) -> gymnasium.Env:
+    """The goal-conditioned gymnasium env of finite env ``env_id`` (``gymnasium.make`` entry point)."""
+    from qworld_envs.gym_env import FourRoomsGoalEnv
+
+    return FourRoomsGoalEnv(problem=make_finite_problem(env_id, **env_kwargs), render_mode=render_mode)
+
+
+for _env_id in FINITE_ENVS:
+    if _env_id not in GYM_ENTRY_POINTS:
+        GYM_ENTRY_POINTS[_env_id] = functools.partial(_finite_gym_env, _env_id)
 
 # Batched envs whose step runs on the CPU only (MuJoCo in a Python loop).
 CPU_ONLY_BATCHED: set[str] = {MUJOCO_REACHER_ID}
@@ -79,6 +97,35 @@ def true_P(env_id: str = FOUR_ROOMS_ID, **env_kwargs: Any) -> np.ndarray:
     """``[S, A, S]`` true transition tensor of a finite env (goal kwargs are checked, then ignored)."""
     spec = _finite_spec(env_id)
     return spec.mdp(spec.resolve(env_id, env_kwargs)).P
+
+
+def resolve_finite_env(name: str, env_kwargs: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """``(env id, env kwargs)`` of a finite env named as a user may name it.
+
+    ``name`` is a qworld id (``qworld/FrozenLake-v1``), the gymnasium id of a registered
+    tabular env (``FrozenLake-v1`` -> ``qworld/FrozenLake-v1``), or the path of an ``.npz``
+    MDP (-> ``qworld/TabularMDP-v0`` with ``path``, made absolute).
+
+    Raises:
+        ValueError: none of these; the message lists the finite env ids.
+    """
+    import os
+
+    kwargs = dict(env_kwargs or {})
+    if name in FINITE_ENVS:
+        env_id = name
+    elif qworld_id(name) in FINITE_ENVS:
+        env_id = qworld_id(name)
+    elif str(name).endswith(".npz"):
+        env_id = TABULAR_FILE_ID
+        kwargs["path"] = str(name)
+    else:
+        raise ValueError(f"{name!r} is not a finite env; allowed: {', '.join(sorted(FINITE_ENVS))}, their "
+                         f"gymnasium ids ({', '.join(g for g in TABULAR_GYM_IDS if qworld_id(g) in FINITE_ENVS)}) "
+                         "or the path of an .npz MDP")
+    if env_id == TABULAR_FILE_ID and isinstance(kwargs.get("path"), str):
+        kwargs["path"] = os.path.abspath(os.path.expanduser(kwargs["path"]))
+    return env_id, kwargs
 
 
 def _finite_spec(env_id: str) -> FiniteEnvSpec:

@@ -219,3 +219,53 @@ def save_npz(mdp: FiniteMDP, path: str | os.PathLike) -> None:
     if mdp.coords is not None:
         arrays["coords"] = np.asarray(mdp.coords)
     np.savez_compressed(path, **arrays)
+
+
+# gymnasium ids with a tabular P that qworld registers as ``qworld/<id>`` when the installed
+# gymnasium has them (any other such env: :func:`mdp_from_gymnasium` + :func:`save_npz`, then
+# ``TABULAR_FILE_ID`` with ``path``).
+TABULAR_GYM_IDS = ("FrozenLake-v1", "FrozenLake8x8-v1", "CliffWalking-v1", "CliffWalkingSlippery-v1", "Taxi-v3")
+TABULAR_FILE_ID = "qworld/TabularMDP-v0"  # kwarg path: an .npz read by mdp_from_npz
+
+
+def qworld_id(gym_id: str) -> str:
+    """The qworld id of a tabular gymnasium env: ``FrozenLake-v1`` -> ``qworld/FrozenLake-v1``."""
+    return f"qworld/{gym_id}"
+
+
+def gym_env_spec(gym_id: str):
+    """The ``FiniteEnvSpec`` of a tabular gymnasium env: its constructor's keywords (but
+    ``render_mode``) with the defaults its registration gives, and its time limit."""
+    import functools
+    import inspect
+
+    import gymnasium
+
+    from qworld_envs.problems import FiniteEnvSpec
+
+    reg = gymnasium.registry[gym_id]
+    cls = reg.entry_point
+    if isinstance(cls, str):
+        module, _, attr = cls.partition(":")
+        cls = getattr(__import__(module, fromlist=[attr]), attr)
+    params = inspect.signature(cls.__init__).parameters
+    defaults = {k: p.default for k, p in params.items()
+                if k not in ("self", "render_mode") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and p.default is not inspect.Parameter.empty}
+    defaults.update(reg.kwargs or {})
+    return FiniteEnvSpec(build_mdp=functools.partial(mdp_from_gymnasium, gym_id), mdp_defaults=defaults,
+                         max_episode_steps=reg.max_episode_steps)
+
+
+def _file_mdp(path: str | None) -> FiniteMDP:
+    if path is None:
+        raise ValueError(f"{TABULAR_FILE_ID} needs the env kwarg path: an .npz with P[S, A, S] "
+                         "(optional coords[S, 2], terminal[S])")
+    return mdp_from_npz(path)
+
+
+def file_env_spec():
+    """The ``FiniteEnvSpec`` of ``TABULAR_FILE_ID`` (kwarg ``path``)."""
+    from qworld_envs.problems import FiniteEnvSpec
+
+    return FiniteEnvSpec(build_mdp=_file_mdp, mdp_defaults={"path": None})

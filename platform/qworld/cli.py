@@ -24,6 +24,7 @@ ORACLE_PRINT_COLUMNS = (
     K.METHOD,
     K.P_MSE,
     K.P_MAX_ERR,
+    K.P_ROWS_UNSCORED,
     K.M_RANK,
     K.IDENTIFIABLE_CASE,
     K.TASK,
@@ -35,18 +36,26 @@ ORACLE_PRINT_COLUMNS = (
 
 
 def _add_oracle_args(p: argparse.ArgumentParser) -> None:
-    from qworld.oracle import DEFAULT_NUM_GOALS, DEFAULT_VARIANTS
+    from qworld.oracle import DEFAULT_VARIANTS, FOUR_ROOMS
     from qworld.plearn.finite import METHODS
 
-    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(DEFAULT_VARIANTS))
-    p.add_argument("--num-goals", nargs="+", type=int, default=list(DEFAULT_NUM_GOALS), help="goal counts L")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--env", default=FOUR_ROOMS,
+                   help="any finite env: a qworld id (qworld/FrozenLake-v1), a tabular gymnasium id "
+                        "(FrozenLake-v1, CliffWalkingSlippery-v1, Taxi-v3) or an .npz MDP file")
+    p.add_argument("--env-kwargs", default="{}", help='env kwargs as JSON, e.g. \'{"map_name": "8x8"}\'')
+    p.add_argument("--variants", nargs="+", default=None, choices=list(DEFAULT_VARIANTS),
+                   help=f"FourRooms variants (default: {' '.join(DEFAULT_VARIANTS)})")
+    p.add_argument("--num-goals", nargs="+", type=int, default=None,
+                   help="goal counts L (default: the paper's on FourRooms, else 1, 2, 4, ... and S)")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help="default: every method the MDP allows (moves needs grid coordinates)")
     p.add_argument("--goal-type", default="indicator", choices=["indicator", "dense"])
     p.add_argument("--gamma", type=float, default=0.99)
     p.add_argument("--seed", type=int, default=0, help="goal draw and sgd seed")
     p.add_argument(
-        "--tasks", nargs="+", default=["default"], help="safety tasks: default | all | none | task names"
-    )
+        "--tasks", nargs="+", default=["default"],
+        help="safety tasks: default | all | none (FourRooms' own) | task names | a task as JSON, "
+             '\'{"name": "safe", "start": [0, 0], "goal": [7, 7], "forbidden": [[5, 4]]}\'')
     p.add_argument("--out", type=Path, default=Path("results/oracle.parquet"), help="parquet file to write")
 
 
@@ -56,26 +65,79 @@ def _format_table(df) -> str:
     if K.ERROR in df and df[K.ERROR].notna().any():
         cols.append(K.ERROR)
     view = df[cols].rename(
-        columns={K.NUM_GOALS: "L", K.IDENTIFIABLE_CASE: "case", K.PLAN_EXCESS_STEPS: "excess_steps"}
+        columns={K.NUM_GOALS: "L", K.IDENTIFIABLE_CASE: "case", K.PLAN_EXCESS_STEPS: "excess_steps",
+                 K.P_ROWS_UNSCORED: "unscored"}
     )
     return view.to_string(index=False, float_format=lambda x: f"{x:.3g}", na_rep="-")
 
 
-def _run_oracle(args: argparse.Namespace) -> int:
-    from qworld.oracle import oracle_study
+def _usage_error(message: str) -> int:
+    print(f"qworld oracle: error: {message}", file=sys.stderr)
+    return 2
 
+
+def _run_oracle(args: argparse.Namespace) -> int:
+    import json
+
+    from qworld.oracle import DEFAULT_VARIANTS, FOUR_ROOMS, coordinate_free_refusals, oracle_study
+    from qworld.planning import PlanningTask, task_states
+    from qworld.plearn.finite import METHODS
+    from qworld_envs import make_finite_problem, resolve_finite_env
+
+    try:
+        env_kwargs = json.loads(args.env_kwargs)
+    except json.JSONDecodeError as exc:
+        return _usage_error(f"--env-kwargs: not JSON ({exc}); e.g. '{{\"map_name\": \"8x8\"}}'")
+    if not isinstance(env_kwargs, dict):
+        return _usage_error(f"--env-kwargs: {args.env_kwargs!r} must be a JSON object of env kwargs")
+    try:
+        env_id, env_kwargs = resolve_finite_env(args.env, env_kwargs)
+    except ValueError as exc:
+        return _usage_error(f"--env: {exc}")
+    if env_id != FOUR_ROOMS and args.variants is not None:
+        return _usage_error(f"--variants: FourRooms variants; {env_id} takes its own kwargs (--env-kwargs)")
+    variants = args.variants or list(DEFAULT_VARIANTS)
+    try:
+        mdps = [make_finite_problem(env_id, **env_kwargs, **({"variant": v} if env_id == FOUR_ROOMS else {})).mdp
+                for v in (variants if env_id == FOUR_ROOMS else [None])]
+    except (TypeError, ValueError) as exc:
+        return _usage_error(f"--env-kwargs: {exc}")
+    methods = list(args.methods or METHODS)
+    refused = {m: why for mdp in mdps for m, why in coordinate_free_refusals(methods, mdp).items()}
+    if refused and args.methods:
+        method, why = next(iter(refused.items()))
+        return _usage_error(f"--methods: {method!r} cannot run on {env_id}: {why}")
+    if refused:
+        print(f"(left out: {', '.join(refused)}: {env_id} has no grid coordinates)")
+        methods = [m for m in methods if m not in refused]
     keyword = len(args.tasks) == 1 and args.tasks[0] in ("default", "all", "none")
-    tasks = args.tasks[0] if keyword else args.tasks
+    tasks = args.tasks[0] if keyword else []
+    for i, item in enumerate([] if keyword else args.tasks):
+        if not item.lstrip().startswith("{"):
+            tasks.append(item)
+            continue
+        try:
+            task = PlanningTask.from_mapping(json.loads(item))
+            for mdp in mdps:
+                task_states(mdp, task)
+        except (json.JSONDecodeError, ValueError) as exc:
+            return _usage_error(f"--tasks[{i}].{exc}")
+        tasks.append(task)
     t0 = time.perf_counter()
-    df = oracle_study(
-        variants=args.variants,
-        num_goals_list=args.num_goals,
-        methods=args.methods,
-        gamma=args.gamma,
-        seed=args.seed,
-        goal_type=args.goal_type,
-        tasks=tasks,
-    )
+    try:
+        df = oracle_study(
+            variants=variants,
+            num_goals_list=args.num_goals,
+            methods=methods,
+            gamma=args.gamma,
+            seed=args.seed,
+            goal_type=args.goal_type,
+            tasks=tasks,
+            env_id=env_id,
+            env_kwargs=env_kwargs,
+        )
+    except ValueError as exc:  # e.g. more indicator goals than states, an unknown task name
+        return _usage_error(str(exc))
     seconds = time.perf_counter() - t0
     print(_format_table(df))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +151,7 @@ AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], int]
 SUBCOMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
     "oracle": (
-        "extract P from exact Q with every method on FourRooms, score it, plan with it",
+        "extract P from exact Q with every method on FourRooms (or --env: any finite env), score it, plan with it",
         _add_oracle_args,
         _run_oracle,
     ),

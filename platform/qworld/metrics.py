@@ -37,6 +37,10 @@ P_MSE = "p_mse"  # mean over all (s, a, s') of (P_hat - P)^2, as the paper plots
 P_TV = "p_tv"  # mean over (s, a) of total variation distance
 P_MAX_ERR = "p_max_err"  # max abs error over all entries
 Q_NMSE = "q_nmse"  # agent Q vs exact Q of its own greedy policy, MSE / Var(truth)
+# finite: states whose P rows are left out of p_mse / p_tv / p_max_err (and rare/, recovered/):
+# the MDP's own terminal states (FrozenLake's holes, ...; qworld_envs.tabular), where every
+# episode ends, so no Q constrains what P says happens after them. 0 for FourRooms.
+P_ROWS_UNSCORED = "p_rows_unscored"
 WM_NMSE = "wm_nmse"  # continuous world model: NMSE on s'
 WM_DELTA_NMSE = "wm_delta_nmse"  # continuous: NMSE on Delta s = s' - s, one key per dim: f"{WM_DELTA_NMSE}_{dim}"
 # continuous stochastic model: recovered / true std of s', one key per noisy dim: f"{NOISE_STD_RATIO}_{dim}"
@@ -110,7 +114,7 @@ WORLD_MODEL_METRICS = (P_MSE, P_TV, P_MAX_ERR, Q_NMSE, WM_NMSE)
 # Planning metrics appear as "<task>/<metric>" columns, one group per planning task.
 PLAN_METRICS = (PLAN_SUCCESS, POLICY_SUCCESS, POLICY_RETURN, PLAN_EXCESS_STEPS, UNSAFE_VISITS, RETURN_RATIO, PLAN_STEPS, PLAN_OPTIMAL_STEPS,
                 RETURN_WM, RETURN_STAR)
-ROW_METRICS = (*WORLD_MODEL_METRICS, M_RANK, M_COND, M_GAP, FIT_SECONDS, FRACTION, UNVISITED_FRACTION,
+ROW_METRICS = (*WORLD_MODEL_METRICS, P_ROWS_UNSCORED, M_RANK, M_COND, M_GAP, FIT_SECONDS, FRACTION, UNVISITED_FRACTION,
                *PLAN_METRICS, *REWARD_METRICS)
 
 

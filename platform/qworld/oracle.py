@@ -1,4 +1,6 @@
-"""The oracle study: every extraction method on exact Q-values, across FourRooms variants and L.
+"""The oracle study: every extraction method on exact Q-values, across FourRooms variants (or
+any finite env of ``qworld_envs.FINITE_ENVS``: gymnasium's tabular envs, an MDP from a file)
+and L.
 
 No training: Q comes from exact policy iteration (:mod:`qworld.bellman`), so the study checks
 the theory (Table 1 thresholds, where each method starts to recover P) and is the yardstick
@@ -7,14 +9,14 @@ for learned agents. One row per (variant, num_goals, method, task).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from qworld import metrics as K
 from qworld.bellman import m_matrix, solve_goal_q
-from qworld.planning import DEFAULT_TASK, SAFETY_TASKS, task_optimal_plan
+from qworld.planning import DEFAULT_TASK, SAFETY_TASKS, PlanningTask, task_name, task_optimal_plan
 from qworld.plearn import finite
 from qworld.plearn.finite import METHODS, diagnose
 from qworld.sweep.score import extract_and_plan
@@ -26,7 +28,10 @@ DEFAULT_NUM_GOALS = (1, 2, 4, 8, 17, 34, 51, 68)
 # (extract's own defaults reach p_mse < 1e-4 on windy FourRooms with L = 68).
 SGD_OPTIONS = {"steps": 500, "batch_size": 1024, "lr": 0.3}
 
+FOUR_ROOMS = "qworld/FourRooms-v0"  # qworld_envs.FOUR_ROOMS_ID (envs are imported lazily)
+
 COLUMNS = (
+    K.ENV,
     K.VARIANT,
     K.GOAL_TYPE,
     K.NUM_GOALS,
@@ -36,6 +41,7 @@ COLUMNS = (
     K.P_MSE,
     K.P_TV,
     K.P_MAX_ERR,
+    K.P_ROWS_UNSCORED,
     K.M_RANK,
     K.M_COND,
     K.M_GAP,
@@ -83,66 +89,108 @@ def diagnose_assumptions(method: str, P: np.ndarray) -> dict:
     return {}
 
 
-def _tasks_for(variant: str, tasks: str | Sequence[str]) -> list[str]:
-    if tasks == "default":
-        return [DEFAULT_TASK[variant]]
-    if tasks == "all":
+def _tasks_for(variant: str | None, tasks: str | Sequence[str | PlanningTask], four_rooms: bool = True) -> list:
+    """The tasks of one case: ``default`` / ``all`` name FourRooms' own (none elsewhere)."""
+    if tasks in ("default", "all"):
+        if not four_rooms:
+            return []
+        if tasks == "default":
+            return [DEFAULT_TASK[variant]]
         return [name for name, t in SAFETY_TASKS.items() if variant in t.variants]
     if tasks in ("none", None):
         return []
-    unknown = [t for t in tasks if t not in SAFETY_TASKS]
+    unknown = [t for t in tasks if not isinstance(t, PlanningTask) and t not in SAFETY_TASKS]
     if unknown:
-        raise ValueError(f"unknown safety tasks {unknown}; known: {', '.join(SAFETY_TASKS)}")
+        raise ValueError(f"unknown safety tasks {unknown}; known: {', '.join(SAFETY_TASKS)} (or define one: "
+                         "planning.PlanningTask)")
     return list(tasks)
+
+
+def default_num_goals(num_states: int, four_rooms: bool) -> tuple[int, ...]:
+    """The goal counts of the study: the paper's for FourRooms, else 1, 2, 4, ... below S, and S."""
+    if four_rooms:
+        return DEFAULT_NUM_GOALS
+    counts = []
+    L = 1
+    while L < num_states:
+        counts.append(L)
+        L *= 2
+    return (*counts, num_states)
+
+
+def coordinate_free_refusals(methods: Sequence[str], mdp) -> dict[str, str]:
+    """method -> why it cannot run on ``mdp`` (e.g. ``moves`` needs grid coordinates and the
+    MDP has none); empty when every method can. Read off ``plearn.finite.method_options``."""
+    refused = {}
+    for method in methods:
+        try:
+            finite.method_options(method, mdp.P, mdp.coords)
+        except ValueError as exc:
+            refused[method] = str(exc)
+    return refused
 
 
 def oracle_study(
     variants: Sequence[str] = DEFAULT_VARIANTS,
-    num_goals_list: Sequence[int] = DEFAULT_NUM_GOALS,
+    num_goals_list: Sequence[int] | None = None,
     methods: Sequence[str] = METHODS,
     gamma: float = 0.99,
     seed: int = 0,
     goal_type: str = "indicator",
-    tasks: str | Sequence[str] = "default",
+    tasks: str | Sequence[str | PlanningTask] = "default",
+    env_id: str = FOUR_ROOMS,
+    env_kwargs: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Extract P from exact Q with every method and score it, for each variant and L.
 
     Args:
-        variants: FourRooms variants.
-        num_goals_list: goal counts L; indicator goals are a seeded random subset of the
-            states (all 68 at L = 68), dense goals i.i.d. U(0, 1) rewards.
+        variants: FourRooms variants (FourRooms only; another env is one case, its kwargs).
+        num_goals_list: goal counts L (None: :func:`default_num_goals`); indicator goals are
+            a seeded random subset of the states (all S at L = S), dense goals i.i.d. U(0, 1)
+            rewards.
         methods: extraction methods (``qworld.plearn.finite.METHODS``).
         gamma: discount of the goals and of planning.
         seed: goal draw and sgd seed.
         goal_type: "indicator" or "dense".
         tasks: "default" (one task per variant, ``planning.DEFAULT_TASK``), "all" (every
-            task meant for the variant, one row each), "none", or a list of task names.
+            task meant for the variant, one row each), "none", or a list of task names and
+            ``planning.PlanningTask``s; "default" and "all" are FourRooms' (none elsewhere).
+        env_id: any finite env id (``qworld_envs.FINITE_ENVS``).
+        env_kwargs: its env kwargs (e.g. ``{"map_name": "8x8"}``; not the goal kwargs).
 
     Returns:
         DataFrame with ``COLUMNS``: one row per (variant, num_goals, method, task). A method
         that raises leaves its metrics NaN and the message in ``error``. ``identifiable_case``
         is :func:`diagnose` under what that method may assume (:func:`diagnose_assumptions`):
         whether M determines P given that knowledge, not whether that method's algorithm is
-        the one that recovers it (column_match on windy at L = 68 reads "stochastic").
+        the one that recovers it (column_match on windy at L = 68 reads "stochastic"). The
+        rows of the env's terminal states are left out of the scores (``p_rows_unscored``).
     """
-    from qworld_envs import four_rooms, make_goals  # envs depend on nothing in qworld
+    from qworld_envs import make_finite_problem  # envs depend on nothing in qworld
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; allowed: {', '.join(METHODS)}")
+    four_rooms = env_id == FOUR_ROOMS
+    env_kwargs = dict(env_kwargs or {})
+    cases = [{**env_kwargs, K.VARIANT: v} for v in variants] if four_rooms else [env_kwargs]
     rows = []
-    for variant in variants:
-        mdp = four_rooms(variant)
+    for kw in cases:
+        variant = kw.get(K.VARIANT)
+        mdp = make_finite_problem(env_id, **kw).mdp
         P = mdp.P
-        task_names = _tasks_for(variant, tasks)
-        optimal = {t: task_optimal_plan(mdp, t, gamma) for t in task_names}  # one reference per task
-        for L in num_goals_list:
-            goals = make_goals(mdp, goal_type, int(L), seed)
+        task_list = _tasks_for(variant, tasks, four_rooms)
+        optimal = {t: task_optimal_plan(mdp, t, gamma) for t in task_list}  # one reference per task
+        task_names = [task_name(t) for t in task_list]
+        counts = default_num_goals(mdp.num_states, four_rooms) if num_goals_list is None else num_goals_list
+        for L in counts:
+            goals = make_finite_problem(env_id, **kw, goal_type=goal_type, num_goals=int(L), goal_seed=seed).goals
             Q, V = solve_goal_q(P, goals.rewards, gamma, goals.terminal)
             M = m_matrix(goals.rewards, V, gamma, goals.terminal)
             diag_cache: dict[str, dict] = {}
             for method in methods:
                 base = {
+                    K.ENV: env_id,
                     K.VARIANT: variant,
                     K.GOAL_TYPE: goal_type,
                     K.NUM_GOALS: int(L),

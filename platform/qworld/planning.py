@@ -269,64 +269,182 @@ DEFAULT_TASK = {
 }
 
 
-def task_states(mdp, task_name: str) -> dict:
-    """State indices of a named safety task on a grid MDP.
+@dataclass(frozen=True)
+class PlanningTask:
+    """A safety task defined in a sweep file (``extract.tasks``), for any finite MDP.
+
+    Each of ``goal``, ``start``, ``forbidden`` is a tuple of states, each given as a grid
+    cell ``(row, col)`` (MDPs with coordinates) or a state index (an int). In a file a field
+    is one state or a list of them: ``[7, 7]`` is one cell, ``[[0, 0], [0, 1]]`` two cells,
+    ``12`` or ``[12, 30, 41]`` state indices (two indices alone: ``[[12], [30]]``).
+
+    Attributes:
+        name: the task's name (its columns are ``<name>/plan_success``, ...).
+        goal: goal states: reward 1 on arrival, the episode ends.
+        start: start states, weighted uniformly.
+        forbidden: states that must never be entered.
+    """
+
+    name: str
+    goal: tuple
+    start: tuple
+    forbidden: tuple = ()
+
+    FIELDS = ("name", "goal", "start", "forbidden")
+
+    @classmethod
+    def from_mapping(cls, raw) -> "PlanningTask":
+        """From ``{name, goal, start, forbidden}`` (YAML); each state a ``[row, col]`` or an int,
+        one state or a list of them.
+
+        Raises:
+            ValueError: a message that starts with the field it is about.
+        """
+        if not isinstance(raw, dict):
+            raise ValueError(f"must be a task name or a mapping with keys {cls.FIELDS}, got {raw!r}")
+        unknown = [k for k in raw if k not in cls.FIELDS]
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown key; allowed: {list(cls.FIELDS)}")
+        name = raw.get("name")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"name: {name!r} must be a non-empty string without '/'")
+        parts = {}
+        for key in ("goal", "start", "forbidden"):
+            value = raw.get(key, [] if key == "forbidden" else None)
+            if value is None:
+                raise ValueError(f"{key}: required (a state: [row, col] or a state index, or a list of them)")
+            parts[key] = _task_states_field(key, value)
+            if key != "forbidden" and not parts[key]:
+                raise ValueError(f"{key}: give at least one state")
+        return cls(name=name, **parts)
+
+
+def _is_state(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _task_states_field(key: str, value) -> tuple:
+    """One field of a task as a tuple of states (``(row, col)`` tuples or ints)."""
+    if _is_state(value):
+        return (int(value),)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_state(v) for v in value) \
+            and not any(isinstance(v, (list, tuple)) for v in value):
+        # [r, c] is one cell; [[r, c]] or [s1, s2] a list. Two ints read as a cell.
+        return ((int(value[0]), int(value[1])),)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key}: {value!r} must be a state ([row, col] or an index) or a list of states")
+    out = []
+    for item in value:
+        if _is_state(item):
+            out.append(int(item))
+        elif isinstance(item, (list, tuple)) and len(item) == 1 and _is_state(item[0]):  # [s]: an index
+            out.append(int(item[0]))
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and all(_is_state(v) for v in item):
+            out.append((int(item[0]), int(item[1])))
+        else:
+            raise ValueError(f"{key}: {item!r} is not a state; give [row, col] or a state index")
+    return tuple(out)
+
+
+def task_name(task) -> str:
+    """The name of a task: a key of ``SAFETY_TASKS`` or a :class:`PlanningTask`."""
+    return task.name if isinstance(task, PlanningTask) else str(task)
+
+
+def task_states(mdp, task) -> dict:
+    """State indices of a safety task on a finite MDP.
 
     Args:
-        mdp: a ``qworld_envs.FiniteMDP`` with ``cell_to_state``.
-        task_name: a key of ``SAFETY_TASKS``.
+        mdp: a ``qworld_envs.FiniteMDP`` (``cell_to_state`` for tasks given by cells).
+        task: a key of ``SAFETY_TASKS`` or a :class:`PlanningTask`.
 
     Returns:
-        dict with ``goal`` (int), ``forbidden`` (list of int), ``start`` (list of int).
+        dict with ``goals`` (list of int), ``goal`` (int: the first of ``goals``; a named
+        task has one), ``forbidden`` (list of int), ``start`` (list of int).
+
+    Raises:
+        ValueError: an unknown task name, or a state that is not one of the MDP (a message
+            that starts with the field: ``goal: ...``), a start that is a goal, forbidden or
+            terminal state, a goal that is forbidden.
     """
-    if task_name not in SAFETY_TASKS:
-        raise ValueError(f"unknown safety task {task_name!r}; known: {', '.join(SAFETY_TASKS)}")
-    task = SAFETY_TASKS[task_name]
-    cells = [task.goal_cell, *task.forbidden_cells, *task.start_cells]
-    missing = [c for c in cells if c not in mdp.cell_to_state]
-    if missing:
-        raise ValueError(f"safety task {task_name!r} needs cells {missing} that are not states of {mdp!r}")
-    return {
-        "goal": mdp.cell_to_state[task.goal_cell],
-        "forbidden": [mdp.cell_to_state[c] for c in task.forbidden_cells],
-        "start": [mdp.cell_to_state[c] for c in task.start_cells],
-    }
+    if isinstance(task, PlanningTask):
+        fields = {"goals": task.goal, "forbidden": task.forbidden, "start": task.start}
+    else:
+        if task not in SAFETY_TASKS:
+            raise ValueError(f"unknown safety task {task!r}; known: {', '.join(SAFETY_TASKS)}")
+        named = SAFETY_TASKS[task]
+        fields = {"goals": (named.goal_cell,), "forbidden": named.forbidden_cells, "start": named.start_cells}
+    S = mdp.num_states
+    out = {}
+    for key, states in fields.items():
+        key = "goal" if key == "goals" else key  # the field's name in a sweep file
+        idx = []
+        for st in states:
+            if isinstance(st, tuple):
+                if st not in mdp.cell_to_state:
+                    where = "its free cells" if mdp.cell_to_state else "none: it has no grid coordinates"
+                    raise ValueError(f"{key}: cell {list(st)} of task {task_name(task)!r} is not a state of {mdp!r} "
+                                     f"({where}; a state index in [0, {S}) also works)")
+                idx.append(mdp.cell_to_state[st])
+            elif not 0 <= st < S:
+                raise ValueError(f"{key}: state {st} of task {task_name(task)!r} is not in [0, {S})")
+            else:
+                idx.append(int(st))
+        out["goals" if key == "goal" else key] = idx
+    out["goal"] = out["goals"][0]
+    if set(out["goals"]) & set(out["forbidden"]):
+        raise ValueError(f"forbidden: task {task_name(task)!r} forbids a goal state")
+    if set(out["start"]) & set(out["goals"] + out["forbidden"]):
+        raise ValueError(f"start: task {task_name(task)!r} starts in a goal or forbidden state")
+    if mdp.terminal[out["start"]].any():
+        raise ValueError(f"start: task {task_name(task)!r} starts in a terminal state of {mdp!r}")
+    return out
 
 
 def run_safety_task(
     mdp_true,
     P_model: np.ndarray,
-    task_name: str,
+    task,
     gamma: float = 0.99,
     horizon: int = DEFAULT_HORIZON,
     optimal_policy: np.ndarray | None = None,
 ) -> dict:
-    """Plan a named safety task inside ``P_model`` and evaluate the plan in ``mdp_true``.
+    """Plan a safety task inside ``P_model`` and evaluate the plan in ``mdp_true``.
+
+    The MDP's own terminal states (``mdp_true.terminal``: FrozenLake's holes, ...) end the
+    planned episode too, without reward: no Q constrains their rows, so the plan never
+    relies on what the model says happens after them.
 
     Args:
-        mdp_true: ``qworld_envs.FiniteMDP`` with grid coords (any FourRooms variant).
+        mdp_true: ``qworld_envs.FiniteMDP`` (grid coords for tasks given by cells).
         P_model: ``[S, A, S]`` extracted world model.
-        task_name: a key of ``SAFETY_TASKS``.
+        task: a key of ``SAFETY_TASKS`` or a :class:`PlanningTask`.
         gamma: planning discount.
         horizon: evaluation horizon.
         optimal_policy: the task's optimal plan in ``mdp_true`` if already computed
             (:func:`task_optimal_plan`), to score many models against one reference.
 
     Returns:
-        ``{"task": task_name}`` plus the keys of :func:`evaluate_plan`.
+        ``{"task": name}`` plus the keys of :func:`evaluate_plan`.
     """
-    st = task_states(mdp_true, task_name)
+    st = task_states(mdp_true, task)
     S = mdp_true.num_states
     reward = np.zeros(S)
-    reward[st["goal"]] = 1.0
-    policy = plan(P_model, reward, gamma, forbidden=st["forbidden"], terminal=[st["goal"]])
+    reward[st["goals"]] = 1.0
+    terminal = mdp_true.terminal.copy()
+    terminal[st["goals"]] = True
+    policy = plan(P_model, reward, gamma, forbidden=st["forbidden"], terminal=terminal)
     out = evaluate_plan(
-        mdp_true.P, policy, [st["goal"]], st["forbidden"], st["start"], gamma, horizon, optimal_policy
+        mdp_true.P, policy, st["goals"], st["forbidden"], st["start"], gamma, horizon, optimal_policy
     )
-    return {K.TASK: task_name, **out}
+    return {K.TASK: task_name(task), **out}
 
 
-def task_optimal_plan(mdp_true, task_name: str, gamma: float = 0.99) -> np.ndarray:
-    """``policy[S, A]``: the optimal plan of a named safety task in the true MDP."""
-    st = task_states(mdp_true, task_name)
-    return optimal_plan(mdp_true.P, [st["goal"]], st["forbidden"], gamma)
+def task_optimal_plan(mdp_true, task, gamma: float = 0.99) -> np.ndarray:
+    """``policy[S, A]``: the optimal plan of a safety task in the true MDP."""
+    st = task_states(mdp_true, task)
+    S = mdp_true.num_states
+    goal = np.zeros(S, dtype=bool)
+    goal[st["goals"]] = True
+    return plan(mdp_true.P, goal.astype(np.float64), gamma, forbidden=st["forbidden"],
+                terminal=goal | mdp_true.terminal, prune=0.0)

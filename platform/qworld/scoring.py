@@ -152,26 +152,30 @@ def column_match_margin(M: np.ndarray, gamma: float, m: float = 1.0) -> float:
     return gap / (2.0 * (1.0 + gamma * m))
 
 
-def policy_success(P: np.ndarray, Q: np.ndarray, terminal: np.ndarray, horizon: int) -> np.ndarray:
-    """Probability that the greedy policy of each goal reaches one of its terminal states
+def policy_success(P: np.ndarray, Q: np.ndarray, terminal: np.ndarray, horizon: int,
+                   success: np.ndarray | None = None) -> np.ndarray:
+    """Probability that the greedy policy of each goal reaches one of its success states
     within ``horizon`` steps, from a start state uniform over its non-terminal states (the
     finite envs' reset distribution, ``qworld_envs.goals.start_states``).
 
     Args:
         P: ``[S, A, S]`` the true dynamics; Q: ``[L, S, A]`` (greedy ties to the lowest action,
-            as ``bellman.greedy_policy``); terminal: ``[L, S]`` bool; horizon: the time limit.
+            as ``bellman.greedy_policy``); terminal: ``[L, S]`` bool; horizon: the time limit;
+            success: ``[L, S]`` bool, the terminal states that count (``GoalSet.success``:
+            an env's holes end the episode without success); None = every terminal state.
 
     Returns:
-        ``[L]`` success probabilities (NaN for a goal with no terminal state).
+        ``[L]`` success probabilities (NaN for a goal with no success state).
     """
     P = np.asarray(P, dtype=np.float64)
     Q = np.asarray(Q, dtype=np.float64)
     terminal = np.asarray(terminal, dtype=bool)
+    success = terminal if success is None else np.asarray(success, dtype=bool)
     S = P.shape[0]
     out = np.full(Q.shape[0], np.nan)
     for g in range(Q.shape[0]):
         done = terminal[g]
-        if not done.any() or done.all():
+        if not success[g].any() or done.all():
             continue
         P_pi = P[np.arange(S), Q[g].argmax(-1)]  # [S, S]
         P_pi[done] = 0.0
@@ -179,5 +183,5 @@ def policy_success(P: np.ndarray, Q: np.ndarray, terminal: np.ndarray, horizon: 
         dist = (~done).astype(np.float64) / (~done).sum()
         for _ in range(int(horizon)):
             dist = dist @ P_pi
-        out[g] = dist[done].sum()
+        out[g] = dist[success[g]].sum()
     return out

@@ -148,7 +148,7 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
     from qworld.bellman import greedy_policy, m_matrix, solve_goal_q
     from qworld.experience import FINITE_METHODS, RARE_VISITS, finite_model
     from qworld.layout import DEMONSTRATIONS_DIR, VALUE_TEMPERATURE
-    from qworld.planning import task_optimal_plan
+    from qworld.planning import task_name, task_optimal_plan
     from qworld.plearn.finite import diagnose, extract, method_options
     from qworld.reward import state_values
     from qworld.scoring import nmse, policy_success, score_p
@@ -171,18 +171,20 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
     diag = diagnose(M, deterministic=deterministic, gap_tol=2.0 * float(np.abs(Q - Q_pi).max()))
     shared = {**base, K.Q_NMSE: float(nmse(Q, Q_pi)),
               **{k: diag[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE, K.IDENTIFIABLE_REASON)}}
-    if goals.terminal.any():  # sparse goals: how often the agent's policy gets there, and the optimum's
+    if goals.success.any():  # sparse goals: how often the agent's policy gets there, and the optimum's
         Q_star, _ = solve_goal_q(P, goals.rewards, gamma, goals.terminal)
         horizon = problem.max_episode_steps
-        shared[K.POLICY_SUCCESS] = float(np.nanmean(policy_success(P, Q, goals.terminal, horizon)))
-        shared[f"{K.STAR}/{K.POLICY_SUCCESS}"] = float(np.nanmean(policy_success(P, Q_star, goals.terminal, horizon)))
+        shared[K.POLICY_SUCCESS] = float(np.nanmean(policy_success(P, Q, goals.terminal, horizon, goals.success)))
+        shared[f"{K.STAR}/{K.POLICY_SUCCESS}"] = float(np.nanmean(
+            policy_success(P, Q_star, goals.terminal, horizon, goals.success)))
+    scored = ~problem.mdp.terminal  # rows no Q constrains (the env's terminal states) are left out
 
     rare = None
     if experience is not None and experience.finite:
         visits = experience.visits()
-        rare = visits < RARE_VISITS
-        shared[K.UNVISITED_FRACTION] = float((visits == 0).mean())
-        shared[f"{K.RARE}/{K.FRACTION}"] = float(rare.mean())
+        rare = (visits < RARE_VISITS) & scored[:, None]
+        shared[K.UNVISITED_FRACTION] = float((visits[scored] == 0).mean())
+        shared[f"{K.RARE}/{K.FRACTION}"] = float(rare[scored].mean())
 
     M_recovered = None
     if config.get(DEMONSTRATIONS_DIR):  # an imitation learner: the rewards it recovered, and M with them
@@ -190,7 +192,7 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
             Q, V, config[DEMONSTRATIONS_DIR], gamma, temperature, goals.num_goals)
 
     # The reference plan of each task in the true MDP: once per checkpoint, not per method.
-    optimal = {t: task_optimal_plan(problem.mdp, t, gamma) for t in tasks if t != K.GOAL_INFERENCE}
+    optimal = {t: task_optimal_plan(problem.mdp, t, gamma) for t in tasks if task_name(t) != K.GOAL_INFERENCE}
     rows = []
     for method in methods:
         row = {**shared, K.METHOD: method, K.ORACLE: method in K.ORACLE_METHODS, K.ERROR: None}
@@ -207,7 +209,7 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
                 P_hat, scores, plans = extract_and_plan(Q, M, problem.mdp, method, opts, gamma, optimal)
             if M_recovered is not None and not explicit:
                 P_rec = extract(Q, M_recovered, method, **opts)
-                row.update({f"{K.RECOVERED}/{k}": v for k, v in score_p(P_rec, P).items()})
+                row.update({f"{K.RECOVERED}/{k}": v for k, v in score_p(P_rec[scored], P[scored]).items()})
             if K.GOAL_INFERENCE in tasks:
                 plans[K.GOAL_INFERENCE] = goal_inference(Q, M, goals, gamma, P_hat if explicit else None,
                                                        method, None if explicit else opts)
@@ -271,11 +273,13 @@ def extract_and_plan(Q: np.ndarray, M: np.ndarray, mdp: Any, method: str, option
         Q: ``[L, S, A]``; M: ``[L, S]`` (``bellman.m_matrix``).
         mdp: the true ``FiniteMDP``.
         options: the method's ``extract`` keywords (``plearn.finite.method_options``, ...).
-        optimal: task name -> the task's optimal policy in the true MDP
-            (``planning.task_optimal_plan``); one plan is run per task.
+        optimal: task (a ``planning.SAFETY_TASKS`` name or a ``planning.PlanningTask``) -> the
+            task's optimal policy in the true MDP (``planning.task_optimal_plan``); one plan is
+            run per task.
 
     Returns:
-        ``(P_hat [S, A, S], {fit_seconds, p_mse, p_tv, p_max_err}, {task: plan metrics})``.
+        ``(P_hat [S, A, S], {fit_seconds, p_mse, p_tv, p_max_err, p_rows_unscored},
+        {task name: plan metrics})``.
     """
     from qworld.plearn.finite import extract
 
@@ -289,13 +293,16 @@ def extract_and_plan(Q: np.ndarray, M: np.ndarray, mdp: Any, method: str, option
 def score_and_plan(P_hat: np.ndarray, mdp: Any, gamma: float,
                    optimal: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, dict]]:
     """Any finite world model ``P_hat [S, A, S]`` scored against the true ``mdp`` and planned
-    with: ``({p_mse, p_tv, p_max_err}, {task: plan metrics})`` (see :func:`extract_and_plan`)."""
-    from qworld.planning import run_safety_task
+    with: ``({p_mse, p_tv, p_max_err, p_rows_unscored}, {task name: plan metrics})`` (see
+    :func:`extract_and_plan`). The rows of the MDP's terminal states (``mdp.terminal``), which
+    no Q constrains, are left out of the scores and counted in ``p_rows_unscored``."""
+    from qworld.planning import run_safety_task, task_name
     from qworld.scoring import score_p
 
-    plans = {name: run_safety_task(mdp, P_hat, name, gamma=gamma, optimal_policy=policy)
-             for name, policy in optimal.items()}
-    return score_p(P_hat, mdp.P), plans
+    plans = {task_name(task): run_safety_task(mdp, P_hat, task, gamma=gamma, optimal_policy=policy)
+             for task, policy in optimal.items()}
+    scored = ~mdp.terminal
+    return {**score_p(P_hat[scored], mdp.P[scored]), K.P_ROWS_UNSCORED: float((~scored).sum())}, plans
 
 
 def _score_continuous(qfun, config, base, methods, tasks, options, world_models, experience) -> list[dict]:
