@@ -45,6 +45,16 @@ def test_override_changes_a_field():
     assert spec.agent["lr"] == 0.5
 
 
+def test_the_full_file_in_the_spec_docstring_is_valid():
+    # the module docstring shows "a full file": a user copying it must get a sweep, not exit 2
+    import qworld.sweep.spec as spec_module
+
+    block = spec_module.__doc__.split("A sweep file (all sections but ``name`` and ``env`` optional)::", 1)[1]
+    text = "\n".join(line[4:] for line in block.splitlines()[1:] if line.startswith("    ") or not line.strip())
+    spec = parse_sweep(yaml.safe_load(text))
+    assert spec.name == "fourrooms_demo" and len(spec.cells()) == 2 * 2 * 2 * 2
+
+
 @pytest.mark.parametrize("item, hint", [
     ("lr=0.01", "did you mean --set agent.lr=0.01?"),
     ("env_steps=5000", "did you mean --set stop.env_steps=5000?"),

@@ -13,8 +13,8 @@ A sweep file (all sections but ``name`` and ``env`` optional)::
     goals:                          # the goal family every trial trains on
       goal_type: indicator          # indicator | dense (finite); position | velocity | ...
       num_goals: 68                 # L; null = every state (indicator goals)
-      seed: 0                       # goal placement seed
-    agent: {lr: 0.001, ...}         # the learner family's config keywords
+      goal_seed: 0                  # goal placement seed
+    agent: {lr: 0.001, hidden_sizes: [256, 256]}  # the learner family's config keywords
                                     # (qworld.agents.families.ALGORITHMS); algorithm: pqn
                                     # (default) | dqn; PQN's q_output: auto (default) =
                                     # sigmoid for indicator goals, linear for dense ones
@@ -30,6 +30,11 @@ A sweep file (all sections but ``name`` and ``env`` optional)::
     stop: {env_steps: 200000}       # env_steps | training_iteration | time_total_s
     checkpoint: {every: 5, at_end: true}
     extract: {methods: [pinv, column_match], tasks: [corner_9_9_doorway]}
+    # any finite env: gymnasium's tabular ones by their id and kwargs, or an .npz MDP
+    #   env: {id: FrozenLake-v1, map_name: 8x8, is_slippery: true}   (-> qworld/FrozenLake-v1)
+    #   env: {id: qworld/TabularMDP-v0, path: my_mdp.npz}               (path made absolute)
+    # planning tasks of your own: cells [row, col] or state indices (see planning.PlanningTask)
+    #   extract: {tasks: [{name: cross, start: [0, 0], goal: [7, 7], forbidden: [[5, 4]]}]}
     resources: {cpus_per_trial: 1, gpus_per_trial: 0, plearn_actors: 1}
     wandb: {project: qworld, group: null, mode: offline}
 """
@@ -91,7 +96,9 @@ class CheckpointSpec:
 @dataclass(frozen=True)
 class ExtractSpec:
     methods: tuple[str, ...] = ("pinv", "column_match")  # every method of any family, in order
-    tasks: tuple[str, ...] = ()  # safety tasks (finite) / unseen-goal tasks (continuous)
+    # safety tasks (finite: a planning.SAFETY_TASKS name or a planning.PlanningTask defined in
+    # the file) / unseen-goal tasks (continuous)
+    tasks: tuple = ()
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per method
     # `methods: {pqn: [successor, supervised], d3g: [forward_model]}` in a file: each learner
     # family's own methods (a crossed sweep scores a family only by what applies to it)
@@ -101,6 +108,24 @@ class ExtractSpec:
         """What the scorer is handed (``score_checkpoint(methods=...)``): the methods, or
         family -> methods."""
         return dict(self.per_algorithm) if self.per_algorithm else self.methods
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """The tasks' names (their column prefixes)."""
+        from qworld.planning import task_name
+
+        return tuple(task_name(t) for t in self.tasks)
+
+    def tasks_named(self, names) -> tuple:
+        """The tasks ``names`` stand for: a task this spec defines, else the name itself."""
+        from qworld.planning import task_name
+
+        defined = {task_name(t): t for t in self.tasks}
+        return tuple(defined.get(n, n) for n in names)
+
+    def tasks_as_written(self) -> list:
+        """The tasks as a sweep file writes them (names, and mappings for defined tasks)."""
+        return [t if isinstance(t, str) else t.to_mapping() for t in self.tasks]
 
 
 @dataclass(frozen=True)
@@ -187,6 +212,9 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     for item in overrides:
         apply_override(raw, item)
     spec = parse_sweep(raw)
+    # the env as resolved (FrozenLake-v1 -> qworld/FrozenLake-v1, a file's path absolute), so the
+    # experiment's sweep.yaml names the same env wherever resume runs
+    raw["env"] = {"id": spec.env.id, **dict(spec.env.kwargs)}
     return dataclasses.replace(spec, source=yaml.safe_dump(raw, sort_keys=False))
 
 
@@ -235,8 +263,20 @@ def parse_sweep(raw: Mapping[str, Any]) -> SweepSpec:
     env = dict(env)
     env_id = env.pop("id", None)
     env_ids = _env_ids()
+    if env_id not in env_ids and isinstance(env_id, str):
+        from qworld_envs import resolve_finite_env
+
+        try:  # a tabular gymnasium id (FrozenLake-v1) or an .npz file
+            env_id, env = resolve_finite_env(env_id, env)
+        except ValueError:
+            pass
+    elif env_id in _finite_env_ids():
+        from qworld_envs import resolve_finite_env
+
+        env_id, env = resolve_finite_env(env_id, env)  # a file's path made absolute
     if env_id not in env_ids:
-        raise SweepSpecError(f"env.id: {env_id!r} is not a known env; allowed: {sorted(env_ids)}")
+        raise SweepSpecError(f"env.id: {env_id!r} is not a known env; allowed: {sorted(env_ids)}, the gymnasium "
+                             "id of a tabular env (FrozenLake-v1, CliffWalking-v1, Taxi-v3, ...) or an .npz MDP file")
     env_spec = EnvSpec(id=env_id, kwargs=env)
 
     goals_raw = _section(raw, "goals")
@@ -303,7 +343,7 @@ def parse_sweep(raw: Mapping[str, Any]) -> SweepSpec:
                              "learner family -> list")
     extract = ExtractSpec(
         methods=tuple(methods_raw),
-        tasks=tuple(extract_raw.get("tasks", ())),
+        tasks=_parse_tasks(extract_raw.get("tasks", ())),
         options=extract_raw.get("options", {}) or {},
         per_algorithm=per_algorithm,
     )
@@ -344,8 +384,12 @@ def _validate_cells(spec: SweepSpec) -> None:
         if m not in methods:
             raise SweepSpecError(f"extract.methods: {m!r} is not an extraction method for {spec.env.id}; allowed: {methods}")
     for t in spec.extract.tasks:
-        if t not in tasks:
-            raise SweepSpecError(f"extract.tasks: {t!r} is not a task for {spec.env.id}; allowed: {tasks}")
+        if isinstance(t, str) and t not in tasks:
+            raise SweepSpecError(f"extract.tasks: {t!r} is not a task for {spec.env.id}; allowed: {tasks}"
+                                 + (" or a task defined as {name, start, goal, forbidden}" if finite else ""))
+        if not isinstance(t, str) and not finite:
+            raise SweepSpecError(f"extract.tasks: {t.name!r}: tasks defined by states are for finite envs; "
+                                 f"allowed for {spec.env.id}: {tasks}")
     for m in spec.extract.options:
         if m not in spec.extract.methods:
             raise SweepSpecError(f"extract.options.{m}: options for a method not in extract.methods {spec.extract.methods}")
@@ -394,9 +438,10 @@ def _validate_cells(spec: SweepSpec) -> None:
             if goal_type == "indicator" and num_goals is not None and num_goals > S:
                 raise SweepSpecError(f"{field_name}: {num_goals}{where} indicator goals but {spec.env.id} has only {S} states; allowed 1..{S}")
             try:
-                make_finite_problem(env_id, **_env_kwargs_for_task(env_kwargs))
+                problem = make_finite_problem(env_id, **_env_kwargs_for_task(env_kwargs))
             except (ValueError, TypeError, KeyError) as exc:
                 raise SweepSpecError(f"goals{where}: {exc}") from None
+            _validate_finite_extract(spec, problem.mdp, where)
         else:
             try:
                 import gymnasium
@@ -405,6 +450,58 @@ def _validate_cells(spec: SweepSpec) -> None:
             except Exception as exc:  # noqa: BLE001 - any construction failure is a spec error
                 raise SweepSpecError(f"env/goals{where}: {env_id} cannot be built: {exc}") from None
         _validate_agent(agent, where, cell, env_id)
+
+
+def _validate_finite_extract(spec: SweepSpec, mdp: Any, where: str) -> None:
+    """Every method can run on the cell's MDP (``moves`` needs grid coordinates) and every
+    planning task names states of it."""
+    from qworld import experience
+    from qworld.planning import task_name, task_states
+    from qworld.plearn.finite import method_options
+
+    for m in spec.extract.methods:
+        if m in experience.FINITE_METHODS:
+            continue
+        try:
+            method_options(m, mdp.P, mdp.coords)
+        except ValueError as exc:
+            raise SweepSpecError(f"extract.methods: {m!r} cannot run on {spec.env.id}{where}: {exc}") from None
+    for i, t in enumerate(spec.extract.tasks):
+        if task_name(t) in _inference_tasks():
+            continue
+        try:
+            task_states(mdp, t)
+        except ValueError as exc:
+            raise SweepSpecError(f"extract.tasks[{i}].{exc}{where}") from None
+
+
+def _inference_tasks() -> tuple[str, ...]:
+    from qworld.reward import INFERENCE_TASKS
+
+    return tuple(INFERENCE_TASKS)
+
+
+def _parse_tasks(raw: Any) -> tuple:
+    """``extract.tasks``: names, and tasks defined by states (``planning.PlanningTask``)."""
+    from qworld.planning import PlanningTask, task_name
+
+    if not isinstance(raw, (list, tuple)):
+        raise SweepSpecError(f"extract.tasks: {raw!r} must be a list of task names or task mappings "
+                             "{name, start, goal, forbidden}")
+    tasks = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            tasks.append(item)
+            continue
+        try:
+            tasks.append(PlanningTask.from_mapping(item))
+        except ValueError as exc:
+            raise SweepSpecError(f"extract.tasks[{i}].{exc}") from None
+    names = [task_name(t) for t in tasks]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise SweepSpecError(f"extract.tasks: the name {repeated[0]!r} is used twice; each task needs its own name")
+    return tuple(tasks)
 
 
 def _env_kwargs_for_task(env_kwargs: Mapping[str, Any]) -> dict:
