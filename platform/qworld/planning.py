@@ -318,6 +318,14 @@ class PlanningTask:
                 raise ValueError(f"{key}: give at least one state")
         return cls(name=name, **parts)
 
+    def to_mapping(self) -> dict:
+        """The task as a sweep file writes it (``from_mapping`` reads it back)."""
+        def field(states):
+            return [list(st) if isinstance(st, tuple) else [st] for st in states]
+
+        return {"name": self.name, "goal": field(self.goal), "start": field(self.start),
+                "forbidden": field(self.forbidden)}
+
 
 def _is_state(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)

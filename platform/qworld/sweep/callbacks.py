@@ -119,7 +119,7 @@ class SweepConsole(Callback):
         print(f"qworld sweep {spec.name}: {len(cells)} trials of {spec.env.id} ({axes}), "
               f"stop at {budget}", file=out)
         print(f"  extract {', '.join(spec.extract.methods)}"
-              + (f"; plan {', '.join(spec.extract.tasks)}" if spec.extract.tasks else ""), file=out)
+              + (f"; plan {', '.join(spec.extract.task_names)}" if spec.extract.tasks else ""), file=out)
         wandb = "" if spec.wandb.mode == "disabled" else f", W&B {spec.wandb.mode} runs in wandb/"
         print(f"  results -> {experiment_dir} (worldmodels.parquet, trial dirs{wandb})", file=out,
               flush=True)

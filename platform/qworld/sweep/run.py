@@ -476,7 +476,7 @@ def extract_sweep(experiment_dir: str | Path, methods=None, tasks=None, address=
     if methods:  # the same methods for every family
         extract = dataclasses.replace(extract, methods=tuple(methods), per_algorithm={})
     if tasks is not None:
-        extract = dataclasses.replace(extract, tasks=tuple(tasks))
+        extract = dataclasses.replace(extract, tasks=extract.tasks_named(tasks))  # a defined task by its name
     spec = dataclasses.replace(spec, extract=extract)
     from qworld.sweep.spec import _validate_cells
 
