@@ -22,7 +22,7 @@ from qworld import metrics as K
 from qworld.sweep import store
 from qworld.sweep.location import Location
 from qworld.sweep.run import run_id_of
-from qworld.sweep.run import list_checkpoints, list_trials
+from qworld.sweep.run import list_checkpoints, list_trials, load_spec_of
 from qworld.sweep.score import checkpoint_index, score_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,6 +212,8 @@ def test_status_and_rescore_without_duplicates(smoke_dir, tmp_path):
     before = store.read_store(work)
     qworld("extract", work, "--methods", "pinv", "column_match", "sparse_search")
     after = assert_scored_once(work, methods=("pinv", "column_match", "sparse_search"))
+    # recorded: a later resume (or extract without --methods) scores with them too
+    assert load_spec_of(work).extract.methods == ("pinv", "column_match", "sparse_search")
     merged = before.merge(after, on=[K.TRIAL_ID, K.CHECKPOINT_INDEX, K.METHOD], suffixes=("", "_new"))
     assert (merged[K.P_MSE] - merged[f"{K.P_MSE}_new"]).abs().max() < 1e-12  # same Q, same P^
     # --last: a new method on each trial's last checkpoint only, the other rows kept

@@ -467,7 +467,8 @@ def _shutdown(started: bool) -> None:
 def extract_sweep(experiment_dir: str | Path, methods=None, tasks=None, address=None,
                   rescore: bool = True, verbose: bool = False, last_only: bool = False) -> SweepOutcome:
     """Re-score every checkpoint of a finished sweep (``last_only``: each trial's last) with
-    (new) methods, no retraining."""
+    (new) methods, no retraining. New ``methods`` / ``tasks`` are recorded in the experiment's
+    sweep file: a later ``qworld resume`` scores its new checkpoints with them."""
     import dataclasses
 
     experiment_dir = Location.of(experiment_dir)
@@ -477,10 +478,14 @@ def extract_sweep(experiment_dir: str | Path, methods=None, tasks=None, address=
         extract = dataclasses.replace(extract, methods=tuple(methods), per_algorithm={})
     if tasks is not None:
         extract = dataclasses.replace(extract, tasks=extract.tasks_named(tasks))  # a defined task by its name
+    if methods:  # options of methods no longer asked for would be refused (and are unused)
+        extract = dataclasses.replace(extract, options={m: o for m, o in extract.options.items() if m in extract.methods})
     spec = dataclasses.replace(spec, extract=extract)
     from qworld.sweep.spec import _validate_cells
 
     _validate_cells(spec)
+    if methods or tasks is not None:
+        _record_extract(experiment_dir, spec.extract, methods=bool(methods), tasks=tasks is not None)
     console = _console(spec, experiment_dir)
     _label_trials_from_disk(console, experiment_dir)
     started = init_ray(spec, address, experiment_dir, verbose=verbose)
@@ -495,6 +500,25 @@ def extract_sweep(experiment_dir: str | Path, methods=None, tasks=None, address=
                        num_errors=0, console=console)
     finally:
         _shutdown(started)
+
+
+def _record_extract(experiment_dir: Location, extract, methods: bool, tasks: bool) -> None:
+    """Write the methods (with their options) and / or tasks ``qworld extract`` was given into
+    the experiment's sweep file, so that ``qworld resume`` (and a later ``extract``) scores
+    with them too."""
+    import yaml
+
+    raw = yaml.safe_load((experiment_dir / SPEC_FILE).read_text())
+    section = dict(raw.get("extract") or {})
+    if methods:
+        section["methods"] = list(extract.methods)
+        section["options"] = {m: dict(o) for m, o in extract.options.items()}
+        if not section["options"]:
+            section.pop("options")
+    if tasks:
+        section["tasks"] = extract.tasks_as_written()
+    raw["extract"] = section
+    (experiment_dir / SPEC_FILE).write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def _label_trials_from_disk(console, experiment_dir: Path) -> None:
