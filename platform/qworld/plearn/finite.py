@@ -46,7 +46,7 @@ from scipy.spatial.distance import pdist
 
 from qworld import metrics as K
 
-METHODS = ("pinv", "known_support", "sparse_search", "column_match", "sgd", "moves")
+METHODS = ("pinv", "known_support", "sparse_search", "column_match", "sgd", "moves", "regional_moves")
 
 IDENTIFIABLE_CASES = ("stochastic", "sparse_known", "sparse_unknown", "deterministic", "not identifiable")
 
@@ -58,7 +58,8 @@ _OPTIONS = {
     "column_match": {"chunk_size"},
     "sgd": {"steps", "batch_size", "lr", "seed", "init", "dtype", "log_every", "schedule"},
     "moves": {"coords", "rounds", "tol", "jump_z", "jump_ridge", "jumps", "openings", "pi_prune",
-              "wall_prior", "walls"},
+              "wall_prior", "walls", "cells"},
+    "regional_moves": {"coords", "tol", "regions", "trim", "c_steps", "prior", "project_iters", "polish"},
 }
 
 
@@ -511,7 +512,7 @@ def _share_walls(opening, Xs, ys, edges, wall_cost, sweeps=3):
 
 
 def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_ridge=1e-6,
-                   jumps="auto", openings="binary", pi_prune=0.2, wall_prior=1e-3, walls="one-way"):
+                   jumps="auto", openings="binary", pi_prune=0.2, wall_prior=1e-3, walls="one-way", cells=None):
     """P-learning with parameters shared across cells, fitted by alternating least squares.
 
     Model, with D = 5 grid moves (stay, up, right, down, left)::
@@ -537,6 +538,10 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     fit without jumps, a cell whose misfit lies more than ``jump_z`` robust standard
     deviations (MAD) above the median cell's gets a jump, kept only if that halves its misfit
     with a support its ``A L`` equations identify. Last, Occam on ``pi`` (below).
+
+    ``cells`` (bool ``[S]``, default all) are the cells whose equations inform ``pi``, the
+    noise estimate, the jump search and the stopping loss; the others only get their
+    openings (``regional_moves`` fits one region at a time this way).
     """
     from scipy.optimize import lsq_linear
 
@@ -552,6 +557,9 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
         raise ValueError(f"unknown moves openings {openings!r}; allowed: binary, free")
     if walls not in ("two-way", "one-way"):
         raise ValueError(f"unknown moves walls {walls!r}; allowed: two-way, one-way")
+    cells = np.ones(S, dtype=bool) if cells is None else np.asarray(cells, dtype=bool)
+    if cells.shape != (S,) or not cells.any():
+        raise ValueError(f"cells must be a bool [S] = [{S}] mask with at least one cell, got shape {cells.shape}")
     D = nbr.shape[1]
     movable = nbr >= 0
     movable[:, 0] = False  # "stay" always arrives where it is
@@ -578,7 +586,7 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     def fit(rounds, jump_cells, shared=None, allowed=None):
         """Alternate the blocks; only the ``shared`` cells (bool [S]) inform ``pi``, whose
         rows use only the ``allowed`` moves (bool [A, D])."""
-        shared = np.ones(S, dtype=bool) if shared is None else shared
+        shared = cells if shared is None else shared
         allowed = np.ones((A, D), dtype=bool) if allowed is None else allowed
         prev = np.inf
         for _ in range(rounds):
@@ -587,7 +595,7 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
             design = (keep[:, None, None] * opening[..., None] * delta)  # [S, D, L]
             X = design[shared].transpose(0, 2, 1).reshape(-1, D)
             # the noise variance of one equation, from the typical cell's misfit
-            noise_var = float(np.median(np.mean(residual() ** 2, axis=(1, 2))))
+            noise_var = float(np.median(np.mean(residual()[cells] ** 2, axis=(1, 2))))
             wall_cost = 2.0 * math.log((1.0 - wall_prior) / wall_prior) * noise_var
             for a in range(A):
                 pi[a] = _fit_move_distribution(X, target[shared, a, :].reshape(-1), w_sum, allowed[a])
@@ -611,7 +619,7 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
                 _share_walls(opening, Xs, ys, edges, wall_cost)
             for s in jump_cells:
                 fit_jump(s)
-            loss = float(np.sum(residual() ** 2))
+            loss = float(np.sum(residual()[cells] ** 2))
             fits_done.append(loss)
             if (np.isfinite(prev) and prev - loss <= tol * prev) or loss <= 1e-30 * scale**2:
                 break
@@ -628,7 +636,7 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
 
     # Outlier cells (candidate jumps) would bend the shared pi towards themselves: fit pi
     # on the other cells until the set of outliers is stable.
-    shared = np.ones(S, dtype=bool)
+    shared = cells.copy()
     for _ in range(5 if jumps == "auto" else 1):
         fit(rounds, [], shared)
         per_cell = np.sqrt(np.mean(residual() ** 2, axis=(1, 2)))  # [S]
@@ -637,13 +645,13 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
         med = float(np.median(per_cell[shared]))
         mad = 1.4826 * float(np.median(np.abs(per_cell[shared] - med)))
         floor = max(med + jump_z * mad, 1e-6 * scale)
-        outliers = per_cell > floor
-        if jumps != "auto" or np.array_equal(~outliers, shared) or outliers.all():
+        outliers = (per_cell > floor) & cells
+        if jumps != "auto" or np.array_equal(cells & ~outliers, shared) or outliers[cells].all():
             break
-        shared = ~outliers
+        shared = cells & ~outliers
     jump_cells: list[int] = []
     if jumps == "auto":
-        for s in np.flatnonzero(per_cell > floor):
+        for s in np.flatnonzero((per_cell > floor) & cells):
             before = per_cell[s]
             fit_jump(s)
             after = np.sqrt(np.mean(residual()[s] ** 2))
@@ -659,14 +667,14 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     # keep the smaller model unless an F-test says the dropped mass was real (p < 0.001).
     # Noise spreads a little mass over every move (and into "stay", as errors in M shrink
     # the fit): this removes it, and a deterministic P comes out exactly deterministic.
-    loss_free = float(np.sum(residual() ** 2))
+    loss_free = float(np.sum(residual()[cells] ** 2))
     allowed = pi >= pi_prune * pi.max(axis=1, keepdims=True)
     dropped = int(np.count_nonzero(~allowed & (pi > 0)))
     pi_simplified = False
     if dropped:
         saved = pi.copy(), opening.copy(), W.copy()
         loss_small = fit(rounds, jump_cells, allowed=allowed)
-        n, k = S * A * L, dropped
+        n, k = int(cells.sum()) * A * L, dropped
         dof = max(1, n - A * (D - 1))
         if loss_free <= 1e-24 * scale**2 * n:  # exact fit: only an exact smaller fit will do
             keep_small = loss_small <= 1e-24 * scale**2 * n
@@ -686,6 +694,152 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
                    "loss_curve": np.asarray(fits_done), "pi_simplified": pi_simplified}
 
 
+def project_consistent(X0: np.ndarray, M: np.ndarray, q: np.ndarray, iters: int = 3000,
+                       rcond: float = 1e-12) -> np.ndarray:
+    """Each row of ``X0`` projected onto the rows that explain Q: ``{p >= 0, [M; 1] p = [q; 1]}``.
+
+    Dykstra's alternating projections between the affine set (least-squares solutions of
+    ``[M; 1] p = [q; 1]``, so noisy Q keeps it non-empty) and the non-negative orthant give
+    the nearest point of their intersection. Projecting onto a convex set that holds the
+    true row never moves a guess away from it, so with exact Q the result is at least as
+    close to the truth as ``X0`` is, and with ``M`` of full column rank (L >= S) the set is
+    the true row alone: exact, as pinv is.
+
+    Args:
+        X0: ``[K, S]`` guesses; M: ``[L, S]``; q: ``[K, L]`` the rows' Q-values.
+
+    Returns:
+        ``[K, S]`` non-negative rows summing to 1.
+    """
+    L, S = M.shape
+    w = _sum_weight(M, None)
+    aug = np.vstack([M, np.full((1, S), w)])  # [L + 1, S]
+    rhs = np.hstack([q, np.full((len(q), 1), w)])  # [K, L + 1]
+    pinv = np.linalg.pinv(aug, rcond=rcond)  # [S, L + 1]
+
+    def affine(X):
+        return X - (X @ aug.T - rhs) @ pinv.T
+
+    x = np.asarray(X0, dtype=np.float64).copy()
+    if x.size == 0:
+        return x.reshape(0, S)
+    if np.linalg.matrix_rank(aug, tol=rcond * np.linalg.norm(aug, 2)) == S:
+        iters = 1  # the affine set is one point: the least-squares solution
+    p = np.zeros_like(x)
+    c = np.zeros_like(x)
+    for _ in range(int(iters)):
+        y = affine(x + p)
+        p = x + p - y
+        x_new = np.maximum(y + c, 0.0)
+        c = y + c - x_new
+        done = np.abs(x_new - x).max() <= 1e-13
+        x = x_new
+        if done:
+            break
+    x = np.maximum(x, 0.0)
+    sums = x.sum(-1, keepdims=True)
+    return np.where(sums > 0, x / np.where(sums > 0, sums, 1.0), 1.0 / S)
+
+
+def _extract_regional_moves(Q, M, coords=None, tol=1e-9, regions=4, trim=0.5, c_steps=6, prior="uniform",
+                            project_iters=3000, polish=True):
+    """Moves shared only where Q says they are: regions of cells, each with its own ``pi``.
+
+    1. Regions, found from the misfit: fit ``moves`` (:func:`_extract_moves`) with ``pi``
+       informed by the remaining cells; trimmed refits (C-steps of least trimmed squares)
+       inform ``pi`` by the best-fitting ``trim`` share of them (all of them once that many
+       fit exactly), so a majority sharing one distribution is not bent by a minority. The
+       rows the fit explains (``||Q(s, a) - M P_hat(s, a)|| <= tol (1 + ||Q(s, a)||)``) are
+       kept; the cells with a row it does not explain form the next region's candidates.
+    2. Rows no region explains: a distribution over the cell and its grid neighbours alone
+       (NNLS on ``[M; 1]`` restricted to them), kept if it explains the row and is the only
+       one that does (those columns independent); else one next state anywhere (the
+       nearest column of M), kept if it explains the row exactly and no other column does.
+    3. The rest: ``prior`` (``"uniform"``; ``"model"``: the last region's row) projected
+       onto the rows that explain Q (:func:`project_consistent`): never further from the
+       truth than the prior with exact Q, and exact where M has full column rank.
+       ``polish`` (default) projects the kept rows too, for the same two reasons.
+
+    The defaults read Q as exact (``tol`` 1e-9 relative). For a learned agent's Q set ``tol``
+    to its relative Q error and ``polish=False``: projecting onto noisy Q fits the noise.
+
+    Given: the cells' coordinates, Q and M (like ``moves``). Nothing of P.
+    """
+    L, S, A = Q.shape
+    if coords is None:
+        raise ValueError("method 'regional_moves' needs the option coords=[S, 2] (the cells' (row, col))")
+    if prior not in ("model", "uniform"):
+        raise ValueError(f"unknown regional_moves prior {prior!r}; allowed: uniform, model")
+    nbr = grid_neighbours(coords)
+    if nbr.shape[0] != S:
+        raise ValueError(f"coords has {nbr.shape[0]} cells, Q has S = {S} states")
+    q = Q.transpose(1, 2, 0)  # [S, A, L]
+    tau = tol * (1.0 + np.linalg.norm(q, axis=-1))  # [S, A]
+    P_hat = np.zeros((S, A, S))
+    how = np.full((S, A), "", dtype=object)
+    region = np.full((S, A), -1, dtype=np.int64)
+    remaining = np.ones(S, dtype=bool)
+    last = None
+    for r in range(int(regions)):
+        if not remaining.any():
+            break
+        cells = remaining.copy()
+        for _ in range(int(c_steps)):
+            P_r, info_r = _extract_moves(Q, M, coords=coords, cells=cells)
+            res = _residuals(Q, M, P_r)  # [S, A]
+            ok = (res <= tau) & remaining[:, None]
+            exact_cells = ok.all(axis=1)
+            misfit = np.sqrt(np.mean(res**2, axis=1))
+            k = max(1, int(math.ceil(trim * remaining.sum())))
+            if exact_cells.sum() >= k:
+                new = exact_cells
+            else:
+                order = np.flatnonzero(remaining)[np.argsort(misfit[remaining], kind="stable")]
+                new = np.zeros(S, dtype=bool)
+                new[order[:k]] = True
+            if np.array_equal(new, cells):
+                break
+            cells = new
+        last = P_r if last is None else np.where(remaining[:, None, None], P_r, last)
+        if not ok.any():
+            break
+        P_hat[ok] = P_r[ok]
+        how[ok] = "region"
+        region[ok] = r
+        remaining &= ~ok.all(axis=1)
+    todo = np.argwhere(how == "")
+    w = _sum_weight(M, None)
+    aug = np.vstack([M, np.full((1, S), w)])
+    for s, a in todo:
+        rhs = np.append(q[s, a], w)
+        cols = np.unique(np.append(nbr[s][nbr[s] >= 0], s))
+        x, rnorm = nnls(aug[:, cols], rhs, maxiter=50 * len(cols))
+        # kept only with an equation to spare (len(cols) <= L): with as many unknowns as
+        # equations any non-negative solution fits, which is no evidence of locality
+        if len(cols) <= L and rnorm <= tau[s, a] and np.linalg.matrix_rank(aug[:, cols]) == len(cols):
+            P_hat[s, a] = 0.0
+            P_hat[s, a, cols] = x / x.sum()
+            how[s, a] = "local"
+            continue
+        d = np.linalg.norm(M - q[s, a][:, None], axis=0)
+        close = np.flatnonzero(d <= tau[s, a])
+        if len(close) == 1:
+            P_hat[s, a] = 0.0
+            P_hat[s, a, close[0]] = 1.0
+            how[s, a] = "one_state"
+    todo = np.argwhere(how == "")
+    if len(todo):
+        X0 = last[todo[:, 0], todo[:, 1]] if prior == "model" else np.full((len(todo), S), 1.0 / S)
+        P_hat[todo[:, 0], todo[:, 1]] = project_consistent(X0, M, q[todo[:, 0], todo[:, 1]], iters=project_iters)
+        how[todo[:, 0], todo[:, 1]] = "projected"
+    if polish:  # the kept rows too: a jump's ridge leaves them close to Q, not on it
+        kept = np.argwhere(how != "projected")
+        P_hat[kept[:, 0], kept[:, 1]] = project_consistent(P_hat[kept[:, 0], kept[:, 1]], M, q[kept[:, 0], kept[:, 1]],
+                                                           iters=project_iters)
+    counts = {f"num_{h}": int(np.sum(how == h)) for h in ("region", "local", "one_state", "projected")}
+    return P_hat, {"path": how, "region": region, "num_regions": int(region.max()) + 1, **counts}
+
+
 _METHOD_FNS = {
     "pinv": _extract_pinv,
     "known_support": _extract_known_support,
@@ -693,6 +847,7 @@ _METHOD_FNS = {
     "column_match": _extract_column_match,
     "sgd": _extract_sgd,
     "moves": _extract_moves,
+    "regional_moves": _extract_regional_moves,
 }
 
 
@@ -766,6 +921,7 @@ GIVEN = {
     "column_match": "nothing (assumes P deterministic)",
     "sgd": "nothing",
     "moves": "the cells' grid coordinates",
+    "regional_moves": "the cells' grid coordinates",
 }
 
 
@@ -785,9 +941,9 @@ def method_options(method: str, P_true: np.ndarray | None = None, coords: np.nda
         if method == "known_support":
             return {"support": support}
         return {"max_support": int(support.sum(axis=-1).max())}
-    if method == "moves":
+    if method in ("moves", "regional_moves"):
         if coords is None:
-            raise ValueError("method 'moves' is given the cells' coordinates; this MDP has none")
+            raise ValueError(f"method {method!r} is given the cells' coordinates; this MDP has none")
         return {"coords": np.asarray(coords)}
     return {}
 
