@@ -282,7 +282,8 @@ def test_every_method_returns_rows_and_info(method):
     P = sparse_mdp(S, A, N, 0)
     Q, M, _ = dense_oracle(P, S, 0)
     opts = {"known_support": {"support": P > 0}, "sparse_search": {"max_support": N}, "sgd": {"steps": 20},
-            "moves": {"coords": np.argwhere(np.ones((2, 4)))}}
+            "moves": {"coords": np.argwhere(np.ones((2, 4)))},
+            "regional_moves": {"coords": np.argwhere(np.ones((2, 4)))}}
     P_hat, info = extract(Q, M, method, return_info=True, **opts.get(method, {}))
     assert P_hat.shape == (S, A, S)
     assert_valid_rows(P_hat)
