@@ -80,7 +80,18 @@ def mdp_from_gymnasium(env_id: str, **kwargs: Any) -> FiniteMDP:
 
     if env_id not in gymnasium.registry:
         raise ValueError(f"{env_id!r} is not a registered gymnasium id")
-    env = gymnasium.make(env_id, **kwargs)
+    try:
+        env = gymnasium.make(env_id, **kwargs)
+    except (KeyError, ValueError, AssertionError) as exc:  # a bad kwarg value: name the kwarg
+        bad = [k for k, v in kwargs.items() if isinstance(exc, KeyError) and exc.args and v == exc.args[0]]
+        allowed = ""
+        if bad == ["map_name"]:
+            from gymnasium.envs.toy_text.frozen_lake import MAPS
+
+            allowed = f"; allowed: {sorted(MAPS)} (or a map of your own as desc)"
+        what = f"{bad[0]}: {kwargs[bad[0]]!r} is not accepted by {env_id}" if bad else \
+            f"{env_id} cannot be built with {kwargs}: {type(exc).__name__}: {exc}"
+        raise ValueError(what + allowed) from None
     try:
         raw = env.unwrapped
         table = getattr(raw, "P", None)
