@@ -64,6 +64,8 @@ def test_cliffwalking_drops_the_cliff_cells_and_taxi_has_no_coordinates():
     kept = mdp.meta["env_states"]
     assert mdp.num_states == 48 - 10 and not np.isin(np.arange(37, 47), kept).any()  # the cliff row [3, 1..10]
     assert mdp.terminal.sum() == 1 and kept[mdp.terminal][0] == 47
+    goal = int(np.flatnonzero(mdp.terminal)[0])  # gymnasium's table moves on from the goal; here it absorbs
+    assert P_gym[47, 0, 47] < 1 and (mdp.P[goal] == np.eye(mdp.num_states)[[goal] * 4]).all()
     live = np.flatnonzero(~mdp.terminal)
     np.testing.assert_allclose(mdp.P[live], P_gym[kept[live]][:, :, kept], rtol=0, atol=1e-15)
     assert (3, 5) not in mdp.cell_to_state and mdp.cell_to_state[(3, 0)] == int(np.flatnonzero(kept == 36)[0])
@@ -136,6 +138,11 @@ def test_terminal_rows_are_left_out_of_the_score_and_counted():
     assert scores[K.P_ROWS_UNSCORED] == 5.0
     P_hat[0, 0] = np.roll(P_hat[0, 0], 1)  # a live row's error is scored
     assert score_and_plan(P_hat, mdp, 0.99, {})[0][K.P_MSE] > 0
+    # planning never relies on a terminal row: a model whose holes lead to the goal plans as P does
+    lure = np.array(mdp.P)
+    lure[mdp.terminal] = np.eye(mdp.num_states)[15]
+    task = PlanningTask.from_mapping({"name": "cross", "start": [0, 0], "goal": [3, 3], "forbidden": [[2, 1]]})
+    assert run_safety_task(mdp, lure, task) == run_safety_task(mdp, mdp.P, task)
 
 
 def test_planning_task_by_cells_or_state_indices_and_bad_tasks_name_the_field():
