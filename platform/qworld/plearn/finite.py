@@ -832,8 +832,9 @@ def _extract_regional_moves(Q, M, coords=None, tol=1e-9, regions=4, trim=0.5, c_
         X0 = last[todo[:, 0], todo[:, 1]] if prior == "model" else np.full((len(todo), S), 1.0 / S)
         P_hat[todo[:, 0], todo[:, 1]] = project_consistent(X0, M, q[todo[:, 0], todo[:, 1]], iters=project_iters)
         how[todo[:, 0], todo[:, 1]] = "projected"
-    if polish:  # the kept rows too: a jump's ridge leaves them close to Q, not on it
-        kept = np.argwhere(how != "projected")
+    if polish:  # the kept rows not on Q to round-off: a jump's ridge leaves them close to it, not on it
+        off = _residuals(Q, M, P_hat) > 1e-12 * (1.0 + np.linalg.norm(q, axis=-1))
+        kept = np.argwhere((how != "projected") & off)
         P_hat[kept[:, 0], kept[:, 1]] = project_consistent(P_hat[kept[:, 0], kept[:, 1]], M, q[kept[:, 0], kept[:, 1]],
                                                            iters=project_iters)
     counts = {f"num_{h}": int(np.sum(how == h)) for h in ("region", "local", "one_state", "projected")}
