@@ -164,3 +164,71 @@ def test_fourrooms_no_worse_than_moves(variant, L):
     moves, _ = _run(mdp, Q, M, "moves")
     P_hat, _ = _run(mdp, Q, M, "regional_moves")
     assert _mse(P_hat, mdp) <= max(_mse(moves, mdp), 1e-20)
+
+
+# ---------------------------------------------------------------------------- misspecification visible (item 3)
+
+
+def test_a_model_whose_assumptions_fail_is_flagged_and_one_that_holds_is_not():
+    from qworld import metrics as K
+    from qworld.scoring import misspecification
+
+    mdp = _one_room_wind()
+    Q, M = _oracle(mdp, 4)
+    truth = misspecification(Q, M, mdp.P, mdp.P)
+    assert truth[K.MODEL_RESIDUAL] <= 1e-12 and truth[K.MISSPECIFIED] == 0.0
+    shared = misspecification(Q, M, _run(mdp, Q, M, "moves")[0], mdp.P)  # one pi everywhere: wrong
+    assert shared[K.MISSPECIFIED] == 1.0 and shared[K.RESIDUAL_EXCESS] > 1e3
+    regional = misspecification(Q, M, _run(mdp, Q, M, "regional_moves")[0], mdp.P)
+    assert regional[K.MISSPECIFIED] == 0.0 and regional[K.RESIDUAL_EXCESS] <= 1.0
+
+
+def test_the_agents_own_q_error_is_not_counted_against_the_model():
+    """With a noisy Q the true P leaves a residual; a model as good as the truth is not flagged,
+    one that leaves much more is."""
+    from qworld import metrics as K
+    from qworld.scoring import misspecification
+
+    mdp = _random_dense(3, 3, 5)
+    Q, M = _oracle(mdp, 9)
+    Qn = Q + 1e-3 * np.random.default_rng(0).standard_normal(Q.shape)
+    truth = misspecification(Qn, M, mdp.P, mdp.P)
+    assert truth[K.MODEL_RESIDUAL] > 1e-5 and truth[K.RESIDUAL_EXCESS] == pytest.approx(1.0)
+    uniform = np.full_like(mdp.P, 1.0 / mdp.num_states)
+    assert misspecification(Qn, M, uniform, mdp.P)[K.MISSPECIFIED] == 1.0
+
+
+def test_every_finite_row_carries_the_columns_and_the_headline_shows_them(monkeypatch, tmp_path):
+    import pandas as pd
+
+    import qworld.agents
+    from qworld import metrics as K
+    from qworld.sweep.score import score_checkpoint
+    from qworld_analysis.report import headline_metrics, headline_table, summary_table
+    from qworld_envs import FOUR_ROOMS_ID, make_finite_problem
+
+    env_kwargs = {"variant": "windy", "goal_type": "indicator", "num_goals": 4, "goal_seed": 0}
+    problem = make_finite_problem(FOUR_ROOMS_ID, **env_kwargs)
+    Q, _ = solve_goal_q(problem.mdp.P, problem.goals.rewards, 0.9, problem.goals.terminal)
+
+    class Agent:
+        config = {"env_id": FOUR_ROOMS_ID, "env_kwargs": env_kwargs, "gamma": 0.9, "head": "all_goals", "seed": 0}
+
+        def q_table(self):
+            return Q
+
+    monkeypatch.setattr(qworld.agents, "load_q", lambda path: Agent())
+    rows = {r[K.METHOD]: r for r in score_checkpoint(tmp_path / "checkpoint_000001", sweep="s", trial_id="t",
+                                                     methods=["moves", "column_match"])}
+    assert rows["moves"][K.MISSPECIFIED] == 0.0 and rows["moves"][K.MODEL_RESIDUAL] <= 1e-12
+    # column_match assumes P deterministic; windy P is not, and Q says so
+    assert rows["column_match"][K.MISSPECIFIED] == 1.0 and rows["column_match"][K.MODEL_RESIDUAL] > 1e-3
+
+    flags = [1.0, 0.0, 0.0, 0.0]  # one trial of four flagged: its IQM is 0, its share 0.25
+    table = summary_table(pd.DataFrame([
+        {K.TRIAL_ID: f"t{i}", K.CHECKPOINT_INDEX: 1, K.ENV: "FourRooms", K.HEAD: "all_goals", K.METHOD: "moves",
+         K.ERROR: None, K.P_MSE: 1e-3, K.MODEL_RESIDUAL: 0.1, K.RESIDUAL_EXCESS: 3.0, K.MISSPECIFIED: f}
+        for i, f in enumerate(flags)]), reps=100)
+    assert headline_metrics(table)[:3] == [K.P_MSE, K.RESIDUAL_EXCESS, K.MISSPECIFIED]
+    frame, _ = headline_table(table, K.MISSPECIFIED)
+    assert frame.iloc[0]["moves"]["iqm"] == 0.25  # the share of trials flagged, not an IQM of 0s and 1s

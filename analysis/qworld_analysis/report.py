@@ -460,11 +460,13 @@ def _metric_table_html(table: pd.DataFrame, metric: str) -> str:
 
 def headline_metrics(table: pd.DataFrame) -> list[str]:
     """The metrics a reader looks at first, as present in a :func:`summary_table`: the
-    world-model error (``p_mse`` finite, ``wm_nmse`` continuous), then per planning task its
+    world-model error (``p_mse`` finite, ``wm_nmse`` continuous), whether the model explains
+    the agent's Q (finite: ``residual_excess``, and ``misspecified``, the share of trials
+    whose model does not), then per planning task its
     ``return_ratio`` (continuous) and ``plan_success`` (finite safety tasks), and the
     ``goal_inference/accuracy`` of the reward side."""
     present = list(dict.fromkeys(table[METRIC])) if not table.empty else []
-    error = [m for m in (K.P_MSE, K.WM_NMSE) if m in present]
+    error = [m for m in (K.P_MSE, K.WM_NMSE, K.RESIDUAL_EXCESS, K.MISSPECIFIED) if m in present]
     plans = [m for m in present if "/" in m and m.rsplit("/", 1)[1] in (K.RETURN_RATIO, K.PLAN_SUCCESS)
              or m == f"{K.GOAL_INFERENCE}/{K.ACCURACY}"]
     return error + sorted(plans, key=lambda m: (m.rsplit("/", 1)[1] != K.RETURN_RATIO, m))
@@ -490,7 +492,10 @@ def headline_table(table: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list
     key_cols = varying or cells[:1]
 
     def entry(r) -> dict:
-        return {k: r[k] for k in ("iqm", "ci_low", "ci_high", "n", "n_failed")}
+        out = {k: r[k] for k in ("iqm", "ci_low", "ci_high", "n", "n_failed")}
+        if metric == K.MISSPECIFIED:  # a flag: the share of trials flagged, not an IQM of 0s and 1s
+            out.update(iqm=r["mean"], ci_low=float("nan"), ci_high=float("nan"))
+        return out
 
     extra = {}
     if metric in (K.P_MSE, K.WM_NMSE):

@@ -55,6 +55,19 @@ FRACTION = "fraction"  # f"{INTERIOR}/{FRACTION}": the share of compared transit
 # their experience.
 RARE = "rare"
 UNVISITED_FRACTION = "unvisited_fraction"  # finite: share of (s, a) never experienced by the checkpoint
+# --- does the extracted model explain the agent's Q? (finite; scoring.misspecification) -------
+# RMS over goals and scored (s, a) of the Bellman residual Q - M P_hat, over the RMS of Q: the
+# share of the agent's Q that the extracted model fails to explain
+MODEL_RESIDUAL = "model_residual"
+# model_residual over the one the true P leaves with the same Q and M (what the agent's own Q
+# error alone leaves; floored at 1e-9 of Q, the round-off of exact Q): about 1 or below when
+# the model explains Q as well as the truth does, far above when it does not
+RESIDUAL_EXCESS = "residual_excess"
+# flag (1.0 / 0.0, stored as float64 like every flag among the scores): residual_excess above
+# MISSPECIFIED_EXCESS, the model does not explain the agent's Q (its assumptions do not hold
+# here, or the method found no model that does): its p_mse is not a finding about Q
+MISSPECIFIED = "misspecified"
+MISSPECIFIED_EXCESS = 2.0
 
 # --- identifiability diagnosis of M -----------------------------------------------------
 M_RANK = "m_rank"
@@ -110,7 +123,7 @@ ERROR = "error"
 # A row's score columns are these keys, f"{WM_DELTA_NMSE}_<dim>", f"{NOISE_STD_RATIO}_<dim>", and either under prefixes
 # (f"<task>/<metric>", f"{INTERIOR}/...", f"{BASELINE_IDENTITY}/...", f"{STAR}/..."). W&B logs
 # every one of them (sweep.callbacks); is_row_metric says whether a column is one.
-WORLD_MODEL_METRICS = (P_MSE, P_TV, P_MAX_ERR, Q_NMSE, WM_NMSE)
+WORLD_MODEL_METRICS = (P_MSE, P_TV, P_MAX_ERR, Q_NMSE, WM_NMSE, MODEL_RESIDUAL, RESIDUAL_EXCESS, MISSPECIFIED)
 # Planning metrics appear as "<task>/<metric>" columns, one group per planning task.
 PLAN_METRICS = (PLAN_SUCCESS, POLICY_SUCCESS, POLICY_RETURN, PLAN_EXCESS_STEPS, UNSAFE_VISITS, RETURN_RATIO, PLAN_STEPS, PLAN_OPTIMAL_STEPS,
                 RETURN_WM, RETURN_STAR)

@@ -74,6 +74,40 @@ def score_p(P_hat: np.ndarray, P: np.ndarray) -> dict:
     }
 
 
+def model_residual(Q: np.ndarray, M: np.ndarray, P_hat: np.ndarray, rows: np.ndarray | None = None) -> float:
+    """RMS of the Bellman residual ``Q - M P_hat`` over goals and the ``rows`` states' (s, a),
+    over the RMS of Q there: the share of Q the model fails to explain (0 when it explains it).
+
+    Args:
+        Q: ``[L, S, A]``; M: ``[L, S]``; P_hat: ``[S, A, S]``; rows: ``[S]`` bool, the states
+            scored (default all).
+    """
+    Q = np.asarray(Q, dtype=np.float64)
+    rows = np.ones(Q.shape[1], dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+    pred = np.einsum("sat,lt->lsa", np.asarray(P_hat, dtype=np.float64)[rows], np.asarray(M, dtype=np.float64))
+    q = Q[:, rows]
+    scale = float(np.sqrt(np.mean(q**2)))
+    return float(np.sqrt(np.mean((q - pred) ** 2))) / scale if scale > 0 else float("nan")
+
+
+def misspecification(Q: np.ndarray, M: np.ndarray, P_hat: np.ndarray, P: np.ndarray,
+                     rows: np.ndarray | None = None, threshold: float = K.MISSPECIFIED_EXCESS) -> dict:
+    """How much of the agent's Q a model fails to explain beyond the agent's own Q error.
+
+    The true ``P`` with the same (agent's) Q and M leaves the residual the agent's Q error
+    alone makes; ``residual_excess`` is the model's residual over it (floored at 1e-9, the
+    round-off of exact Q), ``misspecified`` (1.0 / 0.0) says it exceeds ``threshold``.
+
+    Returns:
+        ``{model_residual, residual_excess, misspecified}``.
+    """
+    own = model_residual(Q, M, P_hat, rows)
+    truth = model_residual(Q, M, P, rows)
+    excess = own / max(truth, 1e-9) if np.isfinite(own) else float("nan")
+    flag = float(excess > threshold) if np.isfinite(excess) else float("nan")
+    return {K.MODEL_RESIDUAL: own, K.RESIDUAL_EXCESS: excess, K.MISSPECIFIED: flag}
+
+
 def q_error_eps(Q_hat: np.ndarray, Q: np.ndarray) -> float:
     """The error size ``eps`` used by the bounds below: ``sum_g max_{s,a} |Q_hat - Q|``.
 

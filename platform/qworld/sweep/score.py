@@ -151,7 +151,7 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
     from qworld.planning import task_name, task_optimal_plan
     from qworld.plearn.finite import diagnose, extract, method_options
     from qworld.reward import state_values
-    from qworld.scoring import nmse, policy_success, score_p
+    from qworld.scoring import misspecification, nmse, policy_success, score_p
     from qworld_envs import make_finite_problem
 
     problem = make_finite_problem(config["env_id"], **config["env_kwargs"])
@@ -216,6 +216,7 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
             if world_models is not None:
                 world_models[method] = P_hat
             row.update(scores)
+            row.update(misspecification(Q, M, P_hat, P, scored))  # the model explains Q, or is flagged
             if rare is not None and rare.any():  # where the agent has (almost) no data of its own
                 row.update({f"{K.RARE}/{k}": v for k, v in score_p(P_hat[rare][:, None], P[rare][:, None]).items()})
             row.update({f"{name}/{k}": v for name, plan in plans.items() for k, v in plan.items()})
