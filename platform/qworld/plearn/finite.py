@@ -17,6 +17,9 @@ column_match    deterministic         L >= 1, distinct columns      nearest colu
 sgd             none                  (as pinv)                     P-learning: Adam on softmax logits
 moves           grid moves shared     see below                     P-learning, shared parameters,
                 across cells                                        alternating least squares
+regional_moves  grid moves shared     as moves where they hold;     moves per region found from the
+                within regions Q      as pinv where they do not     misfit, local / one-state rows,
+                reveals                                             the rest projected onto Q
 ==============  ====================  ===========================  ===============================
 
 What each method is given besides Q and M is :data:`GIVEN`: ``known_support`` is handed the
@@ -28,6 +31,11 @@ cell or stays (a wall), which it learns per (cell, move); (3) a cell may jump,
 whatever the action, anywhere (teleports), which it detects as cells whose misfit stands out
 from the noise. Its few shared parameters are what make it work at the paper's goal counts:
 per-(s, a) fits see L equations each, the shared move distribution sees all S L of them.
+``regional_moves`` (same inputs) drops assumption (1) where Q contradicts it: cells share a
+move distribution within regions found from the misfit, a row no region explains may be a
+distribution over the cell's neighbours or one state anywhere, and the rest are the rows
+nearest a uniform guess among those that explain Q (:func:`project_consistent`), so it is
+exact where pinv is and never further from the truth than its guess.
 
 Every method returns ``P_hat[S, A, S]`` whose rows are probability vectors. Numpy / scipy,
 torch only for ``sgd``; no Ray.
