@@ -249,3 +249,22 @@ def test_every_registered_tabular_env_builds_all_three_ways():
         if problem.mdp.num_states <= 100:  # Taxi's exact Q is slow on a busy machine; its P is checked above
             Q, V = solve_goal_q(problem.mdp.P, problem.goals.rewards, 0.9, problem.goals.terminal)
             assert np.isfinite(m_matrix(problem.goals.rewards, V, 0.9, problem.goals.terminal)).all()
+
+
+def test_a_finite_env_s_own_kwargs_are_sweep_axes(tmp_path, monkeypatch):
+    from qworld.sweep.run import param_space
+
+    spec = parse_sweep(sweep_raw(sweep={"is_slippery": [True, False], "num_goals": [4, 16]}))
+    assert [spec.cell_config(c)[1]["is_slippery"] for c in spec.cells()] == [True, True, False, False]
+    space = param_space(spec)
+    assert space["env_kwargs"]["is_slippery"] == {"grid_search": [True, False]}
+    with pytest.raises(SweepSpecError, match=r"^sweep\.map_name: unknown key"):  # FourRooms has no map_name
+        parse_sweep(sweep_raw(env={"id": "qworld/FourRooms-v0"}, extract__tasks=[], sweep={"map_name": ["8x8"]}))
+    # several MDP files in one sweep: each path absolute, whatever folder a trial runs in
+    for name in ("a", "b"):
+        save_npz(make_finite_problem(FROZEN).mdp, tmp_path / f"{name}.npz")
+    monkeypatch.chdir(tmp_path)
+    spec = parse_sweep(sweep_raw(env={"id": TABULAR_FILE_ID, "path": "a.npz"}, extract__tasks=[],
+                                 sweep={"path": ["a.npz", "b.npz"]}))
+    assert spec.env.kwargs["path"] == str(tmp_path / "a.npz")
+    assert [spec.cell_config(c)[1]["path"] for c in spec.cells()] == [str(tmp_path / "a.npz"), str(tmp_path / "b.npz")]

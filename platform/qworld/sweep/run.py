@@ -24,7 +24,7 @@ from qworld import metrics as K
 from qworld.layout import CHECKPOINT_CONFIG_FILE, RUN_FILE, SPEC_FILE
 from qworld.sweep import store
 from qworld.sweep.location import Location
-from qworld.sweep.spec import ENV_AXES, GOAL_AXES, STOP_KEYS, TRIAL_AXES, SweepSpec, load_sweep
+from qworld.sweep.spec import GOAL_AXES, STOP_KEYS, TRIAL_AXES, SweepSpec, load_sweep
 
 DEFAULT_STORAGE = "results"
 
@@ -224,15 +224,15 @@ def param_space(spec: SweepSpec) -> dict:
         # the other axes; agent keywords a case sets follow its env_kwargs (sample_from is
         # resolved after the grid, with the trial's env_kwargs known).
         cases = spec.sweep["cases"]
-        env_parts = [{k: v for k, v in c.items() if k in ENV_AXES + GOAL_AXES} for c in cases]
+        env_parts = [{k: v for k, v in c.items() if k in spec.env_axes + GOAL_AXES} for c in cases]
         space["env_kwargs"] = tune.grid_search([{**space["env_kwargs"], **e} for e in env_parts])
-        for key in sorted({k for c in cases for k in c} - set(ENV_AXES + GOAL_AXES)):
+        for key in sorted({k for c in cases for k in c} - set(spec.env_axes + GOAL_AXES)):
             space[key] = tune.sample_from(functools.partial(
                 _case_value, key=key, default=space.get(key), env_parts=env_parts, cases=cases))
     for axis, values in spec.sweep.items():
         if axis == "cases":
             continue
-        if axis in ENV_AXES or axis in GOAL_AXES:
+        if axis in spec.env_axes or axis in GOAL_AXES:
             space["env_kwargs"][axis] = tune.grid_search(list(values))
         elif axis in TRIAL_AXES:
             space[axis] = tune.grid_search(list(values))
@@ -287,7 +287,7 @@ def _run_config(spec: SweepSpec, experiment_dir: Location, pool, console=None, v
             plearn,
             metric_columns={K.TRAIN_ENV_STEPS: K.ENV_STEPS, K.TRAIN_EPISODE_SUCCESS: "success",
                             K.TRAIN_LOSS: "td_loss"},
-            parameter_columns=[f"env_kwargs/{a}" if a in ENV_AXES + GOAL_AXES else a
+            parameter_columns=[f"env_kwargs/{a}" if a in spec.env_axes + GOAL_AXES else a
                                for a in spec.grid_axes],
             max_report_frequency=15, print_intermediate_tables=True)
     return tune.RunConfig(

@@ -59,7 +59,7 @@ class SweepSpecError(ValueError):
 
 
 # Axes a sweep may grid over, and where each lands. Agent keywords are axes too.
-ENV_AXES = ("variant", "layout")
+ENV_AXES = ("variant", "layout")  # and a finite env's own kwargs (env_axes_of: map_name, is_slippery, ...)
 GOAL_AXES = ("goal_type", "num_goals", "goal_seed")
 TRIAL_AXES = ("seed",)
 # Tune stop keys a user may write, and the real metric each maps to.
@@ -163,6 +163,11 @@ class SweepSpec:
         return self.wandb.group or self.name
 
     @property
+    def env_axes(self) -> tuple[str, ...]:
+        """The env kwargs this sweep may grid over (:func:`env_axes_of`)."""
+        return env_axes_of(self.env.id)
+
+    @property
     def grid_axes(self) -> tuple[str, ...]:
         """The axes that vary across cells (the keys of ``cases`` included)."""
         axes = [a for a in self.sweep if a != "cases"]
@@ -187,7 +192,7 @@ class SweepSpec:
             env_kwargs["goal_cells"] = [tuple(c) for c in self.goals.goal_cells]
         agent = dict(self.agent)
         for axis, value in cell.items():
-            if axis in ENV_AXES or axis in GOAL_AXES:
+            if axis in self.env_axes or axis in GOAL_AXES:
                 env_kwargs[axis] = value
             elif axis not in TRIAL_AXES:
                 agent[axis] = value
@@ -215,6 +220,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     # the env as resolved (FrozenLake-v1 -> qworld/FrozenLake-v1, a file's path absolute), so the
     # experiment's sweep.yaml names the same env wherever resume runs
     raw["env"] = {"id": spec.env.id, **dict(spec.env.kwargs)}
+    if isinstance(raw.get("sweep"), dict) and ("path" in spec.sweep or "cases" in spec.sweep):
+        for axis in ("path", "cases"):  # a file MDP's path swept: absolute, as above
+            if axis in spec.sweep:
+                raw["sweep"][axis] = [dict(v) if isinstance(v, Mapping) else v for v in spec.sweep[axis]]
     return dataclasses.replace(spec, source=yaml.safe_dump(raw, sort_keys=False))
 
 
@@ -293,12 +302,15 @@ def parse_sweep(raw: Mapping[str, Any]) -> SweepSpec:
             raise SweepSpecError(f"agent.{reserved}: set the task in the env/goals sections")
 
     sweep_raw = dict(_section(raw, "sweep"))
-    allowed_axes = ("cases",) + ENV_AXES + GOAL_AXES + TRIAL_AXES + tuple(sorted(agent_keys))
+    env_axes = env_axes_of(env_id)
+    allowed_axes = ("cases",) + env_axes + GOAL_AXES + TRIAL_AXES + tuple(sorted(agent_keys))
     _no_unknown(sweep_raw, allowed_axes, "sweep.")
     sweep = {}
     for axis, values in sweep_raw.items():
         if axis == "cases":
-            sweep[axis] = _parse_cases(values, sweep_raw, agent_keys)
+            sweep[axis] = _parse_cases(values, sweep_raw, agent_keys, env_axes)
+            if env_id in _finite_env_ids():  # a file's path, as the env section's, made absolute
+                sweep[axis] = tuple(_absolute_path(env_id, c) for c in sweep[axis])
             continue
         if isinstance(values, dict) and "grid_search" in values:
             values = values["grid_search"]
@@ -306,6 +318,8 @@ def parse_sweep(raw: Mapping[str, Any]) -> SweepSpec:
             raise SweepSpecError(f"sweep.{axis}: {values!r} must be a non-empty list of values")
         if len(set(map(repr, values))) != len(values):
             raise SweepSpecError(f"sweep.{axis}: {values!r} has repeated values")
+        if axis == "path" and env_id in _finite_env_ids():
+            values = [_absolute_path(env_id, {"path": v})["path"] for v in values]
         sweep[axis] = tuple(values)
 
     stop = dict(_section(raw, "stop") or {K.ENV_STEPS: 100_000})
@@ -542,24 +556,44 @@ def _validate_agent(agent: Mapping[str, Any], where: str, cell: Mapping[str, Any
 # small helpers
 
 
-def _parse_cases(cases: Any, sweep_raw: Mapping[str, Any], agent_keys=()) -> tuple[dict, ...]:
+def env_axes_of(env_id: Any) -> tuple[str, ...]:
+    """Env kwargs a sweep may grid over: ``ENV_AXES`` and a finite env's own kwargs
+    (``FrozenLake-v1``: ``map_name``, ``is_slippery``, ...; ``qworld/TabularMDP-v0``: ``path``)."""
+    from qworld_envs import FINITE_ENVS
+
+    spec = FINITE_ENVS.get(env_id) if isinstance(env_id, str) else None
+    return ENV_AXES + (tuple(k for k in spec.mdp_defaults if k not in ENV_AXES) if spec else ())
+
+
+def _absolute_path(env_id: str, kwargs: Mapping[str, Any]) -> dict:
+    """``kwargs`` with a file MDP's ``path`` made absolute (trials run in their own folders)."""
+    from qworld_envs import resolve_finite_env
+
+    kwargs = dict(kwargs)
+    if "path" not in kwargs:
+        return kwargs
+    _, resolved = resolve_finite_env(env_id, {"path": kwargs["path"]})
+    return {**kwargs, "path": resolved["path"]}
+
+
+def _parse_cases(cases: Any, sweep_raw: Mapping[str, Any], agent_keys=(), env_axes=ENV_AXES) -> tuple[dict, ...]:
     """``sweep.cases``: explicit env/goal cells, e.g. each variant with its own goal counts.
 
     A case may also set agent keywords that belong to it (e.g. ``gamma`` for dense goals);
     an axis is either inside the cases or a sweep axis, never both.
     """
-    allowed = ENV_AXES + GOAL_AXES + tuple(sorted(agent_keys))
+    allowed = env_axes + GOAL_AXES + tuple(sorted(agent_keys))
     if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) and c for c in cases):
         raise SweepSpecError(f"sweep.cases: {cases!r} must be a non-empty list of mappings over {allowed}")
     for i, case in enumerate(cases):
         _no_unknown(case, allowed, f"sweep.cases[{i}].")
     in_cases = {k for case in cases for k in case}
-    outside = [a for a in sweep_raw if a in ENV_AXES + GOAL_AXES or (a != "cases" and a in in_cases)]
+    outside = [a for a in sweep_raw if a in env_axes + GOAL_AXES or (a != "cases" and a in in_cases)]
     if outside:
         raise SweepSpecError(f"sweep.{outside[0]}: with sweep.cases, env/goal axes (and any axis a case sets) go inside the cases")
     if len(set(map(repr, cases))) != len(cases):
         raise SweepSpecError("sweep.cases: repeated cases")
-    env_parts = [repr(sorted((k, v) for k, v in c.items() if k in ENV_AXES + GOAL_AXES)) for c in cases]
+    env_parts = [repr(sorted((k, v) for k, v in c.items() if k in env_axes + GOAL_AXES)) for c in cases]
     if len(set(env_parts)) != len(cases):
         raise SweepSpecError("sweep.cases: two cases share their env/goal keys (a case is named by them; "
                              "vary agent keywords as sweep axes instead)")
