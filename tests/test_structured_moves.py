@@ -232,3 +232,19 @@ def test_every_finite_row_carries_the_columns_and_the_headline_shows_them(monkey
     assert headline_metrics(table)[:3] == [K.P_MSE, K.RESIDUAL_EXCESS, K.MISSPECIFIED]
     frame, _ = headline_table(table, K.MISSPECIFIED)
     assert frame.iloc[0]["moves"]["iqm"] == 0.25  # the share of trials flagged, not an IQM of 0s and 1s
+
+
+def test_noisy_q_with_its_error_as_tol_keeps_the_regions():
+    """A learned agent's Q: with ``tol`` at its relative error (and no polish onto the noise)
+    the two regions of the one-room wind still come out, where one shared pi cannot."""
+    from qworld_envs import indicator_goals
+
+    mdp = _one_room_wind()
+    goals = indicator_goals(mdp, 4, seed=0)
+    Q, _ = solve_goal_q(mdp.P, goals.rewards, GAMMA, goals.terminal)
+    Qn = Q + 1e-4 * np.random.default_rng(0).standard_normal(Q.shape)
+    Mn = m_matrix(goals.rewards, Qn.max(-1), GAMMA, goals.terminal)
+    P_hat, info = extract(Qn, Mn, "regional_moves", return_info=True, coords=mdp.coords, tol=5e-4, polish=False)
+    assert info["num_regions"] == 2
+    moves = extract(Qn, Mn, "moves", coords=mdp.coords)
+    assert _mse(P_hat, mdp) <= 1e-6 < _mse(moves, mdp)

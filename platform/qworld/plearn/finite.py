@@ -886,14 +886,24 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
             must lower the misfit by 2 log((1 - p) / p) noise variances), ``pi_prune`` (0.2: moves of
             an action below this fraction of its largest are dropped if an F-test allows;
             0 keeps them all), ``jump_z`` (robust z-score of a cell's misfit above which a
-            jump is tried, 8), ``jump_ridge`` (1e-6, relative ridge of the jump fit).
+            jump is tried, 8), ``jump_ridge`` (1e-6, relative ridge of the jump fit),
+            ``cells`` (bool ``[S]``: the cells that inform the shared pi; default all);
+            regional_moves: ``coords`` (required), ``tol`` (1e-9: a row is explained when
+            ``||Q(s, a) - M P_hat(s, a)|| <= tol (1 + ||Q(s, a)||)``; exact Q by default, a
+            learned agent's relative Q error for its Q), ``regions`` (4 at most), ``trim``
+            (0.5: the share of the remaining cells the trimmed refits keep), ``c_steps`` (6
+            trimmed refits at most), ``prior`` ("uniform" | "model": the guess projected for
+            the rows nothing else explains), ``project_iters`` (3000 Dykstra steps at most),
+            ``polish`` (True: project the kept rows onto Q too; False for noisy Q).
 
     Returns:
         ``P_hat[S, A, S]`` (rows are probability vectors), or ``(P_hat, info)`` with
         ``return_info``: ``info["residuals"]`` ``[S, A]`` = ``||Q(s,a) - M P_hat(s,a)||_2``,
         ``info["fit_seconds"]``, plus per method: ``unprojected`` ``[S, A, S]`` (pinv,
         known_support, sparse_search), ``loss_curve`` ``[steps]`` (sgd, moves: one per
-        round), ``pi`` ``[A, 5]``, ``opening`` ``[S, 5]``, ``jump_cells`` (moves), ``match_distance``
+        round), ``pi`` ``[A, 5]``, ``opening`` ``[S, 5]``, ``jump_cells`` (moves), ``path`` ``[S, A]``
+        ("region" | "local" | "one_state" | "projected"), ``region`` ``[S, A]`` (-1: none),
+        ``num_regions`` and ``num_*`` counts of the paths (regional_moves), ``match_distance``
         ``[S, A]`` (column_match), ``path`` ``[S, A]`` and ``num_*`` counts (sparse_search).
 
     Raises:
