@@ -23,10 +23,10 @@ Budgets:
   each family keeps its own sampling and update schedule (PQN with 16 envs x 32 steps per
   iteration so that it takes 20 iterations, not one).
 - ``time``: every family gets ``--seconds`` of training time per trial (Tune's
-  ``time_total_s``), with its epsilon schedule sized to the env steps it reaches in that time
-  (2 x its throughput in the ``steps`` run, which may have run on a busier machine; the table
-  shows the training seconds each trial used, so a trial that hit that cap early shows; run
-  ``steps`` first); PQN and D3G use their
+  ``time_total_s``, the only stop), with its exploration schedule (``total_env_steps``) sized
+  to the env steps it reaches in that time: its throughput measured first, here, by one
+  trial of the same settings for 20 s (``families_<env>_calibrate_<family>``, run one at a
+  time so that each has a core to itself); PQN and D3G use their
   CPU-sized vectorised settings (tune_configs/mountaincar_cpu.yaml, fourrooms_demo.yaml,
   explicit_mountaincar_d3g.yaml).
 
@@ -50,6 +50,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -60,6 +61,7 @@ ENVS = ("fourrooms", "mountaincar")
 BUDGETS = ("steps", "time")
 FAMILIES = {"fourrooms": ("pqn", "dqn", "mrq"), "mountaincar": ("pqn", "dqn", "mrq", "d3g")}  # d3g: continuous only
 SEEDS = (0, 1, 2)
+CALIBRATION_S = 20.0  # training seconds of the one trial that measures a family's throughput
 TIME = "time_total_s"  # Tune's training seconds of a trial (the result.json line of its checkpoint)
 
 ENV = {
@@ -91,14 +93,20 @@ AGENT = {
 
 
 def spec_for(env: str, family: str, budget: str, env_steps: int, seconds: float, rate: float | None) -> dict:
-    """The sweep file of one (env, family, budget)."""
+    """The sweep file of one (env, family, budget); budget "calibrate": one short trial of
+    the time budget's settings, to measure their throughput (nothing scored)."""
     base = ENV[env]
-    agent = {"algorithm": family, **AGENT.get((env, family, budget), {})}
+    agent = {"algorithm": family, **AGENT.get((env, family, "steps" if budget == "steps" else "time"), {})}
     if budget == "steps":
         stop = {"env_steps": int(env_steps)}
-    else:  # the schedule refers to the steps the family reaches in the time (measured)
-        stop = {"time_total_s": float(seconds), "env_steps": int(math.ceil(2.0 * rate * seconds))}
-    if env == "fourrooms":
+    elif budget == "calibrate":
+        stop = {"time_total_s": CALIBRATION_S}
+    else:  # time alone stops it; the exploration schedule refers to the steps it will reach (measured)
+        stop = {"time_total_s": float(seconds)}
+        agent["total_env_steps"] = int(math.ceil(rate * seconds))
+    if budget == "calibrate":
+        sweep = {"seed": [0]}
+    elif env == "fourrooms":
         sweep = {"cases": [{"goal_seed": s, "seed": s} for s in SEEDS]}
     else:
         sweep = {"seed": list(SEEDS)}
@@ -106,14 +114,15 @@ def spec_for(env: str, family: str, budget: str, env_steps: int, seconds: float,
     if family == "d3g":
         extract["methods"] = [*extract["methods"], "forward_model"]
     return {"name": f"families_{env}_{budget}_{family}", "env": base["env"], "goals": base["goals"], "agent": agent,
-            "sweep": sweep, "stop": stop, "checkpoint": {"every": 100000, "at_end": True}, "extract": extract,
+            "sweep": sweep, "stop": stop, "checkpoint": {"every": 100000, "at_end": budget != "calibrate"},
+            "extract": extract,
             "resources": {"cpus_per_trial": 1, "gpus_per_trial": 0, "plearn_actors": 1},
             "wandb": {"project": "qworld", "mode": "disabled"}}
 
 
 def throughput(out: Path, env: str, family: str) -> float:
-    """Env steps per second of training time in the ``steps`` run (median over its trials)."""
-    exp = out / f"families_{env}_steps_{family}"
+    """Env steps per second of training time in the calibration run of the time settings."""
+    exp = out / f"families_{env}_calibrate_{family}"
     rates = []
     for result in exp.glob("*/result.json"):
         lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
@@ -124,7 +133,7 @@ def throughput(out: Path, env: str, family: str) -> float:
             if steps and last.get("time_total_s"):
                 rates.append(float(steps) / float(last["time_total_s"]))
     if not rates:
-        raise SystemExit(f"no throughput for {env}/{family}: run `families.py run --budget steps` first ({exp})")
+        raise SystemExit(f"no throughput for {env}/{family} in {exp}")
     return sorted(rates)[len(rates) // 2]
 
 
@@ -154,42 +163,69 @@ def start_head(temp_dir: Path) -> tuple[dict, str]:
 
 
 def stop_head(temp_dir: Path) -> None:
-    """Stop the processes of this head only (by its temp dir), never ``ray stop``."""
-    out = subprocess.run(["pgrep", "-f", str(temp_dir / "ray")], capture_output=True, text=True).stdout.split()
-    for pid in out:
+    """Stop the processes of this head only (those started with its temp dir, and their
+    children), never ``ray stop``; SIGKILL what SIGTERM leaves (gcs_server may)."""
+    import psutil
+
+    procs = []
+    for pid in subprocess.run(["pgrep", "-f", str(temp_dir)], capture_output=True, text=True).stdout.split():
         try:
-            os.kill(int(pid), 15)
-        except (ProcessLookupError, ValueError):
+            proc = psutil.Process(int(pid))
+            procs += [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            pass
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
             pass
 
 
-def run(args: argparse.Namespace) -> None:
-    out = Path(args.out).resolve()
-    (out / "specs").mkdir(parents=True, exist_ok=True)
+def _write_specs(out: Path, args: argparse.Namespace, budget: str) -> list[Path]:
     specs = []
     for env in args.envs:
         for family in args.families or FAMILIES[env]:
             if family not in FAMILIES[env]:
                 continue
-            rate = throughput(out, env, family) if args.budget == "time" else None
-            spec = spec_for(env, family, args.budget, args.env_steps, args.seconds, rate)
+            rate = throughput(out, env, family) if budget == "time" else None
+            spec = spec_for(env, family, budget, args.env_steps, args.seconds, rate)
             path = out / "specs" / f"{spec['name']}.yaml"
             path.write_text(yaml.safe_dump(spec, sort_keys=False))
             specs.append(path)
+    return specs
+
+
+def _sweep_all(specs: list[Path], out: Path, env: dict, address: str, parallel: int) -> None:
+    """``qworld sweep`` each file against the head, ``parallel`` drivers at a time (Tune
+    queues their trials for the head's CPUs)."""
+    running: list[subprocess.Popen] = []
+    for path in specs:
+        while len([p for p in running if p.poll() is None]) >= parallel:
+            time.sleep(1)
+        log = open(out / "specs" / f"{path.stem}.log", "w")
+        running.append(subprocess.Popen([str(BIN / "qworld"), "sweep", str(path), "--storage", str(out),
+                                         "--address", address], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        cwd=REPO))
+        print(f"started {path.stem}", flush=True)
+    for proc in running:
+        proc.wait()
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out).resolve()
+    (out / "specs").mkdir(parents=True, exist_ok=True)
     temp_dir = Path(tempfile.mkdtemp(prefix="qworld-families-"))
     env, address = start_head(temp_dir)
     try:
-        running = []
-        for path in specs:  # at most --parallel drivers at a time; Tune queues their trials for CPUs
-            while len(running) >= args.parallel:
-                running.pop(0).wait()
-            log = open(out / "specs" / f"{path.stem}.log", "w")
-            running.append(subprocess.Popen([str(BIN / "qworld"), "sweep", str(path), "--storage", str(out),
-                                             "--address", address], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=REPO))
-            print(f"started {path.stem}", flush=True)
-        for proc in running:
-            proc.wait()
+        if args.budget == "time":  # first the throughput of each family's time settings, here
+            _sweep_all(_write_specs(out, args, "calibrate"), out, env, address, parallel=1)
+        _sweep_all(_write_specs(out, args, args.budget), out, env, address, args.parallel)
     finally:
         stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
