@@ -11,7 +11,8 @@ provides:
   ``qworld_config.json`` into every checkpoint (with ``algorithm: <name>``), so
   ``qworld.agents.load_q`` restores any family's Q without Ray.
 
-Adding a family is one entry in ``ALGORITHMS``.
+Adding a family is one entry in ``ALGORITHMS`` and one in ``qworld.layout.TRIAL_DIR_FAMILIES``
+(its Algorithm class name, which Tune puts in trial dir names; a test keeps the two equal).
 A sweep without ``algorithm`` trains ``DEFAULT_ALGORITHM``.
 """
 
