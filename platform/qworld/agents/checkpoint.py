@@ -99,6 +99,19 @@ class QworldAlgorithmMixin:
 
             self._experience = load_experience(path)
 
+    def live_module(self):
+        """The local learner's module, the one being trained (no copy).
+
+        Through RLlib's public ``LearnerGroup.foreach_learner``, which calls a local learner
+        in this process and hands back what the function returns (RLlib keeps the learner
+        itself in a private attribute). Remote learners: ``ValueError``; use
+        :meth:`q_function`, which copies their weights.
+        """
+        if not self.learner_group.is_local:
+            raise ValueError("the learners are remote: their live module is not in this process")
+        [result] = self.learner_group.foreach_learner(lambda learner: learner.module[DEFAULT_MODULE_ID].unwrapped())
+        return result.get()
+
     def q_function(self):
         """The learner's current Q-network as a :class:`qworld.agents.QFunction`.
 
@@ -108,7 +121,7 @@ class QworldAlgorithmMixin:
         from qworld.agents import q_function_of
 
         if self.learner_group.is_local:
-            module = self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
+            module = self.live_module()
         else:
             state = self.learner_group.get_state(
                 components=f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}"

@@ -39,7 +39,6 @@ import numpy as np
 import qworld_envs  # noqa: F401  (registers the gymnasium envs in every process)
 from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
-from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 
@@ -229,10 +228,6 @@ class D3G(EpisodeReplayStep, QworldAlgorithmMixin, Algorithm):
     @override(Algorithm)
     def setup(self, config) -> None:
         super().setup(config)  # builds the replay buffer (RLlib's local_replay_buffer)
-
-    def live_module(self) -> D3GTorchRLModule:
-        """The local learner's module (the one being trained)."""
-        return self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
 
     VALUE_LOSS_KEY = LR.CRITIC_LOSS_KEY
     Q_MEAN_KEY = LR.Q_MEAN_KEY

@@ -268,10 +268,6 @@ class IQLearn(QworldAlgorithmMixin, Algorithm):
             self.config = config = cfg
         super().setup(config)
 
-    def live_module(self) -> IQLearnTorchRLModule:
-        """The local learner's module (the one being trained)."""
-        return self.learner_group._learner.module[DEFAULT_MODULE_ID].unwrapped()
-
     @override(Algorithm)
     def training_step(self) -> None:
         cfg = self.config

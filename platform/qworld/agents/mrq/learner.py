@@ -196,10 +196,11 @@ class MRQTorchLearner(TorchLearner):
             self._buffer_reward_scale = float(scale)
 
     @override(TorchLearner)
-    def _update(self, batch: Dict[str, Any]) -> Any:
-        # One call per minibatch = per gradient step (Learner.update's loop), so the
-        # targets are synced at their frequency whatever the number of steps per update.
+    def compute_losses(self, *, fwd_out: Dict[str, Any], batch: Dict[str, Any]) -> Dict[str, Any]:
+        # One call per minibatch = per gradient step (Learner.update's loop), so the targets
+        # are synced at their frequency whatever the number of steps per update. The target
+        # networks are read in the loss only (mrq_losses), never in forward_train.
         self.sync_targets_if_due()
-        out = super()._update(batch)
+        losses = super().compute_losses(fwd_out=fwd_out, batch=batch)
         self._grad_steps += 1
-        return out
+        return losses
