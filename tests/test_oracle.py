@@ -1,5 +1,7 @@
 """The oracle study and its CLI entry (qworld.oracle, qworld.cli)."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +12,21 @@ from qworld.cli import main
 from qworld.oracle import COLUMNS, oracle_study
 
 torch.set_num_threads(1)
+
+
+def test_cli_oracle_default_out_names_its_env_and_says_where(tmp_path, capsys, monkeypatch):
+    # Catches an undocumented results/oracle.parquet that a study of another env overwrites.
+    from qworld.cli import default_oracle_out
+
+    assert default_oracle_out("qworld/FourRooms-v0") == Path("results/oracle.parquet")
+    assert default_oracle_out("qworld/FrozenLake-v1") == Path("results/oracle_FrozenLake-v1.parquet")
+    assert default_oracle_out("qworld/TabularMDP-v0", {"path": "/x/my mdp.npz"}) == Path("results/oracle_my_mdp.parquet")
+    monkeypatch.chdir(tmp_path)
+    assert main(["oracle", "--env", "FrozenLake-v1", "--env-kwargs", '{"map_name": "4x4"}', "--num-goals", "4",
+                 "--methods", "pinv", "--tasks", "none"]) == 0
+    written = tmp_path / "results" / "oracle_FrozenLake-v1.parquet"
+    assert written.is_file() and not (tmp_path / "results" / "oracle.parquet").exists()
+    assert str(written) in capsys.readouterr().out
 
 
 def test_cli_oracle_writes_parquet(tmp_path, capsys):

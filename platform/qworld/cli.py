@@ -56,7 +56,9 @@ def _add_oracle_args(p: argparse.ArgumentParser) -> None:
         "--tasks", nargs="+", default=["default"],
         help="safety tasks: default | all | none (FourRooms' own) | task names | a task as JSON, "
              '\'{"name": "safe", "start": [0, 0], "goal": [7, 7], "forbidden": [[5, 4]]}\'')
-    p.add_argument("--out", type=Path, default=Path("results/oracle.parquet"), help="parquet file to write")
+    p.add_argument("--out", type=Path, default=None,
+                   help="parquet file to write (default: results/oracle.parquet for FourRooms, "
+                        "results/oracle_<env>.parquet for another env, relative to the working directory)")
 
 
 def _format_table(df) -> str:
@@ -74,6 +76,19 @@ def _format_table(df) -> str:
 def _usage_error(message: str) -> int:
     print(f"qworld oracle: error: {message}", file=sys.stderr)
     return 2
+
+
+def default_oracle_out(env_id: str, env_kwargs: dict | None = None) -> Path:
+    """``results/oracle.parquet`` (FourRooms) or ``results/oracle_<env or .npz name>.parquet``,
+    so that studies of different envs do not overwrite each other; relative to the working
+    directory."""
+    from qworld.oracle import FOUR_ROOMS
+
+    if env_id == FOUR_ROOMS:
+        return Path("results/oracle.parquet")
+    path = (env_kwargs or {}).get("path")
+    name = Path(str(path)).stem if path else env_id.rsplit("/", 1)[-1]
+    return Path("results") / f"oracle_{''.join(c if c.isalnum() or c in '-_' else '_' for c in name)}.parquet"
 
 
 def _run_oracle(args: argparse.Namespace) -> int:
@@ -140,9 +155,10 @@ def _run_oracle(args: argparse.Namespace) -> int:
         return _usage_error(str(exc))
     seconds = time.perf_counter() - t0
     print(_format_table(df))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    df.to_parquet(args.out, index=False)
-    print(f"\n{len(df)} rows in {seconds:.1f} s -> {args.out}")
+    out = args.out or default_oracle_out(env_id, env_kwargs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(out, index=False)
+    print(f"\n{len(df)} rows in {seconds:.1f} s -> {out.resolve()}")
     return 1 if df[K.ERROR].notna().any() else 0
 
 
