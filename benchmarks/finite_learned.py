@@ -1,0 +1,85 @@
+"""The table of BENCHMARKS.md "Any finite MDP on learned agents" (issue 25, item 4).
+
+    .venv/bin/python benchmarks/finite_learned.py results/frozenlake_learned \
+        results/cliffwalking_learned results/fourrooms_one_room_wind
+
+Reads finished ``qworld sweep`` experiments (``qworld_analysis.load`` +
+``final_checkpoints``: each trial's last checkpoint) and prints, per (env, L), median [min,
+max] over the trials of q_nmse and of every method's p_mse, then per task and method the
+plan's success and excess steps over the optimal plan (median [min, max]), and the optimal
+plan's own success in the true MDP (``planning.run_safety_task`` handed the true P).
+Nothing is trained here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from qworld import metrics as K
+from qworld.planning import run_safety_task
+from qworld.sweep.spec import load_sweep
+from qworld_analysis import load
+from qworld_analysis.load import final_checkpoints
+from qworld_envs.registry import make_finite_problem
+
+METHODS = ("regional_moves", "moves", "pinv", "sgd", "column_match", "supervised")
+
+
+def cell(values, fmt: str = "{:.1e}") -> str:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return "n/a"
+    return f"{fmt.format(np.median(v))} [{fmt.format(v.min())}, {fmt.format(v.max())}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("experiments", nargs="+")
+    args = parser.parse_args()
+    for exp in args.experiments:
+        spec = load_sweep(Path(exp) / "sweep.yaml")
+        df = final_checkpoints(load(exp))
+        mdp = make_finite_problem(spec.env.id, **dict(spec.env.kwargs)).mdp
+        optimal = {t.name: run_safety_task(mdp, mdp.P, t)[K.PLAN_SUCCESS] for t in spec.extract.tasks}
+        print(f"\n## {spec.name}: {spec.env.id} {json.dumps(dict(spec.env.kwargs))}; S = {mdp.num_states}, "
+              f"unscored rows {int(df[K.P_ROWS_UNSCORED].dropna().iloc[0])}; optimal plan success "
+              + ", ".join(f"{k} {v:.3f}" for k, v in optimal.items()))
+        print("\n| L | trials | env steps | q_nmse | " + " | ".join(METHODS) + " |")
+        print("|---|---|---|---|" + "---|" * len(METHODS))
+        for L, g in df.groupby(K.NUM_GOALS):
+            by = {m: g[g[K.METHOD] == m] for m in METHODS}
+            steps = g[K.ENV_STEPS].dropna().unique()
+            q = g.drop_duplicates(K.TRIAL_ID)[K.Q_NMSE]
+            errors = {m: by[m][K.ERROR].dropna().tolist() for m in METHODS if K.ERROR in by[m]}
+            print(f"| {L} | {g[K.TRIAL_ID].nunique()} | {int(steps.max()):,} | {cell(q)} | "
+                  + " | ".join(cell(by[m][K.P_MSE]) for m in METHODS) + " |")
+            for m, e in errors.items():
+                if e:
+                    print(f"  {m}: errors {e}")
+        for t in spec.extract.tasks:
+            print(f"\n{t.name}: plan_success; plan_excess_steps (median [min, max])")
+            print("\n| L | " + " | ".join(METHODS) + " |")
+            print("|---|" + "---|" * len(METHODS))
+            for L, g in df.groupby(K.NUM_GOALS):
+                row = []
+                for m in METHODS:
+                    r = g[g[K.METHOD] == m]
+                    row.append(cell(r[f"{t.name}/{K.PLAN_SUCCESS}"], "{:.3f}") + "; "
+                               + cell(r[f"{t.name}/{K.PLAN_EXCESS_STEPS}"], "{:.2f}"))
+                print(f"| {L} | " + " | ".join(row) + " |")
+        extra = [c for c in (K.RESIDUAL_EXCESS, K.MISSPECIFIED, K.MODEL_RESIDUAL) if c in df]
+        if extra:
+            print("\nmisspecification (median [min, max]): " + ", ".join(extra))
+            for L, g in df.groupby(K.NUM_GOALS):
+                for m in METHODS:
+                    r = g[g[K.METHOD] == m]
+                    print(f"  L={L} {m}: " + "; ".join(f"{c} {cell(r[c], '{:.2g}')}" for c in extra))
+
+
+if __name__ == "__main__":
+    main()
