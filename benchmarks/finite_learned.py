@@ -8,7 +8,9 @@ Reads finished ``qworld sweep`` experiments (``qworld_analysis.load`` +
 max] over the trials of q_nmse and of every method's p_mse, then per task and method the
 plan's success and excess steps over the optimal plan (median [min, max]), and the optimal
 plan's own success in the true MDP (``planning.run_safety_task`` handed the true P).
-Nothing is trained here.
+Nothing is trained here. ``--rescore`` scores each trial's last checkpoint again with the
+code as it is now (``qworld.sweep.score.score_checkpoint``, the sweep file's methods, options
+and tasks; nothing written) instead of reading the rows the sweep stored.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
 
 from qworld import metrics as K
 from qworld.planning import run_safety_task
+from qworld.sweep.score import score_checkpoint
 from qworld.sweep.spec import load_sweep
 from qworld_analysis import load
 from qworld_analysis.load import final_checkpoints
@@ -40,10 +45,18 @@ def cell(values, fmt: str = "{:.1e}") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("experiments", nargs="+")
+    parser.add_argument("--rescore", action="store_true", help="score the last checkpoints again with this code")
     args = parser.parse_args()
+    torch.set_num_threads(1)
     for exp in args.experiments:
         spec = load_sweep(Path(exp) / "sweep.yaml")
         df = final_checkpoints(load(exp))
+        if args.rescore:
+            last = df.drop_duplicates(K.TRIAL_ID)
+            df = pd.DataFrame([row for _, r in last.iterrows()
+                               for row in score_checkpoint(r[K.CHECKPOINT_PATH], sweep=spec.name, trial_id=r[K.TRIAL_ID],
+                                                           methods=list(spec.extract.methods), tasks=spec.extract.tasks,
+                                                           options=spec.extract.options, env_steps=r[K.ENV_STEPS])])
         mdp = make_finite_problem(spec.env.id, **dict(spec.env.kwargs)).mdp
         optimal = {t.name: run_safety_task(mdp, mdp.P, t)[K.PLAN_SUCCESS] for t in spec.extract.tasks}
         print(f"\n## {spec.name}: {spec.env.id} {json.dumps(dict(spec.env.kwargs))}; S = {mdp.num_states}, "

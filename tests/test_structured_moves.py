@@ -248,3 +248,70 @@ def test_noisy_q_with_its_error_as_tol_keeps_the_regions():
     assert info["num_regions"] == 2
     moves = extract(Qn, Mn, "moves", coords=mdp.coords)
     assert _mse(P_hat, mdp) <= 1e-6 < _mse(moves, mdp)
+
+
+# --- q_mask: the Q-values of states the agent never acts from say nothing of P ------------
+
+
+def _garbage_at_terminal_states(mdp, Q, seed=0):
+    """Q as a learned agent leaves it: arbitrary values at the states terminal for every goal."""
+    bad = np.asarray(mdp.terminal, dtype=bool)
+    Q = Q.copy()
+    Q[:, bad] = np.random.default_rng(seed).uniform(-1.0, 2.0, Q[:, bad].shape)
+    return Q
+
+
+@pytest.mark.parametrize("method", ["moves", "regional_moves", "pinv", "column_match", "sgd"])
+def test_garbage_where_the_agent_never_acts_is_ignored_with_the_mask(method):
+    """FrozenLake, exact Q but for arbitrary values at the holes and the goal (as a trained
+    network leaves them): with ``trained_q_mask`` every method gives what it gives on the
+    exact Q; ``moves`` stays exact, and without the mask the garbage bends its shared pi."""
+    from qworld.plearn.finite import trained_q_mask
+    from qworld_envs.goals import make_goals
+
+    mdp = _gym_mdp("FrozenLake-v1", map_name="8x8", is_slippery=True)
+    goals = make_goals(mdp, "indicator", 4, 0)  # the env's terminal states end every goal's episode
+    Q, V = solve_goal_q(mdp.P, goals.rewards, GAMMA, goals.terminal)
+    M = m_matrix(goals.rewards, V, GAMMA, goals.terminal)  # V at terminal states never enters M
+    noisy = _garbage_at_terminal_states(mdp, Q)
+    mask = trained_q_mask(goals.terminal)
+    assert not mask[:, mdp.terminal].any() and mask[:, ~mdp.terminal].all()
+    keep = _identified(mdp)
+    clean, _ = _run(mdp, Q, M, method)
+    masked, info = _run(mdp, noisy, M, method, q_mask=mask)
+    assert np.abs(masked[keep] - clean[keep]).max() <= (1e-6 if method == "sgd" else 1e-9)
+    assert info["residuals"].shape == (mdp.num_states, mdp.num_actions)
+    if method == "moves":
+        assert np.abs(masked[keep] - mdp.P[keep]).max() <= EXACT
+        unmasked, _ = _run(mdp, noisy, M, method)
+        assert _mse(unmasked, mdp) > 100 * _mse(masked, mdp) + 1e-12
+
+
+def test_mask_leaves_exact_q_alone_and_names_a_bad_shape():
+    from qworld.plearn.finite import trained_q_mask
+
+    mdp = _one_room_wind()
+    Q, M = _oracle(mdp, 4)
+    every = np.ones(Q.shape[:2], dtype=bool)
+    for method in ("moves", "pinv"):
+        assert np.array_equal(_run(mdp, Q, M, method)[0], _run(mdp, Q, M, method, q_mask=every)[0])
+    # a goal's own cell is terminal for that goal only: kept (the agent acts there for the others)
+    terminal = np.zeros_like(every)
+    terminal[np.arange(4), [3, 7, 11, 15]] = True
+    assert trained_q_mask(terminal).all()
+    with pytest.raises(ValueError, match=r"q_mask must be a bool \[L, S\] = \[4, 68\]"):
+        extract(Q, M, "pinv", q_mask=every[:, :5])
+
+
+def test_rows_no_goal_constrains_stay_uniform_and_per_state_info_is_in_state_order():
+    mdp = _gym_mdp("FrozenLake-v1", map_name="4x4", is_slippery=True)
+    Q, M = _oracle(mdp, 16)
+    from qworld.plearn.finite import trained_q_mask
+    from qworld_envs.goals import make_goals
+
+    mask = trained_q_mask(make_goals(mdp, "indicator", 16, 0).terminal)
+    P_hat, info = _run(mdp, _garbage_at_terminal_states(mdp, Q), M, "column_match", q_mask=mask)
+    assert np.allclose(P_hat[mdp.terminal], 1.0 / mdp.num_states)
+    assert info["match_distance"].shape == (mdp.num_states, mdp.num_actions)
+    assert np.isnan(info["match_distance"][mdp.terminal]).all()
+    assert np.isfinite(info["match_distance"][~mdp.terminal]).all()

@@ -150,9 +150,11 @@ def goal_inference_scores(Q: np.ndarray, goal_states, gamma: float, model_for,
     return out
 
 
-def held_out_models(Q: np.ndarray, M: np.ndarray, method: str, options: dict | None = None):
+def held_out_models(Q: np.ndarray, M: np.ndarray, method: str, options: dict | None = None,
+                    q_mask: np.ndarray | None = None):
     """``g -> P_hat [S, A, S]`` extracted by ``method`` (``plearn.finite.extract``) from every
-    goal's Q and M but g's (``Q [L, S, A]``, ``M [L, S]``, L >= 2)."""
+    goal's Q and M but g's (``Q [L, S, A]``, ``M [L, S]``, L >= 2; ``q_mask [L, S]`` as in
+    ``extract``)."""
     from qworld.plearn.finite import extract
 
     L = len(Q)
@@ -161,7 +163,8 @@ def held_out_models(Q: np.ndarray, M: np.ndarray, method: str, options: dict | N
 
     def model_for(g: int) -> np.ndarray:
         others = np.arange(L) != g
-        return extract(Q[others], M[others], method, **dict(options or {}))
+        mask = None if q_mask is None else np.asarray(q_mask)[others]
+        return extract(Q[others], M[others], method, q_mask=mask, **dict(options or {}))
 
     return model_for
 

@@ -74,24 +74,29 @@ def score_p(P_hat: np.ndarray, P: np.ndarray) -> dict:
     }
 
 
-def model_residual(Q: np.ndarray, M: np.ndarray, P_hat: np.ndarray, rows: np.ndarray | None = None) -> float:
+def model_residual(Q: np.ndarray, M: np.ndarray, P_hat: np.ndarray, rows: np.ndarray | None = None,
+                   q_mask: np.ndarray | None = None) -> float:
     """RMS of the Bellman residual ``Q - M P_hat`` over goals and the ``rows`` states' (s, a),
     over the RMS of Q there: the share of Q the model fails to explain (0 when it explains it).
 
     Args:
         Q: ``[L, S, A]``; M: ``[L, S]``; P_hat: ``[S, A, S]``; rows: ``[S]`` bool, the states
-            scored (default all).
+            scored (default all); q_mask: ``[L, S]`` bool, the (goal, state) Q-values that
+            constrain P (``plearn.finite.trained_q_mask``; default all).
     """
     Q = np.asarray(Q, dtype=np.float64)
     rows = np.ones(Q.shape[1], dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+    keep = np.ones(Q.shape[:2], dtype=bool) if q_mask is None else np.asarray(q_mask, dtype=bool)
+    keep = np.broadcast_to(keep[:, rows, None], Q[:, rows].shape)
     pred = np.einsum("sat,lt->lsa", np.asarray(P_hat, dtype=np.float64)[rows], np.asarray(M, dtype=np.float64))
     q = Q[:, rows]
-    scale = float(np.sqrt(np.mean(q**2)))
-    return float(np.sqrt(np.mean((q - pred) ** 2))) / scale if scale > 0 else float("nan")
+    scale = float(np.sqrt(np.mean(q[keep] ** 2))) if keep.any() else 0.0
+    return float(np.sqrt(np.mean((q - pred)[keep] ** 2))) / scale if scale > 0 else float("nan")
 
 
 def misspecification(Q: np.ndarray, M: np.ndarray, P_hat: np.ndarray, P: np.ndarray,
-                     rows: np.ndarray | None = None, threshold: float = K.MISSPECIFIED_EXCESS) -> dict:
+                     rows: np.ndarray | None = None, threshold: float = K.MISSPECIFIED_EXCESS,
+                     q_mask: np.ndarray | None = None) -> dict:
     """How much of the agent's Q a model fails to explain beyond the agent's own Q error.
 
     The true ``P`` with the same (agent's) Q and M leaves the residual the agent's Q error
@@ -101,8 +106,8 @@ def misspecification(Q: np.ndarray, M: np.ndarray, P_hat: np.ndarray, P: np.ndar
     Returns:
         ``{model_residual, residual_excess, misspecified}``.
     """
-    own = model_residual(Q, M, P_hat, rows)
-    truth = model_residual(Q, M, P, rows)
+    own = model_residual(Q, M, P_hat, rows, q_mask)
+    truth = model_residual(Q, M, P, rows, q_mask)
     excess = own / max(truth, 1e-9) if np.isfinite(own) else float("nan")
     flag = float(excess > threshold) if np.isfinite(excess) else float("nan")
     return {K.MODEL_RESIDUAL: own, K.RESIDUAL_EXCESS: excess, K.MISSPECIFIED: flag}

@@ -127,14 +127,56 @@ def _pairs(Q: np.ndarray) -> np.ndarray:
 
 
 def _unpairs(X: np.ndarray, S: int, A: int) -> np.ndarray:
-    """``[K, S]`` rows of next-state vectors -> ``[S, A, S]``."""
-    return X.reshape(S, A, S)
+    """``[n A, S]`` rows of next-state vectors -> ``[n, A, S]`` (n = S unless a subset of states)."""
+    return X.reshape(-1, A, X.shape[-1])
 
 
-def _residuals(Q: np.ndarray, M: np.ndarray, P_hat: np.ndarray) -> np.ndarray:
-    """``[S, A]`` Euclidean norm over goals of ``Q(s, a) - M P_hat(s, a)``."""
-    pred = np.einsum("sat,lt->lsa", P_hat, M, optimize=True)
-    return np.linalg.norm(Q - pred, axis=0)
+def _residuals(Q: np.ndarray, M: np.ndarray, P_hat: np.ndarray, q_mask: np.ndarray | None = None) -> np.ndarray:
+    """``[S, A]`` Euclidean norm over goals of ``Q(s, a) - M P_hat(s, a)``, over the goals
+    whose Q constrains the state (``q_mask [L, S]``, default all)."""
+    diff = Q - np.einsum("sat,lt->lsa", P_hat, M, optimize=True)
+    if q_mask is not None:
+        diff = diff * q_mask[:, :, None]
+    return np.linalg.norm(diff, axis=0)
+
+
+def _check_q_mask(q_mask: Any, L: int, S: int) -> np.ndarray | None:
+    """``q_mask`` as bool ``[L, S]``, or None when it leaves nothing out."""
+    if q_mask is None:
+        return None
+    mask = np.asarray(q_mask, dtype=bool)
+    if mask.shape != (L, S):
+        raise ValueError(f"q_mask must be a bool [L, S] = {[L, S]} array (goal, state), got shape {list(mask.shape)}")
+    return None if mask.all() else mask
+
+
+def _extract_rowwise(fn, Q, M, q_mask, options):
+    """A method that solves each (s, a) row alone, on the goals ``q_mask`` keeps for s.
+
+    States are grouped by which goals constrain them (at most L + 2 groups for a learned
+    agent: all goals, all but the state's own goal, none); a state no goal constrains keeps
+    the uniform row (nothing in Q says otherwise, and its row is not scored). The per-state
+    diagnostics of the groups are put back in state order, their counts added.
+    """
+    L, S, A = Q.shape
+    P_hat = np.full((S, A, S), 1.0 / S)
+    info: dict[str, Any] = {}
+    patterns, group = np.unique(q_mask.T, axis=0, return_inverse=True)
+    for p, goals in enumerate(patterns):
+        states = np.flatnonzero(group.reshape(-1) == p)
+        if not goals.any():
+            continue
+        opts = {**options, "support": np.asarray(options["support"])[states]} if "support" in options else options
+        P_hat[states], part = fn(Q[goals][:, states], M[goals], **opts)
+        for key, value in part.items():
+            if isinstance(value, np.ndarray) and value.shape[:1] == (len(states),):
+                if key not in info:
+                    fill = "unconstrained" if value.dtype == object else (np.nan if value.dtype.kind == "f" else 0)
+                    info[key] = np.full((S, *value.shape[1:]), fill, dtype=value.dtype)
+                info[key][states] = value
+            else:
+                info[key] = info.get(key, 0) + value
+    return P_hat, info
 
 
 def _sum_weight(M: np.ndarray, sum_weight: float | None) -> float:
@@ -149,33 +191,33 @@ def _sum_weight(M: np.ndarray, sum_weight: float | None) -> float:
 
 
 def _extract_pinv(Q, M, rcond=None):
-    L, S, A = Q.shape
+    L, S, A = M.shape[0], M.shape[1], Q.shape[2]
     pinv = np.linalg.pinv(M) if rcond is None else np.linalg.pinv(M, rcond=rcond)  # [S, L]
     raw = _unpairs((pinv @ _pairs(Q)).T, S, A)
     return project_simplex(raw), {"unprojected": raw}
 
 
 def _extract_known_support(Q, M, support=None, sum_weight=None):
-    L, S, A = Q.shape
+    (L, n, A), S = Q.shape, M.shape[1]  # n: the rows solved (S, or a subset of states)
     if support is None:
         raise ValueError("method 'known_support' needs the option support=bool[S, A, S]")
     support = np.asarray(support, dtype=bool)
-    if support.shape != (S, A, S):
-        raise ValueError(f"support must have shape [S, A, S] = {(S, A, S)}, got {support.shape}")
+    if support.shape != (n, A, S):
+        raise ValueError(f"support must have shape [S, A, S] = {(n, A, S)}, got {support.shape}")
     if not support.any(axis=-1).all():
         s, a = np.argwhere(~support.any(axis=-1))[0]
         raise ValueError(f"support[{s}, {a}] is empty: every (s, a) needs at least one next state")
     w = _sum_weight(M, sum_weight)
     aug = np.vstack([M, np.full((1, S), w)])  # [L + 1, S]: the affine system [M; 1] p = [Q; 1]
-    raw = np.zeros((S, A, S))
-    for s in range(S):
+    raw = np.zeros((n, A, S))
+    for s in range(n):
         for a in range(A):
             cols = np.flatnonzero(support[s, a])
             rhs = np.append(Q[:, s, a], w)
             raw[s, a, cols] = np.linalg.lstsq(aug[:, cols], rhs, rcond=None)[0]
     # Project on the support only: mass outside it is known to be zero.
     P_hat = np.zeros_like(raw)
-    for s in range(S):
+    for s in range(n):
         for a in range(A):
             cols = np.flatnonzero(support[s, a])
             P_hat[s, a, cols] = project_simplex(raw[s, a, cols])
@@ -284,7 +326,7 @@ def _backward_elimination(aug, b, x, N, tol_abs, max_tries=8):
 def _extract_sparse_search(
     Q, M, max_support=None, tol=1e-8, max_subsets=250_000, sum_weight=None, chunk_size=2048
 ):
-    L, S, A = Q.shape
+    (L, n, A), S = Q.shape, M.shape[1]  # n: the rows solved (S, or a subset of states)
     if max_support is None:
         raise ValueError("method 'sparse_search' needs the option max_support=N (largest support size)")
     N = int(max_support)
@@ -292,15 +334,15 @@ def _extract_sparse_search(
         raise ValueError(f"max_support must lie in [1, S={S}], got {max_support}")
     w = _sum_weight(M, sum_weight)
     aug = np.vstack([M, np.full((1, S), w)])  # [L + 1, S]
-    rhs = np.vstack([_pairs(Q), np.full((1, S * A), w)])  # [L + 1, K]
+    rhs = np.vstack([_pairs(Q), np.full((1, n * A), w)])  # [L + 1, K]
     tol_abs = tol * (1.0 + np.linalg.norm(rhs, axis=0))  # [K]
-    X = np.zeros((S * A, S))
-    how = np.empty(S * A, dtype=object)
+    X = np.zeros((n * A, S))
+    how = np.empty(n * A, dtype=object)
 
     # 1) NNLS on [M; w 1] p = [Q; w]. Under general position with L >= 2N - 1 an exact
     #    solution with at most N non-zeros is the unique N-sparse one (two of them would
     #    differ by a 2N-sparse null vector of [M; 1]), so it is accepted as is.
-    for k in range(S * A):
+    for k in range(n * A):
         x, rnorm = nnls(aug, rhs[:, k], maxiter=50 * S)
         X[k] = x
         how[k] = "nnls" if (np.count_nonzero(x > 1e-10) <= N and rnorm <= tol_abs[k]) else ""
@@ -324,30 +366,31 @@ def _extract_sparse_search(
     P_hat = project_simplex(_unpairs(X, S, A))
     paths = ("nnls", "search", "search_inexact", "elimination", "greedy")
     counts = {f"num_{h}": int(np.sum(how == h)) for h in paths}
-    return P_hat, {"unprojected": _unpairs(X, S, A), "path": how.reshape(S, A), **counts}
+    return P_hat, {"unprojected": _unpairs(X, S, A), "path": how.reshape(n, A), **counts}
 
 
 def _extract_column_match(Q, M, chunk_size=256):
-    L, S, A = Q.shape
+    (L, n, A), S = Q.shape, M.shape[1]  # n: the rows solved (S, or a subset of states)
     q = _pairs(Q).T  # [K, L]
-    idx = np.empty(S * A, dtype=np.int64)
-    dist = np.empty(S * A)
+    idx = np.empty(n * A, dtype=np.int64)
+    dist = np.empty(n * A)
     # Direct differences (not the |q|^2 - 2 q.m + |m|^2 expansion) keep close columns apart;
     # chunks bound the [chunk, L, S] difference tensor.
-    for start in range(0, S * A, chunk_size):
+    for start in range(0, n * A, chunk_size):
         d = np.linalg.norm(q[start : start + chunk_size, :, None] - M[None], axis=1)  # [k, S]
         idx[start : start + chunk_size] = np.argmin(d, axis=1)
         dist[start : start + chunk_size] = d.min(axis=1)
-    P_hat = np.zeros((S * A, S))
-    P_hat[np.arange(S * A), idx] = 1.0
-    return _unpairs(P_hat, S, A), {"match_distance": dist.reshape(S, A)}
+    P_hat = np.zeros((n * A, S))
+    P_hat[np.arange(n * A), idx] = 1.0
+    return _unpairs(P_hat, S, A), {"match_distance": dist.reshape(n, A)}
 
 
 def _extract_sgd(
     Q, M, steps=2000, batch_size=2048, lr=0.3, seed=0, init="uniform", dtype="float32", log_every=1,
-    schedule="constant",
+    schedule="constant", q_mask=None,
 ):
-    """P-learning: Adam on per-(s, a) softmax logits with minibatches of (g, s, a)."""
+    """P-learning: Adam on per-(s, a) softmax logits with minibatches of (g, s, a); a
+    (g, s) that ``q_mask`` leaves out weighs nothing in the loss."""
     import torch  # only this method needs it
 
     L, S, A = Q.shape
@@ -364,6 +407,7 @@ def _extract_sgd(
     logits = torch.nn.Parameter(logits0)
     M_t = torch.as_tensor(M, dtype=tdtype)  # [L, S]
     Q_t = torch.as_tensor(_pairs(Q), dtype=tdtype)  # [L, K]
+    W_t = None if q_mask is None else torch.as_tensor(np.repeat(q_mask, A, axis=1), dtype=tdtype)  # [L, K]
     if schedule not in ("constant", "cosine"):
         # cosine is not the default: zero entries need their logits driven far down (about
         # -10), and a decaying rate slows exactly that (windy FourRooms: ~4x worse p_mse).
@@ -385,7 +429,8 @@ def _extract_sgd(
             pred = (torch.softmax(logits, dim=-1) @ M_t.T)[k, g]
         else:
             pred = (torch.softmax(logits[k], dim=-1) * M_t[g]).sum(-1)
-        loss = torch.mean((pred - Q_t[g, k]) ** 2)
+        err2 = (pred - Q_t[g, k]) ** 2
+        loss = torch.mean(err2 if W_t is None else W_t[g, k] * err2)
         loss.backward()
         with torch.no_grad():
             grad, t = logits.grad, step + 1
@@ -520,7 +565,8 @@ def _share_walls(opening, Xs, ys, edges, wall_cost, sweeps=3):
 
 
 def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_ridge=1e-6,
-                   jumps="auto", openings="binary", pi_prune=0.2, wall_prior=1e-3, walls="one-way", cells=None):
+                   jumps="auto", openings="binary", pi_prune=0.2, wall_prior=1e-3, walls="one-way", cells=None,
+                   q_mask=None):
     """P-learning with parameters shared across cells, fitted by alternating least squares.
 
     Model, with D = 5 grid moves (stay, up, right, down, left)::
@@ -549,7 +595,9 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
 
     ``cells`` (bool ``[S]``, default all) are the cells whose equations inform ``pi``, the
     noise estimate, the jump search and the stopping loss; the others only get their
-    openings (``regional_moves`` fits one region at a time this way).
+    openings (``regional_moves`` fits one region at a time this way). ``q_mask`` (bool
+    ``[L, S]``, default all) keeps the equations of the (goal, state) pairs whose Q-values
+    constrain P; the others weigh nothing anywhere in the fit.
     """
     from scipy.optimize import lsq_linear
 
@@ -575,6 +623,10 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     Mt = M.T  # [S, L]
     delta = np.where(movable[..., None], Mt[np.maximum(nbr, 0)] - Mt[:, None, :], 0.0)  # [S, D, L]
     w_sum = _sum_weight(M, None) * math.sqrt(S)  # the pi design stacks S cells
+    w_sl = np.ones((S, L)) if q_mask is None else q_mask.T.astype(np.float64)  # [S, L] equation weights
+    w_sal = np.broadcast_to(w_sl[:, None, :], (S, A, L))
+    n_eq = w_sal.sum(axis=(1, 2))  # [S] equations per cell
+    seen = n_eq > 0  # a cell without equations has no misfit to tell the noise by
     scale = max(1.0, float(np.abs(M).max()))
 
     pi = np.full((A, D), 1.0 / D)
@@ -589,7 +641,11 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     def residual():
         j = W.sum(-1)
         pred = (1 - j)[:, None, None] * local_base() + (W @ Mt)[:, None, :]  # [S, A, L]
-        return Q.transpose(1, 2, 0) - pred
+        return (Q.transpose(1, 2, 0) - pred) * w_sal
+
+    def misfit(res):
+        """Per-cell mean squared residual ``[S]`` over the cell's kept equations."""
+        return np.sum(res**2, axis=(1, 2)) / np.maximum(n_eq, 1.0)
 
     def fit(rounds, jump_cells, shared=None, allowed=None):
         """Alternate the blocks; only the ``shared`` cells (bool [S]) inform ``pi``, whose
@@ -601,16 +657,17 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
             keep = 1.0 - W.sum(-1)  # [S]
             target = Q.transpose(1, 2, 0) - (W @ Mt)[:, None, :] - keep[:, None, None] * Mt[:, None, :]
             design = (keep[:, None, None] * opening[..., None] * delta)  # [S, D, L]
-            X = design[shared].transpose(0, 2, 1).reshape(-1, D)
+            w_rows = w_sl[shared].reshape(-1)  # rows (cell, goal)
+            X = design[shared].transpose(0, 2, 1).reshape(-1, D) * w_rows[:, None]
             # the noise variance of one equation, from the typical cell's misfit
-            noise_var = float(np.median(np.mean(residual()[cells] ** 2, axis=(1, 2))))
+            noise_var = float(np.median(misfit(residual())[cells & seen]))
             wall_cost = 2.0 * math.log((1.0 - wall_prior) / wall_prior) * noise_var
             for a in range(A):
-                pi[a] = _fit_move_distribution(X, target[shared, a, :].reshape(-1), w_sum, allowed[a])
+                pi[a] = _fit_move_distribution(X, target[shared, a, :].reshape(-1) * w_rows, w_sum, allowed[a])
             # cell s's misfit is ||Xs[s] o[s] - ys[s]||^2 with Xs[s] = [A L, D]
             Xs = (keep[:, None, None, None] * pi[None, :, :, None] * delta[:, None, :, :])  # [S, A, D, L]
-            Xs = Xs.transpose(0, 1, 3, 2).reshape(S, A * L, D)
-            ys = target.reshape(S, A * L)
+            Xs = Xs.transpose(0, 1, 3, 2).reshape(S, A * L, D) * w_sal.reshape(S, A * L, 1)
+            ys = target.reshape(S, A * L) * w_sal.reshape(S, A * L)
             for s in range(S):
                 cols = np.flatnonzero(movable[s])
                 if len(cols) == 0 or keep[s] <= 0:
@@ -636,8 +693,9 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
 
     def fit_jump(s):
         base = local_base([s])[0]  # [A, L]
-        B = (Mt[None, :, :] - base[:, None, :]).transpose(0, 2, 1).reshape(A * L, S)  # [A L, S]
-        y = (Q[:, s, :].T - base).reshape(-1)
+        w = w_sal[s].reshape(-1)  # rows (action, goal)
+        B = (Mt[None, :, :] - base[:, None, :]).transpose(0, 2, 1).reshape(A * L, S) * w[:, None]  # [A L, S]
+        y = (Q[:, s, :].T - base).reshape(-1) * w
         rho = jump_ridge * float(np.mean(B**2)) if B.size else 0.0
         w = nnls(np.vstack([B, math.sqrt(rho) * np.eye(S)]), np.append(y, np.zeros(S)), maxiter=50 * S)[0]
         W[s] = w / max(1.0, w.sum())
@@ -647,11 +705,11 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     shared = cells.copy()
     for _ in range(5 if jumps == "auto" else 1):
         fit(rounds, [], shared)
-        per_cell = np.sqrt(np.mean(residual() ** 2, axis=(1, 2)))  # [S]
+        per_cell = np.sqrt(misfit(residual()))  # [S]
         # Robust z-score of the cell's misfit among the cells that inform pi (median, MAD):
         # under noise alone the misfits of the cells spread little, a jump stands out.
-        med = float(np.median(per_cell[shared]))
-        mad = 1.4826 * float(np.median(np.abs(per_cell[shared] - med)))
+        med = float(np.median(per_cell[shared & seen]))
+        mad = 1.4826 * float(np.median(np.abs(per_cell[shared & seen] - med)))
         floor = max(med + jump_z * mad, 1e-6 * scale)
         outliers = (per_cell > floor) & cells
         if jumps != "auto" or np.array_equal(cells & ~outliers, shared) or outliers[cells].all():
@@ -662,10 +720,10 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
         for s in np.flatnonzero((per_cell > floor) & cells):
             before = per_cell[s]
             fit_jump(s)
-            after = np.sqrt(np.mean(residual()[s] ** 2))
+            after = np.sqrt(misfit(residual())[s])
             # Kept only if it explains the misfit with a support the A * L equations of the
             # cell can identify (2N <= A L, as L >= 2N - 1 in Table 1): noise is not a jump.
-            if after <= 0.5 * before and 2 * np.count_nonzero(W[s] > 1e-12) <= A * L:
+            if after <= 0.5 * before and 2 * np.count_nonzero(W[s] > 1e-12) <= n_eq[s]:
                 jump_cells.append(int(s))
             else:
                 W[s] = 0.0
@@ -682,7 +740,7 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     if dropped:
         saved = pi.copy(), opening.copy(), W.copy()
         loss_small = fit(rounds, jump_cells, allowed=allowed)
-        n, k = int(cells.sum()) * A * L, dropped
+        n, k = int(n_eq[cells].sum()), dropped
         dof = max(1, n - A * (D - 1))
         if loss_free <= 1e-24 * scale**2 * n:  # exact fit: only an exact smaller fit will do
             keep_small = loss_small <= 1e-24 * scale**2 * n
@@ -749,8 +807,19 @@ def project_consistent(X0: np.ndarray, M: np.ndarray, q: np.ndarray, iters: int 
     return np.where(sums > 0, x / np.where(sums > 0, sums, 1.0), 1.0 / S)
 
 
+def _project_rows(X0, M, q, rows, keep, iters):
+    """:func:`project_consistent` of the ``rows`` ``[n, 2]`` (s, a), each onto the Q-values
+    of the goals ``keep [L, S]`` keeps for its state (one call per pattern of goals)."""
+    out = np.empty((len(rows), M.shape[1]))
+    patterns, group = np.unique(keep.T[rows[:, 0]], axis=0, return_inverse=True)
+    for p, goals in enumerate(patterns):
+        idx = np.flatnonzero(group.reshape(-1) == p)
+        out[idx] = project_consistent(X0[idx], M[goals], q[rows[idx, 0], rows[idx, 1]][:, goals], iters=iters)
+    return out
+
+
 def _extract_regional_moves(Q, M, coords=None, tol=1e-9, regions=4, trim=0.5, c_steps=6, prior="uniform",
-                            project_iters=3000, polish=True):
+                            project_iters=3000, polish=True, q_mask=None):
     """Moves shared only where Q says they are: regions of cells, each with its own ``pi``.
 
     1. Regions, found from the misfit: fit ``moves`` (:func:`_extract_moves`) with ``pi``
@@ -771,9 +840,13 @@ def _extract_regional_moves(Q, M, coords=None, tol=1e-9, regions=4, trim=0.5, c_
     The defaults read Q as exact (``tol`` 1e-9 relative). For a learned agent's Q set ``tol``
     to its relative Q error and ``polish=False``: projecting onto noisy Q fits the noise.
 
+    ``q_mask`` (bool ``[L, S]``): as in ``moves``, each row is explained by, and projected
+    onto, the Q-values of the goals that constrain its state.
+
     Given: the cells' coordinates, Q and M (like ``moves``). Nothing of P.
     """
     L, S, A = Q.shape
+    keep = np.ones((L, S), dtype=bool) if q_mask is None else q_mask
     if coords is None:
         raise ValueError("method 'regional_moves' needs the option coords=[S, 2] (the cells' (row, col))")
     if prior not in ("model", "uniform"):
@@ -782,7 +855,8 @@ def _extract_regional_moves(Q, M, coords=None, tol=1e-9, regions=4, trim=0.5, c_
     if nbr.shape[0] != S:
         raise ValueError(f"coords has {nbr.shape[0]} cells, Q has S = {S} states")
     q = Q.transpose(1, 2, 0)  # [S, A, L]
-    tau = tol * (1.0 + np.linalg.norm(q, axis=-1))  # [S, A]
+    q_norm = np.linalg.norm(q * keep.T[:, None, :], axis=-1)  # [S, A] over the goals that constrain s
+    tau = tol * (1.0 + q_norm)  # [S, A]
     P_hat = np.zeros((S, A, S))
     how = np.full((S, A), "", dtype=object)
     region = np.full((S, A), -1, dtype=np.int64)
@@ -793,8 +867,8 @@ def _extract_regional_moves(Q, M, coords=None, tol=1e-9, regions=4, trim=0.5, c_
             break
         cells = remaining.copy()
         for _ in range(int(c_steps)):
-            P_r, info_r = _extract_moves(Q, M, coords=coords, cells=cells)
-            res = _residuals(Q, M, P_r)  # [S, A]
+            P_r, info_r = _extract_moves(Q, M, coords=coords, cells=cells, q_mask=q_mask)
+            res = _residuals(Q, M, P_r, q_mask)  # [S, A]
             ok = (res <= tau) & remaining[:, None]
             exact_cells = ok.all(axis=1)
             misfit = np.sqrt(np.mean(res**2, axis=1))
@@ -819,17 +893,20 @@ def _extract_regional_moves(Q, M, coords=None, tol=1e-9, regions=4, trim=0.5, c_
     w = _sum_weight(M, None)
     aug = np.vstack([M, np.full((1, S), w)])
     for s, a in todo:
-        rhs = np.append(q[s, a], w)
+        goals = np.append(keep[:, s], True)  # the sum row is always kept
+        rhs = np.append(q[s, a], w)[goals]
         cols = np.unique(np.append(nbr[s][nbr[s] >= 0], s))
-        x, rnorm = nnls(aug[:, cols], rhs, maxiter=50 * len(cols))
+        x, rnorm = nnls(aug[goals][:, cols], rhs, maxiter=50 * len(cols))
         # kept only with an equation to spare (len(cols) <= L): with as many unknowns as
         # equations any non-negative solution fits, which is no evidence of locality
-        if len(cols) <= L and rnorm <= tau[s, a] and np.linalg.matrix_rank(aug[:, cols]) == len(cols):
+        if len(cols) < goals.sum() and rnorm <= tau[s, a] and np.linalg.matrix_rank(aug[goals][:, cols]) == len(cols):
             P_hat[s, a] = 0.0
             P_hat[s, a, cols] = x / x.sum()
             how[s, a] = "local"
             continue
-        d = np.linalg.norm(M - q[s, a][:, None], axis=0)
+        if not keep[:, s].any():
+            continue  # no goal constrains s: its row is projected (stays the prior)
+        d = np.linalg.norm(M[keep[:, s]] - q[s, a][keep[:, s]][:, None], axis=0)
         close = np.flatnonzero(d <= tau[s, a])
         if len(close) == 1:
             P_hat[s, a] = 0.0
@@ -838,16 +915,18 @@ def _extract_regional_moves(Q, M, coords=None, tol=1e-9, regions=4, trim=0.5, c_
     todo = np.argwhere(how == "")
     if len(todo):
         X0 = last[todo[:, 0], todo[:, 1]] if prior == "model" else np.full((len(todo), S), 1.0 / S)
-        P_hat[todo[:, 0], todo[:, 1]] = project_consistent(X0, M, q[todo[:, 0], todo[:, 1]], iters=project_iters)
+        P_hat[todo[:, 0], todo[:, 1]] = _project_rows(X0, M, q, todo, keep, project_iters)
         how[todo[:, 0], todo[:, 1]] = "projected"
     if polish:  # the kept rows not on Q to round-off: a jump's ridge leaves them close to it, not on it
-        off = _residuals(Q, M, P_hat) > 1e-12 * (1.0 + np.linalg.norm(q, axis=-1))
+        off = _residuals(Q, M, P_hat, q_mask) > 1e-12 * (1.0 + q_norm)
         kept = np.argwhere((how != "projected") & off)
-        P_hat[kept[:, 0], kept[:, 1]] = project_consistent(P_hat[kept[:, 0], kept[:, 1]], M, q[kept[:, 0], kept[:, 1]],
-                                                           iters=project_iters)
+        P_hat[kept[:, 0], kept[:, 1]] = _project_rows(P_hat[kept[:, 0], kept[:, 1]], M, q, kept, keep, project_iters)
     counts = {f"num_{h}": int(np.sum(how == h)) for h in ("region", "local", "one_state", "projected")}
     return P_hat, {"path": how, "region": region, "num_regions": int(region.max()) + 1, **counts}
 
+
+# The methods that solve every (s, a) row alone: a q_mask splits them by state.
+_ROW_METHODS = ("pinv", "known_support", "sparse_search", "column_match")
 
 _METHOD_FNS = {
     "pinv": _extract_pinv,
@@ -860,7 +939,8 @@ _METHOD_FNS = {
 }
 
 
-def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False, **options: Any):
+def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False,
+            q_mask: np.ndarray | None = None, **options: Any):
     """Extract the world model ``P_hat`` from goal-conditioned Q-values.
 
     Args:
@@ -868,6 +948,12 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
         M: ``[L, S]`` with ``M[g, s'] = r_g(s') + gamma (1 - term_g(s')) V_g(s')``.
         method: one of ``METHODS``.
         return_info: also return a dict of diagnostics.
+        q_mask: ``[L, S]`` bool, the (goal, state) pairs whose Q-values constrain P (default
+            all). A learned agent's Q at a state terminal for the goal is never a training
+            target (episodes end on arrival, nothing bootstraps from it), so it says
+            nothing of P there: :func:`trained_q_mask`. Every method then fits only the kept
+            equations; a state no goal keeps gets the uniform row (not scored: the MDP's
+            terminal states). Exact Q needs no mask.
         **options: per method —
             pinv: ``rcond`` (pseudo-inverse cutoff);
             known_support: ``support`` (bool ``[S, A, S]``, required), ``sum_weight``;
@@ -917,13 +1003,39 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
             f"method {method!r} got unknown options {unknown}; allowed: {sorted(_OPTIONS[method]) or 'none'}"
         )
     Q, M = _check_qm(Q, M)
+    mask = _check_q_mask(q_mask, *M.shape)
     t0 = time.perf_counter()
-    P_hat, info = _METHOD_FNS[method](Q, M, **options)
+    fn = _METHOD_FNS[method]
+    if mask is None:
+        P_hat, info = fn(Q, M, **options)
+    elif method in _ROW_METHODS:
+        P_hat, info = _extract_rowwise(fn, Q, M, mask, options)
+    else:
+        P_hat, info = fn(Q, M, q_mask=mask, **options)
     info[K.FIT_SECONDS] = time.perf_counter() - t0
     if not return_info:
         return P_hat
-    info["residuals"] = _residuals(Q, M, P_hat)
+    info["residuals"] = _residuals(Q, M, P_hat, mask)
     return P_hat, info
+
+
+def trained_q_mask(terminal: np.ndarray) -> np.ndarray:
+    """``[L, S]`` bool: the (goal, state) pairs at which a learned agent's Q says something of P.
+
+    An episode ends on arriving in a state terminal for its goal, so a state terminal for
+    *every* goal (a hole, a cliff, the env's own goal: ``FiniteMDP.terminal``) is never an
+    input the agent acts from, and its Q-values there are whatever the network makes of an
+    input it never saw (RMS error 0.4-0.8 on FrozenLake and CliffWalking agents whose error
+    elsewhere is 0.01). A goal's own cell is kept: the agent acts there under the other
+    goals, and its Q-values there were measured as accurate as elsewhere. ``terminal`` is
+    part of the goals' definition (it is in M already): the mask hands a method nothing of
+    the answer.
+
+    Args:
+        terminal: ``[L, S]`` bool, ``goals.terminal``.
+    """
+    terminal = np.asarray(terminal, dtype=bool)
+    return np.broadcast_to(~terminal.all(axis=0), terminal.shape).copy()
 
 
 # --------------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
     from qworld.experience import FINITE_METHODS, RARE_VISITS, finite_model
     from qworld.layout import DEMONSTRATIONS_DIR, VALUE_TEMPERATURE
     from qworld.planning import task_name, task_optimal_plan
-    from qworld.plearn.finite import diagnose, extract, method_options
+    from qworld.plearn.finite import diagnose, extract, method_options, trained_q_mask
     from qworld.reward import state_values
     from qworld.scoring import misspecification, nmse, policy_success, score_p
     from qworld_envs import make_finite_problem
@@ -164,12 +164,14 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
     M = m_matrix(goals.rewards, V, gamma, goals.terminal)
     # The agent's Q is scored against the exact Q of its own greedy policy.
     Q_pi, _ = solve_goal_q(P, goals.rewards, gamma, goals.terminal, policy=greedy_policy(Q))
+    # Only the Q-values the agent is trained on: at a state terminal for the goal it never acts.
+    q_mask = trained_q_mask(goals.terminal)  # [L, S]
     # Identifiability of this case from this agent: the case's structure (deterministic or
     # not) is read off the true P, and M is known only up to the agent's Q error, so columns
     # closer than twice that error count as equal (the column-matching margin).
     deterministic = bool(np.all((P > 0).sum(-1) == 1))
-    diag = diagnose(M, deterministic=deterministic, gap_tol=2.0 * float(np.abs(Q - Q_pi).max()))
-    shared = {**base, K.Q_NMSE: float(nmse(Q, Q_pi)),
+    diag = diagnose(M, deterministic=deterministic, gap_tol=2.0 * float(np.abs(Q - Q_pi)[q_mask].max()))
+    shared = {**base, K.Q_NMSE: float(nmse(Q[q_mask], Q_pi[q_mask])),
               **{k: diag[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE, K.IDENTIFIABLE_REASON)}}
     if goals.success.any():  # sparse goals: how often the agent's policy gets there, and the optimum's
         Q_star, _ = solve_goal_q(P, goals.rewards, gamma, goals.terminal)
@@ -206,17 +208,17 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
                 scores[K.FIT_SECONDS] = seconds
             else:
                 opts = {**method_options(method, P, problem.mdp.coords), **options.get(method, {})}
-                P_hat, scores, plans = extract_and_plan(Q, M, problem.mdp, method, opts, gamma, optimal)
+                P_hat, scores, plans = extract_and_plan(Q, M, problem.mdp, method, opts, gamma, optimal, q_mask)
             if M_recovered is not None and not explicit:
-                P_rec = extract(Q, M_recovered, method, **opts)
+                P_rec = extract(Q, M_recovered, method, q_mask=q_mask, **opts)
                 row.update({f"{K.RECOVERED}/{k}": v for k, v in score_p(P_rec[scored], P[scored]).items()})
             if K.GOAL_INFERENCE in tasks:
                 plans[K.GOAL_INFERENCE] = goal_inference(Q, M, goals, gamma, P_hat if explicit else None,
-                                                       method, None if explicit else opts)
+                                                       method, None if explicit else opts, q_mask)
             if world_models is not None:
                 world_models[method] = P_hat
             row.update(scores)
-            row.update(misspecification(Q, M, P_hat, P, scored))  # the model explains Q, or is flagged
+            row.update(misspecification(Q, M, P_hat, P, scored, q_mask=q_mask))  # the model explains Q, or is flagged
             if rare is not None and rare.any():  # where the agent has (almost) no data of its own
                 row.update({f"{K.RARE}/{k}": v for k, v in score_p(P_hat[rare][:, None], P[rare][:, None]).items()})
             row.update({f"{name}/{k}": v for name, plan in plans.items() for k, v in plan.items()})
@@ -253,7 +255,7 @@ def recovered_m(Q: np.ndarray, V: np.ndarray, demo_dir: str, gamma: float, tempe
 
 
 def goal_inference(Q: np.ndarray, M: np.ndarray, goals: Any, gamma: float, P_hat: np.ndarray | None,
-                   method: str, options: Mapping[str, Any] | None) -> dict:
+                   method: str, options: Mapping[str, Any] | None, q_mask: np.ndarray | None = None) -> dict:
     """``reward.goal_inference_scores`` of one method: each indicator goal named from its own Q
     and a model it never helped build -- ``P_hat`` itself when the model holds no goal (an
     explicit model), else the method re-run on the other L - 1 goals' Q and M."""
@@ -262,16 +264,18 @@ def goal_inference(Q: np.ndarray, M: np.ndarray, goals: Any, gamma: float, P_hat
     if goals.goal_states is None or goals.num_goals < 2:
         raise ValueError(f"goal_inference names indicator goal cells held out of L >= 2 goals; this agent has "
                          f"{goals.num_goals} goal(s) of type {goals.goal_type!r}")
-    model_for = (lambda g: P_hat) if P_hat is not None else held_out_models(Q, M, method, options)
+    model_for = (lambda g: P_hat) if P_hat is not None else held_out_models(Q, M, method, options, q_mask)
     return goal_inference_scores(Q, goals.goal_states, gamma, model_for, goals.rewards)
 
 
 def extract_and_plan(Q: np.ndarray, M: np.ndarray, mdp: Any, method: str, options: Mapping[str, Any],
-                     gamma: float, optimal: Mapping[str, np.ndarray]) -> tuple[np.ndarray, dict, dict[str, dict]]:
+                     gamma: float, optimal: Mapping[str, np.ndarray],
+                     q_mask: np.ndarray | None = None) -> tuple[np.ndarray, dict, dict[str, dict]]:
     """One extraction method on one finite Q, scored and planned with.
 
     Args:
-        Q: ``[L, S, A]``; M: ``[L, S]`` (``bellman.m_matrix``).
+        Q: ``[L, S, A]``; M: ``[L, S]`` (``bellman.m_matrix``); q_mask: ``[L, S]`` the Q-values
+            that constrain P (``plearn.finite.trained_q_mask`` for a learned agent).
         mdp: the true ``FiniteMDP``.
         options: the method's ``extract`` keywords (``plearn.finite.method_options``, ...).
         optimal: task (a ``planning.SAFETY_TASKS`` name or a ``planning.PlanningTask``) -> the
@@ -285,7 +289,7 @@ def extract_and_plan(Q: np.ndarray, M: np.ndarray, mdp: Any, method: str, option
     from qworld.plearn.finite import extract
 
     start = time.perf_counter()
-    P_hat = extract(Q, M, method, **options)
+    P_hat = extract(Q, M, method, q_mask=q_mask, **options)
     seconds = time.perf_counter() - start
     scores, plans = score_and_plan(P_hat, mdp, gamma, optimal)
     return P_hat, {K.FIT_SECONDS: seconds, **scores}, plans
