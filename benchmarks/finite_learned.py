@@ -6,7 +6,8 @@
 Reads finished ``qworld sweep`` experiments (``qworld_analysis.load`` +
 ``final_checkpoints``: each trial's last checkpoint) and prints, per (env, L), median [min,
 max] over the trials of q_nmse and of every method's p_mse, then per task and method the
-plan's success and excess steps over the optimal plan (median [min, max]), and the optimal
+plan's success, excess steps over the optimal plan and regret (the share of the optimal plan's
+discounted success it loses) (median [min, max]), and the optimal
 plan's own success in the true MDP (``planning.run_safety_task`` handed the true P).
 Nothing is trained here. ``--rescore`` scores each trial's last checkpoint again with the
 code as it is now (``qworld.sweep.score.score_checkpoint``, the sweep file's methods, options
@@ -75,15 +76,17 @@ def main() -> None:
                 if e:
                     print(f"  {m}: errors {e}")
         for t in spec.extract.tasks:
-            print(f"\n{t.name}: plan_success; plan_excess_steps (median [min, max])")
+            print(f"\n{t.name}: plan_success; plan_excess_steps; plan_regret (median [min, max])")
             print("\n| L | " + " | ".join(METHODS) + " |")
             print("|---|" + "---|" * len(METHODS))
             for L, g in df.groupby(K.NUM_GOALS):
                 row = []
                 for m in METHODS:
                     r = g[g[K.METHOD] == m]
+                    regret = r.get(f"{t.name}/{K.PLAN_REGRET}", pd.Series(dtype=float))  # older rows lack it
                     row.append(cell(r[f"{t.name}/{K.PLAN_SUCCESS}"], "{:.3f}") + "; "
-                               + cell(r[f"{t.name}/{K.PLAN_EXCESS_STEPS}"], "{:.2f}"))
+                               + cell(r[f"{t.name}/{K.PLAN_EXCESS_STEPS}"], "{:.2f}") + "; "
+                               + cell(regret, "{:.1e}"))
                 print(f"| {L} | " + " | ".join(row) + " |")
         extra = [c for c in (K.RESIDUAL_EXCESS, K.MISSPECIFIED, K.MODEL_RESIDUAL) if c in df]
         if extra:

@@ -50,6 +50,7 @@ def test_true_model_plan_matches_bfs_in_deterministic_fourrooms(task):
     assert out[K.UNSAFE_VISITS] == 0.0
     assert out[K.PLAN_STEPS] == pytest.approx(shortest, abs=1e-9)
     assert out[K.PLAN_EXCESS_STEPS] == pytest.approx(0.0, abs=1e-9)
+    assert out[K.PLAN_REGRET] == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("task", ["corner_9_1_doorway", "corner_9_9_doorway"])
@@ -102,6 +103,26 @@ def test_evaluate_plan_exact_on_hand_chain():
     # A short horizon cuts the success probability exactly: P(reached by step 3) = p (1 - (1-q)^2).
     short = evaluate_plan(P, pi, [2], [3], 0, GAMMA, horizon=3)
     assert short[K.PLAN_SUCCESS] == pytest.approx(p * (1 - (1 - q) ** 2), abs=1e-12)
+
+
+def test_plan_regret_is_the_share_of_discounted_success_lost():
+    """A slow sure route (0 -> 1 -> 2 -> goal, 3 steps, success 1) against a fast risky one
+    (0 -> goal w.p. 0.95, else forbidden): at gamma 0.9 the risky one is optimal (0.95 >
+    0.81); the sure plan reaches the goal more often and still loses 1 - 0.81 / 0.95."""
+    P = np.zeros((5, 2, 5))
+    P[0, 0, 1] = 1.0  # sure route
+    P[1, :, 2] = P[2, :, 3] = 1.0
+    P[0, 1, [3, 4]] = 0.95, 0.05  # risky shortcut
+    P[3, :, 3] = P[4, :, 4] = 1.0
+    sure, risky = np.zeros((5, 2)), np.zeros((5, 2))
+    sure[:, 0] = risky[:, 0] = 1.0
+    risky[0] = [0.0, 1.0]
+    optimal = plan(P, np.eye(5)[3], 0.9, terminal=[3, 4])
+    assert optimal[0].argmax() == 1
+    out = evaluate_plan(P, sure, [3], [4], 0, 0.9, optimal_policy=optimal)
+    assert out[K.PLAN_SUCCESS] == pytest.approx(1.0) and out[K.PLAN_EXCESS_STEPS] == pytest.approx(2.0)
+    assert out[K.PLAN_REGRET] == pytest.approx(1 - 0.81 / 0.95, abs=1e-12)
+    assert evaluate_plan(P, risky, [3], [4], 0, 0.9, optimal_policy=optimal)[K.PLAN_REGRET] == pytest.approx(0.0)
 
 
 def test_plan_avoids_forbidden_states_when_possible():

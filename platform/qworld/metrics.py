@@ -97,6 +97,10 @@ POLICY_SUCCESS = "policy_success"
 POLICY_RETURN = "policy_return"
 PLAN_STEPS = "plan_steps"  # expected steps to the goal, given that it is reached (true MDP)
 PLAN_OPTIMAL_STEPS = "plan_optimal_steps"  # the same for the optimal plan in the true MDP
+# finite: 1 - (the plan's discounted chance of reaching the goal) / (the optimal plan's), true
+# MDP, start states averaged; 0 for an optimal plan (what the planner maximises, unlike
+# plan_success, which a slower, more careful plan can raise)
+PLAN_REGRET = "plan_regret"
 
 # --- the reward side: goals and rewards from Q (qworld.reward) ---------------------------
 # extract.tasks entry and column prefix f"{GOAL_INFERENCE}/<score>": each indicator goal named
@@ -125,7 +129,8 @@ ERROR = "error"
 # every one of them (sweep.callbacks); is_row_metric says whether a column is one.
 WORLD_MODEL_METRICS = (P_MSE, P_TV, P_MAX_ERR, Q_NMSE, WM_NMSE, MODEL_RESIDUAL, RESIDUAL_EXCESS, MISSPECIFIED)
 # Planning metrics appear as "<task>/<metric>" columns, one group per planning task.
-PLAN_METRICS = (PLAN_SUCCESS, POLICY_SUCCESS, POLICY_RETURN, PLAN_EXCESS_STEPS, UNSAFE_VISITS, RETURN_RATIO, PLAN_STEPS, PLAN_OPTIMAL_STEPS,
+PLAN_METRICS = (PLAN_SUCCESS, POLICY_SUCCESS, POLICY_RETURN, PLAN_EXCESS_STEPS, PLAN_REGRET, UNSAFE_VISITS, RETURN_RATIO,
+                PLAN_STEPS, PLAN_OPTIMAL_STEPS,
                 RETURN_WM, RETURN_STAR)
 ROW_METRICS = (*WORLD_MODEL_METRICS, P_ROWS_UNSCORED, M_RANK, M_COND, M_GAP, FIT_SECONDS, FRACTION, UNVISITED_FRACTION,
                *PLAN_METRICS, *REWARD_METRICS)

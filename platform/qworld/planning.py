@@ -103,15 +103,18 @@ def plan(
     return greedy_policy(Q)[0]
 
 
-def _absorb(T: np.ndarray, start: np.ndarray, goal: np.ndarray, forb: np.ndarray, horizon: int):
+def _absorb(T: np.ndarray, start: np.ndarray, goal: np.ndarray, forb: np.ndarray, horizon: int,
+            gamma: float = 1.0):
     """Propagate start distributions through the chain with absorbing goal / forbidden states.
 
     Args:
         T: ``[S, S]`` chain of the policy; start: ``[n]`` states; goal, forb: ``[S]`` bool.
 
     Returns:
-        ``(success[n], unsafe[n], steps_on_success[n])``: probabilities of hitting the goal
-        (resp. a forbidden state) first within ``horizon`` steps, and ``E[T_goal; success]``.
+        ``(success[n], unsafe[n], steps_on_success[n], value[n])``: probabilities of hitting
+        the goal (resp. a forbidden state) first within ``horizon`` steps, ``E[T_goal;
+        success]``, and ``E[gamma^(T_goal - 1); success]`` (the planner's objective: reward 1
+        on arrival, discounted).
     """
     S = T.shape[0]
     d = np.zeros((len(start), S))
@@ -120,16 +123,18 @@ def _absorb(T: np.ndarray, start: np.ndarray, goal: np.ndarray, forb: np.ndarray
     success = np.zeros(len(start))
     unsafe = np.zeros(len(start))
     steps = np.zeros(len(start))
+    value = np.zeros(len(start))
     for t in range(1, horizon + 1):
         d = d @ T
         hit_goal = d[:, goal].sum(axis=1)
         success += hit_goal
         steps += t * hit_goal
+        value += gamma ** (t - 1) * hit_goal
         unsafe += d[:, forb].sum(axis=1)
         d = d * alive  # absorbed mass leaves the chain
         if d.sum() < 1e-15:
             break
-    return success, unsafe, steps
+    return success, unsafe, steps, value
 
 
 def optimal_plan(P_true: np.ndarray, goal_states, forbidden, gamma: float) -> np.ndarray:
@@ -174,7 +179,11 @@ def evaluate_plan(
         state within the horizon), ``unsafe_visits`` (probability of entering a forbidden
         state within the horizon), ``plan_steps`` (expected steps to the goal given that it
         is reached; nan if never), ``plan_optimal_steps`` (the same for the optimal plan in
-        ``P_true`` under the same constraints), ``plan_excess_steps`` (the difference).
+        ``P_true`` under the same constraints), ``plan_excess_steps`` (the difference),
+        ``plan_regret`` (the share of the optimal plan's discounted chance of reaching the goal,
+        ``E[gamma^(T - 1); success]``, that this plan loses: 0 for an optimal plan; the
+        planner maximises that chance, so a plan can reach the goal more often, later, and
+        still be worse).
     """
     P_true = np.asarray(P_true, dtype=np.float64)
     S, A = P_true.shape[:2]
@@ -195,20 +204,21 @@ def evaluate_plan(
 
     def outcome(pi):
         T = np.einsum("sa,sat->st", pi, P_true)
-        success, unsafe, steps = _absorb(T, start, goal, forb, horizon)
+        success, unsafe, steps, value = _absorb(T, start, goal, forb, horizon, gamma)
         mean_steps = steps.sum() / success.sum() if success.sum() > 0 else float("nan")
-        return float(success.mean()), float(unsafe.mean()), float(mean_steps)
+        return float(success.mean()), float(unsafe.mean()), float(mean_steps), float(value.mean())
 
-    success, unsafe, steps = outcome(policy)
+    success, unsafe, steps, value = outcome(policy)
     if optimal_policy is None:
         optimal_policy = optimal_plan(P_true, np.flatnonzero(goal), np.flatnonzero(forb), gamma)
-    _, _, optimal_steps = outcome(np.asarray(optimal_policy, dtype=np.float64))
+    _, _, optimal_steps, optimal_value = outcome(np.asarray(optimal_policy, dtype=np.float64))
     return {
         K.PLAN_SUCCESS: success,
         K.UNSAFE_VISITS: unsafe,
         K.PLAN_STEPS: steps,
         K.PLAN_OPTIMAL_STEPS: optimal_steps,
         K.PLAN_EXCESS_STEPS: steps - optimal_steps,
+        K.PLAN_REGRET: (optimal_value - value) / optimal_value if optimal_value > 0 else float("nan"),
     }
 
 
