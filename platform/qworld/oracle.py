@@ -18,7 +18,7 @@ from qworld import metrics as K
 from qworld.bellman import m_matrix, solve_goal_q
 from qworld.planning import DEFAULT_TASK, SAFETY_TASKS, PlanningTask, task_name, task_optimal_plan
 from qworld.plearn import finite
-from qworld.plearn.finite import METHODS, diagnose
+from qworld.plearn.finite import METHODS, diagnose, trained_q_mask
 from qworld.sweep.score import extract_and_plan
 
 DEFAULT_VARIANTS = ("deterministic", "windy", "teleport")
@@ -187,6 +187,9 @@ def oracle_study(
             goals = make_finite_problem(env_id, **kw, goal_type=goal_type, num_goals=int(L), goal_seed=seed).goals
             Q, V = solve_goal_q(P, goals.rewards, gamma, goals.terminal)
             M = m_matrix(goals.rewards, V, gamma, goals.terminal)
+            # Q at the MDP's terminal states is its absorbing convention, not its dynamics: as for
+            # a learned agent (which never acts there), those equations are left out.
+            q_mask = trained_q_mask(goals.terminal)
             diag_cache: dict[str, dict] = {}
             for method in methods:
                 base = {
@@ -207,7 +210,7 @@ def oracle_study(
                     d = diag_cache[key]
                     base.update({k: d[k] for k in (K.M_RANK, K.M_COND, K.M_GAP, K.IDENTIFIABLE_CASE)})
                     _, scores, by_task = extract_and_plan(Q, M, mdp, method, method_options(method, mdp, seed),
-                                                          gamma, optimal)
+                                                          gamma, optimal, q_mask)
                     base.update(scores)
                     plans = [by_task[t] for t in task_names] or [{}]
                 except Exception as e:  # one failing method must not sink the study

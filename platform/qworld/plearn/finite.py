@@ -565,7 +565,7 @@ def _share_walls(opening, Xs, ys, edges, wall_cost, sweeps=3):
 
 
 def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_ridge=1e-6,
-                   jumps="auto", openings="binary", pi_prune=0.2, wall_prior=1e-3, walls="one-way", cells=None,
+                   jumps="auto", openings="binary", pi_prune=0.2, wall_prior=1e-3, walls="two-way", cells=None,
                    q_mask=None):
     """P-learning with parameters shared across cells, fitted by alternating least squares.
 
@@ -578,9 +578,12 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
       Q; only moves towards a non-state are shut by geometry. ``openings="binary"`` takes
       the most probable of the cell's <= 16 wall patterns (MAP: a wall costs
       ``2 log((1 - wall_prior) / wall_prior)`` noise variances of the fit); ``"free"`` fits
-      probabilities in [0, 1]. ``walls="two-way"`` ties a move to the move back, so both end
-      cells judge an edge (not the default: on learned agents a badly learned Q-value on one
-      side then outvotes a good one as often as the reverse).
+      probabilities in [0, 1]. ``walls="two-way"`` (default) ties a move to the move back, so
+      both end cells judge an edge: on 18 learned windy FourRooms agents (6 goal draws x 3
+      seeds) it removed the one wrong wall (p_mse 4.2e-5 -> 1.4e-6) and changed no other,
+      and on FrozenLake it took the worst of 3 L = 4 runs from 1.4e-4 to 4e-5. (It was not
+      the default while the Q-values of states the agent never acts from were read: those
+      outvoted good ones; ``q_mask`` leaves them out.) ``"one-way"``: each cell alone.
     - ``w_s`` ``[S]`` >= 0 with mass ``j_s``: a jump anywhere whatever the action (teleports).
 
     Given: S, A, the cells' coordinates, Q and M. Not given: anything of P.
@@ -956,7 +959,9 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
             target (episodes end on arrival, nothing bootstraps from it), so it says
             nothing of P there: :func:`trained_q_mask`. Every method then fits only the kept
             equations; a state no goal keeps gets the uniform row (not scored: the MDP's
-            terminal states). Exact Q needs no mask.
+            terminal states). Exact Q of an MDP with terminal states wants it too: their
+            absorbing rows are a convention, not dynamics, and ``moves``' two-way walls would
+            read them as walls around the cell (the oracle study passes it).
         **options: per method —
             pinv: ``rcond`` (pseudo-inverse cutoff);
             known_support: ``support`` (bool ``[S, A, S]``, required), ``sum_weight``;
@@ -969,8 +974,8 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
             ``dtype`` ("float32" | "float64"), ``log_every`` (1);
             moves: ``coords`` (``[S, 2]`` (row, col), required), ``rounds`` (500 alternations
             at most), ``tol`` (relative loss decrease that stops them, 1e-6), ``jumps``
-            ("auto" | "none"), ``openings`` ("binary" | "free"), ``walls`` ("one-way" |
-            "two-way", binary openings), ``wall_prior`` (1e-3: prior
+            ("auto" | "none"), ``openings`` ("binary" | "free"), ``walls`` ("two-way" |
+            "one-way", binary openings), ``wall_prior`` (1e-3: prior
             probability that a move between two states is walled, binary openings; a wall
             must lower the misfit by 2 log((1 - p) / p) noise variances), ``pi_prune`` (0.2: moves of
             an action below this fraction of its largest are dropped if an F-test allows;
