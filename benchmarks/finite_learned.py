@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from qworld import metrics as K
-from qworld.planning import run_safety_task
+from qworld.planning import run_safety_task, task_name
 from qworld.sweep.score import score_checkpoint
 from qworld.sweep.spec import load_sweep
 from qworld_analysis import load
@@ -59,7 +59,7 @@ def main() -> None:
                                                            methods=list(spec.extract.methods), tasks=spec.extract.tasks,
                                                            options=spec.extract.options, env_steps=r[K.ENV_STEPS])])
         mdp = make_finite_problem(spec.env.id, **dict(spec.env.kwargs)).mdp
-        optimal = {t.name: run_safety_task(mdp, mdp.P, t)[K.PLAN_SUCCESS] for t in spec.extract.tasks}
+        optimal = {task_name(t): run_safety_task(mdp, mdp.P, t)[K.PLAN_SUCCESS] for t in spec.extract.tasks}
         print(f"\n## {spec.name}: {spec.env.id} {json.dumps(dict(spec.env.kwargs))}; S = {mdp.num_states}, "
               f"unscored rows {int(df[K.P_ROWS_UNSCORED].dropna().iloc[0])}; optimal plan success "
               + ", ".join(f"{k} {v:.3f}" for k, v in optimal.items()))
@@ -76,16 +76,16 @@ def main() -> None:
                 if e:
                     print(f"  {m}: errors {e}")
         for t in spec.extract.tasks:
-            print(f"\n{t.name}: plan_success; plan_excess_steps; plan_regret (median [min, max])")
+            print(f"\n{task_name(t)}: plan_success; plan_excess_steps; plan_regret (median [min, max])")
             print("\n| L | " + " | ".join(METHODS) + " |")
             print("|---|" + "---|" * len(METHODS))
             for L, g in df.groupby(K.NUM_GOALS):
                 row = []
                 for m in METHODS:
                     r = g[g[K.METHOD] == m]
-                    regret = r.get(f"{t.name}/{K.PLAN_REGRET}", pd.Series(dtype=float))  # older rows lack it
-                    row.append(cell(r[f"{t.name}/{K.PLAN_SUCCESS}"], "{:.3f}") + "; "
-                               + cell(r[f"{t.name}/{K.PLAN_EXCESS_STEPS}"], "{:.2f}") + "; "
+                    regret = r.get(f"{task_name(t)}/{K.PLAN_REGRET}", pd.Series(dtype=float))  # older rows lack it
+                    row.append(cell(r[f"{task_name(t)}/{K.PLAN_SUCCESS}"], "{:.3f}") + "; "
+                               + cell(r[f"{task_name(t)}/{K.PLAN_EXCESS_STEPS}"], "{:.2f}") + "; "
                                + cell(regret, "{:.1e}"))
                 print(f"| {L} | " + " | ".join(row) + " |")
         extra = [c for c in (K.RESIDUAL_EXCESS, K.MISSPECIFIED, K.MODEL_RESIDUAL) if c in df]
