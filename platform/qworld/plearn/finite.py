@@ -684,7 +684,8 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
                 else:
                     opening[s, cols] = lsq_linear(Xs[s][:, cols], ys[s], bounds=(0.0, 1.0), method="bvls").x
             if openings == "binary" and walls == "two-way":
-                _share_walls(opening, Xs, ys, edges, wall_cost)
+                # only edges inside ``cells``: a cell outside fits another pi, its misfit says nothing here
+                _share_walls(opening, Xs, ys, edges[cells[edges[:, 0]] & cells[edges[:, 2]]], wall_cost)
             for s in jump_cells:
                 fit_jump(s)
             loss = float(np.sum(residual()[cells] ** 2))
