@@ -304,8 +304,8 @@ def fields_markdown(configs: Sequence[Tuple[str, type]]) -> str:
         "Generated from each learner family's `FIELDS` table (`qworld.agents.fields`); "
         "`python -m qworld.agents.families --docs > docs/AGENT_CONFIG.md` writes it and "
         "`tests/test_families.py` keeps it equal. A sweep file's `agent` section sets any field "
-        "marked as a keyword; *RLlib* marks RLlib's own setting of that name, *stored in* the "
-        "RLlib setting a field is kept in.",
+        "marked as a keyword (besides `algorithm`); \"RLlib's own\" marks RLlib's setting of that name, "
+        "\"stored in\" the RLlib setting a field is kept in (no copy of its own).",
         "",
     ]
     for family, cls in configs:
