@@ -31,14 +31,13 @@ field once: name, default, doc, check; ``qworld.agents.fields``) and ``ALGORITHM
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
-from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import (
@@ -67,6 +66,7 @@ from qworld.agents.fields import (  # noqa: F401  (is_int, is_num: the families'
 from qworld.agents.pqn.module import linear_epsilon
 from qworld.agents.pqn.problem import ProblemInfo, probe_problem
 from qworld.agents.replay_buffer import WindowEpisodeReplayBuffer
+from qworld.agents.rllib_private import wants_component
 
 REPLAY_BUFFER_STATE = "qworld_replay_buffer"  # the Algorithm's state keys (algorithm_state.pkl)
 COUNTERS_STATE = "qworld_counters"
@@ -187,21 +187,26 @@ class EpisodeReplayStep:
         return self.local_replay_buffer
 
     def sample_episodes(self) -> Tuple[List[Any], List[Dict[str, Any]]]:
-        """One round of rollouts: ``(episodes, env runner metrics)``."""
-        return synchronous_parallel_sample(
-            worker_set=self.env_runner_group, concat=True, sample_timeout_s=self.config.sample_timeout_s,
-            _uses_new_env_runners=True, _return_metrics=True,
+        """One round of rollouts: ``(episodes, env runner metrics)``: every remote env runner's
+        ``sample()`` (or the local one's, without remote runners), as RLlib's
+        ``synchronous_parallel_sample`` does."""
+        group = self.env_runner_group
+        local = group.num_remote_workers() <= 0
+        results = group.foreach_env_runner(
+            lambda runner: (runner.sample(), runner.get_metrics()), local_env_runner=local,
+            timeout_seconds=None if local else self.config.sample_timeout_s,
         )
+        return [episode for episodes, _ in results for episode in episodes], [metrics for _, metrics in results]
 
     # ------------------------------------------------------------------ checkpoint state
     def get_state(self, components=None, *, not_components=None, **kwargs) -> Dict[str, Any]:
         """RLlib's state, the replay buffer's (unless ``checkpoint_replay_buffer`` is False)
         and the counters (``ALGORITHM_COUNTERS``, the first learner's ``LEARNER_COUNTERS``)."""
         state = super().get_state(components, not_components=not_components, **kwargs)
-        if self.config.checkpoint_replay_buffer and self._check_component(REPLAY_BUFFER_STATE, components,
-                                                                          not_components):
+        if self.config.checkpoint_replay_buffer and wants_component(self, REPLAY_BUFFER_STATE, components,
+                                                                    not_components):
             state[REPLAY_BUFFER_STATE] = self.replay_buffer.get_state()
-        if self._check_component(COUNTERS_STATE, components, not_components):
+        if wants_component(self, COUNTERS_STATE, components, not_components):
             names = tuple(self.LEARNER_COUNTERS)
             learners = [r.get() for r in self.learner_group.foreach_learner(
                 lambda learner: {k: getattr(learner, k) for k in names})]
