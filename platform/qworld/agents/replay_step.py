@@ -53,16 +53,7 @@ from ray.rllib.utils.metrics import (
 from ray.rllib.utils.serialization import serialize_type
 
 from qworld import metrics as K
-from qworld.agents.fields import (  # noqa: F401  (is_int, is_num: the families' checks import them from here)
-    Field,
-    FieldsConfig,
-    int_at_least,
-    is_int,
-    is_num,
-    need,
-    unit_interval,
-    widths,
-)
+from qworld.agents.fields import Field, FieldsConfig, int_at_least, is_num, need, unit_interval, widths
 from qworld.agents.pqn.module import linear_epsilon
 from qworld.agents.pqn.problem import ProblemInfo, probe_problem
 from qworld.agents.replay_buffer import WindowEpisodeReplayBuffer

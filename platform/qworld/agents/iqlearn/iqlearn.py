@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import qworld_envs
 from ray.rllib.algorithms.algorithm import Algorithm

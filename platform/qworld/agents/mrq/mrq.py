@@ -34,7 +34,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import qworld_envs  # noqa: F401  (registers the gymnasium envs in every process)
 from ray.rllib.algorithms.algorithm import Algorithm

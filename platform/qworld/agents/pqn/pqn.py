@@ -464,10 +464,6 @@ class PQNConfig(FieldsConfig, AlgorithmConfig):
         """``env_runner`` and ``q_output`` as the trial runs them ("auto" resolved)."""
         return {"env_runner": self.resolved_env_runner(), "q_output": self.resolved_q_output()}
 
-    def validate_training(self) -> None:
-        """Check the PQN fields only (no env is built); ValueError naming every bad field."""
-        self.validate_fields()
-
     @override(AlgorithmConfig)
     def validate(self) -> None:
         """Raises ValueError naming every bad field with its allowed values, an RLlib setting
