@@ -43,6 +43,46 @@ def test_registry_names_each_family_with_its_keywords():
         family("sac")
 
 
+def test_agent_config_doc_is_generated_from_the_field_tables():
+    from qworld.agents.families import fields_markdown
+
+    assert (ROOT / "docs" / "AGENT_CONFIG.md").read_text() == fields_markdown(), \
+        "run: python -m qworld.agents.families --docs > docs/AGENT_CONFIG.md"
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_each_field_is_declared_once_and_the_config_derives_from_it(name):
+    """A family's FIELDS table gives the attributes and defaults, training()'s keywords (those
+    a sweep file may set), the checks and the trial config; the class spells no field again."""
+    import inspect
+    import re
+
+    cls = family(name).config_class()
+    config = cls()
+    for f in cls.FIELDS:
+        assert getattr(config, f.name) == f.default, f.name
+        assert f.doc, f"{name}.{f.name} has no doc"
+        if f.alias:
+            assert getattr(config, f.alias) == f.default, f"{f.name} is not stored in RLlib's {f.alias}"
+    params = list(inspect.signature(cls.training).parameters)
+    assert params[1:-1] == list(cls.training_keywords()) == list(family(name).keywords())
+    assert cls.training_keywords() == tuple(f.name for f in cls.FIELDS if f.keyword)
+    head = 1 + len(cls.CONFIG_HEAD)  # "algorithm", then e.g. "head"
+    assert list(config.qworld_config())[head:head + len(cls.FIELDS)] == list(cls.field_names())
+    source = inspect.getsource(cls)
+    assert "def training" not in source and "def qworld_errors" not in source
+    init = inspect.getsource(cls.__init__)
+    assert not [f.name for f in cls.FIELDS if re.search(rf"self\.{f.name}\s*=", init)]
+    # every check names its field, in the family's own words
+    for f in cls.FIELDS:
+        if f.check is None:
+            continue
+        bad = cls()
+        setattr(bad, f.name, object())
+        errors = [e for e in bad.qworld_errors() if e.startswith(f.name)]
+        assert errors, f"{name}.{f.name}: an object() passes its check"
+
+
 def test_spec_without_algorithm_is_pqn_and_the_axis_crosses_families():
     from qworld.agents.mixed import AnyFamily
     from qworld.agents.pqn import PQN

@@ -118,15 +118,32 @@ def test_rllib_env_config_is_the_env_pqn_trains(ray_session):
     assert config.env_config == {"variant": "teleport"}
 
 
+@pytest.mark.parametrize("set_rllib,set_pqn,rllib,pqn,value", [
+    (lambda c: c.environment(env_config={"variant": "windy"}), lambda c: c.training(env_kwargs={"variant": "teleport"}),
+     "env_config", "env_kwargs", {"variant": "windy"}),
+    (lambda c: c.environment("qworld/FourRooms-v0"), lambda c: c.training(env_id="qworld/MountainCar-v0"),
+     "env", "env_id", "qworld/FourRooms-v0"),
+    (lambda c: c.env_runners(rollout_fragment_length=16), lambda c: c.training(rollout_length=32),
+     "rollout_fragment_length", "rollout_length", 16),
+])
+def test_rllibs_env_settings_are_the_storage_of_pqns_fields(set_rllib, set_pqn, rllib, pqn, value):
+    """One setting under two names: set through either, the last one set is the one trained."""
+    config = set_rllib(set_pqn(PQNConfig()))
+    assert getattr(config, rllib) == getattr(config, pqn) == value
+    config = set_pqn(set_rllib(PQNConfig()))
+    assert getattr(config, rllib) == getattr(config, pqn) != value
+    assert pqn in config.to_dict() and rllib in config.to_dict()  # Tune's trial config names both
+
+
+def test_num_envs_is_the_total_rllibs_envs_per_runner_split_it():
+    config = PQNConfig().training(num_envs=64).env_runners(num_envs_per_env_runner=16)
+    assert config.num_envs == 16 and config.num_envs_per_env_runner == 16
+    config = PQNConfig().env_runners(num_envs_per_env_runner=16).training(num_envs=64).env_runners(num_env_runners=4)
+    assert config.num_envs == 64 and config.num_envs_per_env_runner == 16
+    assert config.train_batch_size == 64 * 64 and config.train_batch_size_per_learner == 64 * 64
+
+
 @pytest.mark.parametrize("make,names", [
-    (lambda: PQNConfig().training(env_kwargs={"variant": "teleport"}).environment(env_config={"variant": "windy"}),
-     ("env_config=", "env_kwargs=")),
-    (lambda: PQNConfig().training(env_id="qworld/MountainCar-v0").environment("qworld/FourRooms-v0"),
-     ("env='qworld/FourRooms-v0'", "env_id='qworld/MountainCar-v0'")),
-    (lambda: PQNConfig().training(num_envs=64).env_runners(num_envs_per_env_runner=16),
-     ("num_envs_per_env_runner=16", "num_envs=64")),
-    (lambda: PQNConfig().training(rollout_length=32).env_runners(rollout_fragment_length=16),
-     ("rollout_fragment_length=16", "rollout_length=32")),
     (lambda: PQNConfig().training(train_batch_size_per_learner=1000), ("train_batch_size_per_learner=1000", "num_envs=")),
     (lambda: PQNConfig().training(train_batch_size=1000), ("train_batch_size=1000", "rollout_length=")),
     (lambda: PQNConfig().training(env_runner="fast").env_runners(
@@ -156,17 +173,48 @@ def test_rllib_settings_left_by_pqn_at_their_defaults_are_adopted():
     again.validate()
     assert again.num_envs_per_env_runner == 8
     # a whole config saved before PQN used RLlib's flags still shuffles and skips non-finite steps
-    old = {k: v for k, v in config.to_dict().items() if k != "_pqn_derived"}
+    old = {k: v for k, v in config.to_dict().items() if k not in ("_pqn_derived", "_pqn_format")}
     old.update(shuffle_batch_per_epoch=False, torch_skip_nan_gradients=False)
     legacy = PQNConfig().update_from_dict(old)
     assert legacy.shuffle_batch_per_epoch and legacy.torch_skip_nan_gradients
-    state = {k: v for k, v in config.get_state().items() if k != "_pqn_derived"}
+    state = {k: v for k, v in config.get_state().items() if k not in ("_pqn_derived", "_pqn_format")}
     state.update(shuffle_batch_per_epoch=False, torch_skip_nan_gradients=False)
     legacy = PQNConfig.from_state(state)
     assert legacy.shuffle_batch_per_epoch and legacy.torch_skip_nan_gradients
     config = PQNConfig().training(env_kwargs=TINY, lr=[[0, 1e-3], [1000, 0.0]], anneal_lr=False)
     config.validate()
     assert config.lr_schedule() == [[0, 1e-3], [1000, 0.0]]  # RLlib's own schedule, as given
+
+
+def test_a_config_saved_with_pqns_shadow_of_rllibs_settings_still_trains_what_it_says():
+    """Tune trial configs and checkpoint states written before the fields were declared once
+    kept PQN's own copy of RLlib's env settings and the RLlib values derived from them
+    (``_pqn_derived``): those derived values are derived again, PQN's fields win."""
+    from qworld.agents.pqn.fast_env_runner import BatchedEnvRunner
+
+    base = PQNConfig().training(env_kwargs=TINY, minibatch_size=32)
+    saved = {k: v for k, v in base.to_dict().items() if k != "_pqn_format"}
+    derived = {"env": base.env_id, "env_config": dict(TINY), "rollout_fragment_length": 64,
+               "num_envs_per_env_runner": 256, "train_batch_size": 256 * 64,
+               "train_batch_size_per_learner": 256 * 64, "env_runner_cls": BatchedEnvRunner}
+    saved.update({**derived, "_pqn_derived": derived, "_train_batch_size_per_learner": 256 * 64})
+    saved.pop("train_batch_size_per_learner", None)
+    saved.update(num_envs=8, rollout_length=16, env_kwargs={**TINY, "variant": "windy"})  # a sweep's axes
+    trial = PQNConfig().update_from_dict(saved)
+    trial.validate()
+    assert (trial.num_envs, trial.rollout_length, trial.env_kwargs["variant"]) == (8, 16, "windy")
+    assert trial.env_config == trial.env_kwargs and trial.rollout_fragment_length == 16
+    assert trial.train_batch_size == trial.train_batch_size_per_learner == 8 * 16
+    assert trial.num_envs_per_env_runner == 8 and trial.env_runner_cls is BatchedEnvRunner
+    state = {**{k: v for k, v in base.get_state().items() if k != "_pqn_format"}, **derived,
+             "_pqn_derived": derived, "_train_batch_size_per_learner": 256 * 64,
+             "env_id": base.env_id, "env_kwargs": dict(TINY), "rollout_length": 64}
+    restored = PQNConfig.from_state(state)
+    restored.validate()
+    assert restored.qworld_config() == base.qworld_config()
+    restored.training(num_envs=16)  # derived again, not held at the saved values
+    restored.validate()
+    assert restored.train_batch_size == 16 * 64 and "_pqn_derived" not in vars(restored)
 
 
 # ------------------------------------------------------------------ q_output "auto"

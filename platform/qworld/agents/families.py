@@ -4,9 +4,11 @@
 (imported lazily: validating a sweep file builds no Algorithm). A config class of a family
 provides:
 
+- ``FIELDS``: each of its fields declared once (name, default, doc, check;
+  ``qworld.agents.fields``), from which the rest derives:
 - ``training(env_id=..., env_kwargs=..., total_env_steps=..., **agent)``: its keywords
-  (bar ``**kwargs``) are the agent keywords a sweep file may set for that family;
-- ``qworld_errors() -> list[str]``: every bad field as ``"field: value ...; allowed ..."``;
+  (``training_keywords()``) are the agent keywords a sweep file may set for that family;
+- ``qworld_errors() -> list[str]``: every bad field as ``"field=value: must be ..."``;
 - ``qworld_config() -> dict``: the resolved trial config its Algorithm writes as
   ``qworld_config.json`` into every checkpoint (with ``algorithm: <name>``), so
   ``qworld.agents.load_q`` restores any family's Q without Ray.
@@ -19,7 +21,6 @@ A sweep without ``algorithm`` trains ``DEFAULT_ALGORITHM``.
 from __future__ import annotations
 
 import importlib
-import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -47,9 +48,9 @@ class Family:
         return _load(self.config)
 
     def keywords(self) -> tuple[str, ...]:
-        """The agent keywords this family accepts (its config's ``training`` keywords)."""
-        params = inspect.signature(self.config_class().training).parameters
-        return tuple(p for p in params if p not in ("self", "kwargs"))
+        """The agent keywords this family accepts (its config's ``training`` keywords: the
+        fields of its table that are keywords)."""
+        return self.config_class().training_keywords()
 
     def build_config(self, env_id: str, env_kwargs: Mapping[str, Any], agent: Mapping[str, Any],
                      total_env_steps: int | None = None):
@@ -86,3 +87,20 @@ def all_keywords() -> tuple[str, ...]:
     for fam in ALGORITHMS.values():
         keys.update(fam.keywords())
     return tuple(sorted(keys))
+
+
+def fields_markdown() -> str:
+    """``docs/AGENT_CONFIG.md``: every family's fields, from their tables."""
+    from qworld.agents.fields import fields_markdown as markdown
+
+    return markdown([(name, fam.config_class()) for name, fam in ALGORITHMS.items()])
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--docs"]:
+        print(fields_markdown(), end="")
+    else:
+        print("usage: python -m qworld.agents.families --docs > docs/AGENT_CONFIG.md", file=sys.stderr)
+        sys.exit(2)

@@ -74,6 +74,7 @@ class WindowEpisodeReplayBuffer(EpisodeReplayBuffer):
         self._written = 0  # rows written in the buffer's life (a row's stamp: its write number)
         self._transitions = 0  # rows with a known transition (next >= 0)
         self._open: Dict[str, tuple] = {}  # episode id -> (its last row, that row's stamp)
+        self.added_timesteps = 0  # transitions added in the buffer's life (get_added_timesteps)
 
     # ------------------------------------------------------------------ adding
     def _observations(self, ep) -> np.ndarray:
@@ -140,7 +141,7 @@ class WindowEpisodeReplayBuffer(EpisodeReplayBuffer):
             self._a["terminals"][t] = terminals
             self._a["next"][t] = rows[1:]
             self._transitions += n
-            self._num_timesteps_added += n
+            self.added_timesteps += n
             if not ep.is_done:
                 self._open[ep.id_] = (int(rows[-1]), int(self._a["stamp"][rows[-1]]))
 
@@ -197,6 +198,10 @@ class WindowEpisodeReplayBuffer(EpisodeReplayBuffer):
         """Transitions held (rows with a known next observation)."""
         return int(self._transitions)
 
+    def get_added_timesteps(self, module_id=None) -> int:
+        """Transitions added in the buffer's life (also those overwritten since)."""
+        return int(self.added_timesteps)
+
     def get_num_episodes(self, module_id=None) -> int:
         """Episodes (or their remaining parts) held: one last-observation row each."""
         return int(self._rows - self._transitions)
@@ -218,7 +223,7 @@ class WindowEpisodeReplayBuffer(EpisodeReplayBuffer):
             "capacity": self.capacity, "observation": self.observation, "obs_dim": self.obs_dim,
             "arrays": arrays, "ptr": self._ptr, "rows": self._rows, "written": self._written,
             "transitions": self._transitions, "open": dict(self._open),
-            "rng": self.rng.bit_generator.state, "added": self._num_timesteps_added,
+            "rng": self.rng.bit_generator.state, "added": self.added_timesteps,
             "sampled_timesteps": self.sampled_timesteps,
         }
 
@@ -237,5 +242,5 @@ class WindowEpisodeReplayBuffer(EpisodeReplayBuffer):
         self._transitions = int(state["transitions"])
         self._open = {k: tuple(v) for k, v in state["open"].items()}
         self.rng.bit_generator.state = state["rng"]
-        self._num_timesteps_added = int(state["added"])
+        self.added_timesteps = int(state["added"])
         self.sampled_timesteps = int(state["sampled_timesteps"])

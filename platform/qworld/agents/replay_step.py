@@ -22,9 +22,8 @@ buffer's state (unless ``checkpoint_replay_buffer`` is False), the Algorithm's
 (gradient steps, next target sync), so a restored trial goes on as the uninterrupted one
 would: given the same new episodes, its next iterations' losses are the same.
 
-A family's config subclasses :class:`EpisodeReplayConfig` (its ``FIELDS``, ``ALGORITHM_NAME``
-and list-valued ``LIST_FIELDS``; its ``training`` spells its keywords and hands ``locals()``
-to :meth:`EpisodeReplayConfig.set_fields`). Its Algorithm lists :class:`EpisodeReplayStep` before ``QworldAlgorithmMixin`` and
+A family's config subclasses :class:`EpisodeReplayConfig` and declares its ``FIELDS`` (each
+field once: name, default, doc, check; ``qworld.agents.fields``) and ``ALGORITHM_NAME``. Its Algorithm lists :class:`EpisodeReplayStep` before ``QworldAlgorithmMixin`` and
 ``Algorithm`` and provides :meth:`replay_batch`, ``VALUE_LOSS_KEY`` and ``Q_MEAN_KEY``
 (its learner's result keys); :meth:`replay_buffer_kwargs` (config), :meth:`sample_episodes`,
 :meth:`after_sample` and :meth:`update_timesteps` are hooks.
@@ -32,14 +31,13 @@ to :meth:`EpisodeReplayConfig.set_fields`). Its Algorithm lists :class:`EpisodeR
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
-from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import (
@@ -55,39 +53,43 @@ from ray.rllib.utils.metrics import (
 from ray.rllib.utils.serialization import serialize_type
 
 from qworld import metrics as K
+from qworld.agents.fields import Field, FieldsConfig, int_at_least, is_num, need, unit_interval, widths
 from qworld.agents.pqn.module import linear_epsilon
-from qworld.agents.pqn.problem import ProblemInfo, jsonable, probe_problem
+from qworld.agents.pqn.problem import ProblemInfo, probe_problem
 from qworld.agents.replay_buffer import WindowEpisodeReplayBuffer
+from qworld.agents.rllib_private import wants_component
 
 REPLAY_BUFFER_STATE = "qworld_replay_buffer"  # the Algorithm's state keys (algorithm_state.pkl)
 COUNTERS_STATE = "qworld_counters"
 
 
-def is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+# Checks the episode-replay families share (messages as ``"field=<value>: must be <allowed>"``).
+INT_1 = int_at_least(1)
+INT_0 = int_at_least(0)
+UNIT = unit_interval()
+DISCOUNT = need(lambda v: is_num(v) and 0 < v <= 1, "a number in (0, 1]")
+DICT = need(lambda v: isinstance(v, dict), "a dict")
+BOOL = need(lambda v: isinstance(v, bool), "True or False")
+WIDTHS = widths()
+
+CHECKPOINT_REPLAY_BUFFER = Field(
+    "checkpoint_replay_buffer", True,
+    "whether a checkpoint holds the replay buffer (its arrays, ring position, sampling generator), so that a "
+    "restored trial (Tune's retry, `qworld resume`) goes on with the data it had; a full buffer of 100k steps "
+    "costs 30.8 MB on disk for MR.Q on FourRooms (68 states, 4 goals; 62.8 MB at 68 goals) and 4.4 MB for D3G "
+    "on MountainCar; False leaves it out: a restored trial refills an empty buffer", BOOL)
 
 
-def is_num(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+class EpisodeReplayConfig(FieldsConfig, AlgorithmConfig):
+    """The part of an episode-replay family's config that does not depend on the family: its
+    fields come from the family's ``FIELDS`` (``qworld.agents.fields``), ``env_id`` /
+    ``env_kwargs`` / ``num_envs`` / ``rollout_length`` stored in RLlib's ``env`` /
+    ``env_config`` / ``num_envs_per_env_runner`` / ``rollout_fragment_length``."""
 
-
-class EpisodeReplayConfig(AlgorithmConfig):
-    """The part of an episode-replay family's config that does not depend on the family."""
-
-    ALGORITHM_NAME: str = ""  # the family (qworld.agents.families)
-    FIELDS: Tuple[str, ...] = ()  # the family's fields, as qworld_config.json lists them
-    RLLIB_FIELDS: Tuple[str, ...] = ("gamma", "lr", "grad_clip", "seed")  # RLlib's own: set by super().training
-    LIST_FIELDS: Tuple[str, ...] = ()  # fields stored as lists (network widths)
-    SHARED_FIELDS: Tuple[str, ...] = ("checkpoint_replay_buffer",)  # every family's, after its FIELDS
+    CONFIG_HEAD = {"head": "all_goals"}
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class)
-        # Whether a checkpoint holds the replay buffer (its arrays, ring position, sampling
-        # generator), so that a restored trial (Tune's retry, `qworld resume`) goes on with
-        # the data it had. A full buffer of 100k steps costs 30.8 MB on disk for MR.Q on
-        # FourRooms (68 states, 4 goals; 62.8 MB at 68 goals) and 4.4 MB for D3G on
-        # MountainCar (README); False leaves it out: a restored trial refills an empty buffer.
-        self.checkpoint_replay_buffer: bool = True
         # RLlib's replay buffer config; "capacity" and "seed" are set from buffer_capacity and
         # seed, the observation a row keeps from the family (replay_buffer_kwargs).
         self.replay_buffer_config: Dict[str, Any] = {"type": WindowEpisodeReplayBuffer}
@@ -104,20 +106,6 @@ class EpisodeReplayConfig(AlgorithmConfig):
         """The family's keywords of the replay buffer (what a row's observation is)."""
         return {}
 
-    def set_fields(self, values: Dict[str, Any]) -> None:
-        """Set every family field given in ``values`` (a ``training()``'s ``locals()``)."""
-        for name in self.FIELDS + self.SHARED_FIELDS:
-            value = values.get(name, NotProvided)
-            if name in self.RLLIB_FIELDS or value is NotProvided:
-                continue
-            if name in self.LIST_FIELDS and isinstance(value, (list, tuple)):
-                value = list(value)
-            if name == "env_kwargs" and value is not None:
-                value = dict(value)
-            setattr(self, name, value)
-        if values.get("env_id", NotProvided) is not NotProvided:
-            self.env = values["env_id"]
-
     def problem(self) -> ProblemInfo:
         """Sizes and goal set of ``env_id`` with ``env_kwargs`` (cached per process)."""
         return probe_problem(self.env_id, self.env_kwargs)
@@ -125,60 +113,20 @@ class EpisodeReplayConfig(AlgorithmConfig):
     def epsilon_decay_steps(self) -> float:
         return float(self.epsilon_decay_fraction) * float(self.total_env_steps)
 
-    def qworld_config(self) -> Dict[str, Any]:
-        """The resolved trial config (JSON-able): the family's fields, problem, goal set, sizes."""
-        out: Dict[str, Any] = {"algorithm": self.ALGORITHM_NAME, "head": "all_goals"}
-        for name in self.FIELDS + self.SHARED_FIELDS:
-            out[name] = jsonable(getattr(self, name))
-        out.update(self.problem().trial_config())
-        return out
-
-    def qworld_errors(self) -> List[str]:
-        """Every bad field the episode-replay families share, one message each; a family's
-        ``qworld_errors`` adds its own checks to this list (via :meth:`need`)."""
-        errors: List[str] = []
-        need = self.need(errors)
-        for f in ("num_envs", "rollout_length", "total_env_steps", "batch_size", "updates_per_iteration",
-                  "buffer_capacity"):
-            need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an int >= 1")
-        for f in ("learning_starts", "experience_capacity"):
-            need(is_int(getattr(self, f)) and getattr(self, f) >= 0, f, "an int >= 0")
-        need(is_num(self.gamma) and 0 < self.gamma <= 1, "gamma", "a number in (0, 1]")
-        for f in ("epsilon_start", "epsilon_end", "epsilon_decay_fraction"):
-            need(is_num(getattr(self, f)) and 0 <= getattr(self, f) <= 1, f, "a number in [0, 1]")
-        for f in self.LIST_FIELDS:
-            v = getattr(self, f)
-            need(isinstance(v, (list, tuple)) and len(v) > 0 and all(is_int(h) and h >= 1 for h in v), f,
-                 "a non-empty list of ints >= 1")
-        need(isinstance(self.env_kwargs, dict), "env_kwargs", "a dict")
-        need(isinstance(self.checkpoint_replay_buffer, bool), "checkpoint_replay_buffer", "True or False")
-        need(isinstance(self.replay_buffer_config, dict) and "type" in self.replay_buffer_config,
-             "replay_buffer_config", "a dict with a 'type'")
-        return errors
-
-    def need(self, errors: List[str]) -> Callable[[bool, str, str], None]:
-        """``need(ok, field, allowed)``: append ``"field=<value>: must be <allowed>"`` unless ok."""
-
-        def check(ok: bool, field: str, allowed: str) -> None:
-            if not ok:
-                errors.append(f"{field}={getattr(self, field)!r}: must be {allowed}")
-
-        return check
+    def more_errors(self, errors: List[str]) -> List[str]:
+        """A family with a replay buffer: RLlib's ``replay_buffer_config`` names its type."""
+        if "buffer_capacity" not in self.field_names():
+            return []
+        rb = self.replay_buffer_config
+        if isinstance(rb, dict) and "type" in rb:
+            return []
+        return [f"replay_buffer_config={rb!r}: must be a dict with a 'type'"]
 
     def validate_qworld_fields(self) -> None:
-        """ValueError naming every bad field, or the problem that cannot be built; then RLlib's
-        ``env`` / ``env_config`` and the learner batch from the family's fields."""
-        name = type(self).__name__
-        errors = self.qworld_errors()
-        if errors:
-            raise ValueError(f"invalid {name}:\n  - " + "\n  - ".join(errors))
-        try:
-            self.problem()
-        except Exception as e:
-            raise ValueError(f"invalid {name}: env_id={self.env_id!r} with env_kwargs={self.env_kwargs!r} "
-                             f"cannot be built: {type(e).__name__}: {e}") from e
-        self.env = self.env_id
-        self.env_config = dict(self.env_kwargs)
+        """ValueError naming every bad field, or the problem that cannot be built; then the
+        learner batch from the family's fields."""
+        self.validate_fields()
+        self.validate_problem()
         self.train_batch_size_per_learner = int(self.batch_size) * int(self.updates_per_iteration)
 
     def _resolve_replay_buffer(self) -> None:
@@ -195,8 +143,6 @@ class EpisodeReplayConfig(AlgorithmConfig):
         """ValueError naming every bad field; then derives RLlib's settings and runs its checks."""
         self.validate_qworld_fields()
         self._resolve_replay_buffer()
-        self.num_envs_per_env_runner = int(self.num_envs)
-        self.rollout_fragment_length = int(self.rollout_length)
         self.env_runner_cls = SingleAgentEnvRunner
         super().validate()
 
@@ -232,21 +178,26 @@ class EpisodeReplayStep:
         return self.local_replay_buffer
 
     def sample_episodes(self) -> Tuple[List[Any], List[Dict[str, Any]]]:
-        """One round of rollouts: ``(episodes, env runner metrics)``."""
-        return synchronous_parallel_sample(
-            worker_set=self.env_runner_group, concat=True, sample_timeout_s=self.config.sample_timeout_s,
-            _uses_new_env_runners=True, _return_metrics=True,
+        """One round of rollouts: ``(episodes, env runner metrics)``: every remote env runner's
+        ``sample()`` (or the local one's, without remote runners), as RLlib's
+        ``synchronous_parallel_sample`` does."""
+        group = self.env_runner_group
+        local = group.num_remote_workers() <= 0
+        results = group.foreach_env_runner(
+            lambda runner: (runner.sample(), runner.get_metrics()), local_env_runner=local,
+            timeout_seconds=None if local else self.config.sample_timeout_s,
         )
+        return [episode for episodes, _ in results for episode in episodes], [metrics for _, metrics in results]
 
     # ------------------------------------------------------------------ checkpoint state
     def get_state(self, components=None, *, not_components=None, **kwargs) -> Dict[str, Any]:
         """RLlib's state, the replay buffer's (unless ``checkpoint_replay_buffer`` is False)
         and the counters (``ALGORITHM_COUNTERS``, the first learner's ``LEARNER_COUNTERS``)."""
         state = super().get_state(components, not_components=not_components, **kwargs)
-        if self.config.checkpoint_replay_buffer and self._check_component(REPLAY_BUFFER_STATE, components,
-                                                                          not_components):
+        if self.config.checkpoint_replay_buffer and wants_component(self, REPLAY_BUFFER_STATE, components,
+                                                                    not_components):
             state[REPLAY_BUFFER_STATE] = self.replay_buffer.get_state()
-        if self._check_component(COUNTERS_STATE, components, not_components):
+        if wants_component(self, COUNTERS_STATE, components, not_components):
             names = tuple(self.LEARNER_COUNTERS)
             learners = [r.get() for r in self.learner_group.foreach_learner(
                 lambda learner: {k: getattr(learner, k) for k in names})]

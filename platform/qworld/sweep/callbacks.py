@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from ray.air.integrations.wandb import WandbLoggerCallback, _clean_log
+from ray.air.integrations.wandb import WandbLoggerCallback
 from ray.tune import Callback, CLIReporter
 from ray.tune.logger import LoggerCallback
 
@@ -302,12 +302,14 @@ class GridWandbCallback(LoggerCallback):
             return
         import wandb
 
+        from qworld.agents.rllib_private import clean_wandb_log
+
         config = trial.config.copy()
         config.pop("callbacks", None)
         tags = [f"{a}={v}" for a, v in cell_values(config, self.grid_axes)]
         if K.ALGORITHM not in self.grid_axes:  # the learner family, swept or not
             tags.append(f"{K.ALGORITHM}={str(config.get(K.ALGORITHM) or 'pqn').lower()}")
-        config = _clean_log(flat_config(config))
+        config = clean_wandb_log(flat_config(config))
         try:
             self._runs[trial.trial_id] = wandb.init(
                 id=wandb_run_id(trial.trial_id, self.run_id), name=str(trial), project=self.project, group=self.group,
@@ -323,6 +325,8 @@ class GridWandbCallback(LoggerCallback):
     def log_trial_result(self, iteration, trial, result):
         from ray.tune.utils import flatten_dict
 
+        from qworld.agents.rllib_private import clean_wandb_log
+
         if trial.trial_id not in self._runs:
             self.log_trial_start(trial)
         run = self._runs.get(trial.trial_id)
@@ -330,7 +334,7 @@ class GridWandbCallback(LoggerCallback):
             return
         log, to_config = {}, {}
         result = {k: v for k, v in result.items() if k not in self.EXCLUDE_RESULTS}
-        for key, value in flatten_dict(_clean_log(result), delimiter="/").items():
+        for key, value in flatten_dict(clean_wandb_log(result), delimiter="/").items():
             top = key.split("/", 1)[0]
             if top in self.EXCLUDE_RESULTS or key in self.excludes:
                 continue

@@ -38,26 +38,39 @@ import numpy as np
 
 import qworld_envs  # noqa: F401  (registers the gymnasium envs in every process)
 from ray.rllib.algorithms.algorithm import Algorithm
-from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 
 from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_notice
 from qworld.agents.d3g import learner as LR
 from qworld.agents.d3g.module import D3GTorchRLModule
-from qworld.agents.replay_step import EpisodeReplayConfig, EpisodeReplayStep, is_int, is_num
+from qworld.agents.fields import Field, Message, as_dict, as_list, is_num, need, number_above
+from qworld.agents.replay_step import (
+    CHECKPOINT_REPLAY_BUFFER,
+    DICT,
+    DISCOUNT,
+    INT_0,
+    INT_1,
+    UNIT,
+    WIDTHS,
+    EpisodeReplayConfig,
+    EpisodeReplayStep,
+)
 
 ALGORITHM_NAME = "d3g"
 
 quiet_new_api_stack_notice("D3G")
 
-# The D3G fields of the config, in the order the JSON config lists them.
-D3G_FIELDS = (
-    "env_id", "env_kwargs", "num_envs", "rollout_length", "total_env_steps", "gamma", "lr",
-    "batch_size", "updates_per_iteration", "learning_starts", "buffer_capacity", "tau_polyak",
-    "policy_delay", "hidden_sizes", "delta_fraction", "epsilon_start", "epsilon_end",
-    "epsilon_decay_fraction", "experience_capacity", "seed",
-)
+def _check_env_id(value, config) -> Message | None:
+    from qworld.agents.d3g.unobserve import UNOBSERVE
+
+    supported = sorted(UNOBSERVE)
+    if value in getattr(qworld_envs, "FINITE_ENVS", {}):
+        return Message(f"env_id: {value!r} is finite; d3g runs on continuous envs: {supported}")
+    if value not in UNOBSERVE:
+        return Message(f"env_id: {value!r} is not supported; d3g runs on continuous envs: {supported}")
+    return None
 
 
 class D3GConfig(EpisodeReplayConfig):
@@ -74,81 +87,53 @@ class D3GConfig(EpisodeReplayConfig):
     - epsilon-greedy exploration 1 -> 0.05 over the first 10 % of the budget (D3G adds
       Gaussian noise to continuous actions; epsilon-greedy is the discrete analogue).
 
-    RLlib settings derived from D3G fields (``env`` <- ``env_id``, ``env_config`` <-
-    ``env_kwargs``, ``num_envs_per_env_runner`` <- ``num_envs``,
-    ``rollout_fragment_length`` <- ``rollout_length``) are overwritten in ``validate()``;
-    set the D3G fields instead. ``gamma``, ``lr`` and ``seed`` are RLlib's own fields.
+    Every field is declared once, in ``FIELDS`` (``docs/AGENT_CONFIG.md`` lists them).
+    RLlib settings that store D3G fields: ``env`` (``env_id``), ``env_config``
+    (``env_kwargs``), ``num_envs_per_env_runner`` (``num_envs``),
+    ``rollout_fragment_length`` (``rollout_length``); ``gamma``, ``lr`` and ``seed`` are
+    RLlib's own fields.
     """
 
     ALGORITHM_NAME = ALGORITHM_NAME
-    FIELDS = D3G_FIELDS
-    LIST_FIELDS = ("hidden_sizes",)
-    RLLIB_FIELDS = ("gamma", "lr", "seed")
+    FIELDS = (
+        # --- problem
+        Field("env_id", qworld_envs.MOUNTAIN_CAR_ID, "a continuous gymnasium goal env id (one with an inverse "
+              "observation in qworld.agents.d3g.unobserve)", _check_env_id, alias="env"),
+        Field("env_kwargs", {}, "env kwargs (goal_type, num_goals, reward, ...)", DICT, alias="env_config",
+              store=as_dict),
+        # --- sampling
+        Field("num_envs", 4, "gymnasium env copies per env runner", INT_1, alias="num_envs_per_env_runner"),
+        Field("rollout_length", 16, "steps per env per training_step", INT_1, alias="rollout_fragment_length"),
+        Field("total_env_steps", 1_000_000, "budget: the epsilon schedule refers to it", INT_1),
+        # --- targets and optimisation
+        Field("gamma", 0.99, "discount", DISCOUNT, rllib=True),
+        Field("lr", 3e-4, "Adam lr of all four networks (D3G: 3e-4)", number_above(0), rllib=True),
+        # --- replay and updates
+        Field("batch_size", 256, "transitions per gradient step (D3G: 256)", INT_1),
+        Field("updates_per_iteration", 16, "gradient steps per training_step (replay ratio 16 / 64)", INT_1),
+        Field("learning_starts", 1_000, "env steps before the first update", INT_0),
+        Field("buffer_capacity", 100_000, "rows (observations, ~ env steps) the replay buffer holds", INT_1),
+        Field("tau_polyak", 0.005, "soft target update rate (D3G: 0.005)",
+              need(lambda v: is_num(v) and 0 < v <= 1, "a number in (0, 1]")),
+        Field("policy_delay", 2, "critic steps per proposal (tau) step and target update (D3G: 2)", INT_1),
+        # --- networks
+        Field("hidden_sizes", [256, 256], "ReLU MLP widths of every network (D3G: 2 x 256)", WIDTHS,
+              store=as_list),
+        Field("delta_fraction", 0.05, "f's and tau's output scale: this fraction of the state box",
+              number_above(0)),
+        # --- exploration (epsilon-greedy on the commanded goal, over env steps)
+        Field("epsilon_start", 1.0, "exploration rate at step 0", UNIT),
+        Field("epsilon_end", 0.05, "exploration rate after the decay", UNIT),
+        Field("epsilon_decay_fraction", 0.1, "fraction of total_env_steps over which epsilon decays", UNIT),
+        # --- the trial's experience log (qworld.experience: the `supervised` method on D3G's own data)
+        Field("experience_capacity", 65536, "reservoir of experienced transitions; 0: record nothing", INT_0),
+        Field("seed", None, "RLlib's seed (set with .debugging(seed=...); a sweep's trial axis)", keyword=False),
+        CHECKPOINT_REPLAY_BUFFER,
+    )
+    RLLIB_DEFAULTS = {"grad_clip": None, "num_env_runners": 0}  # no gradient clipping (D3G)
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or D3G)
-        # --- problem
-        self.env_id: str = qworld_envs.MOUNTAIN_CAR_ID  # a continuous gymnasium goal env id
-        self.env_kwargs: Dict[str, Any] = {}  # env kwargs (goal_type, num_goals, reward, ...)
-        # --- sampling
-        self.num_envs: int = 4  # gymnasium env copies per env runner
-        self.rollout_length: int = 16  # steps per env per training_step
-        self.total_env_steps: int = 1_000_000  # budget: the epsilon schedule refers to it
-        # --- targets and optimisation
-        self.gamma = 0.99  # discount
-        self.lr = 3e-4  # Adam lr of all four networks (D3G: 3e-4)
-        self.grad_clip = None  # no gradient clipping (D3G)
-        # --- replay and updates
-        self.batch_size: int = 256  # transitions per gradient step (D3G: 256)
-        self.updates_per_iteration: int = 16  # gradient steps per training_step (replay ratio 16 / 64)
-        self.learning_starts: int = 1_000  # env steps before the first update
-        self.buffer_capacity: int = 100_000  # rows (observations, ~ env steps) the replay buffer holds
-        self.tau_polyak: float = 0.005  # soft target update rate (D3G: 0.005)
-        self.policy_delay: int = 2  # critic steps per proposal (tau) step and target update (D3G: 2)
-        # --- networks
-        self.hidden_sizes: List[int] = [256, 256]  # ReLU MLP widths of every network (D3G: 2 x 256)
-        self.delta_fraction: float = 0.05  # f's and tau's output scale: this fraction of the state box
-        # --- exploration (epsilon-greedy on the commanded goal, over env steps)
-        self.epsilon_start: float = 1.0
-        self.epsilon_end: float = 0.05
-        self.epsilon_decay_fraction: float = 0.1  # of total_env_steps
-        # --- the trial's experience log (qworld.experience: the `supervised` method on D3G's own data)
-        self.experience_capacity: int = 65536  # reservoir of experienced transitions; 0: record nothing
-        # --- RLlib
-        self.num_env_runners = 0
-        self.env = self.env_id
-
-    @override(AlgorithmConfig)
-    def training(
-        self,
-        *,
-        env_id=NotProvided,
-        env_kwargs=NotProvided,
-        num_envs=NotProvided,
-        rollout_length=NotProvided,
-        total_env_steps=NotProvided,
-        gamma=NotProvided,
-        lr=NotProvided,
-        batch_size=NotProvided,
-        updates_per_iteration=NotProvided,
-        learning_starts=NotProvided,
-        buffer_capacity=NotProvided,
-        tau_polyak=NotProvided,
-        policy_delay=NotProvided,
-        hidden_sizes=NotProvided,
-        delta_fraction=NotProvided,
-        epsilon_start=NotProvided,
-        epsilon_end=NotProvided,
-        epsilon_decay_fraction=NotProvided,
-        experience_capacity=NotProvided,
-        checkpoint_replay_buffer=NotProvided,
-        **kwargs,
-    ) -> "D3GConfig":
-        """RLlib's ``training()`` (``gamma`` and ``lr`` are RLlib's own fields) plus every D3G field
-        (see ``__init__``)."""
-        super().training(gamma=gamma, lr=lr, **kwargs)
-        self.set_fields(locals())
-        return self
 
     def replay_buffer_kwargs(self) -> Dict[str, Any]:
         """A buffer row keeps the world-model state (``info["state"]``): D3G's networks live there."""
@@ -166,31 +151,22 @@ class D3GConfig(EpisodeReplayConfig):
             epsilon_decay_steps=self.epsilon_decay_steps(),
         )
 
-    def qworld_errors(self) -> List[str]:
-        """Every bad D3G field, one message each (empty when valid)."""
+    def more_errors(self, errors: List[str]) -> List[str]:
+        """The replay buffer's config (every buffer family's check); then, with every field
+        fine, the inverse observation must undo the env's observe (env kwargs may change it)."""
         from qworld.agents.d3g.unobserve import UNOBSERVE, round_trip_error
 
-        errors = super().qworld_errors()
-        need = self.need(errors)
-        supported = sorted(UNOBSERVE)
-        if self.env_id in getattr(qworld_envs, "FINITE_ENVS", {}):
-            errors.append(f"env_id: {self.env_id!r} is finite; d3g runs on continuous envs: {supported}")
-        elif self.env_id not in UNOBSERVE:
-            errors.append(f"env_id: {self.env_id!r} is not supported; d3g runs on continuous envs: {supported}")
-        need(is_int(self.policy_delay) and self.policy_delay >= 1, "policy_delay", "an int >= 1")
-        need(is_num(self.lr) and self.lr > 0, "lr", "a number > 0")
-        need(is_num(self.tau_polyak) and 0 < self.tau_polyak <= 1, "tau_polyak", "a number in (0, 1]")
-        need(is_num(self.delta_fraction) and self.delta_fraction > 0, "delta_fraction", "a number > 0")
-        if not errors:  # the inverse observation must undo the env's observe (env kwargs may change it)
-            try:
-                problem = qworld_envs.make_continuous_problem(self.env_id, **self.env_kwargs)
-            except Exception as e:  # reported by validate() with the env's own message
-                problem = None
-                errors.append(f"env_kwargs={self.env_kwargs!r}: {self.env_id} cannot be built: {type(e).__name__}: {e}")
-            if problem is not None and not round_trip_error(problem) < 1e-4:
-                errors.append(f"env_id: {self.env_id!r} observes its state in a way d3g cannot invert; "
-                              f"d3g runs on continuous envs: {supported}")
-        return errors
+        buffer_errors = super().more_errors(errors)
+        if errors or buffer_errors:
+            return buffer_errors
+        try:
+            problem = qworld_envs.make_continuous_problem(self.env_id, **self.env_kwargs)
+        except Exception as e:  # reported by validate() with the env's own message
+            return [f"env_kwargs={self.env_kwargs!r}: {self.env_id} cannot be built: {type(e).__name__}: {e}"]
+        if not round_trip_error(problem) < 1e-4:
+            return [f"env_id: {self.env_id!r} observes its state in a way d3g cannot invert; "
+                    f"d3g runs on continuous envs: {sorted(UNOBSERVE)}"]
+        return []
 
     @override(AlgorithmConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:

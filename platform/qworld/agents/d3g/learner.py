@@ -127,7 +127,7 @@ class D3GTorchLearner(TorchLearner):
 
     @override(TorchLearner)
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
-        module = self._module[module_id]
+        module = self.module[module_id]
         module = module.unwrapped() if hasattr(module, "unwrapped") else module
         lr = float(self.config.lr)
         for name, attr in OPTIMIZERS.items():

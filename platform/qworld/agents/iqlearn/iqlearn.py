@@ -43,13 +43,13 @@ Example::
 from __future__ import annotations
 
 import logging
-
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import qworld_envs
 from ray.rllib.algorithms.algorithm import Algorithm
-from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.connectors.common.add_observations_from_episodes_to_batch import AddObservationsFromEpisodesToBatch
 from ray.rllib.connectors.learner.add_next_observations_from_episodes_to_train_batch import (
     AddNextObservationsFromEpisodesToTrainBatch,
@@ -71,7 +71,8 @@ from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_n
 from qworld.agents.iqlearn import learner as LR
 from qworld.agents.iqlearn import losses as Lz
 from qworld.agents.iqlearn.module import IQLearnTorchRLModule
-from qworld.agents.replay_step import EpisodeReplayConfig, is_int, is_num
+from qworld.agents.fields import Field, Message, as_dict, as_list, is_int, is_num, need, number_above
+from qworld.agents.replay_step import CHECKPOINT_REPLAY_BUFFER, DICT, INT_1, WIDTHS, EpisodeReplayConfig
 from qworld.layout import DEMONSTRATIONS_DIR, VALUE_TEMPERATURE
 
 ALGORITHM_NAME = "iqlearn"
@@ -81,11 +82,12 @@ NUM_DEMONSTRATION_TRANSITIONS = "num_demonstration_transitions"  # sampled this 
 
 quiet_new_api_stack_notice("IQLearn")
 
-# The IQ-Learn fields of the config, in the order the JSON config lists them.
-IQLEARN_FIELDS = (
-    "env_id", "env_kwargs", "demonstrations", "num_demonstrations", "total_env_steps", "gamma", "lr",
-    "alpha", "temperature", "batch_size", "updates_per_iteration", "hidden_sizes", "seed",
-)
+def _check_env_id(value, config) -> Optional[Message]:
+    finite = sorted(getattr(qworld_envs, "FINITE_ENVS", {}))
+    if value in finite:
+        return None
+    kind = "continuous" if value in qworld_envs.CONTINUOUS_ENVS else "unknown"
+    return Message(f"env_id={value!r}: {kind}; iqlearn runs on finite envs: {finite}")
 
 
 class IQLearnConfig(EpisodeReplayConfig):
@@ -93,73 +95,60 @@ class IQLearnConfig(EpisodeReplayConfig):
 
     Defaults: alpha 0.5 (the public code's chi^2 weight), Adam; the soft-Q temperature,
     lr, batch and network are qworld's choices for its small finite envs (measured on
-    FourRooms, see ``tune_configs/iqlearn_fourrooms.yaml``).
+    FourRooms, see ``tune_configs/iqlearn_fourrooms.yaml``). Every field is declared once,
+    in ``FIELDS`` (``docs/AGENT_CONFIG.md`` lists them).
 
     Only finite envs (``qworld_envs.FINITE_ENVS``): the demonstrator is the exact solution
-    of the finite task. RLlib settings derived from IQ-Learn fields (``env`` / ``env_config``
-    <- ``env_id`` / ``env_kwargs``, ``input_`` <- ``demonstrations``,
-    ``train_batch_size_per_learner`` <- ``batch_size * updates_per_iteration``) are
-    overwritten in ``validate()``. ``gamma``, ``lr`` and ``seed`` are RLlib's own fields.
+    of the finite task. RLlib settings that store IQ-Learn fields: ``env`` (``env_id``),
+    ``env_config`` (``env_kwargs``); derived in ``validate()``: ``input_`` <-
+    ``demonstrations``, ``train_batch_size_per_learner`` <- ``batch_size *
+    updates_per_iteration``. ``gamma``, ``lr`` and ``seed`` are RLlib's own fields.
     """
 
     ALGORITHM_NAME = ALGORITHM_NAME
-    FIELDS = IQLEARN_FIELDS
-    LIST_FIELDS = ("hidden_sizes",)
-    RLLIB_FIELDS = ("gamma", "lr", "seed")
-
-    def __init__(self, algo_class=None):
-        super().__init__(algo_class=algo_class or IQLearn)
+    FIELDS = (
         # --- problem and data
-        self.env_id: str = qworld_envs.FOUR_ROOMS_ID  # a finite gymnasium goal env id
-        self.env_kwargs: Dict[str, Any] = {}  # env kwargs (variant, goal_type, num_goals, ...)
-        self.demonstrations: Optional[str] = None  # dir of `qworld demos`; None: written at setup
-        self.num_demonstrations: int = 200  # episodes written when demonstrations is None
-        self.total_env_steps: Optional[int] = None  # accepted and ignored (offline; see module doc)
+        Field("env_id", qworld_envs.FOUR_ROOMS_ID, "a finite gymnasium goal env id", _check_env_id, alias="env"),
+        Field("env_kwargs", {}, "env kwargs (variant, goal_type, num_goals, ...)", DICT, alias="env_config",
+              store=as_dict),
+        Field("demonstrations", None, "dir (or parquet file) of `qworld demos`; None: written at setup into the "
+              "Algorithm's log dir (the exact solution of its own task)",
+              need(lambda d: d is None or (isinstance(d, str) and Path(d).exists()),
+                   "None (written at setup) or an existing dir / parquet file of `qworld demos`")),
+        Field("num_demonstrations", 200, "episodes written when demonstrations is None", INT_1),
+        Field("total_env_steps", None, "accepted and ignored (offline; sweeps stop IQ-Learn on training_iteration)",
+              need(lambda v: v is None or (is_int(v) and v >= 1),
+                   "None or an int >= 1 (ignored: IQ-Learn is offline)")),
         # --- loss and optimisation
-        self.gamma = 0.99  # discount (also the demonstrator's, when written at setup)
-        self.lr = 1e-3  # Adam lr
-        self.alpha: float = 0.5  # chi^2 regulariser weight 1 / (4 alpha) (public code: 0.5)
-        self.temperature: float = 0.5  # soft-Q temperature T: V = T logsumexp(Q / T)
-        self.grad_clip = None
-        self.batch_size: int = 256  # transitions per gradient step
-        self.updates_per_iteration: int = 16  # gradient steps per training_step
+        Field("gamma", 0.99, "discount (also the demonstrator's, when written at setup)",
+              need(lambda v: is_num(v) and 0 < v < 1, "a number in (0, 1)"), rllib=True),
+        Field("lr", 1e-3, "Adam lr", number_above(0), rllib=True),
+        Field("alpha", 0.5, "chi^2 regulariser weight 1 / (4 alpha) (public code: 0.5)", number_above(0)),
+        Field("temperature", 0.5, "soft-Q temperature T: V = T logsumexp(Q / T)", number_above(0)),
+        Field("batch_size", 256, "transitions per gradient step", INT_1),
+        Field("updates_per_iteration", 16, "gradient steps per training_step", INT_1),
         # --- network (PQN's all-goals MLP with LayerNorm)
-        self.hidden_sizes: List[int] = [256, 256]
-        # --- RLlib: offline data, no env runners sampling
-        self.num_env_runners = 0
-        self.env = self.env_id
-        self.materialize_data = False  # read and mapped in one pass (materialize_mapped_data)
-        self.materialize_mapped_data = True  # the pre-learner is stateless: map once
+        Field("hidden_sizes", [256, 256], "MLP widths", WIDTHS, store=as_list),
+        Field("seed", None, "RLlib's seed (set with .debugging(seed=...); a sweep's trial axis)", keyword=False),
+        replace(CHECKPOINT_REPLAY_BUFFER, check=None, keyword=False,
+                doc="no replay buffer (offline); kept in the trial config as the other episode families have it"),
+    )
+    RLLIB_DEFAULTS = {
+        "grad_clip": None,
+        # RLlib: offline data, no env runners sampling
+        "num_env_runners": 0,
+        "materialize_data": False,  # read and mapped in one pass (materialize_mapped_data)
+        "materialize_mapped_data": True,  # the pre-learner is stateless: map once
         # Ray Data's read tasks and mapping actor ask for no CPU (they run outside the Tune
         # trial's placement group, and a trial's CPUs are taken); its file listing task asks for
         # one CPU (not configurable), so a node running IQ-Learn trials needs one CPU free.
-        self.input_read_method_kwargs = {"num_cpus": 0}
-        self.map_batches_kwargs = {"concurrency": 1, "num_cpus": 0}  # one mapping actor (small data)
-        self.iter_batches_kwargs = {"local_shuffle_buffer_size": 8192}  # rows are in episode order
+        "input_read_method_kwargs": {"num_cpus": 0},
+        "map_batches_kwargs": {"concurrency": 1, "num_cpus": 0},  # one mapping actor (small data)
+        "iter_batches_kwargs": {"local_shuffle_buffer_size": 8192},  # rows are in episode order
+    }
 
-    @override(AlgorithmConfig)
-    def training(
-        self,
-        *,
-        env_id=NotProvided,
-        env_kwargs=NotProvided,
-        demonstrations=NotProvided,
-        num_demonstrations=NotProvided,
-        total_env_steps=NotProvided,
-        gamma=NotProvided,
-        lr=NotProvided,
-        alpha=NotProvided,
-        temperature=NotProvided,
-        batch_size=NotProvided,
-        updates_per_iteration=NotProvided,
-        hidden_sizes=NotProvided,
-        **kwargs,
-    ) -> "IQLearnConfig":
-        """RLlib's ``training()`` (``gamma`` and ``lr`` are RLlib's own fields) plus every IQ-Learn
-        field (see ``__init__``)."""
-        super().training(gamma=gamma, lr=lr, **kwargs)
-        self.set_fields(locals())
-        return self
+    def __init__(self, algo_class=None):
+        super().__init__(algo_class=algo_class or IQLearn)
 
     def iqlearn_model_config(self) -> Dict[str, Any]:
         p = self.problem()
@@ -177,30 +166,6 @@ class IQLearnConfig(EpisodeReplayConfig):
         out[VALUE_TEMPERATURE] = float(self.temperature)
         out[DEMONSTRATIONS_DIR] = str(Path(self.input_).absolute()) if isinstance(self.input_, str) and self.input_ else None
         return out
-
-    def qworld_errors(self) -> List[str]:
-        """Every bad IQ-Learn field, one message each (empty when valid)."""
-        errors: List[str] = []
-        need = self.need(errors)
-        finite = sorted(getattr(qworld_envs, "FINITE_ENVS", {}))
-        if self.env_id not in finite:
-            kind = "continuous" if self.env_id in qworld_envs.CONTINUOUS_ENVS else "unknown"
-            errors.append(f"env_id={self.env_id!r}: {kind}; iqlearn runs on finite envs: {finite}")
-        for f in ("num_demonstrations", "batch_size", "updates_per_iteration"):
-            need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an int >= 1")
-        need(is_num(self.gamma) and 0 < self.gamma < 1, "gamma", "a number in (0, 1)")
-        for f in ("lr", "alpha", "temperature"):
-            need(is_num(getattr(self, f)) and getattr(self, f) > 0, f, "a number > 0")
-        v = self.hidden_sizes
-        need(isinstance(v, (list, tuple)) and len(v) > 0 and all(is_int(h) and h >= 1 for h in v), "hidden_sizes",
-             "a non-empty list of ints >= 1")
-        need(isinstance(self.env_kwargs, dict), "env_kwargs", "a dict")
-        d = self.demonstrations
-        need(d is None or (isinstance(d, str) and Path(d).exists()), "demonstrations",
-             "None (written at setup) or an existing dir / parquet file of `qworld demos`")
-        need(self.total_env_steps is None or (is_int(self.total_env_steps) and self.total_env_steps >= 1),
-             "total_env_steps", "None or an int >= 1 (ignored: IQ-Learn is offline)")
-        return errors
 
     @override(AlgorithmConfig)
     def validate(self) -> None:

@@ -131,7 +131,7 @@ class MRQTorchLearner(TorchLearner):
     @override(TorchLearner)
     def build(self) -> None:
         super().build()
-        self._bins = Lz.reward_bins(int(self.config.num_bins)).to(self._device or "cpu")
+        self._bins = Lz.reward_bins(int(self.config.num_bins)).to(self.device or "cpu")
         self._grad_steps = 0
         self._next_target_update = 0
         self._buffer_reward_scale: Optional[float] = None
@@ -139,7 +139,7 @@ class MRQTorchLearner(TorchLearner):
     @override(TorchLearner)
     def configure_optimizers_for_module(self, module_id, config=None) -> None:
         cfg = self.config
-        module = self._module[module_id].unwrapped() if hasattr(self._module[module_id], "unwrapped") else self._module[module_id]
+        module = self.module[module_id].unwrapped() if hasattr(self.module[module_id], "unwrapped") else self.module[module_id]
         for name, sub, lr, wd in (
             ("encoder", module.encoder, cfg.enc_lr, cfg.enc_weight_decay),
             ("value", module.value, cfg.value_lr, cfg.value_weight_decay),

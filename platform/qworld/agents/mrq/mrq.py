@@ -34,11 +34,11 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import qworld_envs  # noqa: F401  (registers the gymnasium envs in every process)
 from ray.rllib.algorithms.algorithm import Algorithm
-from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
@@ -47,23 +47,23 @@ from qworld.agents.checkpoint import QworldAlgorithmMixin, quiet_new_api_stack_n
 from qworld.agents.mrq import learner as LR
 from qworld.agents.mrq.module import MRQTorchRLModule
 from qworld.agents.mrq.replay import abs_reward_sum, sample_windows
-from qworld.agents.replay_step import EpisodeReplayConfig, EpisodeReplayStep, is_int, is_num
+from qworld.agents.fields import Field, as_dict, as_list, int_at_least, number_above, number_at_least
+from qworld.agents.replay_step import (
+    CHECKPOINT_REPLAY_BUFFER,
+    DICT,
+    DISCOUNT,
+    INT_0,
+    INT_1,
+    UNIT,
+    WIDTHS,
+    EpisodeReplayConfig,
+    EpisodeReplayStep,
+)
 
 ALGORITHM_NAME = "mrq"
 
 
 quiet_new_api_stack_notice("MRQ")
-
-# The MR.Q fields of the config, in the order the JSON config lists them.
-MRQ_FIELDS = (
-    "env_id", "env_kwargs", "num_envs", "rollout_length", "total_env_steps",
-    "gamma", "n_step", "enc_horizon", "goals_per_step", "batch_size", "updates_per_iteration",
-    "learning_starts", "buffer_capacity", "target_update_freq", "enc_lr", "enc_weight_decay", "value_lr",
-    "value_weight_decay", "grad_clip", "dynamics_weight", "reward_weight", "terminal_weight",
-    "num_bins", "zs_dim", "za_dim", "zsa_dim", "enc_hidden", "value_hidden",
-    "epsilon_start", "epsilon_end", "epsilon_decay_fraction", "experience_capacity", "seed",
-)
-
 
 class MRQConfig(EpisodeReplayConfig):
     """Configuration of goal-conditioned MR.Q; set fields with ``training(...)``.
@@ -75,111 +75,70 @@ class MRQConfig(EpisodeReplayConfig):
     rollouts, 1 000 learning-start steps and 100k capacity (MR.Q: 1e6), epsilon-greedy
     exploration 1 -> 0.05 (MR.Q's discrete actor explores through its Gumbel policy).
     Not in MR.Q (one task): ``goals_per_step`` goals of the L drawn per gradient step for
-    the reward, terminal and value losses (``qworld.agents.mrq.learner``).
+    the reward, terminal and value losses (``qworld.agents.mrq.learner``). Every field is
+    declared once, in ``FIELDS`` (``docs/AGENT_CONFIG.md`` lists them).
 
-    RLlib settings derived from MR.Q fields (``env`` <- ``env_id``, ``env_config`` <-
-    ``env_kwargs``, ``num_envs_per_env_runner`` <- ``num_envs``,
-    ``rollout_fragment_length`` <- ``rollout_length``, ``model_config`` <- the network
-    fields) are overwritten in ``validate()``; set the MR.Q fields instead.
+    RLlib settings that store MR.Q fields: ``env`` (``env_id``), ``env_config``
+    (``env_kwargs``), ``num_envs_per_env_runner`` (``num_envs``), ``rollout_fragment_length``
+    (``rollout_length``); ``gamma``, ``grad_clip`` and ``seed`` are RLlib's own; the
+    module's ``model_config`` is derived from the network fields.
     """
 
     ALGORITHM_NAME = ALGORITHM_NAME
-    FIELDS = MRQ_FIELDS
-    LIST_FIELDS = ("enc_hidden", "value_hidden")
-    RLLIB_FIELDS = ("gamma", "grad_clip", "seed")
+    FIELDS = (
+        # --- problem
+        Field("env_id", qworld_envs.FOUR_ROOMS_ID, "gymnasium goal env id", alias="env"),
+        Field("env_kwargs", {}, "env kwargs (variant, goal_type, num_goals, ...)", DICT, alias="env_config",
+              store=as_dict),
+        # --- sampling
+        Field("num_envs", 4, "gymnasium env copies per env runner", INT_1, alias="num_envs_per_env_runner"),
+        Field("rollout_length", 16, "steps per env per training_step", INT_1, alias="rollout_fragment_length"),
+        Field("total_env_steps", 1_000_000, "budget: the epsilon schedule refers to it", INT_1),
+        # --- targets
+        Field("gamma", 0.99, "discount", DISCOUNT, rllib=True),
+        Field("n_step", 3, "n of the value target (MR.Q: 3)", INT_1),
+        Field("enc_horizon", 5, "unroll length of the model loss (MR.Q: 5)", INT_1),
+        Field("goals_per_step", 4, "goals each gradient step trains the reward, terminal and value heads at, drawn "
+              "uniformly without replacement from the L goals (shared by the step's windows; >= L: every goal, "
+              "exact all-goals training). Not in MR.Q (one task): a step's cost is then independent of L; each "
+              "loss is an unbiased estimate of its all-goals mean", INT_1),
+        # --- replay and updates
+        Field("batch_size", 256, "windows per gradient step (MR.Q: 256)", INT_1),
+        Field("updates_per_iteration", 64, "gradient steps per training_step (= env steps: replay ratio 1)", INT_1),
+        Field("learning_starts", 1_000, "env steps before the first update (MR.Q: 10k)", INT_0),
+        Field("buffer_capacity", 100_000, "env steps the EpisodeReplayBuffer holds (MR.Q: 1e6)", INT_1),
+        Field("target_update_freq", 250, "gradient steps between hard target copies (MR.Q: 250)", INT_1),
+        # --- optimisation (MR.Q: AdamW)
+        Field("enc_lr", 1e-4, "encoder + model lr", number_above(0)),
+        Field("enc_weight_decay", 1e-4, "encoder + model AdamW weight decay", number_at_least(0)),
+        Field("value_lr", 3e-4, "value heads lr", number_above(0)),
+        Field("value_weight_decay", 1e-4, "value heads AdamW weight decay", number_at_least(0)),
+        Field("grad_clip", 20.0, "max grad norm per optimizer (RLlib's setting)", rllib=True),
+        Field("dynamics_weight", 1.0, "loss weight of the dynamics term (MR.Q: 1)", number_at_least(0)),
+        Field("reward_weight", 0.1, "loss weight of the reward term (MR.Q: 0.1)", number_at_least(0)),
+        Field("terminal_weight", 0.1, "loss weight of the terminal term (MR.Q: 0.1)", number_at_least(0)),
+        Field("num_bins", 65, "two-hot reward bins, symexp-spaced over [-10, 10]", int_at_least(2)),
+        # --- network widths (MR.Q: zs = zsa = 512, za = 256, hidden 512)
+        Field("zs_dim", 128, "state embedding z_s", INT_1),
+        Field("za_dim", 32, "action embedding", INT_1),
+        Field("zsa_dim", 128, "state-action embedding z_sa", INT_1),
+        Field("enc_hidden", [128, 128], "hidden widths of f and g (ELU)", WIDTHS, store=as_list),
+        Field("value_hidden", [128, 128], "hidden widths of each value head (LayerNorm + ELU)", WIDTHS,
+              store=as_list),
+        # --- exploration (epsilon-greedy on the commanded goal, over env steps)
+        Field("epsilon_start", 1.0, "exploration rate at step 0", UNIT),
+        Field("epsilon_end", 0.05, "exploration rate after the decay", UNIT),
+        Field("epsilon_decay_fraction", 0.1, "fraction of total_env_steps over which epsilon decays", UNIT),
+        # --- the trial's experience log (qworld.experience: the `supervised` / `qss` methods)
+        Field("experience_capacity", 65536, "continuous envs: reservoir size of the experience log; 0: record "
+              "nothing", INT_0),
+        Field("seed", None, "RLlib's seed (set with .debugging(seed=...); a sweep's trial axis)", keyword=False),
+        CHECKPOINT_REPLAY_BUFFER,
+    )
+    RLLIB_DEFAULTS = {"grad_clip_by": "global_norm", "num_env_runners": 0}
 
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or MRQ)
-        # --- problem
-        self.env_id: str = qworld_envs.FOUR_ROOMS_ID  # gymnasium goal env id
-        self.env_kwargs: Dict[str, Any] = {}  # env kwargs (variant, goal_type, num_goals, ...)
-        # --- sampling
-        self.num_envs: int = 4  # gymnasium env copies per env runner
-        self.rollout_length: int = 16  # steps per env per training_step
-        self.total_env_steps: int = 1_000_000  # budget: the epsilon schedule refers to it
-        # --- targets
-        self.gamma = 0.99  # discount
-        self.n_step: int = 3  # n of the value target (MR.Q: 3)
-        self.enc_horizon: int = 5  # unroll length of the model loss (MR.Q: 5)
-        # Goals each gradient step trains the reward, terminal and value heads at, drawn
-        # uniformly without replacement from the L goals (shared by the step's windows;
-        # >= L: every goal, exact all-goals training). Not in MR.Q (one task): a step's cost
-        # is then independent of L; each loss is an unbiased estimate of its all-goals mean.
-        self.goals_per_step: int = 4
-        # --- replay and updates
-        self.batch_size: int = 256  # windows per gradient step (MR.Q: 256)
-        self.updates_per_iteration: int = 64  # gradient steps per training_step (= env steps: replay ratio 1)
-        self.learning_starts: int = 1_000  # env steps before the first update (MR.Q: 10k)
-        self.buffer_capacity: int = 100_000  # env steps the EpisodeReplayBuffer holds (MR.Q: 1e6)
-        self.target_update_freq: int = 250  # gradient steps between hard target copies (MR.Q: 250)
-        # --- optimisation (MR.Q: AdamW)
-        self.enc_lr: float = 1e-4  # encoder + model lr
-        self.enc_weight_decay: float = 1e-4
-        self.value_lr: float = 3e-4  # value heads lr
-        self.value_weight_decay: float = 1e-4
-        self.grad_clip = 20.0  # max grad norm per optimizer (RLlib's setting)
-        self.grad_clip_by = "global_norm"
-        self.dynamics_weight: float = 1.0  # loss weights of the model terms (MR.Q: 1, 0.1, 0.1)
-        self.reward_weight: float = 0.1
-        self.terminal_weight: float = 0.1
-        self.num_bins: int = 65  # two-hot reward bins, symexp-spaced over [-10, 10]
-        # --- network widths (MR.Q: zs = zsa = 512, za = 256, hidden 512)
-        self.zs_dim: int = 128  # state embedding z_s
-        self.za_dim: int = 32  # action embedding
-        self.zsa_dim: int = 128  # state-action embedding z_sa
-        self.enc_hidden: List[int] = [128, 128]  # hidden widths of f and g (ELU)
-        self.value_hidden: List[int] = [128, 128]  # hidden widths of each value head (LayerNorm + ELU)
-        # --- exploration (epsilon-greedy on the commanded goal, over env steps)
-        self.epsilon_start: float = 1.0
-        self.epsilon_end: float = 0.05
-        self.epsilon_decay_fraction: float = 0.1  # of total_env_steps
-        # --- the trial's experience log (qworld.experience: the `supervised` / `qss` methods)
-        self.experience_capacity: int = 65536  # continuous: reservoir size; 0: record nothing
-        # --- RLlib
-        self.num_env_runners = 0
-        self.env = self.env_id
-
-    @override(AlgorithmConfig)
-    def training(
-        self,
-        *,
-        env_id=NotProvided,
-        env_kwargs=NotProvided,
-        num_envs=NotProvided,
-        rollout_length=NotProvided,
-        total_env_steps=NotProvided,
-        n_step=NotProvided,
-        enc_horizon=NotProvided,
-        goals_per_step=NotProvided,
-        batch_size=NotProvided,
-        updates_per_iteration=NotProvided,
-        learning_starts=NotProvided,
-        buffer_capacity=NotProvided,
-        target_update_freq=NotProvided,
-        enc_lr=NotProvided,
-        enc_weight_decay=NotProvided,
-        value_lr=NotProvided,
-        value_weight_decay=NotProvided,
-        dynamics_weight=NotProvided,
-        reward_weight=NotProvided,
-        terminal_weight=NotProvided,
-        num_bins=NotProvided,
-        zs_dim=NotProvided,
-        za_dim=NotProvided,
-        zsa_dim=NotProvided,
-        enc_hidden=NotProvided,
-        value_hidden=NotProvided,
-        epsilon_start=NotProvided,
-        epsilon_end=NotProvided,
-        epsilon_decay_fraction=NotProvided,
-        experience_capacity=NotProvided,
-        checkpoint_replay_buffer=NotProvided,
-        **kwargs,
-    ) -> "MRQConfig":
-        """RLlib's ``training()`` (``gamma``, ``grad_clip``, ...) plus every MR.Q field (see ``__init__``)."""
-        super().training(**kwargs)
-        self.set_fields(locals())
-        return self
 
     @property
     def horizon(self) -> int:
@@ -200,19 +159,6 @@ class MRQConfig(EpisodeReplayConfig):
             epsilon_end=float(self.epsilon_end), epsilon_decay_steps=self.epsilon_decay_steps(),
             env_id=self.env_id, env_kwargs=p.env_kwargs,
         )
-
-    def qworld_errors(self) -> List[str]:
-        """Every bad MR.Q field, one message each (empty when valid)."""
-        errors = super().qworld_errors()
-        need = self.need(errors)
-        for f in ("n_step", "enc_horizon", "goals_per_step", "target_update_freq", "zs_dim", "za_dim", "zsa_dim"):
-            need(is_int(getattr(self, f)) and getattr(self, f) >= 1, f, "an int >= 1")
-        need(is_int(self.num_bins) and self.num_bins >= 2, "num_bins", "an int >= 2")
-        for f in ("enc_lr", "value_lr"):
-            need(is_num(getattr(self, f)) and getattr(self, f) > 0, f, "a number > 0")
-        for f in ("enc_weight_decay", "value_weight_decay", "dynamics_weight", "reward_weight", "terminal_weight"):
-            need(is_num(getattr(self, f)) and getattr(self, f) >= 0, f, "a number >= 0")
-        return errors
 
     @override(AlgorithmConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:

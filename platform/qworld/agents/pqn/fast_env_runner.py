@@ -37,6 +37,7 @@ from ray.rllib.utils.typing import StateDict
 from qworld import metrics as K
 from qworld.agents.pqn import rollout as R
 from qworld.agents.pqn.module import EPSILON, GOAL, Q_ALL_GOALS, RETURN_Q_ALL_GOALS
+from qworld.agents.rllib_private import subcomponents, wants_component
 
 EPISODE_SUCCESS_MEAN = K.TRAIN_EPISODE_SUCCESS.split("/", 1)[1]  # "episode_success_mean"
 
@@ -51,14 +52,18 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
         # Remote runners use their own GPU share; the local runner of a run without remote
         # runners sits with the (local) learner, so a rollout never leaves its device.
         if self.worker_index:
-            self._device = get_device(self.config, self.config.num_gpus_per_env_runner)
+            self.device = get_device(self.config, self.config.num_gpus_per_env_runner)
         elif self.config.num_env_runners == 0 and self.config.num_learners == 0:
-            self._device = get_device(self.config, self.config.num_gpus_per_learner)
+            self.device = get_device(self.config, self.config.num_gpus_per_learner)
         else:
-            self._device = get_device(self.config, 0)
+            self.device = get_device(self.config, 0)
+        # This runner's seed, as RLlib's EnvRunner seeds itself: the config's, plus the runner
+        # index, plus 1e6 for an evaluation runner (None: unseeded).
+        seed = self.config.seed
+        self.seed = None if seed is None else int(seed + self.worker_index + 1e6 * self.config.in_evaluation)
         self.num_envs = self.config.envs_per_env_runner()
         self.rollout_length = int(self.config.rollout_length)
-        self._weights_seq_no = 0
+        self.weights_seq_no = 0
         self._state: Optional[Dict[str, torch.Tensor]] = None
         self.env = None
         self.module = None
@@ -70,12 +75,12 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
     def make_env(self) -> None:
         from qworld_envs import make_batched
 
-        seed = int(self._seed) if self._seed is not None else self.worker_index
+        seed = self.seed if self.seed is not None else self.worker_index
         self.env = make_batched(
             self.config.env_id,
             self.num_envs,
             seed=seed,
-            device=self._device,
+            device=self.device,
             **dict(self.config.env_kwargs or {}),
         )
         self._state = None
@@ -84,7 +89,7 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
     def make_module(self) -> None:
         spec = self.config.get_rl_module_spec(spaces=self.get_spaces(), inference_only=True)
         self.module = spec.build()
-        self.module.to(self._device)
+        self.module.to(self.device)
         # It only acts: in eval mode for good, RLlib's forward_exploration has no mode to switch.
         self.module.eval()
 
@@ -132,9 +137,9 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
         """
         env, module = self.env, self.module
         T = self.rollout_length if num_timesteps is None else -(-int(num_timesteps) // self.num_envs)
-        N, dev = self.num_envs, self._device
+        N, dev = self.num_envs, self.device
         if self._state is None:
-            self._state = env.reset(seed=int(self._seed) if self._seed is not None else None)
+            self._state = env.reset(seed=self.seed)
         if explore:
             eps = module.current_epsilon(self.global_env_steps()) if epsilon is None else float(epsilon)
         else:
@@ -271,20 +276,20 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
         **kwargs,
     ) -> StateDict:
         state = {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.num_env_steps_sampled_lifetime}
-        if self._check_component(COMPONENT_RL_MODULE, components, not_components):
+        if wants_component(self, COMPONENT_RL_MODULE, components, not_components):
             state[COMPONENT_RL_MODULE] = self.module.get_state(
-                components=self._get_subcomponents(COMPONENT_RL_MODULE, components),
-                not_components=self._get_subcomponents(COMPONENT_RL_MODULE, not_components),
+                components=subcomponents(self, COMPONENT_RL_MODULE, components),
+                not_components=subcomponents(self, COMPONENT_RL_MODULE, not_components),
                 **kwargs,
             )
-            state[WEIGHTS_SEQ_NO] = self._weights_seq_no
+            state[WEIGHTS_SEQ_NO] = self.weights_seq_no
         return state
 
     @override(Checkpointable)
     def set_state(self, state: StateDict) -> None:
         if COMPONENT_RL_MODULE in state:
             seq_no = state.get(WEIGHTS_SEQ_NO, 0)
-            if seq_no == 0 or self._weights_seq_no < seq_no:
+            if seq_no == 0 or self.weights_seq_no < seq_no:
                 module_state = state[COMPONENT_RL_MODULE]
                 if isinstance(module_state, ray.ObjectRef):
                     module_state = ray.get(module_state)
@@ -292,7 +297,7 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
                     module_state = module_state[DEFAULT_MODULE_ID]
                 self.module.set_state(module_state)
             if seq_no > 0:
-                self._weights_seq_no = seq_no
+                self.weights_seq_no = seq_no
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state:
             self.num_env_steps_sampled_lifetime = state[NUM_ENV_STEPS_SAMPLED_LIFETIME]
 

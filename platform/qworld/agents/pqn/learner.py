@@ -19,9 +19,9 @@ Per ``update`` call (one rollout, see ``rollout.py``):
      at some step >= t before the episode ends), else a uniform goal;
 2. the rows (shuffled once with the learner's seeded generator) go to RLlib's own
    ``Learner.update``, which runs ``num_epochs`` x minibatches of ``minibatch_size`` through
-   its minibatch iterator (reshuffling between epochs) and ``TorchLearner._update``
+   its minibatch iterator (reshuffling between epochs) and ``TorchLearner``'s update step
    (forward_train -> ``compute_loss_for_module`` -> grads -> global-norm clip ->
-   ``apply_gradients`` -> RAdam/Adam step);
+   ``apply_gradients`` -> RAdam/Adam step; the clip is ``rllib_private.clip_gradients_fused``);
 3. a step whose gradients are not all finite is skipped and counted
    (``torch_skip_nan_gradients``, on by default in ``PQNConfig``);
 4. the learning rate follows RLlib's schedule ``[[0, lr], [total_env_steps, 0]]``, stepped by
@@ -42,10 +42,10 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.core.learner.training_data import TrainingData
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.annotations import override
-from ray.rllib.utils.torch_utils import clip_gradients
 from ray.rllib.utils.typing import ModuleID, TensorType
 
 from qworld.agents.pqn import rollout as R
+from qworld.agents.rllib_private import FusedClipLearner
 from qworld.agents.pqn.module import GOAL, Q_ALL_GOALS, PQNTorchRLModule
 from qworld.agents.pqn.targets import q_lambda_targets
 
@@ -68,31 +68,6 @@ def _chunked(fn, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
     return torch.cat(
         [fn(x[i : i + TARGET_CHUNK], *(r[i : i + TARGET_CHUNK] for r in rest)) for i in range(0, x.shape[0], TARGET_CHUNK)]
     )
-
-
-def clip_gradients_fused(
-    gradients_dict: Dict[Any, torch.Tensor],
-    *,
-    grad_clip: Optional[float] = None,
-    grad_clip_by: str = "value",
-) -> Optional[torch.Tensor]:
-    """RLlib's ``clip_gradients`` with the global-norm case fused over the tensors.
-
-    The same numbers as ``ray.rllib.utils.torch_utils.clip_gradients`` (a non-finite
-    norm read as 1e9, coefficient ``grad_clip / max(norm + 1e-6, grad_clip)``, gradients
-    scaled in place, the norm returned) in two foreach kernels instead of three small
-    ops per tensor (a third of RLlib's clip time on a CPU step). Other modes: RLlib's.
-    """
-    if grad_clip is None or grad_clip_by != "global_norm":
-        return clip_gradients(gradients_dict, grad_clip=grad_clip, grad_clip_by=grad_clip_by)
-    grads = [g.detach() for g in gradients_dict.values() if g is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    norms = torch.stack(torch._foreach_norm(grads)).nan_to_num(neginf=-10e8, posinf=10e8)
-    total = torch.linalg.vector_norm(norms).nan_to_num(neginf=-10e8, posinf=10e8)
-    coeff = (grad_clip / torch.clamp(total + 1e-6, min=grad_clip)).clamp(max=1.0)
-    torch._foreach_mul_(grads, coeff)
-    return total
 
 
 def her_goals(
@@ -214,7 +189,7 @@ def build_train_rows(
     return rows
 
 
-class PQNTorchLearner(TorchLearner):
+class PQNTorchLearner(FusedClipLearner, TorchLearner):
     """Torch Learner of PQN (see module doc); one rollout per ``update`` call.
 
     RLlib's ``Learner.update`` runs the epochs and minibatches; this class only turns the
@@ -227,7 +202,7 @@ class PQNTorchLearner(TorchLearner):
     def build(self) -> None:
         super().build()
         seed = self.config.seed if self.config.seed is not None else 0
-        self._generator = torch.Generator(device=self._device)
+        self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(int(seed) + 7919)
         # (loss, mean Q) of each step of one update, kept as tensors so that a step costs
         # no device sync; read once per update in after_gradient_based_update.
@@ -236,7 +211,7 @@ class PQNTorchLearner(TorchLearner):
 
     @override(TorchLearner)
     def configure_optimizers_for_module(self, module_id: ModuleID, config: Any = None) -> None:
-        module = self._module[module_id]
+        module = self.module[module_id]
         params = self.get_parameters(module)
         optim_cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[config.optimizer]
         # foreach: one fused kernel per step instead of a Python loop over the parameters.
@@ -264,7 +239,6 @@ class PQNTorchLearner(TorchLearner):
         num_epochs: int = 1,
         minibatch_size: Optional[int] = None,
         shuffle_batch_per_epoch: bool = False,
-        _no_metrics_reduce: bool = False,
         **kwargs,
     ):
         """One rollout -> training rows with fixed targets -> RLlib's epochs x minibatches.
@@ -281,7 +255,9 @@ class PQNTorchLearner(TorchLearner):
             minibatch_size: rows per gradient step; at most the rows of the rollout (with a
                 single Learner).
         """
-        self._check_is_built()
+        if self.module is None:
+            raise ValueError("Learner.build() must be called after constructing a Learner and before calling "
+                             "any methods on it.")
         if training_data is None:
             if episodes is not None or episodes_refs is not None or data_iterators is not None or batches is not None:
                 raise ValueError("PQNTorchLearner.update needs one rollout batch (rollout.to_train_batch)")
@@ -297,12 +273,12 @@ class PQNTorchLearner(TorchLearner):
             if not self.should_module_be_updated(module_id, rollout_batch):
                 continue
             module_rows = self._train_rows(
-                module_id, R.from_train_batch(module_batch, self._device), shuffle=shuffle_batch_per_epoch
+                module_id, R.from_train_batch(module_batch, self.device), shuffle=shuffle_batch_per_epoch
             )
             if module_rows[Columns.ACTIONS].shape[0] > 0:
                 rows[module_id] = SampleBatch(module_rows)
         if not rows:  # nothing to learn from (the base loop would not run at all)
-            return None if _no_metrics_reduce else self.metrics.reduce()
+            return self.metrics.reduce()
 
         if self.config.num_learners > 1:
             # DDP: every Learner must take the same number of steps whatever its shard holds
@@ -319,7 +295,6 @@ class PQNTorchLearner(TorchLearner):
             num_epochs=num_epochs,
             minibatch_size=minibatch_size,
             shuffle_batch_per_epoch=shuffle_batch_per_epoch,
-            _no_metrics_reduce=_no_metrics_reduce,
             **kwargs,
         )
 
@@ -338,7 +313,7 @@ class PQNTorchLearner(TorchLearner):
         )
         M = rows[Columns.ACTIONS].shape[0]
         if shuffle and M > 1:
-            perm = torch.randperm(M, device=self._device, generator=self._generator)
+            perm = torch.randperm(M, device=self.device, generator=self._generator)
             rows = {k: v[perm] for k, v in rows.items()}
         if M > 0:
             self.metrics.log_value((module_id, TARGET_MEAN_KEY), rows[TARGETS].mean().item(), window=1)
@@ -370,12 +345,6 @@ class PQNTorchLearner(TorchLearner):
         loss = torch.mean((q_sa - targets) ** 2)
         self._running.setdefault(module_id, []).append((loss.detach(), q_sa.detach().mean()))
         return loss
-
-    @staticmethod
-    @override(TorchLearner)
-    def _get_clip_function():
-        # RLlib's clipping (postprocess_gradients_for_module), fused: see clip_gradients_fused.
-        return clip_gradients_fused
 
     @override(TorchLearner)
     def apply_gradients(self, gradients_dict: Dict[Any, torch.Tensor]) -> None:
