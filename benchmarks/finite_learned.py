@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from qworld import metrics as K
-from qworld.planning import run_safety_task
+from qworld.worldmodel.planning import run_safety_task
 from qworld.sweep.score import score_checkpoint
 from qworld.sweep.spec import load_sweep
 from qworld_analysis import load

@@ -57,8 +57,8 @@ PAPER_P_MSE = {
 
 def method_label(method: str) -> str:
     """The method's name, with ``(oracle)`` for a method handed the true support of P and
-    ``(not from Q)`` for an explicit model (``qworld.experience.EXPLICIT_METHODS``)."""
-    from qworld.experience import EXPLICIT_METHODS
+    ``(not from Q)`` for an explicit model (``qworld.worldmodel.experience.EXPLICIT_METHODS``)."""
+    from qworld.worldmodel.experience import EXPLICIT_METHODS
 
     if method in K.ORACLE_METHODS:
         return f"{method} (oracle)"
@@ -429,7 +429,7 @@ def plot_models_vs_steps(
         path: the PNG to write.
         metrics: error columns (log axes), e.g. ``p_mse``, ``rare/p_mse``, ``wm_delta_nmse_v``.
     """
-    from qworld.experience import EXPLICIT_METHODS
+    from qworld.worldmodel.experience import EXPLICIT_METHODS
 
     metrics = [m for m in metrics if m in df.columns and df[m].notna().any()]
     if not metrics:
@@ -860,19 +860,19 @@ def plot_safety_routes(
     planned in that model for a safety task against the optimal route.
 
     Both plans are made by value iteration with the task's forbidden cells catastrophic
-    (:func:`qworld.planning.plan` in the model, :func:`qworld.planning.optimal_plan` in the
+    (:func:`qworld.worldmodel.planning.plan` in the model, :func:`qworld.worldmodel.planning.optimal_plan` in the
     true P) and drawn as their greedy rollout in the true P (:func:`greedy_route`).
 
     Args:
         models: panel title -> ``P_hat[S, A, S]`` (e.g. ``{"L = 4": ..., "L = 17": ...}``).
         path: the PNG to write.
-        task: a key of ``qworld.planning.SAFETY_TASKS``.
+        task: a key of ``qworld.worldmodel.planning.SAFETY_TASKS``.
         variant, layout: the FourRooms map and its true dynamics.
         gamma: planning discount.
         model_label: the legend label of the model's route (e.g. the method).
         title: the figure title (default: the task and its description).
     """
-    from qworld.planning import SAFETY_TASKS, optimal_plan, plan, task_states
+    from qworld.worldmodel.planning import SAFETY_TASKS, optimal_plan, plan, task_states
     from qworld_envs import four_rooms
 
     if not models:
@@ -906,7 +906,7 @@ def plot_safety_task(
     gamma: float = 0.99,
     layout: str | None = None,
 ) -> Path:
-    """A named safety task (``qworld.planning.SAFETY_TASKS``): the optimal safe route in the
+    """A named safety task (``qworld.worldmodel.planning.SAFETY_TASKS``): the optimal safe route in the
     true MDP against the routes planned in extracted models.
 
     Args:
@@ -917,7 +917,7 @@ def plot_safety_task(
         variant, layout: the FourRooms map (true dynamics).
         gamma: planning discount.
     """
-    from qworld.planning import SAFETY_TASKS, plan, task_states
+    from qworld.worldmodel.planning import SAFETY_TASKS, plan, task_states
     from qworld_envs import four_rooms
 
     mdp = four_rooms(variant, layout=layout)

@@ -112,7 +112,7 @@ class D3GConfig(EpisodeReplayConfig):
         self.epsilon_start: float = 1.0
         self.epsilon_end: float = 0.05
         self.epsilon_decay_fraction: float = 0.1  # of total_env_steps
-        # --- the trial's experience log (qworld.experience: the `supervised` method on D3G's own data)
+        # --- the trial's experience log (qworld.worldmodel.experience: the `supervised` method on D3G's own data)
         self.experience_capacity: int = 65536  # reservoir of experienced transitions; 0: record nothing
         # --- RLlib
         self.num_env_runners = 0

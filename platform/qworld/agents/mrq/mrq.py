@@ -133,7 +133,7 @@ class MRQConfig(EpisodeReplayConfig):
         self.epsilon_start: float = 1.0
         self.epsilon_end: float = 0.05
         self.epsilon_decay_fraction: float = 0.1  # of total_env_steps
-        # --- the trial's experience log (qworld.experience: the `supervised` / `qss` methods)
+        # --- the trial's experience log (qworld.worldmodel.experience: the `supervised` / `qss` methods)
         self.experience_capacity: int = 65536  # continuous: reservoir size; 0: record nothing
         # --- RLlib
         self.num_env_runners = 0

@@ -171,7 +171,7 @@ class PQNConfig(AlgorithmConfig):
         # --- hindsight relabelling (goal_input head only)
         self.her_k: int = 4  # relabelled copies per transition (0: off)
         self.her_strategy: str = "future"  # "future" | "random_goal"
-        # --- what the trial records of its experience (qworld.experience, the `supervised` method)
+        # --- what the trial records of its experience (qworld.worldmodel.experience, the `supervised` method)
         self.experience_capacity: int = 65536  # continuous: reservoir size; 0: record nothing
         # --- RLlib
         self.num_env_runners = 0
@@ -263,7 +263,7 @@ class PQNConfig(AlgorithmConfig):
                 (saved with every checkpoint for the ``supervised`` extraction method;
                 fast runner only): 0 records nothing; > 0 records every transition's count
                 on finite envs and a uniform reservoir sample of this many transitions on
-                continuous ones (``qworld.experience.ExperienceLog``).
+                continuous ones (``qworld.worldmodel.experience.ExperienceLog``).
 
         Returns:
             This updated config.

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from qworld import metrics as K
-from qworld.bellman import greedy_policy, solve_goal_q
+from qworld.worldmodel.bellman import greedy_policy, solve_goal_q
 
 DEFAULT_HORIZON = 1000
 # Planning treats a model's next-state probabilities below this fraction of their row's

@@ -4,7 +4,7 @@ Shapes: S states, A actions, L goals, K = S * A state-action pairs.
 
 For every (s, a) the Bellman equation with reward on arrival reads
 ``Q[:, s, a] = M @ P[s, a, :]`` with ``M[g, s'] = r_g(s') + gamma (1 - term_g(s')) V_g(s')``
-(see :func:`qworld.bellman.m_matrix`), so extracting ``P_hat`` is a linear inverse problem per
+(see :func:`qworld.worldmodel.bellman.m_matrix`), so extracting ``P_hat`` is a linear inverse problem per
 (s, a) over the probability simplex. The methods follow Table 1 of the paper:
 
 ==============  ====================  ===========================  ===============================

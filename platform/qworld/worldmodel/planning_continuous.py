@@ -2,7 +2,7 @@
 
 Shapes: N states, d state dims, A actions.
 
-Value iteration inside the model on a grid (``qworld.bellman_grid``) gives a greedy policy
+Value iteration inside the model on a grid (``qworld.worldmodel.bellman_grid``) gives a greedy policy
 for the new goal (``planner="grid"``), or the grid's values serve as the terminal value of a
 short-horizon search over action sequences in the model, re-planned at every step
 (``planner="mpc"``, :class:`MPCConfig`), so the plan is not limited to what the grid's
@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from qworld import metrics as K
-from qworld.bellman_grid import Grid, GridQ, grid_q
+from qworld.worldmodel.bellman_grid import Grid, GridQ, grid_q
 from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, ContinuousProblem, make_continuous_problem
 from qworld_envs.continuous import wrap_angle, wrap_periodic
 
@@ -512,7 +512,7 @@ def evaluate_unseen_goal(
             by CEM over action sequences in the model, the grid's value beyond them); R*
             is planned the same way in the true dynamics.
         mpc: :class:`MPCConfig` or a dict of its fields (``planner="mpc"`` only).
-        **vi_kwargs: passed to :func:`qworld.bellman_grid.grid_q`.
+        **vi_kwargs: passed to :func:`qworld.worldmodel.bellman_grid.grid_q`.
 
     Returns:
         ``{return_wm, return_star, return_ratio, plan_success, "star/plan_success"}``
