@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from qworld.worldmodel.bellman_grid import GridQ
-from qworld.worldmodel.planning_continuous import (UNSEEN_GOAL_TASKS, MPCConfig, plan_and_rollout, plan_in, planning_grid)
+from qworld.worldmodel.planning_continuous import MPCConfig, plan_and_rollout, plan_in, planning_grid
 from qworld_envs import MOUNTAIN_CAR_ID, REACHER_ID, make_continuous_problem
 from qworld_envs.continuous import wrap_angle
+from qworld_envs.continuous_tasks import UNSEEN_GOAL_TASKS
 
 ENVS = {"reacher": REACHER_ID, "mountaincar": MOUNTAIN_CAR_ID}
 

@@ -26,8 +26,8 @@ from qworld.agents import load_q
 from qworld.worldmodel.plearn.finite import method_options
 from qworld.worldmodel.bellman import m_matrix
 from qworld.layout import VALUE_TEMPERATURE
-from qworld.worldmodel.reward import (expected_rewards, goal_inference_scores, held_out_models, recover_rewards, reward_scores,
-                           state_values)
+from qworld.worldmodel.reward import (expected_rewards, goal_inference_scores, held_out_models, recover_rewards,
+                                     reward_scores, state_values)
 from qworld_envs import make_finite_problem
 
 

@@ -22,7 +22,8 @@ import torch
 
 from qworld.worldmodel.bellman import m_matrix, solve_goal_q
 from qworld.worldmodel.oracle import SGD_OPTIONS
-from qworld.worldmodel.plearn.finite import extract, grid_neighbours, method_options
+from qworld.worldmodel.plearn.finite import extract, method_options
+from qworld.worldmodel.plearn.moves import grid_neighbours
 from qworld_envs import FiniteMDP, four_rooms, indicator_goals
 from qworld_envs.tabular import mdp_from_gymnasium
 

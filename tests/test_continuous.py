@@ -13,11 +13,12 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from qworld import metrics as K
-from qworld.worldmodel.planning_continuous import UNSEEN_GOAL_TASKS, evaluate_unseen_goal, policy_returns
+from qworld.worldmodel.planning_continuous import evaluate_unseen_goal, policy_returns
 from qworld.worldmodel.bellman_grid import Grid, GridQ, grid_q, grid_q_for_problem
 from qworld.worldmodel.plearn.continuous import GaussianSuccessor, PLearnConfig, SuccessorNet, m_values, p_learn
 from qworld.worldmodel.scoring_continuous import noise_std_scores, score_successor, score_world_model
 from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, has_batched, make_batched, make_continuous_problem
+from qworld_envs.continuous_tasks import UNSEEN_GOAL_TASKS
 from qworld_envs.mountain_car import mountain_car_step
 from qworld_envs.mujoco_reacher import mujoco_reacher_step
 from qworld_envs.reacher import fingertip, reacher_step

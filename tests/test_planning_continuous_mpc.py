@@ -10,10 +10,11 @@ import torch
 
 from qworld import metrics as K
 from qworld.worldmodel.bellman_grid import Grid, GridQ
-from qworld.worldmodel.planning_continuous import (MPCConfig, UnseenGoalTask, _ball, evaluate_unseen_goal, plan_and_rollout,
-                                        plan_in, planning_grid, UNSEEN_GOAL_TASKS)
+from qworld.worldmodel.planning_continuous import (MPCConfig, evaluate_unseen_goal, plan_and_rollout, plan_in,
+                                                   planning_grid)
 from qworld_envs import MOUNTAIN_CAR_ID, make_continuous_problem
 from qworld_envs.continuous import ContinuousDynamics
+from qworld_envs.continuous_tasks import UNSEEN_GOAL_TASKS, UnseenGoalTask, _ball
 
 GAMMA = 0.99
 DELTA = 0.1  # a point on [-1, 1] moves by -DELTA, 0 or +DELTA per step

@@ -10,7 +10,8 @@ import torch
 
 from qworld.worldmodel.bellman import m_matrix, solve_goal_q
 from qworld.worldmodel.oracle import SGD_OPTIONS
-from qworld.worldmodel.plearn.finite import extract, method_options, project_consistent
+from qworld.worldmodel.plearn.finite import extract, method_options
+from qworld.worldmodel.plearn.moves import project_consistent
 
 torch.set_num_threads(1)
 
@@ -46,7 +47,7 @@ def _random_dense(rows, cols, seed, A=4):
 
 def _random_local(rows, cols, seed, A=4):
     """Every (s, a) its own Dirichlet over the cell and its grid neighbours: local, not shared."""
-    from qworld.worldmodel.plearn.finite import grid_neighbours
+    from qworld.worldmodel.plearn.moves import grid_neighbours
     from qworld_envs import FiniteMDP
 
     coords = np.argwhere(np.ones((rows, cols)))

@@ -149,9 +149,11 @@ def _score_finite(qfun, config, base, methods, tasks, options, world_models, exp
     from qworld.worldmodel.experience import FINITE_METHODS, RARE_VISITS, finite_model
     from qworld.layout import DEMONSTRATIONS_DIR, VALUE_TEMPERATURE
     from qworld.worldmodel.planning import task_name, task_optimal_plan
-    from qworld.worldmodel.plearn.finite import diagnose, extract, method_options, trained_q_mask
+    from qworld.worldmodel.plearn.diagnose import diagnose
+    from qworld.worldmodel.plearn.finite import extract, method_options, trained_q_mask
     from qworld.worldmodel.reward import state_values
-    from qworld.worldmodel.scoring import misspecification, nmse, policy_success, score_p
+    from qworld.worldmodel.scoring import (extract_and_plan, misspecification, nmse, policy_success, score_and_plan,
+                                           score_p)
     from qworld_envs import make_finite_problem
 
     problem = make_finite_problem(config["env_id"], **config["env_kwargs"])
@@ -266,48 +268,6 @@ def goal_inference(Q: np.ndarray, M: np.ndarray, goals: Any, gamma: float, P_hat
                          f"{goals.num_goals} goal(s) of type {goals.goal_type!r}")
     model_for = (lambda g: P_hat) if P_hat is not None else held_out_models(Q, M, method, options, q_mask)
     return goal_inference_scores(Q, goals.goal_states, gamma, model_for, goals.rewards)
-
-
-def extract_and_plan(Q: np.ndarray, M: np.ndarray, mdp: Any, method: str, options: Mapping[str, Any],
-                     gamma: float, optimal: Mapping[str, np.ndarray],
-                     q_mask: np.ndarray | None = None) -> tuple[np.ndarray, dict, dict[str, dict]]:
-    """One extraction method on one finite Q, scored and planned with.
-
-    Args:
-        Q: ``[L, S, A]``; M: ``[L, S]`` (``bellman.m_matrix``); q_mask: ``[L, S]`` the Q-values
-            that constrain P (``plearn.finite.trained_q_mask`` for a learned agent).
-        mdp: the true ``FiniteMDP``.
-        options: the method's ``extract`` keywords (``plearn.finite.method_options``, ...).
-        optimal: task (a ``planning.SAFETY_TASKS`` name or a ``planning.PlanningTask``) -> the
-            task's optimal policy in the true MDP (``planning.task_optimal_plan``); one plan is
-            run per task.
-
-    Returns:
-        ``(P_hat [S, A, S], {fit_seconds, p_mse, p_tv, p_max_err, p_rows_unscored},
-        {task name: plan metrics})``.
-    """
-    from qworld.worldmodel.plearn.finite import extract
-
-    start = time.perf_counter()
-    P_hat = extract(Q, M, method, q_mask=q_mask, **options)
-    seconds = time.perf_counter() - start
-    scores, plans = score_and_plan(P_hat, mdp, gamma, optimal)
-    return P_hat, {K.FIT_SECONDS: seconds, **scores}, plans
-
-
-def score_and_plan(P_hat: np.ndarray, mdp: Any, gamma: float,
-                   optimal: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, dict]]:
-    """Any finite world model ``P_hat [S, A, S]`` scored against the true ``mdp`` and planned
-    with: ``({p_mse, p_tv, p_max_err, p_rows_unscored}, {task name: plan metrics})`` (see
-    :func:`extract_and_plan`). The rows of the MDP's terminal states (``mdp.terminal``), which
-    no Q constrains, are left out of the scores and counted in ``p_rows_unscored``."""
-    from qworld.worldmodel.planning import run_safety_task, task_name
-    from qworld.worldmodel.scoring import score_p
-
-    plans = {task_name(task): run_safety_task(mdp, P_hat, task, gamma=gamma, optimal_policy=policy)
-             for task, policy in optimal.items()}
-    scored = ~mdp.terminal
-    return {**score_p(P_hat[scored], mdp.P[scored]), K.P_ROWS_UNSCORED: float((~scored).sum())}, plans
 
 
 def _score_continuous(qfun, config, base, methods, tasks, options, world_models, experience) -> list[dict]:

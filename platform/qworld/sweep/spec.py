@@ -645,7 +645,7 @@ def _allowed_methods_and_tasks(env_id: str, finite: bool) -> tuple[tuple[str, ..
         from qworld.worldmodel.reward import INFERENCE_TASKS
 
         return tuple(METHODS) + experience.FINITE_METHODS, tuple(SAFETY_TASKS) + INFERENCE_TASKS
-    from qworld.worldmodel.planning_continuous import UNSEEN_GOAL_TASKS
+    from qworld_envs.continuous_tasks import UNSEEN_GOAL_TASKS
     from qworld.worldmodel.plearn.continuous import METHODS as CMETHODS
 
     return tuple(CMETHODS) + experience.CONTINUOUS_METHODS, tuple(UNSEEN_GOAL_TASKS.get(env_id, ()))

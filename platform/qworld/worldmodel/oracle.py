@@ -2,8 +2,8 @@
 any finite env of ``qworld_envs.FINITE_ENVS``: gymnasium's tabular envs, an MDP from a file)
 and L.
 
-No training: Q comes from exact policy iteration (:mod:`qworld.worldmodel.bellman`), so the study checks
-the theory (Table 1 thresholds, where each method starts to recover P) and is the yardstick
+No training: Q comes from exact policy iteration (:mod:`qworld.worldmodel.bellman`), so the study
+checks the theory (Table 1 thresholds, where each method starts to recover P) and is the yardstick
 for learned agents. One row per (variant, num_goals, method, task).
 """
 
@@ -18,8 +18,9 @@ from qworld import metrics as K
 from qworld.worldmodel.bellman import m_matrix, solve_goal_q
 from qworld.worldmodel.planning import DEFAULT_TASK, SAFETY_TASKS, PlanningTask, task_name, task_optimal_plan
 from qworld.worldmodel.plearn import finite
-from qworld.worldmodel.plearn.finite import METHODS, diagnose
-from qworld.sweep.score import extract_and_plan
+from qworld.worldmodel.plearn.diagnose import diagnose
+from qworld.worldmodel.plearn.finite import METHODS
+from qworld.worldmodel.scoring import extract_and_plan
 
 DEFAULT_VARIANTS = ("deterministic", "windy", "teleport")
 DEFAULT_NUM_GOALS = (1, 2, 4, 8, 17, 34, 51, 68)
