@@ -268,7 +268,7 @@ def main() -> None:
             print(json.dumps(rounded(out)), flush=True)
             return
         # The paper's check: models extracted from position goals and from velocity goals agree.
-        from qworld.scoring_continuous import model_agreement
+        from qworld.worldmodel.scoring_continuous import model_agreement
         from qworld_envs import make_continuous_problem
 
         fits = {}

@@ -11,7 +11,7 @@ each mark) and at each trial's last checkpoint. Equal data by construction: an e
 reads its own trial's experience log up to the checkpoint scored. Also prints the size of the
 trials' ``experience.npz`` files (disk per checkpoint).
 
-Methods: extracted from Q (``plearn``), explicit (``qworld.experience.EXPLICIT_METHODS``),
+Methods: extracted from Q (``plearn``), explicit (``qworld.worldmodel.experience.EXPLICIT_METHODS``),
 oracles (``metrics.ORACLE_METHODS``, labelled, never a finding).
 """
 
@@ -25,7 +25,7 @@ import pandas as pd
 
 import qworld_analysis as qa
 from qworld import metrics as K
-from qworld.experience import EXPLICIT_METHODS
+from qworld.worldmodel.experience import EXPLICIT_METHODS
 from qworld.layout import EXPERIENCE_FILE
 
 CELL = [K.ENV, K.ALGORITHM, K.VARIANT, K.GOAL_TYPE, K.NUM_GOALS]

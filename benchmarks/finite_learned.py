@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from qworld import metrics as K
-from qworld.planning import run_safety_task, task_name
+from qworld.worldmodel.planning import run_safety_task, task_name
 from qworld.sweep.score import score_checkpoint
 from qworld.sweep.spec import load_sweep
 from qworld_analysis import load

@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(1)  # the study is single-threaded by design: compare like with like
-    from qworld.oracle import oracle_study
+    from qworld.worldmodel.oracle import oracle_study
 
     for i in range(args.repeats):
         t0 = time.perf_counter()

@@ -6,7 +6,7 @@
 
 For every unseen-goal task: R* (the plan made in the TRUE dynamics, rolled out on them from
 the env's resets) with ``planner="grid"`` (greedy in the grid's Q) and ``planner="mpc"``
-(``qworld.planning_continuous.MPCConfig``), its plan success, and the seconds of the rollout
+(``qworld.worldmodel.planning_continuous.MPCConfig``), its plan success, and the seconds of the rollout
 (planning included; the grid's value iteration is timed apart, ``vi_s``, and shared by both
 planners; 0 when read from ``--q-cache``). With ``--short f`` a deliberately wrong model (every state change scaled by f,
 wrapped on angles) is planned in as well: ``R_WM / R*`` per planner. One torch thread.
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from qworld.bellman_grid import GridQ
-from qworld.planning_continuous import (UNSEEN_GOAL_TASKS, MPCConfig, plan_and_rollout, plan_in, planning_grid)
+from qworld.worldmodel.bellman_grid import GridQ
+from qworld.worldmodel.planning_continuous import MPCConfig, plan_and_rollout, plan_in, planning_grid
 from qworld_envs import MOUNTAIN_CAR_ID, REACHER_ID, make_continuous_problem
 from qworld_envs.continuous import wrap_angle
+from qworld_envs.continuous_tasks import UNSEEN_GOAL_TASKS
 
 ENVS = {"reacher": REACHER_ID, "mountaincar": MOUNTAIN_CAR_ID}
 

@@ -4,9 +4,9 @@ the greedy policy's success rate, over all 68 indicator goals, within a fixed en
 Agent: our RLlib PQN (fast batched runner, num_env_runners=0), all-goals head. At every
 evaluation point the learned ``Q[L, S, A]`` is read with ``load_q``-equivalent code
 (``PQN.q_function``), its greedy policy ``pi`` is evaluated exactly with
-``qworld.bellman.solve_goal_q(P, rewards, gamma, terminal, policy=pi)`` and
+``qworld.worldmodel.bellman.solve_goal_q(P, rewards, gamma, terminal, policy=pi)`` and
 
-- ``q_nmse`` = ``qworld.scoring.nmse(Q, Q_pi)`` over all (goal, state, action) entries
+- ``q_nmse`` = ``qworld.worldmodel.scoring.nmse(Q, Q_pi)`` over all (goal, state, action) entries
   (the sweep's scoring uses the same numbers);
 - ``success`` = probability that the greedy policy reaches the goal within the episode
   limit (100 steps), averaged over goals and uniform non-terminal start states (exact,
@@ -57,8 +57,8 @@ def greedy_success(P: np.ndarray, terminal: np.ndarray, policy: np.ndarray, hori
 
 
 def evaluate(qfun, task, gamma: float) -> dict:
-    from qworld.bellman import greedy_policy, solve_goal_q
-    from qworld.scoring import nmse
+    from qworld.worldmodel.bellman import greedy_policy, solve_goal_q
+    from qworld.worldmodel.scoring import nmse
 
     P, goals = task.mdp.P, task.goals
     Q = qfun.q_table()
@@ -75,7 +75,7 @@ def evaluate(qfun, task, gamma: float) -> dict:
 
 def run(args, seed: int) -> dict:
     from qworld.agents.pqn import PQNConfig
-    from qworld.bellman import greedy_policy, solve_goal_q
+    from qworld.worldmodel.bellman import greedy_policy, solve_goal_q
     from qworld.metrics import TRAIN_ENV_STEPS
     from qworld_envs import make_finite_problem
 

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/reward_recovery.py results/iqlearn_fourrooms
 
 For each trial's last checkpoint: the rewards recovered from the agent's Q with the *true* P
-(``qworld.reward.recover_rewards``; greedy V, or the soft V of a soft learner such as IQ-Learn)
+(``qworld.worldmodel.reward.recover_rewards``; greedy V, or the soft V of a soft learner such as IQ-Learn)
 scored per goal against the true expected rewards over every (s, a) (Pearson, NMSE), and
 held-out goal inference (each goal named from its own Q and a P_hat extracted from the other
 goals' Q by ``--method``). With the rows the sweep scored beside them (worldmodels.parquet):
@@ -23,11 +23,11 @@ import pandas as pd
 import qworld_analysis as qa
 from qworld import metrics as K
 from qworld.agents import load_q
-from qworld.plearn.finite import method_options
-from qworld.bellman import m_matrix
+from qworld.worldmodel.plearn.finite import method_options
+from qworld.worldmodel.bellman import m_matrix
 from qworld.layout import VALUE_TEMPERATURE
-from qworld.reward import (expected_rewards, goal_inference_scores, held_out_models, recover_rewards, reward_scores,
-                           state_values)
+from qworld.worldmodel.reward import (expected_rewards, goal_inference_scores, held_out_models, recover_rewards,
+                                     reward_scores, state_values)
 from qworld_envs import make_finite_problem
 
 

@@ -2,14 +2,14 @@
 
     .venv/bin/python benchmarks/structured_moves.py [--draws 3]
 
-Exact Q (policy iteration, ``qworld.bellman``), indicator goals drawn at random (goal seed =
+Exact Q (policy iteration, ``qworld.worldmodel.bellman``), indicator goals drawn at random (goal seed =
 draw; the random MDPs are drawn with the same seed), L = 4, 16 (17 on FourRooms), S. Prints
 one row per (MDP, L): the median p_mse over the draws and its range [min, max], per method,
 and whether regional_moves is no worse than the best generic method in every draw (two
 p_mse below 1e-20, round-off of exact models, count as a tie).
 Terminal states (FrozenLake's holes and goal, CliffWalking's goal: ``qworld_envs.tabular``)
 are absorbing and their rows are not identifiable from Q: they are left out of p_mse.
-sgd runs with the oracle study's budget (``qworld.oracle.SGD_OPTIONS``).
+sgd runs with the oracle study's budget (``qworld.worldmodel.oracle.SGD_OPTIONS``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import time
 import numpy as np
 import torch
 
-from qworld.bellman import m_matrix, solve_goal_q
-from qworld.oracle import SGD_OPTIONS
-from qworld.plearn.finite import extract, grid_neighbours, method_options
+from qworld.worldmodel.bellman import m_matrix, solve_goal_q
+from qworld.worldmodel.oracle import SGD_OPTIONS
+from qworld.worldmodel.plearn.finite import extract, method_options
+from qworld.worldmodel.plearn.moves import grid_neighbours
 from qworld_envs import FiniteMDP, four_rooms, indicator_goals
 from qworld_envs.tabular import mdp_from_gymnasium
 

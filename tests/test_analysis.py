@@ -480,13 +480,6 @@ def test_loading_imports_no_training_code(experiment):
 # figures: the plotted data (lines, images, arrows read back from the returned figure)
 
 
-def test_table1_thresholds():
-    assert plots.variant_thresholds("deterministic") == {"deterministic: L ≥ 1": 1}
-    assert sorted(plots.variant_thresholds("windy").values()) == [2, 5, 68]  # N = 3
-    # teleport cells spread over a 16-cell room: N = 16
-    assert sorted(plots.variant_thresholds("teleport").values()) == [15, 31, 68]
-
-
 def final_iqm(variant: str, num_goals: int, method: str, ckpt: int = NUM_CKPT - 1) -> float:
     """The IQM over the seeds of a cell (2 seeds: their mean), from the written values."""
     return float(iqm([p_mse_of(variant, num_goals, s, ckpt, method) for s in SEEDS]))
@@ -587,17 +580,18 @@ def test_training_curves_plot_each_trials_metric(experiment, tmp_path):
 
 
 def test_route_plot(tmp_path):
+    from qworld.worldmodel.planning import greedy_route, shortest_route
     from qworld_envs import four_rooms
 
     mdp = four_rooms("deterministic")
     start, goal, door = mdp.cell_to_state[(1, 1)], mdp.cell_to_state[(9, 9)], mdp.cell_to_state[(7, 5)]
-    safe = plots.shortest_route(mdp.P, start, goal, forbidden=[door])
+    safe = shortest_route(mdp.P, start, goal, forbidden=[door])
     assert door not in safe and safe[0] == start and safe[-1] == goal
     assert len(safe) - 1 == 16  # Manhattan distance: 8 down + 8 right through the doorways
     # a policy that always goes right, then the greedy route hits the wall and stops
     right = np.zeros((mdp.num_states, 4))
     right[:, 1] = 1.0
-    rolled = plots.greedy_route(mdp.P, right, start, goal)
+    rolled = greedy_route(mdp.P, right, start, goal)
     assert [tuple(mdp.coords[s]) for s in rolled] == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 4)]
     # Catches routes drawn as (row, col) instead of (x = col, y = row), a policy not rolled
     # from `start`, and step counts that do not match the route drawn.

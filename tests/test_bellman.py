@@ -1,10 +1,10 @@
-"""Exact goal-conditioned Q / V (qworld.bellman)."""
+"""Exact goal-conditioned Q / V (qworld.worldmodel.bellman)."""
 
 import numpy as np
 import pytest
 import torch
 
-from qworld.bellman import bellman_residual, greedy_policy, m_matrix, solve_goal_q
+from qworld.worldmodel.bellman import bellman_residual, greedy_policy, m_matrix, solve_goal_q
 
 torch.set_num_threads(1)
 

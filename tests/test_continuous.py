@@ -13,11 +13,12 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from qworld import metrics as K
-from qworld.planning_continuous import UNSEEN_GOAL_TASKS, evaluate_unseen_goal, policy_returns
-from qworld.bellman_grid import Grid, GridQ, grid_q, grid_q_for_problem
-from qworld.plearn.continuous import GaussianSuccessor, PLearnConfig, SuccessorNet, m_values, p_learn
-from qworld.scoring_continuous import noise_std_scores, score_successor, score_world_model
+from qworld.worldmodel.planning_continuous import evaluate_unseen_goal, policy_returns
+from qworld.worldmodel.bellman_grid import Grid, GridQ, grid_q, grid_q_for_problem
+from qworld.worldmodel.plearn.continuous import GaussianSuccessor, PLearnConfig, SuccessorNet, m_values, p_learn
+from qworld.worldmodel.scoring_continuous import noise_std_scores, score_successor, score_world_model
 from qworld_envs import MOUNTAIN_CAR_ID, MUJOCO_REACHER_ID, REACHER_ID, has_batched, make_batched, make_continuous_problem
+from qworld_envs.continuous_tasks import UNSEEN_GOAL_TASKS
 from qworld_envs.mountain_car import mountain_car_step
 from qworld_envs.mujoco_reacher import mujoco_reacher_step
 from qworld_envs.reacher import fingertip, reacher_step
@@ -395,7 +396,7 @@ def test_unseen_goal_return_ratio(mc_problem):
     assert true[K.PLAN_SUCCESS] == 1.0
     # R* is pinned to the planning grid's own value at the same start states (catches R* read
     # off a wrong rollout: another horizon, discount or start distribution); paper: R* = 0.436.
-    from qworld.planning_continuous import plan_in, planning_grid
+    from qworld.worldmodel.planning_continuous import plan_in, planning_grid
 
     fast_car = UNSEEN_GOAL_TASKS[MOUNTAIN_CAR_ID]["fast_car"]
     q_star = plan_in(lambda s, a: dyn.branches(s, a), fast_car, planning_grid(mc_problem), GAMMA, dyn.num_actions)
@@ -469,7 +470,7 @@ def test_uniform_start_states_cover_the_box(env_id):
 
 
 def test_interior_mask_and_model_agreement(mc_problem):
-    from qworld.scoring_continuous import interior_mask, model_agreement
+    from qworld.worldmodel.scoring_continuous import interior_mask, model_agreement
 
     dyn = mc_problem.dynamics
     s = torch.tensor([[-1.19, -0.05], [-0.5, 0.0], [0.59, 0.05], [-0.5, 0.0699]], dtype=torch.float64)
@@ -484,7 +485,7 @@ def test_interior_mask_and_model_agreement(mc_problem):
 
 
 def test_mujoco_unseen_goals_and_planning_grid():
-    from qworld.planning_continuous import PLAN_BOXES, planning_grid
+    from qworld.worldmodel.planning_continuous import PLAN_BOXES, planning_grid
 
     problem = make_continuous_problem(MUJOCO_REACHER_ID)
     tasks = UNSEEN_GOAL_TASKS[MUJOCO_REACHER_ID]

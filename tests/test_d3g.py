@@ -151,8 +151,8 @@ def test_d3g_trains_checkpoints_and_load_q_restores_without_ray(ray_session, tmp
     json.dumps(c)
 
     # the trial's experience: every sampled transition, true dynamics from info["state"]
-    from qworld.experience import load_experience
-    from qworld.scoring_continuous import true_mean_fn
+    from qworld.worldmodel.experience import load_experience
+    from qworld.worldmodel.scoring_continuous import true_mean_fn
     from qworld.sweep.score import score_checkpoint
     from qworld_envs import make_continuous_problem
 
@@ -176,7 +176,7 @@ def test_d3g_trains_checkpoints_and_load_q_restores_without_ray(ray_session, tmp
     # rare states: the scorer's 4096 uniform states (seed 0) with no experienced state within
     # 5% of the box; 96 steps from MountainCar's reset (p in [-0.6, -0.4], v near 0) cover a
     # few % of the box, so nearly all of them, but not all, are rare
-    from qworld.experience import rare_state_mask
+    from qworld.worldmodel.experience import rare_state_mask
 
     uniform = dyn.uniform_states(4096, torch.Generator().manual_seed(0))
     rare = rare_state_mask(uniform, log.states, dyn.low, dyn.high).mean()

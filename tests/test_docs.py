@@ -11,10 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # PAPER_NOTES.md quotes the papers' own repositories (``MRQ/MRQ.py``), not this one
 DOCS = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "PAPER_NOTES.md")]
-# where a quoted path may be rooted: the repo, the three source roots, the qworld package and
-# its agents (the module table names `dqn.py`-style paths inside the agents row)
+# where a quoted path may be rooted: the repo, the three source roots, the qworld package, its
+# agents (the module table names `dqn.py`-style paths inside the agents row) and its math
+# package (`plearn/finite.py`)
 BASES = [ROOT, ROOT / "platform", ROOT / "envs", ROOT / "analysis", ROOT / "platform" / "qworld",
-         ROOT / "platform" / "qworld" / "agents", ROOT / "tune_configs"]
+         ROOT / "platform" / "qworld" / "agents", ROOT / "platform" / "qworld" / "worldmodel", ROOT / "tune_configs"]
 FILE = re.compile(r"^[\w./-]+\.(py|yaml|yml|md|toml)$")
 # folders of the code (a column prefix such as `interior/` or an experiment folder such as
 # `wandb/` is not a path in the repository)

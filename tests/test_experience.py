@@ -1,4 +1,4 @@
-"""The trial's experience log and the world models learned directly from it (``qworld.experience``),
+"""The trial's experience log and the world models learned directly from it (``qworld.worldmodel.experience``),
 and the ``supervised`` method as the P-learning actor scores it."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from qworld import metrics as K
-from qworld.bellman import solve_goal_q
-from qworld.experience import ExperienceLog, fit_supervised, load_experience, rare_state_mask, supervised_p
-from qworld.scoring_continuous import score_world_model
+from qworld.worldmodel.bellman import solve_goal_q
+from qworld.worldmodel.experience import ExperienceLog, fit_supervised, load_experience, rare_state_mask, supervised_p
+from qworld.worldmodel.scoring_continuous import score_world_model
 from qworld.sweep.score import score_q
 from qworld_envs import FOUR_ROOMS_ID, MOUNTAIN_CAR_ID, make_continuous_problem, make_finite_problem
 
@@ -97,7 +97,7 @@ def mountain_car_transitions(problem, n: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     s = dyn.uniform_states(n, gen)
     a = torch.randint(dyn.num_actions, (n,), generator=gen)
-    from qworld.scoring_continuous import true_mean_fn
+    from qworld.worldmodel.scoring_continuous import true_mean_fn
 
     return s, a, true_mean_fn(dyn)(s, a)
 
@@ -107,7 +107,7 @@ def test_fit_supervised_learns_mountain_car_from_its_transitions():
     wide margin on fresh states (and the rare/ split is reported when asked)."""
     problem = make_continuous_problem(MOUNTAIN_CAR_ID)
     s, a, s2 = mountain_car_transitions(problem, 20_000)
-    from qworld.plearn.continuous import PLearnConfig
+    from qworld.worldmodel.plearn.continuous import PLearnConfig
 
     fit = fit_supervised(problem, s, a, s2, PLearnConfig(steps=1000, batch_size=512, lr=3e-3, hidden=64))
     dyn = problem.dynamics

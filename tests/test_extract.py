@@ -1,4 +1,4 @@
-"""World-model extraction from exact and noisy Q (qworld.plearn.finite, qworld.scoring)."""
+"""World-model extraction from exact and noisy Q (qworld.worldmodel.plearn.finite, qworld.worldmodel.scoring)."""
 
 
 import numpy as np
@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from qworld import metrics as K
-from qworld.bellman import m_matrix, solve_goal_q
-from qworld.plearn.finite import METHODS, diagnose, extract, project_simplex
-from qworld.scoring import (
+from qworld.worldmodel.bellman import m_matrix, solve_goal_q
+from qworld.worldmodel.plearn._common import project_simplex
+from qworld.worldmodel.plearn.diagnose import diagnose
+from qworld.worldmodel.plearn.finite import METHODS, extract
+from qworld.worldmodel.scoring import (
     column_match_margin,
     nmse,
     p_max_err,
@@ -145,7 +147,7 @@ def test_sparse_search_exhaustive_path_alone_is_exact():
     P = sparse_mdp(S, A, N, 4)
     Q, M, _ = dense_oracle(P, 2 * N - 1, 4)
     aug = np.vstack([M, np.ones((1, S))])
-    from qworld.plearn.finite import _support_search
+    from qworld.worldmodel.plearn.finite import _support_search
 
     rhs = np.vstack([Q.reshape(len(M), -1), np.ones((1, S * A))])
     X, exact = _support_search(aug, rhs, N, np.full(S * A, 1e-8), chunk_size=7)
@@ -205,6 +207,15 @@ def test_fourrooms_column_match_one_dense_goal():
     d = diagnose(M, deterministic=True)
     assert d[K.M_GAP] == 0.0 and d[K.IDENTIFIABLE_CASE] == "not identifiable"
     assert p_max_err(extract(Q, M, "column_match"), mdp.P) == 1.0
+
+
+def test_table1_thresholds():
+    from qworld.worldmodel.plearn.diagnose import variant_thresholds
+
+    assert variant_thresholds("deterministic") == {"deterministic: L ≥ 1": 1}
+    assert sorted(variant_thresholds("windy").values()) == [2, 5, 68]  # N = 3
+    # teleport cells spread over a 16-cell room: N = 16
+    assert sorted(variant_thresholds("teleport").values()) == [15, 31, 68]
 
 
 def test_sgd_windy_fourrooms_all_indicator_goals():
@@ -452,7 +463,7 @@ def test_moves_keeps_small_moves_that_are_real():
     the slips, and must keep the larger model: from exact Q only an exact smaller fit would
     do (it is not exact), from noisy Q the smaller model's misfit grows far beyond the noise
     (F-test, p < 0.001). Kept, the slips would be lost: p_mse 2.1e-4 instead of ~0."""
-    from qworld.plearn.finite import grid_neighbours, moves_model
+    from qworld.worldmodel.plearn.moves import grid_neighbours, moves_model
     from qworld_envs import FiniteMDP, indicator_goals
 
     base = fourrooms("deterministic")  # actions 0..3 = up, right, down, left = moves 1..4

@@ -31,8 +31,8 @@ import torch
 
 import qworld_envs
 from qworld.agents.families import family
-from qworld.bellman import solve_goal_q
-from qworld.scoring import nmse
+from qworld.worldmodel.bellman import solve_goal_q
+from qworld.worldmodel.scoring import nmse
 
 from helpers import TINY  # noqa: E402
 
@@ -200,7 +200,7 @@ D3G_MIN_AGREEMENT, D3G_MAX_Q_NMSE = 0.92, 0.5
 
 def continuous_scores(qfun, problem, gamma: float) -> dict:
     from qworld.agents.adapter import agent_q_fn
-    from qworld.bellman_grid import GridQ, grid_q_for_problem
+    from qworld.worldmodel.bellman_grid import GridQ, grid_q_for_problem
 
     q_star_grid, grid = grid_q_for_problem(problem, D3G_GRID, gamma)
     states = problem.dynamics.uniform_states(4096, torch.Generator().manual_seed(0))

@@ -224,7 +224,7 @@ def test_iqlearn_trains_offline_checkpoints_and_imitates(ray_session, tmp_path):
     assert row[f"{K.STAR}/{K.POLICY_SUCCESS}"] == pytest.approx(1.0)
     # the agent's own greedy policy in the true MDP, from every start state (not only the
     # demonstrated ones): the row is that of this Q, and the imitator reaches its goals
-    from qworld.scoring import policy_success
+    from qworld.worldmodel.scoring import policy_success
 
     problem = qworld_envs.make_finite_problem(FOUR_ROOMS, **DETERMINISTIC_4)
     own = np.nanmean(policy_success(problem.mdp.P, q_table, problem.goals.terminal, problem.max_episode_steps))

@@ -44,15 +44,3 @@ def test_module_subdir_is_where_rllib_saves_the_module():
     from qworld.layout import MODULE_SUBDIR
 
     assert MODULE_SUBDIR == (COMPONENT_LEARNER_GROUP, COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID)
-
-
-def test_math_modules_import_no_ray_and_no_orchestration():
-    """Extraction math (plearn/, bellman*, planning*, scoring*, experience, qss, reward) takes arrays and returns arrays:
-    importing it must load neither Ray nor the sweep, agents or analysis packages."""
-    code = ("import sys; import qworld.plearn.finite, qworld.plearn.continuous, qworld.bellman, "
-            "qworld.bellman_grid, qworld.planning, qworld.planning_continuous, qworld.scoring, "
-            "qworld.scoring_continuous, qworld.experience, qworld.qss, qworld.reward; "
-            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith(('qworld.sweep', "
-            "'qworld.agents', 'qworld_analysis'))))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert proc.stdout.strip() == "[]", proc.stdout

@@ -155,7 +155,7 @@ def test_checkpoint_holds_the_config_and_load_q_matches_the_live_module(trained)
                                atol=forward_atol(table, depth=8, width=40))
     assert q.q(obs).shape == (3, 15, 4)
     # its experience, from the episodes' info["state"]: every sampled transition, all true ones
-    from qworld.experience import load_experience
+    from qworld.worldmodel.experience import load_experience
     from qworld_envs import make_finite_problem
 
     log = load_experience(path)

@@ -1,4 +1,4 @@
-"""The oracle study and its CLI entry (qworld.oracle, qworld.cli)."""
+"""The oracle study and its CLI entry (qworld.worldmodel.oracle, qworld.cli)."""
 
 from pathlib import Path
 
@@ -9,7 +9,7 @@ import torch
 
 from qworld import metrics as K
 from qworld.cli import main
-from qworld.oracle import COLUMNS, oracle_study
+from qworld.worldmodel.oracle import COLUMNS, oracle_study
 
 torch.set_num_threads(1)
 
@@ -56,7 +56,7 @@ def test_cli_oracle_writes_parquet(tmp_path, capsys):
 
 
 def test_a_failing_method_lands_in_the_error_column(monkeypatch):
-    from qworld.plearn import finite
+    from qworld.worldmodel.plearn import finite
 
     real = finite.extract
 

@@ -1,4 +1,4 @@
-"""Planning inside a model and exact evaluation in the true MDP (qworld.planning)."""
+"""Planning inside a model and exact evaluation in the true MDP (qworld.worldmodel.planning)."""
 
 from collections import deque
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from qworld import metrics as K
-from qworld.bellman import m_matrix, solve_goal_q
-from qworld.planning import SAFETY_TASKS, evaluate_plan, plan, run_safety_task, task_states
-from qworld.plearn.finite import extract
+from qworld.worldmodel.bellman import m_matrix, solve_goal_q
+from qworld.worldmodel.planning import SAFETY_TASKS, evaluate_plan, plan, run_safety_task, task_states
+from qworld.worldmodel.plearn.finite import extract
 
 torch.set_num_threads(1)
 
@@ -171,7 +171,7 @@ def test_bad_inputs():
 def test_a_small_leak_into_the_forbidden_cell_is_pruned_before_planning():
     """softmax models never give exact zeros: up to 0.2% of every row leaking into the
     forbidden doorway, unevenly across actions, decides the plan unless planning prunes it."""
-    from qworld.planning import PLAN_PRUNE, prune_model
+    from qworld.worldmodel.planning import PLAN_PRUNE, prune_model
 
     mdp = fourrooms("windy")
     task = "corner_9_1_doorway"
@@ -210,7 +210,7 @@ def test_policy_success_starts_from_the_non_terminal_states_only():
     arrived mass walk on to 3 would give less). Goal 1 ends at state 0, which "right" never
     reaches from {1, 2, 3}: 0 (1/4 if its own terminal state were a start). Goal 2 has no
     terminal state: NaN."""
-    from qworld.scoring import policy_success
+    from qworld.worldmodel.scoring import policy_success
 
     S, A = 4, 2
     P = np.zeros((S, A, S))

@@ -1,4 +1,4 @@
-"""The model-predictive planner (``planner="mpc"``) of ``qworld.planning_continuous``."""
+"""The model-predictive planner (``planner="mpc"``) of ``qworld.worldmodel.planning_continuous``."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from qworld import metrics as K
-from qworld.bellman_grid import Grid, GridQ
-from qworld.planning_continuous import (MPCConfig, UnseenGoalTask, _ball, evaluate_unseen_goal, plan_and_rollout,
-                                        plan_in, planning_grid, UNSEEN_GOAL_TASKS)
+from qworld.worldmodel.bellman_grid import Grid, GridQ
+from qworld.worldmodel.planning_continuous import (MPCConfig, evaluate_unseen_goal, plan_and_rollout, plan_in,
+                                                   planning_grid)
 from qworld_envs import MOUNTAIN_CAR_ID, make_continuous_problem
 from qworld_envs.continuous import ContinuousDynamics
+from qworld_envs.continuous_tasks import UNSEEN_GOAL_TASKS, UnseenGoalTask, _ball
 
 GAMMA = 0.99
 DELTA = 0.1  # a point on [-1, 1] moves by -DELTA, 0 or +DELTA per step
@@ -80,7 +81,7 @@ def test_mpc_reaches_a_ball_the_coarse_grid_misses_in_the_fewest_steps():
 
 
 def test_sequence_returns_discount_reward_and_bootstrap_only_the_living():
-    from qworld.planning_continuous import sequence_returns
+    from qworld.worldmodel.planning_continuous import sequence_returns
 
     states = torch.tensor([[0.0], [0.1], [0.1]], dtype=torch.float64)
     actions = torch.tensor([[2, 2], [2, 2], [2, 0]])  # to 0.2; into the ball at 0.3 on step 2; to 0.2 and back
@@ -100,7 +101,7 @@ def test_mpc_on_weighted_branches_takes_the_expectation():
         return torch.stack([nxt, (nxt + DELTA).clamp(-1, 1)]), torch.tensor([0.5, 0.5], dtype=s.dtype)
 
     q = _point_q()
-    from qworld.planning_continuous import expected_step
+    from qworld.worldmodel.planning_continuous import expected_step
 
     s = torch.tensor([[0.2]], dtype=torch.float64)
     mean, r, cont, (nxt, w) = expected_step(branches, BALL, s, torch.tensor([1]), torch.tensor([False]))

@@ -1,10 +1,10 @@
-"""Tabular QSS learned from transition counts (qworld.qss)."""
+"""Tabular QSS learned from transition counts (qworld.worldmodel.qss)."""
 
 import numpy as np
 import pytest
 
-from qworld.bellman import solve_goal_q
-from qworld.qss import (
+from qworld.worldmodel.bellman import solve_goal_q
+from qworld.worldmodel.qss import (
     fit_qss,
     inverse_dynamics,
     neighbours,

@@ -1,4 +1,4 @@
-"""Rewards from Q given the dynamics (``qworld.reward``): exact from exact Q and the true P,
+"""Rewards from Q given the dynamics (``qworld.worldmodel.reward``): exact from exact Q and the true P,
 and an indicator goal named from its Q alone."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from qworld.bellman import solve_goal_q
-from qworld.reward import expected_rewards, infer_goal_state, recover_rewards, reward_scores, state_values
+from qworld.worldmodel.bellman import solve_goal_q
+from qworld.worldmodel.reward import expected_rewards, infer_goal_state, recover_rewards, reward_scores, state_values
 from qworld_envs import FOUR_ROOMS_ID, make_finite_problem
 
 
@@ -56,9 +56,9 @@ def test_soft_values_are_alpha_logsumexp():
 
 def test_held_out_goals_are_named_from_a_model_extracted_from_the_other_goals():
     """Exact Q of 5 windy goals: P_hat by moves from any 4 of them names the fifth's cell."""
-    from qworld.plearn.finite import method_options
-    from qworld.bellman import m_matrix
-    from qworld.reward import goal_inference_scores, held_out_models
+    from qworld.worldmodel.plearn.finite import method_options
+    from qworld.worldmodel.bellman import m_matrix
+    from qworld.worldmodel.reward import goal_inference_scores, held_out_models
 
     problem = make_finite_problem(FOUR_ROOMS_ID, variant="windy", num_goals=5, goal_seed=1)
     P, goals = problem.mdp.P, problem.goals
@@ -77,7 +77,7 @@ def test_transition_rewards_give_the_arrival_rewards_of_every_goal():
     """IQ-Learn's r = Q(s, a) - gamma (1 - done) V(s') of every transition under exact Q is the
     true reward; averaged per arrival state it is each goal's reward table with its terminal
     states; unseen arrivals get the goal's background reward. A wrong gamma is caught."""
-    from qworld.reward import arrival_rewards, transition_rewards
+    from qworld.worldmodel.reward import arrival_rewards, transition_rewards
 
     problem = make_finite_problem(FOUR_ROOMS_ID, variant="windy", num_goals=4, goal_seed=1)
     P, goals = problem.mdp.P, problem.goals

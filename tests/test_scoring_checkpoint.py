@@ -13,7 +13,7 @@ from torch import nn
 
 import qworld.agents
 from qworld import metrics as K
-from qworld.bellman import solve_goal_q
+from qworld.worldmodel.bellman import solve_goal_q
 from qworld.sweep import store
 from qworld.sweep.score import score_checkpoint, score_q
 from qworld_envs import FOUR_ROOMS_ID, MOUNTAIN_CAR_ID, make_continuous_problem, make_finite_problem
@@ -141,7 +141,7 @@ class GridAgentModule(nn.Module):
 def test_continuous_q_nmse_of_the_exact_grid_q_is_near_zero():
     """The agent's Q against the exact Q of its own greedy policy, on the same grid: ~0 for Q*,
     and large for a Q whose goals are shuffled (catches a q_nmse that only checks finiteness)."""
-    from qworld.bellman_grid import GridQ, grid_q_for_problem
+    from qworld.worldmodel.bellman_grid import GridQ, grid_q_for_problem
 
     problem = make_continuous_problem(MOUNTAIN_CAR_ID, num_goals=3)
     shape, gamma = (60, 60), 0.99

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from qworld.bellman import m_matrix, solve_goal_q
-from qworld.oracle import SGD_OPTIONS
-from qworld.plearn.finite import extract, method_options, project_consistent
+from qworld.worldmodel.bellman import m_matrix, solve_goal_q
+from qworld.worldmodel.oracle import SGD_OPTIONS
+from qworld.worldmodel.plearn.finite import extract, method_options
+from qworld.worldmodel.plearn.moves import project_consistent
 
 torch.set_num_threads(1)
 
@@ -46,7 +47,7 @@ def _random_dense(rows, cols, seed, A=4):
 
 def _random_local(rows, cols, seed, A=4):
     """Every (s, a) its own Dirichlet over the cell and its grid neighbours: local, not shared."""
-    from qworld.plearn.finite import grid_neighbours
+    from qworld.worldmodel.plearn.moves import grid_neighbours
     from qworld_envs import FiniteMDP
 
     coords = np.argwhere(np.ones((rows, cols)))
@@ -68,7 +69,7 @@ def _oracle(mdp, L, seed=0):
 
 def _run(mdp, Q, M, method, **extra):
     if mdp.terminal.any() and "q_mask" not in extra:  # their absorbing rows say nothing of P
-        from qworld.plearn.finite import trained_q_mask
+        from qworld.worldmodel.plearn.finite import trained_q_mask
 
         extra["q_mask"] = trained_q_mask(np.broadcast_to(mdp.terminal, Q.shape[:2]))
     opts = method_options(method, mdp.P, mdp.coords)
@@ -175,7 +176,7 @@ def test_fourrooms_no_worse_than_moves(variant, L):
 
 def test_a_model_whose_assumptions_fail_is_flagged_and_one_that_holds_is_not():
     from qworld import metrics as K
-    from qworld.scoring import misspecification
+    from qworld.worldmodel.scoring import misspecification
 
     mdp = _one_room_wind()
     Q, M = _oracle(mdp, 4)
@@ -191,7 +192,7 @@ def test_the_agents_own_q_error_is_not_counted_against_the_model():
     """With a noisy Q the true P leaves a residual; a model as good as the truth is not flagged,
     one that leaves much more is."""
     from qworld import metrics as K
-    from qworld.scoring import misspecification
+    from qworld.worldmodel.scoring import misspecification
 
     mdp = _random_dense(3, 3, 5)
     Q, M = _oracle(mdp, 9)
@@ -270,7 +271,7 @@ def test_garbage_where_the_agent_never_acts_is_ignored_with_the_mask(method):
     """FrozenLake, exact Q but for arbitrary values at the holes and the goal (as a trained
     network leaves them): with ``trained_q_mask`` every method gives what it gives on the
     exact Q; ``moves`` stays exact, and without the mask the garbage bends its shared pi."""
-    from qworld.plearn.finite import trained_q_mask
+    from qworld.worldmodel.plearn.finite import trained_q_mask
     from qworld_envs.goals import make_goals
 
     mdp = _gym_mdp("FrozenLake-v1", map_name="8x8", is_slippery=True)
@@ -292,7 +293,7 @@ def test_garbage_where_the_agent_never_acts_is_ignored_with_the_mask(method):
 
 
 def test_mask_leaves_exact_q_alone_and_names_a_bad_shape():
-    from qworld.plearn.finite import trained_q_mask
+    from qworld.worldmodel.plearn.finite import trained_q_mask
 
     mdp = _one_room_wind()
     Q, M = _oracle(mdp, 4)
@@ -310,7 +311,7 @@ def test_mask_leaves_exact_q_alone_and_names_a_bad_shape():
 def test_rows_no_goal_constrains_stay_uniform_and_per_state_info_is_in_state_order():
     mdp = _gym_mdp("FrozenLake-v1", map_name="4x4", is_slippery=True)
     Q, M = _oracle(mdp, 16)
-    from qworld.plearn.finite import trained_q_mask
+    from qworld.worldmodel.plearn.finite import trained_q_mask
     from qworld_envs.goals import make_goals
 
     mask = trained_q_mask(make_goals(mdp, "indicator", 16, 0).terminal)

@@ -299,7 +299,7 @@ def test_methods_per_family_reach_the_scorer_as_a_mapping(monkeypatch, tmp_path)
 
     import qworld.agents
     from qworld import metrics as K
-    from qworld.bellman import solve_goal_q
+    from qworld.worldmodel.bellman import solve_goal_q
     from qworld.sweep.score import score_checkpoint
     from qworld_envs import make_finite_problem
 

@@ -15,12 +15,11 @@ import pytest
 import torch
 
 from qworld import metrics as K
-from qworld.bellman import m_matrix, solve_goal_q
+from qworld.worldmodel.bellman import m_matrix, solve_goal_q
 from qworld.cli import main
-from qworld.oracle import oracle_study
-from qworld.planning import PlanningTask, run_safety_task, task_states
-from qworld.scoring import policy_success
-from qworld.sweep.score import score_and_plan
+from qworld.worldmodel.oracle import oracle_study
+from qworld.worldmodel.planning import PlanningTask, run_safety_task, task_states
+from qworld.worldmodel.scoring import policy_success, score_and_plan
 from qworld.sweep.spec import SweepSpecError, parse_sweep
 from qworld_envs import FINITE_ENVS, make_batched, make_finite_problem, resolve_finite_env
 from qworld_envs.tabular import TABULAR_FILE_ID, mdp_from_gymnasium, mdp_from_npz, save_npz

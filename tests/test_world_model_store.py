@@ -128,7 +128,7 @@ def test_rows_rewritten_while_a_reader_sets_the_damaged_file_aside_stay_in_place
 
 def test_score_checkpoint_hands_out_every_extracted_model(tmp_path, monkeypatch):
     import qworld.agents
-    from qworld.bellman import solve_goal_q
+    from qworld.worldmodel.bellman import solve_goal_q
     from qworld.sweep.score import score_checkpoint
     from qworld_envs import make_finite_problem
 

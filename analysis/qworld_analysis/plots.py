@@ -7,7 +7,8 @@ the values span more than a decade; exact zeros (a perfectly recovered P) are dr
 floor line a decade below the smallest positive value and labelled as such.
 
 Frames are those of :func:`qworld_analysis.load`; shapes: S states, A actions, N points,
-d state dims.
+d state dims. Drawing only: the numbers a figure shows (Table-1 thresholds, routes) come from
+``qworld.worldmodel``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import NullFormatter
 
 from qworld import metrics as K
+from qworld.worldmodel.planning import greedy_route
+from qworld.worldmodel.plearn.diagnose import variant_thresholds
 from qworld_analysis.load import final_checkpoints
 from qworld_analysis.stats import MIN_RUNS_FOR_CI, rank_correlation, summary
 
@@ -57,8 +60,8 @@ PAPER_P_MSE = {
 
 def method_label(method: str) -> str:
     """The method's name, with ``(oracle)`` for a method handed the true support of P and
-    ``(not from Q)`` for an explicit model (``qworld.experience.EXPLICIT_METHODS``)."""
-    from qworld.experience import EXPLICIT_METHODS
+    ``(not from Q)`` for an explicit model (``qworld.worldmodel.experience.EXPLICIT_METHODS``)."""
+    from qworld.worldmodel.experience import EXPLICIT_METHODS
 
     if method in K.ORACLE_METHODS:
         return f"{method} (oracle)"
@@ -190,38 +193,6 @@ def _error_axis(ax, values: np.ndarray, floor: float | None) -> None:
         ax.axhline(floor, color="0.5", lw=0.8, ls=":")
         ax.annotate("0 (exact) drawn here", (0.01, floor), xycoords=("axes fraction", "data"),
                     fontsize=7, color="0.4", va="bottom")
-
-
-# --------------------------------------------------------------------------------------
-# Table-1 thresholds
-
-
-def table1_thresholds(P: np.ndarray) -> dict[str, int]:
-    """The goal counts L above which Table 1 guarantees recovery of ``P[S, A, S]``.
-
-    Deterministic P: ``L >= 1`` (column matching). Otherwise, with N the largest support
-    of a row P(s, a): ``L >= N - 1`` (known support), ``L >= 2N - 1`` (support search) and
-    ``L >= S`` (pseudo-inverse, any stochastic P).
-
-    Returns:
-        label -> L, increasing, thresholds below 1 left out.
-    """
-    P = np.asarray(P)
-    S = P.shape[0]
-    support = int((P > 0).sum(axis=-1).max())
-    if support == 1:
-        return {"deterministic: L ≥ 1": 1}
-    out = {f"known support: L ≥ N−1 = {support - 1}": support - 1,
-           f"support search: L ≥ 2N−1 = {2 * support - 1}": 2 * support - 1,
-           f"stochastic: L ≥ S = {S}": S}
-    return {k: v for k, v in out.items() if v >= 1}
-
-
-def variant_thresholds(variant: str, layout: str | None = None) -> dict[str, int]:
-    """:func:`table1_thresholds` of ``qworld_envs.four_rooms(variant, layout).P``."""
-    from qworld_envs import four_rooms
-
-    return table1_thresholds(four_rooms(variant, layout=layout).P)
 
 
 # --------------------------------------------------------------------------------------
@@ -429,7 +400,7 @@ def plot_models_vs_steps(
         path: the PNG to write.
         metrics: error columns (log axes), e.g. ``p_mse``, ``rare/p_mse``, ``wm_delta_nmse_v``.
     """
-    from qworld.experience import EXPLICIT_METHODS
+    from qworld.worldmodel.experience import EXPLICIT_METHODS
 
     metrics = [m for m in metrics if m in df.columns and df[m].notna().any()]
     if not metrics:
@@ -690,75 +661,6 @@ def _draw_map(ax, mdp) -> np.ndarray:
     return free
 
 
-def greedy_route(P: np.ndarray, policy: np.ndarray, start: int, goal: int | None = None,
-                 max_steps: int | None = None) -> list[int]:
-    """Roll a policy greedily from ``start``: its best action, then the likeliest next state.
-
-    Ties between next states go to one not yet visited: in the windy variant a move through
-    a doorway arrives with 1/2 and stays (the wind blows into the walls) with 1/2, and the
-    route should show the move, not a loop.
-
-    Args:
-        P: ``[S, A, S]`` dynamics the route is rolled in (the true P, usually).
-        policy: ``[S, A]`` action probabilities or Q-values (argmax is taken).
-        start, goal: states; the route stops at ``goal``, at a repeated state (a loop: the
-            repeat is included) or after ``max_steps`` (default S) steps.
-
-    Returns:
-        The visited states, ``start`` first.
-    """
-    P, policy = np.asarray(P), np.asarray(policy)
-    if policy.shape != P.shape[:2]:
-        raise ValueError(f"policy must have shape [S, A] = {P.shape[:2]}, got {policy.shape}")
-    max_steps = P.shape[0] if max_steps is None else max_steps
-    route, seen = [int(start)], {int(start)}
-    s = int(start)
-    for _ in range(max_steps):
-        if goal is not None and s == goal:
-            break
-        probs = P[s, int(np.argmax(policy[s]))]
-        likeliest = np.flatnonzero(probs >= probs.max() - 1e-12)
-        s = int(next((t for t in likeliest if int(t) not in seen), likeliest[0]))
-        route.append(s)
-        if s in seen:
-            break
-        seen.add(s)
-    return route
-
-
-def shortest_route(P: np.ndarray, start: int, goal: int, forbidden: Sequence[int] = ()) -> list[int]:
-    """Fewest-steps route from ``start`` to ``goal`` avoiding ``forbidden`` states.
-
-    Steps follow each action's likeliest next state (for deterministic P the optimal
-    route; for stochastic P the optimal route of its most-likely skeleton).
-
-    Args:
-        P: ``[S, A, S]``.
-
-    Raises:
-        ValueError: the goal cannot be reached.
-    """
-    P = np.asarray(P)
-    nxt = P.argmax(axis=-1)  # [S, A]
-    banned = set(int(f) for f in forbidden) - {int(start), int(goal)}
-    parent = {int(start): None}
-    frontier = [int(start)]
-    while frontier and goal not in parent:
-        new = []
-        for s in frontier:
-            for s2 in map(int, nxt[s]):
-                if s2 not in parent and s2 not in banned:
-                    parent[s2] = s
-                    new.append(s2)
-        frontier = new
-    if goal not in parent:
-        raise ValueError(f"state {goal} cannot be reached from {start} avoiding {sorted(banned)}")
-    route = [int(goal)]
-    while parent[route[-1]] is not None:
-        route.append(parent[route[-1]])
-    return route[::-1]
-
-
 def plot_routes(
     routes: Mapping[str, Sequence[int] | np.ndarray],
     path: str | Path,
@@ -773,8 +675,9 @@ def plot_routes(
 
     Args:
         routes: label -> a list of states (or (row, col) cells), or a policy ``[S, A]``
-            that is rolled greedily from ``start`` in the MDP (:func:`greedy_route`). Put the
-            optimal route first (e.g. ``{"optimal": shortest_route(...), "P̂ plan": pi}``).
+            that is rolled greedily from ``start`` in the MDP
+            (:func:`qworld.worldmodel.planning.greedy_route`). Put the optimal route first (e.g.
+            ``{"optimal": planning.shortest_route(...), "P̂ plan": pi}``).
         path: the PNG to write.
         mdp: a ``FiniteMDP`` with coords, or a FourRooms variant name.
         start, goal: states or cells; ``start`` is needed for policies.
@@ -859,20 +762,21 @@ def plot_safety_routes(
     """The paper's safety-route figure: one panel per extracted model, each with the route
     planned in that model for a safety task against the optimal route.
 
-    Both plans are made by value iteration with the task's forbidden cells catastrophic
-    (:func:`qworld.planning.plan` in the model, :func:`qworld.planning.optimal_plan` in the
-    true P) and drawn as their greedy rollout in the true P (:func:`greedy_route`).
+    Both routes are computed in ``qworld.worldmodel.planning``: value iteration with the
+    task's forbidden cells catastrophic, in the model (:func:`~qworld.worldmodel.planning.safety_route`)
+    and in the true P (:func:`~qworld.worldmodel.planning.optimal_safety_route`), each rolled
+    greedily in the true P; this function only draws them.
 
     Args:
         models: panel title -> ``P_hat[S, A, S]`` (e.g. ``{"L = 4": ..., "L = 17": ...}``).
         path: the PNG to write.
-        task: a key of ``qworld.planning.SAFETY_TASKS``.
+        task: a key of ``qworld.worldmodel.planning.SAFETY_TASKS``.
         variant, layout: the FourRooms map and its true dynamics.
         gamma: planning discount.
         model_label: the legend label of the model's route (e.g. the method).
         title: the figure title (default: the task and its description).
     """
-    from qworld.planning import SAFETY_TASKS, optimal_plan, plan, task_states
+    from qworld.worldmodel.planning import SAFETY_TASKS, optimal_safety_route, safety_route, task_states
     from qworld_envs import four_rooms
 
     if not models:
@@ -880,17 +784,14 @@ def plot_safety_routes(
     mdp = four_rooms(variant, layout=layout)
     cells = task_states(mdp, task)
     goal, forbidden, start = cells["goal"], cells["forbidden"], cells["start"][0]
-    reward = np.zeros(mdp.num_states)
-    reward[goal] = 1.0
-    optimal = greedy_route(mdp.P, optimal_plan(mdp.P, [goal], forbidden, gamma), start, goal)
+    optimal = optimal_safety_route(mdp, task, gamma)
     shape = (mdp.num_states, mdp.num_actions, mdp.num_states)
     fig, axes = _figure(1, len(models), panel=(4.6, 5.6))
     for ax, (label, P_hat) in zip(axes[0], models.items()):
         P_hat = np.asarray(P_hat, dtype=np.float64)
         if P_hat.shape != shape:
             raise ValueError(f"model {label!r} must have shape [S, A, S] = {shape}, got {P_hat.shape}")
-        policy = plan(P_hat, reward, gamma, forbidden=forbidden, terminal=[goal])
-        routes = {"optimal (true P)": optimal, model_label: greedy_route(mdp.P, policy, start, goal)}
+        routes = {"optimal (true P)": optimal, model_label: safety_route(mdp, P_hat, task, gamma)}
         _draw_routes(ax, mdp, routes, start, goal, forbidden)
         ax.set_title(textwrap.fill(label, 60), fontsize=9)
     fig.suptitle(textwrap.fill(title or f"{task} ({variant}): {SAFETY_TASKS[task].description}",
@@ -906,7 +807,7 @@ def plot_safety_task(
     gamma: float = 0.99,
     layout: str | None = None,
 ) -> Path:
-    """A named safety task (``qworld.planning.SAFETY_TASKS``): the optimal safe route in the
+    """A named safety task (``qworld.worldmodel.planning.SAFETY_TASKS``): the optimal safe route in the
     true MDP against the routes planned in extracted models.
 
     Args:
@@ -917,24 +818,17 @@ def plot_safety_task(
         variant, layout: the FourRooms map (true dynamics).
         gamma: planning discount.
     """
-    from qworld.planning import SAFETY_TASKS, plan, task_states
+    from qworld.worldmodel.planning import SAFETY_TASKS, safety_route, task_states
     from qworld_envs import four_rooms
 
     mdp = four_rooms(variant, layout=layout)
     cells = task_states(mdp, task)
     goal, forbidden, start = cells["goal"], cells["forbidden"], cells["start"][0]
-    reward = np.zeros(mdp.num_states)
-    reward[goal] = 1.0
-
-    def route_of(P_model: np.ndarray) -> list[int]:
-        policy = plan(P_model, reward, gamma, forbidden=forbidden, terminal=[goal])
-        return greedy_route(mdp.P, policy, start, goal)
-
-    routes: dict[str, Any] = {"optimal (true P)": route_of(mdp.P)}
+    routes: dict[str, Any] = {"optimal (true P)": safety_route(mdp, mdp.P, task, gamma)}
     S, A = mdp.num_states, mdp.num_actions
     for label, model in (models or {}).items():
         arr = np.asarray(model)
-        routes[label] = route_of(arr) if arr.shape == (S, A, S) else model
+        routes[label] = safety_route(mdp, arr, task, gamma) if arr.shape == (S, A, S) else model
     return plot_routes(routes, path, mdp=mdp, start=start, goal=goal, forbidden=forbidden,
                        title=f"{task} ({variant}): {SAFETY_TASKS[task].description}")
 

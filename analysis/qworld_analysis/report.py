@@ -256,7 +256,7 @@ def route_choice(df: pd.DataFrame, experiment_dir: str | Path, variant: str,
     Raises:
         plots.NoDataError: no world model stored, or none for this variant.
     """
-    from qworld.planning import DEFAULT_TASK, SAFETY_TASKS
+    from qworld.worldmodel.planning import DEFAULT_TASK, SAFETY_TASKS
 
     exp = Location.of(experiment_dir)
     if not store.world_model_keys(exp):
@@ -563,7 +563,7 @@ def _methods_html(df: pd.DataFrame) -> str:
     """One line: which methods are oracles (handed the true support of P) and which are not."""
     if K.METHOD not in df.columns:
         return ""
-    from qworld.experience import EXPLICIT_METHODS
+    from qworld.worldmodel.experience import EXPLICIT_METHODS
 
     methods = sorted(m for m in df[K.METHOD].dropna().unique() if m != K.LOAD_METHOD)
     oracles = [m for m in methods if m in K.ORACLE_METHODS]
@@ -638,7 +638,7 @@ def _task_note(table: pd.DataFrame, metric: str) -> str:
     elsewhere its forbidden cells guard nothing in particular."""
     if "/" not in metric or K.VARIANT not in table.columns:
         return ""
-    from qworld.planning import SAFETY_TASKS
+    from qworld.worldmodel.planning import SAFETY_TASKS
 
     task = SAFETY_TASKS.get(metric.rsplit("/", 1)[0])
     shown = set(table.loc[table[METRIC] == metric, K.VARIANT].dropna())

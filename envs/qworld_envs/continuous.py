@@ -31,6 +31,9 @@ from qworld_envs.kwargs import REWARD_KINDS
 MOUNTAIN_CAR_ID = "qworld/MountainCar-v0"
 REACHER_ID = "qworld/Reacher-v0"
 MUJOCO_REACHER_ID = "qworld/MujocoReacher-v0"
+# The MuJoCo arm's links (body0 -> body1, body1 -> fingertip), here so that what is defined on
+# its states (the unseen-goal tasks) needs no MuJoCo import (``mujoco_reacher`` loads it).
+MUJOCO_REACHER_LINKS = (0.1, 0.11)
 
 
 def wrap_angle(x: torch.Tensor) -> torch.Tensor:

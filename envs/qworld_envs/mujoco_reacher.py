@@ -24,6 +24,7 @@ from gymnasium.envs.mujoco.reacher_v5 import ReacherEnv
 
 from qworld_envs.continuous import (
     MUJOCO_REACHER_ID,
+    MUJOCO_REACHER_LINKS,
     ContinuousDynamics,
     ContinuousGoalEnv,
     ContinuousProblem,
@@ -32,8 +33,7 @@ from qworld_envs.continuous import (
 from qworld_envs.kwargs import resolve_kwargs
 from qworld_envs.reacher import TORQUES, fingertip, fingertip_goals
 
-LINK1 = 0.1  # body0 -> body1
-LINK2 = 0.11  # body1 -> fingertip
+LINK1, LINK2 = MUJOCO_REACHER_LINKS  # body0 -> body1, body1 -> fingertip
 FRAME_SKIP = 2  # Reacher-v5's; dt = 2 x 0.01 s
 JOINT1_LIMIT = 3.0
 TORQUE_SCALE = 0.1

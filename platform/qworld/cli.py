@@ -36,8 +36,8 @@ ORACLE_PRINT_COLUMNS = (
 
 
 def _add_oracle_args(p: argparse.ArgumentParser) -> None:
-    from qworld.oracle import DEFAULT_VARIANTS, FOUR_ROOMS
-    from qworld.plearn.finite import METHODS
+    from qworld.worldmodel.oracle import DEFAULT_VARIANTS, FOUR_ROOMS
+    from qworld.worldmodel.plearn.finite import METHODS
 
     p.add_argument("--env", default=FOUR_ROOMS,
                    help="any finite env: a qworld id (qworld/FrozenLake-v1), a tabular gymnasium id "
@@ -82,7 +82,7 @@ def default_oracle_out(env_id: str, env_kwargs: dict | None = None) -> Path:
     """``results/oracle.parquet`` (FourRooms) or ``results/oracle_<env or .npz name>.parquet``,
     so that studies of different envs do not overwrite each other; relative to the working
     directory."""
-    from qworld.oracle import FOUR_ROOMS
+    from qworld.worldmodel.oracle import FOUR_ROOMS
 
     if env_id == FOUR_ROOMS:
         return Path("results/oracle.parquet")
@@ -94,9 +94,9 @@ def default_oracle_out(env_id: str, env_kwargs: dict | None = None) -> Path:
 def _run_oracle(args: argparse.Namespace) -> int:
     import json
 
-    from qworld.oracle import DEFAULT_VARIANTS, FOUR_ROOMS, coordinate_free_refusals, oracle_study
-    from qworld.planning import PlanningTask, task_states
-    from qworld.plearn.finite import METHODS
+    from qworld.worldmodel.oracle import DEFAULT_VARIANTS, FOUR_ROOMS, coordinate_free_refusals, oracle_study
+    from qworld.worldmodel.planning import PlanningTask, task_states
+    from qworld.worldmodel.plearn.finite import METHODS
     from qworld_envs import make_finite_problem, resolve_finite_env
 
     try:

@@ -1,6 +1,6 @@
 """Expert demonstrations of a finite goal task, in RLlib's offline data format.
 
-``write_demonstrations`` solves the task exactly (``qworld.bellman.solve_goal_q``), rolls the
+``write_demonstrations`` solves the task exactly (``qworld.worldmodel.bellman.solve_goal_q``), rolls the
 optimal greedy policy out in the true MDP and writes one parquet row per transition with
 RLlib's column names (``ray.rllib.core.columns.Columns``), the schema RLlib's
 ``OfflinePreLearner._map_to_episodes`` reads with ``config.offline_data(input_=DIR)``:
@@ -54,7 +54,7 @@ COLUMNS = (EPS_ID, OBS, ACTIONS, REWARDS, NEXT_OBS, TERMINATEDS, TRUNCATEDS, T)
 
 def optimal_actions(problem: Any, gamma: float) -> np.ndarray:
     """``[L, S]`` int64 greedy actions of the exact optimal goal-conditioned Q."""
-    from qworld.bellman import greedy_policy, solve_goal_q
+    from qworld.worldmodel.bellman import greedy_policy, solve_goal_q
 
     Q, _ = solve_goal_q(problem.mdp.P, problem.goals.rewards, gamma, terminal=problem.goals.terminal)
     return greedy_policy(Q).argmax(-1).astype(np.int64)

@@ -16,7 +16,7 @@ A checkpoint dir::
 
     checkpoint_00000k/
       qworld_config.json       CHECKPOINT_CONFIG_FILE: the agent's resolved config (and env_steps)
-      experience.npz           EXPERIENCE_FILE: the transitions experienced so far (``qworld.experience``)
+      experience.npz           EXPERIENCE_FILE: the transitions experienced so far (``qworld.worldmodel.experience``)
       learner_group/learner/rl_module/default_policy/   MODULE_SUBDIR: the RLModule
 """
 

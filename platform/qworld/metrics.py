@@ -26,7 +26,7 @@ CHECKPOINT_UID = "checkpoint_uid"
 WRITTEN_BY = "written_by"  # qworld_config.json: the Ray node, host and pid that saved a checkpoint
 ENV_STEPS = "env_steps"  # env steps sampled so far (all envs together)
 METHOD = "method"  # extraction method: from Q (plearn.finite / plearn.continuous METHODS) or an
-#   explicit model (qworld.experience.EXPLICIT_METHODS: supervised | qss | forward_model)
+#   explicit model (qworld.worldmodel.experience.EXPLICIT_METHODS: supervised | qss | forward_model)
 # Methods handed the true support of P: yardsticks, not findings; reports label them "(oracle)".
 ORACLE_METHODS = ("known_support",)
 ORACLE = "oracle"  # bool column: the row's method was handed part of the answer (ORACLE_METHODS)
@@ -50,7 +50,7 @@ BASELINE_NO_FORCE = "no_force"  # prefix f"{BASELINE_NO_FORCE}/<metric>": the dy
 INTERIOR = "interior"  # prefix f"{INTERIOR}/<metric>": continuous scores on the interior transitions only
 FRACTION = "fraction"  # f"{INTERIOR}/{FRACTION}": the share of compared transitions that are interior
 # prefix f"{RARE}/<metric>": scores where the agent has almost no experience of its own (finite:
-# (s, a) rows with fewer than qworld.experience.RARE_VISITS transitions; continuous: states with
+# (s, a) rows with fewer than qworld.worldmodel.experience.RARE_VISITS transitions; continuous: states with
 # no experienced state nearby); f"{RARE}/{FRACTION}" their share. Only for trials that recorded
 # their experience.
 RARE = "rare"
@@ -102,7 +102,7 @@ PLAN_OPTIMAL_STEPS = "plan_optimal_steps"  # the same for the optimal plan in th
 # plan_success, which a slower, more careful plan can raise)
 PLAN_REGRET = "plan_regret"
 
-# --- the reward side: goals and rewards from Q (qworld.reward) ---------------------------
+# --- the reward side: goals and rewards from Q (qworld.worldmodel.reward) ---------------------------
 # extract.tasks entry and column prefix f"{GOAL_INFERENCE}/<score>": each indicator goal named
 # from its own Q and a model it never helped build (finite envs)
 GOAL_INFERENCE = "goal_inference"

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from qworld.plearn.continuous import QFn
+from qworld.worldmodel.plearn.continuous import QFn
 
 
 def agent_q_fn(qfun: Any, problem: Any) -> QFn:

@@ -47,12 +47,12 @@ class QworldAlgorithmMixin:
     """``env_steps_sampled``, ``save_to_path`` (+ ``qworld_config.json``, ``experience.npz``),
     ``restore_from_path`` (+ the experience log), ``record_experience`` and ``q_function``."""
 
-    _experience = None  # qworld.experience.ExperienceLog, built on the first recorded batch
+    _experience = None  # qworld.worldmodel.experience.ExperienceLog, built on the first recorded batch
 
     def record_experience(self, states, actions, next_states) -> None:
         """Add true transitions to the trial's experience log (finite: state indices [..],
         continuous: states [.., d]); the config's ``experience_capacity`` sizes the reservoir."""
-        from qworld.experience import ExperienceLog
+        from qworld.worldmodel.experience import ExperienceLog
 
         if self._experience is None:
             info = self.config.problem()
@@ -95,7 +95,7 @@ class QworldAlgorithmMixin:
         counting from there, so the log always matches ``env_steps``)."""
         super().restore_from_path(path, *args, **kwargs)
         if (pathlib.Path(path) / EXPERIENCE_FILE).is_file():
-            from qworld.experience import load_experience
+            from qworld.worldmodel.experience import load_experience
 
             self._experience = load_experience(path)
 

@@ -1,9 +1,9 @@
 """Where a checkpoint is scored, for finite and continuous envs alike.
 
 :func:`score_checkpoint` loads Q out of a checkpoint and :func:`score_q` scores a loaded
-agent: the agent's Q error, a world model extracted by every method (``qworld.plearn``),
-its error against the true dynamics (``qworld.scoring`` / ``qworld.scoring_continuous``)
-and planning with it (``qworld.planning`` / ``qworld.planning_continuous``). One row per
+agent: the agent's Q error, a world model extracted by every method (``qworld.worldmodel.plearn``),
+its error against the true dynamics (``qworld.worldmodel.scoring`` / ``qworld.worldmodel.scoring_continuous``)
+and planning with it (``qworld.worldmodel.planning`` / ``qworld.worldmodel.planning_continuous``). One row per
 extraction method. Nothing raises out of here: a method that fails gives a row with its
 ``error`` filled in, a failure shared by every method (e.g. a diverged agent whose Q is NaN)
 gives every method's row that error, and a checkpoint that cannot be read gives one row with
@@ -94,7 +94,7 @@ def score_checkpoint(
             K.ENV_STEPS: env_steps, K.CHECKPOINT_PATH: str(checkpoint_path)}
     try:
         from qworld.agents import load_q
-        from qworld.experience import load_experience
+        from qworld.worldmodel.experience import load_experience
 
         qfun = load_q(checkpoint_path)
         config = dict(qfun.config)
@@ -127,7 +127,7 @@ def score_q(qfun: Any, base: Mapping[str, Any], methods: Sequence[str], tasks: S
             envs also read ``options["q_nmse"]["grid_shape"]`` (0 / None skips the Q NMSE).
         world_models: if given, receives method -> the extracted model of every successful
             extraction: ``P_hat[S, A, S]`` (finite) or the ``PLearnResult`` (continuous).
-        experience: the trial's ``qworld.experience.ExperienceLog`` up to this checkpoint, or
+        experience: the trial's ``qworld.worldmodel.experience.ExperienceLog`` up to this checkpoint, or
             None: the ``supervised`` / ``qss`` methods need it; with it every row also gets
             the ``rare/`` scores (and finite rows ``unvisited_fraction``).
     """
@@ -145,13 +145,15 @@ def score_q(qfun: Any, base: Mapping[str, Any], methods: Sequence[str], tasks: S
 
 
 def _score_finite(qfun, config, base, methods, tasks, options, world_models, experience) -> list[dict]:
-    from qworld.bellman import greedy_policy, m_matrix, solve_goal_q
-    from qworld.experience import FINITE_METHODS, RARE_VISITS, finite_model
+    from qworld.worldmodel.bellman import greedy_policy, m_matrix, solve_goal_q
+    from qworld.worldmodel.experience import FINITE_METHODS, RARE_VISITS, finite_model
     from qworld.layout import DEMONSTRATIONS_DIR, VALUE_TEMPERATURE
-    from qworld.planning import task_name, task_optimal_plan
-    from qworld.plearn.finite import diagnose, extract, method_options, trained_q_mask
-    from qworld.reward import state_values
-    from qworld.scoring import misspecification, nmse, policy_success, score_p
+    from qworld.worldmodel.planning import task_name, task_optimal_plan
+    from qworld.worldmodel.plearn.diagnose import diagnose
+    from qworld.worldmodel.plearn.finite import extract, method_options, trained_q_mask
+    from qworld.worldmodel.reward import state_values
+    from qworld.worldmodel.scoring import (extract_and_plan, misspecification, nmse, policy_success, score_and_plan,
+                                           score_p)
     from qworld_envs import make_finite_problem
 
     problem = make_finite_problem(config["env_id"], **config["env_kwargs"])
@@ -239,9 +241,9 @@ def recovered_m(Q: np.ndarray, V: np.ndarray, demo_dir: str, gamma: float, tempe
     demonstrations ended in (``reward.arrival_rewards``). Only the demonstrations are read:
     no true reward enters M.
     """
-    from qworld.bellman import m_matrix
+    from qworld.worldmodel.bellman import m_matrix
     from qworld.demonstrations import read_demonstrations
-    from qworld.reward import arrival_rewards, transition_rewards
+    from qworld.worldmodel.reward import arrival_rewards, transition_rewards
 
     demo = read_demonstrations(demo_dir)
     kind = "soft" if temperature else "greedy"
@@ -259,55 +261,13 @@ def goal_inference(Q: np.ndarray, M: np.ndarray, goals: Any, gamma: float, P_hat
     """``reward.goal_inference_scores`` of one method: each indicator goal named from its own Q
     and a model it never helped build -- ``P_hat`` itself when the model holds no goal (an
     explicit model), else the method re-run on the other L - 1 goals' Q and M."""
-    from qworld.reward import goal_inference_scores, held_out_models
+    from qworld.worldmodel.reward import goal_inference_scores, held_out_models
 
     if goals.goal_states is None or goals.num_goals < 2:
         raise ValueError(f"goal_inference names indicator goal cells held out of L >= 2 goals; this agent has "
                          f"{goals.num_goals} goal(s) of type {goals.goal_type!r}")
     model_for = (lambda g: P_hat) if P_hat is not None else held_out_models(Q, M, method, options, q_mask)
     return goal_inference_scores(Q, goals.goal_states, gamma, model_for, goals.rewards)
-
-
-def extract_and_plan(Q: np.ndarray, M: np.ndarray, mdp: Any, method: str, options: Mapping[str, Any],
-                     gamma: float, optimal: Mapping[str, np.ndarray],
-                     q_mask: np.ndarray | None = None) -> tuple[np.ndarray, dict, dict[str, dict]]:
-    """One extraction method on one finite Q, scored and planned with.
-
-    Args:
-        Q: ``[L, S, A]``; M: ``[L, S]`` (``bellman.m_matrix``); q_mask: ``[L, S]`` the Q-values
-            that constrain P (``plearn.finite.trained_q_mask`` for a learned agent).
-        mdp: the true ``FiniteMDP``.
-        options: the method's ``extract`` keywords (``plearn.finite.method_options``, ...).
-        optimal: task (a ``planning.SAFETY_TASKS`` name or a ``planning.PlanningTask``) -> the
-            task's optimal policy in the true MDP (``planning.task_optimal_plan``); one plan is
-            run per task.
-
-    Returns:
-        ``(P_hat [S, A, S], {fit_seconds, p_mse, p_tv, p_max_err, p_rows_unscored},
-        {task name: plan metrics})``.
-    """
-    from qworld.plearn.finite import extract
-
-    start = time.perf_counter()
-    P_hat = extract(Q, M, method, q_mask=q_mask, **options)
-    seconds = time.perf_counter() - start
-    scores, plans = score_and_plan(P_hat, mdp, gamma, optimal)
-    return P_hat, {K.FIT_SECONDS: seconds, **scores}, plans
-
-
-def score_and_plan(P_hat: np.ndarray, mdp: Any, gamma: float,
-                   optimal: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, dict]]:
-    """Any finite world model ``P_hat [S, A, S]`` scored against the true ``mdp`` and planned
-    with: ``({p_mse, p_tv, p_max_err, p_rows_unscored}, {task name: plan metrics})`` (see
-    :func:`extract_and_plan`). The rows of the MDP's terminal states (``mdp.terminal``), which
-    no Q constrains, are left out of the scores and counted in ``p_rows_unscored``."""
-    from qworld.planning import run_safety_task, task_name
-    from qworld.scoring import score_p
-
-    plans = {task_name(task): run_safety_task(mdp, P_hat, task, gamma=gamma, optimal_policy=policy)
-             for task, policy in optimal.items()}
-    scored = ~mdp.terminal
-    return {**score_p(P_hat[scored], mdp.P[scored]), K.P_ROWS_UNSCORED: float((~scored).sum())}, plans
 
 
 def _score_continuous(qfun, config, base, methods, tasks, options, world_models, experience) -> list[dict]:
@@ -319,11 +279,11 @@ def _score_continuous(qfun, config, base, methods, tasks, options, world_models,
     import torch
 
     from qworld.agents.adapter import agent_q_fn
-    from qworld.bellman_grid import GridQ, grid_q_for_problem
-    from qworld.experience import CONTINUOUS_METHODS, fit_supervised
-    from qworld.planning_continuous import default_grid_shape, evaluate_unseen_goal, policy_returns
-    from qworld.plearn.continuous import METHODS, PLearnConfig, p_learn
-    from qworld.scoring_continuous import noise_std_scores, nmse_torch, score_world_model
+    from qworld.worldmodel.bellman_grid import GridQ, grid_q_for_problem
+    from qworld.worldmodel.experience import CONTINUOUS_METHODS, fit_supervised
+    from qworld.worldmodel.planning_continuous import default_grid_shape, evaluate_unseen_goal, policy_returns
+    from qworld.worldmodel.plearn.continuous import METHODS, PLearnConfig, p_learn
+    from qworld.worldmodel.scoring_continuous import noise_std_scores, nmse_torch, score_world_model
     from qworld_envs import make_continuous_problem
 
     problem = make_continuous_problem(config["env_id"], **dict(config.get("env_kwargs") or {}))
@@ -404,7 +364,7 @@ def _rare_states(experience: Any, problem: Any):
         return None
     import torch
 
-    from qworld.experience import rare_state_mask
+    from qworld.worldmodel.experience import rare_state_mask
 
     dyn = problem.dynamics
     last: dict = {}

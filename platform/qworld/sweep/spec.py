@@ -112,13 +112,13 @@ class ExtractSpec:
     @property
     def task_names(self) -> tuple[str, ...]:
         """The tasks' names (their column prefixes)."""
-        from qworld.planning import task_name
+        from qworld.worldmodel.planning import task_name
 
         return tuple(task_name(t) for t in self.tasks)
 
     def tasks_named(self, names) -> tuple:
         """The tasks ``names`` stand for: a task this spec defines, else the name itself."""
-        from qworld.planning import task_name
+        from qworld.worldmodel.planning import task_name
 
         defined = {task_name(t): t for t in self.tasks}
         return tuple(defined.get(n, n) for n in names)
@@ -409,7 +409,7 @@ def _validate_cells(spec: SweepSpec) -> None:
             raise SweepSpecError(f"extract.options.{m}: options for a method not in extract.methods {spec.extract.methods}")
         opts = spec.extract.options[m]
         if not finite and ("planner" in opts or "mpc" in opts):  # the unseen-goal planner of the method's rows
-            from qworld.planning_continuous import PLANNERS, MPCConfig
+            from qworld.worldmodel.planning_continuous import PLANNERS, MPCConfig
 
             if opts.get("planner", "grid") not in PLANNERS:
                 raise SweepSpecError(f"extract.options.{m}.planner: {opts['planner']!r}; allowed: {PLANNERS}")
@@ -469,9 +469,9 @@ def _validate_cells(spec: SweepSpec) -> None:
 def _validate_finite_extract(spec: SweepSpec, mdp: Any, where: str) -> None:
     """Every method can run on the cell's MDP (``moves`` needs grid coordinates) and every
     planning task names states of it."""
-    from qworld import experience
-    from qworld.planning import task_name, task_states
-    from qworld.plearn.finite import method_options
+    from qworld.worldmodel import experience
+    from qworld.worldmodel.planning import task_name, task_states
+    from qworld.worldmodel.plearn.finite import method_options
 
     for m in spec.extract.methods:
         if m in experience.FINITE_METHODS:
@@ -490,14 +490,14 @@ def _validate_finite_extract(spec: SweepSpec, mdp: Any, where: str) -> None:
 
 
 def _inference_tasks() -> tuple[str, ...]:
-    from qworld.reward import INFERENCE_TASKS
+    from qworld.worldmodel.reward import INFERENCE_TASKS
 
     return tuple(INFERENCE_TASKS)
 
 
 def _parse_tasks(raw: Any) -> tuple:
     """``extract.tasks``: names, and tasks defined by states (``planning.PlanningTask``)."""
-    from qworld.planning import PlanningTask, task_name
+    from qworld.worldmodel.planning import PlanningTask, task_name
 
     if not isinstance(raw, (list, tuple)):
         raise SweepSpecError(f"extract.tasks: {raw!r} must be a list of task names or task mappings "
@@ -636,17 +636,17 @@ def _finite_env_ids() -> set[str]:
 
 
 def _allowed_methods_and_tasks(env_id: str, finite: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    # Methods that extract from Q, then the explicit models beside them (qworld.experience).
-    from qworld import experience
+    # Methods that extract from Q, then the explicit models beside them (qworld.worldmodel.experience).
+    from qworld.worldmodel import experience
 
     if finite:
-        from qworld.planning import SAFETY_TASKS
-        from qworld.plearn.finite import METHODS
-        from qworld.reward import INFERENCE_TASKS
+        from qworld.worldmodel.planning import SAFETY_TASKS
+        from qworld.worldmodel.plearn.finite import METHODS
+        from qworld.worldmodel.reward import INFERENCE_TASKS
 
         return tuple(METHODS) + experience.FINITE_METHODS, tuple(SAFETY_TASKS) + INFERENCE_TASKS
-    from qworld.planning_continuous import UNSEEN_GOAL_TASKS
-    from qworld.plearn.continuous import METHODS as CMETHODS
+    from qworld_envs.continuous_tasks import UNSEEN_GOAL_TASKS
+    from qworld.worldmodel.plearn.continuous import METHODS as CMETHODS
 
     return tuple(CMETHODS) + experience.CONTINUOUS_METHODS, tuple(UNSEEN_GOAL_TASKS.get(env_id, ()))
 

@@ -9,7 +9,7 @@ states, the wrapped difference ``(s' - s) / delta_scale``:
 
 - forward model ``f(s, a) -> Delta s = delta_scale * MLP(observe(s), one_hot(a))``; the
   predicted next state is ``s + Delta s`` wrapped to ``[-pi, pi)`` on the periodic dims
-  (as ``qworld.plearn.continuous.SuccessorNet``), goal-free;
+  (as ``qworld.worldmodel.plearn.continuous.SuccessorNet``), goal-free;
 - inverse model ``I(s, s') -> [A]`` action logits, goal-free;
 - proposal ``tau(s, g) -> Delta s`` (same scaling), the next state the agent wants:
   ``s + tau(s, g)``; goal-conditioned on the goal's features;

@@ -129,7 +129,7 @@ class MRQConfig(EpisodeReplayConfig):
         Field("epsilon_start", 1.0, "exploration rate at step 0", UNIT),
         Field("epsilon_end", 0.05, "exploration rate after the decay", UNIT),
         Field("epsilon_decay_fraction", 0.1, "fraction of total_env_steps over which epsilon decays", UNIT),
-        # --- the trial's experience log (qworld.experience: the `supervised` / `qss` methods)
+        # --- the trial's experience log (qworld.worldmodel.experience: the `supervised` / `qss` methods)
         Field("experience_capacity", 65536, "continuous envs: reservoir size of the experience log; 0: record "
               "nothing", INT_0),
         Field("seed", None, "RLlib's seed (set with .debugging(seed=...); a sweep's trial axis)", keyword=False),

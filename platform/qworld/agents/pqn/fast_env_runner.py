@@ -162,7 +162,7 @@ class BatchedEnvRunner(EnvRunner, Checkpointable):
         # max without indices costs a third as much; 1-step targets need no argmax.
         keep_arg = keep_q and (self.config.lambda_ > 0 if next_q_argmax is None else bool(next_q_argmax))
         q_arg_b = None
-        # The true states, for the trial's experience log (qworld.experience): cheap copies.
+        # The true states, for the trial's experience log (qworld.worldmodel.experience): cheap copies.
         record = int(getattr(self.config, "experience_capacity", 0)) > 0
         if record:
             state_b = torch.empty((T, *env.state.shape), dtype=env.state.dtype, device=dev)

@@ -218,7 +218,7 @@ class PQNConfig(FieldsConfig, AlgorithmConfig):
               int_at_least(0)),
         Field("her_strategy", "future", "\"future\" (a goal achieved later in the episode) or \"random_goal\" "
               "(uniform over the goal set)", one_of(HER_STRATEGIES)),
-        # --- what the trial records of its experience (qworld.experience, the `supervised` method)
+        # --- what the trial records of its experience (qworld.worldmodel.experience, the `supervised` method)
         Field("experience_capacity", 65536, "what the trial records of the transitions it experienced (saved with "
               "every checkpoint for the supervised method; fast runner only): 0 records nothing; > 0 records every "
               "transition's count on finite envs and a uniform reservoir sample of this many transitions on "

@@ -29,7 +29,7 @@ key                       shape, dtype        meaning
                                               long indices, continuous: [T, N, d] float)
 ``next_state``            [T, N, ...]         the true next state (before reset); the PQN
                                               Algorithm takes both out into its
-                                              ``qworld.experience.ExperienceLog``
+                                              ``qworld.worldmodel.experience.ExperienceLog``
 ========================  ==================  =============================================
 
 The fast runner already evaluates Q at every s_{t+1} that is the next step's s_t, with the

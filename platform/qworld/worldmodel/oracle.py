@@ -2,8 +2,8 @@
 any finite env of ``qworld_envs.FINITE_ENVS``: gymnasium's tabular envs, an MDP from a file)
 and L.
 
-No training: Q comes from exact policy iteration (:mod:`qworld.bellman`), so the study checks
-the theory (Table 1 thresholds, where each method starts to recover P) and is the yardstick
+No training: Q comes from exact policy iteration (:mod:`qworld.worldmodel.bellman`), so the study
+checks the theory (Table 1 thresholds, where each method starts to recover P) and is the yardstick
 for learned agents. One row per (variant, num_goals, method, task).
 """
 
@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 
 from qworld import metrics as K
-from qworld.bellman import m_matrix, solve_goal_q
-from qworld.planning import DEFAULT_TASK, SAFETY_TASKS, PlanningTask, task_name, task_optimal_plan
-from qworld.plearn import finite
-from qworld.plearn.finite import METHODS, diagnose, trained_q_mask
-from qworld.sweep.score import extract_and_plan
+from qworld.worldmodel.bellman import m_matrix, solve_goal_q
+from qworld.worldmodel.planning import DEFAULT_TASK, SAFETY_TASKS, PlanningTask, task_name, task_optimal_plan
+from qworld.worldmodel.plearn import finite
+from qworld.worldmodel.plearn.diagnose import diagnose
+from qworld.worldmodel.plearn.finite import METHODS, trained_q_mask
+from qworld.worldmodel.scoring import extract_and_plan
 
 DEFAULT_VARIANTS = ("deterministic", "windy", "teleport")
 DEFAULT_NUM_GOALS = (1, 2, 4, 8, 17, 34, 51, 68)
@@ -58,9 +59,9 @@ COLUMNS = (
 
 
 def method_options(method: str, mdp, seed: int = 0) -> dict:
-    """Options the oracle study passes to :func:`qworld.plearn.finite.extract`.
+    """Options the oracle study passes to :func:`qworld.worldmodel.plearn.finite.extract`.
 
-    What each method is given is :func:`qworld.plearn.finite.method_options` (sparse_search's
+    What each method is given is :func:`qworld.worldmodel.plearn.finite.method_options` (sparse_search's
     ``max_support`` is 16 for teleport: C(68, 16) supports are too many to search, so it
     takes the NNLS / elimination path); sgd also gets ``SGD_OPTIONS`` and the study seed.
 
@@ -148,7 +149,7 @@ def oracle_study(
         num_goals_list: goal counts L (None: :func:`default_num_goals`); indicator goals are
             a seeded random subset of the states (all S at L = S), dense goals i.i.d. U(0, 1)
             rewards.
-        methods: extraction methods (``qworld.plearn.finite.METHODS``).
+        methods: extraction methods (``qworld.worldmodel.plearn.finite.METHODS``).
         gamma: discount of the goals and of planning.
         seed: goal draw and sgd seed.
         goal_type: "indicator" or "dense".

@@ -8,7 +8,7 @@ turns it into an action, ``pi(s) = I(s, tau(s))``. The paper's tabular toys hand
 neighbour set ``N`` and the inverse dynamics ``I``; here both are *learned* from what an agent
 experienced, the counts of transitions (s, a, s').
 
-Shapes: S states, A actions, L goals. Conventions as in :mod:`qworld.bellman`: goal ``g`` pays
+Shapes: S states, A actions, L goals. Conventions as in :mod:`qworld.worldmodel.bellman`: goal ``g`` pays
 ``rewards[g, s']`` on arriving in ``s'`` and, when ``terminal[g, s']``, the episode ends there.
 
 - ``counts[s, a, s']``: int, how often taking ``a`` in ``s`` was seen to arrive in ``s'``;
@@ -18,7 +18,7 @@ Shapes: S states, A actions, L goals. Conventions as in :mod:`qworld.bellman`: g
 
 Because the reward is paid on arrival, ``Q(s, s')`` depends on ``s`` only through whether
 ``s'`` is a neighbour of ``s``: on neighbour pairs ``Q_ss[g, s, s'] = M[g, s']`` with
-``M = r + gamma (1 - term) V`` (the M of :func:`qworld.bellman.m_matrix`) and
+``M = r + gamma (1 - term) V`` (the M of :func:`qworld.worldmodel.bellman.m_matrix`) and
 ``V[g, s] = max_{s' in N(s)} M[g, s']``.
 
 Deterministic vs stochastic dynamics: QSS assumes the agent can *choose* its next state among

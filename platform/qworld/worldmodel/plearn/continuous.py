@@ -10,7 +10,7 @@ reparameterised Gaussian sampler ``s' = s + mu(s,a) + sigma(s,a) eps`` with the 
 inside the residual estimated from K samples: ``(mean_k m_g(s'_k) - Q_g(s,a))^2``.
 
 Torch only, no Ray. ``q_fn(states [B, d], goal [B] long) -> [B, A]`` is any differentiable
-callable (``qworld.bellman_grid.GridQ``, or an agent's network behind an adapter); freeze
+callable (``qworld.worldmodel.bellman_grid.GridQ``, or an agent's network behind an adapter); freeze
 its parameters, only the model's are optimised.
 """
 
@@ -350,7 +350,7 @@ def p_learn(
 def fit_model(model: SuccessorNet, cfg: PLearnConfig, loss_at: Callable[[int], torch.Tensor],
               callback: Callable[[int, SuccessorNet], dict] | None = None) -> PLearnResult:
     """The optimisation every world-model fit shares (P-learning here, the supervised
-    regression in ``qworld.experience``): Adam at ``cfg.lr`` cosine-decayed to 0 over
+    regression in ``qworld.worldmodel.experience``): Adam at ``cfg.lr`` cosine-decayed to 0 over
     ``cfg.steps`` steps of ``loss_at(step)``; the loss recorded every ``cfg.log_every`` steps
     (and at the last) with ``callback(step, model)``'s dict."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

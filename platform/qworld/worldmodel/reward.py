@@ -155,7 +155,7 @@ def held_out_models(Q: np.ndarray, M: np.ndarray, method: str, options: dict | N
     """``g -> P_hat [S, A, S]`` extracted by ``method`` (``plearn.finite.extract``) from every
     goal's Q and M but g's (``Q [L, S, A]``, ``M [L, S]``, L >= 2; ``q_mask [L, S]`` as in
     ``extract``)."""
-    from qworld.plearn.finite import extract
+    from qworld.worldmodel.plearn.finite import extract
 
     L = len(Q)
     if L < 2:

@@ -211,7 +211,7 @@ def finite_model(method: str, log: ExperienceLog | None) -> tuple[np.ndarray, np
                          "this checkpoint has none (PQN's fast runner records it: experience_capacity > 0)")
     if method == "supervised":
         return supervised_p(log.counts)
-    from qworld.qss import qss_world_model
+    from qworld.worldmodel.qss import qss_world_model
 
     model = qss_world_model(log.counts)
     return model.P_hat, model.unseen
@@ -237,7 +237,7 @@ def fit_supervised(problem: Any, states: Any, actions: Any, next_states: Any, co
     """
     import torch
 
-    from qworld.plearn.continuous import PLearnConfig, SuccessorNet, fit_model
+    from qworld.worldmodel.plearn.continuous import PLearnConfig, SuccessorNet, fit_model
     from qworld_envs.continuous import wrap_angle
 
     cfg = config or PLearnConfig()

@@ -5,7 +5,7 @@ Shapes: B transitions, d state dims.
 A model is ``model_fn(states [B, d], actions [B]) -> [B, d]`` (mean next states). It is
 compared with the true dynamics' expected next state on states uniform over the box (or
 given), beside two baselines: ``identity`` (s' = s) and ``no_force`` (the env's zero-force
-model). The finite counterpart is :mod:`qworld.scoring`. Torch only, no Ray.
+model). The finite counterpart is :mod:`qworld.worldmodel.scoring`. Torch only, no Ray.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from qworld import metrics as K
-from qworld.plearn.continuous import ModelFn
-from qworld.scoring import nmse
+from qworld.worldmodel.plearn.continuous import ModelFn
+from qworld.worldmodel.scoring import nmse
 from qworld_envs.continuous import periodic_difference, wrap_angle
 
 def nmse_torch(pred: torch.Tensor, truth: torch.Tensor) -> float:
-    """:func:`qworld.scoring.nmse` of tensors (on any device)."""
+    """:func:`qworld.worldmodel.scoring.nmse` of tensors (on any device)."""
     return nmse(pred.detach().double().cpu().numpy(), truth.detach().double().cpu().numpy())
 
 
@@ -156,7 +156,7 @@ def score_world_model(model_fn: ModelFn, problem: Any, num_states: int = 4096, s
     transitions are added under the prefix ``interior/`` (e.g.
     ``interior/wm_delta_nmse_v``, ``interior/no_force/wm_delta_nmse_v``) with their
     fraction ``interior/fraction``. With ``rare`` (``states [B, d] -> [B]`` bool, e.g.
-    ``qworld.experience.rare_state_mask`` against the trial's experience) the same under
+    ``qworld.worldmodel.experience.rare_state_mask`` against the trial's experience) the same under
     ``rare/``: where the agent has no experience of its own.
     """
     dyn = problem.dynamics

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from qworld import metrics as K
-from qworld.bellman import greedy_policy, solve_goal_q
+from qworld.worldmodel.bellman import greedy_policy, solve_goal_q
 
 DEFAULT_HORIZON = 1000
 # Planning treats a model's next-state probabilities below this fraction of their row's
@@ -466,3 +466,104 @@ def task_optimal_plan(mdp_true, task, gamma: float = 0.99) -> np.ndarray:
     goal[st["goals"]] = True
     return plan(mdp_true.P, goal.astype(np.float64), gamma, forbidden=st["forbidden"],
                 terminal=goal | mdp_true.terminal, prune=0.0)
+
+
+# --- routes: the states a plan visits, as the figures draw them ------------------------------
+
+
+def greedy_route(P: np.ndarray, policy: np.ndarray, start: int, goal: int | None = None,
+                 max_steps: int | None = None) -> list[int]:
+    """Roll a policy greedily from ``start``: its best action, then the likeliest next state.
+
+    Ties between next states go to one not yet visited: in the windy variant a move through
+    a doorway arrives with 1/2 and stays (the wind blows into the walls) with 1/2, and the
+    route should show the move, not a loop.
+
+    Args:
+        P: ``[S, A, S]`` dynamics the route is rolled in (the true P, usually).
+        policy: ``[S, A]`` action probabilities or Q-values (argmax is taken).
+        start, goal: states; the route stops at ``goal``, at a repeated state (a loop: the
+            repeat is included) or after ``max_steps`` (default S) steps.
+
+    Returns:
+        The visited states, ``start`` first.
+    """
+    P, policy = np.asarray(P), np.asarray(policy)
+    if policy.shape != P.shape[:2]:
+        raise ValueError(f"policy must have shape [S, A] = {P.shape[:2]}, got {policy.shape}")
+    max_steps = P.shape[0] if max_steps is None else max_steps
+    route, seen = [int(start)], {int(start)}
+    s = int(start)
+    for _ in range(max_steps):
+        if goal is not None and s == goal:
+            break
+        probs = P[s, int(np.argmax(policy[s]))]
+        likeliest = np.flatnonzero(probs >= probs.max() - 1e-12)
+        s = int(next((t for t in likeliest if int(t) not in seen), likeliest[0]))
+        route.append(s)
+        if s in seen:
+            break
+        seen.add(s)
+    return route
+
+
+def shortest_route(P: np.ndarray, start: int, goal: int, forbidden: Sequence[int] = ()) -> list[int]:
+    """Fewest-steps route from ``start`` to ``goal`` avoiding ``forbidden`` states.
+
+    Steps follow each action's likeliest next state (for deterministic P the optimal
+    route; for stochastic P the optimal route of its most-likely skeleton).
+
+    Args:
+        P: ``[S, A, S]``.
+
+    Raises:
+        ValueError: the goal cannot be reached.
+    """
+    P = np.asarray(P)
+    nxt = P.argmax(axis=-1)  # [S, A]
+    banned = set(int(f) for f in forbidden) - {int(start), int(goal)}
+    parent = {int(start): None}
+    frontier = [int(start)]
+    while frontier and goal not in parent:
+        new = []
+        for s in frontier:
+            for s2 in map(int, nxt[s]):
+                if s2 not in parent and s2 not in banned:
+                    parent[s2] = s
+                    new.append(s2)
+        frontier = new
+    if goal not in parent:
+        raise ValueError(f"state {goal} cannot be reached from {start} avoiding {sorted(banned)}")
+    route = [int(goal)]
+    while parent[route[-1]] is not None:
+        route.append(parent[route[-1]])
+    return route[::-1]
+
+
+def safety_route(mdp_true, P_model: np.ndarray, task, gamma: float = 0.99) -> list[int]:
+    """The route of a safety task planned inside ``P_model``: value iteration with the task's
+    goal rewarded (and terminal) and its forbidden states catastrophic (:func:`plan`), rolled
+    greedily in the true P from the task's first start (:func:`greedy_route`).
+
+    Args:
+        mdp_true: ``qworld_envs.FiniteMDP``; P_model: ``[S, A, S]`` (the true P gives the
+            route of the task planned in the truth).
+        task: a key of ``SAFETY_TASKS`` or a :class:`PlanningTask`.
+
+    Returns:
+        The visited states, the start first.
+    """
+    st = task_states(mdp_true, task)
+    goal, forbidden, start = st["goal"], st["forbidden"], st["start"][0]
+    reward = np.zeros(mdp_true.num_states)
+    reward[goal] = 1.0
+    policy = plan(P_model, reward, gamma, forbidden=forbidden, terminal=[goal])
+    return greedy_route(mdp_true.P, policy, start, goal)
+
+
+def optimal_safety_route(mdp_true, task, gamma: float = 0.99) -> list[int]:
+    """The optimal route of a safety task in the true MDP: :func:`optimal_plan` (no pruning)
+    rolled greedily from the task's first start."""
+    st = task_states(mdp_true, task)
+    goal, forbidden, start = st["goal"], st["forbidden"], st["start"][0]
+    return greedy_route(mdp_true.P, optimal_plan(mdp_true.P, [goal], forbidden, gamma), start, goal)

@@ -1,13 +1,19 @@
-"""Scores of extracted world models, and the paper's perturbation bounds.
+"""Scores of extracted world models, and the paper's perturbation bounds; one method's
+extraction scored and planned with (:func:`extract_and_plan`, :func:`score_and_plan`: what a
+sweep's scorer and the oracle study both run per method).
 
 Shapes: S states, A actions, L goals. Numpy only; metric keys from :mod:`qworld.metrics`.
 """
 
 from __future__ import annotations
 
+import time
+from typing import Any, Mapping
+
 import numpy as np
 
 from qworld import metrics as K
+from qworld.worldmodel.planning import run_safety_task, task_name
 
 
 def _pair(P_hat: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -224,3 +230,42 @@ def policy_success(P: np.ndarray, Q: np.ndarray, terminal: np.ndarray, horizon: 
             dist = dist @ P_pi
         out[g] = dist[success[g]].sum()
     return out
+
+
+def extract_and_plan(Q: np.ndarray, M: np.ndarray, mdp: Any, method: str, options: Mapping[str, Any],
+                     gamma: float, optimal: Mapping[str, np.ndarray],
+                     q_mask: np.ndarray | None = None) -> tuple[np.ndarray, dict, dict[str, dict]]:
+    """One extraction method on one finite Q, scored and planned with.
+
+    Args:
+        Q: ``[L, S, A]``; M: ``[L, S]`` (``bellman.m_matrix``); q_mask: ``[L, S]`` the Q-values
+            that constrain P (``plearn.finite.trained_q_mask`` for a learned agent).
+        mdp: the true ``FiniteMDP``.
+        options: the method's ``extract`` keywords (``plearn.finite.method_options``, ...).
+        optimal: task (a ``planning.SAFETY_TASKS`` name or a ``planning.PlanningTask``) -> the
+            task's optimal policy in the true MDP (``planning.task_optimal_plan``); one plan is
+            run per task.
+
+    Returns:
+        ``(P_hat [S, A, S], {fit_seconds, p_mse, p_tv, p_max_err, p_rows_unscored},
+        {task name: plan metrics})``.
+    """
+    from qworld.worldmodel.plearn.finite import extract  # looked up per call (scipy loads on first use)
+
+    start = time.perf_counter()
+    P_hat = extract(Q, M, method, q_mask=q_mask, **options)
+    seconds = time.perf_counter() - start
+    scores, plans = score_and_plan(P_hat, mdp, gamma, optimal)
+    return P_hat, {K.FIT_SECONDS: seconds, **scores}, plans
+
+
+def score_and_plan(P_hat: np.ndarray, mdp: Any, gamma: float,
+                   optimal: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, dict]]:
+    """Any finite world model ``P_hat [S, A, S]`` scored against the true ``mdp`` and planned
+    with: ``({p_mse, p_tv, p_max_err, p_rows_unscored}, {task name: plan metrics})`` (see
+    :func:`extract_and_plan`). The rows of the MDP's terminal states (``mdp.terminal``), which
+    no Q constrains, are left out of the scores and counted in ``p_rows_unscored``."""
+    plans = {task_name(task): run_safety_task(mdp, P_hat, task, gamma=gamma, optimal_policy=policy)
+             for task, policy in optimal.items()}
+    scored = ~mdp.terminal
+    return {**score_p(P_hat[scored], mdp.P[scored]), K.P_ROWS_UNSCORED: float((~scored).sum())}, plans
