@@ -861,7 +861,7 @@ def test_compare_side_by_side(experiment, tmp_path):
 
 def test_cli_commands(experiment, tmp_path, capsys, monkeypatch):
     import qworld_analysis.report
-    from qworld.analysis_commands import add_commands
+    from qworld.cli.analysis import add_commands
 
     calls = []  # the report itself is tested above: here only the wiring
 

@@ -41,7 +41,7 @@ FORBIDDEN = ("ray", "tune", "wandb", "qworld_analysis", *ORCHESTRATION)
 def test_the_forbidden_list_names_the_orchestration():
     # the names the contract is about are found in the tree (a renamed package would silently
     # drop out of ORCHESTRATION otherwise)
-    assert {"qworld.sweep", "qworld.agents", "qworld.cli", "qworld.analysis_commands",
+    assert {"qworld.sweep", "qworld.agents", "qworld.cli",
             "qworld.demonstrations"} <= set(ORCHESTRATION)
     assert not set(ORCHESTRATION) & ALLOWED_QWORLD
 

@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 
 def test_cli_oracle_default_out_names_its_env_and_says_where(tmp_path, capsys, monkeypatch):
     # Catches an undocumented results/oracle.parquet that a study of another env overwrites.
-    from qworld.cli import default_oracle_out
+    from qworld.cli.oracle import default_oracle_out
 
     assert default_oracle_out("qworld/FourRooms-v0") == Path("results/oracle.parquet")
     assert default_oracle_out("qworld/FrozenLake-v1") == Path("results/oracle_FrozenLake-v1.parquet")

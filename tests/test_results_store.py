@@ -352,7 +352,7 @@ def test_readers_go_through_the_location(experiment, tmp_path, capsys):
 
 
 def test_report_of_an_experiment_on_s3_is_written_locally(s3_bucket, tmp_path, monkeypatch):
-    from qworld.analysis_commands import _cmd_report
+    from qworld.cli.analysis import _cmd_report
 
     monkeypatch.chdir(tmp_path)
     exp = Location.of(f"{s3_bucket}/results/smoke")

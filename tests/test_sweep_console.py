@@ -16,7 +16,7 @@ from live import HANG_GUARD_S
 from qworld import metrics as K
 from qworld.sweep import store
 from qworld.sweep.callbacks import GridWandbCallback, SweepConsole, result_summary
-from qworld.sweep.commands import final_table
+from qworld.cli.sweep import final_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "corner_9_9_doorway"

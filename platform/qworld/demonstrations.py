@@ -33,9 +33,7 @@ resolved kwargs, gamma, counts, seed, obs layout). No Ray at import.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping
 
@@ -44,7 +42,6 @@ import numpy as np
 DEMONSTRATIONS_FILE = "demonstrations.parquet"
 DEMONSTRATIONS_META = "demonstrations.json"
 OBS_LAYOUT = "concat(one_hot(state) [S], one_hot(goal) [L])"
-EXIT_BAD_INPUT = 2
 
 # RLlib's column names (ray.rllib.core.columns.Columns), spelled out so this module needs no Ray.
 EPS_ID, OBS, ACTIONS, REWARDS, NEXT_OBS = "eps_id", "obs", "actions", "rewards", "new_obs"
@@ -181,35 +178,3 @@ def read_demonstrations(demo_dir: str | Path) -> Dict[str, np.ndarray]:
     return {"goal": obs[:, S:].argmax(1).astype(np.int64), "state": obs[:, :S].argmax(1).astype(np.int64),
             "action": frame[ACTIONS].to_numpy(np.int64), "next_state": nxt[:, :S].argmax(1).astype(np.int64),
             "reward": frame[REWARDS].to_numpy(np.float64), "terminated": frame[TERMINATEDS].to_numpy(bool)}
-
-
-# ---------------------------------------------------------------------- `qworld demos`
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``qworld demos`` (``cli.build_parser``)."""
-    p = sub.add_parser("demos", help="write optimal demonstrations of a finite task as RLlib offline data (parquet)")
-    p.add_argument("--env", default="qworld/FourRooms-v0", help="finite env id")
-    p.add_argument("--variant", default=None, help="env variant (FourRooms: deterministic | windy | teleport)")
-    p.add_argument("--num-goals", type=int, default=None, help="goal count L (default: the env's)")
-    p.add_argument("--goal-type", default="indicator", help="goal family (indicator | dense)")
-    p.add_argument("--goal-seed", type=int, default=0, help="seed of the goal placement")
-    p.add_argument("--episodes", type=int, default=500, help="episodes to roll out")
-    p.add_argument("--gamma", type=float, default=0.99, help="discount of the exact solution")
-    p.add_argument("--seed", type=int, default=0, help="seed of the goal, start and transition draws")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
-    p.set_defaults(func=run_demos_command, run=run_demos_command)
-
-
-def run_demos_command(args: argparse.Namespace) -> int:
-    env_kwargs: Dict[str, Any] = {"goal_type": args.goal_type, "goal_seed": args.goal_seed}
-    if args.variant is not None:
-        env_kwargs["variant"] = args.variant
-    if args.num_goals is not None:
-        env_kwargs["num_goals"] = args.num_goals
-    try:
-        meta = write_demonstrations(args.out, args.env, env_kwargs, num_episodes=args.episodes,
-                                    gamma=args.gamma, seed=args.seed)
-    except (ValueError, TypeError) as e:  # the env's and our own messages name the field
-        print(f"qworld: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"{meta['num_transitions']} transitions of {meta['num_episodes']} episodes -> {Path(args.out) / DEMONSTRATIONS_FILE}")
-    return 0

@@ -12,10 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qworld.cli.common import bad_input
 from qworld.layout import SPEC_FILE
-
-EXIT_BAD_INPUT = 2
-
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="run a sweep file on a local Ray or a cluster")
@@ -60,11 +58,6 @@ def _add_verbose(p: argparse.ArgumentParser) -> None:
                         "INFO/WARNING logs) on top of the one-line-per-event progress view")
 
 
-def _bad_input(message: str) -> int:
-    print(f"qworld: error: {message}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-
-
 def _cmd_sweep(args) -> int:
     from qworld.sweep.location import StorageError, check_storage
     from qworld.sweep.spec import SweepSpecError, check_local_resources, load_sweep
@@ -73,7 +66,7 @@ def _cmd_sweep(args) -> int:
         spec = load_sweep(args.file, args.overrides)
         check_local_resources(spec, args.address)
     except SweepSpecError as exc:
-        return _bad_input(str(exc))
+        return bad_input(str(exc))
     from qworld.sweep.run import DEFAULT_STORAGE, ExperimentExistsError, check_new_experiment, experiment_location, run_sweep
 
     # where it goes, checked before any cluster work: reachable, and not another experiment
@@ -81,11 +74,11 @@ def _cmd_sweep(args) -> int:
         check_storage(args.storage or DEFAULT_STORAGE)
         check_new_experiment(experiment_location(spec, args.storage))
     except StorageError as exc:
-        return _bad_input(f"--storage: {exc}")
+        return bad_input(f"--storage: {exc}")
     except OSError as exc:  # resolving the URI itself failed (e.g. an S3 region lookup)
-        return _bad_input(f"--storage: {args.storage}: {exc}")
+        return bad_input(f"--storage: {args.storage}: {exc}")
     except ExperimentExistsError as exc:
-        return _bad_input(str(exc))
+        return bad_input(str(exc))
 
     outcome = run_sweep(spec, address=args.address, storage=args.storage, verbose=args.verbose)
     _print_outcome(outcome)
@@ -107,11 +100,11 @@ def _cmd_resume(args) -> int:
     from qworld.sweep.spec import SweepSpecError, check_local_resources
 
     if not _is_experiment_dir(args.experiment_dir):
-        return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no {SPEC_FILE})")
+        return bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no {SPEC_FILE})")
     try:
         check_local_resources(load_spec_of(args.experiment_dir), args.address)
     except SweepSpecError as exc:
-        return _bad_input(str(exc))
+        return bad_input(str(exc))
     outcome = resume_sweep(args.experiment_dir, address=args.address, verbose=args.verbose)
     _print_outcome(outcome)
     return _exit_code(outcome)
@@ -122,12 +115,12 @@ def _cmd_extract(args) -> int:
     from qworld.sweep.spec import SweepSpecError
 
     if not _is_experiment_dir(args.experiment_dir):
-        return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no {SPEC_FILE})")
+        return bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no {SPEC_FILE})")
     try:
         outcome = extract_sweep(args.experiment_dir, methods=args.methods, tasks=args.tasks,
                                 address=args.address, verbose=args.verbose, last_only=args.last)
     except SweepSpecError as exc:
-        return _bad_input(str(exc))
+        return bad_input(str(exc))
     _print_outcome(outcome)
     return 0
 
@@ -136,7 +129,7 @@ def _cmd_status(args) -> int:
     from qworld.sweep.status import status_table
 
     if not _is_experiment_dir(args.experiment_dir):
-        return _bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no {SPEC_FILE})")
+        return bad_input(f"{args.experiment_dir}: not a qworld experiment dir (no {SPEC_FILE})")
     try:
         table = status_table(args.experiment_dir)
     except OSError as exc:  # a file that cannot be read (permission, network): named, nothing moved
@@ -163,9 +156,9 @@ def _cmd_sync(args) -> int:
                             destination_filesystem=pafs.LocalFileSystem())
     runs = sorted(root.glob("wandb/offline-run-*"))
     if not runs:
-        return _bad_input(f"{args.experiment_dir}: no offline W&B runs under wandb/")
+        return bad_input(f"{args.experiment_dir}: no offline W&B runs under wandb/")
     if not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").is_file():
-        return _bad_input("no W&B key configured: set WANDB_API_KEY or run `wandb login`; "
+        return bad_input("no W&B key configured: set WANDB_API_KEY or run `wandb login`; "
                           f"{len(runs)} offline runs are kept under {args.experiment_dir}/wandb")
     wandb_bin = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
     return subprocess.call([wandb_bin, "sync", *map(str, runs)])

@@ -1,9 +1,7 @@
 """``qworld report | compare``: the analysis half of the CLI.
 
 Both read experiment dirs from disk with :mod:`qworld_analysis` (pandas, matplotlib); no
-Ray is started. ``cli.py`` wires them in with ``analysis_commands.add_commands(sub)``; each
-subparser sets its handler ``(args) -> exit status`` as both ``func`` (the convention of
-``qworld.sweep.commands``) and ``run`` (the one of ``cli.build_parser``).
+Ray is started.
 """
 
 from __future__ import annotations
@@ -12,9 +10,7 @@ import argparse
 import sys
 
 from qworld import metrics as K
-
-EXIT_BAD_INPUT = 2
-
+from qworld.cli.common import bad_input
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write an HTML report (figures, summary tables) of an experiment dir")
@@ -22,18 +18,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="a local folder for index.html, the PNGs and summary.csv (default "
                         "EXPERIMENT_DIR/report; ./NAME-report for an experiment on an object store)")
-    p.set_defaults(func=_cmd_report, run=_cmd_report)
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("compare", help="two experiment dirs side by side (IQM and 95%% CI per grid cell)")
     p.add_argument("dir_a", help="an experiment: a local folder or a URI")
     p.add_argument("dir_b", help="an experiment: a local folder or a URI")
     p.add_argument("--metric", default=K.P_MSE, help=f"the column to compare (default {K.P_MSE})")
-    p.set_defaults(func=_cmd_compare, run=_cmd_compare)
-
-
-def _bad_input(message: str) -> int:
-    print(f"qworld: error: {message}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    p.set_defaults(func=_cmd_compare)
 
 
 def _experiment_problem(where: str) -> str | None:
@@ -53,7 +44,7 @@ def _experiment_problem(where: str) -> str | None:
 def _cmd_report(args) -> int:
     problem = _experiment_problem(args.experiment_dir)
     if problem:
-        return _bad_input(problem)
+        return bad_input(problem)
     from qworld_analysis import write_report
 
     try:
@@ -69,7 +60,7 @@ def _cmd_compare(args) -> int:
     for d in (args.dir_a, args.dir_b):
         problem = _experiment_problem(d)
         if problem:
-            return _bad_input(problem)
+            return bad_input(problem)
     import pandas as pd
 
     from qworld_analysis import compare

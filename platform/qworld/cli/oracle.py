@@ -1,11 +1,4 @@
-"""``qworld`` command line: one subcommand per job.
-
-Each subcommand registers itself in ``SUBCOMMANDS`` with a function that adds its arguments
-to a subparser and a function that runs it (set as the parser default ``func``, returning the
-exit status); adding ``sweep``, ``extract``, ``resume``, ``status`` or ``report`` means writing
-those two functions and one registry line, or a module whose ``add_commands(sub)`` adds
-subparsers with ``set_defaults(func=...)`` itself.
-"""
+"""``qworld oracle``: the exact-Q study (no training, no Ray) on FourRooms or any finite env."""
 
 from __future__ import annotations
 
@@ -13,9 +6,9 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
 
 from qworld import metrics as K
+from qworld.cli.common import bad_input
 
 # Columns of the printed oracle table (the parquet keeps them all).
 ORACLE_PRINT_COLUMNS = (
@@ -74,8 +67,7 @@ def _format_table(df) -> str:
 
 
 def _usage_error(message: str) -> int:
-    print(f"qworld oracle: error: {message}", file=sys.stderr)
-    return 2
+    return bad_input(message, "qworld oracle")
 
 
 def default_oracle_out(env_id: str, env_kwargs: dict | None = None) -> Path:
@@ -91,7 +83,7 @@ def default_oracle_out(env_id: str, env_kwargs: dict | None = None) -> Path:
     return Path("results") / f"oracle_{''.join(c if c.isalnum() or c in '-_' else '_' for c in name)}.parquet"
 
 
-def _run_oracle(args: argparse.Namespace) -> int:
+def _cmd_oracle(args: argparse.Namespace) -> int:
     import json
 
     from qworld.worldmodel.oracle import DEFAULT_VARIANTS, FOUR_ROOMS, coordinate_free_refusals, oracle_study
@@ -162,40 +154,9 @@ def _run_oracle(args: argparse.Namespace) -> int:
     return 1 if df[K.ERROR].notna().any() else 0
 
 
-# name -> (help, add_arguments, run)
-AddArgs = Callable[[argparse.ArgumentParser], None]
-Run = Callable[[argparse.Namespace], int]
-SUBCOMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
-    "oracle": (
-        "extract P from exact Q with every method on FourRooms (or --env: any finite env), score it, plan with it",
-        _add_oracle_args,
-        _run_oracle,
-    ),
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qworld", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, add_args, run) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        add_args(p)
-        p.set_defaults(func=run)
-    # Imported lazily inside their commands: `qworld oracle` never pays for Ray or RLlib.
-    from qworld import analysis_commands, demonstrations
-    from qworld.sweep import commands as sweep_commands
-
-    sweep_commands.add_commands(sub)
-    analysis_commands.add_commands(sub)
-    demonstrations.add_commands(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qworld`` script; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    help_text = ("extract P from exact Q with every method on FourRooms (or --env: any finite env), "
+                 "score it, plan with it")
+    p = sub.add_parser("oracle", help=help_text, description=help_text)
+    _add_oracle_args(p)
+    p.set_defaults(func=_cmd_oracle)
