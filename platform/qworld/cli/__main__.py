@@ -4,4 +4,5 @@ import sys
 
 from qworld.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (the packaging test imports every one) runs nothing
+    sys.exit(main())
