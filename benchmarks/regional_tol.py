@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from qworld import metrics as K
@@ -23,13 +22,7 @@ from qworld.sweep.spec import load_sweep
 from qworld_analysis import load
 from qworld_analysis.load import final_checkpoints
 
-
-def cell(values, fmt: str = "{:.1e}") -> str:
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return "n/a"
-    return f"{fmt.format(np.median(v))} [{fmt.format(v.min())}, {fmt.format(v.max())}]"
+from finite_learned import cell  # the same median [min, max] cells as its tables (a sibling script)
 
 
 def main() -> None:
