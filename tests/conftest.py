@@ -2,9 +2,12 @@
 
 Threads: with 2 torch threads under load training slowed 15x in a probe, so tests use one.
 W&B: offline mode must be in the environment before any Ray worker starts.
+The smoke sweep (``smoke_experiment``) runs once per test session, for every xdist worker.
 """
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -78,3 +81,61 @@ def s3_bucket(s3_server, monkeypatch):
     name = f"qworld-{uuid.uuid4().hex[:12]}"
     s3_make_bucket(endpoint, name)
     return f"s3://{name}"
+
+
+# --------------------------------------------------------------------------------------
+# one real smoke sweep for the whole session, read by test_sweep_run, test_faults, test_analysis
+
+SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml"
+
+
+@dataclass(frozen=True)
+class SmokeExperiment:
+    """``qworld sweep tune_configs/smoke.yaml`` as a user runs it (own local Ray, W&B offline):
+    its experiment dir and its console. Read it only: a test that changes files copies
+    ``path`` first (``shutil.copytree``); the session fails at teardown if its files changed."""
+
+    path: Path
+    stdout: str
+    stderr: str
+
+
+def _fingerprint(root: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+                  for f in root.rglob("*") if f.is_file())
+
+
+@pytest.fixture(scope="session")
+def smoke_experiment(tmp_path_factory) -> SmokeExperiment:
+    """Run once: under xdist the first worker to ask runs it into the session's shared temp
+    dir (the workers' common parent) while the others wait on a file lock, then all read it."""
+    import json
+    import subprocess
+    import sys
+
+    from filelock import FileLock
+
+    from live import HANG_GUARD_S
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker's basetemp is popen-gwN in the session's
+        shared = shared.parent
+    root = shared / "smoke_experiment"
+    done = root / "console.json"
+    with FileLock(str(shared / "smoke_experiment.lock")):
+        if not done.is_file():
+            root.mkdir(exist_ok=True)
+            env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+            proc = subprocess.run([sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE),
+                                   "--storage", str(root / "storage")],
+                                  cwd=SMOKE.parents[1], env=env, capture_output=True, text=True,
+                                  timeout=HANG_GUARD_S)
+            assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+            experiment = root / "storage" / "smoke"
+            done.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr,
+                                        "files": _fingerprint(experiment)}))
+    console = json.loads(done.read_text())
+    experiment = SmokeExperiment(root / "storage" / "smoke", console["stdout"], console["stderr"])
+    yield experiment
+    changed = _fingerprint(experiment.path) != [tuple(f) for f in console["files"]]
+    assert not changed, f"a test changed the shared smoke experiment {experiment.path}: copy it first"

@@ -6,10 +6,10 @@ layout ``qworld sweep`` writes (``sweep.yaml``; Tune trial dirs ``PQN_*`` holdin
 writes them, without it) and ``checkpoint_00000k`` dirs; ``worldmodels.parquet`` written with
 ``qworld.sweep.store.write_rows``), so the loader is checked without training anything.
 
-The last test, ``test_load_real_smoke_sweep`` (marked ``ray``: about 60 s on 2 busy cores,
-deselect with ``-m "not ray"``), runs a REAL smoke sweep
-(``python -m qworld.cli sweep tune_configs/smoke.yaml``, PQN on Ray) in a module fixture and
-checks ``load()`` against it: row count = grid cells x checkpoints x methods.
+The last test, ``test_load_real_smoke_sweep`` (marked ``ray``; deselect with ``-m "not ray"``),
+reads a REAL smoke sweep (``python -m qworld.cli sweep tune_configs/smoke.yaml``, PQN on Ray:
+conftest's ``smoke_experiment``, run once per session) and checks ``load()`` against it: row
+count = grid cells x checkpoints x methods.
 """
 
 from __future__ import annotations
@@ -898,18 +898,10 @@ def test_cli_commands(experiment, tmp_path, capsys, monkeypatch):
 # a REAL smoke sweep (Ray, PQN, P-learning actor)
 
 
-SMOKE = ROOT / "tune_configs" / "smoke.yaml"
-
-
 @pytest.fixture(scope="module")
-def smoke_sweep(tmp_path_factory) -> Path:
-    storage = tmp_path_factory.mktemp("smoke_storage")
-    cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE), "--storage", str(storage),
-           "--set", "wandb.mode=disabled", "--set", "extract.methods=[pinv, column_match, supervised]"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S,
-                          env={**os.environ, "WANDB_MODE": "disabled"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return storage / "smoke"
+def smoke_sweep(smoke_experiment) -> Path:
+    """conftest's session smoke sweep, read only."""
+    return smoke_experiment.path
 
 
 @pytest.mark.ray

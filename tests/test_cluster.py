@@ -100,7 +100,7 @@ def test_job_submitted_to_a_running_cluster_runs_the_sweep(cluster, tmp_path):
     experiment = storage / "smoke"
     assert len(list_trials(experiment)) == 2
     rows = store.read_store(experiment)
-    assert len(rows) == len(list_checkpoints(experiment)) * 2  # pinv + column_match
+    assert len(rows) == len(list_checkpoints(experiment)) * 3  # smoke.yaml's pinv, column_match, supervised
     assert rows[K.ERROR].isna().all()
 
 
@@ -167,7 +167,7 @@ def _sweep(env, address, storage, *extra, log=None):
                             text=True, start_new_session=True)
 
 
-def _assert_scored_once_on(experiment: str, methods=("pinv", "column_match")):
+def _assert_scored_once_on(experiment: str, methods=("pinv", "column_match", "supervised")):
     """Every checkpoint of the experiment (on any storage) has one row per method, read back
     three ways: the store, qa.load and pd.read_parquet of the dataset."""
     import pandas as pd

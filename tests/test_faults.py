@@ -40,6 +40,7 @@ from qworld.sweep.status import status_table
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
 METHODS = ("pinv", "column_match")
+SMOKE_METHODS = ("pinv", "column_match", "supervised")  # smoke.yaml's
 GARBAGE = b"\x00disk full\xff" * 37
 
 
@@ -159,10 +160,9 @@ def test_attempt_records_show_every_scoring(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smoke_dir(tmp_path_factory) -> Path:
-    storage = tmp_path_factory.mktemp("storage")
-    qworld("sweep", SMOKE, "--storage", storage, "--set", "wandb.mode=disabled")
-    return storage / "smoke"
+def smoke_dir(smoke_experiment) -> Path:
+    """conftest's session smoke sweep: copied before it is damaged."""
+    return smoke_experiment.path
 
 
 @pytest.mark.ray
@@ -194,7 +194,7 @@ def test_damaged_fragment_of_a_real_sweep_is_set_aside_and_rescored(smoke_dir, t
         err = capsys.readouterr().err
         assert str(victim) in err and "left in place" in err and victim.read_bytes() == GARBAGE, name
         assert store.damaged_files(work) == [], name
-        assert out in (3 * len(METHODS), "2 trials, 4 checkpoints, 3 scored"), (name, out)
+        assert out in (3 * len(SMOKE_METHODS), "2 trials, 4 checkpoints, 3 scored"), (name, out)
     proc = qworld("status", work)
     assert proc.stdout.startswith("2 trials, 4 checkpoints, 3 scored") and str(victim) in proc.stderr
     assert "Traceback" not in proc.stderr and victim.read_bytes() == GARBAGE  # status is read-only
@@ -287,7 +287,7 @@ def test_chaos_repeated_kills_then_driver_kill_and_resume(tmp_path):
     duplicates = rows.duplicated([K.TRIAL_ID, K.CHECKPOINT_INDEX, K.METHOD]).sum()
     assert duplicates == 0
     per_key = rows.groupby([K.TRIAL_ID, K.CHECKPOINT_INDEX])[K.METHOD].apply(sorted)
-    assert all(list(m) == sorted(METHODS) for m in per_key), per_key[per_key.map(len) != len(METHODS)]
+    assert all(list(m) == sorted(SMOKE_METHODS) for m in per_key), per_key[per_key.map(len) != len(SMOKE_METHODS)]
     assert rows[K.ERROR].isna().all(), rows[K.ERROR].dropna().tolist()
     wrong_steps = [(t, i, s, live.checkpoint_steps(checkpoints[(t, i)]))
                    for t, i, s in zip(rows[K.TRIAL_ID], rows[K.CHECKPOINT_INDEX], rows[K.ENV_STEPS])

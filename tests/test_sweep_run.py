@@ -27,7 +27,7 @@ from qworld.sweep.score import checkpoint_index, score_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
-METHODS = ("pinv", "column_match")
+METHODS = ("pinv", "column_match", "supervised")  # smoke.yaml's
 
 pytestmark = pytest.mark.ray
 
@@ -60,21 +60,13 @@ def assert_scored_once(experiment_dir: Path, methods=METHODS) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    storage = tmp_path_factory.mktemp("storage")
-    proc = qworld("sweep", SMOKE, "--storage", storage)
-    assert "scored" in proc.stdout
-    return storage / "smoke", proc
+def smoke_dir(smoke_experiment) -> Path:
+    """conftest's session smoke sweep (W&B offline): read it, or copy it before changing it."""
+    return smoke_experiment.path
 
 
-@pytest.fixture(scope="module")
-def smoke_dir(smoke_run) -> Path:
-    return smoke_run[0]
-
-
-def test_console_is_a_short_progress_view_ending_in_the_final_table(smoke_run):
-    experiment_dir, proc = smoke_run
-    out, err = proc.stdout, proc.stderr
+def test_console_is_a_short_progress_view_ending_in_the_final_table(smoke_experiment):
+    experiment_dir, out, err = smoke_experiment.path, smoke_experiment.stdout, smoke_experiment.stderr
     for text in (out, err):
         assert "Traceback" not in text and "ConnectionResetError" not in text
     # none of Tune's / RLlib's tables: per-trial config tables, progress tables, boxes
@@ -94,8 +86,8 @@ def test_console_is_a_short_progress_view_ending_in_the_final_table(smoke_run):
     start = next(i for i, ln in enumerate(lines) if ln.startswith("Final checkpoints"))
     header = lines[start + 1].split()
     assert header == ["variant", "seeds", "env_steps", "q_nmse", "method", "p_mse", "corner_9_9_doorway"]
-    rows = lines[start + 2:start + 6]
-    assert [r.split()[0] for r in rows] == ["deterministic", "column_match", "windy", "column_match"]
+    rows = lines[start + 2:start + 2 + 2 * len(METHODS)]
+    assert [r.split()[0] for r in rows] == ["deterministic", *METHODS[1:], "windy", *METHODS[1:]]
     assert rows[0].split()[4] == "pinv" and rows[0].split()[1:3] == ["1", "2,048"]
 
 
