@@ -28,6 +28,7 @@ from qworld.sweep import store
 from qworld.sweep.run import list_checkpoints, list_trials
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE_METHODS = ("pinv", "column_match", "supervised")  # smoke.yaml's
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.ray
@@ -100,7 +101,7 @@ def test_job_submitted_to_a_running_cluster_runs_the_sweep(cluster, tmp_path):
     experiment = storage / "smoke"
     assert len(list_trials(experiment)) == 2
     rows = store.read_store(experiment)
-    assert len(rows) == len(list_checkpoints(experiment)) * 3  # smoke.yaml's pinv, column_match, supervised
+    assert len(rows) == len(list_checkpoints(experiment)) * len(SMOKE_METHODS)
     assert rows[K.ERROR].isna().all()
 
 
@@ -167,7 +168,7 @@ def _sweep(env, address, storage, *extra, log=None):
                             text=True, start_new_session=True)
 
 
-def _assert_scored_once_on(experiment: str, methods=("pinv", "column_match", "supervised")):
+def _assert_scored_once_on(experiment: str, methods=SMOKE_METHODS):
     """Every checkpoint of the experiment (on any storage) has one row per method, read back
     three ways: the store, qa.load and pd.read_parquet of the dataset."""
     import pandas as pd
@@ -229,7 +230,7 @@ def test_smoke_sweep_on_two_nodes_writes_everything_to_object_storage(two_nodes,
     assert len(nodes) == 2 and len(set(nodes.values())) == 2, nodes
     status = subprocess.run([sys.executable, "-m", "qworld.cli", "status", experiment], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=live.HANG_GUARD_S)
-    n = len(rows) // 2
+    n = len(rows) // len(SMOKE_METHODS)
     assert status.returncode == 0 and status.stdout.startswith(f"2 trials, {n} checkpoints, {n} scored"), \
         status.stdout + status.stderr
     # the driver's offline W&B runs were copied into the experiment (qworld sync reads them there)
