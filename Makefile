@@ -24,11 +24,12 @@ demo: $(STAMP)
 oracle: $(STAMP)
 	$(VENV)/bin/qworld oracle
 
-# Two workers, a test file each at a time (module fixtures stay in one process); the tests act
+# Two workers, a test file each at a time (module fixtures stay in one process), the longest
+# files first (tests/conftest.py LONGEST_FILES_FIRST); the tests act
 # on events, never on the clock, so a busy machine changes how long they take, not what they check.
 # --durations=15 prints the slowest 15 (BENCHMARKS.md "Test suite" keeps them).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 clean:
 	rm -rf $(VENV)
