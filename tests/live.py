@@ -130,10 +130,13 @@ def kill_tree(driver: subprocess.Popen) -> None:
     tree = descendants(driver.pid)
     if driver.poll() is None:
         os.kill(driver.pid, signal.SIGKILL)
+    for proc in tree:  # all at once, as a crash of its machine would: a frozen (SIGSTOP) worker too
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
     driver.wait()
-    _, alive = psutil.wait_procs(tree, timeout=30)
-    for proc in alive:
-        proc.kill()
+    psutil.wait_procs(tree, timeout=HANG_GUARD_S)
 
 
 def terminated_trials(experiment: Path) -> set[str]:

@@ -300,11 +300,11 @@ def test_killed_driver_resumes_without_retraining_finished_trials(tmp_path):
     appears, so it cannot finish, however fast the machine; once Tune's saved state records
     the first as finished, the driver and everything it started are killed; then resume."""
     storage = tmp_path / "storage"
-    budget = 16384
+    budget = 4096  # 16 iterations, a checkpoint every 4: the frozen worker, not the budget, holds the race
     env = {**os.environ, "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE), "--storage", str(storage),
            "--set", f"stop.env_steps={budget}", "--set", "resources.max_concurrent_trials=1",
-           "--set", "checkpoint.every=16", "--set", "wandb.mode=disabled"]
+           "--set", "checkpoint.every=4", "--set", "wandb.mode=disabled"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     experiment = storage / "smoke"
