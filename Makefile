@@ -9,10 +9,8 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch first and pinned: it takes the CPU build on disk instead of CUDA wheels.
-	# --no-compile: Python compiles (and caches) the modules a run imports, not all of them at
-	# install (about 30 s of the install here: BENCHMARKS.md "Test suite").
-	$(VENV)/bin/pip install -q --no-compile torch==2.13.0
-	$(VENV)/bin/pip install -q --no-compile -e '.[test]'
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 
 # A second `make demo` continues the first experiment (a sweep never goes into one that exists).

@@ -44,6 +44,13 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _ray_start(args: list[str], env: dict) -> None:
+    """``ray start ...``; a failure shows Ray's own words (its stderr), not only an exit code."""
+    proc = subprocess.run([str(BIN / "ray"), "start", *args], env=env, capture_output=True, text=True,
+                          timeout=live.HANG_GUARD_S)
+    assert proc.returncode == 0, f"ray start {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
 def _kill_cluster(temp_dir: Path) -> None:
     """SIGKILL exactly the processes of this cluster's temp dir, and wait until they are gone."""
     import psutil
@@ -68,13 +75,13 @@ def cluster(tmp_path):
     gcs, dashboard, agent, metrics_port, client = _free_ports(5)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
            "PATH": f"{BIN}:{os.environ['PATH']}"}
-    subprocess.run(
-        [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+    _ray_start(
+        ["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
          f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics_port}",
          f"--ray-client-server-port={client}", "--num-cpus=2", f"--temp-dir={temp_dir}",
          "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, text=True, timeout=live.HANG_GUARD_S)
+        env)
     try:
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
@@ -128,18 +135,18 @@ def two_nodes(tmp_path, s3_server, monkeypatch):
     gcs, dashboard, agent, metrics_port, client, w_agent, w_metrics, w_manager, w_runtime, h_runtime = _free_ports(10)
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=150000000",
               "--disable-usage-stats"]
-    subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+    _ray_start(
+        ["--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
          f"--metrics-export-port={metrics_port}", f"--ray-client-server-port={client}",
          f"--runtime-env-agent-port={h_runtime}", f"--temp-dir={temp_dirs[0]}", *common],
-        env=env, check=True, capture_output=True, text=True, timeout=live.HANG_GUARD_S)
+        env)
     try:
-        subprocess.run(
-            [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={w_agent}",
+        _ray_start(
+            [f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={w_agent}",
              f"--metrics-export-port={w_metrics}", f"--node-manager-port={w_manager}",
              f"--runtime-env-agent-port={w_runtime}", f"--temp-dir={temp_dirs[1]}", *common],
-            env=env, check=True, capture_output=True, text=True, timeout=live.HANG_GUARD_S)
+            env)
         raylets = [p for p in psutil.process_iter(["pid", "cmdline"])
                    if "raylet" in " ".join(p.info["cmdline"] or [])[:200]
                    and f"--node_manager_port={w_manager}" in " ".join(p.info["cmdline"] or [])]
