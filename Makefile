@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test oracle clean
+.PHONY: demo test test-long oracle clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -32,7 +32,11 @@ oracle: $(STAMP)
 # on events, never on the clock, so a busy machine changes how long they take, not what they check.
 # --durations=15 prints the slowest 15 (BENCHMARKS.md "Test suite" keeps them).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 -m "not long" tests
+
+# The long runs `make test` leaves out (tests marked `long`: the chaos test).
+test-long: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m long tests
 
 clean:
 	rm -rf $(VENV)

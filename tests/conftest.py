@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 # in at the end (longest-processing-time-first). Ordered by their measured seconds of test time
 # (BENCHMARKS.md "Test suite"); files not listed follow in collection order.
 LONGEST_FILES_FIRST = (
-    "test_cluster.py", "test_sweep_run.py", "test_faults.py", "test_families_learn.py", "test_pqn.py",
+    "test_cluster.py", "test_sweep_run.py", "test_families_learn.py", "test_faults.py", "test_pqn.py",
     "test_families.py", "test_iqlearn.py", "test_continuous.py", "test_continuous_agent.py",
     "test_analysis.py", "test_d3g.py", "test_sweep_spec.py", "test_mrq.py", "test_location.py",
     "test_layering.py", "test_packaging.py",
