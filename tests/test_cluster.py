@@ -52,16 +52,21 @@ def _ray_start(args: list[str], env: dict) -> None:
 
 
 def _kill_cluster(temp_dir: Path) -> None:
-    """SIGKILL exactly the processes of this cluster's temp dir, and wait until they are gone."""
+    """SIGKILL exactly the processes of this cluster's temp dir and what they started (the
+    dashboard's module processes do not name the temp dir), and wait until they are gone."""
     import psutil
 
     victims = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             if str(temp_dir) in " ".join(proc.info["cmdline"] or []):
-                proc.send_signal(signal.SIGKILL)
-                victims.append(proc)
+                victims += [proc, *proc.children(recursive=True)]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for proc in victims:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(victims, timeout=live.HANG_GUARD_S)
 
@@ -75,14 +80,14 @@ def cluster(tmp_path):
     gcs, dashboard, agent, metrics_port, client = _free_ports(5)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
            "PATH": f"{BIN}:{os.environ['PATH']}"}
-    _ray_start(
-        ["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics_port}",
-         f"--ray-client-server-port={client}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-         "--disable-usage-stats"],
-        env)
-    try:
+    try:  # a start that fails half-way leaves processes too
+        _ray_start(
+            ["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics_port}",
+             f"--ray-client-server-port={client}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+             "--disable-usage-stats"],
+            env)
         yield env, f"http://127.0.0.1:{dashboard}"
     finally:
         _kill_cluster(temp_dir)
@@ -135,13 +140,13 @@ def two_nodes(tmp_path, s3_server, monkeypatch):
     gcs, dashboard, agent, metrics_port, client, w_agent, w_metrics, w_manager, w_runtime, h_runtime = _free_ports(10)
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=150000000",
               "--disable-usage-stats"]
-    _ray_start(
-        ["--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
-         f"--metrics-export-port={metrics_port}", f"--ray-client-server-port={client}",
-         f"--runtime-env-agent-port={h_runtime}", f"--temp-dir={temp_dirs[0]}", *common],
-        env)
-    try:
+    try:  # a start that fails half-way leaves processes too
+        _ray_start(
+            ["--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-agent-listen-port={agent}",
+             f"--metrics-export-port={metrics_port}", f"--ray-client-server-port={client}",
+             f"--runtime-env-agent-port={h_runtime}", f"--temp-dir={temp_dirs[0]}", *common],
+            env)
         _ray_start(
             [f"--address=127.0.0.1:{gcs}", f"--dashboard-agent-listen-port={w_agent}",
              f"--metrics-export-port={w_metrics}", f"--node-manager-port={w_manager}",
