@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch first and pinned: it takes the CPU build on disk instead of CUDA wheels.
 	# Bytecode compiled once, on both cores, leaving out the packages' own test dirs that nothing
-	# imports (pip compiles every file one at a time: 77 s of install here, this 53 s). Needed:
+	# imports (pip compiles every file one at a time; in a venv probe here 77 s -> 53 s). Needed:
 	# PYTHONDONTWRITEBYTECODE=1 on these machines, so a module not compiled at install is compiled
 	# again by every process that imports it. Files that are not Python 3.11 (torch ships one
 	# for 3.12) are skipped, as pip skips them.

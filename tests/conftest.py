@@ -15,6 +15,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -105,6 +106,7 @@ def s3_bucket(s3_server, monkeypatch):
 # one real smoke sweep for the whole session, read by test_sweep_run, test_faults, test_analysis
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml"
+SMOKE_METHODS = tuple(yaml.safe_load(SMOKE.read_text())["extract"]["methods"])  # what every smoke row is scored by
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import live
+from conftest import SMOKE, SMOKE_METHODS
 import pytest
 
 from qworld import metrics as K
@@ -28,7 +29,6 @@ from qworld.sweep import store
 from qworld.sweep.run import list_checkpoints, list_trials
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE_METHODS = ("pinv", "column_match", "supervised")  # smoke.yaml's
 BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.ray
@@ -174,7 +174,7 @@ def _bucket(s3_server) -> str:
 
 
 def _sweep(env, address, storage, *extra, log=None):
-    cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(ROOT / "tune_configs" / "smoke.yaml"),
+    cmd = [sys.executable, "-m", "qworld.cli", "sweep", str(SMOKE),
            "--address", address, "--storage", storage, "--set", "wandb.mode=disabled", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import live
+from conftest import SMOKE, SMOKE_METHODS
 import pandas as pd
 import pytest
 
@@ -40,9 +41,7 @@ from qworld.sweep.score import checkpoint_index
 from qworld.sweep.status import status_table
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "tune_configs" / "smoke.yaml"
 METHODS = ("pinv", "column_match")
-SMOKE_METHODS = ("pinv", "column_match", "supervised")  # smoke.yaml's
 GARBAGE = b"\x00disk full\xff" * 37
 
 

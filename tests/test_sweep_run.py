@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import live
+from conftest import SMOKE, SMOKE_METHODS
 import pandas as pd
 import pytest
 
@@ -26,8 +27,7 @@ from qworld.sweep.run import list_checkpoints, list_trials, load_spec_of
 from qworld.sweep.score import checkpoint_index, score_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "tune_configs" / "smoke.yaml"
-METHODS = ("pinv", "column_match", "supervised")  # smoke.yaml's
+METHODS = SMOKE_METHODS
 
 pytestmark = pytest.mark.ray
 
