@@ -288,22 +288,29 @@ def test_killed_worker_node_its_trial_finishes_on_the_head(two_nodes, s3_server,
         proc = _sweep(env, address, storage, "--set", f"stop.env_steps={budget}", "--set", "checkpoint.every=4",
                       "--set", "resources.max_failures=3", log=log)
         try:
-            def worker_trial_checkpoint():
+            # Two checkpoints, not one: the driver registers a checkpoint when the actor's save()
+            # returns, and a checkpoint can be in storage before that. The actor only trains on
+            # past a checkpoint once the driver has that save back, so when a second one is in
+            # storage the driver holds at least the first, and the restart cannot be from scratch.
+            def worker_trial_checkpoints():
                 pids = set(live.pids_of("ray::PQN", worker_raylet))
                 hits = [(t, c) for t, c in _checkpoint_configs(experiment) if c[K.WRITTEN_BY]["pid"] in pids]
-                return hits and hits[0]
+                return len(hits) >= 2 and hits[0]
 
-            victim, config = live.wait_until(worker_trial_checkpoint, proc, "a checkpoint of the worker node's trial",
-                                             poll=0.5)
+            victim, config = live.wait_until(worker_trial_checkpoints, proc,
+                                             "two checkpoints of the worker node's trial", poll=0.5)
             worker_node = config[K.WRITTEN_BY]["node_id"]
             os.kill(proc.pid, signal.SIGSTOP)
-            steps_at_kill = max(c[K.ENV_STEPS] for t, c in _checkpoint_configs(experiment) if t == victim)
-            assert steps_at_kill < budget
             node = psutil.Process(worker_raylet)
             doomed = [node, *node.children(recursive=True)]
             for p in doomed:
                 p.kill()
             psutil.wait_procs(doomed, timeout=live.HANG_GUARD_S)
+            # read once nothing on the node can write: a train() in flight when the driver froze
+            # may still have uploaded one more checkpoint
+            saved = sorted(c[K.ENV_STEPS] for t, c in _checkpoint_configs(experiment) if t == victim)
+            steps_at_kill, registered = saved[-1], saved[-2]  # the driver holds at least the one before last
+            assert steps_at_kill < budget
             os.kill(proc.pid, signal.SIGCONT)
             proc.wait(timeout=live.HANG_GUARD_S)
         finally:
@@ -322,9 +329,12 @@ def test_killed_worker_node_its_trial_finishes_on_the_head(two_nodes, s3_server,
     assert after and all(c[K.WRITTEN_BY]["node_id"] != worker_node for c in after)  # on the head
     trial_dir = dict(list_trials(experiment))[victim]
     assert "Failure # 1" in (Location.of(str(trial_dir)) / "error.txt").read_text()
-    # restored, not retrained: no iteration up to the checkpoint it was killed after ran twice
+    # restored, not retrained: the one restart goes on from a checkpoint the driver held, never
+    # from scratch. Rows after that checkpoint may rightly run twice: the last checkpoint in
+    # storage may be one whose save() the frozen driver never got back (CI saw it: 4 rows twice).
     rows = [__import__("json").loads(line) for line in
             (Location.of(str(trial_dir)) / "result.json").read_text().splitlines() if line.strip()]
     steps = [r[K.TRAIN_ENV_STEPS] for r in rows]
-    early = [s for s in steps if s <= steps_at_kill]
-    assert early and len(early) == len(set(early)) and max(steps) >= budget, steps
+    restarts = [steps[i] for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
+    assert len(restarts) <= 1 and all(s > registered for s in restarts) and max(steps) >= budget, \
+        (steps, registered)
