@@ -279,7 +279,9 @@ def test_chaos_repeated_kills_then_driver_kill_and_resume(tmp_path):
             resumed.wait()
         resume_log.close()
     resume_out = (tmp_path / "resume.log").read_text()
-    assert "Traceback" not in resume_out, resume_out[-3000:]
+    # the message shows the traceback itself: RLlib's LearnerGroup.__del__ printed one here once
+    # in ~46 runs, and the tail of the log did not reach it
+    assert "Traceback" not in resume_out, resume_out[max(0, resume_out.find("Traceback") - 1500):][:6000]
 
     # every checkpoint on disk: one row per method, nothing else, env_steps of its checkpoint
     rows = store.read_store(experiment)
