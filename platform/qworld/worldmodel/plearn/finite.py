@@ -60,7 +60,7 @@ _OPTIONS = {
     "column_match": {"chunk_size"},
     "sgd": {"steps", "batch_size", "lr", "seed", "init", "dtype", "log_every", "schedule"},
     "moves": {"coords", "rounds", "tol", "jump_z", "jump_ridge", "jumps", "openings", "pi_prune",
-              "wall_prior", "walls", "cells"},
+              "wall_prior", "walls", "cells", "action_weight"},
     "regional_moves": {"coords", "tol", "regions", "trim", "c_steps", "prior", "project_iters", "polish"},
 }
 
@@ -453,7 +453,9 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
             an action below this fraction of its largest are dropped if an F-test allows;
             0 keeps them all), ``jump_z`` (robust z-score of a cell's misfit above which a
             jump is tried, 8), ``jump_ridge`` (1e-6, relative ridge of the jump fit),
-            ``cells`` (bool ``[S]``: the cells that inform the shared pi; default all);
+            ``cells`` (bool ``[S]``: the cells that inform the shared pi; default all),
+            ``action_weight`` (1: every action's equations alike; a number in (0, 1] for the
+            non-greedy actions' equations, or "auto": from the two classes' residuals);
             regional_moves: ``coords`` (required), ``tol`` (1e-9: a row is explained when
             ``||Q(s, a) - M P_hat(s, a)|| <= tol (1 + ||Q(s, a)||)``; exact Q by default, a
             learned agent's relative Q error for its Q), ``regions`` (4 at most), ``trim``

@@ -145,7 +145,7 @@ def _share_walls(opening, Xs, ys, edges, wall_cost, sweeps=3):
 
 def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_ridge=1e-6,
                    jumps="auto", openings="binary", pi_prune=0.2, wall_prior=1e-3, walls="two-way", cells=None,
-                   q_mask=None):
+                   q_mask=None, action_weight=1.0):
     """P-learning with parameters shared across cells, fitted by alternating least squares.
 
     Model, with D = 5 grid moves (stay, up, right, down, left)::
@@ -180,6 +180,17 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     openings (``regional_moves`` fits one region at a time this way). ``q_mask`` (bool
     ``[L, S]``, default all) keeps the equations of the (goal, state) pairs whose Q-values
     constrain P; the others weigh nothing anywhere in the fit.
+
+    ``action_weight`` weighs, in the fit of the shared ``pi`` only, the equations of the actions
+    that are not the agent's greedy one (``argmax_a Q[g, s, a]``, read off Q) against those of
+    the greedy one: 1 (default) weighs all alike; a number in (0, 1] is that weight; ``"auto"``
+    refits once with the ratio of the two classes' residual RMS after the unweighted fit (<= 1;
+    1 with exact Q, whose residuals are 0). A learned agent trains its greedy values on its own
+    data and the others only from exploration: on learned FrozenLake agents the others'
+    residuals were 1.7-3x larger. The openings (walls) keep every equation alike: a wall shows
+    in the actions that bump into it, rarely the greedy ones (weighing those down there too made
+    a spurious wall on noisy FrozenLake Q). Measured in BENCHMARKS.md "FrozenLake over goal
+    draws".
     """
     from scipy.optimize import lsq_linear
 
@@ -208,6 +219,12 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     w_sl = np.ones((S, L)) if q_mask is None else q_mask.T.astype(np.float64)  # [S, L] equation weights
     w_sal = np.broadcast_to(w_sl[:, None, :], (S, A, L))
     n_eq = w_sal.sum(axis=(1, 2))  # [S] equations per cell
+    if not (action_weight == "auto" or (isinstance(action_weight, (int, float)) and 0.0 < action_weight <= 1.0)):
+        raise ValueError(f"moves action_weight must be 'auto' or a number in (0, 1], got {action_weight!r}")
+    greedy_sal = np.arange(A)[None, :, None] == Q.argmax(-1).T[:, None, :]  # [S, A, L] the agent's own greedy action
+    mask_sal = np.array(w_sal)  # the kept equations, unweighted
+    if action_weight != "auto" and action_weight != 1.0:
+        w_sal = mask_sal * np.where(greedy_sal, 1.0, float(action_weight))
     seen = n_eq > 0  # a cell without equations has no misfit to tell the noise by
     scale = max(1.0, float(np.abs(M).max()))
 
@@ -220,10 +237,10 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
         """``base[s, a, :] = M e_s + sum_d pi o delta``: M applied to the local part."""
         return Mt[cells, None, :] + np.einsum("ad,sd,sdl->sal", pi, opening[cells], delta[cells])
 
-    def residual():
+    def residual(weights=None):
         j = W.sum(-1)
         pred = (1 - j)[:, None, None] * local_base() + (W @ Mt)[:, None, :]  # [S, A, L]
-        return (Q.transpose(1, 2, 0) - pred) * w_sal
+        return (Q.transpose(1, 2, 0) - pred) * (w_sal if weights is None else weights)
 
     def misfit(res):
         """Per-cell mean squared residual ``[S]`` over the cell's kept equations."""
@@ -239,17 +256,17 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
             keep = 1.0 - W.sum(-1)  # [S]
             target = Q.transpose(1, 2, 0) - (W @ Mt)[:, None, :] - keep[:, None, None] * Mt[:, None, :]
             design = (keep[:, None, None] * opening[..., None] * delta)  # [S, D, L]
-            w_rows = w_sl[shared].reshape(-1)  # rows (cell, goal)
-            X = design[shared].transpose(0, 2, 1).reshape(-1, D) * w_rows[:, None]
+            X0 = design[shared].transpose(0, 2, 1).reshape(-1, D)
             # the noise variance of one equation, from the typical cell's misfit
-            noise_var = float(np.median(misfit(residual())[cells & seen]))
+            noise_var = float(np.median(misfit(residual(mask_sal))[cells & seen]))
             wall_cost = 2.0 * math.log((1.0 - wall_prior) / wall_prior) * noise_var
             for a in range(A):
-                pi[a] = _fit_move_distribution(X, target[shared, a, :].reshape(-1) * w_rows, w_sum, allowed[a])
+                w_rows = w_sal[shared, a, :].reshape(-1)  # rows (cell, goal)
+                pi[a] = _fit_move_distribution(X0 * w_rows[:, None], target[shared, a, :].reshape(-1) * w_rows, w_sum, allowed[a])
             # cell s's misfit is ||Xs[s] o[s] - ys[s]||^2 with Xs[s] = [A L, D]
             Xs = (keep[:, None, None, None] * pi[None, :, :, None] * delta[:, None, :, :])  # [S, A, D, L]
-            Xs = Xs.transpose(0, 1, 3, 2).reshape(S, A * L, D) * w_sal.reshape(S, A * L, 1)
-            ys = target.reshape(S, A * L) * w_sal.reshape(S, A * L)
+            Xs = Xs.transpose(0, 1, 3, 2).reshape(S, A * L, D) * mask_sal.reshape(S, A * L, 1)
+            ys = target.reshape(S, A * L) * mask_sal.reshape(S, A * L)
             for s in range(S):
                 cols = np.flatnonzero(movable[s])
                 if len(cols) == 0 or keep[s] <= 0:
@@ -276,7 +293,7 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
 
     def fit_jump(s):
         base = local_base([s])[0]  # [A, L]
-        w = w_sal[s].reshape(-1)  # rows (action, goal)
+        w = mask_sal[s].reshape(-1)  # rows (action, goal); pi alone is fitted with action_weight
         B = (Mt[None, :, :] - base[:, None, :]).transpose(0, 2, 1).reshape(A * L, S) * w[:, None]  # [A L, S]
         y = (Q[:, s, :].T - base).reshape(-1) * w
         rho = jump_ridge * float(np.mean(B**2)) if B.size else 0.0
@@ -312,6 +329,19 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
                 W[s] = 0.0
         if jump_cells:
             fit(rounds, jump_cells)
+    weight_other = float(action_weight) if action_weight != "auto" else 1.0
+    if action_weight == "auto":
+        # Feasible weighted least squares over two classes of equations: each class weighted by
+        # 1 / its residual's RMS after the unweighted fit (the greedy class as the unit).
+        res = residual(mask_sal)
+        kept = mask_sal > 0
+        var_greedy = float(np.mean(res[kept & greedy_sal] ** 2)) if (kept & greedy_sal).any() else 0.0
+        var_other = float(np.mean(res[kept & ~greedy_sal] ** 2)) if (kept & ~greedy_sal).any() else 0.0
+        if var_other > 0.0 and var_greedy > 0.0:
+            weight_other = min(1.0, math.sqrt(var_greedy / var_other))
+        if weight_other < 1.0:
+            w_sal = mask_sal * np.where(greedy_sal, 1.0, weight_other)
+            fit(rounds, jump_cells)
     # Occam on pi: drop the moves of each action below ``pi_prune`` x its largest and refit;
     # keep the smaller model unless an F-test says the dropped mass was real (p < 1e-6: the
     # test takes the S A L equations as independent, but an error in one M[g, s'] enters
@@ -343,7 +373,7 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     P_hat = np.maximum(P_hat, 0.0)
     P_hat /= P_hat.sum(-1, keepdims=True)
     return P_hat, {"pi": pi.copy(), "opening": opening.copy(), "jump_cells": np.array(jump_cells, dtype=np.int64),
-                   "loss_curve": np.asarray(fits_done), "pi_simplified": pi_simplified}
+                   "loss_curve": np.asarray(fits_done), "pi_simplified": pi_simplified, "action_weight": weight_other}
 
 
 def project_consistent(X0: np.ndarray, M: np.ndarray, q: np.ndarray, iters: int = 3000,
