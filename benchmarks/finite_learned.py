@@ -11,7 +11,8 @@ discounted success it loses) (median [min, max]), and the optimal
 plan's own success in the true MDP (``planning.run_safety_task`` handed the true P).
 Nothing is trained here. ``--rescore`` scores each trial's last checkpoint again with the
 code as it is now (``qworld.sweep.score.score_checkpoint``, the sweep file's methods, options
-and tasks; nothing written) instead of reading the rows the sweep stored.
+and tasks; nothing written) instead of reading the rows the sweep stored; ``--option
+moves.action_weight=auto`` (repeatable) sets a method option over the file's for that rescore.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from qworld import metrics as K
 from qworld.worldmodel.planning import run_safety_task, task_name
@@ -47,17 +49,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("experiments", nargs="+")
     parser.add_argument("--rescore", action="store_true", help="score the last checkpoints again with this code")
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="with --rescore: a method option over the sweep file's (VALUE read as YAML), "
+                             "e.g. moves.action_weight=auto")
     args = parser.parse_args()
+    overrides: dict[str, dict] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not (sep and dot and method and name) or not args.rescore:
+            parser.error(f"--option {item!r}: give METHOD.KEY=VALUE, with --rescore")
+        overrides.setdefault(method, {})[name] = yaml.safe_load(value)
     torch.set_num_threads(1)
     for exp in args.experiments:
         spec = load_sweep(Path(exp) / "sweep.yaml")
         df = final_checkpoints(load(exp))
         if args.rescore:
+            options = {m: {**spec.extract.options.get(m, {}), **overrides.get(m, {})}
+                       for m in {*spec.extract.options, *overrides}}
             last = df.drop_duplicates(K.TRIAL_ID)
             df = pd.DataFrame([row for _, r in last.iterrows()
                                for row in score_checkpoint(r[K.CHECKPOINT_PATH], sweep=spec.name, trial_id=r[K.TRIAL_ID],
                                                            methods=list(spec.extract.methods), tasks=spec.extract.tasks,
-                                                           options=spec.extract.options, env_steps=r[K.ENV_STEPS])])
+                                                           options=options, env_steps=r[K.ENV_STEPS])])
         mdp = make_finite_problem(spec.env.id, **dict(spec.env.kwargs)).mdp
         optimal = {task_name(t): run_safety_task(mdp, mdp.P, t)[K.PLAN_SUCCESS] for t in spec.extract.tasks}
         print(f"\n## {spec.name}: {spec.env.id} {json.dumps(dict(spec.env.kwargs))}; S = {mdp.num_states}, "

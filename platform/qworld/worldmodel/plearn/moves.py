@@ -337,7 +337,8 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
         kept = mask_sal > 0
         var_greedy = float(np.mean(res[kept & greedy_sal] ** 2)) if (kept & greedy_sal).any() else 0.0
         var_other = float(np.mean(res[kept & ~greedy_sal] ** 2)) if (kept & ~greedy_sal).any() else 0.0
-        if var_other > 0.0 and var_greedy > 0.0:
+        exact = float(np.sum(res[cells] ** 2)) <= 1e-24 * scale**2 * float(n_eq[cells].sum())  # as Occam's test
+        if var_other > 0.0 and var_greedy > 0.0 and not exact:
             weight_other = min(1.0, math.sqrt(var_greedy / var_other))
         if weight_other < 1.0:
             w_sal = mask_sal * np.where(greedy_sal, 1.0, weight_other)
