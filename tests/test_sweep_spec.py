@@ -135,6 +135,12 @@ BAD_INPUTS = [
      "num_goals >= 2"),
     ("explicit method of another kind", lambda r: _set(r, "extract.methods", ["forward_model"]), "extract.methods",
      "supervised"),
+    ("bad extraction option value", lambda r: _set(r, "extract", {"methods": ["moves"],
+                                                                  "options": {"moves": {"action_weight": 2}}}),
+     "extract.options.moves: action_weight", "'auto' or a number in (0, 1]"),
+    ("unknown extraction option", lambda r: _set(r, "extract", {"methods": ["moves"],
+                                                                "options": {"moves": {"action_weigth": 0.5}}}),
+     "extract.options.moves", "action_weight"),
 ]
 
 

@@ -480,6 +480,15 @@ def _validate_finite_extract(spec: SweepSpec, mdp: Any, where: str) -> None:
             method_options(m, mdp.P, mdp.coords)
         except ValueError as exc:
             raise SweepSpecError(f"extract.methods: {m!r} cannot run on {spec.env.id}{where}: {exc}") from None
+    from qworld.worldmodel.plearn.finite import check_options
+
+    for m, opts in spec.extract.options.items():
+        if m in experience.FINITE_METHODS:
+            continue
+        try:
+            check_options(m, opts)
+        except ValueError as exc:
+            raise SweepSpecError(f"extract.options.{m}: {exc}") from None
     for i, t in enumerate(spec.extract.tasks):
         if task_name(t) in _inference_tasks():
             continue

@@ -41,6 +41,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -417,6 +418,22 @@ _METHOD_FNS = {
 }
 
 
+def check_options(method: str, options: Mapping[str, Any]) -> None:
+    """Raise ValueError naming an unknown ``method``, an option it does not take, or an option
+    value it refuses before any fit (what a sweep file can be checked for before it runs)."""
+    if method not in _METHOD_FNS:
+        raise ValueError(f"unknown extraction method {method!r}; allowed: {', '.join(METHODS)}")
+    unknown = sorted(set(options) - _OPTIONS[method])
+    if unknown:
+        raise ValueError(
+            f"method {method!r} got unknown options {unknown}; allowed: {sorted(_OPTIONS[method]) or 'none'}"
+        )
+    if "action_weight" in options:
+        from qworld.worldmodel.plearn.moves import check_action_weight
+
+        check_action_weight(options["action_weight"])
+
+
 def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False,
             q_mask: np.ndarray | None = None, **options: Any):
     """Extract the world model ``P_hat`` from goal-conditioned Q-values.
@@ -477,13 +494,7 @@ def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False
     Raises:
         ValueError: unknown method or option, bad shapes, a missing required option.
     """
-    if method not in _METHOD_FNS:
-        raise ValueError(f"unknown extraction method {method!r}; allowed: {', '.join(METHODS)}")
-    unknown = sorted(set(options) - _OPTIONS[method])
-    if unknown:
-        raise ValueError(
-            f"method {method!r} got unknown options {unknown}; allowed: {sorted(_OPTIONS[method]) or 'none'}"
-        )
+    check_options(method, options)
     Q, M = _check_qm(Q, M)
     mask = _check_q_mask(q_mask, *M.shape)
     t0 = time.perf_counter()

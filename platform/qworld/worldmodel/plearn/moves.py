@@ -143,6 +143,13 @@ def _share_walls(opening, Xs, ys, edges, wall_cost, sweeps=3):
             break
 
 
+def check_action_weight(action_weight) -> None:
+    """``moves``' ``action_weight`` is "auto" or a number in (0, 1], else ValueError naming it."""
+    if not (action_weight == "auto" or (isinstance(action_weight, (int, float)) and not isinstance(action_weight, bool)
+                                        and 0.0 < action_weight <= 1.0)):
+        raise ValueError(f"action_weight: {action_weight!r}; allowed: 'auto' or a number in (0, 1]")
+
+
 def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_ridge=1e-6,
                    jumps="auto", openings="binary", pi_prune=0.2, wall_prior=1e-3, walls="two-way", cells=None,
                    q_mask=None, action_weight=1.0):
@@ -219,8 +226,7 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     w_sl = np.ones((S, L)) if q_mask is None else q_mask.T.astype(np.float64)  # [S, L] equation weights
     w_sal = np.broadcast_to(w_sl[:, None, :], (S, A, L))
     n_eq = w_sal.sum(axis=(1, 2))  # [S] equations per cell
-    if not (action_weight == "auto" or (isinstance(action_weight, (int, float)) and 0.0 < action_weight <= 1.0)):
-        raise ValueError(f"moves action_weight must be 'auto' or a number in (0, 1], got {action_weight!r}")
+    check_action_weight(action_weight)
     greedy_sal = np.arange(A)[None, :, None] == Q.argmax(-1).T[:, None, :]  # [S, A, L] the agent's own greedy action
     mask_sal = np.array(w_sal)  # the kept equations, unweighted
     if action_weight != "auto" and action_weight != 1.0:
