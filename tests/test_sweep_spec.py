@@ -141,6 +141,8 @@ BAD_INPUTS = [
     ("unknown extraction option", lambda r: _set(r, "extract", {"methods": ["moves"],
                                                                 "options": {"moves": {"action_weigth": 0.5}}}),
      "extract.options.moves", "action_weight"),
+    ("bad moves openings", lambda r: _set(r, "extract", {"methods": ["moves"], "options": {"moves": {"openings": "ajar"}}}),
+     "extract.options.moves", "binary, free"),
 ]
 
 

@@ -428,10 +428,10 @@ def check_options(method: str, options: Mapping[str, Any]) -> None:
         raise ValueError(
             f"method {method!r} got unknown options {unknown}; allowed: {sorted(_OPTIONS[method]) or 'none'}"
         )
-    if "action_weight" in options:
-        from qworld.worldmodel.plearn.moves import check_action_weight
+    if method == "moves":
+        from qworld.worldmodel.plearn.moves import check_moves_options
 
-        check_action_weight(options["action_weight"])
+        check_moves_options(options)
 
 
 def extract(Q: np.ndarray, M: np.ndarray, method: str, return_info: bool = False,

@@ -143,11 +143,19 @@ def _share_walls(opening, Xs, ys, edges, wall_cost, sweeps=3):
             break
 
 
-def check_action_weight(action_weight) -> None:
-    """``moves``' ``action_weight`` is "auto" or a number in (0, 1], else ValueError naming it."""
-    if not (action_weight == "auto" or (isinstance(action_weight, (int, float)) and not isinstance(action_weight, bool)
-                                        and 0.0 < action_weight <= 1.0)):
-        raise ValueError(f"action_weight: {action_weight!r}; allowed: 'auto' or a number in (0, 1]")
+_MOVES_CHOICES = {"jumps": ("auto", "none"), "openings": ("binary", "free"), "walls": ("two-way", "one-way")}
+
+
+def check_moves_options(options) -> None:
+    """ValueError naming a ``moves`` option whose value :func:`_extract_moves` would refuse
+    (``plearn.finite.check_options`` runs it before any fit, and on a sweep file before it runs)."""
+    for key, allowed in _MOVES_CHOICES.items():
+        if key in options and options[key] not in allowed:
+            raise ValueError(f"unknown moves {key} {options[key]!r}; allowed: {', '.join(allowed)}")
+    weight = options.get("action_weight", 1.0)
+    if not (weight == "auto" or (isinstance(weight, (int, float)) and not isinstance(weight, bool)
+                                 and 0.0 < weight <= 1.0)):
+        raise ValueError(f"action_weight: {weight!r}; allowed: 'auto' or a number in (0, 1]")
 
 
 def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_ridge=1e-6,
@@ -207,12 +215,6 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     nbr = grid_neighbours(coords)
     if nbr.shape[0] != S:
         raise ValueError(f"coords has {nbr.shape[0]} cells, Q has S = {S} states")
-    if jumps not in ("auto", "none"):
-        raise ValueError(f"unknown moves jumps {jumps!r}; allowed: auto, none")
-    if openings not in ("binary", "free"):
-        raise ValueError(f"unknown moves openings {openings!r}; allowed: binary, free")
-    if walls not in ("two-way", "one-way"):
-        raise ValueError(f"unknown moves walls {walls!r}; allowed: two-way, one-way")
     cells = np.ones(S, dtype=bool) if cells is None else np.asarray(cells, dtype=bool)
     if cells.shape != (S,) or not cells.any():
         raise ValueError(f"cells must be a bool [S] = [{S}] mask with at least one cell, got shape {cells.shape}")
@@ -223,14 +225,12 @@ def _extract_moves(Q, M, coords=None, rounds=500, tol=1e-6, jump_z=8.0, jump_rid
     Mt = M.T  # [S, L]
     delta = np.where(movable[..., None], Mt[np.maximum(nbr, 0)] - Mt[:, None, :], 0.0)  # [S, D, L]
     w_sum = _sum_weight(M, None) * math.sqrt(S)  # the pi design stacks S cells
-    w_sl = np.ones((S, L)) if q_mask is None else q_mask.T.astype(np.float64)  # [S, L] equation weights
-    w_sal = np.broadcast_to(w_sl[:, None, :], (S, A, L))
-    n_eq = w_sal.sum(axis=(1, 2))  # [S] equations per cell
-    check_action_weight(action_weight)
+    w_sl = np.ones((S, L)) if q_mask is None else q_mask.T.astype(np.float64)  # [S, L] kept equations
+    mask_sal = np.repeat(w_sl[:, None, :], A, axis=1)  # [S, A, L] the kept equations, unweighted
+    n_eq = mask_sal.sum(axis=(1, 2))  # [S] equations per cell
     greedy_sal = np.arange(A)[None, :, None] == Q.argmax(-1).T[:, None, :]  # [S, A, L] the agent's own greedy action
-    mask_sal = np.array(w_sal)  # the kept equations, unweighted
-    if action_weight != "auto" and action_weight != 1.0:
-        w_sal = mask_sal * np.where(greedy_sal, 1.0, float(action_weight))
+    # the weights of the shared pi's fit (action_weight); everything else fits with mask_sal
+    w_sal = mask_sal if action_weight in ("auto", 1.0) else mask_sal * np.where(greedy_sal, 1.0, float(action_weight))
     seen = n_eq > 0  # a cell without equations has no misfit to tell the noise by
     scale = max(1.0, float(np.abs(M).max()))
 
